@@ -1,0 +1,47 @@
+# kubetune developer entry points. `make demo` runs the main job locally; `make test` runs
+# every test. Both create ./.venv on first use (torch 2.13.0 CPU first, then kubetune[dev]).
+
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+# torch first, pinned: an unpinned torch pulled in by a dependency is several GB of CUDA wheels.
+TORCH ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: help venv demo test test-fast crd apiserver clean
+
+help:
+	@echo "make demo   run the quickstart FineTuneJob locally (embedded default)"
+	@echo "make test   install into $(VENV) and run the whole test suite"
+	@echo "make crd    regenerate crds/ from the API models"
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install "$(TORCH)"
+	$(PIP) install -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(VENV)/bin/kubetune validate examples/*.yaml
+	@echo "The trainer is not built yet: make demo validates the examples for now."
+
+# The real-apiserver tier needs kube-apiserver + etcd: from KUBEBUILDER_ASSETS, or built once
+# from Debian packages into ~/.cache/kubetune (about 7 minutes, then reused).
+apiserver:
+	@if [ -z "$$KUBEBUILDER_ASSETS" ]; then bash hack/build-apiserver.sh; fi
+
+test: venv apiserver
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: venv
+	KUBETUNE_SKIP_REAL=1 $(PY) -m pytest -m "not real" $(PYTEST_ARGS)
+
+crd: venv
+	$(VENV)/bin/kubetune crd > crds/finetunejobs.kubetune.io.yaml
+
+clean:
+	rm -rf $(VENV) kubetune-output .pytest_cache

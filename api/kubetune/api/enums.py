@@ -1,0 +1,137 @@
+"""The names of every method, objective term and optimizer kubetune offers.
+
+These enums are the contract between the API and the trainer: the trainer keeps one registry per
+enum and a test asserts that the registry keys equal the enum values, so a name cannot be
+accepted by the API without being implemented (peft does the same for `PeftType`).
+The meaning of each name is fixed by shared/METHODS.md.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class StrEnum(str, Enum):
+    """A str-valued enum whose `str()` is its value (Python 3.10 has no enum.StrEnum)."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class Adaptation(StrEnum):
+    """Which parameters train."""
+
+    FULL = "full"
+    LAYERS = "layers"
+    TRANSFER = "transfer"
+    GRADUAL_UNFREEZE = "gradualUnfreeze"
+    LORA = "lora"
+    QLORA = "qlora"
+    DORA = "dora"
+    IA3 = "ia3"
+    PREFIX_TUNING = "prefixTuning"
+    PROMPT_TUNING = "promptTuning"
+
+
+class Objective(StrEnum):
+    """Terms added to the causal-LM cross-entropy."""
+
+    DISTILLATION = "distillation"
+    REWEIGHTING = "reweighting"
+    ADVERSARIAL = "adversarial"
+    ATTENTION_GUIDANCE = "attentionGuidance"
+
+
+class Optimizer(StrEnum):
+    ADAMW = "adamw"
+    ADAMW_8BIT = "adamw8bit"
+    PAGED_ADAMW = "pagedAdamw"
+    LAMB = "lamb"
+    LARS = "lars"
+
+
+class DatasetFormat(StrEnum):
+    CHAT = "chat"
+    PROMPT_COMPLETION = "promptCompletion"
+    INSTRUCTION = "instruction"
+    TEXT = "text"
+
+
+class OverlengthPolicy(StrEnum):
+    TRUNCATE = "truncate"
+    DROP = "drop"
+    ERROR = "error"
+
+
+class Scheduler(StrEnum):
+    LINEAR = "linear"
+    COSINE = "cosine"
+    CONSTANT = "constant"
+    CONSTANT_WITH_WARMUP = "constantWithWarmup"
+    SLANTED_TRIANGULAR = "slantedTriangular"
+
+
+class Precision(StrEnum):
+    AUTO = "auto"
+    BF16 = "bf16"
+    FP16 = "fp16"
+    FP32 = "fp32"
+
+
+class OutputFormat(StrEnum):
+    ADAPTER = "adapter"
+    MERGED = "merged"
+
+
+class LayerModule(StrEnum):
+    ATTENTION = "attention"
+    MLP = "mlp"
+    NORM = "norm"
+    EMBEDDINGS = "embeddings"
+    HEAD = "head"
+
+
+class PromptInit(StrEnum):
+    SAMPLE_VOCAB = "sampleVocab"
+    TEXT = "text"
+    RANDOM = "random"
+
+
+class KLDirection(StrEnum):
+    FORWARD = "forward"
+    REVERSE = "reverse"
+
+
+class GuideSource(StrEnum):
+    TEACHER = "teacher"
+    DIAGONAL = "diagonal"
+    SPANS = "spans"
+
+
+class GradientEstimator(StrEnum):
+    AUTO = "auto"
+    VMAP = "vmap"
+    JVP = "jvp"
+    FINITE_DIFFERENCE = "finiteDifference"
+
+
+class QuantType(StrEnum):
+    NF4 = "nf4"
+    FP4 = "fp4"
+
+
+class ComputeDtype(StrEnum):
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+    FLOAT32 = "float32"
+
+
+class Phase(StrEnum):
+    PENDING = "Pending"
+    VALIDATING = "Validating"
+    QUEUED = "Queued"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+    CANCELLED = "Cancelled"

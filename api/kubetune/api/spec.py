@@ -1,0 +1,687 @@
+"""The FineTuneJob spec: what a user asks for, as pydantic models that generate the CRD.
+
+This module is the single source of truth for the `spec` of a FineTuneJob. The CRD in `crds/`
+is generated from it (`kubetune crd`), `kubectl explain` shows the `description` of every field
+written here, and `kubetune validate`, the operator and the trainer all parse manifests with
+these classes. Defaults live here in code and are reported in `status.effective`; the generator
+strips them from the CRD so GitOps tools see no drift.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from pydantic import Field, model_validator
+
+from kubetune.api._base import WireModel, cel, rules
+from kubetune.api.enums import (
+    Adaptation,
+    ComputeDtype,
+    DatasetFormat,
+    GradientEstimator,
+    GuideSource,
+    KLDirection,
+    LayerModule,
+    Objective,
+    Optimizer,
+    OutputFormat,
+    OverlengthPolicy,
+    Precision,
+    PromptInit,
+    QuantType,
+    Scheduler,
+)
+from kubetune.api.types import DNS_LABEL, AutoFloat, AutoInt, DataUri, ModelUri, OutputUri, Quantity, ShortString
+
+# --------------------------------------------------------------------------------------- model
+
+
+class ModelSource(WireModel):
+    """Where a model (the base model, or a teacher) comes from."""
+
+    source: ModelUri = Field(
+        description=(
+            "URI of the model: hf://org/name[@revision] (Hugging Face Hub), s3://bucket/path, "
+            "gs://bucket/path, file:///abs/path or a plain path, pvc://claim/path (a mounted "
+            "PersistentVolumeClaim), or builtin://tiny-llama (the tiny demo model, generated "
+            "locally). Only safetensors weights are loaded."
+        )
+    )
+    trust_remote_code: bool = Field(
+        default=False,
+        description=(
+            "Run Python code shipped with the model (auto_map / *.py files). Off by default: "
+            "model repositories are untrusted input."
+        ),
+    )
+
+
+# ------------------------------------------------------------------------------------- dataset
+
+
+class Dataset(WireModel):
+    """The training data and how it is read."""
+
+    model_config = WireModel.model_config | {
+        "json_schema_extra": rules(
+            cel(
+                "!(has(self.validation) && has(self.validationSplit))",
+                "set either validation (a separate file) or validationSplit (a share of train), "
+                "not both",
+            )
+        )
+    }
+
+    train: DataUri = Field(
+        description="Location of the training file (JSON Lines): s3://, gs://, file://, pvc:// or https://."
+    )
+    validation: Optional[DataUri] = Field(
+        default=None,
+        description="Location of a separate validation file, in the same format as train.",
+    )
+    validation_split: Optional[float] = Field(
+        default=None,
+        gt=0,
+        le=0.5,
+        description=(
+            "Share of train held out for evaluation when no validation file is given, in (0, 0.5]. "
+            "Default 0.1, split with the job's seed."
+        ),
+    )
+    format: DatasetFormat = Field(
+        default=DatasetFormat.CHAT,
+        description=(
+            "Record format: chat (OpenAI `messages` with system/user/assistant roles), "
+            "promptCompletion (`prompt` + `completion`), instruction (`instruction`, optional "
+            "`input`, `output`), or text (`text`, loss on every token)."
+        ),
+    )
+    max_seq_length: int = Field(
+        default=2048,
+        ge=16,
+        le=1048576,
+        description="Longest tokenised example, in tokens. Longer ones follow overlength.",
+    )
+    overlength: OverlengthPolicy = Field(
+        default=OverlengthPolicy.TRUNCATE,
+        description=(
+            "What to do with examples longer than maxSeqLength: truncate them, drop them, or "
+            "fail validation (error)."
+        ),
+    )
+    packing: bool = Field(
+        default=False,
+        description=(
+            "Pack several examples into one sequence of maxSeqLength tokens without attention "
+            "across examples (position ids restart per example). Less padding, same loss."
+        ),
+    )
+    min_examples: int = Field(
+        default=50,
+        ge=1,
+        description=(
+            "Fewer training examples than this is an error (fine-tuning on a handful of examples "
+            "mostly memorises them). Below 500 a warning is printed."
+        ),
+    )
+    prevalidate: bool = Field(
+        default=True,
+        description=(
+            "Validate the data in a small CPU-only Job before any GPU is requested (phase "
+            "Validating). Turn off only when the data was validated elsewhere."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _one_validation_source(self) -> "Dataset":
+        if self.validation is not None and self.validation_split is not None:
+            raise ValueError(
+                "set either validation (a separate file) or validationSplit (a share of train), not both"
+            )
+        return self
+
+
+# ------------------------------------------------------------------------------- adaptations
+
+
+class LayersConfig(WireModel):
+    """Train only chosen layers and module kinds; everything else stays frozen."""
+
+    indices: list[int] = Field(
+        default_factory=lambda: [-1],
+        max_length=1024,
+        description=(
+            "Transformer block indices to train; negative counts from the end (-1 is the last "
+            "block). Default [-1]."
+        ),
+    )
+    modules: list[LayerModule] = Field(
+        default_factory=lambda: [LayerModule.ATTENTION, LayerModule.MLP, LayerModule.NORM],
+        min_length=1,
+        max_length=5,
+        description=(
+            "Module kinds to train: attention, mlp and norm inside the chosen blocks; "
+            "embeddings and head are global (with tied embeddings, head is the embedding matrix). "
+            "Default [attention, mlp, norm]."
+        ),
+    )
+
+
+class TransferConfig(WireModel):
+    """Linear probe: a frozen backbone in eval mode plus a trained head."""
+
+    top_layers: int = Field(
+        default=0,
+        ge=0,
+        le=1024,
+        description="Also train the top k transformer blocks (0 trains the head only).",
+    )
+
+
+class GradualUnfreezeConfig(WireModel):
+    """ULMFiT gradual unfreezing: groups unfreeze top-down, one group per stage."""
+
+    steps_per_stage: Optional[int] = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Optimizer steps per stage. Unset: one epoch per stage (ULMFiT). Stage k trains the "
+            "head + final norm, then the last k blocks; the embeddings unfreeze last."
+        ),
+    )
+    discriminative_factor: Optional[float] = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Discriminative learning rates: each lower group gets the rate of the group above "
+            "divided by this factor (ULMFiT uses 2.6). Unset: one learning rate for all groups."
+        ),
+    )
+
+
+class LoraConfig(WireModel):
+    """LoRA (Hu et al. 2021): h = W0·x + (alpha/r)·B·A·x with B = 0 at start."""
+
+    r: int = Field(default=16, ge=1, le=4096, description="Rank of the update matrices (8–64 typical). Default 16.")
+    alpha: float = Field(default=32, gt=0, description="Scaling numerator: the update is scaled by alpha/r. Default 32.")
+    dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA input. Default 0.05.")
+    target_modules: list[ShortString] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        min_length=1,
+        max_length=64,
+        description=(
+            "Module names to adapt (e.g. q_proj, v_proj, k_proj, o_proj, gate_proj, up_proj, "
+            "down_proj), or [all-linear] for every linear layer but the output head. "
+            "Default [q_proj, v_proj]."
+        ),
+    )
+
+
+class DoraConfig(LoraConfig):
+    """DoRA (Liu et al. 2024): LoRA on the direction plus a trained magnitude per output unit."""
+
+
+class QLoraConfig(WireModel):
+    """QLoRA (Dettmers et al. 2023): LoRA on a frozen 4-bit base model."""
+
+    r: int = Field(default=64, ge=1, le=4096, description="Rank of the update matrices. Default 64.")
+    alpha: float = Field(default=16, gt=0, description="Scaling numerator (alpha/r). Default 16.")
+    dropout: float = Field(default=0.1, ge=0, lt=1, description="Dropout on the LoRA input. Default 0.1.")
+    target_modules: list[ShortString] = Field(
+        default_factory=lambda: ["all-linear"],
+        min_length=1,
+        max_length=64,
+        description="Module names to adapt, or [all-linear] (the QLoRA paper's choice). Default [all-linear].",
+    )
+    quant_type: QuantType = Field(default=QuantType.NF4, description="4-bit data type: nf4 (NormalFloat) or fp4. Default nf4.")
+    double_quant: bool = Field(default=True, description="Quantise the quantisation constants too (saves ≈0.4 bit/parameter). Default true.")
+    compute_dtype: ComputeDtype = Field(
+        default=ComputeDtype.BFLOAT16,
+        description="Data type of the matmuls on dequantised weights. Default bfloat16 (float32 on CPU).",
+    )
+
+
+class IA3Config(WireModel):
+    """IA3 (Liu et al. 2022): learned scaling vectors on keys, values and the feed-forward input."""
+
+    target_modules: list[ShortString] = Field(
+        default_factory=lambda: ["k_proj", "v_proj", "down_proj"],
+        min_length=1,
+        max_length=64,
+        description="Modules whose activations are rescaled. Default [k_proj, v_proj, down_proj].",
+    )
+    feedforward_modules: list[ShortString] = Field(
+        default_factory=lambda: ["down_proj"],
+        max_length=64,
+        description="The subset of targetModules that are feed-forward layers (scaled on their input). Default [down_proj].",
+    )
+
+
+class PrefixTuningConfig(WireModel):
+    """Prefix tuning (Li & Liang 2021, P-tuning v2): trained key/value prefixes in every layer."""
+
+    num_virtual_tokens: int = Field(default=20, ge=1, le=1024, description="Prefix length in virtual tokens. Default 20.")
+    projection: bool = Field(
+        default=False,
+        description="Reparametrise the prefixes through a small MLP during training (Li & Liang). Default false.",
+    )
+
+
+class PromptTuningConfig(WireModel):
+    """Prompt tuning (Lester et al. 2021): a soft prompt prepended to the input embeddings only."""
+
+    model_config = WireModel.model_config | {
+        "json_schema_extra": rules(
+            cel(
+                "self.init != 'text' || (has(self.initText) && size(self.initText) > 0)",
+                "init: text needs initText, the words the soft prompt starts from",
+                ".initText",
+            )
+        )
+    }
+
+    num_virtual_tokens: int = Field(default=20, ge=1, le=1024, description="Soft prompt length k (20–100 typical). Default 20.")
+    init: PromptInit = Field(
+        default=PromptInit.SAMPLE_VOCAB,
+        description=(
+            "How the prompt starts: sampleVocab (rows copied from random vocabulary embeddings), "
+            "text (the embeddings of initText), or random. Default sampleVocab."
+        ),
+    )
+    init_text: Optional[str] = Field(default=None, max_length=4096, description="Text whose token embeddings initialise the prompt when init is text.")
+
+    @model_validator(mode="after")
+    def _text_needs_init_text(self) -> "PromptTuningConfig":
+        if self.init == PromptInit.TEXT and not self.init_text:
+            raise ValueError("init: text needs initText, the words the soft prompt starts from")
+        return self
+
+
+# ------------------------------------------------------------------------------ objectives
+
+
+class DistillationConfig(WireModel):
+    """Knowledge distillation (Hinton et al. 2015) from a frozen teacher."""
+
+    teacher: ModelSource = Field(description="The teacher model; it must share the student's tokenizer vocabulary and special tokens.")
+    temperature: float = Field(default=2.0, gt=0, le=100, description="Softmax temperature T for both models. Default 2.")
+    alpha: float = Field(default=0.5, ge=0, le=1, description="Weight of the KD term: α·T²·KL + (1−α)·CE. Default 0.5.")
+    direction: KLDirection = Field(
+        default=KLDirection.FORWARD,
+        description="forward: KL(teacher‖student); reverse: KL(student‖teacher), mode-seeking as in MiniLLM. Default forward.",
+    )
+
+
+class ReweightingConfig(WireModel):
+    """Instance reweighting by validation-gradient alignment (Ren et al. 2018, "IGBI")."""
+
+    validation_batch_size: int = Field(default=16, ge=1, le=1024, description="Clean validation examples per step for the reference gradient (8–32). Default 16.")
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="Per-example moving average: w̄ ← m·w̄ + (1−m)·w. Default 0.9.")
+    warmup_ratio: float = Field(default=0.05, ge=0, le=0.5, description="Share of steps trained with uniform weights before reweighting starts. Default 0.05.")
+    estimator: GradientEstimator = Field(
+        default=GradientEstimator.AUTO,
+        description=(
+            "How per-example gradient alignment is computed: vmap (per-example gradients), jvp "
+            "(forward-mode along the validation gradient), finiteDifference (works on 4-bit "
+            "layers), or auto."
+        ),
+    )
+
+
+class AdversarialConfig(WireModel):
+    """ALUM (Liu et al. 2020): adversarial perturbations of the input embeddings."""
+
+    sigma: float = Field(default=1e-5, gt=0, description="Std of the initial random perturbation. Default 1e-5.")
+    step_size: float = Field(default=1e-3, gt=0, description="Ascent step η on the perturbation. Default 1e-3.")
+    epsilon: float = Field(default=1e-5, gt=0, description="Per-token L∞ bound on the perturbation. Default 1e-5.")
+    steps: int = Field(default=1, ge=1, le=10, description="Ascent steps K per training step. Default 1.")
+    alpha: float = Field(default=1.0, ge=0, description="Weight of the symmetric KL term added to CE. Default 1.")
+
+
+class AttentionGuidanceConfig(WireModel):
+    """Guided attention (attention supervision, "GATE"): a guide distribution for chosen heads."""
+
+    model_config = WireModel.model_config | {
+        "json_schema_extra": rules(
+            cel(
+                "self.guide != 'teacher' || has(self.teacher)",
+                "guide: teacher needs a teacher model",
+                ".teacher",
+            )
+        )
+    }
+
+    guide: GuideSource = Field(
+        description=(
+            "Where the target attention comes from: teacher (a teacher model's attention, "
+            "MiniLM-style), diagonal (Tachibana et al. guided attention), or spans (per-example "
+            "evidence spans in the dataset)."
+        )
+    )
+    teacher: Optional[ModelSource] = Field(default=None, description="The teacher model when guide is teacher.")
+    layers: list[int] = Field(default_factory=lambda: [-1], min_length=1, max_length=1024, description="Guided layer indices (negative from the end). Default [-1].")
+    heads: Optional[list[int]] = Field(default=None, max_length=1024, description="Guided head indices in each guided layer. Unset: all heads.")
+    weight: float = Field(default=0.5, ge=0, le=100, description="λ in loss = CE + λ·L_att (0.1–1 typical). Default 0.5.")
+    width: float = Field(default=0.2, gt=0, le=1, description="Width g of the diagonal guide. Default 0.2.")
+    spans_field: str = Field(default="spans", max_length=253, description="Record field holding [start, end) character spans when guide is spans. Default spans.")
+
+    @model_validator(mode="after")
+    def _teacher_guide_needs_teacher(self) -> "AttentionGuidanceConfig":
+        if self.guide == GuideSource.TEACHER and self.teacher is None:
+            raise ValueError("guide: teacher needs a teacher model")
+        return self
+
+
+_OBJECTIVE_BLOCKS = {
+    Objective.DISTILLATION: "distillation",
+    Objective.REWEIGHTING: "reweighting",
+    Objective.ADVERSARIAL: "adversarial",
+    Objective.ATTENTION_GUIDANCE: "attentionGuidance",
+}
+
+
+class ObjectiveTerm(WireModel):
+    """One term added to the causal-LM loss, configured by the block named like its type."""
+
+    model_config = WireModel.model_config | {
+        "json_schema_extra": rules(
+            *[
+                cel(
+                    f"!has(self.{block}) || self.type == '{block}'",
+                    f"the {block} block belongs to type: {block}",
+                )
+                for block in _OBJECTIVE_BLOCKS.values()
+            ],
+            cel(
+                "self.type != 'distillation' || has(self.distillation)",
+                "type: distillation needs a distillation block with a teacher",
+            ),
+            cel(
+                "self.type != 'attentionGuidance' || has(self.attentionGuidance)",
+                "type: attentionGuidance needs an attentionGuidance block with a guide",
+            ),
+        )
+    }
+
+    type: Objective = Field(description="The term: distillation, reweighting, adversarial or attentionGuidance.")
+    distillation: Optional[DistillationConfig] = Field(default=None, description="Settings when type is distillation (a teacher is required).")
+    reweighting: Optional[ReweightingConfig] = Field(default=None, description="Settings when type is reweighting.")
+    adversarial: Optional[AdversarialConfig] = Field(default=None, description="Settings when type is adversarial.")
+    attention_guidance: Optional[AttentionGuidanceConfig] = Field(default=None, description="Settings when type is attentionGuidance.")
+
+    @model_validator(mode="after")
+    def _block_matches_type(self) -> "ObjectiveTerm":
+        for kind, block in _OBJECTIVE_BLOCKS.items():
+            if getattr(self, _snake(block)) is not None and self.type != kind:
+                raise ValueError(f"the {block} block belongs to type: {block}")
+        if self.type == Objective.DISTILLATION and self.distillation is None:
+            raise ValueError("type: distillation needs a distillation block with a teacher")
+        if self.type == Objective.ATTENTION_GUIDANCE and self.attention_guidance is None:
+            raise ValueError("type: attentionGuidance needs an attentionGuidance block with a guide")
+        return self
+
+    def config(self) -> WireModel:
+        """The block of this term, with code defaults where the user gave none."""
+        block = getattr(self, _snake(_OBJECTIVE_BLOCKS[self.type]))
+        if block is not None:
+            return block
+        return {Objective.REWEIGHTING: ReweightingConfig, Objective.ADVERSARIAL: AdversarialConfig}[self.type]()
+
+
+_ADAPTATION_BLOCKS: dict[Adaptation, tuple[str, type[WireModel]] | None] = {
+    Adaptation.FULL: None,
+    Adaptation.LAYERS: ("layers", LayersConfig),
+    Adaptation.TRANSFER: ("transfer", TransferConfig),
+    Adaptation.GRADUAL_UNFREEZE: ("gradualUnfreeze", GradualUnfreezeConfig),
+    Adaptation.LORA: ("lora", LoraConfig),
+    Adaptation.QLORA: ("qlora", QLoraConfig),
+    Adaptation.DORA: ("dora", DoraConfig),
+    Adaptation.IA3: ("ia3", IA3Config),
+    Adaptation.PREFIX_TUNING: ("prefixTuning", PrefixTuningConfig),
+    Adaptation.PROMPT_TUNING: ("promptTuning", PromptTuningConfig),
+}
+
+
+def _snake(camel: str) -> str:
+    return "".join("_" + c.lower() if c.isupper() else c for c in camel)
+
+
+class Method(WireModel):
+    """How the model is adapted: which parameters train, extra loss terms, the optimizer."""
+
+    model_config = WireModel.model_config | {
+        "json_schema_extra": rules(
+            *[
+                cel(f"!has(self.{b[0]}) || self.adaptation == '{b[0]}'", f"the {b[0]} block belongs to adaptation: {b[0]}; remove it or change adaptation")
+                for b in _ADAPTATION_BLOCKS.values()
+                if b is not None
+            ],
+            cel(
+                "!has(self.objectives) || self.objectives.all(o, self.objectives.exists_one(p, p.type == o.type))",
+                "each objective type may appear once",
+                ".objectives",
+            ),
+            cel(
+                "self.adaptation != 'qlora' || !has(self.objectives) || "
+                "self.objectives.all(o, o.type != 'reweighting' || !has(o.reweighting) || "
+                "!has(o.reweighting.estimator) || o.reweighting.estimator in ['auto', 'finiteDifference'])",
+                "reweighting on qlora needs estimator finiteDifference (or auto): 4-bit layers have "
+                "no per-example or forward-mode gradients",
+                ".objectives",
+            ),
+        )
+    }
+
+    adaptation: Adaptation = Field(
+        description=(
+            "Which parameters train: full, layers, transfer, gradualUnfreeze, lora, qlora, dora, "
+            "ia3, prefixTuning or promptTuning. Settings go in the block of the same name."
+        )
+    )
+    layers: Optional[LayersConfig] = Field(default=None, description="Settings when adaptation is layers.")
+    transfer: Optional[TransferConfig] = Field(default=None, description="Settings when adaptation is transfer.")
+    gradual_unfreeze: Optional[GradualUnfreezeConfig] = Field(default=None, description="Settings when adaptation is gradualUnfreeze.")
+    lora: Optional[LoraConfig] = Field(default=None, description="Settings when adaptation is lora.")
+    qlora: Optional[QLoraConfig] = Field(default=None, description="Settings when adaptation is qlora.")
+    dora: Optional[DoraConfig] = Field(default=None, description="Settings when adaptation is dora.")
+    ia3: Optional[IA3Config] = Field(default=None, description="Settings when adaptation is ia3.")
+    prefix_tuning: Optional[PrefixTuningConfig] = Field(default=None, description="Settings when adaptation is prefixTuning.")
+    prompt_tuning: Optional[PromptTuningConfig] = Field(default=None, description="Settings when adaptation is promptTuning.")
+    objectives: list[ObjectiveTerm] = Field(
+        default_factory=list,
+        max_length=4,
+        description=(
+            "Terms added to the causal-LM cross-entropy, each type at most once: distillation "
+            "(KD), reweighting (IGBI), adversarial (ALUM), attentionGuidance (GATE)."
+        ),
+    )
+    optimizer: Optimizer = Field(
+        default=Optimizer.ADAMW,
+        description=(
+            "adamw (default), adamw8bit (bitsandbytes 8-bit states), pagedAdamw (GPU only), "
+            "lamb or lars (layer-wise trust ratio, for large batches)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _blocks_match(self) -> "Method":
+        for kind, entry in _ADAPTATION_BLOCKS.items():
+            if entry is not None and getattr(self, _snake(entry[0])) is not None and self.adaptation != kind:
+                raise ValueError(
+                    f"the {entry[0]} block belongs to adaptation: {entry[0]}; remove it or change adaptation"
+                )
+        seen: set[str] = set()
+        for term in self.objectives:
+            if term.type in seen:
+                raise ValueError("each objective type may appear once")
+            seen.add(term.type)
+        term = self.objective(Objective.REWEIGHTING)
+        if (
+            term is not None
+            and self.adaptation == Adaptation.QLORA
+            and term.reweighting is not None
+            and term.reweighting.estimator not in (GradientEstimator.AUTO, GradientEstimator.FINITE_DIFFERENCE)
+        ):
+            raise ValueError(
+                "reweighting on qlora needs estimator finiteDifference (or auto): 4-bit layers have "
+                "no per-example or forward-mode gradients"
+            )
+        return self
+
+    def config(self) -> WireModel | None:
+        """The block of the chosen adaptation, with code defaults where the user gave none."""
+        entry = _ADAPTATION_BLOCKS[self.adaptation]
+        if entry is None:
+            return None
+        return getattr(self, _snake(entry[0])) or entry[1]()
+
+    def objective(self, kind: Objective) -> ObjectiveTerm | None:
+        return next((t for t in self.objectives if t.type == kind), None)
+
+
+# ------------------------------------------------------------------------- hyper-parameters
+
+
+class Hyperparameters(WireModel):
+    """Training hyper-parameters; `auto` values are resolved by kubetune and shown in status.effective."""
+
+    epochs: AutoInt = Field(default="auto", description='Passes over the training data, or "auto" (3, as OpenAI\'s n_epochs). Default auto.')
+    learning_rate: AutoFloat = Field(
+        default="auto",
+        description='Peak learning rate, or "auto": 2e-4 for LoRA-family methods, 2e-5 for full and layer-wise training, 3e-2 for prompt and prefix tuning. Default auto.',
+    )
+    batch_size: AutoInt = Field(default="auto", description='Examples per device per step, or "auto" (chosen from GPU memory, sequence length and method). Default auto.')
+    gradient_accumulation: int = Field(default=1, ge=1, le=4096, description="Steps whose gradients are summed before an optimizer step. Default 1.")
+    warmup_ratio: float = Field(default=0.03, ge=0, le=0.5, description="Share of steps with a linearly rising learning rate. Default 0.03.")
+    scheduler: Scheduler = Field(default=Scheduler.COSINE, description="Learning-rate schedule after warm-up. Default cosine.")
+    weight_decay: float = Field(default=0.0, ge=0, le=1, description="Decoupled weight decay (AdamW). Default 0.")
+    max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient clipping norm (QLoRA uses 0.3). Default 1.")
+    max_steps: Optional[int] = Field(default=None, ge=1, description="Stop after this many optimizer steps, overriding epochs.")
+    seed: int = Field(default=42, ge=0, le=2**31 - 1, description="Seed for data order, splits and initialisation. Default 42.")
+    precision: Precision = Field(default=Precision.AUTO, description="auto (bf16 on GPUs that support it, else fp32), bf16, fp16 or fp32. Default auto.")
+    gradient_checkpointing: bool = Field(default=False, description="Recompute activations in the backward pass: less memory, ≈30% more compute. Default false.")
+
+
+# ------------------------------------------------------------------------------- resources
+
+
+class Resources(WireModel):
+    """What the trainer pods request."""
+
+    gpus: int = Field(default=1, ge=0, le=64, description="GPUs per node (one pod per node). 0 trains on CPU. Default 1.")
+    gpu_type: Optional[str] = Field(
+        default=None,
+        max_length=253,
+        description="GPU product to schedule on, matched against the node label nvidia.com/gpu.product (e.g. NVIDIA-H100-80GB-HBM3).",
+    )
+    gpu_resource: str = Field(default="nvidia.com/gpu", max_length=253, description="Extended resource name of the GPU. Default nvidia.com/gpu.")
+    nodes: int = Field(default=1, ge=1, le=512, description="Nodes for distributed training (an Indexed Job with torchrun rendezvous). Default 1.")
+    cpu: Optional[Quantity] = Field(default=None, description="CPU request per pod, e.g. 8 or 7500m. Unset: chosen from the GPU count.")
+    memory: Optional[Quantity] = Field(default=None, description="Memory request and limit per pod, e.g. 64Gi. Unset: chosen from the model size.")
+    shared_memory: Optional[Quantity] = Field(default=None, description="Size of /dev/shm (a memory-backed emptyDir) for data loader workers and NCCL. Default 8Gi with GPUs.")
+
+
+# ---------------------------------------------------------------------------------- output
+
+
+class Output(WireModel):
+    """Where checkpoints, the adapter and its manifest are written."""
+
+    uri: OutputUri = Field(
+        description=(
+            "Output prefix: s3://bucket/prefix, gs://bucket/prefix, file:///path or pvc://claim/path. "
+            "Checkpoints go to <uri>/checkpoints/step-N/, the result to <uri>/adapter/ with <uri>/manifest.json written last."
+        )
+    )
+    credentials_secret: Optional[str] = Field(
+        default=None,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description=(
+            "Name of a Secret in the job's namespace with object-store credentials (keys such as "
+            "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, GOOGLE_APPLICATION_CREDENTIALS_JSON). "
+            "Passed to the trainer through secretKeyRef only."
+        ),
+    )
+    format: OutputFormat = Field(default=OutputFormat.ADAPTER, description="adapter (PEFT weights only) or merged (full weights with the adapter folded in). Default adapter.")
+
+
+class Checkpointing(WireModel):
+    """Periodic checkpoints for resuming after preemption or failure."""
+
+    every_steps: int = Field(default=200, ge=1, description="Write a checkpoint every N optimizer steps (and on SIGTERM). Default 200.")
+    keep: int = Field(default=3, ge=1, le=100, description="Newest checkpoints kept in storage. Default 3.")
+
+
+class Evaluation(WireModel):
+    """Held-out evaluation."""
+
+    compare_base: bool = Field(
+        default=True,
+        description="Measure the base model's held-out loss before training and report it beside the tuned one. Default true.",
+    )
+    every_steps: Optional[int] = Field(default=None, ge=1, description="Also evaluate every N steps. Unset: at the end of each epoch.")
+
+
+# ------------------------------------------------------------------------------ scheduling
+
+
+class Toleration(WireModel):
+    """A Kubernetes toleration, copied to the trainer pods."""
+
+    key: Optional[str] = Field(default=None, max_length=317, description="Taint key; empty with operator Exists matches every taint.")
+    operator: Optional[str] = Field(default=None, pattern="^(Exists|Equal)$", description="Exists or Equal (default Equal).")
+    value: Optional[str] = Field(default=None, max_length=63, description="Taint value for operator Equal.")
+    effect: Optional[str] = Field(default=None, pattern="^(NoSchedule|PreferNoSchedule|NoExecute)$", description="NoSchedule, PreferNoSchedule or NoExecute; empty matches all.")
+    toleration_seconds: Optional[int] = Field(default=None, description="For NoExecute: how long the pod stays bound after the taint appears.")
+
+
+class Scheduling(WireModel):
+    """Queueing and placement: Kueue, Volcano, priority and node constraints."""
+
+    queue_name: Optional[str] = Field(
+        default=None,
+        max_length=63,
+        pattern=DNS_LABEL,
+        description="Kueue LocalQueue name: the Job is created suspended with the kueue.x-k8s.io/queue-name label and Kueue admits it.",
+    )
+    priority_class_name: Optional[str] = Field(default=None, max_length=253, description="PriorityClass of the trainer pods (also Kueue's workload priority).")
+    scheduler_name: Optional[str] = Field(
+        default=None,
+        max_length=253,
+        description="Pod scheduler. volcano creates a Volcano PodGroup so all pods of a multi-node job are gang-scheduled.",
+    )
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the trainer pods require.")
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=64, description="Tolerations of the trainer pods (e.g. for tainted GPU nodes).")
+    affinity: Optional[dict[str, Any]] = Field(
+        default=None,
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True, "type": "object"},
+        description="A Kubernetes Affinity object copied verbatim to the trainer pods.",
+    )
+
+
+# ------------------------------------------------------------------------------------ spec
+
+
+class FineTuneJobSpec(WireModel):
+    """The desired fine-tuning run."""
+
+    model: ModelSource = Field(description="The base model to fine-tune.")
+    dataset: Dataset = Field(description="The training data.")
+    method: Method = Field(description="Which parameters train, extra loss terms and the optimizer.")
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="Training hyper-parameters; each may be left to kubetune.")
+    resources: Resources = Field(default_factory=Resources, description="GPUs, nodes, CPU and memory of the trainer pods.")
+    output: Output = Field(description="Where checkpoints and the adapter are written.")
+    checkpointing: Checkpointing = Field(default_factory=Checkpointing, description="How often to checkpoint and how many checkpoints to keep.")
+    evaluation: Evaluation = Field(default_factory=Evaluation, description="Held-out evaluation and the base-model comparison.")
+    scheduling: Scheduling = Field(default_factory=Scheduling, description="Kueue queue, priority class, Volcano and node placement. May change while suspended.")
+    suspend: bool = Field(default=False, description="Suspend the job: running pods are stopped (a checkpoint is written) and it resumes from that checkpoint when set back to false.")
+    active_deadline_seconds: Optional[int] = Field(default=None, ge=1, description="Fail the job when it runs longer than this, in seconds, across retries.")
+    max_retries: int = Field(default=3, ge=0, le=100, description="Retries after a retriable failure; each resumes from the last committed checkpoint. Default 3.")
+    image: Optional[str] = Field(default=None, max_length=1024, description="Trainer container image. Unset: the operator's default trainer image.")
+    suffix: Optional[str] = Field(
+        default=None,
+        max_length=40,
+        pattern=DNS_LABEL,
+        description="A short lowercase name added to the adapter's name in its manifest (like OpenAI's suffix).",
+    )

@@ -1,0 +1,119 @@
+"""The FineTuneJob status: what the operator observed, written through the status subresource.
+
+Only the operator writes it. Every field here is in the CRD's status schema; a field missing
+there would be pruned silently by the API server, which the real-apiserver tier test catches.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from pydantic import Field
+
+from kubetune.api._base import WireModel
+from kubetune.api.conditions import ConditionType, Reason
+from kubetune.api.enums import Phase
+
+
+class Condition(WireModel):
+    """A Kubernetes-style condition."""
+
+    type: ConditionType = Field(description="Condition type, e.g. Validated, Running, Succeeded, Failed.")
+    status: str = Field(pattern="^(True|False|Unknown)$", description="True, False or Unknown.")
+    reason: Reason = Field(description="Machine-readable CamelCase reason.")
+    message: str = Field(default="", max_length=32768, description="Human-readable details.")
+    last_transition_time: str = Field(description="When status last changed (RFC 3339).", json_schema_extra={"format": "date-time"})
+    observed_generation: Optional[int] = Field(default=None, ge=0, description="metadata.generation this condition was computed from.")
+
+
+class Progress(WireModel):
+    """Training progress, scraped from the trainer's metrics."""
+
+    step: int = Field(default=0, ge=0, description="Optimizer steps done.")
+    total_steps: Optional[int] = Field(default=None, ge=0, description="Optimizer steps planned.")
+    epoch: Optional[float] = Field(default=None, ge=0, description="Fractional epoch reached.")
+    percent: Optional[float] = Field(default=None, ge=0, le=100, description="Share of steps done, 0–100.")
+    eta_seconds: Optional[int] = Field(default=None, ge=0, description="Estimated seconds to completion.")
+
+
+class Metrics(WireModel):
+    """Training and evaluation numbers."""
+
+    train_loss: Optional[float] = Field(default=None, description="Latest training loss.")
+    eval_loss: Optional[float] = Field(default=None, description="Held-out loss of the tuned model.")
+    base_eval_loss: Optional[float] = Field(default=None, description="Held-out loss of the base model before training (A/B baseline).")
+    perplexity: Optional[float] = Field(default=None, description="exp(evalLoss).")
+    token_accuracy: Optional[float] = Field(default=None, ge=0, le=1, description="Share of held-out label tokens predicted exactly.")
+    tokens_per_second: Optional[float] = Field(default=None, ge=0, description="Training throughput in non-padding tokens per second.")
+    objectives: dict[str, float] = Field(
+        default_factory=dict,
+        description="Per-objective numbers, e.g. kdLoss, adversarialKl, attentionLoss, weightEntropy.",
+    )
+
+
+class CheckpointRef(WireModel):
+    """A committed checkpoint (its manifest verified)."""
+
+    step: int = Field(ge=0, description="Optimizer step of the checkpoint.")
+    uri: str = Field(max_length=2048, description="Location of the checkpoint directory.")
+    loss: Optional[float] = Field(default=None, description="Training loss at that step.")
+    time: Optional[str] = Field(default=None, description="When it was committed (RFC 3339).", json_schema_extra={"format": "date-time"})
+
+
+class AdapterRef(WireModel):
+    """The final result in object storage."""
+
+    uri: str = Field(max_length=2048, description="Location of the adapter (or merged model) directory.")
+    manifest_uri: Optional[str] = Field(default=None, max_length=2048, description="Location of manifest.json, written last.")
+    sha256: Optional[str] = Field(default=None, pattern="^[0-9a-f]{64}$", description="sha256 of manifest.json.")
+    bytes: Optional[int] = Field(default=None, ge=0, description="Total size of the adapter files.")
+
+
+class Cost(WireModel):
+    """What the run cost, from GPU time, the configured price and NVML power samples."""
+
+    gpu_hours: Optional[float] = Field(default=None, ge=0, description="GPU-hours consumed (pods × GPUs × hours running).")
+    estimated_usd: Optional[float] = Field(default=None, ge=0, alias="estimatedUSD", description="gpuHours × the operator's configured price per GPU-hour.")
+    energy_kwh: Optional[float] = Field(default=None, ge=0, alias="energyKWh", description="GPU energy from NVML power samples, when reported.")
+    co2_kg: Optional[float] = Field(default=None, ge=0, description="energyKWh × the configured grid carbon intensity.")
+
+
+class Effective(WireModel):
+    """The settings kubetune actually used, with every default and `auto` resolved."""
+
+    image: Optional[str] = Field(default=None, max_length=1024, description="Trainer image.")
+    epochs: Optional[int] = Field(default=None, ge=1, description="Resolved epochs.")
+    learning_rate: Optional[float] = Field(default=None, gt=0, description="Resolved peak learning rate.")
+    batch_size: Optional[int] = Field(default=None, ge=1, description="Resolved per-device batch size.")
+    gradient_accumulation: Optional[int] = Field(default=None, ge=1, description="Resolved gradient accumulation.")
+    precision: Optional[str] = Field(default=None, max_length=16, description="Resolved precision.")
+    max_seq_length: Optional[int] = Field(default=None, ge=1, description="Resolved maximum sequence length.")
+    validation_split: Optional[float] = Field(default=None, ge=0, le=0.5, description="Resolved validation split (0 with a validation file).")
+    gpus: Optional[int] = Field(default=None, ge=0, description="GPUs per node.")
+    nodes: Optional[int] = Field(default=None, ge=1, description="Nodes.")
+    parameters: Optional[int] = Field(default=None, ge=0, description="Parameter count of the base model, when known.")
+    estimated_gpu_memory_gib: Optional[float] = Field(
+        default=None, ge=0, alias="estimatedGPUMemoryGiB", description="Estimated GPU memory per GPU, from parameters, method and sequence length."
+    )
+    checkpoint_every_steps: Optional[int] = Field(default=None, ge=1, description="Resolved checkpoint interval.")
+
+
+class FineTuneJobStatus(WireModel):
+    """Observed state, written by the operator only."""
+
+    phase: Optional[Phase] = Field(
+        default=None,
+        description="Pending, Validating, Queued, Running, Succeeded, Failed, Suspended or Cancelled.",
+    )
+    conditions: list[Condition] = Field(default_factory=list, description="Latest observations, one per type.")
+    observed_generation: Optional[int] = Field(default=None, ge=0, description="metadata.generation the status reflects.")
+    progress: Optional[Progress] = Field(default=None, description="Training progress.")
+    metrics: Optional[Metrics] = Field(default=None, description="Training and evaluation metrics.")
+    checkpoints: list[CheckpointRef] = Field(default_factory=list, max_length=20, description="The newest committed checkpoints, oldest first.")
+    adapter: Optional[AdapterRef] = Field(default=None, description="The result, once written with its manifest.")
+    cost: Optional[Cost] = Field(default=None, description="GPU-hours, estimated price, energy and CO2.")
+    job_name: Optional[str] = Field(default=None, max_length=63, description="Name of the trainer Job.")
+    start_time: Optional[str] = Field(default=None, description="When training started (RFC 3339).", json_schema_extra={"format": "date-time"})
+    completion_time: Optional[str] = Field(default=None, description="When the job finished (RFC 3339).", json_schema_extra={"format": "date-time"})
+    retries: int = Field(default=0, ge=0, description="Retriable failures so far.")
+    effective: Optional[Effective] = Field(default=None, description="The settings actually used, defaults and auto resolved.")

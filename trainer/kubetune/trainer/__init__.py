@@ -1,0 +1,1 @@
+"""kubetune.trainer: data -> model -> train -> checkpoint -> adapter in object storage, with metrics."""
