@@ -1,0 +1,214 @@
+#!/usr/bin/env bash
+# Build kube-apiserver v1.20.2 (and fetch etcd) for kubetune's "real" Kubernetes test tier.
+#
+# Why: no prebuilt kube-apiserver can be downloaded on our build machines (only PyPI, Debian apt
+# and npm are reachable), but Debian bookworm ships the full upstream Kubernetes tree, with
+# vendored dependencies, as the *source* package `kubernetes` (1.20.5+really1.20.2), and etcd as
+# the binary package `etcd-server`. See /work/shared/TESTING.md, "Kubernetes API: two tiers".
+#
+# Result:  $KUBETUNE_K8S_CACHE/bin/kube-apiserver and $KUBETUNE_K8S_CACHE/bin/etcd
+#          KUBETUNE_K8S_CACHE defaults to ${XDG_CACHE_HOME:-$HOME/.cache}/kubetune/k8s-v1.20.2
+#
+# Idempotent: if both binaries exist and answer --version, it prints their paths and exits.
+# A cold build takes ~4-7 minutes on 2 cores (247 s measured). Nothing under /etc/apt is
+# touched: apt runs with a private APT_CONFIG, sources.list and state/cache dirs inside a
+# temporary build dir, which is deleted at the end (only bin/ is kept). Binaries are staged
+# and renamed into place, so an interrupted build never leaves a half-written binary behind.
+#
+# Users with setup-envtest can skip all this: tests/k8s_harness.py honours KUBEBUILDER_ASSETS.
+set -euo pipefail
+
+CACHE="${KUBETUNE_K8S_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/kubetune/k8s-v1.20.2}"
+BIN="$CACHE/bin"
+
+# ---------------------------------------------------------------------------------------------
+# Fast path: already built.
+# ---------------------------------------------------------------------------------------------
+binaries_ok() {
+    [[ -x "$BIN/kube-apiserver" && -x "$BIN/etcd" ]] &&
+        "$BIN/kube-apiserver" --version >/dev/null 2>&1 &&
+        "$BIN/etcd" --version >/dev/null 2>&1
+}
+print_paths() {
+    echo "$BIN/kube-apiserver"
+    echo "$BIN/etcd"
+}
+if binaries_ok; then
+    print_paths
+    exit 0
+fi
+
+mkdir -p "$CACHE"
+# Serialise concurrent builds (e.g. two test sessions starting at once); re-check after the lock.
+exec 9>"$CACHE/.build.lock"
+flock 9
+if binaries_ok; then
+    print_paths
+    exit 0
+fi
+
+START=$SECONDS
+log() { echo "[build-apiserver +$((SECONDS - START))s] $*" >&2; }
+
+# Everything bulky lives here and is removed on exit, success or not.
+WORK="$(mktemp -d "$CACHE/build.XXXXXX")"
+cleanup() {
+    chmod -R u+w "$WORK" 2>/dev/null || true
+    rm -rf "$WORK"
+    rm -f "$BIN"/.*.tmp.$$
+}
+trap cleanup EXIT
+log "build dir: $WORK"
+
+# ---------------------------------------------------------------------------------------------
+# 1. Private apt configuration (deb + deb-src for the mirror the system already uses).
+# ---------------------------------------------------------------------------------------------
+APTDIR="$WORK/apt"
+mkdir -p "$APTDIR/sources.list.d" "$APTDIR/state/lists/partial" "$APTDIR/cache/archives/partial"
+
+# Mirror URI: first "URIs:" line of the deb822 system sources (ignoring -security, which has no
+# kubernetes source); fall back to the Debian CDN.
+MIRROR=""
+if [[ -r /etc/apt/sources.list.d/debian.sources ]]; then
+    MIRROR="$(awk 'tolower($1)=="uris:" && $2 !~ /security/ {print $2; exit}' \
+        /etc/apt/sources.list.d/debian.sources)"
+fi
+MIRROR="${MIRROR:-http://deb.debian.org/debian}"
+SUITE=bookworm
+KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
+SIGNED=""
+[[ -r "$KEYRING" ]] && SIGNED="[signed-by=$KEYRING] "
+cat >"$APTDIR/sources.list" <<EOF
+deb ${SIGNED}${MIRROR} ${SUITE} main
+deb-src ${SIGNED}${MIRROR} ${SUITE} main
+EOF
+
+cat >"$APTDIR/apt.conf" <<EOF
+Dir::Etc::SourceList "$APTDIR/sources.list";
+Dir::Etc::SourceParts "$APTDIR/sources.list.d";
+Dir::State "$APTDIR/state";
+Dir::State::Lists "$APTDIR/state/lists";
+Dir::State::status "$APTDIR/state/status";
+Dir::Cache "$APTDIR/cache";
+Dir::Cache::Archives "$APTDIR/cache/archives";
+Dir::Cache::pkgcache "";
+Dir::Cache::srcpkgcache "";
+// Downloads land in root-owned private dirs; skip the _apt sandbox (harmless either way).
+APT::Sandbox::User "root";
+// Do not run the system's update hooks (appstream, packagekit) for our private lists.
+#clear APT::Update::Post-Invoke;
+#clear APT::Update::Post-Invoke-Success;
+Acquire::Languages "none";
+EOF
+: >"$APTDIR/state/status"
+export APT_CONFIG="$APTDIR/apt.conf"
+
+log "apt-get update (private lists, mirror $MIRROR)"
+apt-get -qq update
+
+# ---------------------------------------------------------------------------------------------
+# 2. Source package: download and unpack (applies Debian's patches).
+# ---------------------------------------------------------------------------------------------
+SRCDIR="$WORK/src"
+mkdir -p "$SRCDIR"
+log "apt-get source --download-only kubernetes"
+(cd "$SRCDIR" && apt-get -qq source --download-only kubernetes)
+
+# ---------------------------------------------------------------------------------------------
+# 3. Build-time tools into a private root (never installed system-wide).
+# ---------------------------------------------------------------------------------------------
+ROOT="$WORK/root"
+DEBS="$WORK/debs"
+mkdir -p "$ROOT" "$DEBS"
+PKGS=(golang-1.19-go golang-1.19-src rsync libpopt0 golang-github-modern-go-reflect2-dev etcd-server)
+command -v dpkg-source >/dev/null || PKGS+=(dpkg-dev libdpkg-perl)
+log "apt-get download ${PKGS[*]}"
+(cd "$DEBS" && apt-get -qq download "${PKGS[@]}")
+for deb in "$DEBS"/*.deb; do
+    dpkg -x "$deb" "$ROOT"
+done
+
+if command -v dpkg-source >/dev/null; then
+    DPKG_SOURCE=(dpkg-source)
+else
+    # dpkg-source is perl; point it at the private copy of its modules.
+    DPKG_SOURCE=(env PERL5LIB="$ROOT/usr/share/perl5" perl "$ROOT/usr/bin/dpkg-source")
+fi
+
+log "dpkg-source -x"
+DSC="$(ls "$SRCDIR"/kubernetes_*.dsc | head -n1)"
+(cd "$SRCDIR" && "${DPKG_SOURCE[@]}" --no-check -x "$DSC" >/dev/null)
+# The directory name follows the version (kubernetes-1.20.5+really1.20.2 today): glob it.
+TREE="$(find "$SRCDIR" -mindepth 1 -maxdepth 1 -type d -name 'kubernetes-*' | head -n1)"
+[[ -d "$TREE/cmd/kube-apiserver" ]] || { log "no kube-apiserver in $TREE"; exit 1; }
+# Upstream version: Debian's "1.20.5+really1.20.2" means 1.20.2.
+DEBVER="${TREE##*/kubernetes-}"
+K8S_VERSION="v${DEBVER##*really}"
+K8S_VERSION="${K8S_VERSION%%[-~]*}"
+log "tree: $TREE (version $K8S_VERSION)"
+
+# ---------------------------------------------------------------------------------------------
+# 4. Go toolchain environment. GOPATH mode: the tree is vendored, modules would try the network.
+# ---------------------------------------------------------------------------------------------
+export GOROOT="$ROOT/usr/lib/go-1.19"
+[[ -x "$GOROOT/bin/go" ]] || { log "no go in $GOROOT"; exit 1; }
+MULTIARCH_LIBS="$(find "$ROOT/usr/lib" "$ROOT/lib" -maxdepth 1 -type d -name '*-linux-gnu*' 2>/dev/null | paste -sd: -)"
+# rsync from the private root needs libpopt0 from there.
+export PATH="$GOROOT/bin:$ROOT/usr/bin:$PATH"
+export LD_LIBRARY_PATH="${MULTIARCH_LIBS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export GOCACHE="$WORK/gocache"
+export GOPATH="$WORK/gopath"
+export GO111MODULE=off
+export CGO_ENABLED=0
+export GOFLAGS=""
+export GOTOOLCHAIN=local
+rsync --version >/dev/null || { log "private rsync does not run"; exit 1; }
+
+# zz_generated.openapi.go is not in the tarball; kube's own make rule generates it.
+log "make gen_openapi"
+(cd "$TREE" && make gen_openapi >"$WORK/gen_openapi.log" 2>&1) || {
+    tail -n 50 "$WORK/gen_openapi.log" >&2
+    exit 1
+}
+[[ -f "$TREE/pkg/generated/openapi/zz_generated.openapi.go" ]] || { log "gen_openapi produced nothing"; exit 1; }
+
+# Vendored reflect2 1.0.1 segfaults under Go >= 1.18 on the first custom-resource POST;
+# Debian's 1.0.2 is API-compatible.
+REFLECT2="$ROOT/usr/share/gocode/src/github.com/modern-go/reflect2"
+[[ -d "$REFLECT2" ]] || { log "no reflect2 in private root"; exit 1; }
+rm -rf "$TREE/vendor/github.com/modern-go/reflect2"
+cp -a "$REFLECT2" "$TREE/vendor/github.com/modern-go/reflect2"
+
+# ---------------------------------------------------------------------------------------------
+# 5. Build kube-apiserver inside a GOPATH whose src/k8s.io/kubernetes links to the tree.
+# ---------------------------------------------------------------------------------------------
+mkdir -p "$GOPATH/src/k8s.io"
+ln -sfn "$TREE" "$GOPATH/src/k8s.io/kubernetes"
+STAGE="$WORK/stage"
+mkdir -p "$STAGE"
+MINOR="${K8S_VERSION#v*.}"
+MINOR="${MINOR%%.*}"
+LDFLAGS="-s -w"
+for pkg in k8s.io/kubernetes/vendor/k8s.io/component-base/version \
+    k8s.io/kubernetes/vendor/k8s.io/client-go/pkg/version; do
+    LDFLAGS+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$MINOR"
+    LDFLAGS+=" -X $pkg.gitTreeState=archive -X $pkg.buildDate=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+done
+log "go build ./cmd/kube-apiserver ($(go version))"
+(cd "$GOPATH/src/k8s.io/kubernetes" &&
+    go build -trimpath -ldflags "$LDFLAGS" -o "$STAGE/kube-apiserver" ./cmd/kube-apiserver)
+cp "$ROOT/usr/bin/etcd" "$STAGE/etcd"
+chmod 0755 "$STAGE/kube-apiserver" "$STAGE/etcd"
+"$STAGE/kube-apiserver" --version >/dev/null
+"$STAGE/etcd" --version >/dev/null
+
+# ---------------------------------------------------------------------------------------------
+# 6. Move into place: copy next to the target, then rename (atomic within one filesystem).
+# ---------------------------------------------------------------------------------------------
+mkdir -p "$BIN"
+for b in kube-apiserver etcd; do
+    cp "$STAGE/$b" "$BIN/.$b.tmp.$$"
+    mv -f "$BIN/.$b.tmp.$$" "$BIN/$b"
+done
+log "done in $((SECONDS - START)) s: $("$BIN/kube-apiserver" --version), $("$BIN/etcd" --version | head -n1)"
+print_paths

@@ -1,0 +1,524 @@
+"""A real kube-apiserver + etcd for kubetune's "real" Kubernetes test tier.
+
+Why this exists: the fast tier (kmock) emulates the Kubernetes HTTP API but does no schema
+validation, pruning, status-subresource separation or RBAC. This module runs the real thing,
+envtest-style: an etcd and a kube-apiserver on loopback ports, with a throw-away serving cert,
+service-account key and static token file, and a kubeconfig for the real ``kubectl``.
+
+Binaries come from ``$KUBEBUILDER_ASSETS`` (the envtest convention, so a user with
+setup-envtest can run the same tests against a current Kubernetes), else from the cache that
+``hack/build-apiserver.sh`` fills (kube-apiserver v1.20.2 built from Debian's source package,
+etcd from Debian). This module never builds anything itself.
+
+It is a plain module (stdlib + subprocess, no pytest import) so fixtures and ad-hoc scripts can
+both use it::
+
+    with ApiServer() as api:
+        install_crd(api.kubeconfig, Path("crd.yaml").read_text())
+        kubectl(api.kubeconfig, "get", "widgets")
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import functools
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+K8S_VERSION = "v1.20.2"
+BUILD_SCRIPT = "hack/build-apiserver.sh"
+TEST_USER = "kubetune-test-user"
+ADMIN_USER = "kubetune-admin"
+
+
+class BinariesMissing(RuntimeError):
+    """kube-apiserver / etcd are not available; run hack/build-apiserver.sh (or set KUBEBUILDER_ASSETS)."""
+
+
+class ApiServerError(RuntimeError):
+    """The control plane failed to start or become ready."""
+
+
+class KubectlError(subprocess.CalledProcessError):
+    """A kubectl call failed; unlike CalledProcessError, str() includes kubectl's stderr."""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}\nstderr:\n{self.stderr}"
+
+
+# ------------------------------------------------------------------------------------------
+# Binaries
+# ------------------------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """Where hack/build-apiserver.sh puts its output (same rule as the script)."""
+    if os.environ.get("KUBETUNE_K8S_CACHE"):
+        return Path(os.environ["KUBETUNE_K8S_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "kubetune" / f"k8s-{K8S_VERSION}"
+
+
+def find_binaries() -> tuple[Path, Path]:
+    """Return (kube-apiserver, etcd). Never builds.
+
+    ``KUBEBUILDER_ASSETS`` wins when set (and must then contain both binaries); otherwise the
+    build cache is used; otherwise :class:`BinariesMissing` is raised.
+    """
+    assets = os.environ.get("KUBEBUILDER_ASSETS")
+    if assets:
+        apiserver, etcd = Path(assets) / "kube-apiserver", Path(assets) / "etcd"
+        missing = [str(p) for p in (apiserver, etcd) if not os.access(p, os.X_OK)]
+        if missing:
+            raise BinariesMissing(
+                f"KUBEBUILDER_ASSETS={assets} is set but lacks executable {', '.join(missing)}"
+            )
+        return apiserver, etcd
+    bindir = cache_dir() / "bin"
+    apiserver, etcd = bindir / "kube-apiserver", bindir / "etcd"
+    if os.access(apiserver, os.X_OK) and os.access(etcd, os.X_OK):
+        return apiserver, etcd
+    raise BinariesMissing(
+        f"kube-apiserver/etcd not found in {bindir}: run `{BUILD_SCRIPT}` once (about 4-7 "
+        "minutes, builds kube-apiserver v1.20.2 from Debian sources), or set KUBEBUILDER_ASSETS "
+        "to a directory holding kube-apiserver and etcd (e.g. from setup-envtest)."
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _help_text(binary: str) -> str:
+    """The binary's --help output (to probe which flags this version supports)."""
+    proc = subprocess.run(
+        [binary, "--help"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=30
+    )
+    return proc.stdout
+
+
+def _supports(binary: Path, flag: str) -> bool:
+    return f"--{flag}" in _help_text(str(binary))
+
+
+# ------------------------------------------------------------------------------------------
+# Helpers
+# ------------------------------------------------------------------------------------------
+
+
+def _free_ports(n: int) -> list[int]:
+    """n distinct free loopback ports (all sockets held open until every port is picked)."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _generate_rsa_key(path: Path) -> None:
+    """Write a PEM RSA private key (service-account signing key) to ``path``."""
+    openssl = shutil.which("openssl")
+    if openssl:
+        subprocess.run(
+            [openssl, "genrsa", "-out", str(path), "2048"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=60,
+        )
+    else:
+        try:
+            from cryptography.hazmat.primitives import serialization
+            from cryptography.hazmat.primitives.asymmetric import rsa
+        except ImportError as exc:  # pragma: no cover - depends on the machine
+            raise ApiServerError(
+                "need either the openssl CLI or the python 'cryptography' package to create "
+                "the service-account key"
+            ) from exc
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.TraditionalOpenSSL,
+                serialization.NoEncryption(),
+            )
+        )
+    if not path.is_file() or path.stat().st_size == 0:
+        raise ApiServerError(f"service-account key was not created at {path}")
+    path.chmod(0o600)
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"<cannot read {path}: {exc}>"
+
+
+def _insecure_ssl_context() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+# ------------------------------------------------------------------------------------------
+# The control plane
+# ------------------------------------------------------------------------------------------
+
+
+class ApiServer:
+    """etcd + kube-apiserver on loopback, for one test session (use as a context manager).
+
+    After :meth:`start`: ``url`` (https://127.0.0.1:PORT), ``token`` (admin, group
+    system:masters, bypasses RBAC), ``user_token`` (user ``kubetune-test-user``, no groups:
+    RBAC applies), ``kubeconfig`` (a file using the admin token). Authorization is RBAC, so
+    tests can also check permissions with ``kubectl auth can-i --as=...``.
+    """
+
+    def __init__(
+        self,
+        binaries: tuple[Path, Path] | None = None,
+        ready_timeout: float = 60.0,
+        extra_apiserver_args: Sequence[str] = (),
+    ) -> None:
+        self._binaries = binaries
+        self.ready_timeout = ready_timeout
+        self.extra_apiserver_args = list(extra_apiserver_args)
+        self.tmpdir: Path | None = None
+        self.url: str = ""
+        self.token: str = ""
+        self.user_token: str = ""
+        self.kubeconfig: Path = Path()
+        self.etcd_url: str = ""
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._logs: dict[str, Path] = {}
+        self._started_pids: list[int] = []
+        self.startup_seconds: float | None = None
+
+    # -- context manager -------------------------------------------------------------------
+
+    def __enter__(self) -> ApiServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- public API ------------------------------------------------------------------------
+
+    def pids(self) -> list[int]:
+        """PIDs of every process this instance started (kept after stop(), for assertions)."""
+        return list(self._started_pids)
+
+    def start(self) -> None:
+        if self._procs:
+            raise ApiServerError("already started")
+        t0 = time.monotonic()
+        apiserver_bin, etcd_bin = self._binaries or find_binaries()
+        self.tmpdir = Path(tempfile.mkdtemp(prefix="kubetune-apiserver-"))
+        atexit.register(self.stop)
+        try:
+            self._start(apiserver_bin, etcd_bin)
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_seconds = time.monotonic() - t0
+
+    def stop(self) -> None:
+        """SIGTERM each process group, SIGKILL after 10 s, wait, remove the temp dir."""
+        atexit.unregister(self.stop)
+        # apiserver first, so it does not spin on a vanished etcd.
+        for name in ("kube-apiserver", "etcd"):
+            proc = self._procs.pop(name, None)
+            if proc is not None:
+                self._terminate(proc)
+        if self.tmpdir is not None:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+            self.tmpdir = None
+
+    # -- internals -------------------------------------------------------------------------
+
+    @staticmethod
+    def _terminate(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
+            if proc.poll() is not None:
+                break
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, sig)  # the process is its own group leader
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=wait)
+        # Reap; and make sure nothing else is left in the group (e.g. an orphaned child).
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        assert self.tmpdir is not None
+        log = self.tmpdir / f"{name}.log"
+        self._logs[name] = log
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self.tmpdir,
+                start_new_session=True,  # own session => own process group
+            )
+        self._procs[name] = proc
+        self._started_pids.append(proc.pid)
+        return proc
+
+    def _fail(self, message: str) -> ApiServerError:
+        parts = [message]
+        for name, log in self._logs.items():
+            parts.append(f"--- last lines of {name} log ({log}) ---\n{_tail(log)}")
+        return ApiServerError("\n".join(parts))
+
+    def _check_alive(self) -> None:
+        for name, proc in self._procs.items():
+            if proc.poll() is not None:
+                raise self._fail(f"{name} exited early with status {proc.returncode}")
+
+    def _wait_for(self, what: str, probe: Any, deadline: float) -> None:
+        last = "no attempt"
+        while True:
+            self._check_alive()
+            try:
+                if probe():
+                    return
+                last = "not ready"
+            except Exception as exc:  # noqa: BLE001 - report the last probe error on timeout
+                last = f"{type(exc).__name__}: {exc}"
+            if time.monotonic() > deadline:
+                raise self._fail(
+                    f"{what} not ready after {self.ready_timeout:g} s (last probe: {last})"
+                )
+            time.sleep(0.2)
+
+    def _get(self, path: str, token: str | None = None, timeout: float = 2.0) -> tuple[int, bytes]:
+        req = urllib.request.Request(self.url + path)
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout, context=_insecure_ssl_context()) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    def _start(self, apiserver_bin: Path, etcd_bin: Path) -> None:
+        assert self.tmpdir is not None
+        tmp = self.tmpdir
+        deadline = time.monotonic() + self.ready_timeout
+        etcd_port, peer_port, api_port = _free_ports(3)
+
+        # --- etcd ---
+        self.etcd_url = f"http://127.0.0.1:{etcd_port}"
+        peer_url = f"http://127.0.0.1:{peer_port}"
+        etcd_args = [
+            str(etcd_bin),
+            "--name=kubetune",
+            f"--data-dir={tmp / 'etcd'}",
+            f"--listen-client-urls={self.etcd_url}",
+            f"--advertise-client-urls={self.etcd_url}",
+            f"--listen-peer-urls={peer_url}",
+            f"--initial-advertise-peer-urls={peer_url}",
+            f"--initial-cluster=kubetune={peer_url}",
+            "--initial-cluster-state=new",
+        ]
+        if _supports(etcd_bin, "unsafe-no-fsync"):
+            etcd_args.append("--unsafe-no-fsync")  # test data is disposable; fsync is slow
+        self._spawn("etcd", etcd_args)
+
+        # --- credentials for the apiserver ---
+        sa_key = tmp / "sa.key"
+        _generate_rsa_key(sa_key)
+        self.token = secrets.token_hex(16)
+        self.user_token = secrets.token_hex(16)
+        tokens = tmp / "tokens.csv"
+        # token,user,uid,"group1,group2"
+        tokens.write_text(
+            f'{self.token},{ADMIN_USER},{ADMIN_USER},"system:masters"\n'
+            f"{self.user_token},{TEST_USER},{TEST_USER}\n"
+        )
+        tokens.chmod(0o600)
+        (tmp / "certs").mkdir()
+
+        # Wait for etcd before starting the apiserver (saves its retry back-off).
+        def etcd_healthy() -> bool:
+            with urllib.request.urlopen(self.etcd_url + "/health", timeout=2) as r:
+                return json.loads(r.read()).get("health") in ("true", True)
+
+        self._wait_for("etcd", etcd_healthy, deadline)
+
+        # --- kube-apiserver ---
+        self.url = f"https://127.0.0.1:{api_port}"
+        api_args = [
+            str(apiserver_bin),
+            f"--etcd-servers={self.etcd_url}",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            f"--secure-port={api_port}",
+            f"--cert-dir={tmp / 'certs'}",  # self-signed serving cert is generated here
+            f"--service-account-key-file={sa_key}",
+            f"--service-account-signing-key-file={sa_key}",
+            "--service-account-issuer=https://kubernetes.default.svc",
+            f"--token-auth-file={tokens}",
+            "--authorization-mode=RBAC",
+            "--disable-admission-plugins=ServiceAccount",
+            "--service-cluster-ip-range=10.0.0.0/24",
+            "--allow-privileged=true",
+        ]
+        if _supports(apiserver_bin, "insecure-port"):
+            api_args.append("--insecure-port=0")  # 1.20 still has an HTTP port; turn it off
+        api_args += self.extra_apiserver_args
+        self._spawn("kube-apiserver", api_args)
+
+        self._write_kubeconfig()
+
+        def apiserver_ready() -> bool:
+            status, body = self._get("/readyz", self.token)
+            if status != 200:
+                raise ApiServerError(f"/readyz {status}: {body[-300:]!r}")
+            # The "default" namespace is created by a bootstrap controller shortly after.
+            status, _ = self._get("/api/v1/namespaces/default", self.token)
+            return status == 200
+
+        self._wait_for("kube-apiserver", apiserver_ready, deadline)
+
+    def _write_kubeconfig(self) -> None:
+        assert self.tmpdir is not None
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {"name": "kubetune", "cluster": {"server": self.url, "insecure-skip-tls-verify": True}}
+            ],
+            "users": [{"name": ADMIN_USER, "user": {"token": self.token}}],
+            "contexts": [
+                {
+                    "name": "kubetune",
+                    "context": {"cluster": "kubetune", "user": ADMIN_USER, "namespace": "default"},
+                }
+            ],
+            "current-context": "kubetune",
+        }
+        self.kubeconfig = self.tmpdir / "kubeconfig"
+        # JSON is valid YAML; kubectl and the kubernetes client both read it.
+        self.kubeconfig.write_text(json.dumps(config, indent=2))
+        self.kubeconfig.chmod(0o600)
+
+
+# ------------------------------------------------------------------------------------------
+# kubectl and CRDs
+# ------------------------------------------------------------------------------------------
+
+
+def _kubectl_binary() -> str:
+    return os.environ.get("KUBECTL") or shutil.which("kubectl") or "/usr/bin/kubectl"
+
+
+def kubectl(
+    kubeconfig: Path | str,
+    *args: str,
+    input: str | None = None,  # noqa: A002 - mirrors subprocess.run
+    check: bool = True,
+    timeout: float = 120.0,
+) -> subprocess.CompletedProcess[str]:
+    """Run the real kubectl against ``kubeconfig``; text output is captured.
+
+    The discovery cache goes next to the kubeconfig (not ~/.kube/cache), so runs on reused
+    ports never see a stale cache. Raises :class:`KubectlError` (with stderr) when check fails.
+    """
+    kubeconfig = Path(kubeconfig)
+    argv = [
+        _kubectl_binary(),
+        f"--kubeconfig={kubeconfig}",
+        f"--cache-dir={kubeconfig.parent / 'kubectl-cache'}",
+        *args,
+    ]
+    proc = subprocess.run(
+        argv, input=input, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if check and proc.returncode != 0:
+        raise KubectlError(proc.returncode, argv, proc.stdout, proc.stderr)
+    return proc
+
+
+def _strip_key(node: Any, key: str) -> Any:
+    """Copy of a JSON-like tree with every mapping entry named ``key`` removed, at any depth."""
+    if isinstance(node, dict):
+        return {k: _strip_key(v, key) for k, v in node.items() if k != key}
+    if isinstance(node, list):
+        return [_strip_key(v, key) for v in node]
+    return node
+
+
+def _yaml_to_objects(kubeconfig: Path, text: str) -> list[dict[str, Any]]:
+    """Parse (multi-document) YAML; PyYAML if importable, else kubectl's client-side dry run."""
+    try:
+        import yaml  # type: ignore[import-untyped]
+    except ImportError:
+        out = kubectl(
+            kubeconfig, "create", "--dry-run=client", "--validate=false", "-o", "json", "-f", "-",
+            input=text,
+        ).stdout
+        obj = json.loads(out)
+        return list(obj["items"]) if obj.get("kind") == "List" else [obj]
+    return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+def install_crd(kubeconfig: Path | str, crd_yaml_text: str, timeout: float = 30) -> list[str]:
+    """Apply CRD(s) from YAML text and wait until each is Established; return their names.
+
+    Every ``x-kubernetes-validations`` key is stripped first: kube-apiserver 1.20 has no CEL
+    (and kubectl's client-side validation would reject the unknown field); the offline CEL
+    tests cover those rules.
+    """
+    kubeconfig = Path(kubeconfig)
+    objs = [_strip_key(o, "x-kubernetes-validations") for o in _yaml_to_objects(kubeconfig, crd_yaml_text)]
+    names: list[str] = []
+    for obj in objs:
+        if obj.get("kind") != "CustomResourceDefinition":
+            raise ValueError(f"install_crd expects CustomResourceDefinitions, got {obj.get('kind')}")
+        names.append(obj["metadata"]["name"])
+    doc = {"apiVersion": "v1", "kind": "List", "items": objs}
+    kubectl(kubeconfig, "apply", "-f", "-", input=json.dumps(doc))
+    deadline = time.monotonic() + timeout
+    for name in names:
+        remaining = max(1, int(deadline - time.monotonic()))
+        kubectl(
+            kubeconfig, "wait", "--for=condition=Established", f"crd/{name}",
+            f"--timeout={remaining}s", timeout=remaining + 30,
+        )
+    return names
+
+
+def alive(pids: Iterable[int]) -> list[int]:
+    """The subset of ``pids`` that still exist (zombies excluded), for leak assertions."""
+    result = []
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        if stat.rsplit(")", 1)[1].split()[0] != "Z":
+            result.append(pid)
+    return result
