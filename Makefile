@@ -9,7 +9,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: help venv demo test test-fast crd apiserver clean
+.PHONY: help venv demo test test-fast crd apiserver tools clean
 
 help:
 	@echo "make demo   run the quickstart FineTuneJob locally (embedded default)"
@@ -26,15 +26,18 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 demo: venv
-	$(VENV)/bin/kubetune validate examples/*.yaml
-	@echo "The trainer is not built yet: make demo validates the examples for now."
+	$(VENV)/bin/kubetune run examples/quickstart.yaml
+	$(VENV)/bin/kubetune verify kubetune-output/quickstart
 
 # The real-apiserver tier needs kube-apiserver + etcd: from KUBEBUILDER_ASSETS, or built once
 # from Debian packages into ~/.cache/kubetune (about 7 minutes, then reused).
+tools:
+	bash hack/get-promtool.sh >/dev/null
+
 apiserver:
 	@if [ -z "$$KUBEBUILDER_ASSETS" ]; then bash hack/build-apiserver.sh; fi
 
-test: venv apiserver
+test: venv apiserver tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: venv

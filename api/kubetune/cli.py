@@ -30,11 +30,13 @@ def crd() -> None:
 @main.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("-q", "--quiet", is_flag=True, help="Print problems only.")
-def validate(files: tuple[str, ...], quiet: bool) -> None:
+@click.option("--data", "check_data", is_flag=True, help="Also validate each job's dataset files (no model weights are loaded).")
+def validate(files: tuple[str, ...], quiet: bool, check_data: bool) -> None:
     """Validate FineTuneJob manifests (multi-document YAML allowed).
 
     Each problem is printed as FILE[#doc]: spec.path: message. Exit 0 when every manifest is
-    valid, 1 otherwise.
+    valid, 1 otherwise. With --data the datasets are read and checked as the trainer would
+    (FILE:LINE: problem), with token statistics when the model's tokenizer can be loaded.
     """
     failed = False
     for path in files:
@@ -46,8 +48,11 @@ def validate(files: tuple[str, ...], quiet: bool) -> None:
                     failed = True
                     for problem in problems:
                         click.echo(f"{doc.where}: {problem}")
-                elif not quiet and job is not None:
-                    click.echo(f"{doc.where}: ok (FineTuneJob {job.metadata.name}, {job.spec.method.adaptation})")
+                elif job is not None:
+                    if not quiet:
+                        click.echo(f"{doc.where}: ok (FineTuneJob {job.metadata.name}, {job.spec.method.adaptation})")
+                    if check_data and not _validate_data(job):
+                        failed = True
             if found == 0:
                 failed = True
                 click.echo(f"{path}: no FineTuneJob found (apiVersion kubetune.io/v1alpha1, kind FineTuneJob)")
@@ -55,6 +60,66 @@ def validate(files: tuple[str, ...], quiet: bool) -> None:
             failed = True
             click.echo(str(err))
     sys.exit(1 if failed else 0)
+
+
+def _validate_data(job: object) -> bool:
+    from kubetune.trainer import data, sources
+
+    spec = job.spec  # type: ignore[attr-defined]
+    tokenizer = None
+    try:
+        from transformers import AutoTokenizer
+
+        model_dir = sources.resolve_model(spec.model)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=spec.model.trust_remote_code)
+    except Exception as err:  # the data checks still run; say why there are no token stats
+        click.echo(f"  (no token statistics: the tokenizer of {spec.model.source} could not be loaded: {err})")
+    try:
+        report = data.validate(spec.dataset, tokenizer=tokenizer)
+    except data.DataError as err:
+        click.echo(str(err))
+        return False
+    for line in report.summary_lines():
+        click.echo(f"  {line}")
+    return True
+
+
+@main.command()
+@click.argument("uri")
+def verify(uri: str) -> None:
+    """Verify an output (adapter + manifest.json) or a checkpoint: every file's size and sha256."""
+    from kubetune.trainer import storage
+
+    if "://" not in uri:
+        from pathlib import Path
+
+        uri = Path(uri).resolve().as_uri()
+    ok, reason = storage.verify(storage.Store(uri), "")
+    if not ok:
+        click.echo(f"{uri}: NOT verified: {reason}")
+        sys.exit(1)
+    import json
+
+    files = json.loads(storage.Store(uri).read_bytes("manifest.json"))["files"]
+    click.echo(f"{uri}: verified {len(files)} files (sha256 and size match manifest.json)")
+
+
+@main.command("run")
+@click.argument("manifest", type=click.Path(dir_okay=False, exists=True))
+@click.option("--output", help="Output URI (default: file://./kubetune-output/<name>/).")
+@click.option("--metrics-port", type=int, default=-1, show_default=True, help="Serve Prometheus metrics on this port (0: any free port, -1: off).")
+def run_cmd(manifest: str, output: str | None, metrics_port: int) -> None:
+    """Run a FineTuneJob locally: the same trainer as in the pod, with a progress bar."""
+    from kubetune.api.manifest import ManifestError, load_job
+
+    try:
+        job = load_job(manifest)
+    except ManifestError as err:
+        click.echo(str(err), err=True)
+        sys.exit(1)
+    from kubetune.localrun import run_locally
+
+    sys.exit(run_locally(job, output, metrics_port))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,71 @@
+"""`kubetune run`: the trainer on this machine, with a rich progress bar and a summary table.
+
+Imported lazily by the CLI (it pulls in torch). The output defaults to
+`file://./kubetune-output/<name>/` so a local run never needs credentials.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from kubetune.api.contract import PERMANENT_EXIT_CODE, PREEMPTED_EXIT_CODE
+
+
+def run_locally(job: Any, output: str | None, metrics_port: int) -> int:
+    from kubetune.trainer.run import Options, Preempted, UserError, run
+
+    console = Console(stderr=True)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    output = output or (Path.cwd() / "kubetune-output" / job.metadata.name).resolve().as_uri()
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("step {task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[tps]} tok/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+    task = progress.add_task("training", total=None, loss="–", tps="–")
+
+    def on_progress(p: dict[str, Any]) -> None:
+        loss = f"{p['loss']:.4f}" if p.get("loss") is not None else "–"
+        progress.update(task, completed=p["step"], total=p["total"], loss=loss, tps=f"{p['tokens_per_s']:.0f}")
+
+    opts = Options(output=output, on_progress=on_progress, on_status=lambda m: console.print(f"[dim]• {m}[/dim]"))
+    if metrics_port >= 0:
+        server = opts.metrics.serve(metrics_port, "127.0.0.1")
+        console.print(f"metrics: http://127.0.0.1:{server.server_port}/metrics")  # type: ignore[attr-defined]
+    console.print(f"[bold]{job.metadata.name}[/bold]: {job.spec.method.adaptation} on {job.spec.model.source} → {output}")
+    try:
+        with progress:
+            summary = run(job, opts)
+    except UserError as err:
+        console.print(f"[red]error[/red] ({err.reason}): {err}")
+        return PERMANENT_EXIT_CODE
+    except Preempted as err:
+        console.print(f"[yellow]stopped[/yellow]: {err}")
+        return PREEMPTED_EXIT_CODE
+    table = Table(title=f"{job.metadata.name}: fine-tuning finished", show_header=False)
+    m = summary["metrics"]
+    if "baseEvalLoss" in m:
+        table.add_row("base model eval loss", f"{m['baseEvalLoss']:.4f}")
+    table.add_row("tuned model eval loss", f"{m['evalLoss']:.4f}")
+    table.add_row("perplexity", f"{m['perplexity']:.2f}")
+    table.add_row("token accuracy", f"{m['tokenAccuracy']:.1%}")
+    table.add_row("steps", str(summary["steps"]))
+    table.add_row("trainable parameters", f"{summary['trainableParameters']:,}")
+    table.add_row("adapter", summary["adapter"]["uri"])
+    table.add_row("manifest", summary["adapter"]["manifestUri"])
+    table.add_row("wall time", f"{summary['durationSeconds']:.1f} s")
+    Console().print(table)
+    return 0

@@ -1,0 +1,98 @@
+"""The trainer pod's command: `python -m kubetune.trainer --spec FILE|-`.
+
+Reads the FineTuneJob (JSON or YAML; the operator passes it as JSON), runs it, writes the
+summary to the termination-message path and stdout, and exits 0 on success,
+PERMANENT_EXIT_CODE on errors retrying cannot fix, PREEMPTED_EXIT_CODE after a handled SIGTERM,
+and 1 for anything else (retriable: the Job's backoffLimit decides).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from kubetune.api.contract import (
+    DEFAULT_METRICS_PORT,
+    DEFAULT_TERMINATION_PATH,
+    METRICS_PORT_ENV,
+    PERMANENT_EXIT_CODE,
+    PREEMPTED_EXIT_CODE,
+    TERMINATION_PATH_ENV,
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m kubetune.trainer", description=__doc__)
+    p.add_argument("--spec", required=True, help="FineTuneJob as JSON or YAML: a file, or - for stdin")
+    p.add_argument("--output", help="override spec.output.uri")
+    p.add_argument("--validate-only", action="store_true", help="only validate the data (no model is loaded)")
+    p.add_argument("--metrics-port", type=int, default=int(os.environ.get(METRICS_PORT_ENV, DEFAULT_METRICS_PORT)), help="0: any free port, -1: off")
+    p.add_argument("--termination-path", default=os.environ.get(TERMINATION_PATH_ENV, DEFAULT_TERMINATION_PATH))
+    return p.parse_args(argv)
+
+
+def load_job(source: str) -> Any:
+    """The FineTuneJob from a file or stdin; a spec error is a permanent error."""
+    import yaml
+
+    from kubetune.api import parse_manifest
+    from kubetune.api.manifest import Loader
+
+    text = sys.stdin.read() if source == "-" else Path(source).read_text()
+    obj = yaml.load(text, Loader=Loader)  # JSON is YAML
+    job, problems = parse_manifest(obj)
+    if job is None:
+        raise SpecError("; ".join(str(p) for p in problems))
+    return job
+
+
+class SpecError(Exception):
+    pass
+
+
+def write_termination(path: str, text: str) -> None:
+    try:
+        Path(path).write_text(text)
+    except OSError as err:  # running outside a pod without the path: stdout still has it
+        logging.getLogger("kubetune.trainer").debug("termination message not written to %s: %s", path, err)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    from kubetune.trainer.run import Options, Preempted, UserError, bounded_summary, run
+
+    summary: dict[str, Any]
+    code = 0
+    try:
+        job = load_job(args.spec)
+        opts = Options(output=args.output, validate_only=args.validate_only)
+        if args.metrics_port >= 0:
+            server = opts.metrics.serve(args.metrics_port)
+            print(f"metrics: http://0.0.0.0:{server.server_port}/metrics", flush=True)  # type: ignore[attr-defined]
+        summary = run(job, opts)
+    except (SpecError, FileNotFoundError) as err:
+        summary, code = {"status": "failed", "reason": "InvalidSpec", "message": str(err)}, PERMANENT_EXIT_CODE
+    except UserError as err:
+        summary, code = {"status": "failed", "reason": err.reason, "message": str(err)}, PERMANENT_EXIT_CODE
+    except Preempted as err:
+        summary, code = {"status": "preempted", "reason": "Preempted", "message": str(err)}, PREEMPTED_EXIT_CODE
+    except Exception as err:  # retriable: the traceback is for operators, not a user error
+        traceback.print_exc()
+        summary, code = {"status": "failed", "reason": "Error", "message": f"{type(err).__name__}: {err}"}, 1
+    text = bounded_summary(summary)
+    write_termination(args.termination_path, text)
+    if code == PERMANENT_EXIT_CODE:
+        print(summary["message"], file=sys.stderr)
+    print(text, flush=True)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Hooks into the transformers Trainer loop: metrics, progress, checkpoints, preemption.
+
+The Trainer owns the loop; these callbacks observe it. Checkpoints are written locally by the
+Trainer and uploaded by a background thread, so the loop stalls only for the local save. A
+SIGTERM (preemption, `kubectl delete pod`, Kueue eviction) asks the loop to save and stop at the
+end of the current step; the caller then waits for the upload and exits with a retriable code.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from transformers import TrainerCallback
+
+from kubetune.trainer.metrics import TrainerMetrics
+
+log = logging.getLogger("kubetune.trainer")
+
+
+class TokenCounter:
+    """Counts non-padding tokens the collator hands to the loop (for tokens/s)."""
+
+    def __init__(self, collate: Callable[[list[Any]], dict[str, Any]]) -> None:
+        self.collate = collate
+        self.tokens = 0
+        self.samples = 0
+
+    def __call__(self, features: list[Any]) -> dict[str, Any]:
+        batch = self.collate(features)
+        self.samples += len(features)
+        self.tokens += sum(len(f["input_ids"] if isinstance(f, dict) else f.input_ids) for f in features)
+        return batch
+
+
+class Preemption:
+    """SIGTERM → save a checkpoint at the end of this step and stop."""
+
+    def __init__(self) -> None:
+        self.requested = threading.Event()
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda *_: self.requested.set())
+
+
+class LoopCallback(TrainerCallback):
+    """Metrics, progress display and the preemption check, once per optimizer step."""
+
+    def __init__(
+        self,
+        metrics: TrainerMetrics,
+        tokens: TokenCounter,
+        preemption: Preemption,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+        evaluate: Callable[[], dict[str, float]] | None = None,
+        eval_every: int | None = None,
+    ) -> None:
+        self.metrics = metrics
+        self.tokens = tokens
+        self.preemption = preemption
+        self.on_progress = on_progress
+        self.evaluate = evaluate
+        self.eval_every = eval_every
+        self.window: list[tuple[float, int, int]] = []
+        self.started = time.time()
+        self.last_loss: float | None = None
+        self.losses: list[tuple[int, float]] = []
+        self.step_end_time: dict[int, float] = {}
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.started = time.time()
+        self.metrics.start_time.set(self.started)
+        self.metrics.total_steps.set(state.max_steps)
+        self.window = [(time.time(), self.tokens.tokens, self.tokens.samples)]
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        now = time.time()
+        self.step_end_time[state.global_step] = now
+        self.window.append((now, self.tokens.tokens, self.tokens.samples))
+        self.window = self.window[-20:]
+        t0, tok0, s0 = self.window[0]
+        elapsed = max(now - t0, 1e-9)
+        tps, sps = (self.tokens.tokens - tok0) / elapsed, (self.tokens.samples - s0) / elapsed
+        m = self.metrics
+        m.step.set(state.global_step)
+        m.epoch.set(state.epoch or 0)
+        m.tokens_per_second.set(tps)
+        m.samples_per_second.set(sps)
+        m.tokens.inc(max(0, self.tokens.tokens - int(m.tokens._value.get())))
+        done = state.global_step / max(state.max_steps, 1)
+        m.progress.set(done)
+        per_step = (now - self.started) / max(state.global_step - getattr(self, "first_step", 0), 1)
+        eta = per_step * (state.max_steps - state.global_step)
+        m.eta.set(eta)
+        self._gpu()
+        if self.eval_every and self.evaluate and state.global_step % self.eval_every == 0:
+            self.evaluate()
+        if self.on_progress:
+            self.on_progress(
+                {"step": state.global_step, "total": state.max_steps, "loss": self.last_loss, "tokens_per_s": tps, "eta": eta}
+            )
+        if self.preemption.requested.is_set():
+            log.warning("SIGTERM received: saving a checkpoint at step %d and stopping", state.global_step)
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_begin_resume(self, step: int) -> None:
+        self.first_step = step
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any) -> None:
+        logs = logs or {}
+        if "loss" in logs and math.isfinite(logs["loss"]):
+            self.last_loss = float(logs["loss"])
+            self.losses.append((state.global_step, self.last_loss))
+            self.metrics.train_loss.set(self.last_loss)
+        if "learning_rate" in logs:
+            self.metrics.learning_rate.set(float(logs["learning_rate"]))
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if not self.eval_every and self.evaluate and state.global_step < state.max_steps:
+            self.evaluate()
+
+    def _gpu(self) -> None:
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                self.metrics.gpu_memory.set(torch.cuda.max_memory_allocated())
+        except Exception:  # metrics must never break training
+            pass
+
+
+class CheckpointUploader(TrainerCallback):
+    """Uploads each local checkpoint in the background, then commits its manifest and prunes."""
+
+    def __init__(
+        self,
+        commit: Callable[[Path, int], str],
+        prune: Callable[[], None],
+        metrics: TrainerMetrics,
+        loop: LoopCallback,
+    ) -> None:
+        self.commit = commit
+        self.prune = prune
+        self.metrics = metrics
+        self.loop = loop
+        self.queue: queue.Queue[tuple[Path, int] | None] = queue.Queue()
+        self.committed: list[dict[str, Any]] = []
+        self.errors: list[BaseException] = []
+        self.stalls: list[float] = []
+        self.thread = threading.Thread(target=self._work, name="checkpoint-upload", daemon=True)
+        self.thread.start()
+
+    def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        step = state.global_step
+        local = Path(args.output_dir) / f"checkpoint-{step}"
+        stall = time.time() - self.loop.step_end_time.get(step, time.time())
+        self.stalls.append(stall)
+        self.metrics.checkpoint_stall.set(stall)
+        if self.errors:  # surface a failed upload on the training thread
+            raise self.errors[0]
+        self.queue.put((local, step))
+
+    def _work(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            local, step = item
+            started = time.time()
+            try:
+                uri = self.commit(local, step)
+                self.metrics.checkpoint_upload.set(time.time() - started)
+                self.metrics.last_checkpoint_step.set(step)
+                self.metrics.last_checkpoint_time.set(time.time())
+                loss = next((l for s, l in reversed(self.loop.losses) if s <= step), None)
+                self.committed.append({"step": step, "uri": uri, "loss": loss, "time": _now()})
+                self.prune()
+                shutil.rmtree(local, ignore_errors=True)
+            except BaseException as err:  # kept and re-raised on the training thread
+                log.error("checkpoint %d upload failed: %s", step, err)
+                self.errors.append(err)
+
+    def finish(self, timeout: float | None = None) -> None:
+        """Wait until every queued checkpoint is committed; re-raise an upload error."""
+        self.queue.put(None)
+        self.thread.join(timeout)
+        if self.errors:
+            raise self.errors[0]
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -1,0 +1,652 @@
+"""The trainer's data layer: read JSON Lines, find every problem, tokenise with loss masks, pack.
+
+Bad data is the commonest reason a fine-tuning job fails, and the most expensive place to find it
+is an hour into a GPU run. So this module checks everything a user can get wrong — encoding, JSON,
+record shape, roles, lengths, counts — *before* a model is loaded (RELIABILITY.md T7), reads in
+bounded memory (a 10 MB line is reported, not loaded), collects all problems instead of the first,
+and reports them as `FILE:LINE: what to do`, with a bounded message that fits a termination log.
+
+Decisions worth knowing:
+- Unknown keys are errors, as in the API (a typo such as `"conent"` must not silently train on
+  nothing). Message keys are role, content, weight, name. Top-level keys other than the format's
+  own are refused unless the caller names them in `extra_keys` (attention guidance reads `spans`).
+- Chat examples are rendered with the tokenizer's chat template, or `builtin.CHAT_TEMPLATE`
+  (ChatML) when the tokenizer ships none. Loss falls on assistant content plus the end-of-turn
+  token the template emits after it, for messages whose `weight` is not 0.
+- Packing relies on transformers' packed-sequence masking: with `position_ids` that restart at 0
+  and no attention mask, `masking_utils.find_packed_sequence_indices` builds a block-diagonal
+  causal mask (eager, sdpa, flex, flash). It is skipped whenever a KV cache exists, and models
+  create one when `use_cache` is on, even in training; `prepare_model_for_packing` turns it off.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+from kubetune.api.enums import DatasetFormat, OverlengthPolicy
+from kubetune.api.spec import Dataset
+
+IGNORE_INDEX = -100
+MAX_REPORTED = 20
+PROBLEM_LIMIT = 10_000  # stop reading a file after this many problems: the user has enough to fix
+MESSAGE_LIMIT = 3072
+RECOMMENDED_EXAMPLES = 500
+DEFAULT_VALIDATION_SPLIT = 0.1
+PVC_ROOT_ENV = "KUBETUNE_PVC_ROOT"
+ROLES = ("system", "user", "assistant")
+MESSAGE_KEYS = ("role", "content", "weight", "name")
+FORMAT_KEYS = {
+    DatasetFormat.CHAT: ("messages",),
+    DatasetFormat.PROMPT_COMPLETION: ("prompt", "completion"),
+    DatasetFormat.INSTRUCTION: ("instruction", "input", "output"),
+    DatasetFormat.TEXT: ("text",),
+}
+
+# ------------------------------------------------------------------------------ problems
+
+
+@dataclass(frozen=True)
+class DataProblem:
+    file: str
+    line: int  # 1-based; 0 = the file as a whole
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.message}"
+
+
+class DataError(Exception):
+    """User data that cannot train. The trainer exits with the permanent exit code on it."""
+
+    def __init__(self, problems: Sequence[DataProblem], total: int | None = None, *,
+                 limit: int = MAX_REPORTED, stopped: bool = False):
+        super().__init__(list(problems), total)
+        self.problems = list(problems)[:limit]
+        self.total = max(total if total is not None else len(problems), len(self.problems))
+        self.stopped = stopped
+
+    def __str__(self) -> str:
+        budget = MESSAGE_LIMIT - 72  # room for the tail line
+        width = min(400, budget // max(len(self.problems), 1) - 1)  # fewer problems, longer lines
+        lines: list[str] = []
+        for p in self.problems:
+            where = p.file if len(p.file) <= 80 else "…" + p.file[-79:]
+            lines.append(_clip_bytes(f"{where}:{p.line}: {p.message}", width))
+        if self.total > len(lines):
+            tail = f"… and {self.total - len(lines)} more problems ({self.total} in all)"
+            lines.append(tail + (f"; reading stopped after {PROBLEM_LIMIT}" if self.stopped else ""))
+        return "\n".join(lines)
+
+
+def _clip(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _clip_bytes(text: str, n: int) -> str:
+    raw = text.encode()
+    return text if len(raw) <= n else raw[: n - 3].decode(errors="ignore") + "…"
+
+
+def _jtype(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+@dataclass(frozen=True)
+class Record:
+    file: str
+    line: int
+    data: dict
+
+
+def resolve(uri: str) -> str:
+    """The path or fsspec URL to open: `pvc://claim/p` is the claim mounted under the PVC root."""
+    if uri.startswith("pvc://"):
+        root = Path(os.environ.get(PVC_ROOT_ENV, "/mnt/pvc")).resolve()
+        path = (root / uri[len("pvc://"):]).resolve()
+        if root not in path.parents:
+            raise ValueError(f"{uri} points outside the volume root; remove '..' from the path")
+        return str(path)
+    return uri[len("file://"):] if uri.startswith("file://") else uri
+
+
+def _lines(f, max_line_bytes: int, chunk_size: int = 1 << 20) -> Iterator[tuple[int, int, bytes | None, int]]:
+    """(line number, byte offset, bytes or None when too long, size) in bounded memory."""
+    line_no, offset, buf, skipping, size = 0, 0, bytearray(), False, 0
+    while True:
+        chunk = f.read(chunk_size)
+        if not chunk:
+            break
+        start = 0
+        while True:
+            nl = chunk.find(b"\n", start)
+            piece = chunk[start: nl if nl >= 0 else len(chunk)]
+            if skipping:
+                size += len(piece)
+            else:
+                buf += piece
+                if len(buf) > max_line_bytes:  # stop buffering; only count the rest
+                    skipping, size, buf = True, len(buf), bytearray()
+            if nl < 0:
+                break
+            line_no += 1
+            yield line_no, offset, None if skipping else bytes(buf), size if skipping else len(buf)
+            offset += (size if skipping else len(buf)) + 1
+            buf, skipping, size, start = bytearray(), False, 0, nl + 1
+    if buf or skipping:
+        yield line_no + 1, offset, None if skipping else bytes(buf), size if skipping else len(buf)
+
+
+def _open_problem(uri: str, exc: BaseException, line: int = 0) -> DataProblem:
+    if isinstance(exc, FileNotFoundError):
+        return DataProblem(uri, line, "file not found; check the path or URI (and the bucket name)")
+    if isinstance(exc, IsADirectoryError):
+        return DataProblem(uri, line, "is a directory; point the dataset at a .jsonl file")
+    if isinstance(exc, PermissionError):
+        return DataProblem(uri, line, f"permission denied reading {uri}; check the storage "
+                                      "credentials the job uses and that they allow reading it")
+    detail = _clip(str(exc).strip().splitlines()[0] if str(exc).strip() else "", 200)
+    return DataProblem(uri, line, f"cannot read {uri} ({type(exc).__name__}: {detail}); check the "
+                                  "URI, network access and the storage credentials")
+
+
+def read_records(uri: str, fmt: DatasetFormat | str, *, max_line_bytes: int = 1_000_000,
+                 storage_options: dict | None = None, extra_keys: Iterable[str] = (),
+                 problem_limit: int = PROBLEM_LIMIT) -> tuple[list[Record], list[DataProblem]]:
+    """Stream a JSON Lines file and check every record against `fmt`; never raises for bad data.
+
+    Blank lines are skipped. `extra_keys` are top-level keys tolerated besides the format's own.
+    Problems name the URI as the user wrote it and the 1-based line (0 for the whole file).
+    """
+    import fsspec  # type: ignore[import-untyped]
+
+    fmt = DatasetFormat(fmt)
+    extra = tuple(extra_keys)
+    records: list[Record] = []
+    problems: list[DataProblem] = []
+    line_no = 0
+    try:
+        path = resolve(uri)
+    except ValueError as e:
+        return records, [DataProblem(uri, 0, str(e))]
+    try:
+        with fsspec.open(path, "rb", compression="infer", **(storage_options or {})) as f:
+            for line_no, offset, raw, size in _lines(f, max_line_bytes):
+                if len(problems) >= problem_limit:
+                    break
+                if raw is None:
+                    found, data = [f"line is {size:,} bytes, over the limit of {max_line_bytes:,}; one "
+                                   "example per line (JSON Lines), or shorten the example"], None
+                elif line_no == 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+                    problems.append(DataProblem(uri, 1, "file is UTF-16; save it as UTF-8"))
+                    break  # every further line would be noise
+                elif line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    data, found = _parse(raw[3:], 3, fmt, extra)
+                    found.insert(0, "file starts with a UTF-8 byte-order mark; remove the byte-order "
+                                    "mark (save as UTF-8 without BOM)")
+                else:
+                    data, found = _parse(raw, offset, fmt, extra)
+                problems += [DataProblem(uri, line_no, msg) for msg in found]
+                if data is not None:
+                    records.append(Record(uri, line_no, data))
+    except Exception as e:  # noqa: BLE001 - cloud SDKs raise their own types (NoCredentialsError, …)
+        problems.append(_open_problem(uri, e, line_no))
+    return records, problems
+
+
+def _parse(raw: bytes, offset: int, fmt: DatasetFormat, extra: Sequence[str]) -> tuple[dict | None, list[str]]:
+    """One line's record (None for a blank or bad line) and what is wrong with it."""
+    raw = raw.rstrip(b"\r")
+    if not raw.strip():
+        return None, []
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, [f"invalid UTF-8 at byte {e.start + 1} of the line (file offset {offset + e.start}); "
+                      "save the file as UTF-8"]
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        return None, [f"invalid JSON: {e.msg} (column {e.colno}); each line must be one JSON object"]
+    if not isinstance(data, dict):
+        return None, [f"expected a JSON object, got {_jtype(data)}"]
+    found = check_record(data, fmt, extra)
+    return (None if found else data), found
+
+
+# ------------------------------------------------------------------------------ record checks
+
+
+def check_record(data: dict, fmt: DatasetFormat, extra_keys: Sequence[str] = ()) -> list[str]:
+    """Everything wrong with one parsed record, as messages a user can act on."""
+    own = FORMAT_KEYS[fmt]
+    out = [f"unknown key {_clip(repr(k), 40)} for format {fmt}; allowed: {', '.join(own)}; remove it"
+           for k in data if k not in own and k not in extra_keys]
+    if fmt == DatasetFormat.CHAT:
+        return out + _check_chat(data)
+    optional = ("input",) if fmt == DatasetFormat.INSTRUCTION else ()
+    for key in own:
+        _check_string(data, key, key, out, optional=key in optional)
+    return out
+
+
+def _check_string(obj: dict, key: str, where: str, out: list[str], optional: bool = False) -> None:
+    if key not in obj:
+        if not optional:
+            out.append(f"missing key {where!r}")
+    elif not isinstance(obj[key], str):
+        out.append(f"{where}: expected a string, got {_jtype(obj[key])}")
+    elif not optional and not obj[key].strip():
+        out.append(f"{where}: empty content; remove the example or fill it in")
+
+
+def _check_chat(data: dict) -> list[str]:
+    if "messages" not in data:
+        return ["missing key 'messages'"]
+    messages = data["messages"]
+    if not isinstance(messages, list):
+        return [f"messages: expected an array, got {_jtype(messages)}"]
+    if not messages:
+        return ["messages: empty array; an example needs a conversation"]
+    out: list[str] = []
+    assistants = trained = 0
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            out.append(f"{where}: expected an object, got {_jtype(m)}")
+            continue
+        out += [f"{where}: unknown key {_clip(repr(k), 40)}; allowed: {', '.join(MESSAGE_KEYS)}"
+                for k in m if k not in MESSAGE_KEYS]
+        role = m.get("role")
+        if "role" not in m:
+            out.append(f"missing key '{where}.role'")
+        elif role not in ROLES:
+            out.append(f"{where}: unknown role {_clip(repr(role), 40)}; allowed: {', '.join(ROLES)}")
+        elif role == "system" and i > 0:
+            out.append(f"{where}: misplaced system message; a system message may only be the first")
+        _check_string(m, "content", f"{where}.content", out)
+        if "name" in m and not isinstance(m["name"], str):
+            out.append(f"{where}.name: expected a string, got {_jtype(m['name'])}")
+        weight = m.get("weight", 1)
+        if "weight" in m and role != "assistant":
+            out.append(f"{where}: weight is only allowed on assistant messages")
+        elif type(weight) is not int or weight not in (0, 1):
+            out.append(f"{where}.weight: must be 0 or 1, got {_clip(json.dumps(weight), 40)}")
+            weight = 1  # do not also claim "nothing to learn"
+        if role == "assistant":
+            assistants += 1
+            trained += weight
+    if assistants == 0:
+        out.append("no assistant turn; a chat example needs at least one assistant message to learn")
+    elif trained == 0:
+        out.append("no assistant message has weight 1: nothing to learn")
+    return out
+
+
+# ------------------------------------------------------------------------------ tokenising
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]  # IGNORE_INDEX where no loss is taken
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
+    from kubetune.trainer.builtin import CHAT_TEMPLATE
+
+    fallback = {} if getattr(tokenizer, "chat_template", None) else {"chat_template": CHAT_TEMPLATE}
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
+                                         **fallback)
+
+
+def _turn_end(tokenizer, ids: list[int], start: int) -> int:
+    """End of an assistant span: through its end-of-turn special token, without the newline after."""
+    special = set(tokenizer.all_special_ids)
+    end = len(ids)
+    while end > start and ids[end - 1] not in special and not tokenizer.decode([ids[end - 1]]).strip():
+        end -= 1
+    return end if end > start and ids[end - 1] in special else len(ids)
+
+
+def _encode_chat(record: Record, tokenizer) -> Example:
+    import jinja2
+
+    raw = record.data["messages"]
+    messages = [{k: m[k] for k in ("role", "content", "name") if k in m} for m in raw]
+    trained = [i for i, m in enumerate(raw) if m["role"] == "assistant" and m.get("weight", 1) != 0]
+    try:
+        full = _ids(tokenizer, _render(tokenizer, messages, False))
+        labels = [IGNORE_INDEX] * len(full)
+        for i in trained:
+            before = _ids(tokenizer, _render(tokenizer, messages[:i], True))
+            upto = _ids(tokenizer, _render(tokenizer, messages[: i + 1], False))
+            if upto[: len(before)] != before or full[: len(upto)] != upto:
+                return _encode_chat_offsets(record, tokenizer, messages, trained)
+            end = _turn_end(tokenizer, upto, len(before))
+            labels[len(before): end] = full[len(before): end]
+    except jinja2.TemplateError as e:  # templates refuse some conversations via raise_exception()
+        raise DataError([DataProblem(record.file, record.line,
+                                     f"the chat template rejected this conversation: {_clip(str(e), 160)}")]) from e
+    return Example(full, labels)
+
+
+def _encode_chat_offsets(record: Record, tokenizer, messages: list[dict], trained: list[int]) -> Example:
+    """For templates whose renderings are not prefixes of each other: locate content by characters."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError([DataProblem(record.file, record.line, "the chat template is not prefix-stable "
+                         "and a slow tokenizer has no character offsets; use the model's fast tokenizer")])
+    text = _render(tokenizer, messages, False)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    spans, cursor = [], 0
+    for i, m in enumerate(messages):
+        pos = text.find(m["content"], cursor)
+        if pos < 0:
+            raise DataError([DataProblem(record.file, record.line, f"the chat template changes the "
+                             f"content of messages[{i}], so assistant tokens cannot be located; use a "
+                             "model whose template keeps message content verbatim")])
+        cursor = pos + len(m["content"])
+        if i in trained:
+            spans.append((pos, cursor))
+    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    special = set(tokenizer.all_special_ids)
+    labels = [IGNORE_INDEX] * len(ids)
+    for start, end in spans:
+        hit = [j for j, (s, e) in enumerate(offsets) if s < end and e > start]
+        for j in hit:
+            labels[j] = ids[j]
+        if hit and hit[-1] + 1 < len(ids) and ids[hit[-1] + 1] in special:
+            labels[hit[-1] + 1] = ids[hit[-1] + 1]  # the end-of-turn token
+    return Example(ids, labels)
+
+
+def instruction_prompt(instruction: str, input_text: str = "") -> str:
+    """The Alpaca-style prompt used for the instruction format (its tokens take no loss)."""
+    middle = f"### Input:\n{input_text}\n\n" if input_text.strip() else ""
+    return f"### Instruction:\n{instruction}\n\n{middle}### Response:\n"
+
+
+def encode_full(record: Record, fmt: DatasetFormat | str, tokenizer) -> Example:
+    """Tokenise one checked record with its loss mask, before any length policy."""
+    fmt, d = DatasetFormat(fmt), record.data
+    if fmt == DatasetFormat.CHAT:
+        return _encode_chat(record, tokenizer)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if fmt == DatasetFormat.PROMPT_COMPLETION:
+        prompt, answer = d["prompt"], d["completion"]
+    elif fmt == DatasetFormat.INSTRUCTION:
+        prompt, answer = instruction_prompt(d["instruction"], d.get("input", "")), d["output"]
+    else:
+        ids = bos + _ids(tokenizer, d["text"]) + eos
+        return Example(ids, list(ids))
+    masked, target = bos + _ids(tokenizer, prompt), _ids(tokenizer, answer) + eos
+    return Example(masked + target, [IGNORE_INDEX] * len(masked) + target)
+
+
+def overlength_message(n: int, max_seq_length: int) -> str:
+    return (f"example has {n} tokens, maxSeqLength is {max_seq_length}; raise maxSeqLength or set "
+            "overlength: truncate|drop")
+
+
+def apply_overlength(example: Example, record: Record, max_seq_length: int,
+                     overlength: OverlengthPolicy | str) -> Example | None:
+    n = len(example.input_ids)
+    if n <= max_seq_length:
+        return example
+    policy = OverlengthPolicy(overlength)
+    if policy == OverlengthPolicy.DROP:
+        return None
+    if policy == OverlengthPolicy.ERROR:
+        raise DataError([DataProblem(record.file, record.line, overlength_message(n, max_seq_length))])
+    return Example(example.input_ids[:max_seq_length], example.labels[:max_seq_length])
+
+
+def encode_example(record: Record, fmt: DatasetFormat | str, tokenizer, max_seq_length: int,
+                   overlength: OverlengthPolicy | str) -> Example | None:
+    """Tokens and labels for one record; None when dropped for length; DataError on `error`."""
+    return apply_overlength(encode_full(record, fmt, tokenizer), record, max_seq_length, overlength)
+
+
+# ------------------------------------------------------------------------------ split, pack, batch
+
+
+def _validation_count(n: int, share: float) -> int:
+    return min(max(1, round(n * share)), n - 1)
+
+
+def split(records: Sequence, validation_split: float, seed: int) -> tuple[list, list]:
+    """Hold out a share for evaluation: same seed, same split (random.Random needs no hash seed)."""
+    if len(records) < 2:
+        raise ValueError("need at least 2 examples to hold out a validation split")
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    held = set(order[: _validation_count(len(records), validation_split)])
+    return ([r for i, r in enumerate(records) if i not in held],
+            [r for i, r in enumerate(records) if i in held])
+
+
+def _first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Greedy first-fit in input order; a max-tree over bins keeps it O(n log n)."""
+    size = 1
+    while size < max(len(lengths), 1):
+        size *= 2
+    tree = [capacity] * (2 * size)  # remaining room, max over each subtree
+    bins: list[list[int]] = []
+    for i, n in enumerate(lengths):
+        if n > capacity:
+            raise ValueError(f"example {i} has {n} tokens, more than the {capacity} a sequence holds")
+        node = 1
+        while node < size:
+            node = 2 * node if tree[2 * node] >= n else 2 * node + 1
+        if node - size == len(bins):
+            bins.append([])
+        bins[node - size].append(i)
+        tree[node] -= n
+        node //= 2
+        while node:
+            tree[node] = max(tree[2 * node], tree[2 * node + 1])
+            node //= 2
+    return bins
+
+
+def pack(examples: Sequence[Example], max_seq_length: int) -> list[dict]:
+    """Pack examples into sequences of at most max_seq_length tokens, positions restarting per example."""
+    out = []
+    for group in _first_fit([len(e.input_ids) for e in examples], max_seq_length):
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for i in group:
+            e = examples[i]
+            ids += e.input_ids
+            labels += [IGNORE_INDEX] + e.labels[1:]  # no token predicts across the boundary
+            positions += range(len(e.input_ids))
+        out.append({"input_ids": ids, "labels": labels, "position_ids": positions})
+    return out
+
+
+class Collator:
+    """Right-pads a list of examples (or packed sequences) into a torch batch.
+
+    Packed batches carry `position_ids` and no `attention_mask`: transformers derives the
+    block-diagonal mask from the position restarts. Padding gets its own restarting positions so
+    it forms a separate block. Call `prepare_model_for_packing` on the model first.
+    """
+
+    def __init__(self, pad_token_id: int, packing: bool = False, pad_to_multiple_of: int | None = None):
+        self.pad_token_id, self.packing, self.multiple = pad_token_id, packing, pad_to_multiple_of
+
+    def __call__(self, features: Sequence[Example | dict]) -> dict:
+        import torch
+
+        rows = [f if isinstance(f, dict) else {"input_ids": f.input_ids, "labels": f.labels} for f in features]
+        width = max(len(r["input_ids"]) for r in rows)
+        if self.multiple:
+            width = -(-width // self.multiple) * self.multiple
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        extra = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[b, :n] = torch.tensor(r["input_ids"], dtype=torch.long)
+            labels[b, :n] = torch.tensor(r["labels"], dtype=torch.long)
+            if self.packing:
+                extra[b, :n] = torch.tensor(r.get("position_ids") or range(n), dtype=torch.long)
+                extra[b, n:] = torch.arange(width - n)
+            else:
+                extra[b, :n] = 1
+        key = "position_ids" if self.packing else "attention_mask"
+        return {"input_ids": ids, "labels": labels, key: extra}
+
+
+PACKING_ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
+
+
+def prepare_model_for_packing(model) -> None:
+    """Make packed batches safe: no KV cache (it disables packed masking), a mask-aware backend."""
+    config = model.config
+    impl = getattr(config, "_attn_implementation", None)
+    if impl not in PACKING_ATTENTION:
+        raise ValueError(f"packing needs one of the attention implementations {PACKING_ATTENTION}, "
+                         f"the model uses {impl!r}; set spec.dataset.packing: false")
+    peft_config = getattr(model, "active_peft_config", None)
+    if getattr(peft_config, "is_prompt_learning", False):
+        raise ValueError("packing cannot be combined with prefix or prompt tuning (virtual tokens "
+                         "and cached prefixes defeat the per-example mask); set spec.dataset.packing: false")
+    config.use_cache = False
+
+
+def efficiency(examples: Sequence[Example], batch_size: int, max_seq_length: int, packing: bool) -> float:
+    """Share of real (non-pad) tokens in the batches the collator builds, in example order."""
+    lengths = [min(len(e.input_ids), max_seq_length) for e in examples]
+    if packing:
+        lengths = [sum(lengths[i] for i in group) for group in _first_fit(lengths, max_seq_length)]
+    real = total = 0
+    for i in range(0, len(lengths), batch_size):
+        batch = lengths[i: i + batch_size]
+        real, total = real + sum(batch), total + len(batch) * max(batch)
+    return real / total if total else 0.0
+
+
+# ------------------------------------------------------------------------------ the whole check
+
+
+@dataclass
+class DataReport:
+    examples: int  # training examples after any validation split
+    validation_examples: int
+    warnings: list[str] = field(default_factory=list)
+    token_stats: dict | None = None
+    overlength: int = 0
+    train: list[Record] = field(default_factory=list, repr=False)
+    validation: list[Record] = field(default_factory=list, repr=False)
+    encoded_train: list[Example] | None = field(default=None, repr=False)  # after the length policy
+    encoded_validation: list[Example] | None = field(default=None, repr=False)
+
+    def summary_lines(self) -> list[str]:
+        lines = [f"data: {self.examples} training examples, {self.validation_examples} validation examples"]
+        s = self.token_stats
+        if s:
+            lines.append(f"tokens per example: min {s['min']}, mean {s['mean']:.0f}, p50 {s['p50']}, "
+                         f"p95 {s['p95']}, max {s['max']}; {s['label_tokens']:,} trained tokens")
+            lines.append(f"over maxSeqLength: {self.overlength}")
+        return lines + [f"warning: {w}" for w in self.warnings]
+
+
+def _percentile(sorted_values: list[int], q: float) -> int:
+    return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
+
+
+def validate(dataset: Dataset, *, tokenizer=None, max_problems: int = MAX_REPORTED,
+             extra_keys: Iterable[str] = (), storage_options: dict | None = None,
+             seed: int = 0) -> DataReport:
+    """Read and check the whole dataset before any model loads; raise DataError listing problems.
+
+    The count rule looks at the valid records of the training file, before any validation split.
+    With a tokenizer (never model weights) it also measures token lengths and applies overlength.
+    """
+    fmt, extra = DatasetFormat(dataset.format), tuple(extra_keys)
+    train, problems = read_records(dataset.train, fmt, storage_options=storage_options, extra_keys=extra)
+    stopped = len(problems) >= PROBLEM_LIMIT
+    validation: list[Record] = []
+    if dataset.validation:
+        validation, found = read_records(dataset.validation, fmt, storage_options=storage_options,
+                                         extra_keys=extra)
+        stopped |= len(found) >= PROBLEM_LIMIT
+        if not validation and not found:
+            found.append(DataProblem(dataset.validation, 0, "no examples; add some or use validationSplit"))
+        problems += found
+    warnings: list[str] = []
+    n = len(train)
+    if n < dataset.min_examples:
+        problems.append(DataProblem(dataset.train, 0, f"only {n} valid training examples, at least "
+                                    f"{dataset.min_examples} are needed; add examples (spec.dataset."
+                                    "minExamples overrides the minimum)"))
+    elif n < RECOMMENDED_EXAMPLES:
+        warnings.append(f"only {n} training examples; {RECOMMENDED_EXAMPLES} or more usually train "
+                        "better (few examples are easily memorised)")
+    if not dataset.validation and n >= 2:
+        train, validation = split(train, dataset.validation_split or DEFAULT_VALIDATION_SPLIT, seed)
+    report = DataReport(len(train), len(validation), warnings, train=train, validation=validation)
+    if tokenizer is not None and n:
+        problems += _measure(report, dataset, fmt, tokenizer)
+    if problems:
+        raise DataError(problems, len(problems), limit=max_problems, stopped=stopped)
+    return report
+
+
+def _measure(report: DataReport, dataset: Dataset, fmt: DatasetFormat, tokenizer) -> list[DataProblem]:
+    problems: list[DataProblem] = []
+    lengths: list[int] = []
+    label_tokens = unlearnable = 0
+    encoded: dict[str, list[Example]] = {"train": [], "validation": []}
+    for part, records in (("train", report.train), ("validation", report.validation)):
+        for record in records:
+            try:
+                full = encode_full(record, fmt, tokenizer)
+            except DataError as e:
+                problems += e.problems
+                continue
+            if part == "train":
+                lengths.append(len(full.input_ids))
+            if len(full.input_ids) > dataset.max_seq_length:
+                report.overlength += 1
+                if dataset.overlength == OverlengthPolicy.ERROR:
+                    problems.append(DataProblem(record.file, record.line,
+                                                overlength_message(len(full.input_ids), dataset.max_seq_length)))
+                    continue
+            example = apply_overlength(full, record, dataset.max_seq_length, dataset.overlength)
+            if example is None:
+                continue
+            learned = sum(1 for x in example.labels[1:] if x != IGNORE_INDEX)
+            unlearnable += learned == 0
+            if part == "train":
+                label_tokens += learned
+            encoded[part].append(example)
+    report.encoded_train, report.encoded_validation = encoded["train"], encoded["validation"]
+    if lengths:
+        s = sorted(lengths)
+        report.token_stats = {"examples": len(s), "tokens": sum(s), "min": s[0], "mean": sum(s) / len(s),
+                              "p50": _percentile(s, 0.5), "p95": _percentile(s, 0.95), "max": s[-1],
+                              "label_tokens": label_tokens}
+    if report.overlength and dataset.overlength != OverlengthPolicy.ERROR:
+        verb = "truncated" if dataset.overlength == OverlengthPolicy.TRUNCATE else "dropped"
+        report.warnings.append(f"{report.overlength} examples are longer than maxSeqLength "
+                               f"{dataset.max_seq_length} tokens and will be {verb}")
+    if unlearnable:
+        report.warnings.append(f"{unlearnable} examples have no trained tokens left after truncation")
+    return problems

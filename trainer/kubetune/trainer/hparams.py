@@ -1,0 +1,73 @@
+"""Resolving `auto` hyper-parameters and precision into the numbers a run actually uses.
+
+The result is reported in the summary and in `status.effective`, so a user can always see what
+`auto` meant for their job.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubetune.api.enums import Precision
+from kubetune.api.estimate import GIB, estimate_gpu_memory_gib
+from kubetune.api.spec import FineTuneJobSpec
+
+DEFAULT_EPOCHS = 3  # OpenAI's n_epochs default, and the design note's 2–4 range
+CPU_BATCH_SIZE = 8
+
+
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def precision(spec: FineTuneJobSpec) -> str:
+    import torch
+
+    wanted = spec.hyperparameters.precision
+    if wanted != Precision.AUTO:
+        return str(wanted)
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def batch_size(spec: FineTuneJobSpec, parameters: int, hidden: int, layers: int) -> int:
+    """`auto`: the largest power of two whose estimate fits 90 % of the GPU (8 on CPU)."""
+    import torch
+
+    if spec.hyperparameters.batch_size != "auto":
+        return int(spec.hyperparameters.batch_size)
+    if not torch.cuda.is_available():
+        return CPU_BATCH_SIZE
+    free = torch.cuda.get_device_properties(0).total_memory * 0.9 / GIB
+    best = 1
+    for b in (1, 2, 4, 8, 16, 32, 64):
+        need = estimate_gpu_memory_gib(
+            parameters,
+            spec.method.adaptation,
+            seq_length=spec.dataset.max_seq_length,
+            batch_size=b,
+            gradient_checkpointing=spec.hyperparameters.gradient_checkpointing,
+            hidden_size=hidden,
+            layers=layers,
+        )
+        if need <= free:
+            best = b
+    return best
+
+
+def resolve(spec: FineTuneJobSpec, default_lr: float, parameters: int, hidden: int, layers: int) -> dict[str, Any]:
+    hp = spec.hyperparameters
+    return {
+        "epochs": DEFAULT_EPOCHS if hp.epochs == "auto" else int(hp.epochs),
+        "learningRate": default_lr if hp.learning_rate == "auto" else float(hp.learning_rate),
+        "batchSize": batch_size(spec, parameters, hidden, layers),
+        "gradientAccumulation": hp.gradient_accumulation,
+        "precision": precision(spec),
+        "maxSeqLength": spec.dataset.max_seq_length,
+        "validationSplit": 0.0 if spec.dataset.validation else (spec.dataset.validation_split or 0.1),
+        "parameters": parameters,
+        "checkpointEverySteps": spec.checkpointing.every_steps,
+    }

@@ -1,0 +1,34 @@
+"""IA3 (Liu et al. 2022): learned vectors rescale keys, values and the feed-forward input.
+
+The vectors start at 1, so the adapted model computes the base function at init.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kubetune.trainer.methods.lora import save_peft
+
+
+class IA3:
+    default_learning_rate = 3e-3
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    def load_kwargs(self, device: str) -> dict[str, Any]:
+        return {}
+
+    def apply(self, model: Any, tokenizer: Any) -> Any:
+        from peft import IA3Config, TaskType, get_peft_model
+
+        cfg = IA3Config(
+            task_type=TaskType.CAUSAL_LM,
+            target_modules=list(self.config.target_modules),
+            feedforward_modules=list(self.config.feedforward_modules),
+        )
+        return get_peft_model(model, cfg)
+
+    def save(self, model: Any, directory: Path, merged: bool, base_dir: Path) -> None:
+        save_peft(model, directory, merged)

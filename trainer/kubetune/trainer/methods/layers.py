@@ -1,0 +1,52 @@
+"""Selected layers: only chosen blocks and module kinds train; every other tensor stays frozen.
+
+`indices` pick transformer blocks (negative from the end), `modules` pick attention / mlp / norm
+inside them, plus the global embeddings and head (with tied embeddings the head *is* the
+embedding matrix, so asking for either trains it). The result is the full model's weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from kubetune.trainer.methods import _groups
+
+
+def selected(model: Any, indices: list[int], modules: list[str]) -> list[str]:
+    blocks = _groups.normalise(indices, _groups.num_blocks(model))
+    wanted = {str(m) for m in modules}
+    names = []
+    for name, _ in model.named_parameters():
+        k = _groups.kind(name, model)
+        idx = _groups.block_index(name)
+        if idx is not None and idx in blocks and k in wanted:
+            names.append(name)
+        elif k == "embeddings" and "embeddings" in wanted:
+            names.append(name)
+        elif k == "head" and "head" in wanted:
+            names.append(name)
+        elif k == "embeddings+head" and wanted & {"embeddings", "head"}:
+            names.append(name)
+    return names
+
+
+class Layers:
+    default_learning_rate = 2e-5
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    def load_kwargs(self, device: str) -> dict[str, Any]:
+        return {}
+
+    def apply(self, model: Any, tokenizer: Any) -> Any:
+        names = set(selected(model, list(self.config.indices), list(self.config.modules)))
+        if not names:
+            raise ValueError("spec.method.layers selects no parameter: check indices and modules")
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in names)
+        return model
+
+    def save(self, model: Any, directory: Path, merged: bool, base_dir: Path) -> None:
+        model.save_pretrained(directory, safe_serialization=True)

@@ -1,0 +1,46 @@
+"""Transfer learning (linear probe): a frozen backbone in eval mode, a trained head (+ top k blocks).
+
+The frozen part is pinned in eval mode even when the Trainer calls `model.train()`, so dropout
+never perturbs its features: its hidden states are bit-identical before and after training.
+"""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+from typing import Any
+
+from kubetune.trainer.methods import _groups
+
+
+def _pin_eval(module: Any) -> None:
+    module.eval()
+    module.train = types.MethodType(lambda self, mode=True: self, module)
+
+
+class Transfer:
+    default_learning_rate = 1e-4
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+    def load_kwargs(self, device: str) -> dict[str, Any]:
+        return {}
+
+    def apply(self, model: Any, tokenizer: Any) -> Any:
+        n = _groups.num_blocks(model)
+        top = set(range(n - self.config.top_layers, n))
+        for name, p in model.named_parameters():
+            k = _groups.kind(name, model)
+            idx = _groups.block_index(name)
+            p.requires_grad_(k in ("head", "embeddings+head", "final_norm") or (idx is not None and idx in top))
+        # Every submodule whose parameters are all frozen is pinned in eval mode (its children
+        # too, since a pinned module no longer propagates train()).
+        for _, module in model.named_modules():
+            params = list(module.parameters())
+            if params and not any(p.requires_grad for p in params):
+                _pin_eval(module)
+        return model
+
+    def save(self, model: Any, directory: Path, merged: bool, base_dir: Path) -> None:
+        model.save_pretrained(directory, safe_serialization=True)

@@ -1,0 +1,353 @@
+"""One fine-tuning run, top to bottom: parse → validate data → load → train → save → upload.
+
+The same function runs in the trainer pod (`python -m kubetune.trainer`) and on a laptop
+(`kubetune run`). Data is validated before a model byte is loaded; checkpoints go to object
+storage while training continues; the adapter and its manifest are written last; the summary
+goes to the termination-message path for the operator. User-caused errors raise `UserError`
+(exit code PERMANENT_EXIT_CODE); anything else is retriable.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from kubetune.api import FineTuneJob
+from kubetune.api.contract import SUMMARY_MAX_BYTES
+from kubetune.trainer import data, hparams, methods, sources, storage
+from kubetune.trainer.callbacks import CheckpointUploader, LoopCallback, Preemption, TokenCounter
+from kubetune.trainer.metrics import TrainerMetrics
+
+log = logging.getLogger("kubetune.trainer")
+
+
+class UserError(Exception):
+    """An error retrying cannot fix (bad spec, data, model files, lost commit race)."""
+
+    def __init__(self, message: str, reason: str = "PermanentError") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM after its checkpoint was committed."""
+
+
+@dataclass
+class Options:
+    output: str | None = None
+    metrics: TrainerMetrics = field(default_factory=TrainerMetrics)
+    on_progress: Callable[[dict[str, Any]], None] | None = None
+    on_status: Callable[[str], None] = lambda msg: log.info(msg)
+    scratch: Path | None = None
+    validate_only: bool = False
+
+
+def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
+    """Train `job`; returns the summary. Raises UserError, Preempted, or anything retriable."""
+    spec = job.spec
+    started = time.time()
+    out_uri = opts.output or spec.output.uri
+    try:
+        storage.check_within(out_uri, os.environ.get("KUBETUNE_ALLOWED_OUTPUT_PREFIX"))
+    except storage.PermanentStorageError as err:
+        raise UserError(f"spec.output.uri: {err}", "InvalidSpec") from None
+
+    # 1. Data, before any model is touched.
+    opts.on_status(f"validating {spec.dataset.train}")
+    extra_keys = _extra_keys(spec)
+    try:
+        report = data.validate(spec.dataset, extra_keys=extra_keys, seed=spec.hyperparameters.seed)
+    except data.DataError as err:
+        raise UserError(str(err), "InvalidData") from None
+    for warning in report.warnings:
+        log.warning("%s", warning)
+    if opts.validate_only:
+        return {"status": "validated", "examples": report.examples, "warnings": report.warnings[:5]}
+
+    # 2. The model files (downloaded and checked, not loaded yet) and the tokenizer.
+    opts.on_status(f"fetching {spec.model.source}")
+    try:
+        model_dir = sources.resolve_model(spec.model)
+        sources.check_model_dir(model_dir, spec.model.trust_remote_code)
+    except sources.ModelSourceError as err:
+        raise UserError(f"spec.model.source: {err}", "InvalidSpec") from None
+    from transformers import AutoTokenizer
+
+    load_kwargs = sources.load_pretrained_kwargs(spec.model.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=spec.model.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    # 3. Examples: tokenised with the chat template, split, overlength handled.
+    train_records, val_records = report.train, report.validation
+    train = _encode(train_records, spec, tokenizer)
+    val = _encode(val_records, spec, tokenizer)
+    if not train or not val:
+        raise UserError("spec.dataset: no example is left after dropping overlength ones; raise maxSeqLength", "InvalidData")
+
+    # 4. The model, shaped by the adaptation.
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    device = hparams.device()
+    adaptation = methods.build(spec.method.adaptation, spec.method.config())
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=spec.model.trust_remote_code)
+    torch.manual_seed(spec.hyperparameters.seed)
+    opts.on_status("loading the base model")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **load_kwargs, **adaptation.load_kwargs(device))
+    _, total_params = methods.count_parameters(model)
+    effective = hparams.resolve(
+        spec, adaptation.default_learning_rate, total_params, config.hidden_size, config.num_hidden_layers
+    )
+    collate = data.Collator(tokenizer.pad_token_id, packing=False)
+    metrics = opts.metrics
+    results: dict[str, float] = {}
+    if spec.evaluation.compare_base:
+        opts.on_status("evaluating the base model")
+        base = evaluate(model, val, collate, effective["batchSize"])
+        results["baseEvalLoss"] = base["loss"]
+        metrics.base_eval_loss.set(base["loss"])
+    model = adaptation.apply(model, tokenizer)
+    trainable, _ = methods.count_parameters(model)
+
+    # 5. Train, resuming from the newest committed checkpoint.
+    store = storage.Store(out_uri)
+    scratch = Path(opts.scratch or tempfile.mkdtemp(prefix="kubetune-"))
+    resume = storage.latest_valid_checkpoint(store, scratch / "resume")
+    skipped = resume.skipped
+    train_set: list[Any] = train
+    if spec.dataset.packing:
+        try:
+            data.prepare_model_for_packing(model)
+        except ValueError as err:
+            raise UserError(f"spec.dataset.packing: {err}", "InvalidSpec") from None
+        train_set = data.pack(train, spec.dataset.max_seq_length)
+    tokens = TokenCounter(data.Collator(tokenizer.pad_token_id, packing=spec.dataset.packing))
+    preemption = Preemption()
+    preemption.install()
+
+    def eval_now() -> dict[str, float]:
+        res = evaluate(model, val, collate, effective["batchSize"])
+        metrics.eval_loss.set(res["loss"])
+        return res
+
+    loop = LoopCallback(metrics, tokens, preemption, opts.on_progress, eval_now, spec.evaluation.every_steps)
+    uploader = CheckpointUploader(
+        commit=lambda local, step: storage.commit_checkpoint(store, local, step, {"jobName": job.metadata.name}),
+        prune=lambda: storage.prune_checkpoints(store, spec.checkpointing.keep),
+        metrics=metrics,
+        loop=loop,
+    )
+    callbacks = [loop, uploader, *getattr(adaptation, "callbacks", lambda: [])()]
+    optimizer = None
+    if hasattr(adaptation, "param_groups"):
+        import torch
+
+        optimizer = torch.optim.AdamW(
+            adaptation.param_groups(effective["learningRate"], spec.hyperparameters.weight_decay),
+            lr=effective["learningRate"],
+        )
+    trainer = _trainer(model, train_set, tokens, effective, spec, scratch / "run", callbacks, optimizer)
+    opts.on_status(f"training: {trainable:,} of {total_params:,} parameters")
+    resume_dir = None
+    if resume:
+        resume_dir = str(resume.path)
+        loop.on_train_begin_resume(resume.step)
+        opts.on_status(f"resuming from checkpoint step {resume.step}")
+    try:
+        trainer.train(resume_from_checkpoint=resume_dir)
+    finally:
+        uploader.finish()
+    if preemption.requested.is_set():
+        raise Preempted(f"stopped on SIGTERM at step {trainer.state.global_step}; checkpoint committed")
+
+    # 6. Evaluate, save, upload: the manifest is written last.
+    final = eval_now()
+    results.update({"evalLoss": final["loss"], "tokenAccuracy": final["tokenAccuracy"]})
+    results["perplexity"] = math.exp(min(final["loss"], 50))
+    metrics.token_accuracy.set(final["tokenAccuracy"])
+    if loop.last_loss is not None:
+        results["trainLoss"] = loop.last_loss
+    results["tokensPerSecond"] = float(metrics.tokens_per_second._value.get())
+    result_dir = scratch / "result"
+    opts.on_status("saving the adapter")
+    merged = str(spec.output.format) == "merged"
+    adaptation.save(model, result_dir, merged, model_dir)
+    tokenizer.save_pretrained(result_dir)
+    (result_dir / "training_log.json").write_text(json.dumps({"losses": loop.losses}))
+    manifest_extra = {
+        "name": job.metadata.name + (f"-{spec.suffix}" if spec.suffix else ""),
+        "baseModel": spec.model.source,
+        "method": spec.method.wire(),
+        "hyperparameters": effective,
+        "metrics": results,
+        "trainableParameters": trainable,
+        "versions": _versions(),
+    }
+    try:
+        manifest = storage.commit_result(store, result_dir, manifest_extra)
+    except storage.PermanentStorageError as err:
+        raise UserError(str(err), "StorageError") from None
+    import hashlib
+
+    manifest_sha = hashlib.sha256(store.read_bytes("manifest.json")).hexdigest()
+    summary = {
+        "status": "succeeded",
+        "adapter": {
+            "uri": storage.safe_join(out_uri, "adapter"),
+            "manifestUri": storage.safe_join(out_uri, "manifest.json"),
+            "sha256": manifest_sha,
+            "bytes": sum(f["bytes"] for f in manifest["files"].values()),
+        },
+        "metrics": results,
+        "checkpoints": uploader.committed[-3:],
+        "checkpointCorrupt": [f"step {s}: {r}" for s, r in skipped][:3],
+        "effective": effective,
+        "steps": trainer.state.global_step,
+        "trainableParameters": trainable,
+        "durationSeconds": round(time.time() - started, 1),
+        "checkpointStallSeconds": max(uploader.stalls) if uploader.stalls else None,
+    }
+    return summary
+
+
+def evaluate(model: Any, examples: list[Any], collate: Any, batch_size: int) -> dict[str, float]:
+    """Token-weighted held-out loss and exact-match token accuracy over the label tokens."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    total_loss = 0.0
+    total_tokens = 0
+    correct = 0
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            batch = collate(examples[i : i + batch_size])
+            labels = batch.pop("labels").to(device)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            logits = model(**batch).logits[:, -labels.shape[1] :, :].float()
+            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+            mask = shift_labels != -100
+            loss = torch.nn.functional.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
+            )
+            total_loss += float(loss)
+            total_tokens += int(mask.sum())
+            correct += int(((shift_logits.argmax(-1) == shift_labels) & mask).sum())
+    if was_training:
+        model.train()
+    n = max(total_tokens, 1)
+    return {"loss": total_loss / n, "tokenAccuracy": correct / n}
+
+
+def _trainer(
+    model: Any, train_set: list[Any], collator: Any, eff: dict[str, Any], spec: Any, out: Path, callbacks: list[Any], optimizer: Any
+) -> Any:
+    from transformers import Trainer, TrainingArguments
+
+    hp = spec.hyperparameters
+    args = TrainingArguments(
+        output_dir=str(out),
+        num_train_epochs=eff["epochs"],
+        max_steps=hp.max_steps or -1,
+        learning_rate=eff["learningRate"],
+        per_device_train_batch_size=eff["batchSize"],
+        gradient_accumulation_steps=eff["gradientAccumulation"],
+        warmup_steps=hp.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        lr_scheduler_type=_SCHEDULERS[str(hp.scheduler)],
+        weight_decay=hp.weight_decay,
+        max_grad_norm=hp.max_grad_norm,
+        seed=hp.seed,
+        data_seed=hp.seed,
+        bf16=eff["precision"] == "bf16",
+        fp16=eff["precision"] == "fp16",
+        gradient_checkpointing=hp.gradient_checkpointing,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=spec.checkpointing.every_steps,
+        save_total_limit=None,
+        save_only_model=False,
+        report_to=[],
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        use_cpu=hparams.device() == "cpu",
+        eval_strategy="no",
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        data_collator=collator,
+        callbacks=callbacks,
+        optimizers=(optimizer, None),
+    )
+    trainer.remove_callback(_printer())
+    return trainer
+
+
+_SCHEDULERS = {
+    "linear": "linear",
+    "cosine": "cosine",
+    "constant": "constant",
+    "constantWithWarmup": "constant_with_warmup",
+    "slantedTriangular": "linear",  # ULMFiT's STLR: linear warm-up then linear decay
+}
+
+
+def _printer() -> type:
+    from transformers.trainer_callback import PrinterCallback
+
+    return PrinterCallback
+
+
+def _encode(records: list[Any], spec: Any, tokenizer: Any) -> list[Any]:
+    ds = spec.dataset
+    out = []
+    for r in records:
+        ex = data.encode_example(r, ds.format, tokenizer, ds.max_seq_length, ds.overlength)
+        if ex is not None:
+            out.append(ex)
+    return out
+
+
+def _extra_keys(spec: Any) -> tuple[str, ...]:
+    term = spec.method.objective("attentionGuidance")
+    if term is not None and term.attention_guidance is not None:
+        return (term.attention_guidance.spans_field,)
+    return ()
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("kubetune", "torch", "transformers", "peft", "accelerate", "bitsandbytes"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def bounded_summary(summary: dict[str, Any]) -> str:
+    """The summary as JSON within Kubernetes' 4 KiB termination-message limit."""
+    text = json.dumps(summary, separators=(",", ":"), default=str)
+    for key in ("checkpointCorrupt", "checkpoints", "effective", "message"):
+        if len(text.encode()) <= SUMMARY_MAX_BYTES:
+            break
+        if key == "message" and isinstance(summary.get("message"), str):
+            summary["message"] = summary["message"][:1500] + "…"
+        else:
+            summary.pop(key, None)
+        text = json.dumps(summary, separators=(",", ":"), default=str)
+    return text.encode()[:SUMMARY_MAX_BYTES].decode(errors="ignore")
