@@ -34,6 +34,8 @@ def run_locally(job: Any, output: str | None, metrics_port: int) -> int:
         TimeRemainingColumn(),
         console=console,
         transient=False,
+        # A busy redraw thread competes with torch's worker threads on small machines.
+        refresh_per_second=2,
     )
     task = progress.add_task("training", total=None, loss="–", tps="–")
 
