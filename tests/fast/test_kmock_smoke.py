@@ -106,6 +106,7 @@ async def posted(api: aiohttp.ClientSession, reason: str, uid: str) -> bool:
     return any(e['reason'] == reason and e['involvedObject']['uid'] == uid for e in events['items'])
 
 
+@pytest.mark.repeat(20)  # the acceptance: 20 passes in a row, every CI run
 async def test_smoke_create_adopt_status_delete_gc(kube: KubeEmulator, api: aiohttp.ClientSession) -> None:
     async with run_operator(make_registry(kube.base_url), kube.base_url):
         created = await create(api, ftj_path(), ftj('smoke'))

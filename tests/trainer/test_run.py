@@ -147,9 +147,10 @@ def test_resume_after_kill_is_identical(tmp_path: Path) -> None:
     assert tail == [x for x in log_b if x[0] > max(committed)]
 
 
-def test_sigterm_checkpoints_and_exits_retriable(tmp_path: Path) -> None:
-    """T3: SIGTERM mid-training → a committed checkpoint and the retriable preemption code."""
-    spec = manifest(tmp_path, hyperparameters={"maxSteps": 400}, checkpointing={"everySteps": 1000, "keep": 2})
+def test_sigterm_checkpoints_and_exits_retriable(tmp_path: Path, s3_bucket: str) -> None:
+    """T3: SIGTERM mid-training → a checkpoint committed to S3 and the retriable preemption code."""
+    out = f"{s3_bucket}/sigterm"
+    spec = manifest(tmp_path, hyperparameters={"maxSteps": 400}, checkpointing={"everySteps": 1000, "keep": 2}, output={"uri": out})
     proc = subprocess.Popen(trainer_cmd(spec, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(tmp_path))
     port = _metrics_port(proc)
     deadline = time.time() + 300
@@ -160,7 +161,7 @@ def test_sigterm_checkpoints_and_exits_retriable(tmp_path: Path) -> None:
     code = proc.wait(timeout=60)
     assert code == PREEMPTED_EXIT_CODE
     assert time.time() - sent < 30  # within the default grace period
-    store = storage.Store((tmp_path / "out").as_uri())
+    store = storage.Store(out)
     steps = storage.list_checkpoints(store)
     assert len(steps) == 1 and 3 <= steps[0] < 400
     assert storage.verify(store, storage.checkpoint_prefix(steps[0]))[0]
@@ -221,3 +222,17 @@ def test_metrics_endpoint_during_a_run(tmp_path: Path) -> None:
     promtool = subprocess.run(["bash", str(ROOT / "hack" / "get-promtool.sh")], capture_output=True, text=True, check=True).stdout.strip()
     check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
     assert check.returncode == 0 and check.stdout.strip() == "" and check.stderr.strip() == "", check.stdout + check.stderr
+
+
+def test_quickstart_demo(tmp_path: Path) -> None:
+    """What `make demo` runs: the quickstart manifest through `kubetune run`, then `kubetune verify`."""
+    out = (tmp_path / "quickstart").as_uri()
+    run = subprocess.run(
+        [sys.executable, "-m", "kubetune.cli", "run", "examples/quickstart.yaml", "--output", out],
+        cwd=ROOT, capture_output=True, text=True, env=env(tmp_path), timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in run.stdout.splitlines() if line.count("│") >= 3}
+    assert float(rows["tuned model eval loss"]) < float(rows["base model eval loss"])
+    verify = subprocess.run([sys.executable, "-m", "kubetune.cli", "verify", out], capture_output=True, text=True)
+    assert verify.returncode == 0 and "verified" in verify.stdout
