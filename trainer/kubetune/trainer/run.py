@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from kubetune.api import FineTuneJob
 from kubetune.api.contract import SUMMARY_MAX_BYTES
-from kubetune.trainer import data, hparams, methods, sources, storage
+from kubetune.trainer import data, hparams, methods, objectives, optimizers, sources, storage
 from kubetune.trainer.callbacks import CheckpointUploader, LoopCallback, Preemption, TokenCounter
 from kubetune.trainer.metrics import TrainerMetrics
 
@@ -147,15 +147,40 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
         loop=loop,
     )
     callbacks = [loop, uploader, *getattr(adaptation, "callbacks", lambda: [])()]
-    optimizer = None
+    lr, wd = effective["learningRate"], spec.hyperparameters.weight_decay
     if hasattr(adaptation, "param_groups"):
-        import torch
-
-        optimizer = torch.optim.AdamW(
-            adaptation.param_groups(effective["learningRate"], spec.hyperparameters.weight_decay),
-            lr=effective["learningRate"],
+        groups = adaptation.param_groups(lr, wd)
+    else:
+        groups = optimizers.default_groups(model, wd)
+    try:
+        optimizer = optimizers.build(spec.method.optimizer, groups, lr, wd)
+    except ValueError as err:
+        raise UserError(str(err), "InvalidSpec") from None
+    terms = []
+    if spec.method.objectives:
+        ctx = objectives.Context(
+            spec=spec,
+            tokenizer=tokenizer,
+            model_dir=model_dir,
+            validation=val,
+            collate=collate,
+            load_model=lambda source: _load_other(source, device),
+            max_steps=lambda: trainer.state.max_steps,
         )
-    trainer = _trainer(model, train_set, tokens, effective, spec, scratch / "run", callbacks, optimizer)
+        try:
+            terms = objectives.build(spec, ctx)
+            for _, term in terms:
+                term.prepare(model)
+        except objectives.IncompatibleError as err:
+            raise UserError(str(err), "IncompatibleTeacher") from None
+    objective_numbers: dict[str, float] = {}
+
+    def on_objective_metrics(values: dict[str, float]) -> None:
+        objective_numbers.update(values)
+        for name, value in values.items():
+            metrics.objective.labels(name=name).set(value)
+
+    trainer = _trainer(model, train_set, tokens, effective, spec, scratch / "run", callbacks, optimizer, terms, on_objective_metrics)
     opts.on_status(f"training: {trainable:,} of {total_params:,} parameters")
     resume_dir = None
     if resume:
@@ -177,6 +202,8 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
     if loop.last_loss is not None:
         results["trainLoss"] = loop.last_loss
     results["tokensPerSecond"] = float(metrics.tokens_per_second._value.get())
+    if objective_numbers:
+        results["objectives"] = dict(objective_numbers)
     result_dir = scratch / "result"
     opts.on_status("saving the adapter")
     merged = str(spec.output.format) == "merged"
@@ -250,7 +277,16 @@ def evaluate(model: Any, examples: list[Any], collate: Any, batch_size: int) -> 
 
 
 def _trainer(
-    model: Any, train_set: list[Any], collator: Any, eff: dict[str, Any], spec: Any, out: Path, callbacks: list[Any], optimizer: Any
+    model: Any,
+    train_set: list[Any],
+    collator: Any,
+    eff: dict[str, Any],
+    spec: Any,
+    out: Path,
+    callbacks: list[Any],
+    optimizer: Any,
+    terms: list[Any],
+    on_metrics: Callable[[dict[str, float]], None],
 ) -> Any:
     from transformers import Trainer, TrainingArguments
 
@@ -283,14 +319,11 @@ def _trainer(
         use_cpu=hparams.device() == "cpu",
         eval_strategy="no",
     )
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=train_set,
-        data_collator=collator,
-        callbacks=callbacks,
-        optimizers=(optimizer, None),
-    )
+    common = dict(model=model, args=args, train_dataset=train_set, data_collator=collator, callbacks=callbacks, optimizers=(optimizer, None))
+    if terms:
+        trainer = objectives.ObjectiveTrainer(**common, terms=terms, on_metrics=on_metrics)
+    else:
+        trainer = Trainer(**common)
     trainer.remove_callback(_printer())
     return trainer
 
@@ -318,6 +351,23 @@ def _encode(records: list[Any], spec: Any, tokenizer: Any) -> list[Any]:
         if ex is not None:
             out.append(ex)
     return out
+
+
+def _load_other(source: Any, device: str) -> tuple[Any, Any]:
+    """A second model (a teacher) with the same safety checks as the base, frozen, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        path = sources.resolve_model(source)
+        sources.check_model_dir(path, source.trust_remote_code)
+    except sources.ModelSourceError as err:
+        raise UserError(f"teacher {source.source}: {err}", "InvalidSpec") from None
+    kwargs = sources.load_pretrained_kwargs(source.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=source.trust_remote_code)
+    return model, tok
 
 
 def _extra_keys(spec: Any) -> tuple[str, ...]:
