@@ -391,7 +391,7 @@ def test_watch_from_resource_version(apiserver: ApiServer, namespace: str) -> No
     kubectl(apiserver.kubeconfig, "label", "ftj", "b", "-n", namespace, "step=updated")
 
     url = urllib.parse.urlsplit(apiserver.url)
-    conn = http.client.HTTPSConnection(url.hostname, url.port, context=_ssl(), timeout=10)
+    conn = http.client.HTTPSConnection(url.hostname or "127.0.0.1", url.port, context=_ssl(), timeout=10)
     events: list[tuple[str, str]] = []
     try:
         conn.request("GET", ftj_path(namespace) + f"?watch=1&resourceVersion={rv}&timeoutSeconds=5",

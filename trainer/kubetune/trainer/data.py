@@ -299,6 +299,7 @@ def _check_chat(data: dict) -> list[str]:
 class Example:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX where no loss is taken
+    guide_mask: list[int] | None = None  # attention guidance (spans): 1 on evidence tokens
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -470,12 +471,17 @@ def pack(examples: Sequence[Example], max_seq_length: int) -> list[dict]:
         ids: list[int] = []
         labels: list[int] = []
         positions: list[int] = []
+        guide: list[int] = []
         for i in group:
             e = examples[i]
             ids += e.input_ids
             labels += [IGNORE_INDEX] + e.labels[1:]  # no token predicts across the boundary
             positions += range(len(e.input_ids))
-        out.append({"input_ids": ids, "labels": labels, "position_ids": positions})
+            guide += e.guide_mask if e.guide_mask is not None else [0] * len(e.input_ids)
+        row = {"input_ids": ids, "labels": labels, "position_ids": positions}
+        if any(examples[i].guide_mask is not None for i in group):
+            row["guide_mask"] = guide
+        out.append(row)
     return out
 
 
@@ -493,7 +499,7 @@ class Collator:
     def __call__(self, features: Sequence[Example | dict]) -> dict:
         import torch
 
-        rows = [f if isinstance(f, dict) else {"input_ids": f.input_ids, "labels": f.labels} for f in features]
+        rows = [f if isinstance(f, dict) else {"input_ids": f.input_ids, "labels": f.labels, "guide_mask": f.guide_mask} for f in features]
         width = max(len(r["input_ids"]) for r in rows)
         if self.multiple:
             width = -(-width // self.multiple) * self.multiple
@@ -510,7 +516,14 @@ class Collator:
             else:
                 extra[b, :n] = 1
         key = "position_ids" if self.packing else "attention_mask"
-        return {"input_ids": ids, "labels": labels, key: extra}
+        batch = {"input_ids": ids, "labels": labels, key: extra}
+        if any(r.get("guide_mask") is not None for r in rows):
+            guide = torch.zeros((len(rows), width), dtype=torch.long)
+            for b, r in enumerate(rows):
+                mask = r.get("guide_mask") or []
+                guide[b, : len(mask)] = torch.tensor(mask, dtype=torch.long)
+            batch["guide_mask"] = guide
+        return batch
 
 
 PACKING_ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")

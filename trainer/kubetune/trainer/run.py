@@ -88,8 +88,11 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
 
     # 3. Examples: tokenised with the chat template, split, overlength handled.
     train_records, val_records = report.train, report.validation
-    train = _encode(train_records, spec, tokenizer)
-    val = _encode(val_records, spec, tokenizer)
+    try:
+        train = _encode(train_records, spec, tokenizer)
+        val = _encode(val_records, spec, tokenizer)
+    except data.DataError as err:
+        raise UserError(str(err), "InvalidData") from None
     if not train or not val:
         raise UserError("spec.dataset: no example is left after dropping overlength ones; raise maxSeqLength", "InvalidData")
 
@@ -259,6 +262,7 @@ def evaluate(model: Any, examples: list[Any], collate: Any, batch_size: int) -> 
     with torch.no_grad():
         for i in range(0, len(examples), batch_size):
             batch = collate(examples[i : i + batch_size])
+            batch.pop("guide_mask", None)
             labels = batch.pop("labels").to(device)
             batch = {k: v.to(device) for k, v in batch.items()}
             logits = model(**batch).logits[:, -labels.shape[1] :, :].float()
@@ -345,10 +349,18 @@ def _printer() -> type:
 
 def _encode(records: list[Any], spec: Any, tokenizer: Any) -> list[Any]:
     ds = spec.dataset
+    guide = spec.method.objective("attentionGuidance")
+    spans_field = None
+    if guide is not None and str(guide.attention_guidance.guide) == "spans":
+        spans_field = guide.attention_guidance.spans_field
     out = []
     for r in records:
         ex = data.encode_example(r, ds.format, tokenizer, ds.max_seq_length, ds.overlength)
         if ex is not None:
+            if spans_field is not None:
+                from kubetune.trainer.objectives.attention_guidance import span_token_mask
+
+                ex.guide_mask = span_token_mask(r, ds.format, tokenizer, spans_field, len(ex.input_ids))
             out.append(ex)
     return out
 

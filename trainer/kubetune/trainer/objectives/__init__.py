@@ -65,6 +65,8 @@ def _registry() -> dict[Objective, type]:
     }
 
 
+SIDE_INPUTS = ("guide_mask",)
+
 ORDER = [Objective.REWEIGHTING, Objective.DISTILLATION, Objective.ADVERSARIAL, Objective.ATTENTION_GUIDANCE]
 
 
@@ -90,7 +92,9 @@ class ObjectiveTrainer(Trainer):
         extra: dict[str, Any] = {}
         for _, term in self.terms:
             extra.update(term.forward_kwargs())
-        outputs = model(**inputs, **extra)
+        # Per-example side channels (e.g. the spans guide's evidence mask) are not model inputs.
+        model_inputs = {k: v for k, v in inputs.items() if k not in SIDE_INPUTS}
+        outputs = model(**model_inputs, **extra)
         loss = outputs.loss
         metrics: dict[str, float] = {}
         for _, term in self.terms:
