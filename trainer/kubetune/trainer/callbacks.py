@@ -74,6 +74,7 @@ class LoopCallback(TrainerCallback):
         self.last_loss: float | None = None
         self.losses: list[tuple[int, float]] = []
         self.step_end_time: dict[int, float] = {}
+        self.step_seconds: list[float] = []
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self.started = time.time()
@@ -83,6 +84,9 @@ class LoopCallback(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         now = time.time()
+        previous = self.step_end_time.get(state.global_step - 1)
+        if previous is not None:
+            self.step_seconds.append(now - previous)
         self.step_end_time[state.global_step] = now
         self.window.append((now, self.tokens.tokens, self.tokens.samples))
         self.window = self.window[-20:]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import statistics
 import os
 import tempfile
 import time
@@ -245,6 +246,7 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
         "trainableParameters": trainable,
         "durationSeconds": round(time.time() - started, 1),
         "checkpointStallSeconds": max(uploader.stalls) if uploader.stalls else None,
+        "secondsPerStep": statistics.median(loop.step_seconds) if loop.step_seconds else None,
     }
     return summary
 
