@@ -107,6 +107,8 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
     torch.manual_seed(spec.hyperparameters.seed)
     opts.on_status("loading the base model")
     model = AutoModelForCausalLM.from_pretrained(model_dir, **load_kwargs, **adaptation.load_kwargs(device))
+    if hasattr(adaptation, "after_load"):
+        adaptation.after_load(model)
     _, total_params = methods.count_parameters(model)
     effective = hparams.resolve(
         spec, adaptation.default_learning_rate, total_params, config.hidden_size, config.num_hidden_layers
@@ -170,13 +172,14 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
             collate=collate,
             load_model=lambda source: _load_other(source, device),
             max_steps=lambda: trainer.state.max_steps,
+            global_step=lambda: trainer.state.global_step,
         )
         try:
             terms = objectives.build(spec, ctx)
             for _, term in terms:
                 term.prepare(model)
         except objectives.IncompatibleError as err:
-            raise UserError(str(err), "IncompatibleTeacher") from None
+            raise UserError(str(err), err.reason) from None
     objective_numbers: dict[str, float] = {}
 
     def on_objective_metrics(values: dict[str, float]) -> None:

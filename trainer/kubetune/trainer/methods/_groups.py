@@ -10,10 +10,14 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import torch
+
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|decoder\.layers)\.(\d+)\.")
-_ATTN = ("self_attn", "attn", "attention")
-_MLP = ("mlp", "feed_forward", "ffn")
+# Prefixes of the first name segment inside a block. Norms are tested first: OPT's
+# `self_attn_layer_norm` is a norm, not attention.
 _NORM = ("norm", "ln_")
+_ATTN = ("self_attn", "self_attention", "attn", "attention")  # Llama/GPT-2/NeoX, Falcon/BLOOM
+_MLP = ("mlp", "feed_forward", "ffn", "fc1", "fc2", "block_sparse_moe")  # OPT's fc1/fc2, Mixtral's MoE
 
 
 def block_index(name: str) -> int | None:
@@ -26,12 +30,12 @@ def kind(name: str, model: Any) -> str:
     if block_index(name) is not None:
         rest = name[_BLOCK.search(name).end():]  # type: ignore[union-attr]
         first = rest.split(".")[0]
+        if any(n in first for n in _NORM):
+            return "norm"
         if any(first.startswith(a) for a in _ATTN):
             return "attention"
         if any(first.startswith(m) for m in _MLP):
             return "mlp"
-        if any(n in first for n in _NORM):
-            return "norm"
         return "other"
     emb = model.get_input_embeddings()
     head = model.get_output_embeddings()
@@ -41,7 +45,10 @@ def kind(name: str, model: Any) -> str:
         return "embeddings+head" if tied else "embeddings"
     if param is not None and head is not None and param is head.weight:
         return "head"
-    if any(n in name.rsplit(".", 2)[-2] for n in _NORM):
+    owner = name.rsplit(".", 1)[0] if "." in name else ""
+    if param is not None and isinstance(model.get_submodule(owner), torch.nn.Embedding):
+        return "embeddings"  # learned positions (GPT-2's wpe, OPT's embed_positions) go with the tokens'
+    if any(n in owner.rsplit(".", 1)[-1] for n in _NORM):
         return "final_norm"
     return "other"
 

@@ -41,9 +41,16 @@ class Layers:
         return {}
 
     def apply(self, model: Any, tokenizer: Any) -> Any:
-        names = set(selected(model, list(self.config.indices), list(self.config.modules)))
+        try:
+            names = set(selected(model, list(self.config.indices), list(self.config.modules)))
+        except ValueError as err:
+            raise ValueError(f"spec.method.layers.indices: {err}") from None
         if not names:
-            raise ValueError("spec.method.layers selects no parameter: check indices and modules")
+            modules = ", ".join(str(m) for m in self.config.modules)
+            raise ValueError(
+                f"spec.method.layers selects no parameter: blocks {list(self.config.indices)} of this model "
+                f"have no trainable {modules} (e.g. its norms have no weights); choose other indices or modules"
+            )
         for name, p in model.named_parameters():
             p.requires_grad_(name in names)
         return model

@@ -4,6 +4,11 @@ The base is quantised while it loads (`BitsAndBytesConfig`), then peft's
 `prepare_model_for_kbit_training` readies it (fp32 norms, input grads) and LoRA wraps every
 linear layer by default. bitsandbytes ≥ 0.50 runs 4-bit layers on CPU too, so this is tested
 without a GPU; the compute dtype falls back to float32 on CPU.
+
+On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit layer for a fast inference kernel the first
+time it runs in eval mode without grad (any evaluation). That kernel has no backward: a LoRA
+trained afterwards gets no gradient through the frozen layers (measured: 50-100 % wrong), and the
+repacking rounds the block scales through bfloat16. `apply` undoes it and switches it off.
 """
 
 from __future__ import annotations
@@ -38,9 +43,18 @@ class QLora:
             "dtype": dtype,
         }
 
+    def after_load(self, model: Any) -> None:
+        # On CPUs with avx512_bf16, bitsandbytes repacks a Linear4bit's weight for a bf16
+        # inference kernel on the first no-grad eval forward (our base-model evaluation), and
+        # LoRA gradients through the repacked weight come out wrong. Keep the training layout.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+
     def apply(self, model: Any, tokenizer: Any) -> Any:
         from peft import get_peft_model, prepare_model_for_kbit_training
 
+        _keep_training_layout(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         return get_peft_model(model, lora_config(self.config))
 
@@ -61,3 +75,19 @@ class QLora:
             PeftModel.from_pretrained(base, tmp).merge_and_unload().save_pretrained(
                 directory, safe_serialization=True
             )
+
+
+def _keep_training_layout(model: Any) -> None:
+    import bitsandbytes as bnb
+    from bitsandbytes import functional as bnbf
+
+    for module in model.modules():
+        if not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        module.support_avx512bf16_for_cpu = False  # never repack again (later evaluations)
+        weight: Any = module.weight
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            # Already repacked (an evaluation of the base ran first): the packed bytes come back
+            # exactly, the block scales as re-quantised from their bfloat16 copy.
+            weight.data, weight.quant_state = bnbf._convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+            module.quant_state = weight.quant_state

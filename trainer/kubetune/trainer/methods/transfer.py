@@ -2,6 +2,8 @@
 
 The frozen part is pinned in eval mode even when the Trainer calls `model.train()`, so dropout
 never perturbs its features: its hidden states are bit-identical before and after training.
+With tied embeddings the head *is* the input embedding matrix, so training it would move the
+backbone's input; the probe gets its own copy of the matrix instead (saved as an untied head).
 """
 
 from __future__ import annotations
@@ -18,6 +20,18 @@ def _pin_eval(module: Any) -> None:
     module.train = types.MethodType(lambda self, mode=True: self, module)
 
 
+def _untie_head(model: Any) -> None:
+    import torch
+
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if emb is None or head is None or head.weight is not emb.weight:
+        return
+    head.weight = torch.nn.Parameter(emb.weight.detach().clone())
+    # Saved and reloaded as two tensors, and never re-tied by a later `tie_weights()`.
+    for config in (model.config, model.config.get_text_config()):
+        config.tie_word_embeddings = False
+
+
 class Transfer:
     default_learning_rate = 1e-4
 
@@ -28,6 +42,7 @@ class Transfer:
         return {}
 
     def apply(self, model: Any, tokenizer: Any) -> Any:
+        _untie_head(model)
         n = _groups.num_blocks(model)
         top = set(range(n - self.config.top_layers, n))
         for name, p in model.named_parameters():

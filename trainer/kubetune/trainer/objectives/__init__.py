@@ -27,6 +27,10 @@ from kubetune.api.enums import Objective
 class IncompatibleError(ValueError):
     """A term cannot work with this model/teacher (e.g. different vocabularies): a user error."""
 
+    def __init__(self, message: str, reason: str = "InvalidSpec") -> None:
+        super().__init__(message)
+        self.reason = reason
+
 
 @dataclass
 class Context:
@@ -39,6 +43,7 @@ class Context:
     collate: Callable[[list[Any]], dict[str, Any]] | None = None
     load_model: Callable[[Any], tuple[Any, Any]] | None = None  # ModelSource -> (model, tokenizer)
     max_steps: Callable[[], int] = lambda: 0
+    global_step: Callable[[], int] | None = None  # the Trainer's optimizer step (survives resume)
 
 
 class Term(Protocol):

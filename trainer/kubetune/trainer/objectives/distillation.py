@@ -58,7 +58,7 @@ class Distillation:
         for name, m in (("student", model), ("teacher", teacher)):
             rows = _vocab_rows(m)
             if rows is not None and rows < self.vocab:
-                raise IncompatibleError(
+                raise IncompatibleError(reason="IncompatibleTeacher", message=
                     f"{self._field()}: the {name} model has {rows} output rows but the tokenizer has "
                     f"{self.vocab} tokens; resize the model's embeddings to the tokenizer"
                 )
@@ -109,7 +109,7 @@ def check_tokenizers(student: Any, teacher: Any, field: str, source: str) -> Non
         if a != b:
             problems.append(f"{name.removesuffix('_id')} id student {a} vs teacher {b}")
     if problems:
-        raise IncompatibleError(
+        raise IncompatibleError(reason="IncompatibleTeacher", message=
             f"{field} ({source}): the teacher's tokenizer does not match the student's — "
             + "; ".join(problems)
             + ". Distillation compares next-token distributions id by id: use a teacher with the same "
