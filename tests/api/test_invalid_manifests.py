@@ -112,6 +112,11 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("suffix-spaces", {"spec.suffix": "My Bot"}, "spec.suffix"),
     ("packing-word", {"spec.dataset.packing": "yes"}, "spec.dataset.packing"),
     ("deadline-zero", {"spec.activeDeadlineSeconds": 0}, "spec.activeDeadlineSeconds"),
+    (
+        "merged-prompt-tuning",
+        {"spec.method": {"adaptation": "promptTuning"}, "spec.output.format": "merged"},
+        "spec",
+    ),
 ]
 
 

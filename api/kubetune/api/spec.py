@@ -666,6 +666,18 @@ class Scheduling(WireModel):
 class FineTuneJobSpec(WireModel):
     """The desired fine-tuning run."""
 
+    model_config = WireModel.model_config | {
+        "json_schema_extra": rules(
+            cel(
+                "!has(self.output.format) || self.output.format != 'merged' || "
+                "!(self.method.adaptation in ['prefixTuning', 'promptTuning'])",
+                "output.format: merged is not possible with prefixTuning or promptTuning (virtual "
+                "tokens are not weights of the base model to merge into); use format: adapter",
+                ".output.format",
+            )
+        )
+    }
+
     model: ModelSource = Field(description="The base model to fine-tune.")
     dataset: Dataset = Field(description="The training data.")
     method: Method = Field(description="Which parameters train, extra loss terms and the optimizer.")
@@ -685,3 +697,15 @@ class FineTuneJobSpec(WireModel):
         pattern=DNS_LABEL,
         description="A short lowercase name added to the adapter's name in its manifest (like OpenAI's suffix).",
     )
+
+    @model_validator(mode="after")
+    def _mergeable(self) -> "FineTuneJobSpec":
+        if self.output.format == OutputFormat.MERGED and self.method.adaptation in (
+            Adaptation.PREFIX_TUNING,
+            Adaptation.PROMPT_TUNING,
+        ):
+            raise ValueError(
+                "output.format: merged is not possible with prefixTuning or promptTuning (virtual "
+                "tokens are not weights of the base model to merge into); use format: adapter"
+            )
+        return self

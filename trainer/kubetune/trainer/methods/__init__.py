@@ -12,7 +12,18 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from kubetune.api.enums import Adaptation as AdaptationName
-from kubetune.trainer.methods import dora, full, gradual_unfreeze, ia3, layers, lora, prefix_tuning, prompt_tuning, qlora, transfer
+from kubetune.trainer.methods import (
+    dora,
+    full,
+    gradual_unfreeze,
+    ia3,
+    layers,
+    lora,
+    prefix_tuning,
+    prompt_tuning,
+    qlora,
+    transfer,
+)
 
 
 class Adaptation(Protocol):

@@ -28,7 +28,7 @@ def block_index(name: str) -> int | None:
 def kind(name: str, model: Any) -> str:
     """attention | mlp | norm (inside a block), embeddings, head, final_norm, or other."""
     if block_index(name) is not None:
-        rest = name[_BLOCK.search(name).end():]  # type: ignore[union-attr]
+        rest = name[_BLOCK.search(name).end() :]  # type: ignore[union-attr]
         first = rest.split(".")[0]
         if any(n in first for n in _NORM):
             return "norm"

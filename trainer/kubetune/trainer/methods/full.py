@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
+from kubetune.trainer.methods._base import Method
 
-class Full:
+
+class Full(Method):
     default_learning_rate = 2e-5
-
-    def __init__(self, config: Any = None) -> None:
-        self.config = config
-
-    def load_kwargs(self, device: str) -> dict[str, Any]:
-        return {}
 
     def apply(self, model: Any, tokenizer: Any) -> Any:
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-
-    def save(self, model: Any, directory: Path, merged: bool, base_dir: Path) -> None:
-        model.save_pretrained(directory, safe_serialization=True)

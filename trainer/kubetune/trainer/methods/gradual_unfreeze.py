@@ -9,12 +9,11 @@ gets no gradient and so no update (and no weight decay) from AdamW.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
-
 from kubetune.trainer.methods import _groups
+from kubetune.trainer.methods._base import Method
+from transformers import TrainerCallback
 
 
 def groups(model: Any) -> list[list[Any]]:
@@ -35,16 +34,13 @@ def groups(model: Any) -> list[list[Any]]:
     return [g for g in out if g]
 
 
-class GradualUnfreeze:
+class GradualUnfreeze(Method):
     default_learning_rate = 5e-5
 
     def __init__(self, config: Any) -> None:
-        self.config = config
+        super().__init__(config)
         self.groups: list[list[Any]] = []
         self.stage = -1
-
-    def load_kwargs(self, device: str) -> dict[str, Any]:
-        return {}
 
     def apply(self, model: Any, tokenizer: Any) -> Any:
         self.groups = groups(model)
@@ -63,15 +59,11 @@ class GradualUnfreeze:
     def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
         factor = self.config.discriminative_factor or 1.0
         return [
-            {"params": group, "lr": lr / factor**k, "weight_decay": weight_decay}
-            for k, group in enumerate(self.groups)
+            {"params": group, "lr": lr / factor**k, "weight_decay": weight_decay} for k, group in enumerate(self.groups)
         ]
 
     def callbacks(self) -> list[Any]:
         return [_StageCallback(self)]
-
-    def save(self, model: Any, directory: Path, merged: bool, base_dir: Path) -> None:
-        model.save_pretrained(directory, safe_serialization=True)
 
 
 class _StageCallback(TrainerCallback):

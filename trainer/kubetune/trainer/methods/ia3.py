@@ -5,20 +5,13 @@ The vectors start at 1, so the adapted model computes the base function at init.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from kubetune.trainer.methods.lora import save_peft
+from kubetune.trainer.methods._base import PeftMethod
 
 
-class IA3:
+class IA3(PeftMethod):
     default_learning_rate = 3e-3
-
-    def __init__(self, config: Any) -> None:
-        self.config = config
-
-    def load_kwargs(self, device: str) -> dict[str, Any]:
-        return {}
 
     def apply(self, model: Any, tokenizer: Any) -> Any:
         from peft import IA3Config, TaskType, get_peft_model
@@ -29,6 +22,3 @@ class IA3:
             feedforward_modules=list(self.config.feedforward_modules),
         )
         return get_peft_model(model, cfg)
-
-    def save(self, model: Any, directory: Path, merged: bool, base_dir: Path) -> None:
-        save_peft(model, directory, merged)

@@ -7,10 +7,10 @@ embedding matrix, so asking for either trains it). The result is the full model'
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from kubetune.trainer.methods import _groups
+from kubetune.trainer.methods._base import Method
 
 
 def selected(model: Any, indices: list[int], modules: list[str]) -> list[str]:
@@ -31,14 +31,8 @@ def selected(model: Any, indices: list[int], modules: list[str]) -> list[str]:
     return names
 
 
-class Layers:
+class Layers(Method):
     default_learning_rate = 2e-5
-
-    def __init__(self, config: Any) -> None:
-        self.config = config
-
-    def load_kwargs(self, device: str) -> dict[str, Any]:
-        return {}
 
     def apply(self, model: Any, tokenizer: Any) -> Any:
         try:
@@ -54,6 +48,3 @@ class Layers:
         for name, p in model.named_parameters():
             p.requires_grad_(name in names)
         return model
-
-    def save(self, model: Any, directory: Path, merged: bool, base_dir: Path) -> None:
-        model.save_pretrained(directory, safe_serialization=True)

@@ -6,8 +6,9 @@ adapter alone or the base with the update merged in (`merge_and_unload`).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
+
+from kubetune.trainer.methods._base import PeftMethod
 
 
 def lora_config(config: Any, use_dora: bool = False) -> Any:
@@ -24,26 +25,10 @@ def lora_config(config: Any, use_dora: bool = False) -> Any:
     )
 
 
-def save_peft(model: Any, directory: Path, merged: bool) -> None:
-    if merged:
-        model.merge_and_unload().save_pretrained(directory, safe_serialization=True)
-    else:
-        model.save_pretrained(directory, safe_serialization=True)
-
-
-class Lora:
+class Lora(PeftMethod):
     default_learning_rate = 2e-4
-
-    def __init__(self, config: Any) -> None:
-        self.config = config
-
-    def load_kwargs(self, device: str) -> dict[str, Any]:
-        return {}
 
     def apply(self, model: Any, tokenizer: Any) -> Any:
         from peft import get_peft_model
 
         return get_peft_model(model, lora_config(self.config))
-
-    def save(self, model: Any, directory: Path, merged: bool, base_dir: Path) -> None:
-        save_peft(model, directory, merged)

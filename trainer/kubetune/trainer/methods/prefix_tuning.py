@@ -6,18 +6,13 @@ trains. There is nothing to merge: `format: merged` saves the adapter with a not
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
+from kubetune.trainer.methods._base import PeftMethod
 
-class PrefixTuning:
+
+class PrefixTuning(PeftMethod):
     default_learning_rate = 3e-2
-
-    def __init__(self, config: Any) -> None:
-        self.config = config
-
-    def load_kwargs(self, device: str) -> dict[str, Any]:
-        return {}
 
     def apply(self, model: Any, tokenizer: Any) -> Any:
         from peft import PrefixTuningConfig, TaskType, get_peft_model
@@ -28,6 +23,3 @@ class PrefixTuning:
             prefix_projection=self.config.projection,
         )
         return get_peft_model(model, cfg)
-
-    def save(self, model: Any, directory: Path, merged: bool, base_dir: Path) -> None:
-        model.save_pretrained(directory, safe_serialization=True)

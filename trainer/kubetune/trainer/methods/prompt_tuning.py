@@ -6,18 +6,13 @@ Only the k×d prompt trains. `sampleVocab` copies random rows of the vocabulary 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
+from kubetune.trainer.methods._base import PeftMethod
 
-class PromptTuning:
+
+class PromptTuning(PeftMethod):
     default_learning_rate = 3e-2
-
-    def __init__(self, config: Any) -> None:
-        self.config = config
-
-    def load_kwargs(self, device: str) -> dict[str, Any]:
-        return {}
 
     def apply(self, model: Any, tokenizer: Any) -> Any:
         from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
@@ -29,7 +24,10 @@ class PromptTuning:
         }[str(self.config.init)]
         kwargs: dict[str, Any] = {}
         if init == PromptTuningInit.TEXT:
-            kwargs = {"prompt_tuning_init_text": self.config.init_text, "tokenizer_name_or_path": tokenizer.name_or_path}
+            kwargs = {
+                "prompt_tuning_init_text": self.config.init_text,
+                "tokenizer_name_or_path": tokenizer.name_or_path,
+            }
         cfg = PromptTuningConfig(
             task_type=TaskType.CAUSAL_LM,
             num_virtual_tokens=self.config.num_virtual_tokens,
@@ -37,6 +35,3 @@ class PromptTuning:
             **kwargs,
         )
         return get_peft_model(model, cfg)
-
-    def save(self, model: Any, directory: Path, merged: bool, base_dir: Path) -> None:
-        model.save_pretrained(directory, safe_serialization=True)

@@ -16,14 +16,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kubetune.trainer.methods.lora import lora_config, save_peft
+from kubetune.trainer.methods._base import PeftMethod
+from kubetune.trainer.methods.lora import lora_config
 
 
-class QLora:
+class QLora(PeftMethod):
     default_learning_rate = 2e-4
-
-    def __init__(self, config: Any) -> None:
-        self.config = config
 
     def load_kwargs(self, device: str) -> dict[str, Any]:
         import torch
@@ -60,7 +58,7 @@ class QLora:
 
     def save(self, model: Any, directory: Path, merged: bool, base_dir: Path) -> None:
         if not merged:
-            save_peft(model, directory, merged=False)
+            model.save_pretrained(directory, safe_serialization=True)
             return
         # Merging into 4-bit weights would re-quantise the sum and lose the update's precision:
         # reload the base unquantised, apply the trained adapter, merge that.
@@ -70,11 +68,9 @@ class QLora:
         from transformers import AutoModelForCausalLM
 
         with tempfile.TemporaryDirectory() as tmp:
-            save_peft(model, Path(tmp), merged=False)
+            model.save_pretrained(tmp, safe_serialization=True)
             base = AutoModelForCausalLM.from_pretrained(base_dir, use_safetensors=True)
-            PeftModel.from_pretrained(base, tmp).merge_and_unload().save_pretrained(
-                directory, safe_serialization=True
-            )
+            PeftModel.from_pretrained(base, tmp).merge_and_unload().save_pretrained(directory, safe_serialization=True)
 
 
 def _keep_training_layout(model: Any) -> None:
@@ -89,5 +85,7 @@ def _keep_training_layout(model: Any) -> None:
         if getattr(weight.quant_state, "packing_format_for_cpu", False):
             # Already repacked (an evaluation of the base ran first): the packed bytes come back
             # exactly, the block scales as re-quantised from their bfloat16 copy.
-            weight.data, weight.quant_state = bnbf._convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+            weight.data, weight.quant_state = bnbf._convert_weight_packed_for_cpu_inverse(
+                weight.data, weight.quant_state
+            )
             module.quant_state = weight.quant_state

@@ -9,10 +9,10 @@ backbone's input; the probe gets its own copy of the matrix instead (saved as an
 from __future__ import annotations
 
 import types
-from pathlib import Path
 from typing import Any
 
 from kubetune.trainer.methods import _groups
+from kubetune.trainer.methods._base import Method
 
 
 def _pin_eval(module: Any) -> None:
@@ -32,14 +32,8 @@ def _untie_head(model: Any) -> None:
         config.tie_word_embeddings = False
 
 
-class Transfer:
+class Transfer(Method):
     default_learning_rate = 1e-4
-
-    def __init__(self, config: Any) -> None:
-        self.config = config
-
-    def load_kwargs(self, device: str) -> dict[str, Any]:
-        return {}
 
     def apply(self, model: Any, tokenizer: Any) -> Any:
         _untie_head(model)
@@ -56,6 +50,3 @@ class Transfer:
             if params and not any(p.requires_grad for p in params):
                 _pin_eval(module)
         return model
-
-    def save(self, model: Any, directory: Path, merged: bool, base_dir: Path) -> None:
-        model.save_pretrained(directory, safe_serialization=True)
