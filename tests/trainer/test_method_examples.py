@@ -64,6 +64,13 @@ def test_spans_guide_end_to_end(tmp_path: Path, builtin_cache: Path) -> None:
     job["spec"]["dataset"] = {"train": str(data), "validationSplit": 0.2, "maxSeqLength": 128}
     job["spec"]["method"]["objectives"][0]["attentionGuidance"] = {"guide": "spans", "spansField": "evidence", "weight": 0.5}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
-    summary = run(load_job(str(tmp_path / "job.yaml")), Options(output=(tmp_path / "out").as_uri()))
+    opts = Options(output=(tmp_path / "out").as_uri())
+    summary = run(load_job(str(tmp_path / "job.yaml")), opts)
     assert summary["metrics"]["objectives"]["attentionLoss"] > 0
     assert 0 < summary["metrics"]["objectives"]["guidedMass"] <= 1
+    # the same numbers are on the metrics endpoint, one series per objective value
+    from prometheus_client import generate_latest
+
+    exposed = generate_latest(opts.metrics.registry).decode()
+    assert 'kubetune_trainer_objective_value{name="attentionLoss"}' in exposed
+    assert 'kubetune_trainer_objective_value{name="guidedMass"}' in exposed
