@@ -113,6 +113,11 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("packing-word", {"spec.dataset.packing": "yes"}, "spec.dataset.packing"),
     ("deadline-zero", {"spec.activeDeadlineSeconds": 0}, "spec.activeDeadlineSeconds"),
     (
+        "packing-prefix-tuning",
+        {"spec.method": {"adaptation": "prefixTuning"}, "spec.dataset.packing": True},
+        "spec",
+    ),
+    (
         "merged-prompt-tuning",
         {"spec.method": {"adaptation": "promptTuning"}, "spec.output.format": "merged"},
         "spec",

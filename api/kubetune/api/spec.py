@@ -674,7 +674,14 @@ class FineTuneJobSpec(WireModel):
                 "output.format: merged is not possible with prefixTuning or promptTuning (virtual "
                 "tokens are not weights of the base model to merge into); use format: adapter",
                 ".output.format",
-            )
+            ),
+            cel(
+                "!has(self.dataset.packing) || !self.dataset.packing || "
+                "!(self.method.adaptation in ['prefixTuning', 'promptTuning'])",
+                "dataset.packing cannot be combined with prefixTuning or promptTuning (virtual tokens "
+                "and cached prefixes defeat the per-example attention mask); set packing: false",
+                ".dataset.packing",
+            ),
         )
     }
 
@@ -707,5 +714,10 @@ class FineTuneJobSpec(WireModel):
             raise ValueError(
                 "output.format: merged is not possible with prefixTuning or promptTuning (virtual "
                 "tokens are not weights of the base model to merge into); use format: adapter"
+            )
+        if self.dataset.packing and self.method.adaptation in (Adaptation.PREFIX_TUNING, Adaptation.PROMPT_TUNING):
+            raise ValueError(
+                "dataset.packing cannot be combined with prefixTuning or promptTuning (virtual tokens "
+                "and cached prefixes defeat the per-example attention mask); set packing: false"
             )
         return self

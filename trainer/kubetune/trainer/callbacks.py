@@ -51,6 +51,58 @@ class Preemption:
             signal.signal(signal.SIGTERM, lambda *_: self.requested.set())
 
 
+class GpuMonitor:
+    """GPU memory from torch, power and energy from NVML (nvidia-ml-py) when a GPU is present.
+
+    Energy is the driver's total-energy counter (mJ) where the GPU has one, else power × time.
+    Without a GPU or NVML this does nothing: metrics must never break training.
+    """
+
+    def __init__(self, metrics: TrainerMetrics) -> None:
+        self.metrics = metrics
+        self.nvml: Any = None
+        self.handles: list[Any] = []
+        self.last: tuple[float, float | None] | None = None  # (time, total energy mJ)
+        self.joules = 0.0
+        try:
+            import torch
+
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if count:
+                import pynvml
+
+                pynvml.nvmlInit()
+                self.nvml = pynvml
+                self.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+        except Exception as err:  # no driver, no library: report nothing rather than fail
+            log.debug("NVML unavailable: %s", err)
+
+    def sample(self) -> None:
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                self.metrics.gpu_memory.set(torch.cuda.max_memory_allocated())
+            if self.nvml is None:
+                return
+            now = time.time()
+            watts = sum(self.nvml.nvmlDeviceGetPowerUsage(h) for h in self.handles) / 1000.0
+            self.metrics.gpu_power.set(watts)
+            try:
+                total_mj: float | None = float(sum(self.nvml.nvmlDeviceGetTotalEnergyConsumption(h) for h in self.handles))
+            except Exception:
+                total_mj = None
+            if self.last is not None:
+                t0, mj0 = self.last
+                delta = (total_mj - mj0) / 1000.0 if total_mj is not None and mj0 is not None else watts * (now - t0)
+                if delta > 0:
+                    self.joules += delta
+                    self.metrics.gpu_energy.inc(delta)
+            self.last = (now, total_mj)
+        except Exception as err:
+            log.debug("GPU sampling failed: %s", err)
+
+
 class LoopCallback(TrainerCallback):
     """Metrics, progress display and the preemption check, once per optimizer step."""
 
@@ -75,6 +127,7 @@ class LoopCallback(TrainerCallback):
         self.losses: list[tuple[int, float]] = []
         self.step_end_time: dict[int, float] = {}
         self.step_seconds: list[float] = []
+        self.gpu = GpuMonitor(metrics)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self.started = time.time()
@@ -104,7 +157,7 @@ class LoopCallback(TrainerCallback):
         per_step = (now - self.started) / max(state.global_step - getattr(self, "first_step", 0), 1)
         eta = per_step * (state.max_steps - state.global_step)
         m.eta.set(eta)
-        self._gpu()
+        self.gpu.sample()
         if self.eval_every and self.evaluate and state.global_step % self.eval_every == 0:
             self.evaluate()
         if self.on_progress:
@@ -131,15 +184,6 @@ class LoopCallback(TrainerCallback):
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         if not self.eval_every and self.evaluate and state.global_step < state.max_steps:
             self.evaluate()
-
-    def _gpu(self) -> None:
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                self.metrics.gpu_memory.set(torch.cuda.max_memory_allocated())
-        except Exception:  # metrics must never break training
-            pass
 
 
 class CheckpointUploader(TrainerCallback):

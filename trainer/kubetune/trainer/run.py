@@ -211,6 +211,8 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
     results["tokensPerSecond"] = float(metrics.tokens_per_second._value.get())
     if objective_numbers:
         results["objectives"] = dict(objective_numbers)
+    if loop.gpu.joules:
+        results["energyKWh"] = loop.gpu.joules / 3.6e6
     result_dir = scratch / "result"
     opts.on_status("saving the adapter")
     merged = str(spec.output.format) == "merged"
