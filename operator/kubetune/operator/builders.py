@@ -1,0 +1,421 @@
+"""The children of a FineTuneJob (Jobs, headless Service, Volcano PodGroup) as pure functions.
+
+Each builder takes the parsed `FineTuneJob`, the owner's uid and the `OperatorSettings` and
+returns a plain dict ready to POST; nothing here calls the API, reads the environment or the
+clock, so the same input always renders the same object and golden YAML tests pin every field.
+
+Decisions that shape the objects (RELIABILITY.md, "Pods and RBAC the chart ships"):
+
+* The spec reaches the trainer as compact JSON in the pod-template annotation `kubetune.io/spec`,
+  projected by a downwardAPI volume to `/etc/kubetune/spec.json` (a pod has no stdin, and the
+  trainer CLI reads a file). The Job template is immutable, so the file can never drift.
+* Credentials enter only as `env[].valueFrom.secretKeyRef` (optional keys, never `envFrom`):
+  the operator never reads Secrets and no value is ever written into an object it creates.
+* Child names are deterministic (see `child_name`) so a restarted operator finds, not
+  duplicates, what it created.
+* Queueing: `scheduling.queueName` is a Kueue LocalQueue (label + Job created suspended). With
+  `schedulerName: volcano` as well, Kueue wins and the PodGroup uses Volcano's default queue;
+  only with `settings.kueue` off does queueName become the PodGroup's Volcano queue.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from math import ceil
+from typing import Any
+from urllib.parse import urlsplit
+
+from kubetune.api.contract import (
+    DEFAULT_TERMINATION_PATH,
+    METRICS_PORT_ENV,
+    PERMANENT_EXIT_CODE,
+    TERMINATION_PATH_ENV,
+)
+from kubetune.api.estimate import GIB, parameters_from_name
+from kubetune.api.resource import API_VERSION, KIND, FineTuneJob
+from kubetune.operator.settings import OperatorSettings
+
+CONTAINER = "trainer"
+SPEC_ANNOTATION = "kubetune.io/spec"
+SPEC_DIR = "/etc/kubetune"
+SPEC_FILE = f"{SPEC_DIR}/spec.json"
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+VOLCANO_GROUP_ANNOTATION = "scheduling.k8s.io/group-name"
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+RENDEZVOUS_PORT = 29500
+UID = 1000
+PVC_ROOT = "/mnt/pvc"
+
+# Keys a credentials Secret may hold; each becomes an optional secretKeyRef, so any subset works.
+CREDENTIAL_KEYS = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_REGION",
+    "AWS_DEFAULT_REGION", "GOOGLE_APPLICATION_CREDENTIALS_JSON", "HF_TOKEN",
+)
+
+# ------------------------------------------------------------------------------------ names
+
+NAME_MAX = 63
+# Pods of an Indexed Job get the hostname `<job>-<index>`, which must also be a 63-character
+# label: keep room for "-511" (spec.resources.nodes ≤ 512).
+CHILD_NAME_MAX = NAME_MAX - len("-511")
+HASH_LEN = 8
+_DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:HASH_LEN]
+
+
+def child_name(owner_name: str, suffix: str) -> str:
+    """`<owner>-<suffix>`, or a truncated owner + a hash of the full name when that won't do.
+
+    The plain form is used when the owner is already a DNS-1035 label (Service names need a
+    leading letter) and the result fits; otherwise dots and other characters become '-', the
+    stem is cut, and 8 hex digits of sha256(owner) keep names that share a prefix distinct.
+    """
+    if not _DNS1035.match(suffix):
+        raise ValueError(f"suffix {suffix!r} must be a DNS-1035 label")
+    plain = f"{owner_name}-{suffix}"
+    if len(plain) <= CHILD_NAME_MAX and _DNS1035.match(owner_name):
+        return plain
+    room = CHILD_NAME_MAX - len(suffix) - HASH_LEN - 2
+    stem = re.sub(r"[^a-z0-9]+", "-", owner_name.lower()).strip("-")
+    if not stem[:1].isalpha():
+        stem = "ftj-" + stem
+    stem = stem[:room].rstrip("-")
+    return f"{stem}-{_short_hash(owner_name)}-{suffix}"
+
+
+def label_value(name: str) -> str:
+    """An object name as a label value (≤ 63 characters), hashed like `child_name` when long."""
+    if len(name) <= NAME_MAX:
+        return name
+    return f"{name[:NAME_MAX - HASH_LEN - 1].rstrip('-.')}-{_short_hash(name)}"
+
+
+def labels(ftj: FineTuneJob, role: str) -> dict[str, str]:
+    """Standard labels of every child; `role` is train or validate."""
+    name = label_value(ftj.metadata.name)
+    return {
+        "app.kubernetes.io/name": "kubetune",
+        "app.kubernetes.io/managed-by": "kubetune-operator",
+        "app.kubernetes.io/instance": name,
+        "kubetune.io/finetunejob": name,
+        "kubetune.io/role": role,
+    }
+
+
+def owner_reference(ftj: FineTuneJob, uid: str) -> dict[str, Any]:
+    """Controller reference to the FineTuneJob: deleting it deletes the child (O7)."""
+    return {"apiVersion": API_VERSION, "kind": KIND, "name": ftj.metadata.name, "uid": uid,
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def _metadata(ftj: FineTuneJob, uid: str, name: str, role: str) -> dict[str, Any]:
+    meta = {"name": name, "namespace": ftj.metadata.namespace, "labels": labels(ftj, role),
+            "ownerReferences": [owner_reference(ftj, uid)]}
+    return {k: v for k, v in meta.items() if v is not None}
+
+
+# ----------------------------------------------------------------------------- pod pieces
+
+
+def spec_json(ftj: FineTuneJob, uid: str) -> str:
+    """The FineTuneJob the trainer reads: identity plus the full spec, compact JSON."""
+    meta = {"name": ftj.metadata.name, "namespace": ftj.metadata.namespace, "uid": uid}
+    doc = {"apiVersion": API_VERSION, "kind": KIND, "metadata": {k: v for k, v in meta.items() if v is not None},
+           "spec": ftj.spec.wire()}
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
+
+
+def _default_memory_gib(ftj: FineTuneJob) -> int:
+    # Each local process holds a bf16 copy of the weights on the host while loading (+25%),
+    # plus a base for the data loader and Python; 16 GiB per process when the size is unknown.
+    params = parameters_from_name(ftj.spec.model.source)
+    per_process = ceil(params * 2 * 1.25 / GIB) if params else 16
+    return per_process * max(1, ftj.spec.resources.gpus) + 8
+
+
+def pod_resources(ftj: FineTuneJob) -> dict[str, Any]:
+    """Requests/limits of a trainer pod; unset cpu/memory are chosen here (status.effective)."""
+    res = ftj.spec.resources
+    cpu = str(res.cpu) if res.cpu is not None else str(4 * max(1, res.gpus))
+    memory = str(res.memory) if res.memory is not None else f"{_default_memory_gib(ftj)}Gi"
+    # No CPU limit: CFS throttling stalls data loaders and NCCL; memory limit = request (no OOM
+    # surprises from overcommit on shared GPU nodes).
+    out: dict[str, Any] = {"requests": {"cpu": cpu, "memory": memory}, "limits": {"memory": memory}}
+    if res.gpus:
+        out["requests"][res.gpu_resource] = str(res.gpus)
+        out["limits"][res.gpu_resource] = str(res.gpus)
+    return out
+
+
+def shared_memory(ftj: FineTuneJob, settings: OperatorSettings) -> str | None:
+    res = ftj.spec.resources
+    if res.shared_memory is not None:
+        return str(res.shared_memory)
+    return settings.shared_memory_default if res.gpus > 0 else None
+
+
+def _pvc_claims(value: Any) -> list[str]:
+    """Claims named by pvc:// URIs anywhere in the spec (model, teacher, data, output)."""
+    if isinstance(value, dict):
+        return [c for v in value.values() for c in _pvc_claims(v)]
+    if isinstance(value, list):
+        return [c for v in value for c in _pvc_claims(v)]
+    if isinstance(value, str) and value.startswith("pvc://"):
+        return [urlsplit(value).netloc]
+    return []
+
+
+def _volumes(ftj: FineTuneJob, settings: OperatorSettings, role: str) -> tuple[list[dict], list[dict]]:
+    """(volumes, volumeMounts): spec file, size-limited emptyDirs, /dev/shm and PVCs."""
+    spec_item = {"path": "spec.json", "fieldRef": {"fieldPath": f"metadata.annotations['{SPEC_ANNOTATION}']"}}
+    volumes: list[dict] = [{"name": "spec", "downwardAPI": {"items": [spec_item]}}]
+    mounts: list[dict] = [{"name": "spec", "mountPath": SPEC_DIR, "readOnly": True}]
+    for name, path, limit in (
+        ("tmp", "/tmp", settings.tmp_size_limit),
+        ("scratch", "/scratch", settings.scratch_size_limit),
+        ("hf-cache", "/cache/huggingface", settings.hf_cache_size_limit),
+        ("kubetune-cache", "/cache/kubetune", settings.cache_size_limit),
+    ):
+        volumes.append({"name": name, "emptyDir": {"sizeLimit": limit}})
+        mounts.append({"name": name, "mountPath": path})
+    shm = shared_memory(ftj, settings) if role == "train" else None
+    if shm:
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}})
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    output_claim = _pvc_claims(ftj.spec.output.uri)
+    for i, claim in enumerate(dict.fromkeys(_pvc_claims(ftj.spec.wire()))):
+        read_only = role != "train" or claim not in output_claim
+        volumes.append({"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}})
+        mounts.append({"name": f"pvc-{i}", "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": read_only})
+    return volumes, mounts
+
+
+def _env(ftj: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": TERMINATION_PATH_ENV, "value": DEFAULT_TERMINATION_PATH},
+        {"name": METRICS_PORT_ENV, "value": str(settings.metrics_port)},
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "TMPDIR", "value": "/scratch"},
+        {"name": "HF_HOME", "value": "/cache/huggingface"},
+        {"name": "KUBETUNE_CACHE", "value": "/cache/kubetune"},
+        {"name": "KUBETUNE_PVC_ROOT", "value": PVC_ROOT},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    if settings.allowed_output_prefix:
+        env.append({"name": "KUBETUNE_ALLOWED_OUTPUT_PREFIX", "value": settings.allowed_output_prefix})
+    secret = ftj.spec.output.credentials_secret
+    if secret:
+        env += [
+            {"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": True}}}
+            for key in CREDENTIAL_KEYS
+        ]
+    return env
+
+
+def pod_security() -> dict[str, Any]:
+    """The restricted Pod Security profile at pod level (a fresh dict: callers may mutate it)."""
+    return {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID, "fsGroup": UID,
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def container_security() -> dict[str, Any]:
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+            "readOnlyRootFilesystem": True, "runAsNonRoot": True}
+
+
+def _pod_template(
+    ftj: FineTuneJob, uid: str, settings: OperatorSettings, role: str, container: dict[str, Any]
+) -> dict[str, Any]:
+    """A restricted-PSS pod running one trainer container, without an API token."""
+    volumes, mounts = _volumes(ftj, settings, role)
+    container = {
+        "name": CONTAINER,
+        "image": ftj.spec.image or settings.trainer_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        **container,
+        "volumeMounts": mounts,
+        "securityContext": container_security(),
+        "terminationMessagePath": DEFAULT_TERMINATION_PATH,
+        "terminationMessagePolicy": "File",
+    }
+    pod = {
+        "restartPolicy": "Never",
+        "serviceAccountName": settings.trainer_service_account,
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": settings.termination_grace_period_seconds,
+        "securityContext": pod_security(),
+        "containers": [container],
+        "volumes": volumes,
+    }
+    annotations = {SPEC_ANNOTATION: spec_json(ftj, uid)}
+    return {"metadata": {"labels": labels(ftj, role), "annotations": annotations}, "spec": pod}
+
+
+def _job(ftj: FineTuneJob, uid: str, name: str, role: str, template: dict, **fields: Any) -> dict:
+    """A Job around `template`; `fields` (backoffLimit, suspend, ...) lead its spec."""
+    # The permanent exit code fails the Job at once; evictions and preemptions cost no retry.
+    permanent = {"containerName": CONTAINER, "operator": "In", "values": [PERMANENT_EXIT_CODE]}
+    disruption = [{"type": "DisruptionTarget", "status": "True"}]
+    spec: dict[str, Any] = {
+        **{k: v for k, v in fields.items() if v is not None},
+        "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": permanent},
+                                       {"action": "Ignore", "onPodConditions": disruption}]},
+        "template": template,
+    }
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _metadata(ftj, uid, name, role), "spec": spec}
+
+
+# ---------------------------------------------------------------------------- scheduling
+
+
+def uses_kueue(ftj: FineTuneJob, settings: OperatorSettings) -> bool:
+    """queueName goes to Kueue unless Kueue is off and Volcano schedules the pods."""
+    sched = ftj.spec.scheduling
+    return bool(sched.queue_name) and (settings.kueue or not uses_volcano(ftj))
+
+
+def uses_volcano(ftj: FineTuneJob) -> bool:
+    return ftj.spec.scheduling.scheduler_name == "volcano"
+
+
+def _place(pod: dict[str, Any], ftj: FineTuneJob) -> None:
+    """Copy the placement fields of spec.scheduling (and gpuType) onto a GPU pod spec."""
+    sched, res = ftj.spec.scheduling, ftj.spec.resources
+    selector = dict(sched.node_selector)
+    if res.gpu_type:
+        selector[GPU_PRODUCT_LABEL] = res.gpu_type
+    if selector:
+        pod["nodeSelector"] = selector
+    if sched.tolerations:
+        pod["tolerations"] = [t.wire() for t in sched.tolerations]
+    if sched.affinity:
+        pod["affinity"] = copy.deepcopy(sched.affinity)
+    if sched.priority_class_name:
+        pod["priorityClassName"] = sched.priority_class_name
+    if sched.scheduler_name:
+        pod["schedulerName"] = sched.scheduler_name
+
+
+# ------------------------------------------------------------------------------- builders
+
+
+def _command(ftj: FineTuneJob) -> list[str]:
+    res = ftj.spec.resources
+    trainer = ["-m", "kubetune.trainer", "--spec", SPEC_FILE]
+    if res.nodes > 1:
+        # $(VAR) is expanded by the kubelet from the container's env: no shell needed.
+        return ["torchrun", "--nnodes", "$(NNODES)", "--node-rank", "$(NODE_RANK)",
+                "--nproc-per-node", str(max(1, res.gpus)), "--master-addr", "$(MASTER_ADDR)",
+                "--master-port", "$(MASTER_PORT)", *trainer]
+    if res.gpus > 1:
+        return ["torchrun", "--standalone", "--nproc-per-node", str(res.gpus), *trainer]
+    return ["python", *trainer]
+
+
+def _rendezvous_env(ftj: FineTuneJob, job_name: str) -> list[dict[str, Any]]:
+    index = {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX}']"}}
+    return [
+        {"name": "NNODES", "value": str(ftj.spec.resources.nodes)},
+        {"name": "NODE_RANK", "valueFrom": index},
+        {"name": "MASTER_ADDR", "value": f"{job_name}-0.{job_name}"},
+        {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
+    ]
+
+
+def trainer_job(ftj: FineTuneJob, uid: str, settings: OperatorSettings) -> dict[str, Any]:
+    """The batch/v1 Job that trains: one pod, or an Indexed Job of `nodes` pods."""
+    name = child_name(ftj.metadata.name, "train")
+    multi_node = ftj.spec.resources.nodes > 1
+    ports = [{"name": "metrics", "containerPort": settings.metrics_port, "protocol": "TCP"}]
+    env = _env(ftj, settings)
+    if multi_node:
+        ports.append({"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"})
+        env += _rendezvous_env(ftj, name)
+    container = {"command": _command(ftj), "env": env, "ports": ports, "resources": pod_resources(ftj)}
+    template = _pod_template(ftj, uid, settings, "train", container)
+    template["metadata"]["annotations"] |= {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(settings.metrics_port),
+        "prometheus.io/path": "/metrics",
+    }
+    _place(template["spec"], ftj)
+    if multi_node:
+        template["spec"]["subdomain"] = name
+    if uses_volcano(ftj):
+        template["metadata"]["annotations"][VOLCANO_GROUP_ANNOTATION] = name
+    kueue, nodes = uses_kueue(ftj, settings), ftj.spec.resources.nodes
+    indexed = {"completionMode": "Indexed", "completions": nodes, "parallelism": nodes} if multi_node else {}
+    job = _job(
+        ftj, uid, name, "train", template,
+        suspend=kueue or ftj.spec.suspend,  # Kueue admits a Job by unsuspending it
+        backoffLimit=ftj.spec.max_retries,
+        activeDeadlineSeconds=ftj.spec.active_deadline_seconds,
+        **indexed,
+    )
+    if kueue:
+        sched = ftj.spec.scheduling
+        job["metadata"]["labels"][KUEUE_QUEUE_LABEL] = sched.queue_name
+        if sched.priority_class_name:
+            job["metadata"]["labels"][KUEUE_PRIORITY_LABEL] = sched.priority_class_name
+    return job
+
+
+def headless_service(ftj: FineTuneJob, uid: str, settings: OperatorSettings) -> dict[str, Any]:
+    """DNS for the torchrun rendezvous: `<job>-<index>.<service>` resolves before readiness."""
+    name = child_name(ftj.metadata.name, "train")
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(ftj, uid, name, "train"),
+        "spec": {
+            "clusterIP": "None",
+            "selector": {JOB_NAME_LABEL: name},
+            "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT, "protocol": "TCP"}],
+            "publishNotReadyAddresses": True,
+        },
+    }
+
+
+def podgroup(ftj: FineTuneJob, uid: str, settings: OperatorSettings) -> dict[str, Any]:
+    """A Volcano PodGroup that gang-schedules all `nodes` pods of the trainer Job."""
+    res, sched = ftj.spec.resources, ftj.spec.scheduling
+    spec: dict[str, Any] = {"minMember": res.nodes}
+    if res.gpus:
+        spec["minResources"] = {res.gpu_resource: str(res.gpus * res.nodes)}
+    if sched.queue_name and not uses_kueue(ftj, settings):
+        spec["queue"] = sched.queue_name
+    if sched.priority_class_name:
+        spec["priorityClassName"] = sched.priority_class_name
+    return {
+        "apiVersion": "scheduling.volcano.sh/v1beta1",
+        "kind": "PodGroup",
+        "metadata": _metadata(ftj, uid, child_name(ftj.metadata.name, "train"), "train"),
+        "spec": spec,
+    }
+
+
+def validation_job(ftj: FineTuneJob, uid: str, settings: OperatorSettings) -> dict[str, Any]:
+    """A CPU-only Job that checks the data with the trainer before any GPU is requested.
+
+    It ignores spec.scheduling (queue, GPU node placement): those are for the GPU pods.
+    """
+    name = child_name(ftj.metadata.name, "validate")
+    cpu, memory = settings.validation_cpu, settings.validation_memory
+    container = {
+        "command": ["python", "-m", "kubetune.trainer", "--spec", SPEC_FILE, "--validate-only", "--metrics-port", "-1"],
+        "env": _env(ftj, settings),
+        "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": {"memory": memory}},
+    }
+    template = _pod_template(ftj, uid, settings, "validate", container)
+    return _job(ftj, uid, name, "validate", template, backoffLimit=0,
+                activeDeadlineSeconds=settings.validation_deadline_seconds)

@@ -1,0 +1,325 @@
+"""Golden tests of the operator's child builders (DESIGN style 2; RELIABILITY O4, O10, O13).
+
+Each golden case renders the children of an example manifest with a fixed owner uid and a fixed
+`OperatorSettings`, and compares them with `tests/data/golden/<case>.yaml`. After an intended
+change to a builder, rewrite the golden files and review their diff:
+
+    KUBETUNE_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/operator/test_builders.py -p no:cacheprovider
+
+Every built-in object (Job, Service) must also pass the Kubernetes 1.30 OpenAPI schema in
+strict mode (kubernetes-validate); the Volcano PodGroup, a CRD, is checked structurally. The
+remaining tests pin the promises the goldens alone would not explain: child names (O13), the
+pod failure policy (O4), credentials only through secretKeyRef (O10), the spec round trip and
+the restricted Pod Security profile.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from kubetune.api import FineTuneJob, parse_manifest
+from kubetune.api.contract import PERMANENT_EXIT_CODE
+from kubetune.api.manifest import load_documents
+from kubetune.operator import builders
+from kubetune.operator.builders import (
+    CREDENTIAL_KEYS,
+    child_name,
+    headless_service,
+    label_value,
+    podgroup,
+    trainer_job,
+    validation_job,
+)
+from kubetune.operator.settings import OperatorSettings
+
+GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+UID = "5f0c6a52-8a3e-4d2b-9c1e-0d4f3b7a9e21"
+SETTINGS = OperatorSettings(trainer_image="ghcr.io/kubetune/trainer:0.1.0")
+K8S_VERSION = "1.30"
+DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+Builder = Callable[[FineTuneJob, str, OperatorSettings], dict[str, Any]]
+CASES: dict[str, tuple[str, list[Builder]]] = {
+    "lora-train": ("lora.yaml", [trainer_job]),
+    "lora-validate": ("lora.yaml", [validation_job]),
+    "multi-gpu-train": ("multi-gpu.yaml", [trainer_job]),
+    "multi-node-volcano": ("multi-node-volcano.yaml", [trainer_job, headless_service, podgroup]),
+    "queued-kueue-train": ("queued-kueue.yaml", [trainer_job]),
+}
+
+
+def manifest(example: str, **spec_changes: Any) -> dict[str, Any]:
+    """An example as a dict, in namespace `default` unless it names one."""
+    (doc,) = load_documents(EXAMPLES / example)
+    data = copy.deepcopy(doc.data)
+    data["metadata"].setdefault("namespace", "default")
+    data["spec"].update(spec_changes)
+    return data
+
+
+def parse(data: dict[str, Any]) -> FineTuneJob:
+    ftj, problems = parse_manifest(data)
+    assert ftj is not None, problems
+    return ftj
+
+
+def render(case: str) -> list[dict[str, Any]]:
+    example, build = CASES[case]
+    ftj = parse(manifest(example))
+    return [b(ftj, UID, SETTINGS) for b in build]
+
+
+def all_rendered() -> Iterator[dict[str, Any]]:
+    for case in CASES:
+        yield from render(case)
+
+
+def pod_templates() -> Iterator[tuple[str, dict[str, Any]]]:
+    for obj in all_rendered():
+        if obj["kind"] == "Job":
+            yield obj["metadata"]["name"], obj["spec"]["template"]
+
+
+def check_schema(obj: dict[str, Any]) -> None:
+    if obj["kind"] == "PodGroup":
+        assert obj["apiVersion"] == "scheduling.volcano.sh/v1beta1"
+        assert isinstance(obj["spec"]["minMember"], int) and obj["spec"]["minMember"] >= 1
+        assert obj["metadata"]["ownerReferences"][0]["uid"] == UID
+        return
+    try:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as err:
+        pytest.fail(f"{obj['kind']} {obj['metadata']['name']}: {err.message} at {'.'.join(map(str, err.path))}")
+
+
+# ------------------------------------------------------------------------------ golden
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_golden(case: str) -> None:
+    objs = render(case)
+    path = GOLDEN / f"{case}.yaml"
+    text = yaml.safe_dump_all(objs, sort_keys=False, width=120)
+    if os.environ.get("KUBETUNE_UPDATE_GOLDEN") == "1":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"# Rendered by tests/operator/test_builders.py (KUBETUNE_UPDATE_GOLDEN=1 rewrites it).\n{text}")
+    assert path.exists(), f"{path} is missing: run with KUBETUNE_UPDATE_GOLDEN=1"
+    assert list(yaml.safe_load_all(path.read_text())) == objs
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_rendered_objects_pass_the_kubernetes_schema(case: str) -> None:
+    for obj in render(case):
+        check_schema(obj)
+
+
+def test_builders_are_deterministic_and_do_not_share_state() -> None:
+    first = list(all_rendered())
+    first[0]["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] = False
+    assert list(all_rendered())[1:] == first[1:]
+    assert next(all_rendered())["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+# ------------------------------------------------------------------------------ names (O13)
+
+
+def test_o13_long_names_are_short_stable_distinct_labels() -> None:
+    prefix = "a" * 50
+    a = prefix + "-" + "x" * 202
+    b = prefix + "-" + "y" * 202
+    dotted = prefix + "." + "x" * 202
+    assert len(a) == len(b) == len(dotted) == 253
+    for suffix in ("train", "validate"):
+        names = [child_name(n, suffix) for n in (a, b, dotted)]
+        assert len(set(names)) == 3
+        assert names == [child_name(n, suffix) for n in (a, b, dotted)]
+        for name in names:
+            assert len(name) <= 63 and DNS1035.match(name), name
+            assert len(f"{name}-511") <= 63  # Indexed Job hostnames <job>-<index>
+    assert parse({**manifest("lora.yaml"), "metadata": {"name": a, "namespace": "default"}})
+    assert len(label_value(a)) <= 63 and label_value(a) != label_value(b)
+
+
+def test_short_names_stay_readable_and_odd_ones_become_valid_labels() -> None:
+    assert child_name("support-bot", "train") == "support-bot-train"
+    assert child_name("support-bot", "validate") == "support-bot-validate"
+    for odd in ("8b-llama", "team.a.bot", "team-a-bot"):
+        assert DNS1035.match(child_name(odd, "train"))
+    # "team.a.bot" is not renamed into "team-a-bot"'s child.
+    assert child_name("team.a.bot", "train") != child_name("team-a-bot", "train")
+
+
+# -------------------------------------------------------------------------- job contract (O4)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_o4_failure_policy_retries_and_deadline(case: str) -> None:
+    example, _ = CASES[case]
+    ftj = parse(manifest(example))
+    for job in (o for o in render(case) if o["kind"] == "Job"):
+        spec = job["spec"]
+        assert spec["template"]["spec"]["restartPolicy"] == "Never"
+        fail, ignore = spec["podFailurePolicy"]["rules"]
+        assert fail["action"] == "FailJob"
+        assert fail["onExitCodes"] == {"containerName": "trainer", "operator": "In", "values": [PERMANENT_EXIT_CODE]}
+        assert spec["template"]["spec"]["containers"][0]["name"] == "trainer"
+        assert ignore == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+        if job["metadata"]["labels"]["kubetune.io/role"] == "train":
+            assert spec["backoffLimit"] == ftj.spec.max_retries
+            assert spec.get("activeDeadlineSeconds") == ftj.spec.active_deadline_seconds
+        else:
+            assert spec["backoffLimit"] == 0
+            assert spec["activeDeadlineSeconds"] == SETTINGS.validation_deadline_seconds
+        assert job["metadata"]["ownerReferences"] == [builders.owner_reference(ftj, UID)]
+
+
+def test_spec_annotation_parses_back_into_the_same_job() -> None:
+    for example in ("lora.yaml", "multi-node-volcano.yaml", "quickstart.yaml", "distillation.yaml"):
+        ftj = parse(manifest(example))
+        for job in (trainer_job(ftj, UID, SETTINGS), validation_job(ftj, UID, SETTINGS)):
+            text = job["spec"]["template"]["metadata"]["annotations"]["kubetune.io/spec"]
+            back = parse(json.loads(text))
+            assert back.spec == ftj.spec
+            assert (back.metadata.name, back.metadata.namespace, back.metadata.uid) == (
+                ftj.metadata.name, ftj.metadata.namespace, UID)
+            container = job["spec"]["template"]["spec"]["containers"][0]
+            assert "/etc/kubetune/spec.json" in container["command"]
+
+
+# ------------------------------------------------------------------------ credentials (O10)
+
+
+def walk(value: Any) -> Iterator[tuple[str, Any]]:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield k, v
+            yield from walk(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from walk(v)
+
+
+def test_o10_credentials_only_through_secret_key_refs(monkeypatch: pytest.MonkeyPatch) -> None:
+    canary = "CANARY-not-a-real-secret-7d41"
+    for key in CREDENTIAL_KEYS:
+        monkeypatch.setenv(key, canary)
+    monkeypatch.setenv("KUBETUNE_TRAINER_IMAGE", canary)
+    ftj = parse(manifest("multi-node-volcano.yaml"))
+    objs = [b(ftj, UID, SETTINGS) for b in (trainer_job, validation_job, headless_service, podgroup)]
+    assert canary not in json.dumps(objs)
+    assert "envFrom" not in {k for k, _ in walk(objs)}
+    for template in (o["spec"]["template"] for o in objs if o["kind"] == "Job"):
+        env = {e["name"]: e for e in template["spec"]["containers"][0]["env"]}
+        for key in CREDENTIAL_KEYS:
+            assert env[key] == {
+                "name": key,
+                "valueFrom": {"secretKeyRef": {"name": "gcs-writer", "key": key, "optional": True}},
+            }
+    lora = trainer_job(parse(manifest("lora.yaml")), UID, SETTINGS)
+    assert "secretKeyRef" not in json.dumps(lora)
+
+
+# --------------------------------------------------------------------- pod security (PSS)
+
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"}
+
+
+@pytest.mark.parametrize(("name", "template"), list(pod_templates()), ids=[n for n, _ in pod_templates()])
+def test_every_pod_template_meets_restricted_pod_security(name: str, template: dict[str, Any]) -> None:
+    pod = template["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["enableServiceLinks"] is False
+    assert not any(pod.get(k) for k in ("hostNetwork", "hostPID", "hostIPC"))
+    for volume in pod["volumes"]:
+        assert set(volume) - {"name"} <= RESTRICTED_VOLUMES, volume
+    for container in pod["containers"] + pod.get("initContainers", []):
+        sc = container["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc["capabilities"] == {"drop": ["ALL"]}
+        assert sc["readOnlyRootFilesystem"] is True
+        assert sc["runAsNonRoot"] is True
+        assert not sc.get("privileged")
+        assert container["terminationMessagePolicy"] == "File"
+        assert not any("hostPort" in p for p in container.get("ports", []))
+
+
+# ------------------------------------------------------------------ shapes and precedence
+
+
+def test_multi_node_rendezvous_points_at_index_zero_of_the_service() -> None:
+    ftj = parse(manifest("multi-node-volcano.yaml"))
+    job, svc, group = (b(ftj, UID, SETTINGS) for b in (trainer_job, headless_service, podgroup))
+    pod = job["spec"]["template"]["spec"]
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    name = job["metadata"]["name"]
+    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == job["spec"]["parallelism"] == 2
+    assert pod["subdomain"] == svc["metadata"]["name"]
+    assert env["MASTER_ADDR"]["value"] == f"{name}-0.{svc['metadata']['name']}"
+    assert svc["spec"]["selector"] == {"batch.kubernetes.io/job-name": name}
+    assert env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"].endswith("['batch.kubernetes.io/job-completion-index']")
+    assert job["spec"]["template"]["metadata"]["annotations"]["scheduling.k8s.io/group-name"] == group["metadata"]["name"]
+    assert group["spec"]["minMember"] == 2 and group["spec"]["minResources"] == {"nvidia.com/gpu": "16"}
+
+
+@pytest.mark.parametrize("kueue", [True, False])
+def test_queue_name_with_volcano_goes_to_kueue_unless_kueue_is_off(kueue: bool) -> None:
+    settings = OperatorSettings(kueue=kueue)
+    data = manifest("multi-node-volcano.yaml")
+    data["spec"]["scheduling"]["queueName"] = "research"
+    ftj = parse(data)
+    job, group = trainer_job(ftj, UID, settings), podgroup(ftj, UID, settings)
+    assert (job["metadata"]["labels"].get("kueue.x-k8s.io/queue-name") == "research") is kueue
+    assert job["spec"]["suspend"] is kueue
+    assert group["spec"].get("queue") == (None if kueue else "research")
+
+
+def test_suspend_and_cpu_only_and_pvc_sources() -> None:
+    data = manifest("quickstart.yaml", suspend=True)
+    data["spec"]["model"] = {"source": "pvc://models/tiny"}
+    data["spec"]["output"] = {"uri": "pvc://outputs/quickstart"}
+    ftj = parse(data)
+    job = trainer_job(ftj, UID, SETTINGS)
+    check_schema(job)
+    pod = job["spec"]["template"]["spec"]
+    assert job["spec"]["suspend"] is True
+    assert pod["containers"][0]["command"][:2] == ["python", "-m"]
+    assert "nvidia.com/gpu" not in json.dumps(pod["containers"][0]["resources"])
+    assert "dshm" not in {v["name"] for v in pod["volumes"]}
+    claims = {v["persistentVolumeClaim"]["claimName"]: v["persistentVolumeClaim"]["readOnly"]
+              for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    assert claims == {"models": True, "outputs": False}
+    mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert {"/mnt/pvc/models", "/mnt/pvc/outputs"} <= mounts
+    validate = validation_job(ftj, UID, SETTINGS)
+    assert all(v["persistentVolumeClaim"]["readOnly"] for v in validate["spec"]["template"]["spec"]["volumes"]
+               if "persistentVolumeClaim" in v)
+
+
+def test_settings_from_env_reads_kubetune_variables() -> None:
+    settings = OperatorSettings.from_env({
+        "KUBETUNE_TRAINER_IMAGE": "registry.local/trainer@sha256:abc",
+        "KUBETUNE_GPU_PRICE_PER_HOUR_USD": "3.5",
+        "KUBETUNE_KUEUE": "false",
+        "KUBETUNE_NAMESPACES": "team-a, team-b",
+        "KUBETUNE_ALLOWED_OUTPUT_PREFIX": "",
+        "UNRELATED": "x",
+    })
+    assert settings.trainer_image == "registry.local/trainer@sha256:abc"
+    assert settings.gpu_price_per_hour_usd == 3.5 and settings.kueue is False
+    assert settings.namespaces == ("team-a", "team-b") and settings.allowed_output_prefix is None
+    assert OperatorSettings.from_env({}) == OperatorSettings()
+    with pytest.raises(ValueError, match="KUBETUNE_PEERING"):
+        OperatorSettings.from_env({"KUBETUNE_PEERING": "maybe"})
