@@ -236,3 +236,20 @@ def test_quickstart_demo(tmp_path: Path) -> None:
     assert float(rows["tuned model eval loss"]) < float(rows["base model eval loss"])
     verify = subprocess.run([sys.executable, "-m", "kubetune.cli", "verify", out], capture_output=True, text=True)
     assert verify.returncode == 0 and "verified" in verify.stdout
+
+
+def test_torchrun_two_processes(tmp_path: Path) -> None:
+    """Under torchrun (2 CPU processes, gloo) global rank 0 alone checkpoints, commits and writes
+    the termination message; local rank 0 alone serves metrics."""
+    spec = manifest(tmp_path, hyperparameters={"maxSteps": 4, "batchSize": 2}, checkpointing={"everySteps": 2, "keep": 1})
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    cmd = [torchrun, "--standalone", "--nproc-per-node", "2", *trainer_cmd(spec, tmp_path)[1:]]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env(tmp_path), timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads((tmp_path / "termination").read_text())
+    assert summary["status"] == "succeeded" and "adapter" in summary
+    assert '"role":"worker","rank":1' in run.stdout
+    assert run.stdout.count("metrics: http://") == 1
+    store = storage.Store((tmp_path / "out").as_uri())
+    assert storage.verify(store, "")[0]
+    assert storage.list_checkpoints(store) == [4]

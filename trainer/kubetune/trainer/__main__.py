@@ -63,6 +63,10 @@ def write_termination(path: str, text: str) -> None:
         logging.getLogger("kubetune.trainer").debug("termination message not written to %s: %s", path, err)
 
 
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
@@ -73,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         job = load_job(args.spec)
         opts = Options(output=args.output, validate_only=args.validate_only)
-        if args.metrics_port >= 0:
+        # Under torchrun one process per pod (local rank 0) serves metrics and writes the
+        # termination message; the others would fight over the port and the file.
+        if args.metrics_port >= 0 and _local_rank() == 0:
             server = opts.metrics.serve(args.metrics_port)
             print(f"metrics: http://0.0.0.0:{server.server_port}/metrics", flush=True)  # type: ignore[attr-defined]
         summary = run(job, opts)
@@ -87,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         summary, code = {"status": "failed", "reason": "Error", "message": f"{type(err).__name__}: {err}"}, 1
     text = bounded_summary(summary)
-    write_termination(args.termination_path, text)
+    if _local_rank() == 0:
+        write_termination(args.termination_path, text)
     if code == PERMANENT_EXIT_CODE:
         print(summary["message"], file=sys.stderr)
     print(text, flush=True)

@@ -208,6 +208,8 @@ class CheckpointUploader(TrainerCallback):
         self.thread.start()
 
     def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if not state.is_world_process_zero:
+            return  # under torchrun only global rank 0 writes checkpoints (and so uploads them)
         step = state.global_step
         local = Path(args.output_dir) / f"checkpoint-{step}"
         stall = time.time() - self.loop.step_end_time.get(step, time.time())

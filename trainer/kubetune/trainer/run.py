@@ -213,6 +213,9 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
         results["objectives"] = dict(objective_numbers)
     if loop.gpu.joules:
         results["energyKWh"] = loop.gpu.joules / 3.6e6
+    if not trainer.is_world_process_zero():
+        # Under torchrun every rank trains; global rank 0 alone saves and commits the result.
+        return {"status": "succeeded", "role": "worker", "rank": int(os.environ.get("RANK", "0")), "metrics": results}
     result_dir = scratch / "result"
     opts.on_status("saving the adapter")
     merged = str(spec.output.format) == "merged"
