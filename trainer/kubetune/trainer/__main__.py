@@ -63,6 +63,20 @@ def write_termination(path: str, text: str) -> None:
         logging.getLogger("kubetune.trainer").debug("termination message not written to %s: %s", path, err)
 
 
+def gcs_credentials_from_env() -> None:
+    """Credentials arrive only through secretKeyRef env vars, but google-auth wants a file: write
+    GOOGLE_APPLICATION_CREDENTIALS_JSON to a private file and point GOOGLE_APPLICATION_CREDENTIALS at it."""
+    blob = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS_JSON")
+    if not blob or os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
+        return
+    import tempfile
+
+    fd, path = tempfile.mkstemp(prefix="gcp-credentials-", suffix=".json")  # mode 0600
+    with os.fdopen(fd, "w") as f:
+        f.write(blob)
+    os.environ["GOOGLE_APPLICATION_CREDENTIALS"] = path
+
+
 def _local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
@@ -70,6 +84,7 @@ def _local_rank() -> int:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    gcs_credentials_from_env()
     from kubetune.trainer.run import Options, Preempted, UserError, bounded_summary, run
 
     summary: dict[str, Any]
