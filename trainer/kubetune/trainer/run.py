@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from kubetune.api import FineTuneJob
 from kubetune.api.contract import SUMMARY_MAX_BYTES
+from kubetune.api.estimate import FROZEN_BASE
 from kubetune.trainer import data, hparams, methods, objectives, optimizers, sources, storage
 from kubetune.trainer.callbacks import CheckpointUploader, LoopCallback, Preemption, TokenCounter
 from kubetune.trainer.metrics import TrainerMetrics
@@ -106,7 +107,14 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=spec.model.trust_remote_code)
     torch.manual_seed(spec.hyperparameters.seed)
     opts.on_status("loading the base model")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **load_kwargs, **adaptation.load_kwargs(device))
+    placement: dict[str, Any] = {}
+    if device == "cuda":
+        # Straight onto this process's GPU (4-bit weights can only be quantised there), and a
+        # frozen base in bf16 when training in bf16: it never needs fp32 master weights.
+        placement["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+        if hparams.precision(spec) == "bf16" and spec.method.adaptation in FROZEN_BASE:
+            placement["dtype"] = torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **load_kwargs, **{**placement, **adaptation.load_kwargs(device)})
     if hasattr(adaptation, "after_load"):
         adaptation.after_load(model)
     _, total_params = methods.count_parameters(model)
