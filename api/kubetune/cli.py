@@ -122,5 +122,18 @@ def run_cmd(manifest: str, output: str | None, metrics_port: int) -> None:
     sys.exit(run_locally(job, output, metrics_port))
 
 
+@main.command("operator")
+@click.option("-n", "--namespace", "namespaces", multiple=True, help="Watch this namespace (repeatable). Default: KUBETUNE_NAMESPACES, else the whole cluster.")
+@click.option("-A", "--all-namespaces", is_flag=True, help="Watch the whole cluster.")
+@click.option("--peering/--standalone", default=None, help="kopf peering for a standby replica (default: KUBETUNE_PEERING).")
+def operator_cmd(namespaces: tuple[str, ...], all_namespaces: bool, peering: bool | None) -> None:
+    """Run the kubetune operator (needs the [operator] extra and cluster access)."""
+    if namespaces and all_namespaces:
+        raise click.UsageError("use --namespace or --all-namespaces, not both")
+    from kubetune.operator.__main__ import run
+
+    run(namespaces=() if all_namespaces else (namespaces or None), peering=peering)
+
+
 if __name__ == "__main__":
     main()

@@ -1,1 +1,7 @@
-"""kubetune.operator: the kopf operator that turns FineTuneJobs into batch/v1 Jobs and keeps .status true."""
+"""kubetune.operator: the kopf operator that turns FineTuneJobs into batch/v1 Jobs and keeps .status true.
+
+`kopf run -m kubetune.operator` imports this package, so it registers the handlers on kopf's
+default registry (tests build isolated registries with `handlers.register`).
+"""
+
+from kubetune.operator import handlers as handlers  # noqa: F401  (registers on import)

@@ -1,0 +1,37 @@
+"""`python -m kubetune.operator`: run the operator with the settings from `KUBETUNE_*` variables.
+
+`run()` is also what `kubetune operator` calls, so the container entrypoint and the CLI start the
+operator the same way: the handlers of `kubetune.operator.handlers` on kopf's default registry,
+the watched namespaces (empty: the whole cluster) and peering from the arguments or settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import kopf
+from kubetune.operator.settings import OperatorSettings
+
+PEERING_NAME = "kubetune"
+LIVENESS_ENDPOINT = "http://0.0.0.0:8080/healthz"
+
+
+def run(namespaces: Sequence[str] | None = None, peering: bool | None = None, liveness: bool = True) -> None:
+    """Run the operator until it is stopped (SIGTERM/SIGINT)."""
+    from kubetune.operator import handlers  # noqa: F401  (registers the handlers on the default registry)
+
+    settings = OperatorSettings.from_env()
+    watched = list(settings.namespaces if namespaces is None else namespaces)
+    peering = settings.peering if peering is None else peering
+    kopf.run(
+        registry=kopf.get_default_registry(),
+        clusterwide=not watched,
+        namespaces=watched,
+        standalone=not peering,
+        peering_name=PEERING_NAME if peering else None,
+        liveness_endpoint=LIVENESS_ENDPOINT if liveness else None,
+    )
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,251 @@
+"""The real operator (kubetune.operator.handlers) against the kmock emulator: O1, O2, suspend,
+invalid spec, and a finished Job reconciled into `.status` by the timer."""
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import aiohttp
+import kopf
+import pytest
+import yaml
+from kubetune.operator import handlers
+from kubetune.operator.settings import OperatorSettings
+
+from tests.kmock_harness import KubeEmulator, run_operator, wait_until
+
+pytestmark = [pytest.mark.fast, pytest.mark.asyncio]
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+FTJ = 'kubetune.io/v1alpha1/finetunejobs'
+JOBS = 'batch/v1/jobs'
+NS = 'default'
+NAME = 'support-bot'
+JOB = 'support-bot-train'
+SETTINGS = OperatorSettings(metrics_scrape_interval_seconds=0.3)
+
+
+def ftj_path(name: str | None = None, sub: str | None = None) -> str:
+    return f'/apis/kubetune.io/v1alpha1/namespaces/{NS}/finetunejobs' + (f'/{name}' if name else '') + (f'/{sub}' if sub else '')
+
+
+def job_path(name: str | None = None) -> str:
+    return f'/apis/batch/v1/namespaces/{NS}/jobs' + (f'/{name}' if name else '')
+
+
+def manifest(prevalidate: bool = False, **spec_changes: Any) -> dict[str, Any]:
+    obj = yaml.safe_load((ROOT / 'examples' / 'lora.yaml').read_text())
+    obj['spec']['dataset']['prevalidate'] = prevalidate
+    obj['spec'].update(spec_changes)
+    return obj
+
+
+def registry_for(kube: KubeEmulator) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+    handlers.register(registry, SETTINGS, api_url=kube.base_url)
+    return registry
+
+
+async def fetch(api: aiohttp.ClientSession, path: str) -> dict[str, Any] | None:
+    async with api.get(path) as resp:
+        if resp.status == 404:
+            return None
+        assert resp.status == 200, await resp.text()
+        return await resp.json()
+
+
+async def create(api: aiohttp.ClientSession, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    async with api.post(path, json=body) as resp:
+        assert resp.status == 201, await resp.text()
+        return await resp.json()
+
+
+async def merge_patch(api: aiohttp.ClientSession, path: str, body: dict[str, Any]) -> None:
+    async with api.patch(path, data=json.dumps(body), headers={'Content-Type': 'application/merge-patch+json'}) as resp:
+        assert resp.status == 200, await resp.text()
+
+
+def status(kube: KubeEmulator, name: str = NAME) -> dict[str, Any]:
+    obj = kube.read_object(FTJ, NS, name) or {}
+    return obj.get('status') or {}
+
+
+async def posted(api: aiohttp.ClientSession, reason: str, kind: str | None = None) -> bool:
+    events = await fetch(api, f'/api/v1/namespaces/{NS}/events')  # kopf posts events asynchronously
+    assert events is not None
+    return any(e['reason'] == reason and kind in (None, e['type']) for e in events['items'])
+
+
+def failed_reason(st: dict[str, Any]) -> str | None:
+    return next((c['reason'] for c in st.get('conditions', []) if c['type'] == 'Failed' and c['status'] == 'True'), None)
+
+
+async def test_valid_job_creates_one_owned_job(kube: KubeEmulator, api: aiohttp.ClientSession) -> None:
+    async with run_operator(registry_for(kube), kube.base_url):
+        created = await create(api, ftj_path(), manifest())
+        await wait_until(lambda: status(kube).get('jobName') == JOB, message='status.jobName')
+        st = status(kube)
+        assert st['phase'] == 'Pending'
+        assert st['effective']['estimatedGPUMemoryGiB'] > 0
+        assert st['effective']['gpus'] == 1 and st['effective']['nodes'] == 1
+        assert st['observedGeneration'] == 1
+    job = kube.read_object(JOBS, NS, JOB)
+    assert job is not None
+    assert [r['uid'] for r in job['metadata']['ownerReferences']] == [created['metadata']['uid']]
+    assert kube.count('create', JOBS) == 1
+    obj = kube.read_object(FTJ, NS, NAME)
+    assert obj is not None and not obj['metadata'].get('finalizers')  # O7: nothing can hang the delete
+
+
+async def test_invalid_spec_fails_without_a_job(kube: KubeEmulator, api: aiohttp.ClientSession) -> None:
+    bad = manifest(method={'adaptation': 'lora', 'lora': {'r': 0}})
+    async with run_operator(registry_for(kube), kube.base_url):
+        await create(api, ftj_path(), bad)
+        await wait_until(lambda: status(kube).get('phase') == 'Failed', message='phase Failed')
+        await wait_until(lambda: posted(api, 'InvalidSpec', 'Warning'), message='an InvalidSpec warning')
+    st = status(kube)
+    assert failed_reason(st) == 'InvalidSpec'
+    assert 'spec.method.lora.r' in next(c['message'] for c in st['conditions'] if c['type'] == 'Failed')
+    assert kube.count('create', JOBS) == 0
+
+
+async def test_o1_existing_owned_job_is_adopted(kube: KubeEmulator, api: aiohttp.ClientSession) -> None:
+    created = await create(api, ftj_path(), manifest())
+    uid = created['metadata']['uid']
+    ref = {'apiVersion': 'kubetune.io/v1alpha1', 'kind': 'FineTuneJob', 'name': NAME, 'uid': uid, 'controller': True}
+    await create(api, job_path(), {'apiVersion': 'batch/v1', 'kind': 'Job',
+                                   'metadata': {'name': JOB, 'ownerReferences': [ref]}, 'spec': {}})
+    async with run_operator(registry_for(kube), kube.base_url):
+        await wait_until(lambda: status(kube).get('jobName') == JOB, message='the Job adopted')
+        assert status(kube)['phase'] in ('Pending', 'Running')
+    assert kube.count('create', JOBS) == 2  # ours above + the operator's one 409
+    jobs = await fetch(api, job_path())
+    assert jobs is not None and [j['metadata']['name'] for j in jobs['items']] == [JOB]
+
+
+async def test_o2_foreign_job_is_a_conflict(kube: KubeEmulator, api: aiohttp.ClientSession) -> None:
+    foreign = await create(api, job_path(), {'apiVersion': 'batch/v1', 'kind': 'Job',
+                                             'metadata': {'name': JOB, 'labels': {'team': 'other'}}, 'spec': {}})
+    async with run_operator(registry_for(kube), kube.base_url):
+        await create(api, ftj_path(), manifest())
+        await wait_until(lambda: status(kube).get('phase') == 'Failed', message='phase Failed')
+    assert failed_reason(status(kube)) == 'ChildNameConflict'
+    assert 'jobName' not in status(kube)
+    assert kube.read_object(JOBS, NS, JOB) == foreign  # untouched
+
+
+async def test_suspend_is_propagated_to_the_job(kube: KubeEmulator, api: aiohttp.ClientSession) -> None:
+    async with run_operator(registry_for(kube), kube.base_url):
+        await create(api, ftj_path(), manifest())
+        await wait_until(lambda: status(kube).get('jobName') == JOB, message='status.jobName')
+        assert not (kube.read_object(JOBS, NS, JOB) or {})['spec'].get('suspend')
+        await merge_patch(api, ftj_path(NAME), {'spec': {'suspend': True}})
+        await wait_until(lambda: (kube.read_object(JOBS, NS, JOB) or {})['spec'].get('suspend') is True,
+                         message='the Job suspended')
+        await wait_until(lambda: status(kube).get('phase') == 'Suspended', message='phase Suspended')
+
+
+async def test_finished_job_is_reconciled_to_succeeded(kube: KubeEmulator, api: aiohttp.ClientSession) -> None:
+    async with run_operator(registry_for(kube), kube.base_url):
+        await create(api, ftj_path(), manifest())
+        await wait_until(lambda: status(kube).get('jobName') == JOB, message='status.jobName')
+        summary = {'status': 'succeeded', 'steps': 30,
+                   'adapter': {'uri': 's3://models/support-bot/adapter', 'sha256': 'a' * 64, 'bytes': 1234},
+                   'metrics': {'trainLoss': 1.25}}
+        pod = {'apiVersion': 'v1', 'kind': 'Pod',
+               'metadata': {'name': f'{JOB}-abcde', 'labels': {'job-name': JOB}},
+               'spec': {'containers': [{'name': 'trainer', 'image': 'trainer'}]}}
+        await create(api, f'/api/v1/namespaces/{NS}/pods', pod)
+        await merge_patch(api, f'/api/v1/namespaces/{NS}/pods/{JOB}-abcde/status', {'status': {
+            'phase': 'Succeeded',
+            'containerStatuses': [{'name': 'trainer', 'state': {'terminated': {
+                'exitCode': 0, 'message': json.dumps(summary),
+                'startedAt': '2026-01-01T00:00:00Z', 'finishedAt': '2026-01-01T01:00:00Z'}}}]}})
+        await merge_patch(api, job_path(JOB) + '/status', {'status': {
+            'startTime': '2026-01-01T00:00:00Z', 'completionTime': '2026-01-01T01:00:00Z', 'succeeded': 1,
+            'conditions': [{'type': 'Complete', 'status': 'True', 'lastTransitionTime': '2026-01-01T01:00:00Z'}]}})
+        await wait_until(lambda: status(kube).get('phase') == 'Succeeded', message='phase Succeeded')
+        st = status(kube)
+        assert st['adapter']['uri'] == 's3://models/support-bot/adapter'
+        assert st['metrics']['trainLoss'] == 1.25
+        assert st['effective']['estimatedGPUMemoryGiB'] > 0  # kept by the timer's patches
+        await wait_until(lambda: posted(api, 'TrainingSucceeded'), message='a TrainingSucceeded event')
+
+
+async def finish(api: aiohttp.ClientSession, job: str, condition: str, message: str | None = None) -> None:
+    """Stand in for the Job controller and kubelet: one pod with a termination message, then the Job's condition."""
+    pod = {'apiVersion': 'v1', 'kind': 'Pod', 'metadata': {'name': f'{job}-abcde', 'labels': {'job-name': job}},
+           'spec': {'containers': [{'name': 'trainer', 'image': 'trainer'}]}}
+    await create(api, f'/api/v1/namespaces/{NS}/pods', pod)
+    terminated = {'exitCode': 0 if condition == 'Complete' else 42, 'startedAt': '2026-01-01T00:00:00Z',
+                  'finishedAt': '2026-01-01T00:10:00Z', **({'message': message} if message else {})}
+    await merge_patch(api, f'/api/v1/namespaces/{NS}/pods/{job}-abcde/status', {'status': {
+        'phase': 'Succeeded' if condition == 'Complete' else 'Failed',
+        'containerStatuses': [{'name': 'trainer', 'state': {'terminated': terminated}}]}})
+    await merge_patch(api, job_path(job) + '/status', {'status': {
+        'conditions': [{'type': condition, 'status': 'True', 'lastTransitionTime': '2026-01-01T00:10:00Z'}]}})
+
+
+async def test_prevalidation_then_training(kube: KubeEmulator, api: aiohttp.ClientSession) -> None:
+    async with run_operator(registry_for(kube), kube.base_url):
+        await create(api, ftj_path(), manifest(prevalidate=True))
+        await wait_until(lambda: status(kube).get('phase') == 'Validating', message='phase Validating')
+        assert kube.read_object(JOBS, NS, 'support-bot-validate') is not None
+        assert kube.read_object(JOBS, NS, JOB) is None  # no GPU requested before the data is checked
+        await finish(api, 'support-bot-validate', 'Complete', json.dumps({'status': 'succeeded'}))
+        await wait_until(lambda: status(kube).get('jobName') == JOB, message='the trainer Job')
+        st = status(kube)
+        assert st['phase'] == 'Pending'
+        assert [(c['type'], c['status'], c['reason']) for c in st['conditions']] == [('DataValidated', 'True', 'DataValid')]
+    assert kube.count('create', JOBS) == 2
+
+
+async def test_prevalidation_failure_is_invalid_data(kube: KubeEmulator, api: aiohttp.ClientSession) -> None:
+    async with run_operator(registry_for(kube), kube.base_url):
+        await create(api, ftj_path(), manifest(prevalidate=True))
+        await wait_until(lambda: status(kube).get('phase') == 'Validating', message='phase Validating')
+        summary = {'status': 'failed', 'reason': 'InvalidData', 'message': 'train.jsonl line 3: no "messages" field'}
+        await finish(api, 'support-bot-validate', 'Failed', json.dumps(summary))
+        await wait_until(lambda: status(kube).get('phase') == 'Failed', message='phase Failed')
+        await wait_until(lambda: posted(api, 'InvalidData', 'Warning'), message='an InvalidData warning')
+    st = status(kube)
+    assert failed_reason(st) == 'InvalidData'
+    assert 'train.jsonl line 3' in next(c['message'] for c in st['conditions'] if c['type'] == 'Failed')
+    assert kube.read_object(JOBS, NS, JOB) is None and 'jobName' not in st
+
+
+@pytest.mark.parametrize('args, namespaces, clusterwide, standalone', [
+    ([], [], True, True),
+    (['-n', 'ml', '-n', 'research', '--peering'], ['ml', 'research'], False, False),
+    (['--all-namespaces', '--standalone'], [], True, True),
+])
+async def test_cli_operator_runs_kopf(monkeypatch: pytest.MonkeyPatch, args: list[str], namespaces: list[str],
+                                      clusterwide: bool, standalone: bool) -> None:
+    from click.testing import CliRunner
+    from kubetune.cli import main
+
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(kopf, 'run', lambda **kwargs: calls.append(kwargs))
+    monkeypatch.delenv('KUBETUNE_NAMESPACES', raising=False)
+    monkeypatch.delenv('KUBETUNE_PEERING', raising=False)
+    result = CliRunner().invoke(main, ['operator', *args])
+    assert result.exit_code == 0, result.output
+    [call] = calls
+    assert (call['namespaces'], call['clusterwide'], call['standalone']) == (namespaces, clusterwide, standalone)
+    assert call['registry'] is kopf.get_default_registry()
+
+
+def test_kopf_run_module_registers_the_handlers() -> None:
+    """`kopf run -m kubetune.operator` imports the package: the default registry must be filled."""
+    import subprocess
+    import sys
+
+    code = (
+        "import kopf, kubetune.operator;"
+        "r = kopf.get_default_registry();"
+        "print(len(list(r._changing.get_all_handlers())), len(list(r._spawning.get_all_handlers())))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    changing, spawning = map(int, out)
+    assert changing >= 2 and spawning >= 1
