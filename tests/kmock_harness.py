@@ -735,3 +735,12 @@ async def run_operator(
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             raise TimeoutError(f'kopf did not stop in {shutdown_timeout}s')
+
+
+async def fetch(api: "aiohttp.ClientSession", path: str) -> dict[str, Any] | None:
+    """GET an object through the emulator's HTTP API; None when it does not exist."""
+    async with api.get(path) as resp:
+        if resp.status == 404:
+            return None
+        assert resp.status == 200, await resp.text()
+        return await resp.json()

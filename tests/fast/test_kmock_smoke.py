@@ -9,7 +9,7 @@ import aiohttp
 import kopf
 import pytest
 
-from tests.kmock_harness import KubeEmulator, run_operator, verb_resource, wait_until
+from tests.kmock_harness import KubeEmulator, fetch, run_operator, verb_resource, wait_until
 
 pytestmark = [pytest.mark.fast, pytest.mark.asyncio]
 
@@ -30,14 +30,6 @@ def job_path(name: str | None = None, ns: str = NS) -> str:
 def ftj(name: str, **spec: Any) -> dict[str, Any]:
     return {'apiVersion': 'kubetune.io/v1alpha1', 'kind': 'FineTuneJob',
             'metadata': {'name': name}, 'spec': {'model': 'tiny-llama', **spec}}
-
-
-async def fetch(api: aiohttp.ClientSession, path: str) -> dict[str, Any] | None:
-    async with api.get(path) as resp:
-        if resp.status == 404:
-            return None
-        assert resp.status == 200, await resp.text()
-        return await resp.json()
 
 
 async def gone(api: aiohttp.ClientSession, path: str) -> bool:

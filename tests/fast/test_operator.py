@@ -13,7 +13,7 @@ import yaml
 from kubetune.operator import handlers
 from kubetune.operator.settings import OperatorSettings
 
-from tests.kmock_harness import KubeEmulator, run_operator, wait_until
+from tests.kmock_harness import KubeEmulator, fetch, run_operator, wait_until
 
 pytestmark = [pytest.mark.fast, pytest.mark.asyncio]
 
@@ -45,14 +45,6 @@ def registry_for(kube: KubeEmulator) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     handlers.register(registry, SETTINGS, api_url=kube.base_url)
     return registry
-
-
-async def fetch(api: aiohttp.ClientSession, path: str) -> dict[str, Any] | None:
-    async with api.get(path) as resp:
-        if resp.status == 404:
-            return None
-        assert resp.status == 200, await resp.text()
-        return await resp.json()
 
 
 async def create(api: aiohttp.ClientSession, path: str, body: dict[str, Any]) -> dict[str, Any]:
