@@ -1,3 +1,3 @@
 """Suite-wide pytest plugins (each is a module under tests/)."""
 
-pytest_plugins = ["tests.leakcheck", "tests.fixtures.s3", "tests.fixtures.models"]
+pytest_plugins = ["tests.leakcheck", "tests.api_usage", "tests.fixtures.s3", "tests.fixtures.models"]

@@ -110,6 +110,7 @@ class RequestRecord(NamedTuple):
     query: dict[str, str]
     status: int | None
     timestamp: float  # time.monotonic() at arrival
+    user_agent: str = ''  # tells the operator's requests (kopf/…, kubetune-operator/…) from the test's
 
 
 def verb_resource(record: RequestRecord) -> tuple[str, str]:
@@ -306,7 +307,8 @@ class KubeEmulator(kmock.KubernetesEmulator):
             self._loop = asyncio.get_running_loop()
         index = len(self.requests)
         self.requests.append(RequestRecord(str(request.method.value), request.url.path,
-                                           dict(request.params), None, time.monotonic()))
+                                           dict(request.params), None, time.monotonic(),
+                                           request.headers.get('User-Agent', '')))
         status: int | None = None
         try:
             fault = self._take_fault(request)
@@ -695,12 +697,16 @@ async def run_operator(
         memo: object | None = None,
         startup_timeout: float = 10,
         shutdown_timeout: float = 10,
+        peering_name: str | None = None,
+        priority: int = 0,
+        identity: str | None = None,
 ) -> AsyncIterator[asyncio.Task[None]]:
     """
     Run ``kopf.operator(registry=…, standalone=True, clusterwide=True)`` in the current loop.
 
     A ``@kopf.on.login`` handler pointing to ``server_url`` is added to the registry (once).
-    Waits for kopf's readiness on entry; on exit, sets the stop-flag and awaits the operator
+    With ``peering_name`` the operator joins that (cluster) peering with ``priority`` under
+    ``identity`` instead of running standalone.  Waits for kopf's readiness on entry; on exit, sets the stop-flag and awaits the operator
     (cancelling it after ``shutdown_timeout``).  If the operator crashed, its error is re-raised.
     """
     if registry not in _LOGIN_INSTALLED:
@@ -714,7 +720,9 @@ async def run_operator(
     context.run(_SERVER_URL.set, server_url.rstrip('/'))
     task = asyncio.create_task(
         kopf.operator(registry=registry, settings=settings, memo=memo,
-                      standalone=True, clusterwide=True,
+                      standalone=peering_name is None, clusterwide=True,
+                      peering_name=peering_name, priority=priority,
+                      identity=kopf.Identity(identity) if identity else None,
                       stop_flag=stop_flag, ready_flag=ready_flag),
         name='kopf operator under test', context=context)
     try:

@@ -10,67 +10,29 @@ import aiohttp
 import kopf
 import pytest
 import yaml
-from kubetune.operator import handlers
-from kubetune.operator.settings import OperatorSettings
 
-from tests.kmock_harness import KubeEmulator, fetch, run_operator, wait_until
+from tests.fast.ftj import (
+    FTJ,
+    JOB,
+    JOBS,
+    NAME,
+    NS,
+    create,
+    failed_reason,
+    fetch,
+    finish,
+    ftj_path,
+    job_path,
+    manifest,
+    merge_patch,
+    posted,
+    registry_for,
+    status,
+)
+from tests.kmock_harness import KubeEmulator, run_operator, wait_until
 
-pytestmark = [pytest.mark.fast, pytest.mark.asyncio]
-
+pytestmark = [pytest.mark.fast]
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-FTJ = 'kubetune.io/v1alpha1/finetunejobs'
-JOBS = 'batch/v1/jobs'
-NS = 'default'
-NAME = 'support-bot'
-JOB = 'support-bot-train'
-SETTINGS = OperatorSettings(metrics_scrape_interval_seconds=0.3)
-
-
-def ftj_path(name: str | None = None, sub: str | None = None) -> str:
-    return f'/apis/kubetune.io/v1alpha1/namespaces/{NS}/finetunejobs' + (f'/{name}' if name else '') + (f'/{sub}' if sub else '')
-
-
-def job_path(name: str | None = None) -> str:
-    return f'/apis/batch/v1/namespaces/{NS}/jobs' + (f'/{name}' if name else '')
-
-
-def manifest(prevalidate: bool = False, **spec_changes: Any) -> dict[str, Any]:
-    obj = yaml.safe_load((ROOT / 'examples' / 'lora.yaml').read_text())
-    obj['spec']['dataset']['prevalidate'] = prevalidate
-    obj['spec'].update(spec_changes)
-    return obj
-
-
-def registry_for(kube: KubeEmulator) -> kopf.OperatorRegistry:
-    registry = kopf.OperatorRegistry()
-    handlers.register(registry, SETTINGS, api_url=kube.base_url)
-    return registry
-
-
-async def create(api: aiohttp.ClientSession, path: str, body: dict[str, Any]) -> dict[str, Any]:
-    async with api.post(path, json=body) as resp:
-        assert resp.status == 201, await resp.text()
-        return await resp.json()
-
-
-async def merge_patch(api: aiohttp.ClientSession, path: str, body: dict[str, Any]) -> None:
-    async with api.patch(path, data=json.dumps(body), headers={'Content-Type': 'application/merge-patch+json'}) as resp:
-        assert resp.status == 200, await resp.text()
-
-
-def status(kube: KubeEmulator, name: str = NAME) -> dict[str, Any]:
-    obj = kube.read_object(FTJ, NS, name) or {}
-    return obj.get('status') or {}
-
-
-async def posted(api: aiohttp.ClientSession, reason: str, kind: str | None = None) -> bool:
-    events = await fetch(api, f'/api/v1/namespaces/{NS}/events')  # kopf posts events asynchronously
-    assert events is not None
-    return any(e['reason'] == reason and kind in (None, e['type']) for e in events['items'])
-
-
-def failed_reason(st: dict[str, Any]) -> str | None:
-    return next((c['reason'] for c in st.get('conditions', []) if c['type'] == 'Failed' and c['status'] == 'True'), None)
 
 
 async def test_valid_job_creates_one_owned_job(kube: KubeEmulator, api: aiohttp.ClientSession) -> None:
@@ -165,20 +127,6 @@ async def test_finished_job_is_reconciled_to_succeeded(kube: KubeEmulator, api: 
         await wait_until(lambda: posted(api, 'TrainingSucceeded'), message='a TrainingSucceeded event')
 
 
-async def finish(api: aiohttp.ClientSession, job: str, condition: str, message: str | None = None) -> None:
-    """Stand in for the Job controller and kubelet: one pod with a termination message, then the Job's condition."""
-    pod = {'apiVersion': 'v1', 'kind': 'Pod', 'metadata': {'name': f'{job}-abcde', 'labels': {'job-name': job}},
-           'spec': {'containers': [{'name': 'trainer', 'image': 'trainer'}]}}
-    await create(api, f'/api/v1/namespaces/{NS}/pods', pod)
-    terminated = {'exitCode': 0 if condition == 'Complete' else 42, 'startedAt': '2026-01-01T00:00:00Z',
-                  'finishedAt': '2026-01-01T00:10:00Z', **({'message': message} if message else {})}
-    await merge_patch(api, f'/api/v1/namespaces/{NS}/pods/{job}-abcde/status', {'status': {
-        'phase': 'Succeeded' if condition == 'Complete' else 'Failed',
-        'containerStatuses': [{'name': 'trainer', 'state': {'terminated': terminated}}]}})
-    await merge_patch(api, job_path(job) + '/status', {'status': {
-        'conditions': [{'type': condition, 'status': 'True', 'lastTransitionTime': '2026-01-01T00:10:00Z'}]}})
-
-
 async def test_prevalidation_then_training(kube: KubeEmulator, api: aiohttp.ClientSession) -> None:
     async with run_operator(registry_for(kube), kube.base_url):
         await create(api, ftj_path(), manifest(prevalidate=True))
@@ -241,3 +189,24 @@ def test_kopf_run_module_registers_the_handlers() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     changing, spawning = map(int, out)
     assert changing >= 2 and spawning >= 1
+
+
+async def test_multi_node_volcano_children(kube: KubeEmulator, api: aiohttp.ClientSession) -> None:
+    body = yaml.safe_load((ROOT / 'examples' / 'multi-node-volcano.yaml').read_text())
+    body['spec']['dataset']['prevalidate'] = False
+    del body['metadata']['namespace']
+    name = body['metadata']['name']
+    kube.fail_next('POST', r'/services$', 409)  # a name taken, then gone by the time it is read: retried
+    async with run_operator(registry_for(kube), kube.base_url):
+        created = await create(api, ftj_path(), body)
+        await wait_until(lambda: status(kube, name).get('jobName') == f'{name}-train', message='status.jobName')
+    uid = created['metadata']['uid']
+    job = kube.read_object(JOBS, NS, f'{name}-train') or {}
+    assert job['spec']['completionMode'] == 'Indexed'
+    assert job['spec']['template']['spec']['schedulerName'] == 'volcano'
+    group = kube.read_object('scheduling.volcano.sh/v1beta1/podgroups', NS, f'{name}-train') or {}
+    assert group['spec']['minMember'] == body['spec']['resources']['nodes']
+    assert [r['uid'] for r in group['metadata']['ownerReferences']] == [uid]
+    service = kube.read_object('v1/services', NS, f'{name}-train') or {}
+    assert service['spec']['clusterIP'] == 'None'
+    assert kube.count('get', 'v1/services') == 1 and kube.count('create', 'v1/services') == 2

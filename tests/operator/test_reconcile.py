@@ -470,7 +470,9 @@ def test_diff_is_a_minimal_merge_patch() -> None:
     new = {"phase": "Running", "progress": {"step": 2, "percent": 1}, "checkpoints": [{"step": 1, "uri": "u"}, {"step": 2, "uri": "v"}]}
     assert diff(old, new) == {"progress": {"step": 2}, "checkpoints": new["checkpoints"], "adapter": None}
     assert diff(old, copy.deepcopy(old)) is None
-    assert diff({}, {"retries": 0}) == {"retries": 0}
+    assert diff({}, {"retries": 0, "conditions": []}) is None  # empty defaults are not a change
+    assert diff({}, {"retries": 1}) == {"retries": 1}
+    assert diff({"retries": 1}, {"retries": 0}) == {"retries": 0}
     assert diff({"a": True}, {"a": 1}) == {"a": 1}
 
 

@@ -116,4 +116,5 @@ class FineTuneJobStatus(WireModel):
     start_time: Optional[str] = Field(default=None, description="When training started (RFC 3339).", json_schema_extra={"format": "date-time"})
     completion_time: Optional[str] = Field(default=None, description="When the job finished (RFC 3339).", json_schema_extra={"format": "date-time"})
     retries: int = Field(default=0, ge=0, description="Retriable failures so far.")
+    recreations: int = Field(default=0, ge=0, description="Times the trainer Job was recreated after someone else deleted it; each run resumes from the newest committed checkpoint.")
     effective: Optional[Effective] = Field(default=None, description="The settings actually used, defaults and auto resolved.")

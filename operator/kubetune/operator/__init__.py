@@ -4,4 +4,4 @@
 default registry (tests build isolated registries with `handlers.register`).
 """
 
-from kubetune.operator import handlers as handlers  # noqa: F401  (registers on import)
+from kubetune.operator import handlers as handlers

@@ -19,9 +19,12 @@ operator is down never hangs (O7).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
+import importlib.metadata
 import json
+import logging
 import os
 import threading
 from datetime import datetime, timezone
@@ -39,6 +42,8 @@ from kubetune.operator.metrics import METRICS
 from kubetune.operator.settings import OperatorSettings
 
 API_URL_ENV = "KUBETUNE_API_URL"
+VERBS = {"POST": "create", "GET": "get", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}
+EXPECTED_STATUSES = (404, 409)  # answers the handlers act on (absent, exists): not errors
 DEFAULT_NAMESPACE = "default"  # FineTuneJobs are namespaced: only for the type checker
 POD_JOB_LABEL = "job-name"
 PROBLEMS_SHOWN = 10
@@ -47,6 +52,24 @@ _TERMINAL = (Phase.SUCCEEDED.value, Phase.FAILED.value, Phase.CANCELLED.value)
 
 
 # ------------------------------------------------------------------------------ API access
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("kubetune")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+USER_AGENT = f"kubetune-operator/{_version()}"
+
+
+def _resource_of(path: str) -> str:
+    """`/apis/batch/v1/namespaces/ns/jobs/x` → `jobs`: the resource label of API error metrics."""
+    parts = [p for p in path.split("?")[0].split("/") if p]
+    if "namespaces" in parts and len(parts) > parts.index("namespaces") + 2:
+        return parts[parts.index("namespaces") + 2]
+    return parts[-1] if parts else ""
 
 
 class ApiError(Exception):
@@ -82,6 +105,7 @@ class Kube:
                     except kubernetes.config.ConfigException:
                         kubernetes.config.load_kube_config(client_configuration=config)
                 self._client = kubernetes.client.ApiClient(config)
+                self._client.user_agent = USER_AGENT
             return self._client
 
     def _call(self, method: str, path: str, body: Any = None, query: list[tuple[str, str]] | None = None) -> dict[str, Any]:
@@ -97,6 +121,8 @@ class Kube:
                 _request_timeout=30,
             )
         except ApiException as err:
+            if err.status not in EXPECTED_STATUSES:
+                METRICS.api_error(VERBS.get(method, method.lower()), _resource_of(path), int(err.status or 0))
             retry = (err.headers or {}).get("Retry-After")
             try:
                 delay = float(retry) if retry is not None else None
@@ -127,6 +153,10 @@ def _collection(obj: dict[str, Any], namespace: str | None) -> str:
 
 def _job_path(namespace: str | None, name: str) -> str:
     return f"/apis/batch/v1/namespaces/{quote(namespace or DEFAULT_NAMESPACE)}/jobs/{quote(name)}"
+
+
+def _ftj_path(namespace: str | None, name: str) -> str:
+    return f"/apis/{GROUP}/{VERSION}/namespaces/{quote(namespace or DEFAULT_NAMESPACE)}/{PLURAL}/{quote(name)}"
 
 
 def _owned_by(obj: dict[str, Any] | None, uid: str) -> bool:
@@ -210,6 +240,7 @@ def _fail(patch: kopf.Patch, body: Any, reason: Reason, message: str, generation
     if generation is not None:
         patch.status["observedGeneration"] = generation
     kopf.warn(body, reason=reason.value, message=message)
+    METRICS.transition((body.get("status") or {}).get("phase"), Phase.FAILED.value)
     return kopf.PermanentError(message)
 
 
@@ -221,7 +252,6 @@ async def ensure_child(kube: Kube, obj: dict[str, Any], namespace: str | None, u
         return True
     except ApiError as err:
         if err.status != 409:
-            METRICS.api_error("create", obj["kind"].lower(), err.status)
             raise _temporary(err, f"creating {obj['kind']} {obj['metadata']['name']}") from None
     existing = await kube.get(f"{_collection(obj, namespace)}/{quote(obj['metadata']['name'])}")
     if existing is None:  # deleted in between: try again soon
@@ -229,8 +259,10 @@ async def ensure_child(kube: Kube, obj: dict[str, Any], namespace: str | None, u
     return _owned_by(existing, uid)
 
 
-def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api_url: str | None = None) -> Kube:
-    """Register the FineTuneJob handlers on `registry`; returns the API client they use."""
+def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api_url: str | None = None,
+             metrics_port: int | None = None) -> Kube:
+    """Register the FineTuneJob handlers on `registry`; returns the API client they use. With
+    `metrics_port`, the operator's own /metrics is served there while the operator runs."""
     kube = Kube(api_url)
 
     async def start_training(ftj: FineTuneJob, body: Any, namespace: str | None, uid: str, patch: kopf.Patch,
@@ -310,7 +342,6 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
             text = found[-1] if found else str(job_cond.get("message") or f"Job {check_name} failed")
             message = reconcile._message(f"data validation failed: {text}", ())
             _fail(patch, body, Reason.INVALID_DATA, message, generation)
-            METRICS.transition(status.get("phase"), Phase.FAILED.value)
 
     kopf.on.create(GROUP, VERSION, PLURAL, registry=registry, id="children")(create_children)
     kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry, id="children")(create_children)
@@ -329,8 +360,40 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
             try:
                 await kube.request("PATCH", _job_path(namespace, job_name), {"spec": {"suspend": want}})
             except ApiError as err:
-                METRICS.api_error("patch", "jobs", err.status)
                 raise _temporary(err, f"patching Job {job_name}") from None
+
+    async def recreate_job(body: kopf.Body, namespace: str | None, uid: str, patch: kopf.Patch) -> None:
+        """The trainer Job was deleted by someone (O6): create it again under the same name, at
+        most `max_job_recreations` times; the trainer resumes from the newest committed checkpoint."""
+        status = dict(body.get("status") or {})
+        if status.get("phase") in _TERMINAL:
+            return  # finished: a deleted Job is cleanup, not a fault
+        generation = body.get("metadata", {}).get("generation")
+        ftj, problems = parse_manifest({k: v for k, v in _plain(body).items() if k != "status"})
+        if ftj is None:
+            _fail(patch, body, Reason.INVALID_SPEC, invalid_spec_message(problems), generation)
+            return
+        # The timer may hold a stale body: a FineTuneJob deleted a moment ago took its Job with
+        # it (garbage collection) and must not get a new one (O7).
+        current = await kube.get(f"{_ftj_path(namespace, ftj.metadata.name)}")
+        if current is None or current.get("metadata", {}).get("uid") != uid or current["metadata"].get("deletionTimestamp"):
+            return
+        done = int(status.get("recreations") or 0)
+        job_name = status.get("jobName")
+        if done >= settings.max_job_recreations:
+            message = (f"Job {job_name} was deleted {done + 1} times; not recreating it again "
+                       f"(the operator's limit is {settings.max_job_recreations}). Committed checkpoints are kept: "
+                       "apply the FineTuneJob again under a new name to resume from them")
+            _fail(patch, body, Reason.TOO_MANY_RECREATIONS, message, generation)
+            return
+        job = builders.trainer_job(ftj, uid, settings)
+        if not await ensure_child(kube, job, namespace, uid):
+            _fail(patch, body, Reason.CHILD_NAME_CONFLICT, conflict_message(job), generation)
+            return
+        patch.status["recreations"] = done + 1
+        kopf.warn(body, reason=Reason.JOB_RECREATED.value,
+                  message=f"Job {job_name} was deleted; recreated it ({done + 1} of at most "
+                          f"{settings.max_job_recreations}), resuming from the newest committed checkpoint")
 
     async def observe_job(body: kopf.Body, name: str, namespace: str | None, uid: str, patch: kopf.Patch, **_: Any) -> None:
         job_name = (body.get("status") or {}).get("jobName")
@@ -340,7 +403,10 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
             return
         with METRICS.reconcile_timer():
             job = await kube.get(_job_path(namespace, job_name))
-            if job is None or not _owned_by(job, uid):
+            if job is None:
+                await recreate_job(body, namespace, uid, patch)
+                return
+            if not _owned_by(job, uid):
                 return
             listing = await kube.request("GET", f"/api/v1/namespaces/{quote(namespace or DEFAULT_NAMESPACE)}/pods",
                                          query=[("labelSelector", f"{POD_JOB_LABEL}={job_name}")])
@@ -358,6 +424,41 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
                 METRICS.transition(old.get("phase"), new["phase"])
             for kind, reason, message in reconcile.transitions(old, new):
                 kopf.event(body, type=kind, reason=reason, message=message)
+
+    @kopf.on.startup(registry=registry, id="configure")
+    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+        """kopf settings of every instance (the tests' too, so they see what production does)."""
+        settings.posting.level = logging.INFO  # JobCreated and phase events reach `kubectl describe`
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+        # No CRD watching: the FineTuneJob CRD is installed before the operator (Helm does), and
+        # a namespaced operator then needs no cluster-wide permission at all (O11).
+        settings.scanning.disabled = True
+
+    phases: dict[str, str] = {}
+
+    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, id="phase-gauge")
+    def count_phases(event: dict[str, Any], body: kopf.Body, uid: str, **_: Any) -> None:
+        """Keep `kubetune_operator_finetunejobs{phase}` equal to what the watch shows (no finalizer)."""
+        if event.get("type") == "DELETED":
+            phases.pop(uid, None)
+        else:
+            phases[uid] = str((body.get("status") or {}).get("phase") or Phase.PENDING.value)
+        METRICS.set_phase_counts(collections.Counter(phases.values()))
+
+    if metrics_port is not None:
+        servers: list[Any] = []
+
+        @kopf.on.startup(registry=registry, id="metrics-server")
+        def serve_metrics(**_: Any) -> None:
+            servers.append(METRICS.serve(metrics_port))
+
+        @kopf.on.cleanup(registry=registry, id="metrics-server")
+        def stop_metrics(**_: Any) -> None:
+            while servers:
+                server = servers.pop()
+                server.shutdown()
+                server.server_close()
 
     # Timers normally make kopf add a finalizer; ours need none (the Job goes by ownerReference),
     # and a finalizer would hang deletion while the operator is down (O7).
@@ -388,14 +489,9 @@ def _register_default() -> None:
     registry = kopf.get_default_registry()
     if getattr(registry, "_kubetune_registered", False):
         return
-    register(registry, OperatorSettings.from_env())
+    settings = OperatorSettings.from_env()
+    register(registry, settings, metrics_port=settings.operator_metrics_port or None)
     registry._kubetune_registered = True  # type: ignore[attr-defined]
-
-    @kopf.on.startup(registry=registry)
-    def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
-        settings.posting.level = 20  # INFO: JobCreated and phase events reach `kubectl describe`
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
 
 
 _register_default()

@@ -26,7 +26,9 @@ from typing import Any, NamedTuple
 
 from kubetune.api.conditions import ConditionType, Reason
 from kubetune.api.contract import PERMANENT_EXIT_CODE, SUMMARY_MAX_BYTES
+from kubetune.api.crd import MUTABLE_AFTER_START
 from kubetune.api.enums import Phase
+from kubetune.api.resource import parse_spec
 from kubetune.api.status import (
     AdapterRef,
     CheckpointRef,
@@ -41,6 +43,10 @@ from pydantic import BaseModel, ValidationError
 TRAINER_CONTAINER = "trainer"
 """Name of the trainer container; must equal `builders.CONTAINER` (kept here so this module
 stays independent of the builders)."""
+
+SPEC_ANNOTATION = "kubetune.io/spec"
+"""Pod-template annotation holding the spec a trainer Job was built from; must equal
+`builders.SPEC_ANNOTATION`."""
 
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 MESSAGE_MAX_BYTES = 1024
@@ -410,6 +416,25 @@ def _set_condition(
     conds[ctype.value] = new
 
 
+def spec_drift(ftj: Mapping[str, Any], job: Mapping[str, Any]) -> list[str] | None:
+    """The spec fields (`spec.x`) changed since `job` was built, other than those mutable after
+    start (RELIABILITY O8: the CRD refuses such a change; this reports one that got through).
+    None when the Job carries no readable spec."""
+    raw = _get(job, "spec", "template", "metadata", "annotations", SPEC_ANNOTATION)
+    try:
+        started = json.loads(raw)["spec"] if isinstance(raw, str) else None
+    except (ValueError, KeyError, TypeError):
+        started = None
+    if not isinstance(started, Mapping):
+        return None
+    spec, _problems = parse_spec(ftj.get("spec"))
+    current = spec.wire() if spec is not None else ftj.get("spec")
+    current = current if isinstance(current, Mapping) else {}
+    fields = sorted((started.keys() | current.keys()) - set(MUTABLE_AFTER_START))
+    canon = lambda v: json.dumps(v, sort_keys=True)
+    return [f"spec.{f}" for f in fields if canon(started.get(f)) != canon(current.get(f))]
+
+
 # ---------------------------------------------------------------------------- observe
 
 
@@ -455,6 +480,14 @@ def observe(
     if isinstance(corrupt, list) and corrupt:
         text = "skipped corrupt checkpoints: " + "; ".join(str(c) for c in corrupt[:5])
         _set_condition(conds, ConditionType.CHECKPOINT_CORRUPT, "True", Reason.CHECKPOINT_CORRUPT, _message(text, secrets), stamp, gen)
+    drift = spec_drift(ftj, job)
+    immutable = conds.get(ConditionType.SPEC_IMMUTABLE.value)
+    if drift:
+        text = (f"{', '.join(drift[:8])} changed after the trainer Job started; the Job keeps running the spec it "
+                "started with. Revert the change, or create a new FineTuneJob for the new spec")
+        _set_condition(conds, ConditionType.SPEC_IMMUTABLE, "True", Reason.SPEC_IMMUTABLE, _message(text, secrets), stamp, gen)
+    elif immutable is not None and immutable.get("status") == "True":
+        _set_condition(conds, ConditionType.SPEC_IMMUTABLE, "False", Reason.SPEC_VALID, "the spec matches the trainer Job again", stamp, gen)
     status["conditions"] = list(conds.values())
 
     # times and retries
@@ -576,7 +609,11 @@ def _apply_summary(
 def diff(old: dict, new: dict) -> dict | None:
     """The JSON merge patch (RFC 7386) that turns status `old` into `new`; None when equal (O9).
     Lists are replaced whole; a key that disappears is patched to None."""
-    patch = _merge_patch(old or {}, new or {})
+    old = old or {}
+    # A field the status never had, now at its empty default (no conditions, 0 retries), is not a
+    # change: writing it would cost a request and an event for every FineTuneJob on every tick.
+    new = {k: v for k, v in (new or {}).items() if k in old or not (v == [] or v == {} or (v == 0 and type(v) is int))}
+    patch = _merge_patch(old, new)
     return patch or None
 
 

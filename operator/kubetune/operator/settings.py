@@ -92,6 +92,13 @@ class OperatorSettings:
     peering: bool = False
     """kopf peering, for a standby replica that takes over when the leader dies."""
 
+    max_job_recreations: int = 3
+    """How many times a trainer Job deleted by someone else is recreated (each resumes from the
+    newest committed checkpoint) before the FineTuneJob fails with TooManyRecreations."""
+
+    operator_metrics_port: int = 8000
+    """Port of the operator's own Prometheus /metrics endpoint; 0 turns it off."""
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
         """Settings from `KUBETUNE_*` variables (default: the process environment)."""
