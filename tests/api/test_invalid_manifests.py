@@ -55,6 +55,7 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
         "spec.dataset",
     ),
     ("prevalidate-word", {"spec.dataset.prevalidate": "yes"}, "spec.dataset.prevalidate"),
+    ("workload-priority-without-queue", {"spec.scheduling.workloadPriorityClassName": "batch-low"}, "spec.scheduling"),
     ("format-csv", {"spec.dataset.format": "csv"}, "spec.dataset.format"),
     ("gpus-negative", {"spec.resources.gpus": -1}, "spec.resources.gpus"),
     ("memory-word", {"spec.resources.memory": "lots"}, "spec.resources.memory"),

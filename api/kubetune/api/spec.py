@@ -31,7 +31,7 @@ from kubetune.api.enums import (
     QuantType,
     Scheduler,
 )
-from kubetune.api.types import DNS_LABEL, AutoFloat, AutoInt, DataUri, ModelUri, OutputUri, Quantity, ShortString
+from kubetune.api.types import DNS_LABEL, DNS_SUBDOMAIN, AutoFloat, AutoInt, DataUri, ModelUri, OutputUri, Quantity, ShortString
 
 # --------------------------------------------------------------------------------------- model
 
@@ -639,13 +639,41 @@ class Toleration(WireModel):
 class Scheduling(WireModel):
     """Queueing and placement: Kueue, Volcano, priority and node constraints."""
 
+    model_config = WireModel.model_config | {
+        "json_schema_extra": rules(
+            cel(
+                "!has(self.workloadPriorityClassName) || has(self.queueName)",
+                "workloadPriorityClassName is a Kueue priority: set queueName too",
+            )
+        )
+    }
+
+    @model_validator(mode="after")
+    def _workload_priority_needs_a_queue(self) -> "Scheduling":
+        if self.workload_priority_class_name is not None and self.queue_name is None:
+            raise ValueError("workloadPriorityClassName is a Kueue priority: set queueName too")
+        return self
+
     queue_name: Optional[str] = Field(
         default=None,
         max_length=63,
         pattern=DNS_LABEL,
         description="Kueue LocalQueue name: the Job is created suspended with the kueue.x-k8s.io/queue-name label and Kueue admits it.",
     )
-    priority_class_name: Optional[str] = Field(default=None, max_length=253, description="PriorityClass of the trainer pods (also Kueue's workload priority).")
+    priority_class_name: Optional[str] = Field(
+        default=None,
+        max_length=253,
+        description="PriorityClass of the trainer pods. Kueue also takes the workload's priority from it unless workloadPriorityClassName is set.",
+    )
+    workload_priority_class_name: Optional[str] = Field(
+        default=None,
+        max_length=253,
+        pattern=DNS_SUBDOMAIN,
+        description=(
+            "Kueue WorkloadPriorityClass of the Job (the kueue.x-k8s.io/priority-class label): the priority Kueue queues and "
+            "preempts by, independent of the pods' PriorityClass. Only with queueName."
+        ),
+    )
     scheduler_name: Optional[str] = Field(
         default=None,
         max_length=253,

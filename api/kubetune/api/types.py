@@ -145,6 +145,7 @@ Quantity = Annotated[
 ]
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 
 ShortString = Annotated[str, Field(max_length=253)]
 """A name-like string; bounded so CEL rules comparing it stay within the API server's cost budget."""

@@ -365,8 +365,8 @@ def trainer_job(ftj: FineTuneJob, uid: str, settings: OperatorSettings) -> dict[
     if kueue:
         sched = ftj.spec.scheduling
         job["metadata"]["labels"][KUEUE_QUEUE_LABEL] = sched.queue_name
-        if sched.priority_class_name:
-            job["metadata"]["labels"][KUEUE_PRIORITY_LABEL] = sched.priority_class_name
+        if sched.workload_priority_class_name:  # a WorkloadPriorityClass, not a PriorityClass
+            job["metadata"]["labels"][KUEUE_PRIORITY_LABEL] = sched.workload_priority_class_name
     return job
 
 
