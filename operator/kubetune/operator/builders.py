@@ -313,10 +313,14 @@ def _command(ftj: FineTuneJob) -> list[str]:
     res = ftj.spec.resources
     trainer = ["-m", "kubetune.trainer", "--spec", SPEC_FILE]
     if res.nodes > 1:
-        # $(VAR) is expanded by the kubelet from the container's env: no shell needed.
-        return ["torchrun", "--nnodes", "$(NNODES)", "--node-rank", "$(NODE_RANK)",
-                "--nproc-per-node", str(max(1, res.gpus)), "--master-addr", "$(MASTER_ADDR)",
-                "--master-port", "$(MASTER_PORT)", *trainer]
+        # Elastic (c10d) rendezvous, not a static master/rank: when the Job controller replaces
+        # one failed pod, the agents on the surviving pods see their workers fail (NCCL error
+        # handling), restart them and rendezvous again with the newcomer, and every rank resumes
+        # from the newest committed checkpoint. A static rendezvous would leave the survivors
+        # waiting on the dead peer until the Job's deadline. $(VAR) is expanded by the kubelet.
+        return ["torchrun", "--nnodes", "$(NNODES)", "--nproc-per-node", str(max(1, res.gpus)),
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", "$(MASTER_ADDR):$(MASTER_PORT)",
+                "--rdzv-id", "$(KUBETUNE_RDZV_ID)", "--max-restarts", str(ftj.spec.max_retries), *trainer]
     if res.gpus > 1:
         return ["torchrun", "--standalone", "--nproc-per-node", str(res.gpus), *trainer]
     return ["python", *trainer]
@@ -329,6 +333,12 @@ def _rendezvous_env(ftj: FineTuneJob, job_name: str) -> list[dict[str, Any]]:
         {"name": "NODE_RANK", "valueFrom": index},
         {"name": "MASTER_ADDR", "value": f"{job_name}-0.{job_name}"},
         {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
+        {"name": "KUBETUNE_RDZV_ID", "value": job_name},
+        # a rank whose peer died fails its collective (and so restarts) instead of hanging
+        {"name": "TORCH_NCCL_ASYNC_ERROR_HANDLING", "value": "1"},
+        # workers get a store of their own: the agent's rendezvous store is rebuilt when a peer
+        # is replaced, and workers sharing it would wait forever for keys of the old round
+        {"name": "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "value": "1"},
     ]
 
 
