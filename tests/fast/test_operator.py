@@ -169,11 +169,13 @@ async def test_cli_operator_runs_kopf(monkeypatch: pytest.MonkeyPatch, args: lis
     monkeypatch.setattr(kopf, 'run', lambda **kwargs: calls.append(kwargs))
     monkeypatch.delenv('KUBETUNE_NAMESPACES', raising=False)
     monkeypatch.delenv('KUBETUNE_PEERING', raising=False)
+    monkeypatch.setenv('KUBETUNE_PEERING_PRIORITY', '7')
     result = CliRunner().invoke(main, ['operator', *args])
     assert result.exit_code == 0, result.output
     [call] = calls
     assert (call['namespaces'], call['clusterwide'], call['standalone']) == (namespaces, clusterwide, standalone)
     assert call['registry'] is kopf.get_default_registry()
+    assert call['priority'] == 7
 
 
 def test_kopf_run_module_registers_the_handlers() -> None:

@@ -29,6 +29,7 @@ def run(namespaces: Sequence[str] | None = None, peering: bool | None = None, li
         namespaces=watched,
         standalone=not peering,
         peering_name=PEERING_NAME if peering else None,
+        priority=settings.peering_priority,
         liveness_endpoint=LIVENESS_ENDPOINT if liveness else None,
     )
 

@@ -475,7 +475,7 @@ def observe(
             _set_condition(conds, state.condition, "True", state.reason, state.message, stamp, gen)
         for ctype in PHASE_CONDITIONS:
             if ctype != state.condition and conds.get(ctype.value, {}).get("status") == "True":
-                _set_condition(conds, ctype, "False", state.reason, "", stamp, gen)
+                _set_condition(conds, ctype, "False", state.reason, f"the FineTuneJob is {state.phase.value} now", stamp, gen)
     corrupt = (summary or {}).get("checkpointCorrupt")
     if isinstance(corrupt, list) and corrupt:
         text = "skipped corrupt checkpoints: " + "; ".join(str(c) for c in corrupt[:5])

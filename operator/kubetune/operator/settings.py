@@ -92,6 +92,10 @@ class OperatorSettings:
     peering: bool = False
     """kopf peering, for a standby replica that takes over when the leader dies."""
 
+    peering_priority: int = 0
+    """This replica's kopf peering priority: the highest acts, the others stand by. Give every
+    replica a distinct value (replicas with equal priorities all pause)."""
+
     max_job_recreations: int = 3
     """How many times a trainer Job deleted by someone else is recreated (each resumes from the
     newest committed checkpoint) before the FineTuneJob fails with TooManyRecreations."""
