@@ -257,3 +257,16 @@ async def test_o10_secret_canary_never_leaks(kube: KubeEmulator, api: aiohttp.Cl
             'valueFrom': {'secretKeyRef': {'name': 'store-creds', 'key': 'AWS_SECRET_ACCESS_KEY', 'optional': True}}} in env
     assert not [r for r in kube.requests if r.user_agent.startswith(('kopf/', 'kubetune-operator/'))
                 and verb_resource(r)[1] == 'v1/secrets']  # the operator never reads Secrets
+
+
+async def test_o3_a_refused_status_patch_does_not_stop_reconciling(kube: KubeEmulator, api: aiohttp.ClientSession) -> None:
+    async with run_operator(registry_for(kube), kube.base_url):
+        await create(api, ftj_path(), manifest())
+        await wait_until(lambda: status(kube).get('jobName') == JOB, message='status.jobName')
+        kube.fail_next('PATCH', STATUS_PATH, 422, times=2)  # e.g. a value an older API server refuses
+        await start_running(api)
+        await wait_until(lambda: status(kube).get('phase') == 'Running', message='phase Running after two refusals')
+        await finish(api, JOB, 'Complete', json.dumps({'status': 'succeeded', 'steps': 3}))
+        await wait_until(lambda: status(kube).get('phase') == 'Succeeded', message='phase Succeeded')
+    refused = [r for r in operator_requests(kube, 'patch', f'{FTJ}/status') if r.status == 422]
+    assert len(refused) == 2

@@ -395,7 +395,8 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
                   message=f"Job {job_name} was deleted; recreated it ({done + 1} of at most "
                           f"{settings.max_job_recreations}), resuming from the newest committed checkpoint")
 
-    async def observe_job(body: kopf.Body, name: str, namespace: str | None, uid: str, patch: kopf.Patch, **_: Any) -> None:
+    async def observe_job(body: kopf.Body, name: str, namespace: str | None, uid: str, patch: kopf.Patch,
+                          logger: Any, **_: Any) -> None:
         job_name = (body.get("status") or {}).get("jobName")
         if not job_name:
             if (body.get("status") or {}).get("phase") == Phase.VALIDATING.value:
@@ -418,8 +419,15 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
             change = reconcile.diff(old, new)
             if change is None:
                 return
-            for key, value in change.items():
-                patch.status[key] = value
+            # Patched here rather than through kopf's `patch`: kopf applies a timer's patch after
+            # the handler, and one refused patch (a 422) ends that object's timer for good. Here a
+            # refusal is logged and counted, and the next tick tries again.
+            try:
+                await kube.request("PATCH", f"{_ftj_path(namespace, name)}/status", {"status": change})
+            except ApiError as err:
+                logger.warning(f"status patch refused, retrying in {settings.metrics_scrape_interval_seconds:g}s: "
+                               f"{reconcile._bounded(reconcile.redact(str(err)), 500)}")
+                return
             if new.get("phase") != old.get("phase") and new.get("phase"):
                 METRICS.transition(old.get("phase"), new["phase"])
             for kind, reason, message in reconcile.transitions(old, new):
