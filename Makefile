@@ -9,12 +9,15 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: help venv demo test test-fast crd apiserver tools clean
+.PHONY: help venv demo test test-fast bench crd chart-schema chart-rbac apiserver tools clean
 
 help:
 	@echo "make demo   run the quickstart FineTuneJob locally (embedded default)"
 	@echo "make test   install into $(VENV) and run the whole test suite"
-	@echo "make crd    regenerate crds/ from the API models"
+	@echo "make bench  run the CPU benchmarks (benchmarks/README.md); not part of make test"
+	@echo "make crd    regenerate crds/ from the API models (and the chart's copy)"
+	@echo "make chart-schema  regenerate the chart's values.yaml and values.schema.json"
+	@echo "make chart-rbac    regenerate the chart's operator RBAC rules from the measured API usage"
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -43,8 +46,23 @@ test: venv apiserver tools
 test-fast: venv
 	KUBETUNE_SKIP_REAL=1 $(PY) -m pytest -m "not real" $(PYTEST_ARGS)
 
+# The CPU benchmarks (benchmarks/README.md); each appends its section to benchmarks/RESULTS.md.
+# operator_scale's real tier needs kube-apiserver + etcd, hence `apiserver`.
+bench: venv apiserver
+	$(PY) benchmarks/objectives_cost.py
+	$(PY) benchmarks/trainer_vs_hf.py
+	$(PY) benchmarks/operator_scale.py
+
+# The chart cannot read crds/ (outside its directory): it renders a byte-identical copy.
 crd: venv
 	$(VENV)/bin/kubetune crd > crds/finetunejobs.kubetune.io.yaml
+	cp crds/finetunejobs.kubetune.io.yaml charts/kubetune/files/finetunejobs.kubetune.io.yaml
+
+chart-schema: venv
+	$(PY) hack/chart_schema.py
+
+chart-rbac: venv
+	$(PY) hack/chart_rbac.py
 
 clean:
 	rm -rf $(VENV) kubetune-output .pytest_cache

@@ -1,0 +1,425 @@
+"""The Helm chart's values, in one place: defaults, comments and JSON schema (`make chart-schema`).
+
+`charts/kubetune/values.yaml` and `charts/kubetune/values.schema.json` are both generated from the
+pydantic models below, so a key cannot be documented in one file, typed in the other and missing
+from a third: the field's description becomes the comment above the key (every key has one), its
+default becomes the value, and its type, enum and pattern become the schema. Every object of ours
+refuses unknown keys (`additionalProperties: false`), so `--set image.tga=x` is an error instead of
+a silently ignored typo. Pass-through Kubernetes objects (resources, affinity, tolerations, network
+policy peers) are typed as plain objects: the API server validates those.
+
+    .venv/bin/python hack/chart_schema.py           # rewrite both files
+    .venv/bin/python hack/chart_schema.py --check   # exit 1 when either is stale (CI, tests)
+
+The defaults of the operator settings mirror `kubetune.operator.settings.OperatorSettings`; a test
+renders the chart with these defaults and compares what `OperatorSettings.from_env` reads back.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "charts" / "kubetune"
+VALUES = CHART / "values.yaml"
+SCHEMA = CHART / "values.schema.json"
+
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
+DURATION = r"^([0-9]+(ms|s|m|h|d|w|y))+$"
+REPOSITORY = r"^[a-z0-9]+([._-][a-z0-9]+)*(:[0-9]+)?(/[a-z0-9]+([._-]+[a-z0-9]+)*)*$"
+TAG = r"^([A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?$"
+DIGEST = r"^(sha256:[a-f0-9]{64})?$"
+CIDR = r"^([0-9]{1,3}(\.[0-9]{1,3}){3}/[0-9]{1,2}|[0-9a-fA-F:]+/[0-9]{1,3})$"
+URI_PREFIX = r"^[a-z][a-z0-9+.-]*://[^,\s]+$"
+
+
+def optional(pattern: str) -> str:
+    """`pattern` (anchored with ^...$) or the empty string."""
+    return f"^({pattern[1:-1]})?$"
+
+Port = int
+PullPolicy = Literal["Always", "IfNotPresent", "Never"]
+
+
+def port(description: str, default: int) -> Any:
+    return Field(default, ge=1, le=65535, description=description)
+
+
+class Values(BaseModel):
+    """Base of every values object: camelCase keys, unknown keys refused."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+# ------------------------------------------------------------------------------- sections
+
+
+class Image(Values):
+    repository: str = Field(description="Image repository.", pattern=REPOSITORY)
+    tag: str = Field("", description="Image tag; empty uses the chart's appVersion. Ignored when `digest` is set.", pattern=TAG)
+    digest: str = Field("", description="Pin the image by digest (`sha256:` + 64 hex digits); wins over `tag`.", pattern=DIGEST)
+    pull_policy: PullPolicy = Field("IfNotPresent", description="imagePullPolicy: Always, IfNotPresent or Never.")
+
+
+class ImagePullSecret(Values):
+    name: str = Field(description="Name of a docker-registry Secret in the release namespace.", pattern=DNS_SUBDOMAIN)
+
+
+class Watch(Values):
+    model_config = ConfigDict(
+        json_schema_extra={
+            # Namespaced RBAC needs concrete namespaces; cluster-wide RBAC and a namespace list
+            # together would grant far more than what is watched.
+            "if": {"properties": {"scope": {"const": "Namespaced"}}},
+            "then": {"properties": {"namespaces": {"minItems": 1}}},
+            "else": {"properties": {"namespaces": {"maxItems": 0}}},
+        }
+    )
+    scope: Literal["Cluster", "Namespaced"] = Field(
+        "Cluster",
+        description="Cluster: the operator watches every namespace through a ClusterRole. "
+        "Namespaced: it watches `namespaces` only, with a Role and RoleBinding in each.",
+    )
+    namespaces: list[str] = Field(
+        default_factory=list,
+        description="Namespaces to watch when `scope` is Namespaced (at least one); must be empty for Cluster.",
+        json_schema_extra={"items": {"type": "string", "pattern": DNS_LABEL, "maxLength": 63}, "uniqueItems": True},
+    )
+
+
+class ServiceAccount(Values):
+    create: bool = Field(True, description="Create the operator's ServiceAccount.")
+    name: str = Field("", description="Its name; empty uses the release's full name.", pattern=optional(DNS_SUBDOMAIN), max_length=253)
+    annotations: dict[str, str] = Field(default_factory=dict, description="Annotations, e.g. for workload identity.")
+
+
+class Rbac(Values):
+    create: bool = Field(True, description="Create the operator's Role(s) or ClusterRole and their bindings.")
+    aggregate_to_default_roles: bool = Field(
+        True,
+        description="Add FineTuneJob permissions to the built-in `admin`, `edit` (read-write) and `view` (read-only) "
+        "ClusterRoles through aggregation labels.",
+    )
+
+
+class Crds(Values):
+    install: bool = Field(
+        True,
+        description="Install the FineTuneJob CRD as a template (upgraded with the chart). It carries "
+        "`helm.sh/resource-policy: keep`: uninstalling the chart leaves the CRD and every FineTuneJob in place.",
+    )
+
+
+class OperatorResources(Values):
+    requests: dict[str, str] = Field(description="Requests.")
+    limits: dict[str, str] = Field(description="Limits.")
+
+
+class Operator(Values):
+    metrics_port: Port = port("Port of the operator's own /metrics endpoint (KUBETUNE_OPERATOR_METRICS_PORT).", 8000)
+    scrape_interval_seconds: float = Field(
+        30.0, gt=0, description="How often the operator scrapes a running trainer's /metrics into .status.progress "
+        "(KUBETUNE_METRICS_SCRAPE_INTERVAL_SECONDS)."
+    )
+    max_job_recreations: int = Field(
+        3, ge=0, description="How often a trainer Job deleted by someone else is recreated (resuming from the newest "
+        "checkpoint) before the FineTuneJob fails with TooManyRecreations (KUBETUNE_MAX_JOB_RECREATIONS)."
+    )
+    resources: OperatorResources = Field(
+        default_factory=lambda: OperatorResources(requests={"cpu": "100m", "memory": "256Mi"}, limits={"memory": "512Mi"}),
+        description="Resources of the operator container (no CPU limit: throttling delays watch handling).",
+    )
+    tmp_size_limit: str = Field("64Mi", description="sizeLimit of the /tmp emptyDir (the root filesystem is read-only).", pattern=QUANTITY)
+    pod_annotations: dict[str, str] = Field(default_factory=dict, description="Extra annotations of the operator pod.")
+    pod_labels: dict[str, str] = Field(default_factory=dict, description="Extra labels of the operator pod.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="nodeSelector of the operator pod.")
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Tolerations of the operator pod.")
+    affinity: dict[str, Any] = Field(default_factory=dict, description="Affinity of the operator pod.")
+    priority_class_name: str = Field("", description="priorityClassName of the operator pod.", max_length=253)
+
+
+class Peering(Values):
+    enabled: bool = Field(
+        False,
+        description="kopf peering (KUBETUNE_PEERING): the operator coordinates through a KopfPeering object, so a "
+        "standby operator with another priority takes over when this one dies. The Deployment keeps one replica.",
+    )
+    priority: int = Field(
+        0,
+        ge=0,
+        le=1_000_000,
+        description="This release's peering priority (KUBETUNE_PEERING_PRIORITY): the highest live operator acts, the others "
+        "stand by. A standby release must use a different value than the active one.",
+    )
+    install_crds: bool = Field(True, description="With peering on, install kopf's KopfPeering and ClusterKopfPeering CRDs (kept on uninstall).")
+
+
+class Kueue(Values):
+    enabled: bool = Field(
+        True,
+        description="spec.scheduling.queueName names a Kueue LocalQueue (KUBETUNE_KUEUE). Set false on clusters "
+        "without Kueue: queueName then names the Volcano queue of jobs with schedulerName volcano.",
+    )
+
+
+class TrainerServiceAccount(Values):
+    create: bool = Field(True, description="Create the trainer ServiceAccount (no RBAC, no token mounted).")
+    name: str = Field(
+        "kubetune-trainer",
+        description="Name of the ServiceAccount trainer pods run as, in each job's namespace (KUBETUNE_TRAINER_SERVICE_ACCOUNT).",
+        pattern=DNS_SUBDOMAIN,
+        max_length=253,
+    )
+    namespaces: list[str] = Field(
+        default_factory=list,
+        description="Namespaces to create it in; empty: the watched namespaces (Namespaced) or the release "
+        "namespace (Cluster). With a cluster-wide operator, list every namespace where people run FineTuneJobs.",
+        json_schema_extra={"items": {"type": "string", "pattern": DNS_LABEL, "maxLength": 63}, "uniqueItems": True},
+    )
+
+
+class TrainerVolumes(Values):
+    tmp_size_limit: str = Field("2Gi", description="sizeLimit of /tmp (KUBETUNE_TMP_SIZE_LIMIT).", pattern=QUANTITY)
+    scratch_size_limit: str = Field(
+        "200Gi", description="sizeLimit of /scratch: checkpoints before upload, the final adapter (KUBETUNE_SCRATCH_SIZE_LIMIT).", pattern=QUANTITY
+    )
+    hf_cache_size_limit: str = Field(
+        "50Gi", description="sizeLimit of the Hugging Face cache, HF_HOME (KUBETUNE_HF_CACHE_SIZE_LIMIT).", pattern=QUANTITY
+    )
+    cache_size_limit: str = Field(
+        "200Gi", description="sizeLimit of the model download cache, KUBETUNE_CACHE (KUBETUNE_CACHE_SIZE_LIMIT).", pattern=QUANTITY
+    )
+    shared_memory_default: str = Field(
+        "8Gi", description="Size of /dev/shm of GPU pods whose job sets no resources.sharedMemory (KUBETUNE_SHARED_MEMORY_DEFAULT).",
+        pattern=QUANTITY,
+    )
+
+
+class Validation(Values):
+    cpu: str = Field("1", description="CPU request of the data validation Job (KUBETUNE_VALIDATION_CPU).", pattern=QUANTITY)
+    memory: str = Field("4Gi", description="Memory request and limit of the data validation Job (KUBETUNE_VALIDATION_MEMORY).", pattern=QUANTITY)
+    deadline_seconds: int = Field(1800, ge=1, description="activeDeadlineSeconds of the data validation Job (KUBETUNE_VALIDATION_DEADLINE_SECONDS).")
+
+
+class Trainer(Values):
+    image: Image = Field(
+        default_factory=lambda: Image(repository="ghcr.io/kubetune/trainer"),
+        description="Default trainer image, for jobs without spec.image (KUBETUNE_TRAINER_IMAGE; "
+        "KUBETUNE_IMAGE_PULL_POLICY). Pin it by digest in production.",
+    )
+    service_account: TrainerServiceAccount = Field(default_factory=TrainerServiceAccount, description="The trainer pods' ServiceAccount.")
+    metrics_port: Port = port("Port trainer pods serve Prometheus metrics on, named `metrics` (KUBETUNE_METRICS_PORT).", 9090)
+    termination_grace_period_seconds: int = Field(
+        120, ge=0, description="Time a preempted trainer gets after SIGTERM to save and upload its checkpoint "
+        "(KUBETUNE_TERMINATION_GRACE_PERIOD_SECONDS)."
+    )
+    allowed_output_prefixes: list[str] = Field(
+        default_factory=list,
+        description="URI prefixes every spec.output.uri must start with, e.g. [s3://models/]; empty allows any "
+        "(KUBETUNE_ALLOWED_OUTPUT_PREFIX, comma-joined).",
+        json_schema_extra={"items": {"type": "string", "pattern": URI_PREFIX}},
+    )
+    volumes: TrainerVolumes = Field(default_factory=TrainerVolumes, description="Size limits of the trainer pods' emptyDir volumes.")
+    validation: Validation = Field(default_factory=Validation, description="The CPU-only Job that checks a dataset before any GPU is requested.")
+
+
+class Cost(Values):
+    gpu_price_per_hour_usd: float = Field(
+        2.5, ge=0, alias="gpuPricePerHourUSD", description="Price of one GPU-hour, for status.cost.estimatedUSD (KUBETUNE_GPU_PRICE_PER_HOUR_USD)."
+    )
+    gpu_watts: float = Field(700.0, gt=0, description="Assumed power of one GPU when the trainer measures none (KUBETUNE_GPU_WATTS).")
+    grid_carbon_kg_per_kwh: float = Field(
+        0.4, ge=0, alias="gridCarbonKgPerKWh", description="Grid carbon intensity in kg CO2 per kWh, for status.cost.co2Kg (KUBETUNE_GRID_CARBON_KG_PER_KWH)."
+    )
+
+
+class Monitor(Values):
+    enabled: bool = Field(False, description="Create it (needs the Prometheus Operator's CRDs).")
+    interval: str = Field("30s", description="Scrape interval.", pattern=DURATION)
+    scrape_timeout: str = Field("10s", description="Scrape timeout (at most the interval).", pattern=DURATION)
+    labels: dict[str, str] = Field(default_factory=dict, description="Extra labels, e.g. the `release` label your Prometheus selects on.")
+
+
+class Metrics(Values):
+    service_monitor: Monitor = Field(
+        default_factory=Monitor, description="A Service and ServiceMonitor for the operator's own metrics (port `metrics`)."
+    )
+    pod_monitor: Monitor = Field(
+        default_factory=Monitor,
+        description="A PodMonitor for the trainer pods (port `metrics`) in the watched namespaces; the series get a `finetunejob` label.",
+    )
+
+
+class Dns(Values):
+    namespace_labels: dict[str, str] = Field(
+        default_factory=lambda: {"kubernetes.io/metadata.name": "kube-system"}, description="Labels of the namespace the DNS pods run in."
+    )
+    pod_labels: dict[str, str] = Field(default_factory=lambda: {"k8s-app": "kube-dns"}, description="Labels of the DNS pods.")
+
+
+class ApiServer(Values):
+    cidrs: list[str] = Field(
+        default_factory=list,
+        description="CIDRs of the Kubernetes API server endpoints (`kubectl get endpoints kubernetes`); empty allows "
+        "any destination on `ports`.",
+        json_schema_extra={"items": {"type": "string", "pattern": CIDR}},
+    )
+    ports: list[Port] = Field(
+        default_factory=lambda: [443, 6443],
+        description="Ports of the API server.",
+        json_schema_extra={"items": {"type": "integer", "minimum": 1, "maximum": 65535}, "minItems": 1},
+    )
+
+
+class TrainerNetwork(Values):
+    enabled: bool = Field(True, description="Also restrict trainer pods, in every namespace that gets the trainer ServiceAccount.")
+    egress_cidrs: list[str] = Field(
+        default_factory=lambda: ["0.0.0.0/0"],
+        description="CIDRs trainers may reach: your object store (S3, GCS, MinIO) and, for hf:// models, the "
+        "Hugging Face Hub. Narrow this to their ranges.",
+        json_schema_extra={"items": {"type": "string", "pattern": CIDR}, "minItems": 1},
+    )
+    egress_ports: list[Port] = Field(
+        default_factory=lambda: [443],
+        description="Ports trainers may reach on `egressCidrs`.",
+        json_schema_extra={"items": {"type": "integer", "minimum": 1, "maximum": 65535}, "minItems": 1},
+    )
+
+
+class NetworkPolicy(Values):
+    enabled: bool = Field(
+        False,
+        description="Default-deny NetworkPolicies: the operator may reach DNS, the API server and the trainers' "
+        "metrics port; trainers may reach DNS, each other (multi-node rendezvous) and `trainer.egressCidrs`.",
+    )
+    metrics_from: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="NetworkPolicyPeers allowed to scrape the metrics ports (your Prometheus); empty allows any source.",
+    )
+    dns: Dns = Field(default_factory=Dns, description="Where cluster DNS runs.")
+    api_server: ApiServer = Field(default_factory=ApiServer, description="Egress from the operator to the API server.")
+    trainer: TrainerNetwork = Field(default_factory=TrainerNetwork, description="The trainer pods' policy.")
+
+
+class Dashboards(Values):
+    enabled: bool = Field(False, description="Ship the Grafana dashboard as a ConfigMap, for Grafana's dashboard sidecar.")
+    namespace: str = Field("", description="Namespace of the ConfigMap; empty: the release namespace.", pattern=optional(DNS_LABEL), max_length=63)
+    labels: dict[str, str] = Field(default_factory=lambda: {"grafana_dashboard": "1"}, description="Labels the sidecar selects on.")
+    annotations: dict[str, str] = Field(default_factory=dict, description="Annotations, e.g. the sidecar's target folder.")
+
+
+# ------------------------------------------------------------------------------- the root
+
+
+class ChartValues(Values):
+    name_override: str = Field("", description="Replaces the chart name in object names.", pattern=optional(DNS_LABEL), max_length=40)
+    full_name_override: str = Field("", alias="fullnameOverride", description="Replaces the release's full name.", pattern=optional(DNS_LABEL), max_length=52)
+    watch: Watch = Field(default_factory=Watch, description="What the operator watches; also decides the RBAC mode (KUBETUNE_NAMESPACES).")
+    image: Image = Field(
+        default_factory=lambda: Image(repository="ghcr.io/kubetune/operator"),
+        description="The operator image. Its entrypoint is `python -m kubetune.operator`.",
+    )
+    image_pull_secrets: list[ImagePullSecret] = Field(default_factory=list, description="Pull secrets of the operator pod.")
+    service_account: ServiceAccount = Field(default_factory=ServiceAccount, description="The operator's ServiceAccount.")
+    rbac: Rbac = Field(default_factory=Rbac, description="The operator's permissions; no wildcards, never Secrets.")
+    crds: Crds = Field(default_factory=Crds, description="The FineTuneJob CustomResourceDefinition.")
+    operator: Operator = Field(default_factory=Operator, description="The operator Deployment (one replica, Recreate).")
+    peering: Peering = Field(default_factory=Peering, description="kopf peering.")
+    kueue: Kueue = Field(default_factory=Kueue, description="Kueue integration.")
+    trainer: Trainer = Field(default_factory=Trainer, description="Defaults for the trainer Jobs the operator creates.")
+    cost: Cost = Field(default_factory=Cost, description="Inputs of status.cost.")
+    metrics: Metrics = Field(default_factory=Metrics, description="Prometheus Operator objects.")
+    network_policy: NetworkPolicy = Field(default_factory=NetworkPolicy, description="NetworkPolicies.")
+    dashboards: Dashboards = Field(default_factory=Dashboards, description="Grafana dashboard.")
+
+
+# ----------------------------------------------------------------------------- rendering
+
+HEADER = """\
+# Values of the kubetune chart. GENERATED by hack/chart_schema.py (`make chart-schema`) from the
+# same models as values.schema.json: edit the models there, not this file.
+"""
+WIDTH = 100
+
+
+def _comment(text: str, indent: str) -> list[str]:
+    return [f"{indent}# {line}" for line in textwrap.wrap(text, WIDTH - len(indent) - 2)]
+
+
+def _scalar(value: Any) -> str:
+    """A scalar or an empty collection as YAML: JSON's spelling of them is valid YAML."""
+    return json.dumps(value)
+
+
+def _emit(model: type[Values], data: dict[str, Any], depth: int) -> list[str]:
+    indent = "  " * depth
+    lines: list[str] = []
+    for name, field in model.model_fields.items():
+        key = field.alias or name
+        value = data[key]
+        if lines or depth == 0:
+            lines.append("")
+        lines += _comment(field.description or "", indent)
+        sub = field.annotation if isinstance(field.annotation, type) and issubclass(field.annotation, Values) else None
+        if sub is not None:
+            lines.append(f"{indent}{key}:")
+            lines += _emit(sub, value, depth + 1)
+        elif isinstance(value, (dict, list)) and value:
+            lines.append(f"{indent}{key}:")
+            body = yaml.safe_dump(value, default_flow_style=False, sort_keys=False).rstrip("\n")
+            lines += [f"{indent}  {line}" for line in body.splitlines()]
+        else:
+            lines.append(f"{indent}{key}: {_scalar(value)}")
+    return lines
+
+
+def values_yaml() -> str:
+    data = ChartValues().model_dump(by_alias=True, mode="json")
+    body = "\n".join(_emit(ChartValues, data, 0)).lstrip("\n")
+    return f"{HEADER}\n{body}\n"
+
+
+def _inline(node: Any, defs: dict[str, Any]) -> Any:
+    """Resolve `$ref`s (Helm 3 and 4 read draft-07 without them), drop titles and defaults."""
+    if isinstance(node, dict):
+        if "$ref" in node:
+            target = defs[node["$ref"].rsplit("/", 1)[1]]
+            extra = {k: v for k, v in node.items() if k != "$ref"}
+            return _inline({**target, **extra}, defs)
+        return {k: _inline(v, defs) for k, v in node.items() if k not in ("title", "default", "$defs")}
+    if isinstance(node, list):
+        return [_inline(v, defs) for v in node]
+    return node
+
+
+def values_schema() -> str:
+    raw = ChartValues.model_json_schema(by_alias=True, mode="validation")
+    schema = {"$schema": "http://json-schema.org/draft-07/schema#", **_inline(raw, raw.get("$defs", {}))}
+    return json.dumps(schema, indent=2) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    outputs = {VALUES: values_yaml(), SCHEMA: values_schema()}
+    if "--check" in argv:
+        stale = [str(p.relative_to(ROOT)) for p, text in outputs.items() if not p.exists() or p.read_text() != text]
+        if stale:
+            print(f"stale: {', '.join(stale)}; run `make chart-schema`", file=sys.stderr)
+            return 1
+        return 0
+    for path, text in outputs.items():
+        path.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
