@@ -42,6 +42,18 @@ K8S_VERSION = "v1.20.2"
 BUILD_SCRIPT = "hack/build-apiserver.sh"
 TEST_USER = "kubetune-test-user"
 ADMIN_USER = "kubetune-admin"
+OPERATOR_SERVICE_ACCOUNT = ("kubetune-system", "kubetune-operator")
+"""(namespace, name) of the operator's ServiceAccount in the Helm chart: registered by default."""
+ADMISSION_PLUGINS = ("OwnerReferencesPermissionEnforcement",)
+"""Admission plugins enabled on top of the defaults. OwnerReferencesPermissionEnforcement makes
+an ownerReference with ``blockOwnerDeletion: true`` (which kubetune's builders set) require
+``update`` on the owner's ``finalizers`` subresource, as on most production clusters, so RBAC
+proofs on this tier are honest."""
+
+
+def service_account_username(namespace: str, name: str) -> str:
+    """The user name Kubernetes gives a ServiceAccount's tokens."""
+    return f"system:serviceaccount:{namespace}:{name}"
 
 
 class BinariesMissing(RuntimeError):
@@ -189,6 +201,20 @@ class ApiServer:
     system:masters, bypasses RBAC), ``user_token`` (user ``kubetune-test-user``, no groups:
     RBAC applies), ``kubeconfig`` (a file using the admin token). Authorization is RBAC, so
     tests can also check permissions with ``kubectl auth can-i --as=...``.
+
+    ServiceAccount identities without a kube-controller-manager: this tier has no token
+    controller, so a ServiceAccount gets no token Secret. Instead, each (namespace, name) in
+    ``service_accounts`` (default: only ``kubetune-system/kubetune-operator``, the chart's
+    operator) gets a bearer token in the static token file, with the user name and groups a
+    real ServiceAccount token authenticates as (``system:serviceaccount:NS:NAME``; groups
+    ``system:serviceaccounts``, ``system:serviceaccounts:NS``, plus ``system:authenticated``
+    which the apiserver adds). RoleBindings whose subject is that ServiceAccount then apply to
+    it exactly as on a cluster. The token file is read once at start-up, so only identities
+    registered at construction exist: see :meth:`service_account_token` and
+    :meth:`service_account_kubeconfig`. (The ServiceAccount object itself need not exist.)
+
+    Admission: ``ADMISSION_PLUGINS`` are enabled on top of 1.20's defaults (ServiceAccount
+    admission is disabled: no token controller).
     """
 
     def __init__(
@@ -196,10 +222,13 @@ class ApiServer:
         binaries: tuple[Path, Path] | None = None,
         ready_timeout: float = 60.0,
         extra_apiserver_args: Sequence[str] = (),
+        service_accounts: Iterable[tuple[str, str]] = (OPERATOR_SERVICE_ACCOUNT,),
     ) -> None:
         self._binaries = binaries
         self.ready_timeout = ready_timeout
         self.extra_apiserver_args = list(extra_apiserver_args)
+        self.service_accounts: tuple[tuple[str, str], ...] = tuple(dict.fromkeys(service_accounts))
+        self._sa_tokens: dict[tuple[str, str], str] = {}
         self.tmpdir: Path | None = None
         self.url: str = ""
         self.token: str = ""
@@ -225,6 +254,28 @@ class ApiServer:
     def pids(self) -> list[int]:
         """PIDs of every process this instance started (kept after stop(), for assertions)."""
         return list(self._started_pids)
+
+    def service_account_token(self, namespace: str, name: str) -> str:
+        """Bearer token of ServiceAccount ``namespace/name`` (registered at construction)."""
+        try:
+            return self._sa_tokens[(namespace, name)]
+        except KeyError:
+            registered = ", ".join(f"{ns}/{n}" for ns, n in self.service_accounts) or "none"
+            raise KeyError(
+                f"ServiceAccount {namespace}/{name} has no token: the static token file is read at "
+                f"start-up; pass service_accounts=[...] to ApiServer() (registered: {registered})"
+            ) from None
+
+    def service_account_kubeconfig(self, namespace: str, name: str) -> Path:
+        """A kubeconfig authenticating as ServiceAccount ``namespace/name`` (its default
+        namespace is ``namespace``), for kubectl, the kubernetes client or an operator process.
+        Only identities registered at construction work (see the class docstring)."""
+        token = self.service_account_token(namespace, name)
+        assert self.tmpdir is not None
+        path = self.tmpdir / f"kubeconfig-sa-{namespace}-{name}"
+        path.write_text(json.dumps(self._kubeconfig_dict(service_account_username(namespace, name), token, namespace), indent=2))
+        path.chmod(0o600)
+        return path
 
     def start(self) -> None:
         if self._procs:
@@ -352,12 +403,17 @@ class ApiServer:
         _generate_rsa_key(sa_key)
         self.token = secrets.token_hex(16)
         self.user_token = secrets.token_hex(16)
+        self._sa_tokens = {sa: secrets.token_hex(16) for sa in self.service_accounts}
         tokens = tmp / "tokens.csv"
         # token,user,uid,"group1,group2"
-        tokens.write_text(
-            f'{self.token},{ADMIN_USER},{ADMIN_USER},"system:masters"\n'
-            f"{self.user_token},{TEST_USER},{TEST_USER}\n"
-        )
+        lines = [
+            f'{self.token},{ADMIN_USER},{ADMIN_USER},"system:masters"',
+            f"{self.user_token},{TEST_USER},{TEST_USER}",
+        ]
+        for (sa_ns, sa_name), sa_token in self._sa_tokens.items():
+            user = service_account_username(sa_ns, sa_name)
+            lines.append(f'{sa_token},{user},{user},"system:serviceaccounts,system:serviceaccounts:{sa_ns}"')
+        tokens.write_text("\n".join(lines) + "\n")
         tokens.chmod(0o600)
         (tmp / "certs").mkdir()
 
@@ -383,6 +439,7 @@ class ApiServer:
             f"--token-auth-file={tokens}",
             "--authorization-mode=RBAC",
             "--disable-admission-plugins=ServiceAccount",
+            f"--enable-admission-plugins={','.join(ADMISSION_PLUGINS)}",
             "--service-cluster-ip-range=10.0.0.0/24",
             "--allow-privileged=true",
         ]
@@ -403,23 +460,26 @@ class ApiServer:
 
         self._wait_for("kube-apiserver", apiserver_ready, deadline)
 
-    def _write_kubeconfig(self) -> None:
-        assert self.tmpdir is not None
-        config = {
+    def _kubeconfig_dict(self, user: str, token: str, namespace: str = "default") -> dict[str, Any]:
+        return {
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [
                 {"name": "kubetune", "cluster": {"server": self.url, "insecure-skip-tls-verify": True}}
             ],
-            "users": [{"name": ADMIN_USER, "user": {"token": self.token}}],
+            "users": [{"name": user, "user": {"token": token}}],
             "contexts": [
                 {
                     "name": "kubetune",
-                    "context": {"cluster": "kubetune", "user": ADMIN_USER, "namespace": "default"},
+                    "context": {"cluster": "kubetune", "user": user, "namespace": namespace},
                 }
             ],
             "current-context": "kubetune",
         }
+
+    def _write_kubeconfig(self) -> None:
+        assert self.tmpdir is not None
+        config = self._kubeconfig_dict(ADMIN_USER, self.token)
         self.kubeconfig = self.tmpdir / "kubeconfig"
         # JSON is valid YAML; kubectl and the kubernetes client both read it.
         self.kubeconfig.write_text(json.dumps(config, indent=2))

@@ -17,6 +17,16 @@ objects and status transitions it would see on a cluster:
   subprocess* (see its docstring for what is and is not emulated);
 * :meth:`run_job` does the whole lifecycle of one Job.
 
+Volumes: a local process cannot see a pod's mounts, so the stand-in gives each mounted volume
+of a supported type a local directory (``<log_dir>/<pod>.volumes/<volume>``) and rewrites the
+container's paths to it: every ``command``/``args`` item and every value of the container's
+``env`` that is a mount path or lies under one (also the ``--flag=PATH`` form) points into the
+local directory instead (the longest mount path wins). Supported: ``emptyDir`` (an empty
+directory), ``downwardAPI`` (``fieldRef`` items written as files, as the kubelet projects them),
+``secret`` and ``configMap`` (keys read through the API, ``items`` honoured). Other volume types
+(PVCs, hostPath, ...) are left alone: their paths stay as written. Paths a program computes
+itself (not from argv or env) are not rewritten.
+
 Termination message: a container writes its termination message to
 ``terminationMessagePath`` (default ``/dev/termination-log``), which the kubelet mounts from a
 per-container file. A local process cannot be given that path generically (rewriting env or
@@ -46,6 +56,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -147,7 +158,11 @@ class StandinKubelet:
         api_client: kubernetes.client.ApiClient | None = None,
         log_dir: str | os.PathLike[str] | None = None,
         node_name: str = "standin-node",
+        drop_env_prefixes: tuple[str, ...] = (),
     ) -> None:
+        """``drop_env_prefixes``: variables of *this* process whose names start with one of these
+        are not inherited by the containers it runs (e.g. ``("AWS_",)``, so that credentials can
+        only come from the pod's own ``env``/``envFrom``, as in a real pod)."""
         if api_client is None:
             if kubeconfig is not None:
                 api_client = kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
@@ -167,10 +182,32 @@ class StandinKubelet:
         self.log_dir = Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="kubetune-standin-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.node_name = node_name
+        self.drop_env_prefixes = tuple(drop_env_prefixes)
         self.logs: dict[str, Path] = {}  # pod name -> log file of its run
+        self.volume_dirs: dict[str, dict[str, Path]] = {}  # pod name -> mount path -> local dir
+        self.running: dict[str, subprocess.Popen[bytes]] = {}  # pod name -> its container process
+        self._run_lock = threading.Lock()
+        self._shut_down = False
 
     def close(self) -> None:
         self.api_client.close()
+
+    def kill_running(self, shutdown: bool = False) -> list[str]:
+        """SIGKILL the process group of every container running now (e.g. from a test's
+        teardown while another thread is inside :meth:`run_job`); returns their pod names.
+        The thread running it then sees the kill as exit code 137. With ``shutdown``, no
+        container starts any more afterwards (:meth:`run_container` raises RuntimeError), so a
+        :meth:`run_job` retry loop in another thread cannot start a new one."""
+        killed = []
+        with self._run_lock:
+            self._shut_down = self._shut_down or shutdown
+            procs = list(self.running.items())
+        for name, proc in procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                killed.append(name)
+        return killed
 
     def __enter__(self) -> StandinKubelet:
         return self
@@ -485,6 +522,69 @@ class StandinKubelet:
                 return (meta.get(key) or {}).get(path[len(prefix) + 2 : -2], "")
         raise UnsupportedPodSpec(f"fieldRef {path} is not supported by the stand-in")
 
+    def _volume_data(self, source: Obj, kind: str, namespace: str) -> dict[str, str]:
+        ref = {"name": source.get("secretName" if kind == "secret" else "name"), "optional": source.get("optional")}
+        data = self._secret_data(ref, namespace) if kind == "secret" else self._configmap_data(ref, namespace)
+        items = source.get("items")
+        if not items:
+            return data
+        out = {}
+        for item in items:
+            if item["key"] in data:
+                out[item["path"]] = data[item["key"]]
+            elif not item.get("optional", source.get("optional")):
+                raise UnsupportedPodSpec(f"{kind} volume {ref['name']} has no key {item['key']}")
+        return out
+
+    def materialize_volumes(self, pod: Obj, container: Obj) -> dict[str, Path]:
+        """Local directories for the container's mounts of supported volume types (see the
+        module docstring): mount path → directory, filled as the kubelet would fill the volume."""
+        name, namespace = pod["metadata"]["name"], pod["metadata"]["namespace"]
+        volumes = {v["name"]: v for v in pod["spec"].get("volumes") or []}
+        root = self.log_dir / f"{name}.volumes"
+        mounts: dict[str, Path] = {}
+        for mount in container.get("volumeMounts") or []:
+            volume = volumes.get(mount["name"])
+            if volume is None:
+                raise UnsupportedPodSpec(f"volumeMount {mount['name']} names no volume of the pod")
+            local = root / mount["name"]
+            files: dict[str, str] | None = None
+            if "emptyDir" in volume:
+                files = {}
+            elif "downwardAPI" in volume:
+                files = {}
+                for item in volume["downwardAPI"].get("items") or []:
+                    if "fieldRef" not in item:
+                        raise UnsupportedPodSpec(f"downwardAPI item {item} is not supported by the stand-in")
+                    files[item["path"]] = self._field(pod, item["fieldRef"]["fieldPath"])
+            elif "secret" in volume:
+                files = self._volume_data(volume["secret"], "secret", namespace)
+            elif "configMap" in volume:
+                files = self._volume_data(volume["configMap"], "configMap", namespace)
+            if files is None:
+                continue  # PVC, hostPath, ...: not emulated, the path stays as written
+            local.mkdir(parents=True, exist_ok=True)
+            for rel, text in files.items():
+                target = local / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(text)
+            sub = mount.get("subPath")
+            mounts[mount["mountPath"].rstrip("/") or "/"] = local / sub if sub else local
+        self.volume_dirs[name] = mounts
+        return mounts
+
+    @staticmethod
+    def rewrite_path(value: str, mounts: Mapping[str, Path]) -> str:
+        """``value`` with a leading mount path (or one after ``--flag=``) replaced by its local
+        directory; the longest matching mount path wins; anything else unchanged."""
+        prefix, sep, rest = value.partition("=")
+        if sep and prefix.startswith("-") and rest.startswith("/"):
+            return f"{prefix}={StandinKubelet.rewrite_path(rest, mounts)}"
+        for mount_path in sorted(mounts, key=len, reverse=True):
+            if value == mount_path or value.startswith(mount_path.rstrip("/") + "/"):
+                return str(mounts[mount_path]) + value[len(mount_path.rstrip("/")):]
+        return value
+
     def run_container(
         self,
         pod: Obj | str,
@@ -501,10 +601,14 @@ class StandinKubelet:
         the termination message (through ``$KUBETUNE_TERMINATION_PATH``, see the module
         docstring); stdout and stderr go to ``self.log_dir/<pod>.log`` (``self.logs[pod]``).
 
+        Volumes: mounts of emptyDir, downwardAPI, secret and configMap volumes become local
+        directories and the container's argv and env paths are rewritten to them (module
+        docstring); other volume types are not emulated.
+
         What is not: the image (the command runs on this machine, so ``python``/``python3`` as
         the executable means this interpreter, ``sys.executable``, and its directory is put
-        first on PATH); volumes and mounts; resources and limits. The process inherits this
-        process's environment (PATH, HOME, the venv) under the container's env. The working
+        first on PATH); resources and limits. The process inherits this process's environment
+        (PATH, HOME, the venv; minus ``drop_env_prefixes``) under the container's env. The working
         directory is ``cwd``, else the container's ``workingDir`` if it exists here, else a
         fresh directory. A container without ``command`` (image entrypoint) is refused. On
         ``timeout`` the process group is killed and :class:`TimeoutError` raised.
@@ -519,7 +623,10 @@ class StandinKubelet:
                 "image's entrypoint"
             )
         cenv = self._container_env(pod, container)
-        argv = [expand(a, cenv) for a in command + list(container.get("args") or [])]
+        mounts = self.materialize_volumes(pod, container)
+        cenv = {k: self.rewrite_path(v, mounts) for k, v in cenv.items()}
+        # Rewrite the written paths first, then expand $(VAR) with the (already rewritten) env.
+        argv = [expand(self.rewrite_path(a, mounts), cenv) for a in command + list(container.get("args") or [])]
         if argv[0] in ("python", "python3"):
             argv[0] = sys.executable
 
@@ -536,27 +643,33 @@ class StandinKubelet:
                 workdir.mkdir(exist_ok=True)
                 cwd = workdir
 
-        env = dict(os.environ)
+        drop = self.drop_env_prefixes
+        env = {k: v for k, v in os.environ.items() if not (drop and k.startswith(drop))}
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
         env.update(cenv)
         env.update(env_extra or {})
         env[TERMINATION_ENV] = str(term_path)
 
-        with open(log_path, "wb") as log:
+        with open(log_path, "wb") as log, self._run_lock:
+            if self._shut_down:
+                raise RuntimeError("the stand-in kubelet was shut down (kill_running(shutdown=True))")
             proc = subprocess.Popen(
                 argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True,
             )
-            try:
-                code = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                raise TimeoutError(
-                    f"container {container['name']} of pod {name} ran longer than {timeout:g} s; "
-                    f"log {log_path}:\n{_tail(log_path)}"
-                ) from None
+            self.running[name] = proc
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise TimeoutError(
+                f"container {container['name']} of pod {name} ran longer than {timeout:g} s; "
+                f"log {log_path}:\n{_tail(log_path)}"
+            ) from None
+        finally:
+            self.running.pop(name, None)
         if code < 0:  # killed by a signal: a container runtime reports 128 + signal
             code = 128 - code
         message = term_path.read_bytes()[:MAX_TERMINATION_MESSAGE].decode(errors="replace")
