@@ -135,6 +135,10 @@ class Operator(Values):
         3, ge=0, description="How often a trainer Job deleted by someone else is recreated (resuming from the newest "
         "checkpoint) before the FineTuneJob fails with TooManyRecreations (KUBETUNE_MAX_JOB_RECREATIONS)."
     )
+    worker_limit: int = Field(
+        0, ge=0, description="Most FineTuneJobs handled at the same time (kopf's batching.worker_limit, "
+        "KUBETUNE_WORKER_LIMIT); 0 means no limit. A limit bounds memory and API load during a burst of new jobs."
+    )
     resources: OperatorResources = Field(
         default_factory=lambda: OperatorResources(requests={"cpu": "100m", "memory": "256Mi"}, limits={"memory": "512Mi"}),
         description="Resources of the operator container (no CPU limit: throttling delays watch handling).",

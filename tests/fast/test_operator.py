@@ -17,6 +17,7 @@ from tests.fast.ftj import (
     JOBS,
     NAME,
     NS,
+    SETTINGS,
     create,
     failed_reason,
     fetch,
@@ -50,6 +51,26 @@ async def test_valid_job_creates_one_owned_job(kube: KubeEmulator, api: aiohttp.
     assert kube.count('create', JOBS) == 1
     obj = kube.read_object(FTJ, NS, NAME)
     assert obj is not None and not obj['metadata'].get('finalizers')  # O7: nothing can hang the delete
+
+
+@pytest.mark.parametrize('limit', [0, 2])
+async def test_worker_limit_reaches_kopf_and_every_job_is_served(kube: KubeEmulator, api: aiohttp.ClientSession,
+                                                                 limit: int) -> None:
+    """KUBETUNE_WORKER_LIMIT bounds kopf's concurrent workers (0: unbounded); all jobs still get Jobs."""
+    from dataclasses import replace
+
+    from tests.kmock_harness import operator_settings
+
+    kopf_settings = operator_settings()
+    registry = registry_for(kube, replace(SETTINGS, worker_limit=limit))
+    async with run_operator(registry, kube.base_url, settings=kopf_settings):
+        for i in range(5):
+            obj = manifest()
+            obj['metadata']['name'] = f'burst-{i}'
+            await create(api, ftj_path(), obj)
+        await wait_until(lambda: kube.count('create', JOBS) == 5, message='five Jobs')
+    assert kopf_settings.batching.worker_limit == (limit or None)
+    assert all(kube.read_object(JOBS, NS, f'burst-{i}-train') is not None for i in range(5))
 
 
 async def test_invalid_spec_fails_without_a_job(kube: KubeEmulator, api: aiohttp.ClientSession) -> None:

@@ -433,6 +433,8 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
             for kind, reason, message in reconcile.transitions(old, new):
                 kopf.event(body, type=kind, reason=reason, message=message)
 
+    worker_limit = settings.worker_limit or None  # kopf: None is unlimited
+
     @kopf.on.startup(registry=registry, id="configure")
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         """kopf settings of every instance (the tests' too, so they see what production does)."""
@@ -442,6 +444,7 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
         # No CRD watching: the FineTuneJob CRD is installed before the operator (Helm does), and
         # a namespaced operator then needs no cluster-wide permission at all (O11).
         settings.scanning.disabled = True
+        settings.batching.worker_limit = worker_limit
 
     phases: dict[str, str] = {}
 

@@ -103,6 +103,10 @@ class OperatorSettings:
     operator_metrics_port: int = 8000
     """Port of the operator's own Prometheus /metrics endpoint; 0 turns it off."""
 
+    worker_limit: int = 0
+    """Most FineTuneJobs handled concurrently (kopf's `batching.worker_limit`); 0: no limit.
+    A limit bounds the operator's memory and API load during a burst of new jobs."""
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
         """Settings from `KUBETUNE_*` variables (default: the process environment)."""
