@@ -71,3 +71,23 @@ def test_default_groups_skip_frozen_and_decay_matrices_only(tiny_model_dir: Path
     assert all(p is not model.model.embed_tokens.weight for p in params)
     decay = next(g for g in groups if g["weight_decay"] == 0.1)
     assert all(p.ndim >= 2 for p in decay["params"])
+
+
+def test_adamw_uses_the_fused_kernel_and_updates_like_the_loop(tiny_model_dir: Path) -> None:
+    """CPU fp32 parameters take torch's fused AdamW (as HF's default `adamw_torch_fused`); its
+    first step equals the per-tensor implementation's, and integer tensors fall back."""
+    model = load_tiny(tiny_model_dir)
+    opt = optimizers.build("adamw", [{"params": list(model.parameters())}], 1e-2, 0.0)
+    assert opt.defaults["fused"] is True
+    fused = one_step(tiny_model_dir, "adamw")
+    model = load_tiny(tiny_model_dir)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loop = torch.optim.AdamW(list(model.parameters()), lr=1e-2, weight_decay=0.0, foreach=False)
+    ids = torch.randint(4, 200, (4, 16), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    loop.step()
+    for n, p in model.named_parameters():
+        if n in fused:
+            assert fused[n] == pytest.approx(float((p.detach() - before[n]).norm() / (1e-2 * before[n].norm())), rel=1e-4), n
+    assert optimizers._fusable([{"params": [torch.zeros(2, dtype=torch.long)]}]) is None
+    assert optimizers._fusable([{"params": []}]) is None

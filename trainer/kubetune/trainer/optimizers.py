@@ -18,7 +18,19 @@ from kubetune.api.enums import Optimizer
 
 
 def _adamw(groups: list[dict[str, Any]], lr: float, weight_decay: float) -> Any:
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    # The fused kernel, as HF Trainer's default `adamw_torch_fused`: one pass over all tensors
+    # instead of several ops per tensor. benchmarks/trainer_vs_hf.py measured the unfused step at
+    # 1.6 ms vs 0.3 ms fused for LoRA r8 on builtin://small-llama (56 tensors, CPU).
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=_fusable(groups))
+
+
+def _fusable(groups: list[dict[str, Any]]) -> bool | None:
+    """True when torch's fused AdamW takes these tensors (one CPU or CUDA device, floating
+    point); None keeps torch's own choice (e.g. a model split across devices)."""
+    params = [p for g in groups for p in g["params"]]
+    devices = {p.device for p in params}
+    ok = len(devices) == 1 and next(iter(devices)).type in ("cpu", "cuda") and all(p.is_floating_point() for p in params)
+    return True if ok else None
 
 
 def _bnb(name: str, **defaults: Any) -> Callable[..., Any]:
