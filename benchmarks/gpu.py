@@ -46,12 +46,12 @@ import platform
 import statistics
 import sys
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from trainer_vs_hf import RESULTS, Setup, make_chat_dataset, spawn  # noqa: E402  (the one baseline)
+from report import RESULTS, publish
+from trainer_vs_hf import Setup, make_chat_dataset, spawn
 
 PEAK_TFLOPS = 989.0  # H200 (= H100 SXM) dense bf16
 TARGET_MFU = 0.40
@@ -71,9 +71,8 @@ SHAPES: dict[str, dict[str, Any]] = {
 def build_model(shape: str, directory: Path) -> Path:
     """A random-init Llama of `shape` in bf16 safetensors (built on the GPU when there is one)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from kubetune.trainer.builtin import byte_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     if (directory / "config.json").exists():
         return directory
@@ -250,11 +249,7 @@ def main() -> int:
         x = next(iter(ours.values()))
         result = (f"RESULT gpu_smoke shape={x['shape']} mfu={x['mfu']:.6f} tokens_per_s={x['tokens_per_s']:.0f} "
                   f"baseline_ratio={x['ratio']:.3f} runs={len(rows)} device={'cuda' if gpu else 'cpu'} date={date}")
-    print("\n".join(lines))
-    print(result)
-    if gpu and not args.smoke:
-        with Path(args.results or RESULTS).open("a") as f:
-            f.write("\n".join(lines) + "\n" + result + "\n\n")
+    publish(lines, result, args.results or RESULTS if gpu and not args.smoke else None)
     return 0
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+from report import RESULTS, publish
 
 
 def run_one(path: Path, model: str, steps: int, out: Path) -> float:
@@ -88,11 +88,7 @@ def main() -> int:
         "",
     ]
     result = "RESULT objectives_cost " + " ".join(f"{n}={ratio:.2f}" for n, _, ratio in rows) + f" model={args.model} date={date}"
-    print("\n".join(lines))
-    print(result)
-    if not args.smoke:
-        with RESULTS.open("a") as f:
-            f.write("\n".join(lines) + "\n" + result + "\n\n")
+    publish(lines, result, None if args.smoke else RESULTS)
     return 0
 
 

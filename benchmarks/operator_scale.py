@@ -42,14 +42,12 @@ import argparse
 import asyncio
 import collections
 import contextlib
-import copy
 import datetime
 import json
 import os
 import platform
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -62,7 +60,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.kmock_harness and tests.k8s_harness are the API tiers
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+from report import RESULTS, publish
+
 GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
 USER_AGENT = "kubetune-operator-scale-bench"
 OPERATOR_AGENTS = ("kopf/", "kubetune-operator/")
@@ -671,12 +670,7 @@ async def main_async(args: argparse.Namespace) -> int:
         f"rss_mb={headline.rss_rest_mb:.1f} kb_per_cr={headline.kb_per_cr:.1f} requests_per_cr={headline.requests_per_cr:.2f} "
         f"n={headline.n} tier={headline.tier} jobs={len(headline.latencies_ms)} date={date}"
     )
-    print("\n".join(lines))
-    print(result)
-    target = args.results if args.results else (None if args.smoke else RESULTS)
-    if target is not None:
-        with Path(target).open("a") as f:
-            f.write("\n".join(lines) + "\n" + result + "\n\n")
+    publish(lines, result, args.results or (None if args.smoke else RESULTS))
     return 0
 
 

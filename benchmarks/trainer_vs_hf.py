@@ -45,12 +45,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+from report import RESULTS, publish
+
 IGNORE_INDEX = -100
 TARGET_TOKENS_RATIO = 1.5  # ours (packed) / HF useful tokens per second
 TARGET_OVERHEAD_MS = 2.0  # ours (unpacked) ms/step − HF ms/step
@@ -191,10 +193,15 @@ def hf_baseline(s: Setup, on_step: Callable[[int], None] | None = None) -> dict[
     """Fine-tune `s.model_dir` on `s.train` with a plain Trainer + peft script; returns timings."""
     import datasets
     import torch
-    from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
-
     from kubetune.trainer.builtin import byte_tokenizer
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import (
+        AutoModelForCausalLM,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     tokenizer = byte_tokenizer()
     rows = [hf_encode(json.loads(line)["messages"], tokenizer) for line in Path(s.train).read_text().splitlines() if line.strip()]
@@ -389,13 +396,12 @@ def tokenization_identical(s: Setup) -> bool:
 def packed_logits_max_diff(s: Setup, n_examples: int = 24) -> float:
     """Max |logit| difference between examples inside packed rows and the same examples alone."""
     import torch
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
-
     from kubetune.api.enums import DatasetFormat
     from kubetune.trainer import data
     from kubetune.trainer.builtin import byte_tokenizer
     from kubetune.trainer.methods.lora import lora_config
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
 
     tok = byte_tokenizer()
     records, _ = data.read_records(s.train, DatasetFormat.CHAT)
@@ -561,12 +567,7 @@ def main() -> int:
         f"logits_delta={logits_diff:.2e} logits_match={str(logits_match).lower()} tokenization_match={str(same_tokens).lower()} "
         f"rss_mb_ours={med['ours-packed']['peak_rss_mb']:.0f} rss_mb_hf={med['hf']['peak_rss_mb']:.0f} rounds={args.rounds} date={date}"
     )
-    print("\n".join(lines))
-    print(result)
-    target = args.results if args.results else (None if args.smoke else RESULTS)
-    if target is not None:
-        with Path(target).open("a") as f:
-            f.write("\n".join(lines) + "\n" + result + "\n\n")
+    publish(lines, result, args.results or (None if args.smoke else RESULTS))
     return 0
 
 

@@ -35,8 +35,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 K8S_VERSION = "v1.20.2"
 BUILD_SCRIPT = "hack/build-apiserver.sh"
@@ -110,7 +111,7 @@ def find_binaries() -> tuple[Path, Path]:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _help_text(binary: str) -> str:
     """The binary's --help output (to probe which flags this version supports)."""
     proc = subprocess.run(
@@ -128,13 +129,13 @@ def _supports(binary: Path, flag: str) -> bool:
 # ------------------------------------------------------------------------------------------
 
 
-def _free_ports(n: int) -> list[int]:
-    """n distinct free loopback ports (all sockets held open until every port is picked)."""
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n distinct free TCP ports on `host` (all sockets held open until every port is picked)."""
     socks: list[socket.socket] = []
     try:
         for _ in range(n):
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
+            s.bind((host, 0))
             socks.append(s)
         return [s.getsockname()[1] for s in socks]
     finally:
@@ -378,7 +379,7 @@ class ApiServer:
         assert self.tmpdir is not None
         tmp = self.tmpdir
         deadline = time.monotonic() + self.ready_timeout
-        etcd_port, peer_port, api_port = _free_ports(3)
+        etcd_port, peer_port, api_port = free_ports(3)
 
         # --- etcd ---
         self.etcd_url = f"http://127.0.0.1:{etcd_port}"
@@ -498,7 +499,7 @@ def _kubectl_binary() -> str:
 def kubectl(
     kubeconfig: Path | str,
     *args: str,
-    input: str | None = None,  # noqa: A002 - mirrors subprocess.run
+    input: str | None = None,
     check: bool = True,
     timeout: float = 120.0,
 ) -> subprocess.CompletedProcess[str]:

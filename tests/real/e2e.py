@@ -44,7 +44,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -57,7 +56,7 @@ from typing import Any
 
 import yaml
 
-from tests.k8s_harness import ApiServer, kubectl
+from tests.k8s_harness import ApiServer, free_ports, kubectl
 from tests.standin_kubelet import JobRun, StandinKubelet
 
 REPO = Path(__file__).resolve().parents[2]
@@ -77,20 +76,6 @@ def kubetune_binary() -> str:
     if not found:
         raise FileNotFoundError("no kubetune console script next to sys.executable nor on PATH: pip install -e .")
     return found
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports (all held open until every one is picked)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("0.0.0.0", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def tail(path: Path, lines: int = 60) -> str:
@@ -245,7 +230,7 @@ class OperatorProcess:
         if self.proc is None or self.proc.poll() is None:
             return
         hint = ""
-        if re.search(r"address already in use|Errno 98", tail(self.log_path, 200), re.I):
+        if re.search(r"address already in use|Errno 98", tail(self.log_path, 200), re.IGNORECASE):
             hint = " (a port it binds is taken: kopf's liveness endpoint uses the fixed port 8080)"
         raise OperatorDied(f"the operator exited with status {self.proc.returncode}{hint}\n{self.tail()}")
 
@@ -500,7 +485,7 @@ def run_quickstart(
     if credentials_secret:
         apply_secret(admin, namespace, credentials_secret, {**MOTO_CREDENTIALS, "AWS_ENDPOINT_URL": s3})
 
-    trainer_port, operator_port = free_ports(2)
+    trainer_port, operator_port = free_ports(2, "0.0.0.0")  # the trainer serves metrics on every interface
     settings = {
         "KUBETUNE_METRICS_SCRAPE_INTERVAL_SECONDS": str(scrape_interval),
         "KUBETUNE_METRICS_PORT": str(trainer_port),  # the trainer's, rendered into the pod's env

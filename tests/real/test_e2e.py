@@ -22,8 +22,8 @@ from typing import Any
 
 import kubernetes
 import pytest
-
 from kubetune.api import GROUP, PLURAL, VERSION
+
 from tests.k8s_harness import ApiServer, kubectl
 from tests.real.e2e import (
     DEFAULT_CREDENTIALS_SECRET,
@@ -63,7 +63,7 @@ def test_quickstart_end_to_end(apiserver: ApiServer, namespace: str, s3_server: 
     admin = apiserver.kubeconfig
     ftj = get_json(admin, "ftj", "quickstart", "-n", namespace)
     uid = ftj["metadata"]["uid"]
-    where = lambda: diagnostics(admin, namespace, f"trace: {trace}")  # noqa: E731
+    where = lambda: diagnostics(admin, namespace, f"trace: {trace}")
 
     # The path the README promises: data validated first, then training, then done.
     # (Pending may show between the two: the trainer Job exists, the stand-in has not started it.)

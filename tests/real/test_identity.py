@@ -14,9 +14,14 @@ import json
 from typing import Any
 
 import pytest
-
 from kubetune.api import GROUP, PLURAL
-from tests.k8s_harness import OPERATOR_SERVICE_ACCOUNT, ApiServer, kubectl, service_account_username
+
+from tests.k8s_harness import (
+    OPERATOR_SERVICE_ACCOUNT,
+    ApiServer,
+    kubectl,
+    service_account_username,
+)
 from tests.real.e2e import quickstart_manifest
 
 SA_NAMESPACE, SA_NAME = OPERATOR_SERVICE_ACCOUNT
