@@ -2,7 +2,7 @@
 
 The operator runs as its own process, started exactly as the operator image starts it
 (`kubetune.operator.__main__.run(namespaces=[NS], peering=False)`: the handlers on kopf's default
-registry, the settings from `KUBETUNE_*`), except that kopf's liveness endpoint (fixed port 8080)
+registry, the settings from `KUBETUNE_*`), except that kopf's liveness endpoint (KUBETUNE_HEALTH_PORT)
 and the operator's metrics port are off so the benchmark cannot collide with anything on the
 machine. It talks to one of two API tiers:
 
@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from kubetune.api.manifest import load_yaml as load_manifest_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.kmock_harness and tests.k8s_harness are the API tiers
@@ -113,7 +114,7 @@ class Run:
 
 
 def manifest(name: str) -> dict[str, Any]:
-    obj = yaml.safe_load((ROOT / "examples" / "lora.yaml").read_text())
+    obj = load_manifest_yaml((ROOT / "examples" / "lora.yaml").read_text())
     obj["metadata"] = {"name": name, "namespace": NAMESPACE}
     obj["spec"]["dataset"]["prevalidate"] = False
     return obj

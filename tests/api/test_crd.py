@@ -106,3 +106,31 @@ def test_immutability_rule_lists_every_frozen_field() -> None:
     rule = schema()["x-kubernetes-validations"][0]["rule"]
     for field in schema()["properties"]["spec"]["properties"]:
         assert (f"self.spec.{field}" in rule) == (field not in MUTABLE_AFTER_START), field
+
+
+def untyped_rule_nodes(root: dict[str, Any]) -> list[str]:
+    """Paths of schema nodes that carry CEL rules but have no CEL type (no `type`, not int-or-string)."""
+    return [
+        path or "<root>"
+        for path, node in walk(root)
+        if node.get("x-kubernetes-validations") and not (node.get("type") or node.get("x-kubernetes-int-or-string"))
+    ]
+
+
+def test_cel_rules_sit_on_typed_nodes() -> None:
+    """A current API server compiles every rule against the CEL type of its node, and an untyped
+    node (no `type`, e.g. only x-kubernetes-preserve-unknown-fields) has none: the server then
+    refuses the *whole* CRD ("unable to convert structural schema to CEL declarations"). 1.20
+    and cel-python could not see this; this check keeps the class of bug from coming back."""
+    committed = yaml.safe_load(CRD_FILE.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    assert untyped_rule_nodes(committed) == []
+    assert sum(1 for _, node in walk(committed) if node.get("x-kubernetes-validations")) >= 5  # the walk sees rules
+
+
+def test_untyped_rule_check_catches_the_learning_rate_bug() -> None:
+    """The check above fails on the shape of the bug it guards against (learningRate, 2026-12)."""
+    bad = {"type": "object", "properties": {
+        "learningRate": {"x-kubernetes-preserve-unknown-fields": True, "x-kubernetes-validations": [{"rule": "self > 0"}]},
+        "batchSize": {"x-kubernetes-int-or-string": True, "x-kubernetes-validations": [{"rule": "self != 0"}]},
+    }}
+    assert untyped_rule_nodes(bad) == ["learningRate"]

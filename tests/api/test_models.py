@@ -73,10 +73,10 @@ def test_config_falls_back_to_code_defaults() -> None:
 
 
 def test_auto_and_numbers() -> None:
-    job, _ = parse_manifest(mutate(CANONICAL, {"spec.hyperparameters": {"epochs": "auto", "learningRate": "auto", "batchSize": 8}}))
+    job, _ = parse_manifest(mutate(CANONICAL, {"spec.hyperparameters": {"epochs": "auto", "batchSize": 8}}))
     assert job is not None
     hp = job.spec.hyperparameters
-    assert (hp.epochs, hp.learning_rate, hp.batch_size) == ("auto", "auto", 8)
+    assert (hp.epochs, hp.learning_rate, hp.batch_size) == ("auto", None, 8)
 
 
 def test_wire_round_trip() -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import aiohttp
 import kopf
 import yaml
+from kubetune.api.manifest import load_yaml as load_manifest_yaml
 from kubetune.operator import handlers
 from kubetune.operator.settings import OperatorSettings
 
@@ -32,7 +33,7 @@ def job_path(name: str | None = None) -> str:
 
 
 def manifest(prevalidate: bool = False, **spec_changes: Any) -> dict[str, Any]:
-    obj = yaml.safe_load((ROOT / 'examples' / 'lora.yaml').read_text())
+    obj = load_manifest_yaml((ROOT / 'examples' / 'lora.yaml').read_text())
     obj['spec']['dataset']['prevalidate'] = prevalidate
     obj['spec'].update(spec_changes)
     return obj

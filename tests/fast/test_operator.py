@@ -10,6 +10,7 @@ import aiohttp
 import kopf
 import pytest
 import yaml
+from kubetune.api.manifest import load_yaml as load_manifest_yaml
 
 from tests.fast.ftj import (
     FTJ,
@@ -215,7 +216,7 @@ def test_kopf_run_module_registers_the_handlers() -> None:
 
 
 async def test_multi_node_volcano_children(kube: KubeEmulator, api: aiohttp.ClientSession) -> None:
-    body = yaml.safe_load((ROOT / 'examples' / 'multi-node-volcano.yaml').read_text())
+    body = load_manifest_yaml((ROOT / 'examples' / 'multi-node-volcano.yaml').read_text())
     body['spec']['dataset']['prevalidate'] = False
     del body['metadata']['namespace']
     name = body['metadata']['name']

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from kubetune.api.manifest import load_yaml as load_manifest_yaml
 from kubetune.api.resource import parse_manifest
 from kubetune.operator.builders import trainer_job
 from kubetune.operator.settings import OperatorSettings
@@ -38,7 +39,7 @@ def pod_command(tmp: Path, port: int) -> tuple[list[str], dict[str, str]]:
     rendered torch settings of the pod's env."""
     import yaml
 
-    data = yaml.safe_load((ROOT / "examples" / "multi-node-volcano.yaml").read_text())
+    data = load_manifest_yaml((ROOT / "examples" / "multi-node-volcano.yaml").read_text())
     ftj, problems = parse_manifest(data)
     assert ftj is not None, problems
     container = trainer_job(ftj, "uid-1", OperatorSettings())["spec"]["template"]["spec"]["containers"][0]

@@ -123,18 +123,19 @@ def test_invalid_spec_fails_without_a_job(apiserver: ApiServer, namespace: str, 
     """A manifest the 1.20 apiserver stores but kubetune's models refuse ends Failed/InvalidSpec,
     and no Job is ever created.
 
-    ``hyperparameters.learningRate: fast`` (wrong type) and ``batchSize: 0`` (out of range):
-    in the CRD these are int-or-string / CEL-checked fields, so a server without CEL (1.20, or a
-    newer one with the rules stripped) accepts them, and kubectl needs ``--validate=false``.
+    ``batchSize: 0`` (out of range) and both ``dataset.validation`` and ``validationSplit`` (a
+    cross-field rule): both are CEL rules in the CRD, so a server without CEL (1.20, or a newer one
+    with the rules stripped) stores them, and kubectl needs ``--validate=false``. (On a current
+    server the CEL rules refuse both at apply time: tests/cluster/test_cel.py.)
     """
     admin = apiserver.kubeconfig
-    doc = quickstart_manifest(None, {"metadata.name": "invalid", "spec.hyperparameters.learningRate": "fast",
+    doc = quickstart_manifest(None, {"metadata.name": "invalid", "spec.dataset.validationSplit": 0.1,
                                      "spec.hyperparameters.batchSize": 0})
     manifest = tmp_path / "invalid.yaml"
     manifest.write_text(json.dumps(doc))
     kubectl(admin, "apply", "--validate=false", "-n", namespace, "-f", str(manifest))
-    stored = get_json(admin, "ftj", "invalid", "-n", namespace)["spec"]["hyperparameters"]
-    assert (stored["learningRate"], stored["batchSize"]) == ("fast", 0)  # the server kept both
+    stored = get_json(admin, "ftj", "invalid", "-n", namespace)["spec"]
+    assert (stored["dataset"]["validationSplit"], stored["hyperparameters"]["batchSize"]) == (0.1, 0)  # the server kept both
 
     ports = free_ports(2)
     settings = {"KUBETUNE_METRICS_SCRAPE_INTERVAL_SECONDS": "0.5", "KUBETUNE_METRICS_PORT": str(ports[0]),
@@ -156,7 +157,7 @@ def test_invalid_spec_fails_without_a_job(apiserver: ApiServer, namespace: str, 
     assert jobs == [], [j["metadata"]["name"] for j in jobs]
     (failed,) = [c for c in final["conditions"] if c["type"] == "Failed"]
     assert (failed["status"], failed["reason"]) == ("True", "InvalidSpec"), final
-    assert "learningRate" in failed["message"] and "batchSize" in failed["message"], failed["message"]
+    assert "spec.dataset" in failed["message"] and "batchSize" in failed["message"], failed["message"]
     assert final["phase"] == "Failed" and final["observedGeneration"] == 1 and "jobName" not in final
     assert any(e["type"] == "Warning" and e["reason"] == "InvalidSpec" for e in events), events
 

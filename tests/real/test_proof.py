@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 import yaml
+from kubetune.api.manifest import load_yaml as load_manifest_yaml
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
@@ -262,7 +263,7 @@ def test_apply_crds_and_examples(apiserver: ApiServer, namespace: str, tmp_path:
         got = {r["NAME"] for r in parse_table(kubectl(apiserver.kubeconfig, "get", "ftj", "-n", ns).stdout)}
         assert names <= got
     for f in EXAMPLES:
-        doc = yaml.safe_load(f.read_text())
+        doc = load_manifest_yaml(f.read_text())
         if doc["metadata"].get("namespace", namespace) == namespace:
             row = next(r for r in rows if r["NAME"] == doc["metadata"]["name"])
             assert row["METHOD"] == doc["spec"]["method"]["adaptation"]

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from kubetune.api.manifest import load_yaml as load_manifest_yaml
 from kubetune.api import Adaptation, Objective, Optimizer
 from kubetune.cli import main
 from kubetune.trainer import storage
@@ -60,7 +61,7 @@ def test_spans_guide_end_to_end(tmp_path: Path, builtin_cache: Path) -> None:
         })
     data = tmp_path / "spans.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    job = yaml.safe_load((ROOT / "examples" / "methods" / "attentionGuidance.yaml").read_text())
+    job = load_manifest_yaml((ROOT / "examples" / "methods" / "attentionGuidance.yaml").read_text())
     job["spec"]["dataset"] = {"train": str(data), "validationSplit": 0.2, "maxSeqLength": 128}
     job["spec"]["method"]["objectives"][0]["attentionGuidance"] = {"guide": "spans", "spansField": "evidence", "weight": 0.5}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))

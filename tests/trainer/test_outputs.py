@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from kubetune.api.manifest import load_yaml as load_manifest_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -49,7 +50,7 @@ def test_validate_data_prints_token_stats(builtin_cache: Path) -> None:
 def test_validate_data_without_tokenizer_and_with_bad_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bad = tmp_path / "train.jsonl"
     bad.write_text('{"messages": [{"role": "robot", "content": "hi"}]}\n')
-    doc = yaml.safe_load((ROOT / "examples" / "lora.yaml").read_text())
+    doc = load_manifest_yaml((ROOT / "examples" / "lora.yaml").read_text())
     doc["spec"]["dataset"] = {"train": str(bad), "minExamples": 1}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(doc))
     env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1"}

@@ -36,6 +36,12 @@ Loader.add_implicit_resolver(
 )
 
 
+def load_yaml(text: str) -> Any:
+    """One YAML document read as kubectl reads it (YAML 1.2 numbers): `learningRate: 2e-4` is a
+    number here, a string to plain PyYAML, and the API server refuses the string."""
+    return yaml.load(text, Loader=Loader)  # noqa: S506 - Loader is a SafeLoader
+
+
 @dataclass
 class Document:
     """One YAML document of a file: where it came from and what it holds."""

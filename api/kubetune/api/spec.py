@@ -31,7 +31,7 @@ from kubetune.api.enums import (
     QuantType,
     Scheduler,
 )
-from kubetune.api.types import DNS_LABEL, DNS_SUBDOMAIN, AutoFloat, AutoInt, DataUri, ModelUri, OutputUri, Quantity, ShortString
+from kubetune.api.types import DNS_LABEL, DNS_SUBDOMAIN, AutoInt, DataUri, ModelUri, OutputUri, PositiveNumber, Quantity, ShortString
 
 # --------------------------------------------------------------------------------------- model
 
@@ -546,9 +546,13 @@ class Hyperparameters(WireModel):
     """Training hyper-parameters; `auto` values are resolved by kubetune and shown in status.effective."""
 
     epochs: AutoInt = Field(default="auto", description='Passes over the training data, or "auto" (3, as OpenAI\'s n_epochs). Default auto.')
-    learning_rate: AutoFloat = Field(
-        default="auto",
-        description='Peak learning rate, or "auto": 2e-4 for LoRA-family methods, 2e-5 for full and layer-wise training, 3e-2 for prompt and prefix tuning. Default auto.',
+    learning_rate: Optional[PositiveNumber] = Field(
+        default=None,
+        description=(
+            "Peak learning rate, a number > 0 such as 2e-4. Leave it out for the method's default: 2e-4 for lora, "
+            "qlora and dora; 3e-3 for ia3; 3e-2 for prefixTuning and promptTuning; 1e-4 for transfer; 5e-5 for "
+            "gradualUnfreeze; 2e-5 for full and layers."
+        ),
     )
     batch_size: AutoInt = Field(default="auto", description='Examples per device per step, or "auto" (chosen from GPU memory, sequence length and method). Default auto.')
     gradient_accumulation: int = Field(default=1, ge=1, le=4096, description="Steps whose gradients are summed before an optimizer step. Default 1.")

@@ -69,15 +69,6 @@ def _positive_int_or_auto(value: Any) -> Any:
     return value
 
 
-def _positive_number_or_auto(value: Any) -> Any:
-    value = _numeric_string(value)
-    if value == "auto":
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"must be a number > 0 or \"auto\", got {value!r}")
-    return float(value)
-
-
 AutoInt = Annotated[
     Union[int, Literal["auto"]],
     PlainValidator(_positive_int_or_auto),
@@ -96,24 +87,29 @@ AutoInt = Annotated[
 ]
 """An integer ≥ 1, or `auto` to let kubetune choose (the choice is recorded in status.effective)."""
 
-AutoFloat = Annotated[
-    Union[float, Literal["auto"]],
-    PlainValidator(_positive_number_or_auto),
-    WithJsonSchema(
-        {
-            # A number or the string "auto": OpenAPI in a structural schema has no such type, so
-            # the node is left untyped and the CEL rule below does the checking.
-            "x-kubernetes-preserve-unknown-fields": True,
-            CEL_KEY: [
-                cel(
-                    "type(self) == string ? self == 'auto' : "
-                    "(type(self) == double ? self > 0.0 : (type(self) == int ? self > 0 : false))",
-                    'must be a number > 0 or "auto"',
-                )
-            ],
-        }
-    ),
+def _positive_number(value: Any) -> float:
+    if value == "auto":
+        raise ValueError(
+            'leave learningRate out to use the method\'s default ("auto" cannot be stored: the '
+            "CRD types learningRate as a number, so that the API server can check it)"
+        )
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"must be a number > 0 (unquoted, e.g. 2e-4), got {value!r}")
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+PositiveNumber = Annotated[
+    float,
+    PlainValidator(_positive_number),
+    # A typed node: a CEL rule on an untyped (x-kubernetes-preserve-unknown-fields) node makes a
+    # current API server refuse the whole CRD ("unable to convert structural schema to CEL
+    # declarations"), and a number-or-string union has no structural type. So the number is
+    # typed, bounded by the schema, and "auto" is spelled by leaving the field out.
+    WithJsonSchema({"type": "number", "minimum": 0, "exclusiveMinimum": True}),
 ]
+"""A number > 0; unset means kubetune chooses (the choice is recorded in status.effective)."""
 
 QUANTITY_PATTERN = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 _quantity = re.compile(QUANTITY_PATTERN)

@@ -62,7 +62,7 @@ def resolve(spec: FineTuneJobSpec, default_lr: float, parameters: int, hidden: i
     hp = spec.hyperparameters
     return {
         "epochs": DEFAULT_EPOCHS if hp.epochs == "auto" else int(hp.epochs),
-        "learningRate": default_lr if hp.learning_rate == "auto" else float(hp.learning_rate),
+        "learningRate": default_lr if hp.learning_rate is None else float(hp.learning_rate),
         "batchSize": batch_size(spec, parameters, hidden, layers),
         "gradientAccumulation": hp.gradient_accumulation,
         "precision": precision(spec),
