@@ -127,6 +127,7 @@ class OperatorResources(Values):
 
 class Operator(Values):
     metrics_port: Port = port("Port of the operator's own /metrics endpoint (KUBETUNE_OPERATOR_METRICS_PORT).", 8000)
+    health_port: Port = port("Port of the operator's liveness endpoint, kopf's /healthz (KUBETUNE_HEALTH_PORT).", 8080)
     scrape_interval_seconds: float = Field(
         30.0, gt=0, description="How often the operator scrapes a running trainer's /metrics into .status.progress "
         "(KUBETUNE_METRICS_SCRAPE_INTERVAL_SECONDS)."
@@ -232,6 +233,11 @@ class Trainer(Values):
         description="URI prefixes every spec.output.uri must start with, e.g. [s3://models/]; empty allows any "
         "(KUBETUNE_ALLOWED_OUTPUT_PREFIX, comma-joined).",
         json_schema_extra={"items": {"type": "string", "pattern": URI_PREFIX}},
+    )
+    host_network: bool = Field(
+        False,
+        description="Run trainer pods in the node's network namespace (KUBETUNE_HOST_NETWORK). Only for single-node "
+        "clusters without a pod network (kubetune's own test cluster); never on a shared cluster.",
     )
     volumes: TrainerVolumes = Field(default_factory=TrainerVolumes, description="Size limits of the trainer pods' emptyDir volumes.")
     validation: Validation = Field(default_factory=Validation, description="The CPU-only Job that checks a dataset before any GPU is requested.")

@@ -84,7 +84,7 @@ def test_operator_deployment_shape() -> None:
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     # The probe hits kopf's liveness endpoint where __main__ tells kopf to serve it.
-    liveness = urlsplit(operator_main.LIVENESS_ENDPOINT)
+    liveness = urlsplit(operator_main.liveness_endpoint(OperatorSettings().health_port) or "")
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     probe = container["livenessProbe"]["httpGet"]
     assert probe["path"] == liveness.path and ports[probe["port"]] == liveness.port

@@ -36,6 +36,7 @@ from kubetune.operator.builders import (
     headless_service,
     label_value,
     podgroup,
+    pod_resources,
     trainer_job,
     validation_job,
 )
@@ -323,3 +324,27 @@ def test_settings_from_env_reads_kubetune_variables() -> None:
     assert OperatorSettings.from_env({}) == OperatorSettings()
     with pytest.raises(ValueError, match="KUBETUNE_PEERING"):
         OperatorSettings.from_env({"KUBETUNE_PEERING": "maybe"})
+
+
+def test_cpu_only_jobs_fit_a_small_node_and_builtin_models_are_sized() -> None:
+    """The quickstart (a 107k-parameter CPU job) used to ask for 4 CPUs and 24 GiB: no scheduler
+    on a small node would place it. A CPU-only job asks for 1 CPU and memory from its size."""
+    resources = pod_resources(parse(manifest("quickstart.yaml")))
+    assert resources["requests"] == {"cpu": "1", "memory": "5Gi"} and resources["limits"] == {"memory": "5Gi"}
+    gpu = pod_resources(parse(manifest("lora.yaml")))
+    assert gpu["requests"]["cpu"] == "4" and gpu["requests"]["nvidia.com/gpu"] == "1"
+    unknown = parse(manifest("quickstart.yaml"))
+    unknown.spec.model.source = "s3://models/custom"
+    assert pod_resources(unknown)["requests"]["memory"] == "20Gi"  # unknown size: 16 GiB + the 4 GiB base
+
+
+def test_host_network_setting() -> None:
+    ftj = parse(manifest("quickstart.yaml"))
+    assert "hostNetwork" not in trainer_job(ftj, UID, SETTINGS)["spec"]["template"]["spec"]
+    on = OperatorSettings(host_network=True)
+    for job in (trainer_job(ftj, UID, on), validation_job(ftj, UID, on)):
+        pod = job["spec"]["template"]["spec"]
+        assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+        check_schema(job)
+    assert OperatorSettings.from_env({"KUBETUNE_HOST_NETWORK": "true", "KUBETUNE_HEALTH_PORT": "18080"}) == OperatorSettings(
+        host_network=True, health_port=18080)

@@ -17,6 +17,8 @@ import pytest
 from kubetune.api import FineTuneJobStatus
 from kubetune.api.contract import PERMANENT_EXIT_CODE
 from kubetune.operator.reconcile import (
+    end_job_patch,
+    must_end_job,
     Prices,
     diff,
     observe,
@@ -521,3 +523,48 @@ def test_odd_old_status_and_summary_still_validate(old: Any) -> None:
     status = check(observe(obj, j, [done, {"status": "odd"}], {"step": float("inf"), "eval_loss": -1.0, "objective:x": 1.0}, PRICES, NOW))
     assert status["phase"] == "Succeeded" and status["adapter"] == {"uri": "s3://b/a"}
     assert status["checkpoints"] == [{"step": 4, "uri": "u"}] and status["metrics"]["objectives"] == {"c": 1.0, "x": 1.0}
+
+
+# ------------------------------------------- a permanent exit where podFailurePolicy was pruned
+
+
+def pruned(job_obj: dict[str, Any]) -> dict[str, Any]:
+    """The Job as an API server without podFailurePolicy (Kubernetes < 1.26, or the gate off) stores it."""
+    out = copy.deepcopy(job_obj)
+    out["spec"].pop("podFailurePolicy")
+    return out
+
+
+def test_permanent_exit_without_pod_failure_policy_fails_and_ends_the_job() -> None:
+    """1.20 prunes podFailurePolicy: the Job controller would retry a bad dataset on GPUs. The
+    operator sees the permanent exit, reports the trainer's reason at once and ends the Job."""
+    summary = {"status": "failed", "reason": "InvalidData", "message": "train.jsonl:17: no assistant turn"}
+    failed_pod = pod("demo-train-a", phase="Failed", finished="2025-03-01T11:50:00Z", exit_code=PERMANENT_EXIT_CODE,
+                     message=json.dumps(summary))
+    running = pruned(job(active=0, failed=1, start="2025-03-01T10:00:00Z"))
+    assert must_end_job(running, [failed_pod])
+    assert end_job_patch() == {"spec": {"activeDeadlineSeconds": 1}}
+    status = check(observe(ftj(running_status()), running, [failed_pod], None, PRICES, NOW))
+    failed = conditions(status)["Failed"]
+    assert status["phase"] == "Failed" and failed["reason"] == "InvalidData"
+    assert "no assistant turn" in failed["message"] and "permanent exit code 3" in failed["message"]
+    assert status["retries"] == running_status().get("retries", 0)  # the permanent exit is no retry
+    # After the patch the Job controller fails the Job by its deadline: the reason stays the trainer's.
+    ended = pruned(failed_job("DeadlineExceeded", "Job was active longer than specified deadline", 1))
+    ended["spec"]["activeDeadlineSeconds"] = 1
+    assert not must_end_job(ended, [failed_pod])
+    again = check(observe(ftj(status), ended, [failed_pod], None, PRICES, NOW))
+    assert conditions(again)["Failed"]["reason"] == "InvalidData" and "permanent exit code" in conditions(again)["Failed"]["message"]
+    assert diff(status, again) is None or "conditions" not in (diff(status, again) or {})
+
+
+def test_no_end_job_when_the_policy_is_there_or_nothing_is_permanent() -> None:
+    permanent = pod("p", phase="Failed", finished="2025-03-01T11:50:00Z", exit_code=PERMANENT_EXIT_CODE)
+    ordinary = pod("q", phase="Failed", finished="2025-03-01T11:50:00Z", exit_code=1)
+    disrupted = pod("r", phase="Failed", finished="2025-03-01T11:50:00Z", exit_code=PERMANENT_EXIT_CODE,
+                    conditions=[{"type": "DisruptionTarget", "status": "True"}])
+    assert not must_end_job(job(failed=1), [permanent])  # the Job's own podFailurePolicy acts
+    assert not must_end_job(pruned(job(failed=1)), [ordinary])  # retriable: backoffLimit decides
+    assert not must_end_job(pruned(job(failed=1)), [disrupted])  # a preemption is no verdict
+    done = pruned(job(conditions=[cond("Failed", "BackoffLimitExceeded")]))
+    assert not must_end_job(done, [permanent])  # already over

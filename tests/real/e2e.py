@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import fcntl
 import json
 import os
 import re
@@ -55,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from kubetune.api.manifest import load_yaml as load_manifest_yaml
 
 from tests.k8s_harness import ApiServer, free_ports, kubectl
 from tests.standin_kubelet import JobRun, StandinKubelet
@@ -128,13 +128,9 @@ class OperatorProcess:
     parent, so start it from the main thread); ``log_level=None`` runs the ``kubetune`` console
     script exactly as installed.
 
-    Liveness port: the CLI serves kopf's liveness probe on the fixed port 8080
-    (``kubetune.operator.__main__.LIVENESS_ENDPOINT``; no setting changes it), so two operators
-    started by the CLI cannot run at once on one machine: the second dies with "address already
-    in use". :meth:`start` therefore takes an exclusive ``flock`` on
-    ``$TMPDIR/kubetune-operator-liveness-8080.lock`` (waiting up to ``lock_timeout`` seconds),
-    held until :meth:`stop`, which serializes operator-running tests across concurrent pytest
-    sessions on one machine; :meth:`check` names the cause if something else holds the port.
+    Liveness port: kopf's liveness endpoint listens on ``KUBETUNE_HEALTH_PORT`` (default 8080);
+    unless ``settings`` names one, :meth:`start` picks a free port, so operators of concurrent
+    tests (and pytest sessions) never collide.
     """
 
     def __init__(
@@ -147,7 +143,6 @@ class OperatorProcess:
         drop_env_prefixes: tuple[str, ...] = ("AWS_",),
         grace: float = 10.0,
         log_level: str | None = "INFO",
-        lock_timeout: float = 300.0,
     ) -> None:
         self.kubeconfig = Path(kubeconfig)
         self.namespaces = list(namespaces)
@@ -156,8 +151,6 @@ class OperatorProcess:
         self.drop_env_prefixes = drop_env_prefixes
         self.grace = grace
         self.log_level = log_level
-        self.lock_timeout = lock_timeout
-        self._lock: Any = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.argv: list[str] = []
 
@@ -175,7 +168,6 @@ class OperatorProcess:
     def start(self) -> None:
         if self.proc is not None:
             raise RuntimeError("already started")
-        self._acquire_port_lock()
         args = ["operator", *(a for ns in self.namespaces for a in ("-n", ns)), "--standalone"]
         if self.log_level is None:
             self.argv = [kubetune_binary(), *args]
@@ -184,40 +176,17 @@ class OperatorProcess:
         drop = self.drop_env_prefixes
         env = {k: v for k, v in os.environ.items() if not (drop and k.startswith(drop))}
         env.pop("KUBETUNE_API_URL", None)
+        env["KUBETUNE_HEALTH_PORT"] = str(free_ports(1)[0])
         env.update(self.settings)
         env["KUBECONFIG"] = str(self.kubeconfig)
         env["PYTHONUNBUFFERED"] = "1"
         env["PYTHONWARNINGS"] = ",".join(filter(None, [env.get("PYTHONWARNINGS"), "ignore:Unverified HTTPS request"]))
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with open(self.log_path, "wb") as log:
-                self.proc = subprocess.Popen(
-                    self.argv, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    cwd=self.log_path.parent, start_new_session=True,
-                )
-        except BaseException:
-            self._release_port_lock()
-            raise
-
-    def _acquire_port_lock(self) -> None:
-        path = Path(tempfile.gettempdir()) / "kubetune-operator-liveness-8080.lock"
-        lock = open(path, "a+")  # noqa: SIM115 - held until stop()
-        deadline = time.monotonic() + self.lock_timeout
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    lock.close()
-                    raise TimeoutError(f"another operator test held {path} for {self.lock_timeout:g} s") from None
-                time.sleep(0.2)
-        self._lock = lock
-
-    def _release_port_lock(self) -> None:
-        if self._lock is not None:
-            self._lock.close()  # closing the file releases the flock
-            self._lock = None
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                self.argv, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                cwd=self.log_path.parent, start_new_session=True,
+            )
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -231,14 +200,13 @@ class OperatorProcess:
             return
         hint = ""
         if re.search(r"address already in use|Errno 98", tail(self.log_path, 200), re.IGNORECASE):
-            hint = " (a port it binds is taken: kopf's liveness endpoint uses the fixed port 8080)"
+            hint = " (a port it binds is taken: see KUBETUNE_HEALTH_PORT and KUBETUNE_OPERATOR_METRICS_PORT)"
         raise OperatorDied(f"the operator exited with status {self.proc.returncode}{hint}\n{self.tail()}")
 
     def stop(self) -> int | None:
         """SIGTERM the process group, SIGKILL after ``grace`` s, reap; returns the exit status."""
         proc = self.proc
         if proc is None:
-            self._release_port_lock()
             return None
         for sig in (signal.SIGTERM, signal.SIGKILL):
             if proc.poll() is not None:
@@ -251,7 +219,6 @@ class OperatorProcess:
             proc.wait(timeout=self.grace)
         with contextlib.suppress(ProcessLookupError, PermissionError):  # stragglers in its group
             os.killpg(proc.pid, signal.SIGKILL)
-        self._release_port_lock()
         return proc.returncode
 
 
@@ -420,7 +387,7 @@ def quickstart_manifest(
 ) -> dict[str, Any]:
     """examples/quickstart.yaml as a dict, with ``spec.output.credentialsSecret`` and any dotted
     ``overrides`` (e.g. ``{"spec.hyperparameters.epochs": 1}``) applied."""
-    doc = copy.deepcopy(yaml.safe_load(QUICKSTART.read_text()))
+    doc = copy.deepcopy(load_manifest_yaml(QUICKSTART.read_text()))
     if credentials_secret:
         _set(doc, "spec.output.credentialsSecret", credentials_secret)
     for dotted, value in (overrides or {}).items():

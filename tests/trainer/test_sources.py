@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
+import numpy as np
+from kubetune.api.estimate import BUILTIN_PARAMETERS
 from kubetune.api.spec import ModelSource
+from kubetune.trainer.builtin import BUILTIN_MODELS
 from kubetune.trainer.sources import (
     COMPLETE_MARKER,
     ModelSourceError,
@@ -50,6 +53,21 @@ def test_builtin(tiny_dir: Path) -> None:
     assert resolve_model(ModelSource(source="builtin://tiny-llama")) == tiny_dir
     with pytest.raises(ModelSourceError, match="builtin://tiny-llama"):
         resolve_model("builtin://no-such-model")
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_MODELS))
+def test_builtin_parameter_counts_are_the_operators(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator sizes pods from kubetune.api.estimate.BUILTIN_PARAMETERS (it cannot import
+    the trainer): the counts must be those of the models the trainer builds."""
+    from safetensors import safe_open
+
+    monkeypatch.setenv("KUBETUNE_CACHE", str(tmp_path))
+    directory = resolve_model(ModelSource(source=f"builtin://{name}"))
+    total = 0
+    for f in directory.glob("*.safetensors"):
+        with safe_open(str(f), "np") as st:
+            total += sum(int(np.prod(st.get_slice(k).get_shape())) for k in st.keys())
+    assert BUILTIN_PARAMETERS[f"builtin://{name}"] == total
 
 
 def test_local_path_file_uri_and_pvc(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -28,8 +28,15 @@ FROZEN_BASE = {
 _SIZE = re.compile(r"(?<![0-9.])([0-9]+(?:\.[0-9]+)?)\s*([bBmM])(?![a-zA-Z])")
 
 
+BUILTIN_PARAMETERS = {"builtin://tiny-llama": 107_328, "builtin://small-llama": 3_035_392}
+"""Parameter counts of the built-in demo models (kubetune.trainer.builtin; a trainer test checks them)."""
+
+
 def parameters_from_name(source: str) -> int | None:
-    """`hf://meta-llama/Llama-3.1-8B` → 8e9; None when the name carries no size."""
+    """`hf://meta-llama/Llama-3.1-8B` → 8e9; a built-in demo model's own count; None when the
+    name carries no size."""
+    if source in BUILTIN_PARAMETERS:
+        return BUILTIN_PARAMETERS[source]
     match = None
     for match in _SIZE.finditer(source.split("@")[0]):
         pass

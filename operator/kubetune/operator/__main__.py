@@ -13,7 +13,11 @@ import kopf
 from kubetune.operator.settings import OperatorSettings
 
 PEERING_NAME = "kubetune"
-LIVENESS_ENDPOINT = "http://0.0.0.0:8080/healthz"
+
+
+def liveness_endpoint(port: int) -> str | None:
+    """kopf's liveness URL on `port` (KUBETUNE_HEALTH_PORT); None when the port is 0."""
+    return f"http://0.0.0.0:{port}/healthz" if port else None
 
 
 def run(namespaces: Sequence[str] | None = None, peering: bool | None = None, liveness: bool = True) -> None:
@@ -30,7 +34,7 @@ def run(namespaces: Sequence[str] | None = None, peering: bool | None = None, li
         standalone=not peering,
         peering_name=PEERING_NAME if peering else None,
         priority=settings.peering_priority,
-        liveness_endpoint=LIVENESS_ENDPOINT if liveness else None,
+        liveness_endpoint=liveness_endpoint(settings.health_port) if liveness else None,
     )
 
 

@@ -137,15 +137,21 @@ def spec_json(ftj: FineTuneJob, uid: str) -> str:
 def _default_memory_gib(ftj: FineTuneJob) -> int:
     # Each local process holds a bf16 copy of the weights on the host while loading (+25%),
     # plus a base for the data loader and Python; 16 GiB per process when the size is unknown.
+    # A CPU-only job trains in host memory: fp32 weights, gradients and two Adam moments (16 B
+    # per parameter, an upper bound for adapter methods) on a 4 GiB base.
     params = parameters_from_name(ftj.spec.model.source)
+    if ftj.spec.resources.gpus == 0:
+        return (ceil(params * 16 / GIB) if params else 16) + 4
     per_process = ceil(params * 2 * 1.25 / GIB) if params else 16
-    return per_process * max(1, ftj.spec.resources.gpus) + 8
+    return per_process * ftj.spec.resources.gpus + 8
 
 
 def pod_resources(ftj: FineTuneJob) -> dict[str, Any]:
-    """Requests/limits of a trainer pod; unset cpu/memory are chosen here (status.effective)."""
+    """Requests/limits of a trainer pod; unset cpu/memory are chosen here (status.effective).
+    CPU: 4 per GPU (data loading, tokenisation, NCCL), 1 for a CPU-only job, which then fits a
+    small node; set spec.resources.cpu to give it more."""
     res = ftj.spec.resources
-    cpu = str(res.cpu) if res.cpu is not None else str(4 * max(1, res.gpus))
+    cpu = str(res.cpu) if res.cpu is not None else str(4 * res.gpus if res.gpus else 1)
     memory = str(res.memory) if res.memory is not None else f"{_default_memory_gib(ftj)}Gi"
     # No CPU limit: CFS throttling stalls data loaders and NCCL; memory limit = request (no OOM
     # surprises from overcommit on shared GPU nodes).
@@ -257,6 +263,8 @@ def _pod_template(
         "containers": [container],
         "volumes": volumes,
     }
+    if settings.host_network:
+        pod |= {"hostNetwork": True, "dnsPolicy": "ClusterFirstWithHostNet"}
     annotations = {SPEC_ANNOTATION: spec_json(ftj, uid)}
     return {"metadata": {"labels": labels(ftj, role), "annotations": annotations}, "spec": pod}
 

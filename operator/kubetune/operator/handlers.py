@@ -412,6 +412,12 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
             listing = await kube.request("GET", f"/api/v1/namespaces/{quote(namespace or DEFAULT_NAMESPACE)}/pods",
                                          query=[("labelSelector", f"{POD_JOB_LABEL}={job_name}")])
             pods = [p for p in listing.get("items") or [] if isinstance(p, dict)]
+            if reconcile.must_end_job(job, pods):
+                try:
+                    await kube.request("PATCH", _job_path(namespace, job_name), reconcile.end_job_patch())
+                except ApiError as err:
+                    logger.warning(f"could not end Job {job_name} after a permanent failure, retrying: "
+                                   f"{reconcile._bounded(reconcile.redact(str(err)), 500)}")
             scraped = await scrape(pods, settings.metrics_port)
             ftj = _plain(body)
             old = ftj.get("status") or {}

@@ -298,6 +298,36 @@ def _retries(job: Mapping[str, Any], pods: list[dict]) -> int:
     return max(0, failed)
 
 
+def _permanent_exit(pods: list[dict]) -> bool:
+    """A trainer container ended with the permanent exit code (not in a disruption)."""
+    return any((_terminated(p) or {}).get("exitCode") == PERMANENT_EXIT_CODE and not _disrupted(p) for p in pods)
+
+
+def must_end_job(job: Mapping[str, Any], pods: list[dict]) -> bool:
+    """Whether the operator must end `job` itself because a pod exited with the permanent code.
+
+    The Job's podFailurePolicy fails it on that code at once (Kubernetes >= 1.26). An API server
+    that does not know the field (older clusters, or the JobPodFailurePolicy gate off) prunes it
+    from the stored Job, and the Job controller would retry a bad spec or dataset up to
+    backoffLimit times on GPUs. Then the operator enforces the same rule (see
+    :func:`end_job_patch`), once, while the Job is still unfinished."""
+    if _get(job, "spec", "podFailurePolicy") or not _permanent_exit(pods):
+        return False
+    conds = _true_conditions(job)
+    finished = any(c in conds for c in ("Complete", "Failed", "FailureTarget", "SuccessCriteriaMet"))
+    return not finished and _get(job, "spec", "activeDeadlineSeconds") != END_JOB_DEADLINE_SECONDS
+
+
+END_JOB_DEADLINE_SECONDS = 1
+
+
+def end_job_patch() -> dict[str, Any]:
+    """A merge patch that ends a running Job with the Job API's own means: a deadline already
+    past makes the Job controller stop its pods and mark it Failed (DeadlineExceeded) without
+    another retry; its failed pods, their logs and termination messages are kept."""
+    return {"spec": {"activeDeadlineSeconds": END_JOB_DEADLINE_SECONDS}}
+
+
 def _summaries(pods: list[dict]) -> list[dict[str, Any]]:
     found = [s for s in (parse_termination(p) for p in pods) if s is not None]
     return sorted(found, key=lambda s: str(s.get("finishedAt") or ""))
@@ -374,18 +404,28 @@ def _classify(
         message = _message(f"Job {name} completed{where}", secrets)
         return _State(Phase.SUCCEEDED, ConditionType.SUCCEEDED, Reason.TRAINING_SUCCEEDED, message), summary
     failed = conds.get("Failed") or conds.get("FailureTarget")
-    if failed is not None:
-        job_reason = str(failed.get("reason") or "")
-        permanent = job_reason == "PodFailurePolicy"
+    # A permanent exit fails the FineTuneJob even where the API server pruned the Job's
+    # podFailurePolicy (the operator then ends the Job itself: `must_end_job`).
+    permanent_exit = _permanent_exit(pods)
+    if failed is not None or permanent_exit:
+        job_reason = str((failed or {}).get("reason") or "")
+        permanent = job_reason == "PodFailurePolicy" or permanent_exit
         summary = _pick_summary(summaries, lambda s: not permanent or s.get("exitCode") == PERMANENT_EXIT_CODE)
         trainer_reason = str((summary or {}).get("reason") or "")
-        if job_reason in JOB_FAILURE_REASONS:
+        if permanent:
+            reason = Reason(trainer_reason) if trainer_reason in TRAINER_PERMANENT_REASONS else Reason.PERMANENT_ERROR
+        elif job_reason in JOB_FAILURE_REASONS:
             reason = JOB_FAILURE_REASONS[job_reason]
         elif trainer_reason in TRAINER_PERMANENT_REASONS:
             reason = Reason(trainer_reason)
         else:
             reason = Reason.PERMANENT_ERROR
-        parts = [str(failed.get("message") or f"Job {name} failed ({job_reason or 'no reason given'})")]
+        if permanent_exit and job_reason in ("", "DeadlineExceeded"):  # ended (or to be ended) by the operator
+            head = (f"Job {name}: the trainer exited with the permanent exit code {PERMANENT_EXIT_CODE}; "
+                    "the Job is ended without retries")
+        else:
+            head = str((failed or {}).get("message") or f"Job {name} failed ({job_reason or 'no reason given'})")
+        parts = [head]
         trainer_message = (summary or {}).get("message")
         if isinstance(trainer_message, str) and trainer_message.strip():
             parts.append(f"trainer: {trainer_message}")

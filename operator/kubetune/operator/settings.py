@@ -79,6 +79,14 @@ class OperatorSettings:
     shared_memory_default: str = "8Gi"
     """Size of /dev/shm for pods with GPUs when spec.resources.sharedMemory is unset."""
 
+    host_network: bool = False
+    """Run trainer pods in their node's network namespace (hostNetwork, dnsPolicy
+    ClusterFirstWithHostNet). Only for single-node clusters without a pod network, such as
+    kubetune's own cluster test tier: pods then share the node's ports and interfaces."""
+
+    health_port: int = 8080
+    """Port of the operator's liveness endpoint (kopf's /healthz); 0 turns it off."""
+
     allowed_output_prefix: str | None = None
     """Comma-separated URI prefixes outputs must lie under; passed to the trainer. Unset: any."""
 
