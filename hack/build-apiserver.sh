@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# Build kube-apiserver v1.20.2 (and fetch etcd) for kubetune's "real" Kubernetes test tier.
+# Build the Kubernetes v1.20.2 control plane (kube-apiserver, kube-controller-manager,
+# kube-scheduler, kubelet, the pause binary) and fetch etcd, for kubetune's "real" test tiers.
 #
 # Why: no prebuilt kube-apiserver can be downloaded on our build machines (only PyPI, Debian apt
 # and npm are reachable), but Debian bookworm ships the full upstream Kubernetes tree, with
 # vendored dependencies, as the *source* package `kubernetes` (1.20.5+really1.20.2), and etcd as
 # the binary package `etcd-server`. See /work/shared/TESTING.md, "Kubernetes API: two tiers".
 #
-# Result:  $KUBETUNE_K8S_CACHE/bin/kube-apiserver and $KUBETUNE_K8S_CACHE/bin/etcd
-#          KUBETUNE_K8S_CACHE defaults to ${XDG_CACHE_HOME:-$HOME/.cache}/kubetune/k8s-v1.20.2
+# Result:  $KUBETUNE_K8S_CACHE/bin/{kube-apiserver,kube-controller-manager,kube-scheduler,kubelet,
+#          etcd,pause}; KUBETUNE_K8S_CACHE defaults to ${XDG_CACHE_HOME:-$HOME/.cache}/kubetune/k8s-v1.20.2
+#          kube-apiserver + etcd serve the API tier; the controller-manager (Job controller, garbage
+#          collector, TTL controller), the scheduler and the kubelet make the cluster tier, whose pods
+#          run in Docker with a sandbox created from `pause` (build/pause/linux/pause.c, gcc -static).
 #
-# Idempotent: if both binaries exist and answer --version, it prints their paths and exits.
-# A cold build takes ~4-7 minutes on 2 cores (247 s measured). Nothing under /etc/apt is
+# Idempotent: if every binary exists and answers --version, it prints their paths and exits.
+# A cold build takes ~10-15 minutes on 2 cores (one `go build` of the four commands, sharing
+# the compile of the common packages). Nothing under /etc/apt is
 # touched: apt runs with a private APT_CONFIG, sources.list and state/cache dirs inside a
 # temporary build dir, which is deleted at the end (only bin/ is kept). Binaries are staged
 # and renamed into place, so an interrupted build never leaves a half-written binary behind.
@@ -26,16 +31,20 @@ BIN="$CACHE/bin"
 # ---------------------------------------------------------------------------------------------
 # Source patches the build applies, recorded in $BIN/.patches; a cache built without one of them
 # is rebuilt (tests/real/test_apiserver_fidelity.py checks the behaviour they restore).
-PATCHES="reflect2-1.0.2 kube-openapi-230"
+# The set of binaries is part of the key too: a cache from before the cluster tier is rebuilt.
+PATCHES="reflect2-1.0.2 kube-openapi-230 components-cm-sched-kubelet-pause"
+COMMANDS=(kube-apiserver kube-controller-manager kube-scheduler kubelet)
 binaries_ok() {
-    [[ -x "$BIN/kube-apiserver" && -x "$BIN/etcd" ]] &&
-        "$BIN/kube-apiserver" --version >/dev/null 2>&1 &&
-        "$BIN/etcd" --version >/dev/null 2>&1 &&
-        [[ -f "$BIN/.patches" && "$(cat "$BIN/.patches")" == "$PATCHES" ]]
+    local b
+    for b in "${COMMANDS[@]}" etcd; do
+        [[ -x "$BIN/$b" ]] && "$BIN/$b" --version >/dev/null 2>&1 || return 1
+    done
+    [[ -x "$BIN/pause" ]] || return 1
+    [[ -f "$BIN/.patches" && "$(cat "$BIN/.patches")" == "$PATCHES" ]]
 }
 print_paths() {
-    echo "$BIN/kube-apiserver"
-    echo "$BIN/etcd"
+    local b
+    for b in "${COMMANDS[@]}" etcd pause; do echo "$BIN/$b"; done
 }
 if binaries_ok; then
     print_paths
@@ -198,7 +207,7 @@ done
 ! grep -rqF "$ZERO_CHECK" "$TREE/vendor" || { log "patch kube-openapi-230 left a zero-value check"; exit 1; }
 
 # ---------------------------------------------------------------------------------------------
-# 5. Build kube-apiserver inside a GOPATH whose src/k8s.io/kubernetes links to the tree.
+# 5. Build the commands inside a GOPATH whose src/k8s.io/kubernetes links to the tree.
 # ---------------------------------------------------------------------------------------------
 mkdir -p "$GOPATH/src/k8s.io"
 ln -sfn "$TREE" "$GOPATH/src/k8s.io/kubernetes"
@@ -212,19 +221,30 @@ for pkg in k8s.io/kubernetes/vendor/k8s.io/component-base/version \
     LDFLAGS+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$MINOR"
     LDFLAGS+=" -X $pkg.gitTreeState=archive -X $pkg.buildDate=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 done
-log "go build ./cmd/kube-apiserver ($(go version))"
+# One `go build` for all four commands: with -o DIR they share the compile of common packages.
+PKGPATHS=()
+for c in "${COMMANDS[@]}"; do PKGPATHS+=("./cmd/$c"); done
+log "go build ${PKGPATHS[*]} ($(go version))"
 (cd "$GOPATH/src/k8s.io/kubernetes" &&
-    go build -trimpath -ldflags "$LDFLAGS" -o "$STAGE/kube-apiserver" ./cmd/kube-apiserver)
+    go build -trimpath -ldflags "$LDFLAGS" -o "$STAGE/" "${PKGPATHS[@]}")
+# The pod sandbox's pause process, as upstream's build/pause builds it (no registry is reachable,
+# so the cluster tier imports it as an image; see tests/cluster/).
+PAUSE_SRC="$TREE/build/pause/linux/pause.c"
+[[ -f "$PAUSE_SRC" ]] || { log "no $PAUSE_SRC in the tree"; exit 1; }
+log "gcc -static pause.c"
+gcc -Os -static -o "$STAGE/pause" "$PAUSE_SRC"
 cp "$ROOT/usr/bin/etcd" "$STAGE/etcd"
-chmod 0755 "$STAGE/kube-apiserver" "$STAGE/etcd"
-"$STAGE/kube-apiserver" --version >/dev/null
-"$STAGE/etcd" --version >/dev/null
+for b in "${COMMANDS[@]}" etcd; do
+    chmod 0755 "$STAGE/$b"
+    "$STAGE/$b" --version >/dev/null || { log "$b built but does not run"; exit 1; }
+done
+chmod 0755 "$STAGE/pause"
 
 # ---------------------------------------------------------------------------------------------
 # 6. Move into place: copy next to the target, then rename (atomic within one filesystem).
 # ---------------------------------------------------------------------------------------------
 mkdir -p "$BIN"
-for b in kube-apiserver etcd; do
+for b in "${COMMANDS[@]}" etcd pause; do
     cp "$STAGE/$b" "$BIN/.$b.tmp.$$"
     mv -f "$BIN/.$b.tmp.$$" "$BIN/$b"
 done

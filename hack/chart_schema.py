@@ -128,6 +128,9 @@ class OperatorResources(Values):
 class Operator(Values):
     metrics_port: Port = port("Port of the operator's own /metrics endpoint (KUBETUNE_OPERATOR_METRICS_PORT).", 8000)
     health_port: Port = port("Port of the operator's liveness endpoint, kopf's /healthz (KUBETUNE_HEALTH_PORT).", 8080)
+    log_format: Literal["full", "plain", "json"] = Field(
+        "full", description="Operator log lines: full (time, logger, level, message), plain or json (KUBETUNE_LOG_FORMAT)."
+    )
     scrape_interval_seconds: float = Field(
         30.0, gt=0, description="How often the operator scrapes a running trainer's /metrics into .status.progress "
         "(KUBETUNE_METRICS_SCRAPE_INTERVAL_SECONDS)."

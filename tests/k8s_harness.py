@@ -214,8 +214,10 @@ class ApiServer:
     registered at construction exist: see :meth:`service_account_token` and
     :meth:`service_account_kubeconfig`. (The ServiceAccount object itself need not exist.)
 
-    Admission: ``ADMISSION_PLUGINS`` are enabled on top of 1.20's defaults (ServiceAccount
-    admission is disabled: no token controller).
+    Admission: ``ADMISSION_PLUGINS`` are enabled on top of 1.20's defaults; ServiceAccount
+    admission is disabled by default (``disable_admission_plugins``): without a
+    kube-controller-manager there is no token controller (tests/cluster_harness.py runs one and
+    turns it back on).
     """
 
     def __init__(
@@ -224,8 +226,10 @@ class ApiServer:
         ready_timeout: float = 60.0,
         extra_apiserver_args: Sequence[str] = (),
         service_accounts: Iterable[tuple[str, str]] = (OPERATOR_SERVICE_ACCOUNT,),
+        disable_admission_plugins: Sequence[str] = ("ServiceAccount",),
     ) -> None:
         self._binaries = binaries
+        self.disable_admission_plugins = tuple(disable_admission_plugins)
         self.ready_timeout = ready_timeout
         self.extra_apiserver_args = list(extra_apiserver_args)
         self.service_accounts: tuple[tuple[str, str], ...] = tuple(dict.fromkeys(service_accounts))
@@ -439,11 +443,12 @@ class ApiServer:
             "--service-account-issuer=https://kubernetes.default.svc",
             f"--token-auth-file={tokens}",
             "--authorization-mode=RBAC",
-            "--disable-admission-plugins=ServiceAccount",
             f"--enable-admission-plugins={','.join(ADMISSION_PLUGINS)}",
             "--service-cluster-ip-range=10.0.0.0/24",
             "--allow-privileged=true",
         ]
+        if self.disable_admission_plugins:
+            api_args.append(f"--disable-admission-plugins={','.join(self.disable_admission_plugins)}")
         if _supports(apiserver_bin, "insecure-port"):
             api_args.append("--insecure-port=0")  # 1.20 still has an HTTP port; turn it off
         api_args += self.extra_apiserver_args

@@ -1,7 +1,8 @@
-"""Session-end leak check: fail the run if a test left etcd, kube-apiserver or moto running.
+"""Session-end leak check: fail the run if a test left a server of ours running.
 
-The real Kubernetes tier starts etcd + kube-apiserver, and storage tests may start a moto S3
-server in a subprocess. Each of them runs in its own session (``start_new_session=True``), so a
+The real Kubernetes tier starts etcd + kube-apiserver; the cluster tier also the CRD server,
+controller-manager, scheduler, kubelet, dockerd and its containerd (whose shims hold the
+containers); storage tests may start a moto S3 server in a subprocess. Each of them runs in its own session (``start_new_session=True``), so a
 missing ``stop()`` leaves a process that outlives pytest, holds ports and memory, and is easy to
 miss. This plugin, registered from ``tests/conftest.py``, looks for such processes when the
 session ends and turns a leak into a failed run (exit status 1) with the offending PIDs.
@@ -15,7 +16,7 @@ ours when it did not exist at session start and either
   ``KUBETUNE_PYTEST_SESSION=<random token>`` in ``os.environ``, which every child inherits and
   keeps even after it is re-parented to init because its parent died.
 
-Watched processes: executable basename ``etcd`` or ``kube-apiserver`` (of ``argv[0]`` or of
+Watched processes: an executable basename in ``WATCHED_BASENAMES`` (of ``argv[0]`` or of
 ``/proc/PID/exe``), or a command line that mentions ``moto_server`` or ``ThreadedMotoServer``.
 (A ``ThreadedMotoServer`` running as a *thread* inside pytest is not a process and ends with
 pytest; it is not checked here.)
@@ -33,7 +34,12 @@ from pathlib import Path
 import pytest
 
 MARKER_ENV = "KUBETUNE_PYTEST_SESSION"
-WATCHED_BASENAMES = frozenset({"etcd", "kube-apiserver"})
+WATCHED_BASENAMES = frozenset({
+    "etcd", "kube-apiserver",
+    # the cluster tier (tests/cluster_harness.py)
+    "apiextensions-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet",
+    "dockerd", "containerd", "containerd-shim", "containerd-shim-runc-v2",
+})
 WATCHED_SUBSTRINGS = ("moto_server", "ThreadedMotoServer")
 # A process being stopped right now gets this long to go away (env override for self-tests).
 GRACE_SECONDS = float(os.environ.get("KUBETUNE_LEAKCHECK_GRACE", "3"))
@@ -179,7 +185,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         return
     lines = [
         f"LEAK: {len(survivors)} process(es) started by this test session are still running "
-        "(a test or fixture did not stop its etcd / kube-apiserver / moto server):",
+        "(a test or fixture did not stop its server, control-plane component, dockerd or containerd):",
     ]
     for pid, argv in sorted(survivors.items()):
         cmd = " ".join(argv)

@@ -568,3 +568,14 @@ def test_no_end_job_when_the_policy_is_there_or_nothing_is_permanent() -> None:
     assert not must_end_job(pruned(job(failed=1)), [disrupted])  # a preemption is no verdict
     done = pruned(job(conditions=[cond("Failed", "BackoffLimitExceeded")]))
     assert not must_end_job(done, [permanent])  # already over
+
+
+def test_a_replacement_after_a_permanent_exit_is_no_retry() -> None:
+    permanent = pod("a", phase="Failed", finished="2025-03-01T11:50:00Z", exit_code=PERMANENT_EXIT_CODE,
+                    message=json.dumps({"status": "failed", "reason": "InvalidData", "message": "bad"}))
+    earlier = pod("b", phase="Failed", started="2025-03-01T11:00:00Z", finished="2025-03-01T11:10:00Z", exit_code=1)
+    replacement = pod("c", phase="Failed", started="2025-03-01T11:50:01Z", finished="2025-03-01T11:50:02Z", exit_code=137)
+    ended = pruned(failed_job("DeadlineExceeded", "Job was active longer than specified deadline", 3))
+    status = check(observe(ftj({"phase": "Running", "jobName": JOB}), ended, [earlier, permanent, replacement], None, PRICES, NOW))
+    assert status["retries"] == 1  # the transient failure before the verdict, not the replacement after it
+    assert conditions(status)["Failed"]["reason"] == "InvalidData"

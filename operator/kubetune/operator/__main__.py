@@ -7,6 +7,7 @@ the watched namespaces (empty: the whole cluster) and peering from the arguments
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import kopf
@@ -25,6 +26,13 @@ def run(namespaces: Sequence[str] | None = None, peering: bool | None = None, li
     from kubetune.operator import handlers  # noqa: F401  (registers the handlers on the default registry)
 
     settings = OperatorSettings.from_env()
+    formats = {f.name.lower(): f for f in kopf.LogFormat}
+    if settings.log_format not in formats:
+        raise SystemExit(f"KUBETUNE_LOG_FORMAT={settings.log_format!r}: use one of {', '.join(formats)}")
+    # kopf logs nothing until configured: without this an operator pod's log stays empty. A
+    # program that configured logging itself (a test harness, an embedding) keeps its set-up.
+    if not logging.getLogger().handlers:
+        kopf.configure(log_format=formats[settings.log_format])
     watched = list(settings.namespaces if namespaces is None else namespaces)
     peering = settings.peering if peering is None else peering
     kopf.run(

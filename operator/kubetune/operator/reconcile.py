@@ -289,8 +289,17 @@ def _ignores_disruptions(job: Mapping[str, Any]) -> bool:
 
 def _retries(job: Mapping[str, Any], pods: list[dict]) -> int:
     """Failed pods that were retriable: not a disruption (unless the Job's podFailurePolicy
-    already left those out of `status.failed`) and not the trainer's permanent exit code."""
+    already left those out of `status.failed`) and not the trainer's permanent exit code. After a
+    permanent exit only the failures before it count: a replacement the Job controller started
+    before the Job was ended (no podFailurePolicy) is not a retry of the user's budget."""
     failed_pods = [p for p in pods if _get(p, "status", "phase") == "Failed"]
+    permanent_at = [str((_terminated(p) or {}).get("finishedAt") or "") for p in failed_pods
+                    if (_terminated(p) or {}).get("exitCode") == PERMANENT_EXIT_CODE and not _disrupted(p)]
+    if permanent_at:
+        first = min(permanent_at)
+        return sum(1 for p in failed_pods if not _disrupted(p)
+                   and (_terminated(p) or {}).get("exitCode") != PERMANENT_EXIT_CODE
+                   and str((_terminated(p) or {}).get("finishedAt") or "9") < first)
     failed = int(_number(_get(job, "status", "failed")) or 0)
     if not _ignores_disruptions(job):
         failed -= sum(1 for p in failed_pods if _disrupted(p))

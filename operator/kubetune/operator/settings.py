@@ -84,6 +84,10 @@ class OperatorSettings:
     ClusterFirstWithHostNet). Only for single-node clusters without a pod network, such as
     kubetune's own cluster test tier: pods then share the node's ports and interfaces."""
 
+    log_format: str = "full"
+    """Log lines of the operator process: full (time, logger, level, message), plain (the
+    message) or json (one object per line, for log collectors)."""
+
     health_port: int = 8080
     """Port of the operator's liveness endpoint (kopf's /healthz); 0 turns it off."""
 
