@@ -384,6 +384,8 @@ class Dockerd:
             _kill_matching(str(self.run_dir))
             self._procs = None
         if self.run_dir is not None:
+            # dockerd bind-mounts the host's network namespace under exec/netns and leaves it.
+            _unmount_under(self.run_dir)
             shutil.rmtree(self.run_dir, ignore_errors=True)
             self.run_dir = None
         if self._lock is not None:

@@ -145,6 +145,8 @@ def images(docker_daemon: Dockerd, tmp_path_factory: pytest.TempPathFactory) -> 
             {"BASE_IMAGE": TRAINER_BASE, "TORCH_VERSION": torch, "PIP_FIND_LINKS": server.url},
             log=logs / "trainer.log",
         )
+    # The images these replaced (now untagged) would pile up on the persistent data root.
+    docker_daemon.docker("image", "prune", "--force", timeout=300)
     sizes = {"operator": docker_daemon.image_size(OPERATOR_IMAGE), "trainer": docker_daemon.image_size(TRAINER_IMAGE)}
     record = {"seconds": seconds, "bytes": sizes, "bases": {"operator": OPERATOR_BASE, "trainer": TRAINER_BASE}}
     (logs / "images.json").write_text(json.dumps(record, indent=2))

@@ -1,7 +1,11 @@
 """The multi-node command the builders render, run for real: two `torchrun` agents (two "pods"
 of the Indexed Job) on loopback with the c10d rendezvous. One pod is killed mid-training and
 replaced, as the Job controller would; the survivor must not hang on the dead peer but restart
-its worker and finish together with the replacement (the gap a static rendezvous had)."""
+its worker and finish together with the replacement (the gap a static rendezvous had).
+
+A stand-in for the Job controller (processes, not pods) because the cluster tier cannot run it:
+Indexed Jobs do not exist at 1.20, and two pods with the host network would need a pod network
+for `<job>-0.<service>` to resolve."""
 from __future__ import annotations
 
 import contextlib

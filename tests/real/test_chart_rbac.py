@@ -9,6 +9,10 @@ applied with the real kubectl (the CRD with CEL stripped: 1.20), and the operato
 quickstart (tests/real/e2e.py) as that ServiceAccount, with the environment the chart's
 Deployment gives it. It must succeed without a single Forbidden; and the same identity must be
 refused what the chart never grants.
+
+tests/cluster/test_e2e.py runs the operator as a pod of its image under this same Role, with a
+token minted by the real token controller; this test keeps the stand-in because it also asserts,
+with SelfSubjectAccessReviews, what the Role refuses, on the tier where a run costs seconds.
 """
 
 from __future__ import annotations

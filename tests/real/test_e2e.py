@@ -7,6 +7,12 @@ kubetune.trainer --spec /etc/kubetune/spec.json``) run by the stand-in kubelet a
 (tests/standin_kubelet.py: it projects the spec annotation into a local file, as the downwardAPI
 volume does, and writes Pod/Job status), and moto's S3 server. See tests/real/e2e.py for the
 pieces, which other tests reuse (e.g. to run the same flow as the Helm chart's ServiceAccount).
+
+Why a stand-in here, now that tests/cluster runs the same flow in real pods: the stand-in writes
+the Job conditions of a *current* Job controller (``SuccessCriteriaMet`` then ``Complete``,
+``FailureTarget`` then ``Failed``, Kubernetes ≥ 1.31), which the 1.20 controller of the cluster
+tier never writes; the operator must read both. It is also ten times faster (no images, no
+containers), which the latency measurement below needs.
 """
 
 from __future__ import annotations

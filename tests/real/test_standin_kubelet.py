@@ -1,4 +1,9 @@
-"""The Job controller / kubelet stand-in, against the real apiserver."""
+"""The Job controller / kubelet stand-in, against the real apiserver.
+
+The stand-in exists for what the cluster tier's 1.20 Job controller cannot do (Job ``suspend``,
+Indexed completion, ``podFailurePolicy``, the ≥ 1.31 terminal conditions); these tests keep it
+honest: pods, status and conditions shaped as a current Job controller and kubelet write them.
+"""
 
 from __future__ import annotations
 
