@@ -76,45 +76,11 @@ log "build dir: $WORK"
 # ---------------------------------------------------------------------------------------------
 # 1. Private apt configuration (deb + deb-src for the mirror the system already uses).
 # ---------------------------------------------------------------------------------------------
-APTDIR="$WORK/apt"
-mkdir -p "$APTDIR/sources.list.d" "$APTDIR/state/lists/partial" "$APTDIR/cache/archives/partial"
-
-# Mirror URI: first "URIs:" line of the deb822 system sources (ignoring -security, which has no
-# kubernetes source); fall back to the Debian CDN.
-MIRROR=""
-if [[ -r /etc/apt/sources.list.d/debian.sources ]]; then
-    MIRROR="$(awk 'tolower($1)=="uris:" && $2 !~ /security/ {print $2; exit}' \
-        /etc/apt/sources.list.d/debian.sources)"
-fi
-MIRROR="${MIRROR:-http://deb.debian.org/debian}"
+# shellcheck source=hack/private-apt.sh
+source "$(dirname "$0")/private-apt.sh"
+MIRROR="$(debian_mirror)"
 SUITE=bookworm
-KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
-SIGNED=""
-[[ -r "$KEYRING" ]] && SIGNED="[signed-by=$KEYRING] "
-cat >"$APTDIR/sources.list" <<EOF
-deb ${SIGNED}${MIRROR} ${SUITE} main
-deb-src ${SIGNED}${MIRROR} ${SUITE} main
-EOF
-
-cat >"$APTDIR/apt.conf" <<EOF
-Dir::Etc::SourceList "$APTDIR/sources.list";
-Dir::Etc::SourceParts "$APTDIR/sources.list.d";
-Dir::State "$APTDIR/state";
-Dir::State::Lists "$APTDIR/state/lists";
-Dir::State::status "$APTDIR/state/status";
-Dir::Cache "$APTDIR/cache";
-Dir::Cache::Archives "$APTDIR/cache/archives";
-Dir::Cache::pkgcache "";
-Dir::Cache::srcpkgcache "";
-// Downloads land in root-owned private dirs; skip the _apt sandbox (harmless either way).
-APT::Sandbox::User "root";
-// Do not run the system's update hooks (appstream, packagekit) for our private lists.
-#clear APT::Update::Post-Invoke;
-#clear APT::Update::Post-Invoke-Success;
-Acquire::Languages "none";
-EOF
-: >"$APTDIR/state/status"
-export APT_CONFIG="$APTDIR/apt.conf"
+private_apt "$WORK/apt" "deb {SIGNED}{MIRROR} $SUITE main" "deb-src {SIGNED}{MIRROR} $SUITE main"
 
 log "apt-get update (private lists, mirror $MIRROR)"
 apt-get -qq update

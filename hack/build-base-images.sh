@@ -51,11 +51,9 @@ WORK="$(mktemp -d "$CACHE/build.XXXXXX")"
 cleanup() { rm -rf "$WORK"; rm -f "$OUT.tmp.$$"; }
 trap cleanup EXIT
 
-MIRROR=""
-if [[ -r /etc/apt/sources.list.d/debian.sources ]]; then
-    MIRROR="$(awk 'tolower($1)=="uris:" && $2 !~ /security/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources)"
-fi
-MIRROR="${MIRROR:-http://deb.debian.org/debian}"
+# shellcheck source=hack/private-apt.sh
+source "$(dirname "$0")/private-apt.sh"
+MIRROR="$(debian_mirror)"
 
 ROOTFS="$WORK/rootfs"
 log "debootstrap --variant=minbase $SUITE from $MIRROR (+$PACKAGES)"

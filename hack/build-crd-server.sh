@@ -92,35 +92,10 @@ fallback() {
 # ---------------------------------------------------------------------------------------------
 # 1. Private apt configuration for sid (nothing under /etc/apt is touched).
 # ---------------------------------------------------------------------------------------------
-APTDIR="$WORK/apt"
-mkdir -p "$APTDIR/sources.list.d" "$APTDIR/state/lists/partial" "$APTDIR/cache/archives/partial"
-MIRROR=""
-if [[ -r /etc/apt/sources.list.d/debian.sources ]]; then
-    MIRROR="$(awk 'tolower($1)=="uris:" && $2 !~ /security/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources)"
-fi
-MIRROR="${MIRROR:-http://deb.debian.org/debian}"
-KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
-SIGNED=""
-[[ -r "$KEYRING" ]] && SIGNED="[signed-by=$KEYRING] "
-echo "deb ${SIGNED}${MIRROR} sid main" >"$APTDIR/sources.list"
-cat >"$APTDIR/apt.conf" <<EOF
-Dir::Etc::SourceList "$APTDIR/sources.list";
-Dir::Etc::SourceParts "$APTDIR/sources.list.d";
-Dir::State "$APTDIR/state";
-Dir::State::Lists "$APTDIR/state/lists";
-Dir::State::status "$APTDIR/state/status";
-Dir::Cache "$APTDIR/cache";
-Dir::Cache::Archives "$APTDIR/cache/archives";
-Dir::Cache::pkgcache "";
-Dir::Cache::srcpkgcache "";
-APT::Sandbox::User "root";
-APT::Architecture "$(dpkg --print-architecture)";
-#clear APT::Update::Post-Invoke;
-#clear APT::Update::Post-Invoke-Success;
-Acquire::Languages "none";
-EOF
-: >"$APTDIR/state/status"
-export APT_CONFIG="$APTDIR/apt.conf"
+# shellcheck source=hack/private-apt.sh
+source "$(dirname "$0")/private-apt.sh"
+MIRROR="$(debian_mirror)"
+private_apt "$WORK/apt" "deb {SIGNED}{MIRROR} sid main"
 
 log "apt-get update (sid, private lists, mirror $MIRROR)"
 apt-get -qq update || fallback "apt-get update of sid from $MIRROR failed"

@@ -63,6 +63,7 @@ from tests.k8s_harness import (
     BinariesMissing,
     _insecure_ssl_context,
     _tail,
+    api_request,
     cache_dir,
     free_ports,
     kubectl,
@@ -590,21 +591,7 @@ class Cluster:
         """One request to the CRD server itself (kubectl cannot: the standalone server serves no
         `/apis` discovery document). Returns (HTTP status, decoded JSON body)."""
         assert self.api is not None
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.crd_server_url + path, data=data, method=method)
-        req.add_header("Authorization", f"Bearer {self.api.token}")
-        req.add_header("Accept", "application/json")
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(req, timeout=30, context=_insecure_ssl_context()) as r:
-                return r.status, json.loads(r.read() or b"{}")
-        except urllib.error.HTTPError as exc:
-            text = exc.read()
-            try:
-                return exc.code, json.loads(text)
-            except ValueError:
-                return exc.code, {"message": text.decode(errors="replace")}
+        return api_request(self.crd_server_url, self.api.token, method, path, body)
 
     def install_crd(self, crd_yaml_text: str, timeout: float = 60.0) -> list[str]:
         """Create (or replace) CRD(s) on the 1.36 CRD server, CEL rules included, and wait until

@@ -190,6 +190,29 @@ def _insecure_ssl_context() -> ssl.SSLContext:
     return ctx
 
 
+def api_request(
+    base_url: str, token: str, method: str, path: str, body: Any = None, content_type: str = "application/json",
+    timeout: float = 30.0,
+) -> tuple[int, dict[str, Any]]:
+    """One JSON call to an API server with a bearer token: (HTTP status, decoded body). Error
+    answers are returned, not raised (a test asserts on a 422's Status as on a 201's object)."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(base_url + path, data=data, method=method)
+    req.add_header("Authorization", f"Bearer {token}")
+    req.add_header("Accept", "application/json")
+    if data is not None:
+        req.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout, context=_insecure_ssl_context()) as resp:
+            return resp.status, json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as exc:
+        text = exc.read()
+        try:
+            return exc.code, json.loads(text or b"{}")
+        except ValueError:
+            return exc.code, {"message": text.decode(errors="replace")}
+
+
 # ------------------------------------------------------------------------------------------
 # The control plane
 # ------------------------------------------------------------------------------------------

@@ -11,10 +11,7 @@ schema to CEL declarations": a rule on an untyped node). tests/api keeps the off
 from __future__ import annotations
 
 import copy
-import json
 import re
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +22,7 @@ from kubetune.api.manifest import load_documents
 from tests.api.test_invalid_manifests import CANONICAL, CASES, mutate
 from tests.cluster.conftest import CRD_FILE, REPO
 from tests.cluster_harness import Cluster, CrdRefused
-from tests.k8s_harness import _insecure_ssl_context, kubectl
+from tests.k8s_harness import api_request, kubectl
 
 CEL = "x-kubernetes-validations"
 FTJ_PATH = "/apis/kubetune.io/v1alpha1/namespaces/{ns}/finetunejobs"
@@ -34,17 +31,7 @@ FTJ_PATH = "/apis/kubetune.io/v1alpha1/namespaces/{ns}/finetunejobs"
 def request(cluster: Cluster, method: str, path: str, body: Any = None, content_type: str = "application/json") -> tuple[int, dict[str, Any]]:
     """A request through the 1.20 apiserver (aggregated to the CRD server for kubetune.io)."""
     assert cluster.api is not None
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(cluster.api.url + path, data=data, method=method)
-    req.add_header("Authorization", f"Bearer {cluster.api.token}")
-    req.add_header("Accept", "application/json")
-    if data is not None:
-        req.add_header("Content-Type", content_type)
-    try:
-        with urllib.request.urlopen(req, timeout=30, context=_insecure_ssl_context()) as r:
-            return r.status, json.loads(r.read() or b"{}")
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
+    return api_request(cluster.api.url, cluster.api.token, method, path, body, content_type)
 
 
 def create(cluster: Cluster, namespace: str, obj: dict[str, Any], dry_run: bool = True) -> tuple[int, dict[str, Any]]:

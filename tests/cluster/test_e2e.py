@@ -61,7 +61,7 @@ def test_quickstart_in_real_pods(cluster: Cluster, images: BuiltImages, cluster_
     assert verified.returncode == 0, verified.stdout + verified.stderr
 
     # Real pods of the built images ran it: the validation and the training Job each had one.
-    for job, image in ((f"quickstart-validate", images.trainer), ("quickstart-train", images.trainer)):
+    for job, image in (("quickstart-validate", images.trainer), ("quickstart-train", images.trainer)):
         (pod,) = job_pods(cluster, ns, job)
         assert pod["status"]["phase"] == "Succeeded" and pod["spec"]["nodeName"] == "localhost", pod["status"]
         assert pod["spec"]["containers"][0]["image"] == image

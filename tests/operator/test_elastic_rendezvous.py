@@ -41,7 +41,6 @@ def pod_command(tmp: Path, port: int) -> tuple[list[str], dict[str, str]]:
     """The rendered command with the kubelet's $(VAR) expansion and the trainer swapped for the
     stand-in worker (everything before `-m kubetune.trainer` is what the pod runs), and the
     rendered torch settings of the pod's env."""
-    import yaml
 
     data = load_manifest_yaml((ROOT / "examples" / "multi-node-volcano.yaml").read_text())
     ftj, problems = parse_manifest(data)

@@ -20,9 +20,7 @@ import re
 import ssl
 import types
 import typing
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +33,7 @@ from pydantic.fields import FieldInfo
 from kubetune.api import GROUP, PLURAL, VERSION, FineTuneJobSpec, FineTuneJobStatus
 from tests.api.test_invalid_manifests import CANONICAL, CASES, mutate
 from tests.crd_offline import validate as crd_offline_validate
-from tests.k8s_harness import ApiServer, _strip_key, kubectl
+from tests.k8s_harness import ApiServer, _strip_key, api_request, kubectl
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples").glob("*.yaml"))
@@ -58,17 +56,7 @@ def request(
     content_type: str = "application/json",
 ) -> tuple[int, dict[str, Any]]:
     """One HTTP call to the apiserver with the admin token; (status code, JSON body)."""
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(api.url + path, data=data, method=method)
-    req.add_header("Authorization", f"Bearer {api.token}")
-    req.add_header("Accept", "application/json")
-    if data is not None:
-        req.add_header("Content-Type", content_type)
-    try:
-        with urllib.request.urlopen(req, timeout=30, context=_ssl()) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
+    return api_request(api.url, api.token, method, path, body, content_type)
 
 
 def ftj_path(namespace: str, name: str = "", sub: str = "") -> str:
