@@ -1,4 +1,7 @@
-"""Fixtures of the cluster tier: one real single-node cluster per session (tests/cluster_harness.py).
+"""Fixtures of the cluster tier: one real single-node cluster for tests/cluster (tests/cluster_harness.py).
+
+The fixtures are package-scoped: the cluster and dockerd stop when the last test of this directory
+has run, so they do not take CPU from the rest of the suite.
 
 What runs: the 1.20 control plane (apiserver, controller-manager, scheduler, kubelet on Docker)
 and the 1.36 CRD server aggregated for kubetune.io, with the committed CRD installed *with* its
@@ -78,7 +81,7 @@ def _missing(message: str) -> None:
     pytest.fail(f"{message} (or set KUBETUNE_SKIP_CLUSTER=1 to skip the cluster tier locally)", pytrace=False)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def docker_daemon() -> Iterator[Dockerd]:
     daemon = Dockerd()
     failure = None
@@ -94,7 +97,7 @@ def docker_daemon() -> Iterator[Dockerd]:
         daemon.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def cluster(docker_daemon: Dockerd) -> Iterator[Cluster]:
     """The session's cluster with the committed CRD (CEL included) on the 1.36 CRD server."""
     failure = None
@@ -122,7 +125,7 @@ class BuiltImages:
     bytes: dict[str, int]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def images(docker_daemon: Dockerd, tmp_path_factory: pytest.TempPathFactory) -> BuiltImages:
     """operator/Dockerfile unmodified (its FROM python:3.11.11-slim-bookworm is the debootstrap
     base imported under that name); trainer/Dockerfile with BASE_IMAGE set to the same Debian
