@@ -1,6 +1,7 @@
 """Validate an object against the generated CRD offline, as the API server would.
 
-Three checks, in the order the API server applies them: unknown fields (kubectl's default
+Null pruning first (a non-nullable field set to null is dropped), then three checks, in the order
+the API server applies them: unknown fields (kubectl's default
 strict field validation rejects them), the OpenAPI v3 schema (openapi-schema-validator, OAS 3.0)
 and the CEL `x-kubernetes-validations` rules (cel-python), with `oldSelf` bound for transition
 rules on updates. Errors carry the wire path of the offending field, like the models' errors.
@@ -105,9 +106,30 @@ def _cel(schema: dict[str, Any], data: Any, old: Any, path: str, out: list[Schem
             _cel(schema["items"], item, None, _join(path, i), out)
 
 
+def _prune_nulls(schema: dict[str, Any], data: Any) -> Any:
+    """The API server drops a declared field whose value is null unless its schema says
+    `nullable: true` (before validation); content under x-kubernetes-preserve-unknown-fields and
+    undeclared keys are left alone."""
+    if isinstance(data, dict) and schema.get("type") == "object":
+        props = schema.get("properties") or {}
+        extra = schema.get("additionalProperties") if isinstance(schema.get("additionalProperties"), dict) else None
+        out = {}
+        for key, value in data.items():
+            sub = props.get(key) or extra
+            if sub is not None and value is None and not sub.get("nullable"):
+                continue
+            out[key] = _prune_nulls(sub, value) if sub is not None else value
+        return out
+    if isinstance(data, list) and isinstance(schema.get("items"), dict):
+        return [_prune_nulls(schema["items"], item) for item in data]
+    return data
+
+
 def validate(crd: dict[str, Any], obj: dict[str, Any], old: dict[str, Any] | None = None) -> list[SchemaError]:
     """Every error the API server would report for creating `obj` (or updating `old` to it)."""
     schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    obj = _prune_nulls(schema, obj)
+    old = _prune_nulls(schema, old) if old is not None else None
     errors: list[SchemaError] = []
     _unknown_fields(schema, obj, "", errors)
     errors += _openapi(schema, obj)

@@ -18,7 +18,11 @@ from typing import Any
 import pytest
 import yaml
 
+from hypothesis import HealthCheck, given, settings
+
 from kubetune.api.manifest import load_documents
+from kubetune.api.resource import json_problems, parse_manifest
+from tests.api.test_fuzz_manifests import mutated
 from tests.api.test_invalid_manifests import CANONICAL, CASES, mutate
 from tests.cluster.conftest import CRD_FILE, REPO
 from tests.cluster_harness import Cluster, CrdRefused
@@ -168,3 +172,22 @@ def test_spec_is_editable_before_start(cluster: Cluster, cluster_namespace: str)
     code, answer = request(cluster, "PATCH", f"{FTJ_PATH.format(ns=cluster_namespace)}/not-started",
                            {"spec": {"model": {"source": "hf://mistralai/Mistral-7B-v0.3"}}}, "application/merge-patch+json")
     assert code == 200 and answer["spec"]["model"]["source"].endswith("v0.3"), answer
+
+
+# ------------------------------------------------------------------- fuzzed, against the server
+
+REAL_FUZZ = settings(max_examples=300, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+@REAL_FUZZ
+@given(mutated())
+def test_fuzzed_manifests_models_agree_with_the_real_server(cluster: Cluster, obj: dict[str, Any]) -> None:
+    """The offline fuzz test's manifests (tests/api/test_fuzz_manifests.py), a fixed 300, sent to
+    the 1.36 server: it accepts exactly what the models accept. (Values JSON cannot carry are
+    left out: they never reach a server.)"""
+    if json_problems(obj):
+        return
+    job, problems = parse_manifest(obj)
+    code, answer = create(cluster, "default", obj)
+    assert code in (201, 400, 422), (code, answer)
+    assert (job is not None) == (code == 201), (problems, answer.get("message"))

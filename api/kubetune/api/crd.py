@@ -2,7 +2,8 @@
 
 The CRD is never edited by hand: `kubetune crd` prints it and `crds/` holds that output, checked
 fresh by a test. pydantic's JSON Schema is turned into a *structural* OpenAPI v3 schema as the
-API server requires: `$ref`s inlined, `anyOf [X, null]` → X with `nullable: true`, JSON Schema
+API server requires: `$ref`s inlined, `anyOf [X, null]` → X (not nullable: the API server then
+prunes an explicit `null` as if the field were absent, which is what the models do), JSON Schema
 2020 bounds → OpenAPI 3.0 bounds, no `additionalProperties: false` (the server prunes instead),
 no `default` (defaults live in code and show in status.effective, so GitOps sees no drift).
 """
@@ -60,7 +61,6 @@ def _structural(node: Any, defs: dict[str, Any]) -> Any:
             node = inner
         else:
             node["anyOf"] = rest
-        node["nullable"] = True
     out: dict[str, Any] = {}
     for key, value in node.items():
         if key in _DROP:

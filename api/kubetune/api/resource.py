@@ -8,7 +8,9 @@ e.g. `spec.method.lora.r`, and whose message says what is allowed.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
+import math
 import re
 import typing
 from dataclasses import dataclass
@@ -78,20 +80,80 @@ def _as_json(obj: Any) -> str:
     return json.dumps(obj, default=str)
 
 
+# Wire input is matched by wire (camelCase) names only: the Python names (`learning_rate`) are
+# not fields of the CRD, and the API server would prune them silently.
+_WIRE = {"strict": True, "by_alias": True, "by_name": False}
+
+
+INT64 = (-(2**63), 2**63 - 1)
+
+
+def json_problems(value: Any, path: str = "") -> list[Problem]:
+    """What the API server's JSON cannot carry: infinities and NaN, integers outside int64, and
+    values that are not JSON at all. (YAML reads `.inf` and 10**30; JSON and Kubernetes do not.)"""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return []
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [Problem(path, f"must be a finite number, not {value}")]
+    if isinstance(value, int):
+        if INT64[0] <= value <= INT64[1]:
+            return []
+        return [Problem(path, "is outside the 64-bit integer range the API server accepts")]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in json_problems(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in json_problems(v, f"{path}[{i}]")]
+    return [Problem(path, f"a {type(value).__name__} is not a JSON value")]
+
+
+def prune_nulls(value: Any, schema: dict[str, Any]) -> Any:
+    """`value` without the `null`s the API server prunes: a field the CRD declares and does not
+    mark nullable, set to null, is dropped as if absent (none of ours is nullable). Content the
+    schema leaves open (x-kubernetes-preserve-unknown-fields, such as an affinity) is kept as is."""
+    if isinstance(value, dict) and schema.get("type") == "object":
+        props = schema.get("properties") or {}
+        extra = schema.get("additionalProperties") if isinstance(schema.get("additionalProperties"), dict) else None
+        out = {}
+        for key, item in value.items():
+            sub = props.get(key) or extra
+            if sub is None:
+                out[key] = item  # unknown here: the models refuse it (or it is open content)
+            elif item is not None:
+                out[key] = prune_nulls(item, sub)
+        return out
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [prune_nulls(item, schema["items"]) for item in value]
+    return value
+
+
+@functools.cache
+def _spec_schema() -> dict[str, Any]:
+    from kubetune.api.crd import object_schema  # the CRD generator imports this module
+
+    return object_schema(FineTuneJobSpec)
+
+
 def parse_manifest(obj: Any) -> tuple[FineTuneJob | None, list[Problem]]:
     """Validate a decoded manifest. Returns the model, or None and every problem found."""
     if not isinstance(obj, dict):
         return None, [Problem("", f"a manifest must be a mapping, got {type(obj).__name__}")]
+    if problems := json_problems(obj):
+        return None, problems
+    if isinstance(obj.get("spec"), dict):
+        obj = {**obj, "spec": prune_nulls(obj["spec"], _spec_schema())}
     try:
-        return FineTuneJob.model_validate_json(_as_json(obj), strict=True), []
+        return FineTuneJob.model_validate_json(_as_json(obj), **_WIRE), []
     except ValidationError as err:
         return None, problems_from(err, FineTuneJob)
 
 
 def parse_spec(spec: Any) -> tuple[FineTuneJobSpec | None, list[Problem]]:
     """Validate a bare spec (the JSON the operator hands the trainer); paths start at `spec`."""
+    if problems := json_problems(spec, "spec"):
+        return None, problems
+    spec = prune_nulls(spec, _spec_schema())
     try:
-        return FineTuneJobSpec.model_validate_json(_as_json(spec), strict=True), []
+        return FineTuneJobSpec.model_validate_json(_as_json(spec), **_WIRE), []
     except ValidationError as err:
         return None, problems_from(err, FineTuneJobSpec, prefix=("spec",))
 

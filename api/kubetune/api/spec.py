@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from kubetune.api._base import WireModel, cel, rules
+from kubetune.api._base import CEL_KEY, WireModel, cel, rules
 from kubetune.api.enums import (
     Adaptation,
     ComputeDtype,
@@ -31,7 +31,23 @@ from kubetune.api.enums import (
     QuantType,
     Scheduler,
 )
-from kubetune.api.types import DNS_LABEL, DNS_SUBDOMAIN, AutoInt, DataUri, ModelUri, OutputUri, PositiveNumber, Quantity, ShortString
+from kubetune.api.types import (
+    DNS_LABEL,
+    DNS_SUBDOMAIN,
+    LABEL_MAP_RULE,
+    LABEL_VALUE,
+    AutoInt,
+    DataUri,
+    LabelValue,
+    ModelUri,
+    OutputUri,
+    PositiveNumber,
+    QualifiedName,
+    Quantity,
+    ShortString,
+    TaintKey,
+    check_label_keys,
+)
 
 # --------------------------------------------------------------------------------------- model
 
@@ -575,10 +591,12 @@ class Resources(WireModel):
     gpus: int = Field(default=1, ge=0, le=64, description="GPUs per node (one pod per node). 0 trains on CPU. Default 1.")
     gpu_type: Optional[str] = Field(
         default=None,
-        max_length=253,
+        min_length=1,
+        max_length=63,
+        pattern=LABEL_VALUE,
         description="GPU product to schedule on, matched against the node label nvidia.com/gpu.product (e.g. NVIDIA-H100-80GB-HBM3).",
     )
-    gpu_resource: str = Field(default="nvidia.com/gpu", max_length=253, description="Extended resource name of the GPU. Default nvidia.com/gpu.")
+    gpu_resource: QualifiedName = Field(default="nvidia.com/gpu", description="Extended resource name of the GPU. Default nvidia.com/gpu.")
     nodes: int = Field(default=1, ge=1, le=512, description="Nodes for distributed training (an Indexed Job with torchrun rendezvous). Default 1.")
     cpu: Optional[Quantity] = Field(default=None, description="CPU request per pod, e.g. 8 or 7500m. Unset: chosen from the GPU count.")
     memory: Optional[Quantity] = Field(default=None, description="Memory request and limit per pod, e.g. 64Gi. Unset: chosen from the model size.")
@@ -631,11 +649,32 @@ class Evaluation(WireModel):
 
 
 class Toleration(WireModel):
-    """A Kubernetes toleration, copied to the trainer pods."""
+    """A Kubernetes toleration, copied to the trainer pods; checked as the API server checks a pod's."""
 
-    key: Optional[str] = Field(default=None, max_length=317, description="Taint key; empty with operator Exists matches every taint.")
+    model_config = WireModel.model_config | {
+        "json_schema_extra": rules(
+            cel("(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
+                "operator must be Exists when key is empty (it then tolerates every taint)"),
+            cel("!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+                "value must be empty when operator is Exists", ".value"),
+            cel("!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+                "tolerationSeconds needs effect: NoExecute", ".tolerationSeconds"),
+        )
+    }
+
+    @model_validator(mode="after")
+    def _as_kubernetes_checks_it(self) -> "Toleration":
+        if not self.key and self.operator != "Exists":
+            raise ValueError("operator must be Exists when key is empty (it then tolerates every taint)")
+        if self.operator == "Exists" and self.value:
+            raise ValueError("value must be empty when operator is Exists")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError("tolerationSeconds needs effect: NoExecute")
+        return self
+
+    key: Optional[TaintKey] = Field(default=None, description="Taint key (a qualified name); empty with operator Exists matches every taint.")
     operator: Optional[str] = Field(default=None, pattern="^(Exists|Equal)$", description="Exists or Equal (default Equal).")
-    value: Optional[str] = Field(default=None, max_length=63, description="Taint value for operator Equal.")
+    value: Optional[LabelValue] = Field(default=None, description="Taint value for operator Equal (a label value).")
     effect: Optional[str] = Field(default=None, pattern="^(NoSchedule|PreferNoSchedule|NoExecute)$", description="NoSchedule, PreferNoSchedule or NoExecute; empty matches all.")
     toleration_seconds: Optional[int] = Field(default=None, description="For NoExecute: how long the pod stays bound after the taint appears.")
 
@@ -667,6 +706,7 @@ class Scheduling(WireModel):
     priority_class_name: Optional[str] = Field(
         default=None,
         max_length=253,
+        pattern=DNS_SUBDOMAIN,
         description="PriorityClass of the trainer pods. Kueue also takes the workload's priority from it unless workloadPriorityClassName is set.",
     )
     workload_priority_class_name: Optional[str] = Field(
@@ -681,9 +721,21 @@ class Scheduling(WireModel):
     scheduler_name: Optional[str] = Field(
         default=None,
         max_length=253,
+        pattern=DNS_SUBDOMAIN,
         description="Pod scheduler. volcano creates a Volcano PodGroup so all pods of a multi-node job are gang-scheduled.",
     )
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the trainer pods require.")
+    node_selector: dict[str, LabelValue] = Field(
+        default_factory=dict,
+        max_length=64,
+        json_schema_extra={"maxProperties": 64, CEL_KEY: [LABEL_MAP_RULE]},
+        description="Node labels the trainer pods require (label keys and values, as on a pod).",
+    )
+
+    @field_validator("node_selector")
+    @classmethod
+    def _label_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        return check_label_keys(value)
+
     tolerations: list[Toleration] = Field(default_factory=list, max_length=64, description="Tolerations of the trainer pods (e.g. for tainted GPU nodes).")
     affinity: Optional[dict[str, Any]] = Field(
         default=None,

@@ -141,7 +141,69 @@ Quantity = Annotated[
 ]
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+"""DNS-1123 subdomain (with maxLength 253): what Kubernetes requires of object, PriorityClass and
+scheduler names."""
+
+# Label keys and values, taint keys, extended resource names: Kubernetes' "qualified name"
+# (k8s.io/apimachinery/pkg/util/validation). The patterns are RE2 (the API server's engine) and
+# bound each part's length; the prefix's own limit (253) needs the CEL rule beside them.
+_DNS_LABEL_63 = r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
+_NAME_63 = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+QUALIFIED_NAME = rf"^({_DNS_LABEL_63}(\.{_DNS_LABEL_63})*/)?{_NAME_63}$"
+LABEL_VALUE = rf"^({_NAME_63})?$"
+_PREFIX_TOO_LONG = "^[^/]{254,}/"
+_QUALIFIED_HELP = ("a qualified name: an optional DNS prefix of at most 253 characters and '/', then at most 63 "
+                   "letters, digits, '-', '_' or '.', starting and ending with a letter or digit (e.g. nvidia.com/gpu)")
+_qualified = re.compile(QUALIFIED_NAME)
+
+
+def cel_string(text: str) -> str:
+    """`text` as a CEL string literal (CEL has no `\\.` escape: a regex's backslashes are doubled)."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def is_qualified_name(value: str) -> bool:
+    return bool(_qualified.match(value)) and len(value.split("/")[0] if "/" in value else "") <= 253
+
+
+def _check_qualified(value: str) -> str:
+    if not is_qualified_name(value):
+        raise ValueError(f"{value!r} is not {_QUALIFIED_HELP}")
+    return value
+
+
+QualifiedName = Annotated[
+    str,
+    AfterValidator(_check_qualified),
+    WithJsonSchema({"type": "string", "maxLength": 317, "pattern": QUALIFIED_NAME,
+                    CEL_KEY: [cel(f"!self.matches({cel_string(_PREFIX_TOO_LONG)})", "the prefix before '/' is at most 253 characters")]}),
+]
+"""A Kubernetes qualified name (label key, taint key, extended resource name)."""
+
+TaintKey = Annotated[
+    str,
+    AfterValidator(lambda v: v if v == "" else _check_qualified(v)),
+    WithJsonSchema({"type": "string", "maxLength": 317, "pattern": f"^({QUALIFIED_NAME[1:-1]})?$",
+                    CEL_KEY: [cel(f"!self.matches({cel_string(_PREFIX_TOO_LONG)})", "the prefix before '/' is at most 253 characters")]}),
+]
+"""A qualified name, or empty (a toleration with operator Exists and no key tolerates every taint)."""
+
+LabelValue = Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]
+"""A Kubernetes label value: at most 63 letters, digits, '-', '_' or '.', alphanumeric at both ends, or empty."""
+
+LABEL_MAP_RULE = cel(
+    f"self.all(k, k.matches({cel_string(QUALIFIED_NAME)}) && !k.matches({cel_string(_PREFIX_TOO_LONG)}))",
+    f"every key must be {_QUALIFIED_HELP}",
+)
+"""CEL twin of :func:`check_label_keys` for maps of labels (a schema cannot constrain map keys)."""
+
+
+def check_label_keys(labels: dict[str, str]) -> dict[str, str]:
+    bad = [k for k in labels if not is_qualified_name(k)]
+    if bad:
+        raise ValueError(f"{bad[0]!r} is not a valid label key: every key must be {_QUALIFIED_HELP}")
+    return labels
 
 ShortString = Annotated[str, Field(max_length=253)]
 """A name-like string; bounded so CEL rules comparing it stay within the API server's cost budget."""
