@@ -70,3 +70,11 @@ def test_operator_scale_smoke() -> None:
     assert float(fields["crs_per_s"]) > 0 and float(fields["rss_mb"]) > 0
     # create Job, patch the FineTuneJob (kopf's annotations), patch its status, post an event
     assert float(fields["requests_per_cr"]) >= 3
+
+
+@pytest.mark.slow
+def test_validate_data_smoke() -> None:
+    fields = smoke("validate_data.py", "validate_data")
+    assert int(fields["lines"]) == 2000
+    for key in ("read_s", "cli_s", "validate_only_s", "cli_rss_mib"):
+        assert float(fields[key]) > 0, (key, fields)

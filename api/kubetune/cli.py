@@ -30,13 +30,14 @@ def crd() -> None:
 @main.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("-q", "--quiet", is_flag=True, help="Print problems only.")
-@click.option("--data", "check_data", is_flag=True, help="Also validate each job's dataset files (no model weights are loaded).")
-def validate(files: tuple[str, ...], quiet: bool, check_data: bool) -> None:
+@click.option("--data", "check_data", is_flag=True, help="Also check each job's dataset files, as the cluster's validation Job does (one streaming pass; no model is loaded).")
+@click.option("--tokens", is_flag=True, help="With --data: also tokenise every example with the model's tokenizer for token statistics (slower; only tokenizer files are fetched, and code shipped with a model is never run).")
+def validate(files: tuple[str, ...], quiet: bool, check_data: bool, tokens: bool) -> None:
     """Validate FineTuneJob manifests (multi-document YAML allowed).
 
     Each problem is printed as FILE[#doc]: spec.path: message. Exit 0 when every manifest is
     valid, 1 otherwise. With --data the datasets are read and checked as the trainer would
-    (FILE:LINE: problem), with token statistics when the model's tokenizer can be loaded.
+    (FILE:LINE: problem).
     """
     failed = False
     for path in files:
@@ -51,7 +52,7 @@ def validate(files: tuple[str, ...], quiet: bool, check_data: bool) -> None:
                 elif job is not None:
                     if not quiet:
                         click.echo(f"{doc.where}: ok (FineTuneJob {job.metadata.name}, {job.spec.method.adaptation})")
-                    if check_data and not _validate_data(job):
+                    if check_data and not _validate_data(job, tokens):
                         failed = True
             if found == 0:
                 failed = True
@@ -62,24 +63,35 @@ def validate(files: tuple[str, ...], quiet: bool, check_data: bool) -> None:
     sys.exit(1 if failed else 0)
 
 
-def _validate_data(job: object) -> bool:
-    from kubetune.trainer import data, sources
-
+def _validate_data(job: object, tokens: bool) -> bool:
+    try:
+        from kubetune.trainer import data
+    except ImportError as err:
+        click.echo(f"  --data needs the trainer's libraries ({err.name} is missing): pip install 'kubetune[trainer]'")
+        return False
     spec = job.spec  # type: ignore[attr-defined]
-    tokenizer = None
     try:
-        from transformers import AutoTokenizer
-
-        model_dir = sources.resolve_model(spec.model)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=spec.model.trust_remote_code)
-    except Exception as err:  # the data checks still run; say why there are no token stats
-        click.echo(f"  (no token statistics: the tokenizer of {spec.model.source} could not be loaded: {err})")
-    try:
-        report = data.validate(spec.dataset, tokenizer=tokenizer)
+        report = data.check(spec.dataset, extra_keys=data.extra_keys_for(spec))
     except data.DataError as err:
         click.echo(str(err))
         return False
     for line in report.summary_lines():
+        click.echo(f"  {line}")
+    if not tokens:
+        return True
+    from kubetune.trainer import sources
+
+    try:
+        tokenizer = sources.load_tokenizer(spec.model)
+    except sources.ModelSourceError as err:
+        click.echo(f"  (no token statistics: {err})")
+        return True
+    try:
+        report = data.validate(spec.dataset, tokenizer=tokenizer, extra_keys=data.extra_keys_for(spec))
+    except data.DataError as err:
+        click.echo(str(err))
+        return False
+    for line in report.summary_lines()[1:]:
         click.echo(f"  {line}")
     return True
 

@@ -489,3 +489,85 @@ def test_validate_support_data_with_tokenizer(tok):
     stats = report.token_stats
     assert stats["p95"] <= 512 and stats["label_tokens"] > 0 and report.overlength == 0
     assert len(report.summary_lines()) >= 3
+
+
+# ------------------------------------------------------------------ I2: inputs that used to crash
+
+
+def test_assistant_first_conversation_is_refused_before_training(tmp_path, tok):
+    """It passed the validation Job, then crashed the trainer (exit 1, retried on GPUs)."""
+    path = write(tmp_path, [GOOD, chat(("assistant", "Hello!"), ("user", "hi"), ("assistant", "ok")),
+                            chat(SYSTEM, ("assistant", "Hi"))])
+    records, problems = data.read_records(str(path), "chat")
+    assert [(p.line, p.message) for p in problems] == [
+        (2, "messages[0]: the conversation starts with 'assistant'; it must start with a user message (after an optional system message)"),
+        (3, "messages[1]: the conversation starts with 'assistant'; it must start with a user message (after an optional system message)"),
+    ]
+    assert [r.line for r in records] == [1] and data.encode_full(records[0], "chat", tok).input_ids
+
+
+def test_lone_surrogate_is_refused_with_its_line(tmp_path):
+    path = write(tmp_path, [GOOD, '{"messages": [{"role": "user", "content": "bad \\ud800 text"}, {"role": "assistant", "content": "ok"}]}'])
+    assert_at(only_problem(path), path, 2, "unpaired surrogate '\\ud800' at character 5")
+    assert "fix the \\u escape" in only_problem(path).message
+
+
+def test_one_bad_line_never_stops_the_report(tmp_path):
+    """A huge number or deep nesting used to end the read with "check the storage credentials"."""
+    path = write(tmp_path, [GOOD, '{"messages": [], "n": ' + "9" * 5000 + "}", GOOD,
+                            '{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}", GOOD])
+    records, problems = data.read_records(str(path), "chat")
+    assert [r.line for r in records] == [1, 3, 5]
+    assert [p.line for p in problems] == [2, 4]
+    assert "4300" in problems[0].message or "digits" in problems[0].message
+    assert "nested too deeply" in problems[1].message
+    assert not any("credentials" in p.message for p in problems)
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".bz2"])
+def test_decompression_is_capped(tmp_path, suffix):
+    """A 1 MB .gz ran for more than 600 s; .bz2 packs 64 MiB into 81 bytes."""
+    import bz2
+
+    payload = b"x" * (150 * 2**20)  # one endless line: decompresses far past 100x its size
+    packed = gzip.compress(payload, 9) if suffix == ".gz" else bz2.compress(payload, 9)
+    path = tmp_path / f"train.jsonl{suffix}"
+    path.write_bytes(packed)
+    records, problems = data.read_records(str(path), "chat")
+    assert records == [] and len(problems) == 1, problems  # stopped inside the endless first line
+    assert problems[0].line == 0 and "decompresses to more than 100× its compressed size" in problems[0].message
+    ok = tmp_path / f"ok.jsonl{suffix}"
+    ok.write_bytes(gzip.compress((GOOD + "\n").encode() * 50) if suffix == ".gz" else bz2.compress((GOOD + "\n").encode() * 50))
+    assert len(data.read_records(str(ok), "chat")[0]) == 50  # ordinary compressed data reads
+
+
+def test_storage_errors_are_told_apart_from_content(tmp_path):
+    missing = data.read_records(str(tmp_path / "nope.jsonl"), "chat")[1]
+    assert [p.message for p in missing] == ["file not found; check the path or URI (and the bucket name)"]
+    path = write(tmp_path, [GOOD, "{bad"])
+    content = data.read_records(str(path), "chat")[1]
+    assert content[0].line == 2 and "invalid JSON" in content[0].message and "credentials" not in content[0].message
+
+
+@pytest.mark.parametrize(("weight", "ok"), [(0, True), (1, True), (0.0, True), (1.0, True), (True, False), ("1", False), (0.5, False)])
+def test_weight_accepts_integral_numbers(tmp_path, weight, ok):
+    line = chat(("user", "q"), {"role": "assistant", "content": "a", "weight": 1}, ("user", "q2"),
+                {"role": "assistant", "content": "b", "weight": weight})
+    records, problems = data.read_records(str(write(tmp_path, [line])), "chat")
+    assert bool(records) == ok, problems
+
+
+def test_check_streams_and_finds_what_validate_finds(tmp_path):
+    lines = [GOOD] * 120 + ['{"messages": 3}', chat(("assistant", "x"))] + [GOOD] * 10
+    path = write(tmp_path, lines)
+    ds = Dataset(train=str(path), format="chat", minExamples=10)
+    with pytest.raises(DataError) as streamed:
+        data.check(ds)
+    with pytest.raises(DataError) as kept:
+        data.validate(ds)
+    assert [str(p) for p in streamed.value.problems] == [str(p) for p in kept.value.problems]
+    assert streamed.value.total == kept.value.total == 2
+    good = Dataset(train=str(write(tmp_path, [GOOD] * 130, "good.jsonl")), format="chat", minExamples=10)
+    report, full = data.check(good), data.validate(good)
+    assert (report.examples, report.validation_examples) == (full.examples, full.validation_examples) == (117, 13)
+    assert report.train == [] and report.warnings == full.warnings

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.api.contract import (
+    SUMMARY_MAX_BYTES,
     DEFAULT_METRICS_PORT,
     DEFAULT_TERMINATION_PATH,
     METRICS_PORT_ENV,
@@ -77,6 +78,32 @@ def gcs_credentials_from_env() -> None:
     os.environ["GOOGLE_APPLICATION_CREDENTIALS"] = path
 
 
+def bounded_summary(summary: dict[str, Any]) -> str:
+    """The summary as JSON within Kubernetes' 4 KiB termination-message limit."""
+    text = json.dumps(summary, separators=(",", ":"), default=str)
+    for key in ("checkpointCorrupt", "checkpoints", "effective", "message"):
+        if len(text.encode()) <= SUMMARY_MAX_BYTES:
+            break
+        if key == "message" and isinstance(summary.get("message"), str):
+            summary["message"] = summary["message"][:1500] + "…"
+        else:
+            summary.pop(key, None)
+        text = json.dumps(summary, separators=(",", ":"), default=str)
+    return text.encode()[:SUMMARY_MAX_BYTES].decode(errors="ignore")
+
+
+def validate_only(job: Any) -> dict[str, Any]:
+    """The validation Job's work: check the data in one streaming pass (`data.check`, what
+    `kubetune validate --data` runs too) without importing the ML stack or loading a model."""
+    from kubetune.trainer import data
+
+    report = data.check(job.spec.dataset, extra_keys=data.extra_keys_for(job.spec))
+    for warning in report.warnings:
+        logging.getLogger("kubetune.trainer").warning("%s", warning)
+    return {"status": "validated", "examples": report.examples, "validationExamples": report.validation_examples,
+            "warnings": report.warnings[:5]}
+
+
 def _local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
@@ -85,13 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     gcs_credentials_from_env()
-    from kubetune.trainer.run import Options, Preempted, UserError, bounded_summary, run
+    if args.validate_only:
+        return _finish(args, *_validate_only_summary(args))
+    from kubetune.trainer.run import Options, Preempted, UserError, run
 
     summary: dict[str, Any]
     code = 0
     try:
         job = load_job(args.spec)
-        opts = Options(output=args.output, validate_only=args.validate_only)
+        opts = Options(output=args.output)
         # Under torchrun one process per pod (local rank 0) serves metrics and writes the
         # termination message; the others would fight over the port and the file.
         if args.metrics_port >= 0 and _local_rank() == 0:
@@ -107,6 +136,22 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # retriable: the traceback is for operators, not a user error
         traceback.print_exc()
         summary, code = {"status": "failed", "reason": "Error", "message": f"{type(err).__name__}: {err}"}, 1
+    return _finish(args, summary, code)
+
+
+def _validate_only_summary(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
+    from kubetune.trainer.data import DataError
+
+    try:
+        return validate_only(load_job(args.spec)), 0
+    except (SpecError, FileNotFoundError) as err:
+        return {"status": "failed", "reason": "InvalidSpec", "message": str(err)}, PERMANENT_EXIT_CODE
+    except DataError as err:
+        return {"status": "failed", "reason": "InvalidData", "message": str(err)}, PERMANENT_EXIT_CODE
+
+
+def _finish(args: argparse.Namespace, summary: dict[str, Any], code: int) -> int:
+    """Write the summary where the operator reads it (termination message) and to stdout."""
     text = bounded_summary(summary)
     if _local_rank() == 0:
         write_termination(args.termination_path, text)

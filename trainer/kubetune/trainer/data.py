@@ -21,6 +21,7 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -120,33 +121,47 @@ def resolve(uri: str) -> str:
 
 
 def _lines(f, max_line_bytes: int, chunk_size: int = 1 << 20) -> Iterator[tuple[int, int, bytes | None, int]]:
-    """(line number, byte offset, bytes or None when too long, size) in bounded memory."""
-    line_no, offset, buf, skipping, size = 0, 0, bytearray(), False, 0
+    """(line number, byte offset, bytes or None when too long, size) in bounded memory: a line is
+    read up to `max_line_bytes`, the rest of a longer one only counted."""
+    reader = io.BufferedReader(_Source(f), buffer_size=chunk_size)
+    line_no = offset = 0
     while True:
-        chunk = f.read(chunk_size)
-        if not chunk:
-            break
-        start = 0
-        while True:
-            nl = chunk.find(b"\n", start)
-            piece = chunk[start: nl if nl >= 0 else len(chunk)]
-            if skipping:
-                size += len(piece)
-            else:
-                buf += piece
-                if len(buf) > max_line_bytes:  # stop buffering; only count the rest
-                    skipping, size, buf = True, len(buf), bytearray()
-            if nl < 0:
-                break
-            line_no += 1
-            yield line_no, offset, None if skipping else bytes(buf), size if skipping else len(buf)
-            offset += (size if skipping else len(buf)) + 1
-            buf, skipping, size, start = bytearray(), False, 0, nl + 1
-    if buf or skipping:
-        yield line_no + 1, offset, None if skipping else bytes(buf), size if skipping else len(buf)
+        line = reader.readline(max_line_bytes + 1)
+        if not line:
+            return
+        line_no += 1
+        ended = line.endswith(b"\n")
+        size = len(line) - ended
+        if size > max_line_bytes:
+            while not ended:
+                more = reader.readline(chunk_size)
+                if not more:
+                    break
+                ended = more.endswith(b"\n")
+                size += len(more) - ended
+            yield line_no, offset, None, size
+        else:
+            yield line_no, offset, line[:size], size
+        offset += size + ended
+
+
+class _Source(io.RawIOBase):
+    """Any file object fsspec returns, as raw bytes for io.BufferedReader (whose readline is C)."""
+
+    def __init__(self, f: Any) -> None:
+        self._f = f
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._f.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
 
 
 def _open_problem(uri: str, exc: BaseException, line: int = 0) -> DataProblem:
+    """A storage failure (not the content's fault), worded as one: what to check to read the file."""
     if isinstance(exc, FileNotFoundError):
         return DataProblem(uri, line, "file not found; check the path or URI (and the bucket name)")
     if isinstance(exc, IsADirectoryError):
@@ -155,58 +170,107 @@ def _open_problem(uri: str, exc: BaseException, line: int = 0) -> DataProblem:
         return DataProblem(uri, line, f"permission denied reading {uri}; check the storage "
                                       "credentials the job uses and that they allow reading it")
     detail = _clip(str(exc).strip().splitlines()[0] if str(exc).strip() else "", 200)
-    return DataProblem(uri, line, f"cannot read {uri} ({type(exc).__name__}: {detail}); check the "
+    where = f" after line {line}" if line else ""
+    return DataProblem(uri, line, f"cannot read {uri}{where} ({type(exc).__name__}: {detail}); check the "
                                   "URI, network access and the storage credentials")
 
 
-def read_records(uri: str, fmt: DatasetFormat | str, *, max_line_bytes: int = 1_000_000,
-                 storage_options: dict | None = None, extra_keys: Iterable[str] = (),
-                 problem_limit: int = PROBLEM_LIMIT) -> tuple[list[Record], list[DataProblem]]:
-    """Stream a JSON Lines file and check every record against `fmt`; never raises for bad data.
+MAX_EXPANSION = 100
+"""A compressed dataset may decompress to at most this many times its size (JSON Lines compresses
+5-10×; a 1 MB .gz bomb would otherwise unpack for ever)."""
+_COMPRESSED = (".gz", ".bz2", ".xz", ".lzma", ".zst", ".zip", ".lz4", ".snappy")
 
-    Blank lines are skipped. `extra_keys` are top-level keys tolerated besides the format's own.
-    Problems name the URI as the user wrote it and the 1-based line (0 for the whole file).
+
+class _Expanded(Exception):
+    """A compressed file decompressed past MAX_EXPANSION times its size."""
+
+
+class _Capped:
+    """A binary file object that refuses to return more than `limit` bytes in total."""
+
+    def __init__(self, f: Any, limit: int) -> None:
+        self._f, self._left, self.limit = f, limit, limit
+
+    def read(self, n: int) -> bytes:
+        chunk = self._f.read(min(n, self._left + 1))
+        self._left -= len(chunk)
+        if self._left < 0:
+            raise _Expanded()
+        return chunk
+
+
+def iter_records(uri: str, fmt: DatasetFormat | str, *, max_line_bytes: int = 1_000_000,
+                 storage_options: dict | None = None, extra_keys: Iterable[str] = (),
+                 problem_limit: int = PROBLEM_LIMIT, keep: bool = True) -> Iterator[Record | DataProblem | None]:
+    """Stream a JSON Lines file: each valid record, and each problem (FILE:LINE), in file order.
+    With `keep=False` a valid record is only counted: it is yielded as None (checking a large
+    file then allocates nothing per line).
+
+    Never raises for bad content: one bad line is one problem, and the next line is read. A
+    storage failure ends the stream with one problem that says so (and after which line).
+    Blank lines are skipped; `extra_keys` are top-level keys tolerated besides the format's own.
     """
     import fsspec  # type: ignore[import-untyped]
 
     fmt = DatasetFormat(fmt)
     extra = tuple(extra_keys)
-    records: list[Record] = []
-    problems: list[DataProblem] = []
-    line_no = 0
     try:
         path = resolve(uri)
     except ValueError as e:
-        return records, [DataProblem(uri, 0, str(e))]
+        yield DataProblem(uri, 0, str(e))
+        return
+    line_no = problems = 0
     try:
-        with fsspec.open(path, "rb", compression="infer", **(storage_options or {})) as f:
+        opened = fsspec.open(path, "rb", compression="infer", **(storage_options or {}))
+        limit = None
+        if str(path).lower().endswith(_COMPRESSED):
+            limit = max(opened.fs.size(opened.path), 1 << 20) * MAX_EXPANSION
+        with opened as raw_file:
+            f = _Capped(raw_file, limit) if limit else raw_file
             for line_no, offset, raw, size in _lines(f, max_line_bytes):
-                if len(problems) >= problem_limit:
-                    break
+                if problems >= problem_limit:
+                    return
                 if raw is None:
-                    found, data = [f"line is {size:,} bytes, over the limit of {max_line_bytes:,}; one "
-                                   "example per line (JSON Lines), or shorten the example"], None
+                    found, record = [f"line is {size:,} bytes, over the limit of {max_line_bytes:,}; one "
+                                     "example per line (JSON Lines), or shorten the example"], None
                 elif line_no == 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
-                    problems.append(DataProblem(uri, 1, "file is UTF-16; save it as UTF-8"))
-                    break  # every further line would be noise
+                    yield DataProblem(uri, 1, "file is UTF-16; save it as UTF-8")
+                    return  # every further line would be noise
                 elif line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                    data, found = _parse(raw[3:], 3, fmt, extra)
+                    record, found = _parse(raw[3:], 3, fmt, extra)
                     found.insert(0, "file starts with a UTF-8 byte-order mark; remove the byte-order "
                                     "mark (save as UTF-8 without BOM)")
                 else:
-                    data, found = _parse(raw, offset, fmt, extra)
-                problems += [DataProblem(uri, line_no, msg) for msg in found]
-                if data is not None:
-                    records.append(Record(uri, line_no, data))
-    except Exception as e:  # noqa: BLE001 - cloud SDKs raise their own types (NoCredentialsError, …)
-        problems.append(_open_problem(uri, e, line_no))
+                    record, found = _parse(raw, offset, fmt, extra)
+                for msg in found:
+                    problems += 1
+                    yield DataProblem(uri, line_no, msg)
+                if record is not None:
+                    yield Record(uri, line_no, record) if keep else None
+    except _Expanded:
+        yield DataProblem(uri, line_no, f"decompresses to more than {MAX_EXPANSION}× its compressed size "
+                                        "(a decompression bomb?); store the dataset uncompressed or recompress it")
+    except Exception as e:  # noqa: BLE001 - storage: cloud SDKs raise their own types (NoCredentialsError, …)
+        yield _open_problem(uri, e, line_no)
+
+
+def read_records(uri: str, fmt: DatasetFormat | str, *, max_line_bytes: int = 1_000_000,
+                 storage_options: dict | None = None, extra_keys: Iterable[str] = (),
+                 problem_limit: int = PROBLEM_LIMIT) -> tuple[list[Record], list[DataProblem]]:
+    """Every valid record of a JSON Lines file and every problem (see :func:`iter_records`)."""
+    records: list[Record] = []
+    problems: list[DataProblem] = []
+    for item in iter_records(uri, fmt, max_line_bytes=max_line_bytes, storage_options=storage_options,
+                             extra_keys=extra_keys, problem_limit=problem_limit):
+        (records if isinstance(item, Record) else problems).append(item)  # type: ignore[arg-type]
     return records, problems
 
 
 def _parse(raw: bytes, offset: int, fmt: DatasetFormat, extra: Sequence[str]) -> tuple[dict | None, list[str]]:
     """One line's record (None for a blank or bad line) and what is wrong with it."""
-    raw = raw.rstrip(b"\r")
-    if not raw.strip():
+    if raw.endswith(b"\r"):
+        raw = raw[:-1]
+    if not raw or raw.isspace():
         return None, []
     try:
         text = raw.decode("utf-8")
@@ -217,10 +281,23 @@ def _parse(raw: bytes, offset: int, fmt: DatasetFormat, extra: Sequence[str]) ->
         data = json.loads(text)
     except json.JSONDecodeError as e:
         return None, [f"invalid JSON: {e.msg} (column {e.colno}); each line must be one JSON object"]
+    except RecursionError:
+        return None, ["invalid JSON for a dataset: nested too deeply"]
+    except ValueError as e:  # e.g. an integer of more than 4,300 digits
+        return None, [f"invalid JSON for a dataset: {_clip(str(e), 120)}"]
     if not isinstance(data, dict):
         return None, [f"expected a JSON object, got {_jtype(data)}"]
     found = check_record(data, fmt, extra)
     return (None if found else data), found
+
+
+def extra_keys_for(spec: Any) -> tuple[str, ...]:
+    """Top-level record keys the job's objectives read besides the format's own (attention
+    guidance reads its spans field)."""
+    term = spec.method.objective("attentionGuidance")
+    if term is not None and term.attention_guidance is not None:
+        return (term.attention_guidance.spans_field,)
+    return ()
 
 
 # ------------------------------------------------------------------------------ record checks
@@ -228,6 +305,8 @@ def _parse(raw: bytes, offset: int, fmt: DatasetFormat, extra: Sequence[str]) ->
 
 def check_record(data: dict, fmt: DatasetFormat, extra_keys: Sequence[str] = ()) -> list[str]:
     """Everything wrong with one parsed record, as messages a user can act on."""
+    if fmt == DatasetFormat.CHAT and len(data) == 1 and _plain_conversation(data.get("messages")):
+        return []  # the common case, without building the lists below
     own = FORMAT_KEYS[fmt]
     out = [f"unknown key {_clip(repr(k), 40)} for format {fmt}; allowed: {', '.join(own)}; remove it"
            for k in data if k not in own and k not in extra_keys]
@@ -239,6 +318,16 @@ def check_record(data: dict, fmt: DatasetFormat, extra_keys: Sequence[str] = ())
     return out
 
 
+def _unicode_problem(text: str) -> str | None:
+    """JSON's `\\ud800` escapes decode to lone surrogates, which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"contains an unpaired surrogate {text[e.start]!r} at character {e.start + 1} (invalid Unicode); "
+                "fix the \\u escape")
+    return None
+
+
 def _check_string(obj: dict, key: str, where: str, out: list[str], optional: bool = False) -> None:
     if key not in obj:
         if not optional:
@@ -247,9 +336,43 @@ def _check_string(obj: dict, key: str, where: str, out: list[str], optional: boo
         out.append(f"{where}: expected a string, got {_jtype(obj[key])}")
     elif not optional and not obj[key].strip():
         out.append(f"{where}: empty content; remove the example or fill it in")
+    elif (bad := _unicode_problem(obj[key])) is not None:
+        out.append(f"{where}: {bad}")
+
+
+def _plain_conversation(messages: Any) -> bool:
+    """The common case, checked fast: role/content messages, a system message first at most, then
+    a user turn first, non-empty valid text, an assistant turn. Anything else takes the full
+    check, which names each problem (a dataset of 10⁵ lines is then checked at about the speed
+    it is read)."""
+    if type(messages) is not list or not messages:
+        return False
+    assistant = False
+    start = 0
+    for i, m in enumerate(messages):
+        if type(m) is not dict or len(m) != 2 or "role" not in m or "content" not in m:
+            return False
+        role, content = m["role"], m["content"]
+        if type(content) is not str or not content or content.isspace():
+            return False
+        if not content.isascii() and _unicode_problem(content) is not None:
+            return False
+        if role == "assistant":
+            if i == start:
+                return False
+            assistant = True
+        elif role == "system":
+            if i:
+                return False
+            start = 1
+        elif role != "user":
+            return False
+    return assistant
 
 
 def _check_chat(data: dict) -> list[str]:
+    if _plain_conversation(data.get("messages")):
+        return []
     if "messages" not in data:
         return ["missing key 'messages'"]
     messages = data["messages"]
@@ -259,6 +382,7 @@ def _check_chat(data: dict) -> list[str]:
         return ["messages: empty array; an example needs a conversation"]
     out: list[str] = []
     assistants = trained = 0
+    first_turn = None  # the role of the first message after any system message
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -273,18 +397,23 @@ def _check_chat(data: dict) -> list[str]:
             out.append(f"{where}: unknown role {_clip(repr(role), 40)}; allowed: {', '.join(ROLES)}")
         elif role == "system" and i > 0:
             out.append(f"{where}: misplaced system message; a system message may only be the first")
+        elif role != "system" and first_turn is None:
+            first_turn = role
+            if role != "user":
+                out.append(f"{where}: the conversation starts with {role!r}; it must start with a user message "
+                           "(after an optional system message)")
         _check_string(m, "content", f"{where}.content", out)
-        if "name" in m and not isinstance(m["name"], str):
-            out.append(f"{where}.name: expected a string, got {_jtype(m['name'])}")
+        if "name" in m:
+            _check_string(m, "name", f"{where}.name", out, optional=True)
         weight = m.get("weight", 1)
         if "weight" in m and role != "assistant":
             out.append(f"{where}: weight is only allowed on assistant messages")
-        elif type(weight) is not int or weight not in (0, 1):
+        elif type(weight) not in (int, float) or weight not in (0, 1):
             out.append(f"{where}.weight: must be 0 or 1, got {_clip(json.dumps(weight), 40)}")
             weight = 1  # do not also claim "nothing to learn"
         if role == "assistant":
             assistants += 1
-            trained += weight
+            trained += int(weight)
     if assistants == 0:
         out.append("no assistant turn; a chat example needs at least one assistant message to learn")
     elif trained == 0:
@@ -584,13 +713,26 @@ def _percentile(sorted_values: list[int], q: float) -> int:
     return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
 
 
+def _count_rules(dataset: Dataset, n: int, problems: list[DataProblem], warnings: list[str]) -> None:
+    """The rules about how many examples there are; `n` counts the training file's valid records."""
+    if n < dataset.min_examples:
+        problems.append(DataProblem(dataset.train, 0, f"only {n} valid training examples, at least "
+                                    f"{dataset.min_examples} are needed; add examples (spec.dataset."
+                                    "minExamples overrides the minimum)"))
+    elif n < RECOMMENDED_EXAMPLES:
+        warnings.append(f"only {n} training examples; {RECOMMENDED_EXAMPLES} or more usually train "
+                        "better (few examples are easily memorised)")
+
+
 def validate(dataset: Dataset, *, tokenizer=None, max_problems: int = MAX_REPORTED,
              extra_keys: Iterable[str] = (), storage_options: dict | None = None,
              seed: int = 0) -> DataReport:
     """Read and check the whole dataset before any model loads; raise DataError listing problems.
 
-    The count rule looks at the valid records of the training file, before any validation split.
-    With a tokenizer (never model weights) it also measures token lengths and applies overlength.
+    This keeps the records (the trainer trains on them); :func:`check` finds the same problems
+    while keeping none. The count rule looks at the valid records of the training file, before
+    any validation split. With a tokenizer (never model weights) it also measures token lengths
+    and applies overlength.
     """
     fmt, extra = DatasetFormat(dataset.format), tuple(extra_keys)
     train, problems = read_records(dataset.train, fmt, storage_options=storage_options, extra_keys=extra)
@@ -605,13 +747,7 @@ def validate(dataset: Dataset, *, tokenizer=None, max_problems: int = MAX_REPORT
         problems += found
     warnings: list[str] = []
     n = len(train)
-    if n < dataset.min_examples:
-        problems.append(DataProblem(dataset.train, 0, f"only {n} valid training examples, at least "
-                                    f"{dataset.min_examples} are needed; add examples (spec.dataset."
-                                    "minExamples overrides the minimum)"))
-    elif n < RECOMMENDED_EXAMPLES:
-        warnings.append(f"only {n} training examples; {RECOMMENDED_EXAMPLES} or more usually train "
-                        "better (few examples are easily memorised)")
+    _count_rules(dataset, n, problems, warnings)
     if not dataset.validation and n >= 2:
         train, validation = split(train, dataset.validation_split or DEFAULT_VALIDATION_SPLIT, seed)
     report = DataReport(len(train), len(validation), warnings, train=train, validation=validation)
@@ -620,6 +756,45 @@ def validate(dataset: Dataset, *, tokenizer=None, max_problems: int = MAX_REPORT
     if problems:
         raise DataError(problems, len(problems), limit=max_problems, stopped=stopped)
     return report
+
+
+def check(dataset: Dataset, *, max_problems: int = MAX_REPORTED, extra_keys: Iterable[str] = (),
+          storage_options: dict | None = None) -> DataReport:
+    """Every problem :func:`validate` would find, in one streaming pass that keeps no record:
+    memory does not grow with the dataset. What `kubetune validate --data` and the cluster's
+    validation Job (`python -m kubetune.trainer --validate-only`) run; raises DataError."""
+    fmt, extra = DatasetFormat(dataset.format), tuple(extra_keys)
+    problems: list[DataProblem] = []
+    total, stopped = 0, False
+    counts: dict[str, int] = {}
+    for uri in filter(None, (dataset.train, dataset.validation)):
+        valid = found = 0
+        for item in iter_records(uri, fmt, storage_options=storage_options, extra_keys=extra, keep=False):
+            if item is None:
+                valid += 1
+                continue
+            found += 1
+            if len(problems) < max_problems:
+                problems.append(item)
+        counts[uri] = valid
+        total += found
+        stopped |= found >= PROBLEM_LIMIT
+        if uri == dataset.validation and not valid and not found:
+            problems.append(DataProblem(uri, 0, "no examples; add some or use validationSplit"))
+            total += 1
+    warnings: list[str] = []
+    n = counts[dataset.train]
+    before = len(problems)
+    _count_rules(dataset, n, problems, warnings)
+    total += len(problems) - before
+    if dataset.validation:
+        examples, held_out = n, counts[dataset.validation]
+    else:
+        held_out = _validation_count(n, dataset.validation_split or DEFAULT_VALIDATION_SPLIT) if n >= 2 else 0
+        examples = n - held_out
+    if problems:
+        raise DataError(problems, total, limit=max_problems, stopped=stopped)
+    return DataReport(examples, held_out, warnings)
 
 
 def _measure(report: DataReport, dataset: Dataset, fmt: DatasetFormat, tokenizer) -> list[DataProblem]:

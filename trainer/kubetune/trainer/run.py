@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kubetune.api import FineTuneJob
-from kubetune.api.contract import SUMMARY_MAX_BYTES
 from kubetune.api.estimate import FROZEN_BASE
 from kubetune.trainer import data, hparams, methods, objectives, optimizers, sources, storage
 from kubetune.trainer.callbacks import CheckpointUploader, LoopCallback, Preemption, TokenCounter
@@ -49,7 +48,6 @@ class Options:
     on_progress: Callable[[dict[str, Any]], None] | None = None
     on_status: Callable[[str], None] = lambda msg: log.info(msg)
     scratch: Path | None = None
-    validate_only: bool = False
 
 
 def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
@@ -64,15 +62,13 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
 
     # 1. Data, before any model is touched.
     opts.on_status(f"validating {spec.dataset.train}")
-    extra_keys = _extra_keys(spec)
+    extra_keys = data.extra_keys_for(spec)
     try:
         report = data.validate(spec.dataset, extra_keys=extra_keys, seed=spec.hyperparameters.seed)
     except data.DataError as err:
         raise UserError(str(err), "InvalidData") from None
     for warning in report.warnings:
         log.warning("%s", warning)
-    if opts.validate_only:
-        return {"status": "validated", "examples": report.examples, "warnings": report.warnings[:5]}
 
     # 2. The model files (downloaded and checked, not loaded yet) and the tokenizer.
     opts.on_status(f"fetching {spec.model.source}")
@@ -400,13 +396,6 @@ def _load_other(source: Any, device: str) -> tuple[Any, Any]:
     return model, tok
 
 
-def _extra_keys(spec: Any) -> tuple[str, ...]:
-    term = spec.method.objective("attentionGuidance")
-    if term is not None and term.attention_guidance is not None:
-        return (term.attention_guidance.spans_field,)
-    return ()
-
-
 def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
@@ -418,16 +407,3 @@ def _versions() -> dict[str, str]:
             pass
     return out
 
-
-def bounded_summary(summary: dict[str, Any]) -> str:
-    """The summary as JSON within Kubernetes' 4 KiB termination-message limit."""
-    text = json.dumps(summary, separators=(",", ":"), default=str)
-    for key in ("checkpointCorrupt", "checkpoints", "effective", "message"):
-        if len(text.encode()) <= SUMMARY_MAX_BYTES:
-            break
-        if key == "message" and isinstance(summary.get("message"), str):
-            summary["message"] = summary["message"][:1500] + "…"
-        else:
-            summary.pop(key, None)
-        text = json.dumps(summary, separators=(",", ":"), default=str)
-    return text.encode()[:SUMMARY_MAX_BYTES].decode(errors="ignore")

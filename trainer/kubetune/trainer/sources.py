@@ -11,6 +11,7 @@ clusters have no route to it).
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -79,10 +80,51 @@ def resolve_model(source: Any, cache_dir: Path | None = None, storage_options: d
     return path
 
 
+TOKENIZER_PATTERNS = ("*.json", "tokenizer*", "*.model", "*.tiktoken", "*.txt")
+"""The files a tokenizer is made of: never weights."""
+
+
+def load_tokenizer(source: Any, cache_dir: Path | None = None, storage_options: dict | None = None) -> Any:
+    """The model's tokenizer, for checking data on a laptop: only tokenizer files are fetched (no
+    weights), and code shipped with the model is never run, whatever spec.model.trustRemoteCode
+    says (remote code runs only in the trainer pod). Raises ModelSourceError saying why not."""
+    from transformers import AutoTokenizer
+
+    uri = getattr(source, "source", source)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    scheme = urlsplit(uri).scheme.lower() if "://" in uri else ""
+    if scheme == "builtin":
+        path = resolve_model(uri, cache)
+    elif scheme in ("", "file", "local", "pvc"):
+        path = local_path(uri)
+        if path is None or not path.is_dir():
+            raise ModelSourceError(f"{display_uri(uri)}: {path} is not a directory here (a volume only the pod mounts?)")
+    elif scheme == "hf":
+        path = _from_hub(uri, cache, TOKENIZER_PATTERNS)
+    else:
+        path = _from_store(uri, cache / "tokenizers", storage_options, TOKENIZER_PATTERNS)
+    code = sorted(p.name for p in path.iterdir() if p.suffix == ".py")
+    for name in ("tokenizer_config.json", "config.json"):
+        try:
+            config = json.loads((path / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(config, dict) and "auto_map" in config:
+            code.append(f"{name}: auto_map")
+    if code:
+        raise ModelSourceError(f"the tokenizer of {display_uri(uri)} needs code shipped with the model ({', '.join(code)}); "
+                               "validation never runs it (the trainer pod does, with spec.model.trustRemoteCode: true)")
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except Exception as err:  # noqa: BLE001 - transformers raises many types for a broken directory
+        raise ModelSourceError(f"the tokenizer of {display_uri(uri)} could not be loaded: {type(err).__name__}: "
+                               f"{str(err).splitlines()[0][:200] if str(err) else ''}") from None
+
+
 # ------------------------------------------------------------------------------------- fetchers
 
 
-def _from_hub(uri: str, cache: Path) -> Path:
+def _from_hub(uri: str, cache: Path, patterns: Any = None) -> Path:
     rest = uri[len("hf://"):].strip("/")
     repo_id, _, revision = rest.partition("@")
     if not _HF_REPO.match(repo_id) or "@" in revision:
@@ -96,7 +138,7 @@ def _from_hub(uri: str, cache: Path) -> Path:
             snapshot_download(
                 repo_id,
                 revision=revision or None,
-                allow_patterns=HF_ALLOW_PATTERNS,
+                allow_patterns=list(patterns or HF_ALLOW_PATTERNS),
                 cache_dir=str(cache / "hf"),
             )
         )
@@ -120,8 +162,9 @@ def _from_hub(uri: str, cache: Path) -> Path:
         ) from None
 
 
-def _from_store(uri: str, cache: Path, storage_options: dict | None) -> Path:
-    """Download a remote directory once into `cache/remote/<sha256(uri)>`; later calls reuse it."""
+def _from_store(uri: str, cache: Path, storage_options: dict | None, patterns: Any = None) -> Path:
+    """Download a remote directory once into `cache/remote/<sha256(uri)>`; later calls reuse it.
+    With `patterns` (fnmatch on the file name), only those files."""
     target = cache / "remote" / hashlib.sha256(uri.encode()).hexdigest()[:32]
     if (target / COMPLETE_MARKER).exists():
         return target
@@ -136,6 +179,8 @@ def _from_store(uri: str, cache: Path, storage_options: dict | None) -> Path:
         files = {k: None for k in listing}
     # Pickles next to safetensors are never loaded: do not spend the bandwidth.
     wanted = {k: v for k, v in files.items() if not (has_safetensors and k.endswith(PICKLE_SUFFIXES))}
+    if patterns:
+        wanted = {k: v for k, v in wanted.items() if any(fnmatch.fnmatch(k.rsplit("/", 1)[-1], p) for p in patterns)}
     cache.joinpath("remote").mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
