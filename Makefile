@@ -9,7 +9,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: help venv demo test test-fast bench crd chart-schema chart-rbac apiserver tools clean
+.PHONY: help venv demo test test-fast bench crd chart-schema chart-rbac apiserver tools lock clean
 
 help:
 	@echo "make demo   run the quickstart FineTuneJob locally (embedded default)"
@@ -18,12 +18,14 @@ help:
 	@echo "make crd    regenerate crds/ from the API models (and the chart's copy)"
 	@echo "make chart-schema  regenerate the chart's values.yaml and values.schema.json"
 	@echo "make chart-rbac    regenerate the chart's operator RBAC rules from the measured API usage"
+	@echo "make lock   re-resolve the dependencies into constraints.txt"
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt pins every dependency to the versions the suite passed with (`make lock`).
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install --upgrade pip
-	$(PIP) install "$(TORCH)"
-	$(PIP) install -e ".[dev]"
+	$(PIP) install -c constraints.txt "$(TORCH)"
+	$(PIP) install -c constraints.txt -e ".[dev]"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -58,6 +60,10 @@ bench: venv apiserver
 	$(PY) benchmarks/operator_scale.py
 
 # The chart cannot read crds/ (outside its directory): it renders a byte-identical copy.
+# Re-resolve every dependency in a fresh virtualenv and rewrite constraints.txt (then run make test).
+lock:
+	bash hack/lock.sh
+
 crd: venv
 	$(VENV)/bin/kubetune crd > crds/finetunejobs.kubetune.io.yaml
 	cp crds/finetunejobs.kubetune.io.yaml charts/kubetune/files/finetunejobs.kubetune.io.yaml

@@ -746,7 +746,8 @@ BASE_ENV = [
     "ENV SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt",
 ]
 OPERATOR_BASE = "python:3.11.11-slim-bookworm"
-"""operator/Dockerfile's FROM: the debootstrap base is imported under this very name."""
+"""What operator/Dockerfile's PYTHON_IMAGE is set to here: the debootstrap base, imported under the
+tag the Dockerfile pins by digest."""
 TRAINER_BASE = "kubetune.local/debian-bookworm-python:substitute-for-cuda"
 """What trainer/Dockerfile's BASE_IMAGE is set to here: Debian instead of nvidia/cuda (no CUDA, CPU torch)."""
 OPERATOR_IMAGE = "kubetune.local/operator:test"

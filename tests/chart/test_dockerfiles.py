@@ -85,8 +85,9 @@ def test_trainer_entrypoint_is_what_the_operator_runs() -> None:
 
 
 @pytest.mark.parametrize(("component", "extra", "base"), [
-    ("operator", "operator", r"^python:3\.11\.\d+-slim-[a-z]+$"),
-    ("trainer", "trainer", r"^nvidia/cuda:\d+\.\d+\.\d+-(cudnn-)?runtime-ubuntu\d+\.\d+$"),
+    # Pinned by digest, the tag beside it (issue 16): a re-pushed tag cannot change the image.
+    ("operator", "operator", r"^python:3\.11\.\d+-slim-[a-z]+@sha256:[0-9a-f]{64}$"),
+    ("trainer", "trainer", r"^nvidia/cuda:\d+\.\d+\.\d+-(cudnn-)?runtime-ubuntu\d+\.\d+@sha256:[0-9a-f]{64}$"),
 ])
 def test_base_user_and_extras(component: str, extra: str, base: str) -> None:
     df = parse(component)
@@ -153,7 +154,7 @@ def test_dockerignore_keeps_what_the_images_copy() -> None:
     copied = {src for component in ("operator", "trainer") for ins in parse(component).structure
               if ins["instruction"] == "COPY" and not ins["value"].startswith("--from")
               for src in shlex.split(ins["value"])[:-1]}
-    assert copied == {"pyproject.toml", "README.md", "api", "operator", "trainer"}
+    assert copied == {"pyproject.toml", "constraints.txt", "README.md", "api", "operator", "trainer"}
     for path in ("pyproject.toml", "README.md", "api/kubetune/api/spec.py", "operator/kubetune/operator/handlers.py",
                  "trainer/kubetune/trainer/run.py", "api/kubetune/cli.py"):
         assert not ignored(path, patterns), path

@@ -127,10 +127,11 @@ class BuiltImages:
 
 @pytest.fixture(scope="package")
 def images(docker_daemon: Dockerd, tmp_path_factory: pytest.TempPathFactory) -> BuiltImages:
-    """operator/Dockerfile unmodified (its FROM python:3.11.11-slim-bookworm is the debootstrap
-    base imported under that name); trainer/Dockerfile with BASE_IMAGE set to the same Debian
-    base instead of nvidia/cuda (no registry here, no GPU) and the machine's local CPU torch wheel
-    offered through PIP_FIND_LINKS. Warm runs reuse Docker's layer cache on the persistent data
+    """Both committed Dockerfiles, unmodified; only their base-image build arguments change, since
+    the digest-pinned bases cannot be pulled here: operator/Dockerfile with PYTHON_IMAGE set to
+    the debootstrap base imported as python:3.11.11-slim-bookworm, trainer/Dockerfile with
+    BASE_IMAGE set to the same Debian base instead of nvidia/cuda (no registry here, no GPU) and
+    the machine's local CPU torch wheel offered through PIP_FIND_LINKS. Warm runs reuse Docker's layer cache on the persistent data
     root, so only the layers after a source change are rebuilt."""
     try:
         import_bases(docker_daemon)
@@ -140,7 +141,8 @@ def images(docker_daemon: Dockerd, tmp_path_factory: pytest.TempPathFactory) -> 
     if wheels is None:
         _missing("no local torch wheel (pip's find-links, e.g. /opt/wheels) to build the trainer image with")
     logs = tmp_path_factory.mktemp("image-builds")
-    seconds = {"operator": build_image(docker_daemon, "operator/Dockerfile", OPERATOR_IMAGE, log=logs / "operator.log")}
+    seconds = {"operator": build_image(docker_daemon, "operator/Dockerfile", OPERATOR_IMAGE, {"PYTHON_IMAGE": OPERATOR_BASE},
+                                       log=logs / "operator.log")}
     torch = sorted(wheels.glob("torch-*.whl"))[-1].name.split("-")[1]  # e.g. 2.13.0+cpu
     with WheelServer(wheels) as server:
         seconds["trainer"] = build_image(

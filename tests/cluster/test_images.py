@@ -1,7 +1,8 @@
 """Both images build from the committed Dockerfiles and run what the chart and the operator run.
 
-operator/Dockerfile is built unmodified; its `FROM python:3.11.11-slim-bookworm` resolves to a
-Debian bookworm base made with debootstrap (no registry is reachable) imported under that name.
+Both files are built unmodified. Their bases are pinned by digest and no registry is reachable,
+so the base is a build argument: operator/Dockerfile's PYTHON_IMAGE is a Debian bookworm base
+made with debootstrap and imported as `python:3.11.11-slim-bookworm` (Python 3.11, like the real one).
 **The trainer image's CUDA base is substituted**: trainer/Dockerfile is built with
 `--build-arg BASE_IMAGE=` the same Debian base instead of `nvidia/cuda:…-runtime-ubuntu22.04`, and
 torch is the machine's local CPU wheel (`TORCH_VERSION=…+cpu`, offered through PIP_FIND_LINKS).

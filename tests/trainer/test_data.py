@@ -571,3 +571,17 @@ def test_check_streams_and_finds_what_validate_finds(tmp_path):
     report, full = data.check(good), data.validate(good)
     assert (report.examples, report.validation_examples) == (full.examples, full.validation_examples) == (117, 13)
     assert report.train == [] and report.warnings == full.warnings
+
+
+def test_chat_templates_render_in_a_sandbox(tmp_path, tok):
+    """A model's chat template is untrusted input: transformers renders it in jinja2's sandbox
+    (jinja2 >= 3.1.6, pyproject), so a template reaching for Python internals is refused with the
+    record's FILE:LINE instead of running."""
+    import copy
+
+    evil = copy.deepcopy(tok)
+    evil.chat_template = "{{ ''.__class__.__mro__[1].__subclasses__() }}{% for m in messages %}{{ m.content }}{% endfor %}"
+    record = Record("train.jsonl", 7, {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+    with pytest.raises(DataError) as refused:
+        data.encode_full(record, "chat", evil)
+    assert str(refused.value).startswith("train.jsonl:7: the chat template rejected this conversation")
