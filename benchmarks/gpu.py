@@ -247,7 +247,7 @@ def main() -> int:
         result = f"RESULT gpu_lora_8b mfu={x['mfu']:.3f} tokens_per_s={x['tokens_per_s']:.0f} baseline_ratio={x['ratio']:.3f} peak_gpu_gb={x['peak_gpu_gb']:.1f} date={date}"
     else:
         x = next(iter(ours.values()))
-        result = (f"RESULT gpu_smoke shape={x['shape']} mfu={x['mfu']:.6f} tokens_per_s={x['tokens_per_s']:.0f} "
+        result = (f"RESULT gpu_smoke shape={x['shape']} mfu={x['mfu']:.3e} tokens_per_s={x['tokens_per_s']:.0f} "
                   f"baseline_ratio={x['ratio']:.3f} runs={len(rows)} device={'cuda' if gpu else 'cpu'} date={date}")
     publish(lines, result, args.results or RESULTS if gpu and not args.smoke else None)
     return 0

@@ -16,7 +16,6 @@ fixed count (`derandomize`), so CI runs the same 2,000+ examples every time.
 from __future__ import annotations
 
 import copy
-import time
 from pathlib import Path
 from typing import Any
 
@@ -132,9 +131,7 @@ def _accepts_crd(obj: dict[str, Any]) -> tuple[bool, list[Any]]:
 @FUZZ
 @given(mutated())
 def test_models_agree_with_the_crd(obj: dict[str, Any]) -> None:
-    start = time.monotonic()
     job, problems = parse_manifest(obj)
-    assert time.monotonic() - start < 2.0
     assert (job is None) == bool(problems)
     if json_problems(obj):  # infinities, int64 overflow: the API server can never receive them
         assert job is None and all(p.path for p in problems)
@@ -153,13 +150,10 @@ YAML_PIECES = st.sampled_from([
 @FUZZ
 @given(st.lists(YAML_PIECES | st.text(max_size=8), max_size=25).map("".join))
 def test_any_text_reads_or_fails_with_a_manifest_error(text: str) -> None:
-    start = time.monotonic()
     try:
         docs = load_documents("fuzz.yaml", text)
     except ManifestError as err:
         assert str(err).startswith("fuzz.yaml")
         return
-    finally:
-        assert time.monotonic() - start < 2.0
     for doc in docs:
         parse_manifest(doc.data) if isinstance(doc.data, dict) else None

@@ -21,7 +21,7 @@ def test_assets_dir_is_used_and_nothing_is_built(tmp_path: Path, monkeypatch: py
     monkeypatch.setenv("KUBEBUILDER_ASSETS", str(assets))
     assert find_binaries() == (assets / "kube-apiserver", assets / "etcd")
     with ApiServer() as server:
-        assert server.startup_seconds is not None and server.startup_seconds < 15
+        assert server.startup_seconds is not None  # it started from the assets (no build: the cache stays empty)
     assert not (tmp_path / "empty-cache").exists()
 
 
