@@ -31,8 +31,18 @@ What the numbers are:
   `kubetune-operator/…`) from the start of the burst until the end, / N; from the kmock request
   log or the audit log. The breakdown by verb and resource is printed.
 
-    python benchmarks/operator_scale.py                    # kmock + real, N = 100 and 1000
-    python benchmarks/operator_scale.py --smoke            # N = 5 on kmock; RESULTS.md untouched
+Idle (after the bursts, on the real tier; `--idle` alone, `--no-idle` without): what N = 300
+running FineTuneJobs with nothing new to report cost. Each Job gets a Running pod as the Job
+controller and kubelet would make it (tests/standin_kubelet.py; podIP 127.0.0.1), every pod's
+/metrics is the benchmark's own server (KUBETUNE_METRICS_PORT) answering a constant trainer page;
+once all are Running and one scrape interval (KUBETUNE_METRICS_SCRAPE_INTERVAL_SECONDS, 30 s) has
+passed, the operator's requests are counted over 120 s (req/s, by verb and resource) and its
+VmRSS sampled every 0.5 s (rest = the median). Then every pod answers a 200 MiB page, with
+Content-Length and then chunked, for two intervals each: the peak VmRSS must stay under 1.5 × rest.
+
+    python benchmarks/operator_scale.py                    # kmock + real, N = 100 and 1000; idle on real
+    python benchmarks/operator_scale.py --idle --tiers real kmock   # only the idle measurement
+    python benchmarks/operator_scale.py --smoke            # N = 5 on kmock (idle: 5 jobs); RESULTS.md untouched
     python benchmarks/operator_scale.py --profile /tmp/p   # py-spy profile of the operator per run
 """
 
@@ -56,7 +66,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from kubetune.api.manifest import load_yaml as load_manifest_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,9 +154,10 @@ class Operator:
     """`run(namespaces=[NS], peering=False, liveness=False)` of kubetune.operator in a subprocess."""
 
     def __init__(self, kubeconfig: Path, log: Path, api_url: str | None, tracemalloc_dir: Path | None = None,
-                 executor_threads: int | None = None) -> None:
+                 executor_threads: int | None = None, extra_env: dict[str, str] | None = None) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("KUBETUNE_", "AWS_"))}
         env.update(KUBECONFIG=str(kubeconfig), KUBETUNE_OPERATOR_METRICS_PORT="0", PYTHONUNBUFFERED="1")
+        env.update(extra_env or {})
         if api_url:
             env["KUBETUNE_API_URL"] = api_url  # the operator's Job client; kopf logs in via KUBECONFIG
         code = f"from kubetune.operator.__main__ import run; run(namespaces=[{NAMESPACE!r}], peering=False, liveness=False)"
@@ -258,24 +268,50 @@ class Watcher:
         self.task = asyncio.create_task(self._run(rv))
 
     async def _run(self, rv: str) -> None:
+        """Watch from `rv`; when the server ends the stream (a loaded kube-apiserver closes a
+        watcher that falls behind), watch again from the last event's resourceVersion, and
+        after a 410 Gone list again (every listed object then counts as seen now)."""
         import aiohttp
 
-        params = {"watch": "true", "resourceVersion": rv}
-        async with self.http.get(self.path, params=params, timeout=aiohttp.ClientTimeout(total=None, sock_read=None)) as resp:
-            resp.raise_for_status()
-            buf = b""
-            async for chunk in resp.content.iter_any():
+        while True:
+            params = {"watch": "true", "resourceVersion": rv}
+            expired = False
+            try:
+                async with self.http.get(self.path, params=params, timeout=aiohttp.ClientTimeout(total=None, sock_read=None)) as resp:
+                    resp.raise_for_status()
+                    buf = b""
+                    async for chunk in resp.content.iter_any():
+                        now = time.monotonic()
+                        buf += chunk
+                        *lines, buf = buf.split(b"\n")
+                        for line in lines:
+                            if not line.strip():
+                                continue
+                            event = json.loads(line)
+                            obj = event.get("object") or {}
+                            if event.get("type") == "ERROR":
+                                expired = obj.get("code") == 410
+                                break
+                            rv = (obj.get("metadata") or {}).get("resourceVersion") or rv
+                            self._see(event, now)
+                        if expired:
+                            break
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                await asyncio.sleep(0.5)
+            if expired:
+                async with self.http.get(self.path) as resp:
+                    resp.raise_for_status()
+                    listing = await resp.json()
                 now = time.monotonic()
-                buf += chunk
-                *lines, buf = buf.split(b"\n")
-                for line in lines:
-                    if not line.strip():
-                        continue
-                    event = json.loads(line)
-                    name = self.key(event)
-                    if name and name not in self.seen:
-                        self.seen[name] = now
-                        self.changed.set()
+                for item in listing.get("items") or []:
+                    self._see({"type": "ADDED", "object": item}, now)
+                rv = listing["metadata"]["resourceVersion"]
+
+    def _see(self, event: dict[str, Any], now: float) -> None:
+        name = self.key(event)
+        if name and name not in self.seen:
+            self.seen[name] = now
+            self.changed.set()
 
     async def wait_for(self, names: set[str], timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -399,6 +435,358 @@ async def measure(tier: str, n: int, http: Any, kubeconfig: Path, api_url: str |
         await ftjs.stop()
 
 
+# ------------------------------------------------------------------------------ idle: many running jobs
+
+PEAK_RATIO_TARGET = 1.5  # the operator's RSS while every pod serves a huge page ÷ its RSS at rest
+BIG_MODES = {"length": "Content-Length", "chunked": "chunked"}  # the huge page, announced or not
+
+
+def trainer_page() -> bytes:
+    """The /metrics page of a trainer in the middle of its run, from the trainer's own registry
+    (kubetune.trainer.metrics.TrainerMetrics) with plausible values that never change."""
+    from kubetune.trainer.metrics import TrainerMetrics
+    from prometheus_client import generate_latest
+
+    m = TrainerMetrics()
+    for gauge, value in ((m.step, 1200), (m.total_steps, 5000), (m.epoch, 0.72), (m.train_loss, 1.2345), (m.eval_loss, 1.3012),
+                         (m.base_eval_loss, 1.9021), (m.token_accuracy, 0.61), (m.learning_rate, 1.6e-4), (m.tokens_per_second, 5400),
+                         (m.samples_per_second, 10.5), (m.progress, 0.24), (m.eta, 5400), (m.last_checkpoint_step, 1000),
+                         (m.last_checkpoint_time, 1.7e9), (m.checkpoint_stall, 0.8), (m.checkpoint_upload, 12.0),
+                         (m.gpu_memory, 21e9), (m.gpu_power, 450), (m.start_time, 1.7e9 - 3600)):
+        gauge.set(value)
+    m.tokens.inc(6.5e6)
+    m.gpu_energy.inc(2.4e6)
+    m.objective.labels("kdLoss").set(0.42)
+    with contextlib.suppress(Exception):  # the resolved hyperparameters' schema is not this benchmark's concern
+        m.set_effective({"epochs": 3, "learning_rate": 2e-4, "batch_size": 8, "gradient_accumulation": 4, "precision": "bf16",
+                         "max_seq_length": 2048, "checkpoint_every_steps": 500})
+    return generate_latest(m.registry)
+
+
+class TrainerPages:
+    """Every running trainer pod's /metrics endpoint (the fake pods all have podIP 127.0.0.1),
+    served from a thread of its own. `mode`: `idle` answers `trainer_page()`; `length` a huge
+    page with its Content-Length; `chunked` the same huge page, chunked, without Content-Length.
+    Each answer closes its connection (the operator opens one per scrape)."""
+
+    def __init__(self, page: bytes, big_bytes: int) -> None:
+        self.page, self.big_bytes = page, big_bytes
+        self.mode = "idle"
+        self.served: collections.Counter = collections.Counter()  # mode → requests answered
+        self.sent: collections.Counter = collections.Counter()  # mode → body bytes the socket took
+        self.inflight = 0
+        self.most_inflight: collections.Counter = collections.Counter()  # mode → most requests answered at once
+        line = b"kubetune_trainer_bench_filler_series_of_a_hostile_page{pad=\"" + b"x" * 40 + b"\"} 1\n"
+        self.filler = memoryview(line * ((1 << 20) // len(line)))  # ≈ 1 MiB of lines, reused for every chunk
+        self.port = 0
+        self._thread: Any = None
+        self._stop: Any = None
+        self._loop: Any = None
+
+    def __enter__(self) -> TrainerPages:  # noqa: PYI034
+        import threading
+
+        ready = threading.Event()
+        self._thread = threading.Thread(target=asyncio.run, args=(self._main(ready),), name="trainer-pages", daemon=True)
+        self._thread.start()
+        if not ready.wait(30):
+            raise RuntimeError("the trainer page server did not start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+
+    async def _main(self, ready: Any) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        server = await asyncio.start_server(self._handle, "127.0.0.1", 0, backlog=4096)
+        self.port = server.sockets[0].getsockname()[1]
+        ready.set()
+        async with server:
+            await self._stop.wait()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        mode = self.mode
+        self.inflight += 1
+        try:
+            await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            self.served[mode] += 1
+            self.most_inflight[mode] = max(self.most_inflight[mode], self.inflight)
+            head = "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nConnection: close\r\n"
+            if mode == "idle":
+                writer.write(f"{head}Content-Length: {len(self.page)}\r\n\r\n".encode() + self.page)
+                await writer.drain()
+                self.sent[mode] += len(self.page)
+                return
+            chunked = mode == "chunked"
+            writer.write((head + ("Transfer-Encoding: chunked\r\n\r\n" if chunked else f"Content-Length: {self.big_bytes}\r\n\r\n")).encode())
+            left = self.big_bytes
+            while left > 0:
+                piece = self.filler[: min(left, len(self.filler))]
+                if chunked:
+                    writer.write(b"%x\r\n" % len(piece))
+                writer.write(piece)
+                if chunked:
+                    writer.write(b"\r\n")
+                await writer.drain()
+                left -= len(piece)
+                self.sent[mode] += len(piece)
+            if chunked:
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError, asyncio.LimitOverrunError, OSError):
+            pass  # the operator hung up: what it should do with a huge page
+        finally:
+            self.inflight -= 1
+            writer.close()
+
+
+class RssSampler:
+    """VmRSS of a process every `period` seconds, labelled with the phase running at the time."""
+
+    def __init__(self, pid: int, period: float = 0.5) -> None:
+        self.pid, self.period = pid, period
+        self.phase = "setup"
+        self.samples: dict[str, list[float]] = collections.defaultdict(list)
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(OSError, KeyError):
+                self.samples[self.phase].append(rss_mb(self.pid)[0])
+            await asyncio.sleep(self.period)
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task
+
+
+@dataclass
+class IdleRun:
+    tier: str
+    n: int
+    interval_s: float
+    window_s: float
+    big_mib: int
+    running: int = 0  # FineTuneJobs in phase Running when the idle window starts
+    running_end: int = 0  # … and at the very end
+    setup_s: float = 0.0  # first FineTuneJob created → every one Running
+    windows: dict[str, tuple[float, float, float, float]] = field(default_factory=dict)  # phase → wall, wall, mono, mono
+    requests: dict[str, collections.Counter] = field(default_factory=dict)  # phase → "verb resource" → count
+    scrapes: dict[str, int] = field(default_factory=dict)  # phase → requests to the trainer pages
+    most_inflight: dict[str, int] = field(default_factory=dict)  # phase → most scrapes answered at once
+    sent: dict[str, int] = field(default_factory=dict)  # phase → body bytes the page server's sockets took
+    scrape_failures: dict[str, float | None] = field(default_factory=dict)  # phase → operator's counter delta
+    cpu_s: dict[str, float] = field(default_factory=dict)  # phase → operator CPU seconds
+    api_cpu_s: dict[str, float] = field(default_factory=dict)  # phase → API side CPU seconds
+    rss: dict[str, list[float]] = field(default_factory=dict)  # phase → VmRSS samples (MiB)
+    hwm_before_big_mb: float = 0.0
+    hwm_end_mb: float = 0.0
+    status_changes: collections.Counter = field(default_factory=collections.Counter)  # path → FineTuneJobs changed in the idle window
+    load: float = 0.0
+
+    def seconds(self, phase: str) -> float:
+        w = self.windows.get(phase)
+        return (w[1] - w[0]) if w else float("nan")
+
+    def per_s(self, phase: str) -> float:
+        return sum(self.requests.get(phase, {}).values()) / self.seconds(phase)
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.per_s("idle")
+
+    @property
+    def per_job_tick(self) -> float:
+        return self.requests_per_s * self.interval_s / self.n
+
+    @property
+    def rss_rest_mb(self) -> float:
+        v = sorted(self.rss.get("idle") or [float("nan")])
+        return v[len(v) // 2]
+
+    def peak_mb(self, phase: str) -> float:
+        return max(self.rss.get(phase) or [float("nan")])
+
+    @property
+    def rss_peak_mb(self) -> float:
+        """The most the operator held while the huge pages were served: the highest sample, or
+        VmHWM if it rose during those phases (a spike between two samples)."""
+        peak = max(self.peak_mb(m) for m in BIG_MODES)
+        return max(peak, self.hwm_end_mb) if self.hwm_end_mb > self.hwm_before_big_mb else peak
+
+    @property
+    def peak_ratio(self) -> float:
+        return self.rss_peak_mb / self.rss_rest_mb
+
+    @property
+    def rss_after_mb(self) -> float:
+        return (self.rss.get("after") or [float("nan")])[-1]
+
+    def cpu_pct(self, phase: str = "idle") -> float:
+        return 100 * self.cpu_s.get(phase, float("nan")) / self.seconds(phase)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def operator_scrape_failures(port: int) -> float | None:
+    """kubetune_operator_scrape_failures_total from the operator's own /metrics; None if unreadable."""
+    import aiohttp
+
+    with contextlib.suppress(Exception):
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s, s.get(f"http://127.0.0.1:{port}/metrics") as resp:
+            for line in (await resp.text()).splitlines():
+                if line.startswith("kubetune_operator_scrape_failures_total "):
+                    return float(line.split()[1])
+    return None
+
+
+async def get_json(http: Any, path: str) -> dict[str, Any]:
+    async with http.get(path) as resp:
+        resp.raise_for_status()
+        return await resp.json()
+
+
+async def ftj_statuses(http: Any) -> dict[str, dict[str, Any]]:
+    """name → {status, annotations} of every FineTuneJob."""
+    items = (await get_json(http, ftj_collection())).get("items") or []
+    return {o["metadata"]["name"]: {"status": o.get("status") or {}, "annotations": o["metadata"].get("annotations") or {}}
+            for o in items}
+
+
+def changed_paths(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Leaf paths whose values differ between two JSON values (lists of conditions by type)."""
+    if isinstance(a, list) and isinstance(b, list) and all(isinstance(x, dict) and "type" in x for x in a + b):
+        a, b = {x["type"]: x for x in a}, {x["type"]: x for x in b}
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [p for k in sorted(a.keys() | b.keys(), key=str)
+                for p in changed_paths(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))]
+    return [] if a == b else [prefix]
+
+
+def make_running(standin: Any, jobs: list[dict[str, Any]], threads: int = 8) -> None:
+    """As the Job controller and the kubelet would: a Pod for each Job (tests/standin_kubelet.py:
+    template labels + job-name labels, a controlling ownerReference, spec.nodeName), its status
+    Running (podIP 127.0.0.1, the trainer container running and ready) through /status, and the
+    Job's status active 1 with a startTime."""
+    import concurrent.futures
+
+    started = datetime.datetime.now(datetime.timezone.utc)
+
+    def one(job: dict[str, Any]) -> None:
+        pod = standin.pod_for(job)
+        standin.set_pod_phase(pod, "Running")
+        standin.set_job_status(job, active=1, start_time=started)
+
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, jobs))
+
+
+async def wait_running(http: Any, names: list[str], timeout: float) -> int:
+    """Wait until every FineTuneJob of `names` is in phase Running; how many are."""
+    deadline = time.monotonic() + timeout
+    while True:
+        statuses = await ftj_statuses(http)
+        running = sum(1 for x in names if statuses.get(x, {}).get("status", {}).get("phase") == "Running")
+        if running == len(names) or time.monotonic() > deadline:
+            return running
+        await asyncio.sleep(1.0)
+
+
+async def measure_idle(tier: str, http: Any, kubeconfig: Path, api_url: str | None, workdir: Path,
+                       options: argparse.Namespace, api_pids: list[int] | None = None) -> IdleRun:
+    """N running FineTuneJobs whose trainers serve a constant page: the operator's API requests
+    and RSS at rest, then its RSS while every trainer serves a huge page."""
+    from tests.standin_kubelet import StandinKubelet
+
+    n, interval, window = options.idle_jobs, options.idle_interval, options.idle_seconds
+    run = IdleRun(tier, n, interval, window, options.big_page_mib)
+    api_pids = api_pids or [os.getpid()]
+    jobs = Watcher(http, job_collection(), _job_owner)
+    ftjs = Watcher(http, ftj_collection(), _ftj_with_job)
+    await jobs.start()
+    await ftjs.start()
+    op_port = free_port()
+    with TrainerPages(trainer_page(), options.big_page_mib << 20) as pages, \
+            StandinKubelet(kubeconfig, log_dir=workdir / "standin") as standin:
+        op = Operator(kubeconfig, workdir / f"operator-{tier}-idle-{n}.log", api_url, extra_env={
+            "KUBETUNE_METRICS_PORT": str(pages.port),  # every trainer pod's metrics port (podIP 127.0.0.1)
+            "KUBETUNE_METRICS_SCRAPE_INTERVAL_SECONDS": f"{interval:g}",
+            "KUBETUNE_OPERATOR_METRICS_PORT": str(op_port),  # for its scrape failure counter
+            "KUBETUNE_BIND_ADDRESS": "127.0.0.1",
+        })
+        sampler = RssSampler(op.proc.pid)
+        try:
+            names = [f"idle-{i:05d}" for i in range(n)]
+            t0 = time.monotonic()
+            await create_all(http, names)
+            await jobs.wait_for(set(names), 120 + n * 0.5)
+            await ftjs.wait_for(set(names), 60 + n * 0.1)
+            op.check()
+            wanted = set(names)
+            owned = [j for j in (await get_json(http, job_collection()))["items"]
+                     if _job_owner({"type": "ADDED", "object": j}) in wanted]
+            await asyncio.to_thread(make_running, standin, owned)
+            await wait_running(http, names, 2 * interval + 60 + n * 0.2)
+            run.setup_s = time.monotonic() - t0
+            await asyncio.sleep(interval)  # settle: every timer has ticked on its running pod
+            op.check()
+            sampler.start()
+
+            async def phase(name: str, mode: str, seconds: float) -> None:
+                pages.mode, sampler.phase = mode, name
+                failures0 = await operator_scrape_failures(op_port)
+                served0, sent0 = pages.served[mode], pages.sent[mode]
+                pages.most_inflight[mode] = 0
+                cpu0, api_cpu0 = cpu_seconds([op.proc.pid]), cpu_seconds(api_pids)
+                wall0, mono0 = time.time(), time.monotonic()
+                await asyncio.sleep(seconds)
+                run.windows[name] = (wall0, time.time(), mono0, time.monotonic())
+                run.cpu_s[name] = cpu_seconds([op.proc.pid]) - cpu0
+                run.api_cpu_s[name] = cpu_seconds(api_pids) - api_cpu0
+                run.scrapes[name] = pages.served[mode] - served0
+                run.most_inflight[name] = pages.most_inflight[mode]
+                run.sent[name] = pages.sent[mode] - sent0
+                failures1 = await operator_scrape_failures(op_port)
+                run.scrape_failures[name] = None if failures0 is None or failures1 is None else failures1 - failures0
+                op.check()
+
+            before = await ftj_statuses(http)
+            run.running = sum(1 for x in names if before.get(x, {}).get("status", {}).get("phase") == "Running")
+            await phase("idle", "idle", window)
+            run.load = os.getloadavg()[0]
+            after = await ftj_statuses(http)
+            for x in names:
+                for path in changed_paths(before.get(x), after.get(x)):
+                    run.status_changes[path] += 1
+            run.hwm_before_big_mb = rss_mb(op.proc.pid)[1]
+            for mode in BIG_MODES:
+                await phase(mode, mode, options.big_intervals * interval)
+            await phase("after", "idle", interval)  # the small page again: is the memory given back?
+            run.hwm_end_mb = rss_mb(op.proc.pid)[1]
+            final = await ftj_statuses(http)
+            run.running_end = sum(1 for x in names if final.get(x, {}).get("status", {}).get("phase") == "Running")
+            run.rss = dict(sampler.samples)
+            return run
+        finally:
+            await sampler.stop()
+            op.stop()
+            await jobs.stop()
+            await ftjs.stop()
+
+
 # ------------------------------------------------------------------------------ the two tiers
 
 
@@ -468,12 +856,14 @@ async def kmock_tier(n: int, workdir: Path, args: argparse.Namespace) -> Run:
     return run
 
 
-async def real_tier(n: int, workdir: Path, args: argparse.Namespace) -> Run:
+@contextlib.asynccontextmanager
+async def real_api(workdir: Path, audit: Path) -> Any:
+    """kube-apiserver + etcd with the CRD, namespace NAMESPACE and an audit log at `audit`:
+    (api, an aiohttp session as the benchmark, a kubeconfig for the operator)."""
     import aiohttp
 
     from tests.k8s_harness import ApiServer, install_crd
 
-    audit = workdir / f"audit-{n}.log"
     policy = workdir / "audit-policy.yaml"
     policy.write_text(AUDIT_POLICY)
     flags = [f"--audit-policy-file={policy}", f"--audit-log-path={audit}", "--audit-log-format=json", "--audit-log-maxsize=0"]
@@ -485,30 +875,83 @@ async def real_tier(n: int, workdir: Path, args: argparse.Namespace) -> Run:
             async with http.post("/api/v1/namespaces", json={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}) as resp:
                 assert resp.status == 201, await resp.text()
             assert api.tmpdir is not None
-            kubeconfig = kubeconfig_for(workdir / "kubeconfig-real", api.url, api.token, api.tmpdir / "certs" / "apiserver.crt")
-            run, wall_start, wall_end = await measure("real", n, http, kubeconfig, None, workdir, args.profile,
-                                                      api_pids=api.pids(), options=args)
-        await asyncio.sleep(0.5)  # the audit backend writes asynchronously
-        created: dict[str, float] = {}
-        job_created: dict[str, float] = {}
-        for line in audit.read_text().splitlines():
-            ev = json.loads(line)
-            if ev.get("stage") not in ("ResponseComplete", "ResponseStarted"):
-                continue
-            ts = _ts(ev["stageTimestamp"])
-            agent = ev.get("userAgent") or ""
-            ref = ev.get("objectRef") or {}
-            if agent.startswith(USER_AGENT) and ev["verb"] == "create" and ref.get("resource") == PLURAL and ev["responseStatus"]["code"] == 201:
-                created[ref.get("name") or ""] = ts
-            if agent.startswith(OPERATOR_AGENTS):
-                if ev["verb"] == "create" and ref.get("resource") == "jobs" and ev["responseStatus"]["code"] == 201:
-                    job_created[(ref.get("name") or "").removesuffix("-train")] = ts
-                if wall_start <= ts <= wall_end and ev["stage"] == ("ResponseStarted" if ev["verb"] == "watch" else "ResponseComplete"):
-                    resource = "/".join(x for x in (ref.get("apiGroup"), ref.get("apiVersion"), ref.get("resource"), ref.get("subresource")) if x)
-                    run.requests[f"{ev['verb']} {resource}"] += 1
-        names = [f"bench-{i:05d}" for i in range(n)]
-        if all(x in created and x in job_created for x in names):
-            run.server_latencies_ms = [1000 * (job_created[x] - created[x]) for x in names]
+            kubeconfig = kubeconfig_for(workdir / f"kubeconfig-real-{audit.stem}", api.url, api.token, api.tmpdir / "certs" / "apiserver.crt")
+            yield api, http, kubeconfig
+
+
+def audit_events(audit: Path) -> list[dict[str, Any]]:
+    """The audit log's events, once the asynchronous audit backend has written them."""
+    return [json.loads(line) for line in audit.read_text().splitlines() if line.strip()]
+
+
+def operator_request(ev: dict[str, Any]) -> str | None:
+    """`verb group/version/resource[/subresource]` of an audit event of a request the operator
+    sent, counted once (a watch when its response starts, anything else when it completes)."""
+    if not (ev.get("userAgent") or "").startswith(OPERATOR_AGENTS):
+        return None
+    if ev.get("stage") != ("ResponseStarted" if ev.get("verb") == "watch" else "ResponseComplete"):
+        return None
+    ref = ev.get("objectRef") or {}
+    resource = "/".join(x for x in (ref.get("apiGroup"), ref.get("apiVersion"), ref.get("resource"), ref.get("subresource")) if x)
+    return f"{ev['verb']} {resource or ev.get('requestURI', '?')}"
+
+
+async def real_tier(n: int, workdir: Path, args: argparse.Namespace) -> Run:
+    audit = workdir / f"audit-{n}.log"
+    async with real_api(workdir, audit) as (api, http, kubeconfig):
+        run, wall_start, wall_end = await measure("real", n, http, kubeconfig, None, workdir, args.profile,
+                                                  api_pids=api.pids(), options=args)
+    await asyncio.sleep(0.5)  # the audit backend writes asynchronously
+    created: dict[str, float] = {}
+    job_created: dict[str, float] = {}
+    for ev in audit_events(audit):
+        if ev.get("stage") not in ("ResponseComplete", "ResponseStarted"):
+            continue
+        ts = _ts(ev["stageTimestamp"])
+        agent = ev.get("userAgent") or ""
+        ref = ev.get("objectRef") or {}
+        if agent.startswith(USER_AGENT) and ev["verb"] == "create" and ref.get("resource") == PLURAL and ev["responseStatus"]["code"] == 201:
+            created[ref.get("name") or ""] = ts
+        if agent.startswith(OPERATOR_AGENTS):
+            if ev["verb"] == "create" and ref.get("resource") == "jobs" and ev["responseStatus"]["code"] == 201:
+                job_created[(ref.get("name") or "").removesuffix("-train")] = ts
+            if wall_start <= ts <= wall_end and (key := operator_request(ev)):
+                run.requests[key] += 1
+    names = [f"bench-{i:05d}" for i in range(n)]
+    if all(x in created and x in job_created for x in names):
+        run.server_latencies_ms = [1000 * (job_created[x] - created[x]) for x in names]
+    return run
+
+
+async def kmock_idle(workdir: Path, args: argparse.Namespace) -> IdleRun:
+    import aiohttp
+
+    from tests.kmock_harness import verb_resource
+
+    async with serve_kmock() as kube:
+        kubeconfig = kubeconfig_for(workdir / "kubeconfig-kmock-idle", kube.base_url, None)
+        async with aiohttp.ClientSession(base_url=kube.base_url, headers={"User-Agent": USER_AGENT}) as http:
+            run = await measure_idle("kmock", http, kubeconfig, kube.base_url, workdir, args)
+        records = list(kube.requests)
+    for phase, (_, _, mono0, mono1) in run.windows.items():
+        run.requests[phase] = collections.Counter(
+            " ".join(verb_resource(r)) for r in records if mono0 <= r.timestamp < mono1 and r.user_agent.startswith(OPERATOR_AGENTS))
+    return run
+
+
+async def real_idle(workdir: Path, args: argparse.Namespace) -> IdleRun:
+    audit = workdir / "audit-idle.log"
+    async with real_api(workdir, audit) as (api, http, kubeconfig):
+        run = await measure_idle("real", http, kubeconfig, None, workdir, args, api_pids=api.pids())
+        await asyncio.sleep(1.0)  # the audit backend writes asynchronously
+        events = audit_events(audit)
+    for phase, (wall0, wall1, _, _) in run.windows.items():
+        counts: collections.Counter = collections.Counter()
+        for ev in events:
+            key = operator_request(ev)
+            if key and wall0 <= _ts(ev.get("requestReceivedTimestamp") or ev["stageTimestamp"]) < wall1:
+                counts[key] += 1
+        run.requests[phase] = counts
     return run
 
 
@@ -608,28 +1051,29 @@ def _dist(name: str) -> str:
         return "?"
 
 
-async def main_async(args: argparse.Namespace) -> int:
+def keep_logs(workdir: Path, args: argparse.Namespace) -> None:
+    if args.keep_logs:
+        args.keep_logs.mkdir(parents=True, exist_ok=True)
+        for f in [*workdir.glob("operator-*.log"), *workdir.glob("audit-*.log")]:
+            shutil.copy(f, args.keep_logs / f.name)
+
+
+async def bursts(workdir: Path, args: argparse.Namespace, date: str) -> None:
     runs: list[Run] = []
-    with tempfile.TemporaryDirectory(prefix="operator-scale-") as tmp:
-        workdir = Path(tmp)
-        for tier in args.tiers:
-            for n in args.n:
-                started = time.monotonic()
-                try:
-                    run = await (kmock_tier if tier == "kmock" else real_tier)(n, workdir, args)
-                finally:
-                    if args.keep_logs:
-                        args.keep_logs.mkdir(parents=True, exist_ok=True)
-                        for f in [*workdir.glob("operator-*.log"), *workdir.glob("audit-*.log")]:
-                            shutil.copy(f, args.keep_logs / f.name)
-                runs.append(run)
-                v = verdicts(run)
-                print(f"  {tier:5s} N={n:5d}: p50 {run.pct(0.5):7.1f} ms p99 {run.pct(0.99):7.1f} ms {run.crs_per_s:6.1f} CRs/s "
-                      f"rss {run.rss_rest_mb:.0f} MB +{run.kb_per_cr:.1f} KB/CR {run.requests_per_cr:.1f} req/CR "
-                      f"cpu {run.cpu_ms_per_cr:.1f} ms/CR (api {run.api_cpu_ms_per_cr:.1f}) load {run.load:.1f} "
-                      f"({time.monotonic() - started:.0f} s) {'' if all(v.values()) else 'missed: ' + ','.join(k for k, ok in v.items() if not ok)}",
-                      file=sys.stderr)
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    for tier in args.tiers:
+        for n in args.n:
+            started = time.monotonic()
+            try:
+                run = await (kmock_tier if tier == "kmock" else real_tier)(n, workdir, args)
+            finally:
+                keep_logs(workdir, args)
+            runs.append(run)
+            v = verdicts(run)
+            print(f"  {tier:5s} N={n:5d}: p50 {run.pct(0.5):7.1f} ms p99 {run.pct(0.99):7.1f} ms {run.crs_per_s:6.1f} CRs/s "
+                  f"rss {run.rss_rest_mb:.0f} MB +{run.kb_per_cr:.1f} KB/CR {run.requests_per_cr:.1f} req/CR "
+                  f"cpu {run.cpu_ms_per_cr:.1f} ms/CR (api {run.api_cpu_ms_per_cr:.1f}) load {run.load:.1f} "
+                  f"({time.monotonic() - started:.0f} s) {'' if all(v.values()) else 'missed: ' + ','.join(k for k, ok in v.items() if not ok)}",
+                  file=sys.stderr)
 
     def mark(ok: bool) -> str:
         return "" if ok else " ✗"
@@ -637,11 +1081,11 @@ async def main_async(args: argparse.Namespace) -> int:
     lines = [
         f"### operator_scale — {date}",
         "",
-        f"{environment()}; kubetune.operator as a subprocess (`run(namespaces=[{NAMESPACE}], peering=False)`), one namespace; "
-        f"N FineTuneJobs from examples/lora.yaml (prevalidate false) created with {CONCURRENCY} requests in flight after a warm-up CR; "
-        "latency = CR create returned → Job ADDED received on a watch (client monotonic clock); idle = the same for CRs created one "
-        "at a time before the burst (no queue); server = the burst latency from the "
-        "apiserver audit log's stageTimestamps. ✗ = target missed (p50 ≤ 100 ms, p99 ≤ 1 s, ≥ 50 CRs/s, RSS ≤ 150 MB + 20 KB/CR).",
+        (f"{environment()}; kubetune.operator as a subprocess (`run(namespaces=[{NAMESPACE}], peering=False)`), one namespace; "
+         f"N FineTuneJobs from examples/lora.yaml (prevalidate false) created with {CONCURRENCY} requests in flight after a warm-up CR; "
+         "latency = CR create returned → Job ADDED received on a watch (client monotonic clock); idle = the same for CRs created one "
+         "at a time before the burst (no queue); server = the burst latency from the "
+         "apiserver audit log's stageTimestamps. ✗ = target missed (p50 ≤ 100 ms, p99 ≤ 1 s, ≥ 50 CRs/s, RSS ≤ 150 MB + 20 KB/CR)."),
         "",
         "| tier | N | idle p50 ms | p50 ms | p99 ms | server p50 / p99 ms | →status p50 ms | cold ms | CRs/s | burst create s | RSS rest MB | KB/CR | peak RSS MB | API req/CR | operator CPU ms/CR | API-side CPU ms/CR |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -671,7 +1115,94 @@ async def main_async(args: argparse.Namespace) -> int:
         f"rss_mb={headline.rss_rest_mb:.1f} kb_per_cr={headline.kb_per_cr:.1f} requests_per_cr={headline.requests_per_cr:.2f} "
         f"n={headline.n} tier={headline.tier} jobs={len(headline.latencies_ms)} date={date}"
     )
-    publish(lines, result, args.results or (None if args.smoke else RESULTS))
+    publish(lines, result, args.results or (None if args.smoke or args.no_append else RESULTS))
+
+
+def idle_verdict(r: IdleRun) -> bool:
+    return r.peak_ratio < PEAK_RATIO_TARGET
+
+
+async def idles(workdir: Path, args: argparse.Namespace, date: str) -> None:
+    runs: list[IdleRun] = []
+    for tier in args.idle_tiers:
+        started = time.monotonic()
+        try:
+            run = await (kmock_idle if tier == "kmock" else real_idle)(workdir, args)
+        finally:
+            keep_logs(workdir, args)
+        runs.append(run)
+        print(f"  {tier:5s} idle N={run.n}: {run.running}/{run.n} Running, {run.requests_per_s:.2f} req/s "
+              f"({run.per_job_tick:.2f} per job per tick), {run.scrapes['idle'] / run.seconds('idle'):.1f} scrapes/s, "
+              f"cpu {run.cpu_pct():.1f} %, rss rest {run.rss_rest_mb:.1f} MB, peak {run.rss_peak_mb:.1f} MB "
+              f"(×{run.peak_ratio:.2f}) after {run.rss_after_mb:.1f} MB, load {run.load:.1f} "
+              f"(setup {run.setup_s:.0f} s, {time.monotonic() - started:.0f} s)", file=sys.stderr)
+
+    def fails(r: IdleRun, phase: str) -> str:
+        v = r.scrape_failures.get(phase)
+        return "?" if v is None else f"{v:.0f}"
+
+    lines = [
+        f"### operator_scale idle — {date}",
+        "",
+        (f"{environment()}; kubetune.operator as a subprocess (as for the bursts, with its own /metrics on for the scrape "
+         "failure counter); N FineTuneJobs from examples/lora.yaml, each Job given a Running pod as the Job controller and kubelet "
+         "would (tests/standin_kubelet.py: podIP 127.0.0.1, the trainer container running) and its Job `active: 1`; every pod's "
+         "/metrics answers a constant trainer page (kubetune.trainer.metrics.TrainerMetrics) served by the benchmark. Once every "
+         "FineTuneJob is Running and one more scrape interval has passed: the operator's API requests (user agents `kopf/…`, "
+         "`kubetune-operator/…`; kmock's request log or the audit log) over the window; RSS rest = median VmRSS over it (sampled "
+         f"every 0.5 s). Then every pod answers a {args.big_page_mib} MiB page, first with Content-Length, then chunked without "
+         f"it, {args.big_intervals} intervals each: peak = the highest VmRSS sample (or VmHWM if it rose); target peak < "
+         f"{PEAK_RATIO_TARGET} × rest (✗ = missed). After = VmRSS one interval after the small page is back."),
+        "",
+        ("| tier | jobs Running | interval s | window s | API req/s | req per job per tick | status PATCH/s | scrapes/s | operator CPU % "
+         "| API-side CPU % | RSS rest MB | peak MB, Content-Length page | peak MB, chunked page | peak ÷ rest | RSS after MB "
+         "| scrape failures Content-Length / chunked | API req/s with the huge pages |"),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        patches = sum(c for k, c in r.requests["idle"].items() if k.startswith("patch ") and k.endswith("finetunejobs/status"))
+        big = sum(sum(r.requests[m].values()) for m in BIG_MODES) / sum(r.seconds(m) for m in BIG_MODES)
+        lines.append(
+            f"| {r.tier} | {r.running}/{r.n} | {r.interval_s:g} | {r.window_s:g} | {r.requests_per_s:.2f} | {r.per_job_tick:.2f} | "
+            f"{patches / r.seconds('idle'):.2f} | {r.scrapes['idle'] / r.seconds('idle'):.2f} | {r.cpu_pct():.1f} | "
+            f"{100 * r.api_cpu_s['idle'] / r.seconds('idle'):.1f} | {r.rss_rest_mb:.1f} | {r.peak_mb('length'):.1f} | "
+            f"{r.peak_mb('chunked'):.1f} | {r.peak_ratio:.2f}{'' if idle_verdict(r) else ' ✗'} | {r.rss_after_mb:.1f} | "
+            f"{fails(r, 'length')} / {fails(r, 'chunked')} | {big:.2f} |"
+        )
+    lines.append("")
+    for r in runs:
+        secs = r.seconds("idle")
+        breakdown = ", ".join(f"{k} {c / secs:.2f}" for k, c in r.requests["idle"].most_common()) or "none"
+        lines.append(f"- {r.tier} N={r.n} idle requests/s: {breakdown}; idle scrape failures {fails(r, 'idle')}, "
+                     f"at most {r.most_inflight.get('idle', 0)} scrapes at once; "
+                     f"setup (created → all Running) {r.setup_s:.0f} s; 1-minute load average {r.load:.1f}")
+        changed = ", ".join(f"{path} ({c} jobs)" for path, c in r.status_changes.most_common(8)) or "nothing"
+        lines.append(f"  - changed during the idle window: {changed}")
+        for m, label in BIG_MODES.items():
+            per = ", ".join(f"{k} {c / r.seconds(m):.2f}" for k, c in r.requests[m].most_common()) or "none"
+            lines.append(f"  - {args.big_page_mib} MiB page ({label}): {r.scrapes[m]} scrapes, at most {r.most_inflight.get(m, 0)} "
+                         f"at once, {r.sent[m] / 2**20:.0f} MiB sent (loopback socket buffers included); requests/s: {per}")
+        lines.append(f"  - VmHWM before the huge pages {r.hwm_before_big_mb:.1f} MB, at the end {r.hwm_end_mb:.1f} MB; "
+                     f"{r.running_end}/{r.n} still Running at the end")
+    lines.append("")
+    h = max(runs, key=lambda r: (r.tier == "real", r.n))
+    result = (
+        f"RESULT operator_idle requests_per_s={h.requests_per_s:.2f} requests_per_job_tick={h.per_job_tick:.3f} "
+        f"scrapes_per_s={h.scrapes['idle'] / h.seconds('idle'):.2f} rss_rest_mb={h.rss_rest_mb:.1f} rss_peak_mb={h.rss_peak_mb:.1f} "
+        f"peak_ratio={h.peak_ratio:.2f} running={h.running} n={h.n} tier={h.tier} interval_s={h.interval_s:g} "
+        f"window_s={h.window_s:g} page_mib={h.big_mib} date={date}"
+    )
+    publish(lines, result, args.results or (None if args.smoke or args.no_append else RESULTS))
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    with tempfile.TemporaryDirectory(prefix="operator-scale-") as tmp:
+        workdir = Path(tmp)
+        if not args.idle:
+            await bursts(workdir, args, date)
+        if args.idle_tiers:
+            await idles(workdir, args, date)
     return 0
 
 
@@ -681,14 +1212,29 @@ def main() -> int:
     p.add_argument("--tiers", nargs="+", choices=["kmock", "real"], default=["kmock", "real"])
     p.add_argument("--smoke", action="store_true", help="N = 5 on kmock only; RESULTS.md untouched unless --results")
     p.add_argument("--results", type=Path, help="append here (default: benchmarks/RESULTS.md, not in --smoke)")
+    p.add_argument("--no-append", action="store_true", help="print only: append to no file (unless --results)")
     p.add_argument("--profile", type=Path, help="record a py-spy profile of the operator during each burst into this folder")
     p.add_argument("--keep-logs", type=Path, help="copy the operator logs (and audit logs) here")
     p.add_argument("--sequential", type=int, default=10, help="FineTuneJobs created one at a time before the burst (idle latency)")
     p.add_argument("--executor-threads", type=int, help="investigation: give the operator's event loop a default executor of this many threads")
     p.add_argument("--tracemalloc", type=Path, help="investigation: trace the operator's allocations, report growth per CR (slow)")
+    p.add_argument("--idle", action="store_true", help="only the idle measurement (no bursts), on --idle-tiers or else --tiers")
+    p.add_argument("--no-idle", action="store_true", help="only the bursts")
+    p.add_argument("--idle-tiers", nargs="+", choices=["kmock", "real"],
+                   help="tiers of the idle measurement (default: real if in --tiers, else --tiers; with --idle: --tiers)")
+    p.add_argument("--idle-jobs", type=int, default=300, help="running FineTuneJobs of the idle measurement")
+    p.add_argument("--idle-interval", type=float, default=30.0, help="KUBETUNE_METRICS_SCRAPE_INTERVAL_SECONDS of the idle operator")
+    p.add_argument("--idle-seconds", type=float, default=120.0, help="the idle window the operator's requests are counted over")
+    p.add_argument("--big-page-mib", type=int, default=200, help="size of the huge /metrics page")
+    p.add_argument("--big-intervals", type=int, default=2, help="scrape intervals each huge page (Content-Length, chunked) is served")
     args = p.parse_args()
     if args.smoke:
         args.n, args.tiers, args.sequential = [5], ["kmock"], 3
+        args.idle_tiers, args.idle_jobs, args.idle_interval, args.idle_seconds, args.big_intervals = ["kmock"], 5, 2.0, 6.0, 1
+    if args.no_idle:
+        args.idle_tiers = []
+    elif args.idle_tiers is None:
+        args.idle_tiers = list(args.tiers) if args.idle else (["real"] if "real" in args.tiers else list(args.tiers))
     import logging
 
     logging.getLogger("kmock").setLevel(logging.ERROR)

@@ -14,17 +14,25 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 
 
-def smoke(script: str, name: str, timeout: float = 600) -> dict[str, str]:
-    """Run `benchmarks/<script> --smoke`; the fields of its one `RESULT <name>` line."""
+def smoke_results(script: str, *names: str, timeout: float = 600) -> dict[str, dict[str, str]]:
+    """Run `benchmarks/<script> --smoke`; name → the fields of its one `RESULT <name>` line."""
     before = RESULTS.read_bytes()
     run = subprocess.run(
         [sys.executable, f"benchmarks/{script}", "--smoke"], cwd=ROOT, capture_output=True, text=True, timeout=timeout
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert RESULTS.read_bytes() == before, f"{script} --smoke changed benchmarks/RESULTS.md"
-    result = [line for line in run.stdout.splitlines() if line.startswith(f"RESULT {name} ")]
-    assert len(result) == 1, run.stdout[-3000:]
-    return dict(kv.split("=", 1) for kv in result[0].split()[2:])
+    fields = {}
+    for name in names:
+        result = [line for line in run.stdout.splitlines() if line.startswith(f"RESULT {name} ")]
+        assert len(result) == 1, run.stdout[-3000:]
+        fields[name] = dict(kv.split("=", 1) for kv in result[0].split()[2:])
+    return fields
+
+
+def smoke(script: str, name: str, timeout: float = 600) -> dict[str, str]:
+    """Run `benchmarks/<script> --smoke`; the fields of its one `RESULT <name>` line."""
+    return smoke_results(script, name, timeout=timeout)[name]
 
 
 @pytest.mark.slow
@@ -64,12 +72,19 @@ def test_gpu_smoke_runs_on_cpu_and_claims_no_gpu_result() -> None:
 
 @pytest.mark.slow
 def test_operator_scale_smoke() -> None:
-    fields = smoke("operator_scale.py", "operator_scale")
+    results = smoke_results("operator_scale.py", "operator_scale", "operator_idle")
+    fields = results["operator_scale"]
     assert fields["tier"] == "kmock" and int(fields["n"]) == 5 and int(fields["jobs"]) == 5
     assert 0 < float(fields["p50_ms"]) <= float(fields["p99_ms"])
     assert float(fields["crs_per_s"]) > 0 and float(fields["rss_mb"]) > 0
     # create Job, patch the FineTuneJob (kopf's annotations), patch its status, post an event
     assert float(fields["requests_per_cr"]) >= 3
+    # --idle in smoke: 5 running jobs whose pods the operator found and scraped
+    idle = results["operator_idle"]
+    assert idle["tier"] == "kmock" and int(idle["n"]) == 5 and int(idle["running"]) == 5
+    assert float(idle["requests_per_s"]) >= 0 and float(idle["scrapes_per_s"]) > 0
+    assert float(idle["rss_rest_mb"]) > 0 and float(idle["rss_peak_mb"]) > 0
+    assert float(idle["peak_ratio"]) > 0 and int(idle["page_mib"]) == 200
 
 
 @pytest.mark.slow
