@@ -128,6 +128,11 @@ class OperatorResources(Values):
 class Operator(Values):
     metrics_port: Port = port("Port of the operator's own /metrics endpoint (KUBETUNE_OPERATOR_METRICS_PORT).", 8000)
     health_port: Port = port("Port of the operator's liveness endpoint, kopf's /healthz (KUBETUNE_HEALTH_PORT).", 8080)
+    bind_address: str = Field(
+        "", max_length=64,
+        description="Address the liveness and /metrics endpoints listen on (KUBETUNE_BIND_ADDRESS). Empty: the pod's IP, "
+        "so neither listens on other interfaces; set 0.0.0.0 to reach them through kubectl port-forward.",
+    )
     log_format: Literal["full", "plain", "json"] = Field(
         "full", description="Operator log lines: full (time, logger, level, message), plain or json (KUBETUNE_LOG_FORMAT)."
     )

@@ -142,6 +142,7 @@ class _Fault:
     status: int
     times: int
     headers: dict[str, str]
+    message: str = 'injected by the test'
 
 
 _DROP = object()  # a sentinel put into a watch's queue to cut it
@@ -247,6 +248,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
             *,
             times: int = 1,
             headers: Mapping[str, str] | None = None,
+            message: str = 'injected by the test',
     ) -> None:
         """
         Answer the next ``times`` requests whose HTTP method matches (None: any) and whose
@@ -255,7 +257,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         ``fail_next('PATCH', r'/status$', 429, headers={'Retry-After': '1'})``.
         """
         fault = _Fault(method.upper() if method else None, re.compile(path_regex),
-                       status, times, dict(headers or {}))
+                       status, times, dict(headers or {}), message)
         with self._faults_lock:
             self._faults.append(fault)
 
@@ -349,13 +351,13 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
     @staticmethod
     def _render_fault(fault: _Fault) -> aiohttp.web.StreamResponse:
-        reason = {429: 'TooManyRequests', 500: 'InternalError', 503: 'ServiceUnavailable',
-                  504: 'Timeout'}.get(fault.status, 'InjectedFault')
+        reason = {404: 'NotFound', 422: 'Invalid', 429: 'TooManyRequests', 500: 'InternalError',
+                  503: 'ServiceUnavailable', 504: 'Timeout'}.get(fault.status, 'InjectedFault')
         details: dict[str, Any] = {}
         if 'Retry-After' in fault.headers:
             details['retryAfterSeconds'] = int(float(fault.headers['Retry-After']))
         body = {'apiVersion': 'v1', 'kind': 'Status', 'metadata': {}, 'status': 'Failure',
-                'code': fault.status, 'reason': reason, 'message': 'injected by the test',
+                'code': fault.status, 'reason': reason, 'message': fault.message,
                 'details': details}
         return aiohttp.web.json_response(body, status=fault.status, headers=fault.headers)
 

@@ -85,5 +85,6 @@ def one(objs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
 
 
 def env_of(deployment: dict[str, Any]) -> dict[str, str]:
+    """The operator's literal variables (POD_IP comes from the downward API: not listed)."""
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    return {e["name"]: e["value"] for e in container["env"]}
+    return {e["name"]: e["value"] for e in container["env"] if "value" in e}

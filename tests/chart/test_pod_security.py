@@ -54,7 +54,10 @@ def test_trainer_and_validation_pods_are_restricted(where: str, data: dict[str, 
         assert restricted_violations(template) == [], job["metadata"]["name"]
         # RELIABILITY: trainers get no API token and a read-only root.
         assert template["spec"]["automountServiceAccountToken"] is False
-        assert template["spec"]["serviceAccountName"] == settings.trainer_service_account == "kubetune-trainer"
+        # ... under the chart's trainer account, unless spec.podOverrides names another one.
+        own = ftj.spec.pod_overrides.service_account_name if ftj.spec.pod_overrides else None
+        assert template["spec"]["serviceAccountName"] == (own or settings.trainer_service_account)
+        assert settings.trainer_service_account == "kubetune-trainer"
         assert all(c["securityContext"]["readOnlyRootFilesystem"] for c in template["spec"]["containers"])
 
 

@@ -236,3 +236,15 @@ def test_bad_values_are_rejected(case: str) -> None:
         chart().validate_schema(values)
     with pytest.raises(helm_python.HelmValuesError):
         render(values)
+
+
+def test_endpoints_listen_on_the_pod_ip_by_default() -> None:
+    """Issue 14: the liveness and metrics endpoints bind the pod's IP, not 0.0.0.0."""
+    (container,) = one(scenario("defaults"), "Deployment")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    settings = OperatorSettings.from_env({"KUBETUNE_BIND_ADDRESS": env["KUBETUNE_BIND_ADDRESS"]["value"]})
+    assert settings.listen_address({"POD_IP": "10.244.1.7"}) == "10.244.1.7"
+    assert settings.listen_address({}) == "0.0.0.0"  # outside a pod (kubetune operator on a laptop)
+    assert OperatorSettings(bind_address="0.0.0.0").listen_address({"POD_IP": "10.244.1.7"}) == "0.0.0.0"
+    assert operator_main.liveness_endpoint(8080, "fd00::7") == "http://[fd00::7]:8080/healthz"

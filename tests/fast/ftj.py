@@ -8,7 +8,6 @@ from typing import Any
 
 import aiohttp
 import kopf
-import yaml
 from kubetune.api.manifest import load_yaml as load_manifest_yaml
 from kubetune.operator import handlers
 from kubetune.operator.settings import OperatorSettings
@@ -61,9 +60,24 @@ def condition(st: dict[str, Any], ctype: str) -> dict[str, Any] | None:
     return next((c for c in st.get('conditions', []) if c['type'] == ctype), None)
 
 
+def pod_labels(job: str) -> dict[str, str]:
+    """The labels the Job controller gives a pod: the template's (kubetune's, see
+    builders.labels) and job-name."""
+    return {'app.kubernetes.io/managed-by': 'kubetune-operator', 'job-name': job, 'batch.kubernetes.io/job-name': job}
+
+
+async def controller_ref(api: aiohttp.ClientSession, job: str) -> list[dict[str, Any]]:
+    """The controller reference the Job controller puts on the pods it creates (the operator
+    reads only pods the Job controls)."""
+    obj = await fetch(api, job_path(job))
+    uid = (obj or {}).get('metadata', {}).get('uid', 'no-such-job')
+    return [{'apiVersion': 'batch/v1', 'kind': 'Job', 'name': job, 'uid': uid, 'controller': True, 'blockOwnerDeletion': True}]
+
+
 async def start_running(api: aiohttp.ClientSession, job: str = JOB) -> None:
     """Stand in for the Job controller: one active pod, a start time."""
-    pod = {'apiVersion': 'v1', 'kind': 'Pod', 'metadata': {'name': f'{job}-run01', 'labels': {'job-name': job}},
+    pod = {'apiVersion': 'v1', 'kind': 'Pod', 'metadata': {'name': f'{job}-run01', 'labels': pod_labels(job),
+                                                          'ownerReferences': await controller_ref(api, job)},
            'spec': {'containers': [{'name': 'trainer', 'image': 'trainer'}]}}
     await create(api, f'/api/v1/namespaces/{NS}/pods', pod)
     await merge_patch(api, f'/api/v1/namespaces/{NS}/pods/{job}-run01/status', {'status': {
@@ -100,7 +114,8 @@ def failed_reason(st: dict[str, Any]) -> str | None:
 
 async def finish(api: aiohttp.ClientSession, job: str, condition: str, message: str | None = None) -> None:
     """Stand in for the Job controller and kubelet: one pod with a termination message, then the Job's condition."""
-    pod = {'apiVersion': 'v1', 'kind': 'Pod', 'metadata': {'name': f'{job}-abcde', 'labels': {'job-name': job}},
+    pod = {'apiVersion': 'v1', 'kind': 'Pod', 'metadata': {'name': f'{job}-abcde', 'labels': pod_labels(job),
+                                                          'ownerReferences': await controller_ref(api, job)},
            'spec': {'containers': [{'name': 'trainer', 'image': 'trainer'}]}}
     await create(api, f'/api/v1/namespaces/{NS}/pods', pod)
     terminated = {'exitCode': 0 if condition == 'Complete' else 42, 'startedAt': '2026-01-01T00:00:00Z',

@@ -9,7 +9,13 @@ import aiohttp
 import kopf
 import pytest
 
-from tests.kmock_harness import KubeEmulator, fetch, run_operator, verb_resource, wait_until
+from tests.kmock_harness import (
+    KubeEmulator,
+    fetch,
+    run_operator,
+    verb_resource,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.fast, pytest.mark.asyncio]
 

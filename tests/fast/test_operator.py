@@ -9,7 +9,6 @@ from typing import Any
 import aiohttp
 import kopf
 import pytest
-import yaml
 from kubetune.api.manifest import load_yaml as load_manifest_yaml
 
 from tests.fast.ftj import (
@@ -19,6 +18,7 @@ from tests.fast.ftj import (
     NAME,
     NS,
     SETTINGS,
+    controller_ref,
     create,
     failed_reason,
     fetch,
@@ -27,6 +27,7 @@ from tests.fast.ftj import (
     job_path,
     manifest,
     merge_patch,
+    pod_labels,
     posted,
     registry_for,
     status,
@@ -130,7 +131,7 @@ async def test_finished_job_is_reconciled_to_succeeded(kube: KubeEmulator, api: 
                    'adapter': {'uri': 's3://models/support-bot/adapter', 'sha256': 'a' * 64, 'bytes': 1234},
                    'metrics': {'trainLoss': 1.25}}
         pod = {'apiVersion': 'v1', 'kind': 'Pod',
-               'metadata': {'name': f'{JOB}-abcde', 'labels': {'job-name': JOB}},
+               'metadata': {'name': f'{JOB}-abcde', 'labels': pod_labels(JOB), 'ownerReferences': await controller_ref(api, JOB)},
                'spec': {'containers': [{'name': 'trainer', 'image': 'trainer'}]}}
         await create(api, f'/api/v1/namespaces/{NS}/pods', pod)
         await merge_patch(api, f'/api/v1/namespaces/{NS}/pods/{JOB}-abcde/status', {'status': {
@@ -159,7 +160,9 @@ async def test_prevalidation_then_training(kube: KubeEmulator, api: aiohttp.Clie
         await wait_until(lambda: status(kube).get('jobName') == JOB, message='the trainer Job')
         st = status(kube)
         assert st['phase'] == 'Pending'
-        assert [(c['type'], c['status'], c['reason']) for c in st['conditions']] == [('DataValidated', 'True', 'DataValid')]
+        assert [(c['type'], c['status'], c['reason']) for c in st['conditions']] == [('DataValidated', 'True', 'DataValid'),
+                                                                                     ('Pending', 'True', 'JobPending')]
+        assert st['reason'] == 'JobPending'  # the phase's reason, as `kubectl get ftj -o wide` shows it
     assert kube.count('create', JOBS) == 2
 
 

@@ -29,7 +29,7 @@ import yaml
 from kubetune.api import FineTuneJob, parse_manifest
 from kubetune.api.contract import PERMANENT_EXIT_CODE
 from kubetune.api.manifest import load_documents
-from kubetune.operator import builders
+from kubetune.operator import builders, reconcile
 from kubetune.operator.builders import (
     CREDENTIAL_KEYS,
     child_name,
@@ -41,6 +41,8 @@ from kubetune.operator.builders import (
     validation_job,
 )
 from kubetune.operator.settings import OperatorSettings
+
+from tests.crd_offline import validate as crd_validate
 
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden"
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -56,6 +58,26 @@ CASES: dict[str, tuple[str, list[Builder]]] = {
     "multi-gpu-train": ("multi-gpu.yaml", [trainer_job]),
     "multi-node-volcano": ("multi-node-volcano.yaml", [trainer_job, headless_service, podgroup]),
     "queued-kueue-train": ("queued-kueue.yaml", [trainer_job]),
+    "pod-overrides-train": ("pod-overrides.yaml", [trainer_job]),
+    "pod-overrides-validate": ("pod-overrides.yaml", [validation_job]),
+}
+# Cases that render their example with more in it: the trainer golden of pod-overrides shows every
+# kind of volume and a multi-node Job (kubetune's rendezvous variables before the user's).
+EXTRA_VOLUMES = [
+    {"name": "client-cert", "secret": {"secretName": "s3-client-cert", "defaultMode": 0o440}},
+    {"name": "compile-cache", "emptyDir": {"sizeLimit": "20Gi"}},
+    {"name": "shared-datasets", "persistentVolumeClaim": {"claimName": "datasets", "readOnly": True}},
+]
+CASE_CHANGES: dict[str, Callable[[dict[str, Any]], None]] = {
+    "pod-overrides-train": lambda spec: (
+        spec["podOverrides"]["volumes"].extend(EXTRA_VOLUMES),
+        spec["podOverrides"]["volumeMounts"].extend([
+            {"name": "client-cert", "mountPath": "/etc/ssl/client", "readOnly": True},
+            {"name": "compile-cache", "mountPath": "/var/cache/compile"},
+            {"name": "shared-datasets", "mountPath": "/datasets", "readOnly": True, "subPath": "support"},
+        ]),
+        spec.setdefault("resources", {}).update(nodes=2),
+    ),
 }
 
 
@@ -76,7 +98,9 @@ def parse(data: dict[str, Any]) -> FineTuneJob:
 
 def render(case: str) -> list[dict[str, Any]]:
     example, build = CASES[case]
-    ftj = parse(manifest(example))
+    data = manifest(example)
+    CASE_CHANGES.get(case, lambda spec: None)(data["spec"])
+    ftj = parse(data)
     return [b(ftj, UID, SETTINGS) for b in build]
 
 
@@ -184,12 +208,21 @@ def test_o4_failure_policy_retries_and_deadline(case: str) -> None:
         assert job["metadata"]["ownerReferences"] == [builders.owner_reference(ftj, UID)]
 
 
-def test_spec_annotation_parses_back_into_the_same_job() -> None:
+def test_spec_configmap_parses_back_into_the_same_job() -> None:
+    """The pods read the spec from an immutable ConfigMap named after the frozen spec's digest,
+    which the pod template carries: an edit of a frozen field is a new ConfigMap, a change of
+    suspend or scheduling is not."""
     for example in ("lora.yaml", "multi-node-volcano.yaml", "quickstart.yaml", "distillation.yaml"):
         ftj = parse(manifest(example))
+        cm = builders.spec_configmap(ftj, UID)
+        check_schema(cm)
+        assert cm["immutable"] is True and cm["metadata"]["ownerReferences"] == [builders.owner_reference(ftj, UID)]
         for job in (trainer_job(ftj, UID, SETTINGS), validation_job(ftj, UID, SETTINGS)):
-            text = job["spec"]["template"]["metadata"]["annotations"]["kubetune.io/spec"]
-            back = parse(json.loads(text))
+            template = job["spec"]["template"]
+            assert template["metadata"]["annotations"]["kubetune.io/spec-sha256"] == builders.spec_digest(ftj)
+            (volume,) = [v for v in template["spec"]["volumes"] if v["name"] == "spec"]
+            assert volume["configMap"]["name"] == cm["metadata"]["name"]
+            back = parse(json.loads(cm["data"][volume["configMap"]["items"][0]["key"]]))
             assert back.spec == ftj.spec
             assert (back.metadata.name, back.metadata.namespace, back.metadata.uid) == (
                 ftj.metadata.name, ftj.metadata.namespace, UID)
@@ -330,7 +363,7 @@ def test_cpu_only_jobs_fit_a_small_node_and_builtin_models_are_sized() -> None:
     """The quickstart (a 107k-parameter CPU job) used to ask for 4 CPUs and 24 GiB: no scheduler
     on a small node would place it. A CPU-only job asks for 1 CPU and memory from its size."""
     resources = pod_resources(parse(manifest("quickstart.yaml")))
-    assert resources["requests"] == {"cpu": "1", "memory": "5Gi"} and resources["limits"] == {"memory": "5Gi"}
+    assert resources["requests"] == {"cpu": "1", "memory": "2Gi"} and resources["limits"] == {"memory": "2Gi"}
     gpu = pod_resources(parse(manifest("lora.yaml")))
     assert gpu["requests"]["cpu"] == "4" and gpu["requests"]["nvidia.com/gpu"] == "1"
     unknown = parse(manifest("quickstart.yaml"))
@@ -348,3 +381,92 @@ def test_host_network_setting() -> None:
         check_schema(job)
     assert OperatorSettings.from_env({"KUBETUNE_HOST_NETWORK": "true", "KUBETUNE_HEALTH_PORT": "18080"}) == OperatorSettings(
         host_network=True, health_port=18080)
+
+
+# ------------------------------------------------------------------ spec.podOverrides
+
+
+def test_pod_overrides_reach_the_trainer_and_the_validation_pods() -> None:
+    """Pull secrets, ServiceAccount and RuntimeClass let the validation pod start at all; labels,
+    annotations, variables and volumes are the same on both. kubetune's own keys stay and come
+    first, the pods still get no API token."""
+    ftj = parse(manifest("pod-overrides.yaml"))
+    overrides = ftj.spec.pod_overrides
+    assert overrides is not None
+    for job in (trainer_job(ftj, UID, SETTINGS), validation_job(ftj, UID, SETTINGS)):
+        check_schema(job)
+        meta, pod = job["spec"]["template"]["metadata"], job["spec"]["template"]["spec"]
+        role = job["metadata"]["labels"]["kubetune.io/role"]
+        assert list(meta["labels"].items())[:5] == list(builders.labels(ftj, role).items())
+        assert meta["labels"] | overrides.labels == meta["labels"]
+        assert next(iter(meta["annotations"])) == "kubetune.io/spec-sha256"
+        assert meta["annotations"]["sidecar.istio.io/inject"] == "false"
+        assert pod["serviceAccountName"] == "s3-reader-writer" and pod["automountServiceAccountToken"] is False
+        assert pod["runtimeClassName"] == "nvidia"
+        assert pod["imagePullSecrets"] == [{"name": "registry-example-com"}]
+        env = pod["containers"][0]["env"]
+        assert [e["name"] for e in env[-len(overrides.env):]] == [e.name for e in overrides.env]
+        assert env[0]["name"] == "KUBETUNE_TERMINATION_PATH"
+        assert pod["volumes"][-1] == {"name": "company-ca", "configMap": {"name": "company-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]}}
+        assert pod["containers"][0]["volumeMounts"][-1] == {"name": "company-ca", "mountPath": "/etc/ssl/company", "readOnly": True}
+    plain = trainer_job(parse(manifest("lora.yaml")), UID, SETTINGS)["spec"]["template"]["spec"]
+    assert plain["serviceAccountName"] == SETTINGS.trainer_service_account
+    assert not {"runtimeClassName", "imagePullSecrets"} & set(plain)
+
+
+def test_every_name_kubetune_uses_is_refused_in_pod_overrides() -> None:
+    """kubetune.api.pod lists what the builders use (the API cannot import the operator); each
+    variable, volume, mount path and pod key the builders emit must be refused, by the models and
+    by the CRD, or a user could shadow it."""
+    crd = yaml.safe_load((Path(__file__).resolve().parents[2] / "crds" / "finetunejobs.kubetune.io.yaml").read_text())
+    settings = OperatorSettings(allowed_output_prefix="s3://models/")
+    env, volumes, paths, keys = set(), set(), set(), {"batch.kubernetes.io/job-name", "batch.kubernetes.io/controller-uid",
+                                                      "job-name", "controller-uid", "batch.kubernetes.io/job-completion-index"}
+    pvc = manifest("multi-node-volcano.yaml", model={"source": "pvc://models/base"})
+    for ftj in (parse(pvc), parse(manifest("lora.yaml"))):
+        for job in (trainer_job(ftj, UID, settings), validation_job(ftj, UID, settings)):
+            template = job["spec"]["template"]
+            keys |= set(template["metadata"]["labels"]) | set(template["metadata"]["annotations"])
+            env |= {e["name"] for e in template["spec"]["containers"][0]["env"]}
+            volumes |= {v["name"] for v in template["spec"]["volumes"]}
+            paths |= {m["mountPath"] for m in template["spec"]["containers"][0]["volumeMounts"]}
+    paths.add(builders.DEFAULT_TERMINATION_PATH)
+    assert {"NODE_RANK", "KUBETUNE_ALLOWED_OUTPUT_PREFIX", "HF_TOKEN"} <= env and "pvc-0" in volumes and "/mnt/pvc/models" in paths
+    tries = (
+        [{"env": [{"name": n, "value": "x"}]} for n in env]
+        + [{"volumes": [{"name": n, "emptyDir": {}}]} for n in volumes]
+        + [{"volumes": [{"name": "v", "emptyDir": {}}], "volumeMounts": [{"name": "v", "mountPath": p}]} for p in paths]
+        + [{"labels": {k: "x"}} for k in keys] + [{"annotations": {k: "x"}} for k in keys]
+    )
+    for overrides in tries:
+        data = manifest("multi-node-volcano.yaml", podOverrides=overrides)  # it has a credentialsSecret
+        job, _ = parse_manifest(data)
+        assert job is None, overrides
+        assert crd_validate(crd, data), overrides
+
+
+def test_pod_overrides_are_not_searched_for_pvc_uris() -> None:
+    data = manifest("lora.yaml", podOverrides={"env": [{"name": "NOTE", "value": "pvc://scratch/x"}],
+                                               "labels": {"source": "pvc"}})
+    pod = trainer_job(parse(data), UID, SETTINGS)["spec"]["template"]["spec"]
+    assert not any("persistentVolumeClaim" in v for v in pod["volumes"])
+
+
+def test_credentials_come_from_the_secret_or_from_pod_overrides_not_both() -> None:
+    """Without credentialsSecret, a credential variable may come from any Secret key."""
+    hf_token = {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hub", "key": "token"}}}
+    job = trainer_job(parse(manifest("lora.yaml", podOverrides={"env": [hf_token]})), UID, SETTINGS)
+    assert job["spec"]["template"]["spec"]["containers"][0]["env"][-1] == hf_token
+    ftj, problems = parse_manifest(manifest("multi-node-volcano.yaml", podOverrides={"env": [hf_token]}))
+    assert ftj is None and [p.path for p in problems] == ["spec.podOverrides"]
+    assert "HF_TOKEN" in problems[0].message
+
+
+def test_spec_digest_ignores_what_may_change_after_start() -> None:
+    ftj = parse(manifest("lora.yaml"))
+    suspended = parse(manifest("lora.yaml") | {"spec": {**manifest("lora.yaml")["spec"], "suspend": True, "cancel": True}})
+    edited = manifest("lora.yaml")
+    edited["spec"]["hyperparameters"] = {**edited["spec"].get("hyperparameters", {}), "epochs": 7}
+    assert builders.spec_configmap_name(suspended) == builders.spec_configmap_name(ftj)
+    assert builders.spec_configmap_name(parse(edited)) != builders.spec_configmap_name(ftj)
+    assert builders.SPEC_DIGEST_ANNOTATION == reconcile.SPEC_DIGEST_ANNOTATION

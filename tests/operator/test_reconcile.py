@@ -317,7 +317,7 @@ def test_running_with_scraped_metrics_fills_progress_metrics_and_checkpoint() ->
     assert status["phase"] == "Running" and status["startTime"] == "2025-03-01T10:00:00Z"
     c = conditions(status)["Running"]
     assert c["status"] == "True" and c["reason"] == "TrainingStarted" and c["observedGeneration"] == 3
-    assert status["progress"] == {"step": 120, "totalSteps": 300, "epoch": 0.8, "percent": 40.0, "etaSeconds": 2400}
+    assert status["progress"] == {"step": 120, "totalSteps": 300, "epoch": 0.8, "percent": 40.0, "etaSeconds": 2400, "eta": "40m00s"}
     m = status["metrics"]
     assert m["trainLoss"] == 1.75 and m["evalLoss"] == 1.8 and m["baseEvalLoss"] == 2.25 and m["tokensPerSecond"] == 5100.5
     assert m["perplexity"] == pytest.approx(math.exp(1.8))
@@ -326,7 +326,7 @@ def test_running_with_scraped_metrics_fills_progress_metrics_and_checkpoint() ->
     assert status["checkpoints"] == [{"step": 100, "uri": f"{OUT}/checkpoints/step-100", "time": "2025-03-01T12:00:00Z"}]
     assert status["effective"] == {"batchSize": 8, "gpus": 2} and status["jobName"] == JOB and status["retries"] == 0
     assert "completionTime" not in status and "adapter" not in status
-    assert transitions(ftj()["status"], status) == [("Normal", "TrainingStarted", "Pending → Running: Job demo-train is running")]
+    assert transitions(ftj()["status"], status) == [("Normal", "TrainingStarted", "Pending → Running: Job demo-train: the trainer runs in pod demo-train-a1b2c")]
 
 
 def test_cost_math() -> None:
@@ -377,14 +377,14 @@ def test_succeeded_takes_adapter_metrics_checkpoints_from_summary() -> None:
     assert events[0][:2] == ("Normal", "TrainingSucceeded") and "Running → Succeeded" in events[0][2]
 
 
-def test_checkpoints_kept_to_last_five_and_corrupt_condition() -> None:
+def test_checkpoints_kept_to_the_trainer_retention_and_corrupt_condition() -> None:
     summary = copy.deepcopy(SUCCESS_SUMMARY)
     summary["checkpoints"] = [{"step": s, "uri": f"{OUT}/checkpoints/step-{s}", "loss": 1.0, "time": "2025-03-01T10:00:00Z"} for s in range(100, 900, 100)]
     summary["checkpointCorrupt"] = ["step 50: sha256 mismatch in adapter_model.safetensors"]
     done = pod("p", phase="Succeeded", finished="2025-03-01T11:00:00Z", message=json.dumps(summary))
     j = job(conditions=[cond("Complete", "CompletionsReached")])
     status = check(observe(ftj(), j, [done], None, PRICES, NOW))
-    assert [c["step"] for c in status["checkpoints"]] == [400, 500, 600, 700, 800]
+    assert [c["step"] for c in status["checkpoints"]] == [600, 700, 800]  # spec.checkpointing.keep defaults to 3
     corrupt = conditions(status)["CheckpointCorrupt"]
     assert corrupt["status"] == "True" and corrupt["reason"] == "CheckpointCorrupt" and "step 50" in corrupt["message"]
     assert status["completionTime"] == "2025-03-01T11:00:00Z"  # from the Complete condition
@@ -579,3 +579,35 @@ def test_a_replacement_after_a_permanent_exit_is_no_retry() -> None:
     status = check(observe(ftj({"phase": "Running", "jobName": JOB}), ended, [earlier, permanent, replacement], None, PRICES, NOW))
     assert status["retries"] == 1  # the transient failure before the verdict, not the replacement after it
     assert conditions(status)["Failed"]["reason"] == "InvalidData"
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(0, "0s"), (42, "42s"), (61, "1m01s"), (3900, "1h05m"), (200000, "2d07h")])
+def test_eta_reads_like_a_duration(seconds: int, text: str) -> None:
+    from kubetune.operator.reconcile import human_duration
+
+    assert human_duration(seconds) == text
+
+
+def test_losses_are_rounded_to_four_decimals() -> None:
+    status = observe(ftj(), job(active=1, start="2025-03-01T10:00:00Z"), [pod("demo-train-a1b2c")],
+                     {"train_loss": 1.234567891, "eval_loss": 2.000049}, PRICES, NOW)
+    assert status["metrics"]["trainLoss"] == 1.2346 and status["metrics"]["evalLoss"] == 2.0
+
+
+def test_an_idle_running_job_writes_nothing_tick_after_tick() -> None:
+    """Issue 14, scale: cost moved on every tick, so every running job cost a status PATCH per
+    tick. Nothing changed but the clock: no patch; a cost step (3 GPU-minutes and 2 %) later: one."""
+    from datetime import timedelta
+
+    from kubetune.operator.reconcile import diff
+
+    page = parse_metrics(METRICS_TEXT)
+    first = observe(ftj(), job(active=1, start="2025-03-01T10:00:00Z"), [pod("demo-train-a1b2c")], page, PRICES, NOW)
+    current = ftj(first)
+    for tick in range(1, 4):
+        again = observe(current, job(active=1, start="2025-03-01T10:00:00Z"), [pod("demo-train-a1b2c")], page, PRICES,
+                        NOW + timedelta(seconds=30 * tick))
+        assert diff(first, again) is None, diff(first, again)
+    later = observe(current, job(active=1, start="2025-03-01T10:00:00Z"), [pod("demo-train-a1b2c")], page, PRICES,
+                    NOW + timedelta(hours=1))
+    assert set(diff(first, later) or {}) == {"cost"} and later["cost"]["gpuHours"] > first["cost"]["gpuHours"]

@@ -75,7 +75,7 @@ def test_quickstart_runs_under_the_charts_role(apiserver: ApiServer, namespace: 
     assert [t for t in granted if not allowed(operator, *t, namespace)] == []
     refused = [
         ("get", "", "secrets", namespace), ("list", "", "secrets", namespace), ("create", "", "pods", namespace),
-        ("delete", "batch", "jobs", namespace), ("create", "batch", "jobs", "default"),
+        ("delete", "", "pods", namespace), ("delete", "", "configmaps", namespace), ("create", "batch", "jobs", "default"),
         ("list", "kubetune.io", "finetunejobs", None), ("create", "rbac.authorization.k8s.io", "rolebindings", namespace),
         ("escalate", "rbac.authorization.k8s.io", "roles", namespace), ("impersonate", "", "serviceaccounts", namespace),
         ("list", "", "namespaces", None), ("list", "apiextensions.k8s.io", "customresourcedefinitions", None),

@@ -295,3 +295,31 @@ def test_job_creation_latency(apiserver: ApiServer, namespace: str, tmp_path: Pa
     owners = sorted((j["metadata"]["name"], j["metadata"]["ownerReferences"][0]["uid"]) for j in jobs)
     assert owners == sorted((f"{n}-train", uid) for n, uid in ftjs.items())
     assert len(jobs) == len(every)
+
+
+def test_a_finetunejob_with_huge_annotations_still_gets_its_status(apiserver: ApiServer, namespace: str, tmp_path: Path) -> None:
+    """Issue 14: ~250 KB of the user's own annotations (the limit is 256 KiB in all) left no room
+    for kopf's bookkeeping annotations, so every patch was refused and the job never got a status.
+    kopf's bookkeeping now lives in status.kopf; the object's annotations stay the user's."""
+    admin = apiserver.kubeconfig
+    doc = quickstart_manifest(None, {"metadata.name": "annotated", "spec.dataset.prevalidate": False})
+    doc["metadata"]["annotations"] = {"example.com/notes": "x" * 250_000}
+    manifest = tmp_path / "annotated.json"
+    manifest.write_text(json.dumps(doc))
+    kubectl(admin, "create", "-n", namespace, "-f", str(manifest))  # create: apply would add 250 KB more
+    ports = free_ports(2)
+    settings = {"KUBETUNE_METRICS_SCRAPE_INTERVAL_SECONDS": "0.5", "KUBETUNE_METRICS_PORT": str(ports[0]),
+                "KUBETUNE_OPERATOR_METRICS_PORT": str(ports[1])}
+    with OperatorProcess(admin, [namespace], tmp_path / "operator.log", settings=settings) as operator:
+        deadline = time.monotonic() + 60
+        status: dict[str, Any] = {}
+        while not status.get("jobName"):
+            operator.check()
+            assert time.monotonic() < deadline, diagnostics(admin, namespace, operator.tail())
+            time.sleep(0.5)
+            status = get_json(admin, "ftj", "annotated", "-n", namespace).get("status") or {}
+        obj = get_json(admin, "ftj", "annotated", "-n", namespace)
+    assert status["phase"] == "Pending" and status["reason"] == "JobPending", status
+    assert "last-handled-configuration" in status["kopf"]  # kopf's bookkeeping, in status
+    assert "xxxx" not in status["kopf"]["last-handled-configuration"]  # without the annotations
+    assert set(obj["metadata"]["annotations"]) == {"example.com/notes"}, list(obj["metadata"]["annotations"])

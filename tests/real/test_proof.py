@@ -244,7 +244,7 @@ def test_apply_crds_and_examples(apiserver: ApiServer, namespace: str, tmp_path:
 
     # kubectl get: the printer columns, one row per example.
     table = kubectl(apiserver.kubeconfig, "get", "ftj", "-n", namespace).stdout
-    assert table.split("\n")[0].split() == ["NAME", "PHASE", "METHOD", "MODEL", "PROGRESS", "LOSS", "AGE"]
+    assert table.split("\n")[0].split() == ["NAME", "PHASE", "METHOD", "MODEL", "PROGRESS", "LOSS", "ETA", "AGE"]
     rows = parse_table(table)
     assert {r["NAME"] for r in rows} == expected[namespace] and len(rows) == len(expected[namespace])
     for ns, names in expected.items():
@@ -259,17 +259,17 @@ def test_apply_crds_and_examples(apiserver: ApiServer, namespace: str, tmp_path:
             assert row["PHASE"] == row["PROGRESS"] == row["LOSS"] == ""  # no status yet
 
     # The status columns read the right status fields.
-    status = {"phase": "Running", "progress": {"percent": 42.5}, "jobName": "support-bot-train",
-              "metrics": {"trainLoss": 1.25, "evalLoss": 1.5, "baseEvalLoss": 2.25}}
+    status = {"phase": "Running", "progress": {"percent": 42.5, "etaSeconds": 3900, "eta": "1h05m"}, "jobName": "support-bot-train",
+              "reason": "TrainingStarted", "metrics": {"trainLoss": 1.25, "evalLoss": 1.5, "baseEvalLoss": 2.25}}
     kubectl(apiserver.kubeconfig, "patch", "ftj", "support-bot", "-n", namespace,
             "--subresource=status", "--type=merge", "-p", json.dumps({"status": status}))
     wide = kubectl(apiserver.kubeconfig, "get", "ftj", "-n", namespace, "-o", "wide").stdout
     assert wide.split("\n")[0].split() == [
-        "NAME", "PHASE", "METHOD", "MODEL", "PROGRESS", "LOSS", "EVAL", "BASE", "JOB", "AGE"]
+        "NAME", "PHASE", "METHOD", "MODEL", "PROGRESS", "LOSS", "ETA", "EVAL", "BASE", "REASON", "JOB", "AGE"]
     row = next(r for r in parse_table(wide) if r["NAME"] == "support-bot")
-    assert {k: row[k] for k in ("PHASE", "METHOD", "PROGRESS", "LOSS", "EVAL", "BASE", "JOB")} == {
-        "PHASE": "Running", "METHOD": "lora", "PROGRESS": "42.5", "LOSS": "1.25",
-        "EVAL": "1.5", "BASE": "2.25", "JOB": "support-bot-train"}
+    assert {k: row[k] for k in ("PHASE", "METHOD", "PROGRESS", "LOSS", "ETA", "EVAL", "BASE", "REASON", "JOB")} == {
+        "PHASE": "Running", "METHOD": "lora", "PROGRESS": "42.5", "LOSS": "1.25", "ETA": "1h05m",
+        "EVAL": "1.5", "BASE": "2.25", "REASON": "TrainingStarted", "JOB": "support-bot-train"}
 
 
 def test_explain(apiserver: ApiServer) -> None:

@@ -74,7 +74,8 @@ def test_pod_entrypoint_writes_verified_adapter(tmp_path: Path) -> None:
     assert steps == [8, 12]
     for step in steps:
         assert storage.verify(store, storage.checkpoint_prefix(step))[0]
-    assert summary["steps"] == 12 and summary["checkpoints"][-1]["step"] == 12
+    assert summary["steps"] == 12 and [c["step"] for c in summary["checkpoints"]] == steps  # what storage keeps
+    assert summary["effective"]["learningRate"] == 3e-3 and summary["effective"]["batchSize"] == 4
 
 
 def test_data_errors_fail_before_the_model_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 import numpy as np
-from kubetune.api.estimate import BUILTIN_PARAMETERS
+from kubetune.api.estimate import BUILTIN_PARAMETERS, BUILTIN_SHAPES
 from kubetune.api.spec import ModelSource
-from kubetune.trainer.builtin import BUILTIN_MODELS
+from kubetune.trainer.builtin import BUILTIN_MODELS, byte_tokenizer
 from kubetune.trainer.sources import (
     COMPLETE_MARKER,
     ModelSourceError,
@@ -68,6 +68,13 @@ def test_builtin_parameter_counts_are_the_operators(name: str, tmp_path: Path, m
         with safe_open(str(f), "np") as st:
             total += sum(int(np.prod(st.get_slice(k).get_shape())) for k in st.keys())
     assert BUILTIN_PARAMETERS[f"builtin://{name}"] == total
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_MODELS))
+def test_builtin_shapes_are_the_operators(name: str) -> None:
+    """The operator sizes CPU pods from kubetune.api.estimate.BUILTIN_SHAPES: the trainer's shapes."""
+    hidden, layers, heads, _kv_heads, _inter = BUILTIN_MODELS[name]
+    assert BUILTIN_SHAPES[f"builtin://{name}"] == (hidden, layers, heads, len(byte_tokenizer()))
 
 
 def test_local_path_file_uri_and_pvc(tiny_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,6 +10,10 @@ from kubetune.api.enums import StrEnum
 
 
 class ConditionType(StrEnum):
+    """`Pending`, `Validating`… `Cancelled`: exactly one of these phase conditions is True, the one
+    named like `status.phase` (its reason is `status.reason`); the others are kept per type."""
+
+    PENDING = "Pending"
     VALIDATED = "Validated"
     DATA_VALIDATED = "DataValidated"
     QUEUED = "Queued"
@@ -17,8 +21,12 @@ class ConditionType(StrEnum):
     RUNNING = "Running"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
+    CANCELLED = "Cancelled"
+    DEGRADED = "Degraded"
+    """True while the operator retries an API request the server could not serve (5xx, 429, timeouts)."""
     CHECKPOINT_CORRUPT = "CheckpointCorrupt"
     SPEC_IMMUTABLE = "SpecImmutable"
+    INSUFFICIENT_GPU_MEMORY = "InsufficientGPUMemory"
 
 
 class Reason(StrEnum):
@@ -32,6 +40,21 @@ class Reason(StrEnum):
     JOB_CREATED = "JobCreated"
     CHILD_NAME_CONFLICT = "ChildNameConflict"
     JOB_RECREATED = "JobRecreated"
+    CHILD_REJECTED = "ChildRejected"
+    """The API server refused a child object (4xx): the message names the field."""
+    CRD_MISSING = "CRDMissing"
+    SERVICE_ACCOUNT_MISSING = "ServiceAccountMissing"
+    SECRET_MISSING = "SecretMissing"
+    POD_CREATION_FAILED = "PodCreationFailed"
+    API_RETRYING = "APIRetrying"
+    API_HEALTHY = "APIHealthy"
+    # pending: the pod exists but the trainer has not started
+    JOB_PENDING = "JobPending"
+    UNSCHEDULABLE = "Unschedulable"
+    IMAGE_PULL_FAILED = "ImagePullFailed"
+    CONTAINER_CONFIG_ERROR = "ContainerConfigError"
+    CRASH_LOOP_BACK_OFF = "CrashLoopBackOff"
+    POD_STARTING = "PodStarting"
     # queueing and suspension
     WAITING_FOR_ADMISSION = "WaitingForAdmission"
     SUSPENDED_BY_USER = "SuspendedByUser"
@@ -44,6 +67,12 @@ class Reason(StrEnum):
     INCOMPATIBLE_TEACHER = "IncompatibleTeacher"
     STORAGE_ERROR = "StorageError"
     TOO_MANY_RECREATIONS = "TooManyRecreations"
+    SPEC_LOST = "SpecLost"
+    """The trainer Job is gone, and so is the ConfigMap with the spec it started from, and the spec changed since."""
+    SPEC_CHANGED = "SpecChanged"
+    """The spec was edited before training started: the Job was rebuilt from the new spec."""
+    CANCELLED_BY_USER = "CancelledByUser"
     # warnings
     CHECKPOINT_CORRUPT = "CheckpointCorrupt"
     SPEC_IMMUTABLE = "SpecImmutable"
+    INSUFFICIENT_GPU_MEMORY = "InsufficientGPUMemory"

@@ -10,6 +10,8 @@ no `default` (defaults live in code and show in status.effective, so GitOps sees
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 import yaml
@@ -21,16 +23,30 @@ from kubetune.api.status import FineTuneJobStatus
 
 # Fields a queue may set or a user may flip after the job started; every other spec field is
 # frozen once status.startTime is set (a running trainer cannot change its model or data).
-MUTABLE_AFTER_START = ("suspend", "scheduling")
+MUTABLE_AFTER_START = ("suspend", "cancel", "scheduling")
+
+
+def frozen_spec(spec_wire: dict[str, Any]) -> dict[str, Any]:
+    """The part of a wire spec that is frozen once training started (all but MUTABLE_AFTER_START)."""
+    return {k: v for k, v in spec_wire.items() if k not in MUTABLE_AFTER_START}
+
+
+def spec_digest(spec_wire: dict[str, Any]) -> str:
+    """sha256 of the frozen part of a wire spec: what the trainer runs. The operator names the
+    ConfigMap holding a started spec after it and compares it to tell an edited spec."""
+    text = json.dumps(frozen_spec(spec_wire), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Lifecycle phase"},
     {"name": "Method", "type": "string", "jsonPath": ".spec.method.adaptation", "description": "Adaptation method"},
     {"name": "Model", "type": "string", "jsonPath": ".spec.model.source", "description": "Base model"},
     {"name": "Progress", "type": "number", "jsonPath": ".status.progress.percent", "description": "Percent of steps done"},
-    {"name": "Loss", "type": "number", "jsonPath": ".status.metrics.trainLoss", "description": "Latest training loss"},
+    {"name": "Loss", "type": "number", "jsonPath": ".status.metrics.trainLoss", "description": "Latest training loss (4 decimals)"},
+    {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta", "description": "Estimated time left"},
     {"name": "Eval", "type": "number", "jsonPath": ".status.metrics.evalLoss", "description": "Held-out loss", "priority": 1},
     {"name": "Base", "type": "number", "jsonPath": ".status.metrics.baseEvalLoss", "description": "Base model held-out loss", "priority": 1},
+    {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "description": "Why the job is in its phase", "priority": 1},
     {"name": "Job", "type": "string", "jsonPath": ".status.jobName", "description": "Trainer Job", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
@@ -108,7 +124,7 @@ def _immutability_rule(spec: dict[str, Any]) -> dict[str, str]:
         "rule": "!has(oldSelf.status) || !has(oldSelf.status.startTime) || (" + " && ".join(parts) + ")",
         "message": (
             "spec is immutable once training has started (status.startTime is set); only "
-            "suspend and scheduling may change. Create a new FineTuneJob to train differently."
+            "suspend, cancel and scheduling may change. Create a new FineTuneJob to train differently."
         ),
     }
 

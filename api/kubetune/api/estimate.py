@@ -1,17 +1,32 @@
-"""GPU memory estimate for a FineTuneJob, shown before anything is scheduled.
+"""Memory estimates for a FineTuneJob: GPU memory per GPU and the host memory its pods request.
 
-A rule of thumb, not a profiler: weights at the method's precision, gradients and optimizer
-states for what trains, activations for the batch, and a framework overhead. Calibrated against
-the design note's QLoRA table (7B ≈ 6 GB, 13B ≈ 10 GB, 70B ≈ 40 GB at short sequences, batch 1,
-gradient checkpointing) and the usual full/LoRA figures. Used by the operator for
-`status.effective.estimatedGPUMemoryGiB` and by the trainer to pick a batch size for `auto`.
+A rule of thumb, not a profiler, shown before anything is scheduled: weights at the method's
+precision, gradients and optimizer states for what trains, activations and logits for the batch,
+a frozen teacher's weights and forward pass, and a framework overhead. Calibrated against the
+design note's QLoRA table (7B ≈ 6 GB, 13B ≈ 10 GB, 70B ≈ 40 GB at short sequences, batch 1,
+gradient checkpointing) and the usual full/LoRA figures; host memory on CPU against the measured
+peak RSS in benchmarks/RESULTS.md (small-llama, batch 8 × 512 tokens: 1.45 GB).
+
+Used by the operator for the pod's memory request, `status.effective.estimatedGPUMemoryGiB` and
+the InsufficientGPUMemory warning, and by the trainer to pick a batch size for `auto`.
+
+The trainer runs data parallel (torchrun + DistributedDataParallel, no ZeRO or FSDP): every GPU
+holds the whole model, its gradients and optimizer states, so the estimate per GPU does not
+shrink with more GPUs.
 """
 
 from __future__ import annotations
 
 import re
+from math import ceil
+from typing import TYPE_CHECKING, NamedTuple
 
-from kubetune.api.enums import Adaptation
+from kubetune.api import gpus as gpu_table
+from kubetune.api.conditions import Reason
+from kubetune.api.enums import Adaptation, GuideSource, Objective
+
+if TYPE_CHECKING:
+    from kubetune.api.spec import FineTuneJobSpec
 
 GIB = 1024**3
 FROZEN_BASE = {
@@ -32,6 +47,34 @@ BUILTIN_PARAMETERS = {"builtin://tiny-llama": 107_328, "builtin://small-llama": 
 """Parameter counts of the built-in demo models (kubetune.trainer.builtin; a trainer test checks them)."""
 
 
+class Shape(NamedTuple):
+    hidden: int
+    layers: int
+    heads: int
+    vocab: int
+
+
+BUILTIN_SHAPES = {"builtin://tiny-llama": Shape(64, 2, 4, 260), "builtin://small-llama": Shape(256, 4, 8, 260)}
+"""Shapes of the built-in demo models (a trainer test checks them against kubetune.trainer.builtin)."""
+
+DEFAULT_VOCAB = 32_000
+"""Vocabulary assumed when the model's is unknown (Llama 2, Mistral); Llama 3 (128k) and Qwen
+(152k) logits take 4–5× more, which this rule of thumb then understates."""
+
+# Bytes per parameter. A trained parameter: bf16 weight + fp32 master copy + two fp32 Adam
+# moments + bf16 gradient (mixed precision, 2 + 14). A frozen one: its weight only.
+_TRAINED_STATE_BYTES = 4 + 4 + 4 + 2
+_ADAPTER_SHARE = 0.01  # adapters train ≈ 1 % of the parameters (LoRA r 16 on all linear layers)
+_LOGIT_BYTES = 10  # bf16 logits, their fp32 copy for the loss, and the gradient
+_TEACHER_LOGIT_BYTES = 6  # bf16 logits and the fp32 softmax the KL term reads
+_OVERHEAD = 0.75 * GIB  # CUDA context, allocator fragmentation, kernels' workspaces
+_HOST_UNKNOWN_MODEL_GIB = 16  # host memory per process for a model of unknown size
+_HOST_GPU_BASE_GIB = 8  # data loader, tokeniser, Python and CUDA libraries of a GPU pod
+_HOST_CPU_BASE_GIB = 1.0  # Python, torch, transformers and the tokenised data of a CPU pod
+_HOST_CPU_UNKNOWN_GIB = 20
+_HOST_FLOOR_GIB = 2
+
+
 def parameters_from_name(source: str) -> int | None:
     """`hf://meta-llama/Llama-3.1-8B` → 8e9; a built-in demo model's own count; None when the
     name carries no size."""
@@ -46,6 +89,15 @@ def parameters_from_name(source: str) -> int | None:
     return int(float(match.group(1)) * scale)
 
 
+def guess_shape(parameters: int, source: str | None = None) -> Shape:
+    """Hidden size, layers, heads and vocabulary: a built-in model's own, else a 32-layer guess
+    from the parameter count (12·hidden² parameters per layer, 128-wide heads)."""
+    if source in BUILTIN_SHAPES:
+        return BUILTIN_SHAPES[source]
+    hidden = int((parameters / 12 / 32) ** 0.5) if parameters > 0 else 4096
+    return Shape(hidden, 32, max(1, hidden // 128), DEFAULT_VOCAB)
+
+
 def estimate_gpu_memory_gib(
     parameters: int,
     adaptation: Adaptation | str,
@@ -54,25 +106,151 @@ def estimate_gpu_memory_gib(
     gradient_checkpointing: bool = True,
     hidden_size: int | None = None,
     layers: int | None = None,
-    gpus: int = 1,
+    vocab_size: int | None = None,
+    teacher_parameters: int = 0,
 ) -> float:
-    """Estimated peak GPU memory per GPU in GiB (bf16 compute, AdamW)."""
+    """Estimated peak GPU memory per GPU in GiB (bf16 compute, AdamW); a frozen bf16 teacher of
+    `teacher_parameters` adds its weights and its forward pass."""
     adaptation = Adaptation(adaptation)
-    if adaptation == Adaptation.QLORA:
-        weights = parameters * 0.5  # NF4 (4 bits) + double-quantised constants
-    else:
-        weights = parameters * 2.0  # bf16
-    if adaptation in FROZEN_BASE:
-        trainable = parameters * 0.01
-        states = trainable * (4 + 4 + 4 + 2)  # fp32 master + two Adam moments + bf16 grad
-    else:
-        trainable = parameters
-        states = trainable * (4 + 4 + 4 + 2) / max(gpus, 1) if gpus > 1 else trainable * (2 + 4 + 4 + 4)
-    # Activations per token: ~ hidden × layers × (2 bytes) × factor, from the size when unknown.
+    weights = parameters * (0.5 if adaptation == Adaptation.QLORA else 2.0)  # NF4, or bf16
+    trainable = parameters * _ADAPTER_SHARE if adaptation in FROZEN_BASE else parameters
+    states = trainable * _TRAINED_STATE_BYTES
     if hidden_size is None or layers is None:
-        hidden_size = int((parameters / 12 / 32) ** 0.5) if parameters > 0 else 4096
-        layers = 32
-    per_token = hidden_size * layers * 2 * (2 if gradient_checkpointing else 16)
-    activations = per_token * seq_length * batch_size
-    overhead = 0.75 * GIB
-    return round((weights + states + activations + overhead) / GIB, 1)
+        hidden_size, layers = guess_shape(parameters)[:2]
+    tokens = seq_length * batch_size
+    # Activations per token and layer ≈ 34·hidden bytes in bf16 (Korthikanti et al. 2022, with
+    # memory-efficient attention); checkpointing keeps the layer inputs and one layer's worth.
+    activations = tokens * hidden_size * layers * 2 * (2 if gradient_checkpointing else 16)
+    vocab = vocab_size or DEFAULT_VOCAB
+    logits = tokens * vocab * _LOGIT_BYTES
+    teacher = 0.0
+    if teacher_parameters:
+        # Frozen, no gradients: bf16 weights, its logits, and one layer's activations at a time.
+        teacher_hidden = guess_shape(teacher_parameters).hidden
+        teacher = teacher_parameters * 2.0 + tokens * (vocab * _TEACHER_LOGIT_BYTES + teacher_hidden * 34)
+    return round((weights + states + activations + logits + teacher + _OVERHEAD) / GIB, 1)
+
+
+def _cpu_host_bytes(parameters: int, shape: Shape, adaptation: Adaptation, tokens: int, seq_length: int,
+                    gradient_checkpointing: bool, teacher_parameters: int) -> float:
+    """Peak host memory of a CPU-only run: fp32 everywhere (precision auto is fp32 on CPU), and
+    attention probabilities materialised (5·heads·seq² bytes per example and layer in 16 bits)."""
+    trainable = parameters * _ADAPTER_SHARE if adaptation in FROZEN_BASE else parameters
+    weights = parameters * 4 + trainable * 12  # fp32 weights + gradient + two Adam moments
+    per_layer = tokens * (34 * shape.hidden + 5 * shape.heads * seq_length) * 2  # fp32: × 2
+    if gradient_checkpointing:
+        activations = tokens * shape.hidden * 4 * shape.layers + per_layer
+    else:
+        activations = per_layer * shape.layers
+    logits = tokens * shape.vocab * 12
+    teacher = 0.0
+    if teacher_parameters:
+        teacher_hidden = guess_shape(teacher_parameters).hidden
+        teacher = teacher_parameters * 4 + tokens * (shape.vocab * 8 + teacher_hidden * 68)
+    return weights + activations + logits + teacher
+
+
+class Sizing(NamedTuple):
+    """What a FineTuneJob needs, as far as its spec tells."""
+
+    parameters: int | None
+    """The base model's parameter count; None when its name carries no size."""
+    teacher_parameters: int
+    """The frozen teachers' parameters (distillation, attentionGuidance with guide: teacher); a
+    teacher of unknown size counts as large as the student; 0 without one."""
+    gpu_memory_gib: float | None
+    """Estimated peak memory per GPU; None when the base model's size is unknown."""
+    host_memory_gib: int
+    """Memory request (and limit) of each trainer pod when spec.resources.memory is unset."""
+
+
+def _teachers(spec: FineTuneJobSpec) -> list[str]:
+    sources = []
+    distillation = spec.method.objective(Objective.DISTILLATION)
+    if distillation is not None and distillation.distillation is not None:
+        sources.append(str(distillation.distillation.teacher.source))
+    guidance = spec.method.objective(Objective.ATTENTION_GUIDANCE)
+    if guidance is not None and guidance.attention_guidance is not None:
+        block = guidance.attention_guidance
+        if block.guide == GuideSource.TEACHER and block.teacher is not None:
+            sources.append(str(block.teacher.source))
+    return sources
+
+
+def estimate_job(spec: FineTuneJobSpec) -> Sizing:
+    """GPU memory per GPU and host memory per pod of a job, from the model's and teachers' sizes
+    (read from their names), the method, batch size (1 for `auto`: the trainer picks the largest
+    that fits), sequence length and gradient checkpointing."""
+    source = str(spec.model.source)
+    params = parameters_from_name(source)
+    teacher_sizes = [parameters_from_name(t) for t in _teachers(spec)]
+    teacher_params = sum(t if t is not None else (params or 0) for t in teacher_sizes)
+    hp, res = spec.hyperparameters, spec.resources
+    batch = hp.batch_size if isinstance(hp.batch_size, int) else 1
+    seq = spec.dataset.max_seq_length
+    adaptation = Adaptation(spec.method.adaptation)
+    gpu = None
+    if params is not None:
+        shape = guess_shape(params, source)
+        gpu = estimate_gpu_memory_gib(
+            params, adaptation, seq_length=seq, batch_size=batch, gradient_checkpointing=hp.gradient_checkpointing,
+            hidden_size=shape.hidden, layers=shape.layers, vocab_size=shape.vocab, teacher_parameters=teacher_params,
+        )
+    if res.gpus == 0:
+        cpu_batch = hp.batch_size if isinstance(hp.batch_size, int) else 8  # the trainer's CPU default
+        if params is None:
+            host = _HOST_CPU_UNKNOWN_GIB + sum(ceil(t * 4 * 1.25 / GIB) if t else _HOST_UNKNOWN_MODEL_GIB
+                                               for t in teacher_sizes)
+        else:
+            need = _cpu_host_bytes(params, guess_shape(params, source), adaptation, seq * cpu_batch, seq,
+                                   hp.gradient_checkpointing, teacher_params) / GIB
+            host = max(_HOST_FLOOR_GIB, ceil((need + _HOST_CPU_BASE_GIB) * 1.25))
+    else:
+        # Each local process holds a bf16 copy of the weights (the teachers' too) on the host
+        # while loading (+25 %), plus a base for the data loader, tokeniser and CUDA libraries.
+        def loading(n: int | None) -> int:
+            return ceil(n * 2 * 1.25 / GIB) if n else _HOST_UNKNOWN_MODEL_GIB
+
+        per_process = loading(params) + sum(loading(t if t is not None else params) for t in teacher_sizes)
+        host = per_process * res.gpus + _HOST_GPU_BASE_GIB
+    return Sizing(params, teacher_params, gpu, host)
+
+
+def memory_warning(spec: FineTuneJobSpec) -> tuple[Reason, str] | None:
+    """(InsufficientGPUMemory, message) when the estimate per GPU exceeds the memory of
+    spec.resources.gpuType, or of the largest known GPU of the resource's vendor without one;
+    None when it fits, for CPU-only jobs, or when the model's or the GPU's size is unknown."""
+    res = spec.resources
+    if res.gpus == 0:
+        return None
+    estimate = estimate_job(spec).gpu_memory_gib
+    largest = gpu_table.largest(res.gpu_resource)
+    if res.gpu_type:
+        capacity, gpu_name = gpu_table.gpu_memory_gib(res.gpu_type), res.gpu_type
+    elif largest is not None:
+        capacity, gpu_name = largest.memory_gib, f"the largest known GPU ({largest.label})"
+    else:
+        return None
+    if estimate is None or capacity is None or estimate <= capacity:
+        return None
+    hp, adaptation = spec.hyperparameters, Adaptation(spec.method.adaptation)
+    remedies = []
+    if adaptation not in FROZEN_BASE:
+        remedies.append("adaptation lora or qlora")
+    elif adaptation != Adaptation.QLORA:
+        remedies.append("adaptation qlora")
+    if not hp.gradient_checkpointing:
+        remedies.append("gradientCheckpointing: true")
+    if isinstance(hp.batch_size, int) and hp.batch_size > 1:
+        remedies.append("a smaller batchSize")
+    if spec.dataset.max_seq_length > 512:
+        remedies.append("a smaller maxSeqLength")
+    if _teachers(spec):
+        remedies.append("a smaller teacher")
+    if res.gpu_type and largest is not None and largest.memory_gib >= estimate:
+        remedies.append(f"a gpuType with more memory ({largest.label})")
+    remedies = remedies or ["a smaller model"]
+    use = ", ".join(remedies[:-1]) + (" or " if len(remedies) > 1 else "") + remedies[-1]
+    message = (f"estimated {estimate:g} GiB per GPU exceeds the {capacity:g} GiB of {gpu_name}: use {use} "
+               "(each GPU holds a whole replica, so more GPUs do not lower it)")
+    return Reason.INSUFFICIENT_GPU_MEMORY, message

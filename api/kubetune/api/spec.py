@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from kubetune.api._base import CEL_KEY, WireModel, cel, rules
 from kubetune.api.enums import (
@@ -31,6 +31,7 @@ from kubetune.api.enums import (
     QuantType,
     Scheduler,
 )
+from kubetune.api.pod import CREDENTIAL_KEYS, PodOverrides
 from kubetune.api.types import (
     DNS_LABEL,
     DNS_SUBDOMAIN,
@@ -747,6 +748,12 @@ class Scheduling(WireModel):
 # ------------------------------------------------------------------------------------ spec
 
 
+_CREDENTIALS_TWICE = (
+    "podOverrides.env sets a variable that output.credentialsSecret already provides (one of "
+    + ", ".join(CREDENTIAL_KEYS) + "): drop it from env, or drop credentialsSecret and set every credential in env"
+)
+
+
 class FineTuneJobSpec(WireModel):
     """The desired fine-tuning run."""
 
@@ -766,6 +773,12 @@ class FineTuneJobSpec(WireModel):
                 "and cached prefixes defeat the per-example attention mask); set packing: false",
                 ".dataset.packing",
             ),
+            cel(
+                "!has(self.output.credentialsSecret) || !has(self.podOverrides) || !has(self.podOverrides.env) || "
+                f"self.podOverrides.env.all(e, !(e.name in [{', '.join(repr(k) for k in CREDENTIAL_KEYS)}]))",
+                _CREDENTIALS_TWICE,
+                ".podOverrides",
+            ),
         )
     }
 
@@ -778,7 +791,27 @@ class FineTuneJobSpec(WireModel):
     checkpointing: Checkpointing = Field(default_factory=Checkpointing, description="How often to checkpoint and how many checkpoints to keep.")
     evaluation: Evaluation = Field(default_factory=Evaluation, description="Held-out evaluation and the base-model comparison.")
     scheduling: Scheduling = Field(default_factory=Scheduling, description="Kueue queue, priority class, Volcano and node placement. May change while suspended.")
+    pod_overrides: Optional[PodOverrides] = Field(
+        default=None,
+        description=(
+            "Additions to the pods kubetune builds, the trainer pods and the data-validation pod: labels, annotations, "
+            "serviceAccountName, runtimeClassName, imagePullSecrets, env, volumes and volumeMounts. It does what Kubeflow "
+            "Trainer's podTemplateOverrides does, as one typed object rather than a patch of the pod template: only what "
+            "keeps the pods within the restricted Pod Security profile, and anything kubetune sets itself (its labels, "
+            "variables, volumes and paths) is refused, not overridden. Placement is spec.scheduling's. Frozen once "
+            "training started, like the rest of the spec."
+        ),
+    )
     suspend: bool = Field(default=False, description="Suspend the job: running pods are stopped (a checkpoint is written) and it resumes from that checkpoint when set back to false.")
+    cancel: bool = Field(
+        default=False,
+        description=(
+            "Cancel the job for good while keeping this record (like OpenAI's jobs.cancel): the trainer Job is deleted, "
+            "its pods write a checkpoint on SIGTERM, committed checkpoints are kept and the phase becomes Cancelled. "
+            "Cannot be set back to false; delete the FineTuneJob to remove the record too."
+        ),
+        json_schema_extra=rules(cel("self || !oldSelf", "cancel cannot be undone: create a new FineTuneJob to train again")),
+    )
     active_deadline_seconds: Optional[int] = Field(default=None, ge=1, description="Fail the job when it runs longer than this, in seconds, across retries.")
     max_retries: int = Field(default=3, ge=0, le=100, description="Retries after a retriable failure; each resumes from the last committed checkpoint. Default 3.")
     image: Optional[str] = Field(default=None, max_length=1024, description="Trainer container image. Unset: the operator's default trainer image.")
@@ -788,6 +821,14 @@ class FineTuneJobSpec(WireModel):
         pattern=DNS_LABEL,
         description="A short lowercase name added to the adapter's name in its manifest (like OpenAI's suffix).",
     )
+
+    @field_validator("pod_overrides")
+    @classmethod
+    def _credentials_once(cls, value: Optional[PodOverrides], info: ValidationInfo) -> Optional[PodOverrides]:
+        output = info.data.get("output")
+        if value is not None and output is not None and output.credentials_secret and value.credential_env():
+            raise ValueError(f"{_CREDENTIALS_TWICE} (found: {', '.join(value.credential_env())})")
+        return value
 
     @model_validator(mode="after")
     def _mergeable(self) -> "FineTuneJobSpec":

@@ -6,13 +6,16 @@ there would be pruned silently by the API server, which the real-apiserver tier 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 from pydantic import Field
 
 from kubetune.api._base import WireModel
 from kubetune.api.conditions import ConditionType, Reason
 from kubetune.api.enums import Phase
+
+CHECKPOINTS_MAX = 20
+"""status.checkpoints holds at most this many (the newest)."""
 
 
 class Condition(WireModel):
@@ -34,6 +37,7 @@ class Progress(WireModel):
     epoch: Optional[float] = Field(default=None, ge=0, description="Fractional epoch reached.")
     percent: Optional[float] = Field(default=None, ge=0, le=100, description="Share of steps done, 0–100.")
     eta_seconds: Optional[int] = Field(default=None, ge=0, description="Estimated seconds to completion.")
+    eta: Optional[str] = Field(default=None, max_length=16, description="etaSeconds for people, e.g. 1h05m or 42s (the ETA column of kubectl get ftj).")
 
 
 class Metrics(WireModel):
@@ -78,10 +82,10 @@ class Cost(WireModel):
     co2_kg: Optional[float] = Field(default=None, ge=0, description="energyKWh × the configured grid carbon intensity.")
 
 
-class Effective(WireModel):
-    """The settings kubetune actually used, with every default and `auto` resolved."""
+class ResolvedHyperparameters(WireModel):
+    """The numbers the trainer resolved from `auto` and the defaults; it reports them in its
+    summary and its `kubetune_trainer_effective_info` metric (kubetune.api.contract)."""
 
-    image: Optional[str] = Field(default=None, max_length=1024, description="Trainer image.")
     epochs: Optional[int] = Field(default=None, ge=1, description="Resolved epochs.")
     learning_rate: Optional[float] = Field(default=None, gt=0, description="Resolved peak learning rate.")
     batch_size: Optional[int] = Field(default=None, ge=1, description="Resolved per-device batch size.")
@@ -89,13 +93,31 @@ class Effective(WireModel):
     precision: Optional[str] = Field(default=None, max_length=16, description="Resolved precision.")
     max_seq_length: Optional[int] = Field(default=None, ge=1, description="Resolved maximum sequence length.")
     validation_split: Optional[float] = Field(default=None, ge=0, le=0.5, description="Resolved validation split (0 with a validation file).")
+    parameters: Optional[int] = Field(default=None, ge=0, description="Parameter count of the base model, when known.")
+    checkpoint_every_steps: Optional[int] = Field(default=None, ge=1, description="Resolved checkpoint interval.")
+
+
+class Effective(ResolvedHyperparameters):
+    """The settings kubetune actually used, with every default and `auto` resolved: the operator
+    records the image, GPUs and the memory estimate; the trainer reports the rest once it resolved them."""
+
+    image: Optional[str] = Field(default=None, max_length=1024, description="Trainer image.")
     gpus: Optional[int] = Field(default=None, ge=0, description="GPUs per node.")
     nodes: Optional[int] = Field(default=None, ge=1, description="Nodes.")
-    parameters: Optional[int] = Field(default=None, ge=0, description="Parameter count of the base model, when known.")
     estimated_gpu_memory_gib: Optional[float] = Field(
         default=None, ge=0, alias="estimatedGPUMemoryGiB", description="Estimated GPU memory per GPU, from parameters, method and sequence length."
     )
-    checkpoint_every_steps: Optional[int] = Field(default=None, ge=1, description="Resolved checkpoint interval.")
+
+
+class ErrorInfo(WireModel):
+    """Why the job failed, in the shape of the OpenAI fine-tuning job object's `error`."""
+
+    code: Reason = Field(description="The Failed condition's reason, e.g. InvalidData, InvalidSpec, StorageError, BackoffLimitExceeded.")
+    message: str = Field(default="", max_length=32768, description="What went wrong and what to do, credentials redacted.")
+    param: Optional[str] = Field(
+        default=None, max_length=1024,
+        description="The spec field (e.g. spec.dataset.train) or the data file and line (file:line) the error is about, when known.",
+    )
 
 
 class FineTuneJobStatus(WireModel):
@@ -105,16 +127,35 @@ class FineTuneJobStatus(WireModel):
         default=None,
         description="Pending, Validating, Queued, Running, Succeeded, Failed, Suspended or Cancelled.",
     )
+    reason: Optional[Reason] = Field(
+        default=None,
+        description="Why the job is in its phase, e.g. Unschedulable, ImagePullFailed, TrainingStarted, ChildRejected, InvalidData: the reason of the phase's condition.",
+    )
+    message: Optional[str] = Field(default=None, max_length=32768, description="The phase condition's message: what is happening and what to do.")
     conditions: list[Condition] = Field(default_factory=list, description="Latest observations, one per type.")
+    error: Optional[ErrorInfo] = Field(default=None, description="Why the job failed (code, message, param); unset unless the phase is Failed.")
     observed_generation: Optional[int] = Field(default=None, ge=0, description="metadata.generation the status reflects.")
     progress: Optional[Progress] = Field(default=None, description="Training progress.")
     metrics: Optional[Metrics] = Field(default=None, description="Training and evaluation metrics.")
-    checkpoints: list[CheckpointRef] = Field(default_factory=list, max_length=20, description="The newest committed checkpoints, oldest first.")
+    checkpoints: list[CheckpointRef] = Field(default_factory=list, max_length=CHECKPOINTS_MAX, description="The newest committed checkpoints, oldest first.")
     adapter: Optional[AdapterRef] = Field(default=None, description="The result, once written with its manifest.")
     cost: Optional[Cost] = Field(default=None, description="GPU-hours, estimated price, energy and CO2.")
     job_name: Optional[str] = Field(default=None, max_length=63, description="Name of the trainer Job.")
+    spec_config_map: Optional[str] = Field(
+        default=None, max_length=253,
+        description="The immutable ConfigMap holding the spec the trainer Job was built from; a Job recreated after a loss is built from it, never from an edited spec.",
+    )
     start_time: Optional[str] = Field(default=None, description="When training started (RFC 3339).", json_schema_extra={"format": "date-time"})
     completion_time: Optional[str] = Field(default=None, description="When the job finished (RFC 3339).", json_schema_extra={"format": "date-time"})
     retries: int = Field(default=0, ge=0, description="Retriable failures so far.")
     recreations: int = Field(default=0, ge=0, description="Times the trainer Job was recreated after someone else deleted it; each run resumes from the newest committed checkpoint.")
     effective: Optional[Effective] = Field(default=None, description="The settings actually used, defaults and auto resolved.")
+    kopf: Optional[dict[str, Any]] = Field(
+        default=None,
+        description=(
+            "The operator's own bookkeeping, not for users: kopf's handler progress and the spec it last handled. Kept in "
+            "status rather than in annotations, so a FineTuneJob whose annotations are near Kubernetes' 256 KiB limit "
+            "still gets a status."
+        ),
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )

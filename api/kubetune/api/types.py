@@ -8,6 +8,7 @@ what is allowed, because they are read by someone fixing a manifest.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import AfterValidator, Field, PlainValidator, WithJsonSchema
@@ -25,6 +26,31 @@ def _uri_pattern(schemes: tuple[str, ...], plain_paths: bool) -> str:
     return f"^({scheme}|[^:\\s]+)$" if plain_paths else f"^{scheme}$"
 
 
+def cel_string(text: str) -> str:
+    """`text` as a CEL string literal (CEL has no `\\.` escape: a regex's backslashes are doubled)."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+# Credentials in a URI (`s3://KEY:SECRET@bucket`, `s3://TOKEN@bucket`) would be copied into the
+# trainer Job and shown by status, Events and logs. A secret may contain '/' (AWS's own example
+# key does), which ends the authority early, so a ':' in an object-store, hub or volume authority
+# is refused too: it is never a port there. For http(s) a ':' must be followed by a port number.
+# `\x5b` is '[' (an IPv6 host); no other escape, so the CEL literal stays valid (see cel_string).
+CREDENTIALS_IN_URI = (
+    r"(?i)^([a-z][a-z0-9+.-]*://[^/?#]*@"
+    r"|(hf|s3|gs|gcs|file|pvc|builtin)://[^/?#]*:"
+    r"|https?://[^/?#\x5b][^/?#]*:[^/?#]*[^0-9/?#])"
+)
+CREDENTIALS_MESSAGE = ("must not carry credentials (user:password@ or token@ before the host): remove them and put "
+                       "credentials in a Secret named by spec.output.credentialsSecret")
+_credentials = re.compile(CREDENTIALS_IN_URI)
+
+
+def has_credentials(uri: str) -> bool:
+    """Whether `uri` carries userinfo (see CREDENTIALS_IN_URI)."""
+    return bool(_credentials.match(uri))
+
+
 def _uri(schemes: tuple[str, ...], plain_paths: bool, what: str) -> Any:
     pattern = _uri_pattern(schemes, plain_paths)
     compiled = re.compile(pattern)
@@ -33,14 +59,18 @@ def _uri(schemes: tuple[str, ...], plain_paths: bool, what: str) -> Any:
     def check(value: str) -> str:
         if len(value) > 2048:
             raise ValueError(f"is {len(value)} characters long; at most 2048 are allowed")
+        if has_credentials(value):
+            raise ValueError(CREDENTIALS_MESSAGE)  # the value is not repeated: it holds a secret
         if not compiled.match(value):
-            raise ValueError(f"{value!r} is not a valid {what}: use {allowed}")
+            shown = repr(value) if "@" not in value else "this URI"
+            raise ValueError(f"{shown} is not a valid {what}: use {allowed}")
         return value
 
     return Annotated[
         str,
         AfterValidator(check),
-        WithJsonSchema({"type": "string", "minLength": 1, "maxLength": 2048, "pattern": pattern}),
+        WithJsonSchema({"type": "string", "minLength": 1, "maxLength": 2048, "pattern": pattern,
+                        CEL_KEY: [cel(f"!self.matches({cel_string(CREDENTIALS_IN_URI)})", CREDENTIALS_MESSAGE)]}),
     ]
 
 
@@ -158,11 +188,6 @@ _QUALIFIED_HELP = ("a qualified name: an optional DNS prefix of at most 253 char
 _qualified = re.compile(QUALIFIED_NAME)
 
 
-def cel_string(text: str) -> str:
-    """`text` as a CEL string literal (CEL has no `\\.` escape: a regex's backslashes are doubled)."""
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
 def is_qualified_name(value: str) -> bool:
     return bool(_qualified.match(value)) and len(value.split("/")[0] if "/" in value else "") <= 253
 
@@ -207,3 +232,50 @@ def check_label_keys(labels: dict[str, str]) -> dict[str, str]:
 
 ShortString = Annotated[str, Field(max_length=253)]
 """A name-like string; bounded so CEL rules comparing it stay within the API server's cost budget."""
+
+# Paths inside a container (volume mounts, projected files). Kubernetes accepts almost any
+# string; kubetune accepts the portable subset, so a path never needs quoting or escaping and
+# `.`/`..` segments cannot climb out of a volume.
+_PATH_SEGMENT = "[-A-Za-z0-9._@+=,~]+"
+ABSOLUTE_PATH = rf"^(/{_PATH_SEGMENT})+$"
+RELATIVE_PATH = rf"^{_PATH_SEGMENT}(/{_PATH_SEGMENT})*$"
+_DOT_SEGMENT = "(^|/)[.][.]?(/|$)"
+_PATH_CHARS = "letters, digits and - . _ @ + = , ~"
+
+
+def path_type(pattern: str, what: str, check: Callable[[str], str] | None = None,
+              rules: tuple[dict[str, str], ...] = ()) -> Any:
+    """A bounded path string matching `pattern` without '.'/'..' segments; `check` and `rules`
+    (its CEL twins) add what a particular field refuses."""
+    compiled, dots = re.compile(pattern), re.compile(_DOT_SEGMENT)
+
+    def check_path(value: str) -> str:
+        if len(value) > 1024:
+            raise ValueError(f"is {len(value)} characters long; at most 1024 are allowed")
+        if not compiled.match(value):
+            raise ValueError(f"{value!r} is not {what} of '/'-separated {_PATH_CHARS}")
+        if dots.search(value):
+            raise ValueError(f"{value!r} has a '.' or '..' segment; write the path without them")
+        return check(value) if check else value
+
+    return Annotated[
+        str,
+        AfterValidator(check_path),
+        WithJsonSchema({"type": "string", "maxLength": 1024, "pattern": pattern,
+                        CEL_KEY: [cel(f"!self.matches({cel_string(_DOT_SEGMENT)})",
+                                      "has a '.' or '..' segment; write the path without them"), *rules]}),
+    ]
+
+
+AbsolutePath = path_type(ABSOLUTE_PATH, "an absolute path")
+"""An absolute container path such as /data/models: no '.' or '..' segments, no trailing '/'."""
+
+RelativePath = path_type(RELATIVE_PATH, "a relative path")
+"""A path relative to a volume's root, such as config/train.json: no '.' or '..' segments."""
+
+ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+"""An environment variable name as Kubernetes checks it without the RelaxedEnvironmentVariableValidation
+feature (letters, digits, '-', '_', '.'; no leading digit): accepted by every supported server."""
+
+QUALIFIED_NAME_HELP = _QUALIFIED_HELP
+"""What a qualified name is, for messages about keys checked outside a LABEL_MAP_RULE."""

@@ -11,14 +11,19 @@ import logging
 from collections.abc import Sequence
 
 import kopf
+from kubetune.operator import redaction
 from kubetune.operator.settings import OperatorSettings
 
 PEERING_NAME = "kubetune"
 
 
-def liveness_endpoint(port: int) -> str | None:
-    """kopf's liveness URL on `port` (KUBETUNE_HEALTH_PORT); None when the port is 0."""
-    return f"http://0.0.0.0:{port}/healthz" if port else None
+def liveness_endpoint(port: int, address: str = "0.0.0.0") -> str | None:
+    """kopf's liveness URL on `address`:`port` (KUBETUNE_BIND_ADDRESS, KUBETUNE_HEALTH_PORT);
+    None when the port is 0. An IPv6 address is bracketed."""
+    if not port:
+        return None
+    host = f"[{address}]" if ":" in address else address
+    return f"http://{host}:{port}/healthz"
 
 
 def run(namespaces: Sequence[str] | None = None, peering: bool | None = None, liveness: bool = True) -> None:
@@ -33,6 +38,9 @@ def run(namespaces: Sequence[str] | None = None, peering: bool | None = None, li
     # program that configured logging itself (a test harness, an embedding) keeps its set-up.
     if not logging.getLogger().handlers:
         kopf.configure(log_format=formats[settings.log_format])
+    # Log lines and the Events kopf posts from them carry exception texts, which may quote a
+    # URI with credentials: every record is redacted before any handler sees it (O10, O17).
+    redaction.install()
     watched = list(settings.namespaces if namespaces is None else namespaces)
     peering = settings.peering if peering is None else peering
     kopf.run(
@@ -42,7 +50,7 @@ def run(namespaces: Sequence[str] | None = None, peering: bool | None = None, li
         standalone=not peering,
         peering_name=PEERING_NAME if peering else None,
         priority=settings.peering_priority,
-        liveness_endpoint=liveness_endpoint(settings.health_port) if liveness else None,
+        liveness_endpoint=liveness_endpoint(settings.health_port, settings.listen_address()) if liveness else None,
     )
 
 

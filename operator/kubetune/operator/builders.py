@@ -6,9 +6,12 @@ clock, so the same input always renders the same object and golden YAML tests pi
 
 Decisions that shape the objects (RELIABILITY.md, "Pods and RBAC the chart ships"):
 
-* The spec reaches the trainer as compact JSON in the pod-template annotation `kubetune.io/spec`,
-  projected by a downwardAPI volume to `/etc/kubetune/spec.json` (a pod has no stdin, and the
-  trainer CLI reads a file). The Job template is immutable, so the file can never drift.
+* The spec reaches the trainer as compact JSON in an immutable ConfigMap `<name>-spec-<digest>`
+  (`spec_configmap`), mounted at `/etc/kubetune/spec.json` (a pod has no stdin, and the trainer
+  CLI reads a file). It is named after the digest of the spec's frozen part (`kubetune.api.crd.
+  spec_digest`), which the pod template carries as `kubetune.io/spec-sha256`: the file can never
+  drift, a Job recreated later reads the very spec the job started with, and a spec larger than
+  the 256 KiB annotations allow still runs.
 * Credentials enter only as `env[].valueFrom.secretKeyRef` (optional keys, never `envFrom`):
   the operator never reads Secrets and no value is ever written into an object it creates.
 * Child names are deterministic (see `child_name`) so a restarted operator finds, not
@@ -24,22 +27,26 @@ import copy
 import hashlib
 import json
 import re
-from math import ceil
 from typing import Any
 from urllib.parse import urlsplit
 
 from kubetune.api.contract import (
+    CREDENTIALS_SECRET_ENV,
     DEFAULT_TERMINATION_PATH,
     METRICS_PORT_ENV,
     PERMANENT_EXIT_CODE,
     TERMINATION_PATH_ENV,
 )
-from kubetune.api.estimate import GIB, parameters_from_name
+from kubetune.api.estimate import estimate_job
+from kubetune.api.pod import CREDENTIAL_KEYS, PodOverrides
+from kubetune.api import crd
 from kubetune.api.resource import API_VERSION, KIND, FineTuneJob
 from kubetune.operator.settings import OperatorSettings
 
 CONTAINER = "trainer"
-SPEC_ANNOTATION = "kubetune.io/spec"
+VALIDATION_TTL_SECONDS = 3600
+SPEC_DIGEST_ANNOTATION = "kubetune.io/spec-sha256"
+SPEC_KEY = "spec.json"
 SPEC_DIR = "/etc/kubetune"
 SPEC_FILE = f"{SPEC_DIR}/spec.json"
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
@@ -52,11 +59,8 @@ RENDEZVOUS_PORT = 29500
 UID = 1000
 PVC_ROOT = "/mnt/pvc"
 
-# Keys a credentials Secret may hold; each becomes an optional secretKeyRef, so any subset works.
-CREDENTIAL_KEYS = (
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_REGION",
-    "AWS_DEFAULT_REGION", "GOOGLE_APPLICATION_CREDENTIALS_JSON", "HF_TOKEN",
-)
+# CREDENTIAL_KEYS (kubetune.api.pod): keys a credentials Secret may hold; each becomes an optional
+# secretKeyRef, so any subset works. The API keeps the list: podOverrides.env may not set them twice.
 
 # ------------------------------------------------------------------------------------ names
 
@@ -134,16 +138,28 @@ def spec_json(ftj: FineTuneJob, uid: str) -> str:
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
 
 
+def spec_digest(ftj: FineTuneJob) -> str:
+    return crd.spec_digest(ftj.spec.wire())
+
+
+def spec_configmap_name(ftj: FineTuneJob) -> str:
+    """`<name>-spec-<8 hex of the digest>`: one ConfigMap per frozen spec."""
+    return child_name(ftj.metadata.name, f"spec-{spec_digest(ftj)[:HASH_LEN]}")
+
+
+def spec_configmap(ftj: FineTuneJob, uid: str) -> dict[str, Any]:
+    """The immutable ConfigMap the trainer and validation pods read their FineTuneJob from."""
+    meta = _metadata(ftj, uid, spec_configmap_name(ftj), "spec")
+    meta["annotations"] = {SPEC_DIGEST_ANNOTATION: spec_digest(ftj)}
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "immutable": True,
+            "data": {SPEC_KEY: spec_json(ftj, uid)}}
+
+
 def _default_memory_gib(ftj: FineTuneJob) -> int:
-    # Each local process holds a bf16 copy of the weights on the host while loading (+25%),
-    # plus a base for the data loader and Python; 16 GiB per process when the size is unknown.
-    # A CPU-only job trains in host memory: fp32 weights, gradients and two Adam moments (16 B
-    # per parameter, an upper bound for adapter methods) on a 4 GiB base.
-    params = parameters_from_name(ftj.spec.model.source)
-    if ftj.spec.resources.gpus == 0:
-        return (ceil(params * 16 / GIB) if params else 16) + 4
-    per_process = ceil(params * 2 * 1.25 / GIB) if params else 16
-    return per_process * ftj.spec.resources.gpus + 8
+    # From the model's and teachers' sizes, the method, batch and sequence length
+    # (kubetune.api.estimate.estimate_job: a bf16 copy per process while loading on GPU nodes,
+    # the whole fp32 run on CPU-only ones, never under 2 GiB).
+    return estimate_job(ftj.spec).host_memory_gib
 
 
 def pod_resources(ftj: FineTuneJob) -> dict[str, Any]:
@@ -182,8 +198,8 @@ def _pvc_claims(value: Any) -> list[str]:
 
 def _volumes(ftj: FineTuneJob, settings: OperatorSettings, role: str) -> tuple[list[dict], list[dict]]:
     """(volumes, volumeMounts): spec file, size-limited emptyDirs, /dev/shm and PVCs."""
-    spec_item = {"path": "spec.json", "fieldRef": {"fieldPath": f"metadata.annotations['{SPEC_ANNOTATION}']"}}
-    volumes: list[dict] = [{"name": "spec", "downwardAPI": {"items": [spec_item]}}]
+    spec_source = {"name": spec_configmap_name(ftj), "items": [{"key": SPEC_KEY, "path": SPEC_KEY}]}
+    volumes: list[dict] = [{"name": "spec", "configMap": spec_source}]
     mounts: list[dict] = [{"name": "spec", "mountPath": SPEC_DIR, "readOnly": True}]
     for name, path, limit in (
         ("tmp", "/tmp", settings.tmp_size_limit),
@@ -198,11 +214,26 @@ def _volumes(ftj: FineTuneJob, settings: OperatorSettings, role: str) -> tuple[l
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}})
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     output_claim = _pvc_claims(ftj.spec.output.uri)
-    for i, claim in enumerate(dict.fromkeys(_pvc_claims(ftj.spec.wire()))):
+    # podOverrides is left out: a label or variable that reads "pvc://..." is not a data source.
+    uris = {k: v for k, v in ftj.spec.wire().items() if k != "podOverrides"}
+    for i, claim in enumerate(dict.fromkeys(_pvc_claims(uris))):
         read_only = role != "train" or claim not in output_claim
         volumes.append({"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}})
         mounts.append({"name": f"pvc-{i}", "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": read_only})
+    # The user's volumes come after kubetune's: names and paths cannot collide (the API refuses ours).
+    extra = _overrides(ftj)
+    volumes += [_k8s(v) for v in extra.volumes]
+    mounts += [_k8s(m) for m in extra.volume_mounts]
     return volumes, mounts
+
+
+def _overrides(ftj: FineTuneJob) -> PodOverrides:
+    return ftj.spec.pod_overrides or PodOverrides()
+
+
+def _k8s(model: Any) -> dict[str, Any]:
+    """A podOverrides item as Kubernetes spells it, without the empty lists the models default to."""
+    return model.model_dump(by_alias=True, exclude_none=True, exclude_defaults=True, mode="json")
 
 
 def _env(ftj: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
@@ -220,6 +251,7 @@ def _env(ftj: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
         env.append({"name": "KUBETUNE_ALLOWED_OUTPUT_PREFIX", "value": settings.allowed_output_prefix})
     secret = ftj.spec.output.credentials_secret
     if secret:
+        env.append({"name": CREDENTIALS_SECRET_ENV, "value": secret})
         env += [
             {"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": True}}}
             for key in CREDENTIAL_KEYS
@@ -248,6 +280,8 @@ def _pod_template(
         "image": ftj.spec.image or settings.trainer_image,
         "imagePullPolicy": settings.image_pull_policy,
         **container,
+        # After kubetune's variables, so a user's value may refer to them as $(NAME).
+        "env": [*container.get("env", []), *(_k8s(e) for e in _overrides(ftj).env)],
         "volumeMounts": mounts,
         "securityContext": container_security(),
         "terminationMessagePath": DEFAULT_TERMINATION_PATH,
@@ -265,8 +299,21 @@ def _pod_template(
     }
     if settings.host_network:
         pod |= {"hostNetwork": True, "dnsPolicy": "ClusterFirstWithHostNet"}
-    annotations = {SPEC_ANNOTATION: spec_json(ftj, uid)}
-    return {"metadata": {"labels": labels(ftj, role), "annotations": annotations}, "spec": pod}
+    # spec.podOverrides: the user's keys follow ours and never replace one (the API refuses them).
+    extra = _overrides(ftj)
+    if extra.service_account_name:
+        pod["serviceAccountName"] = extra.service_account_name  # still without a token
+    if extra.runtime_class_name:
+        pod["runtimeClassName"] = extra.runtime_class_name
+    if extra.image_pull_secrets:
+        pod["imagePullSecrets"] = [_k8s(s) for s in extra.image_pull_secrets]
+    ours = labels(ftj, role)
+    annotations = {SPEC_DIGEST_ANNOTATION: spec_digest(ftj)}
+    metadata = {
+        "labels": ours | {k: v for k, v in extra.labels.items() if k not in ours},
+        "annotations": annotations | {k: v for k, v in extra.annotations.items() if k not in annotations},
+    }
+    return {"metadata": metadata, "spec": pod}
 
 
 def _job(ftj: FineTuneJob, uid: str, name: str, role: str, template: dict, **fields: Any) -> dict:
@@ -435,5 +482,7 @@ def validation_job(ftj: FineTuneJob, uid: str, settings: OperatorSettings) -> di
         "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": {"memory": memory}},
     }
     template = _pod_template(ftj, uid, settings, "validate", container)
+    # Cleaned up an hour after it finished (the FineTuneJob keeps the verdict in DataValidated).
     return _job(ftj, uid, name, "validate", template, backoffLimit=0,
-                activeDeadlineSeconds=settings.validation_deadline_seconds)
+                activeDeadlineSeconds=settings.validation_deadline_seconds,
+                ttlSecondsAfterFinished=VALIDATION_TTL_SECONDS)

@@ -22,23 +22,26 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import email.utils
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import threading
 from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote
 
-import aiohttp
 import kopf
 from kubetune.api.conditions import ConditionType, Reason
+from kubetune.api.crd import MUTABLE_AFTER_START
 from kubetune.api.enums import Phase
-from kubetune.api.estimate import estimate_gpu_memory_gib, parameters_from_name
+from kubetune.api.estimate import estimate_job, memory_warning
 from kubetune.api.resource import GROUP, PLURAL, VERSION, FineTuneJob, parse_manifest
-from kubetune.operator import builders, reconcile
+from kubetune.operator import builders, presence, reconcile, redaction
 from kubetune.operator.metrics import METRICS
+from kubetune.operator.scrape import scrape
 from kubetune.operator.settings import OperatorSettings
 
 API_URL_ENV = "KUBETUNE_API_URL"
@@ -46,8 +49,9 @@ VERBS = {"POST": "create", "GET": "get", "PATCH": "patch", "PUT": "update", "DEL
 EXPECTED_STATUSES = (404, 409)  # answers the handlers act on (absent, exists): not errors
 DEFAULT_NAMESPACE = "default"  # FineTuneJobs are namespaced: only for the type checker
 POD_JOB_LABEL = "job-name"
+MANAGED_BY_LABEL, MANAGED_BY = "app.kubernetes.io/managed-by", "kubetune-operator"  # on every child and pod (builders.labels)
 PROBLEMS_SHOWN = 10
-SCRAPE_TIMEOUT_SECONDS = 2.0
+RETRY_AFTER_BOUNDS = (1.0, 60.0)  # seconds: a hostile or broken Retry-After neither spins nor parks a handler
 _TERMINAL = (Phase.SUCCEEDED.value, Phase.FAILED.value, Phase.CANCELLED.value)
 
 
@@ -109,6 +113,7 @@ class Kube:
             return self._client
 
     def _call(self, method: str, path: str, body: Any = None, query: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+        import urllib3
         from kubernetes.client.exceptions import ApiException  # type: ignore[import-untyped]
 
         headers = {"Accept": "application/json"}
@@ -123,12 +128,11 @@ class Kube:
         except ApiException as err:
             if err.status not in EXPECTED_STATUSES:
                 METRICS.api_error(VERBS.get(method, method.lower()), _resource_of(path), int(err.status or 0))
-            retry = (err.headers or {}).get("Retry-After")
-            try:
-                delay = float(retry) if retry is not None else None
-            except ValueError:
-                delay = None
+            delay = retry_after_seconds((err.headers or {}).get("Retry-After"))
             raise ApiError(int(err.status or 0), str(err.body or err.reason or ""), delay) from None
+        except (urllib3.exceptions.HTTPError, OSError) as err:  # refused, reset, timed out: no answer at all
+            METRICS.api_error(VERBS.get(method, method.lower()), _resource_of(path), 0)
+            raise ApiError(0, f"no answer from the API server: {type(err).__name__}: {err}") from None
         data = resp.data
         return json.loads(data) if data else {}
 
@@ -144,9 +148,30 @@ class Kube:
             raise
 
 
+def retry_after_seconds(value: Any, now: datetime | None = None) -> float | None:
+    """A Retry-After value (seconds, or an HTTP date) as a delay within RETRY_AFTER_BOUNDS;
+    None when absent or unreadable (garbage, NaN). Negative or past values give the minimum."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        when = when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+        seconds = (when - (now or datetime.now(timezone.utc))).total_seconds()
+    if math.isnan(seconds):
+        return None
+    low, high = RETRY_AFTER_BOUNDS
+    return min(max(seconds, low), high)
+
+
 def _collection(obj: dict[str, Any], namespace: str | None) -> str:
     api_version, kind = obj["apiVersion"], obj["kind"]
-    plural = {"Job": "jobs", "Service": "services", "PodGroup": "podgroups", "Pod": "pods"}[kind]
+    plural = {"Job": "jobs", "Service": "services", "PodGroup": "podgroups", "Pod": "pods", "ConfigMap": "configmaps"}[kind]
     root = "/api/v1" if "/" not in api_version else f"/apis/{api_version}"
     return f"{root}/namespaces/{quote(namespace or DEFAULT_NAMESPACE)}/{plural}"
 
@@ -164,9 +189,61 @@ def _owned_by(obj: dict[str, Any] | None, uid: str) -> bool:
     return any(isinstance(r, dict) and r.get("uid") == uid for r in refs)
 
 
-def _temporary(err: ApiError, what: str) -> kopf.TemporaryError:
-    delay = err.retry_after if err.retry_after is not None else 1.0 if err.status in (429,) or err.status >= 500 else 10.0
-    return kopf.TemporaryError(f"{what}: HTTP {err.status}", delay=delay)
+def retriable(status: int) -> bool:
+    """An answer worth retrying: none at all (0), a timeout, throttling or a server error. Every
+    other 4xx is the API server refusing what was sent: retrying sends the same thing again."""
+    return status in (0, 408, 429) or status >= 500
+
+
+BACKOFF_SECONDS = (1.0, 300.0)
+"""Bounds of the exponential backoff between retries of a request the server could not serve."""
+
+
+def backoff_seconds(err: ApiError, retry: int) -> float:
+    """Retry-After when the server said (bounded), else 1, 2, 4 … seconds up to 5 minutes."""
+    said = retry_after_seconds(err.retry_after)
+    if said is not None:
+        return said
+    low, high = BACKOFF_SECONDS
+    return min(high, low * 2 ** min(max(retry, 0), 20))
+
+
+def server_message(err: ApiError) -> str:
+    """The message of a Kubernetes `Status` answer (it names the field), else the raw body."""
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        body = json.loads(err.body)
+        if isinstance(body, dict) and isinstance(body.get("message"), str) and body["message"].strip():
+            return body["message"]
+    return err.body.strip() or f"HTTP {err.status}"
+
+
+# Where a field of a child object comes from in the FineTuneJob, for the refusal message.
+CHILD_FIELD_SOURCES = (
+    ("priorityClassName", "spec.scheduling.priorityClassName"), ("nodeSelector", "spec.scheduling.nodeSelector"),
+    ("tolerations", "spec.scheduling.tolerations"), ("affinity", "spec.scheduling.affinity"),
+    ("schedulerName", "spec.scheduling.schedulerName"), ("resources", "spec.resources"),
+    ("image", "spec.image"), ("imagePullSecrets", "spec.podOverrides.imagePullSecrets"),
+    ("runtimeClassName", "spec.podOverrides.runtimeClassName"), ("serviceAccountName", "spec.podOverrides.serviceAccountName"),
+    ("volumes", "spec.podOverrides.volumes"), ("env", "spec.podOverrides.env"),
+)
+
+
+def refusal(err: ApiError, child: dict[str, Any]) -> tuple[Reason, str, str | None] | None:
+    """(reason, message, param) when the API server refused `child` for good; None when the
+    answer is worth retrying. The message quotes the server (redacted), which names the field."""
+    if retriable(err.status) or err.status == 409:
+        return None
+    kind, name = child["kind"], child["metadata"]["name"]
+    text = server_message(err)
+    if err.status == 404 and kind == "PodGroup":
+        return (Reason.CRD_MISSING, f"the PodGroup CRD (podgroups.scheduling.volcano.sh) is not installed, so the "
+                f"gang-scheduled PodGroup {name} cannot be created: install Volcano, or remove "
+                "spec.scheduling.schedulerName: volcano", "spec.scheduling.schedulerName")
+    param = next((source for field, source in CHILD_FIELD_SOURCES if field in text), None)
+    where = f" (set by {param})" if param else ""
+    message = (f"the API server refused {kind} {name} (HTTP {err.status}): {text}{where}. "
+               "Fix the FineTuneJob and apply it again")
+    return Reason.CHILD_REJECTED, reconcile._bounded(reconcile.redact(message)), param
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -181,11 +258,11 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def condition(ctype: ConditionType, reason: Reason, message: str, generation: int | None, status: str = "True") -> dict[str, Any]:
-    cond: dict[str, Any] = {"type": ctype.value, "status": status, "reason": reason.value, "message": message, "lastTransitionTime": _now()}
-    if generation is not None:
-        cond["observedGeneration"] = generation
-    return cond
+def _problem_field(problems: list[Any]) -> str | None:
+    """The field the first problem is about (`spec.x.y`), for status.error.param."""
+    first = str(problems[0]) if problems else ""
+    head = first.split(":", 1)[0].strip()
+    return head if head.startswith(("spec", "metadata")) and " " not in head else None
 
 
 def invalid_spec_message(problems: list[Any]) -> str:
@@ -201,16 +278,11 @@ def effective(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
     spec = ftj.spec
     out: dict[str, Any] = {"image": spec.image or settings.trainer_image, "gpus": spec.resources.gpus,
                            "nodes": spec.resources.nodes}
-    params = parameters_from_name(str(spec.model.source))
-    if params:
-        batch = spec.hyperparameters.batch_size
-        out["parameters"] = params
-        out["estimatedGPUMemoryGiB"] = estimate_gpu_memory_gib(
-            params, spec.method.adaptation, seq_length=spec.dataset.max_seq_length,
-            batch_size=batch if isinstance(batch, int) else 1,
-            gradient_checkpointing=spec.hyperparameters.gradient_checkpointing,
-            gpus=max(1, spec.resources.gpus),
-        )
+    sizing = estimate_job(spec)
+    if sizing.parameters:
+        out["parameters"] = sizing.parameters
+    if sizing.gpu_memory_gib is not None:
+        out["estimatedGPUMemoryGiB"] = sizing.gpu_memory_gib
     return out
 
 
@@ -218,6 +290,33 @@ def conflict_message(child: dict[str, Any]) -> str:
     kind, name = child["kind"], child["metadata"]["name"]
     return (f"a {kind} named {name} already exists and is not owned by this FineTuneJob; "
             f"rename the FineTuneJob or delete that {kind}")
+
+
+def slim_job(job: dict[str, Any]) -> dict[str, Any]:
+    """What the operator reads of a Job, for its watch cache: without managedFields and the pod
+    template's spec (the bulk of it), so a cache of thousands of Jobs stays small."""
+    job.get("metadata", {}).pop("managedFields", None)
+    template = (job.get("spec") or {}).get("template")
+    if isinstance(template, dict):
+        template.pop("spec", None)
+    return job
+
+
+def slim_pod(pod: dict[str, Any]) -> dict[str, Any]:
+    """What the operator reads of a pod: identity, owners, status, and each container's resources."""
+    meta = pod.get("metadata") or {}
+    meta.pop("managedFields", None)
+    meta.pop("annotations", None)
+    spec = pod.get("spec") or {}
+    pod["spec"] = {"nodeName": spec.get("nodeName"),
+                   "containers": [{"name": c.get("name"), "resources": c.get("resources") or {}}
+                                  for c in spec.get("containers") or [] if isinstance(c, dict)]}
+    return pod
+
+
+def _unfinished(job: dict[str, Any]) -> bool:
+    conds = reconcile._true_conditions(job)
+    return not any(c in conds for c in ("Complete", "Failed", "FailureTarget", "SuccessCriteriaMet"))
 
 
 def _data_validated(status: dict[str, Any]) -> bool:
@@ -234,25 +333,87 @@ def initial_phase(ftj: FineTuneJob, settings: OperatorSettings) -> Phase:
 # ------------------------------------------------------------------------------ handlers
 
 
-def _fail(patch: kopf.Patch, body: Any, reason: Reason, message: str, generation: int | None) -> kopf.PermanentError:
-    patch.status["phase"] = Phase.FAILED.value
-    patch.status["conditions"] = [condition(ConditionType.FAILED, reason, message, generation)]
+def _current_status(body: Any, patch: kopf.Patch) -> dict[str, Any]:
+    """The status as it will be once `patch` is applied (its top-level keys win)."""
+    status = dict(_plain(body).get("status") or {})
+    status.update(json.loads(json.dumps(dict(patch.get("status") or {}), default=dict)))
+    return {k: v for k, v in status.items() if v is not None}
+
+
+def _patch_phase(patch: kopf.Patch, body: Any, phase: Phase, ctype: ConditionType | None, reason: Reason,
+                 message: str, generation: int | None) -> None:
+    """Move to `phase` through `reconcile.set_phase` (the one place conditions are written)."""
+    status = _current_status(body, patch)
+    reconcile.set_phase(status, phase, ctype, reason, message, _now(), generation)
+    for key in ("phase", "reason", "message", "conditions"):
+        if key in status:
+            patch.status[key] = status[key]
+    if phase != Phase.FAILED and status.get("error") is not None:
+        patch.status["error"] = None  # status.error belongs to a Failed phase only
     if generation is not None:
         patch.status["observedGeneration"] = generation
+
+
+def _patch_condition(patch: kopf.Patch, body: Any, ctype: ConditionType, state: str, reason: Reason, message: str,
+                     generation: int | None) -> None:
+    status = _current_status(body, patch)
+    patch.status["conditions"] = reconcile.set_condition(status.get("conditions") or [], ctype, state, reason, message,
+                                                         _now(), generation)
+
+
+def _fail(patch: kopf.Patch, body: Any, reason: Reason, message: str, generation: int | None,
+          param: str | None = None) -> kopf.PermanentError:
+    """End the FineTuneJob Failed (other conditions kept), with `status.error` and a Warning event."""
+    old_phase = (body.get("status") or {}).get("phase")
+    _patch_phase(patch, body, Phase.FAILED, ConditionType.FAILED, reason, message, generation)
+    patch.status["error"] = reconcile.error_info(reason, message, param)
     kopf.warn(body, reason=reason.value, message=message)
-    METRICS.transition((body.get("status") or {}).get("phase"), Phase.FAILED.value)
+    METRICS.transition(old_phase, Phase.FAILED.value)
     return kopf.PermanentError(message)
+
+
+def _retrying(patch: kopf.Patch, body: Any, err: ApiError, what: str, retry: int, started: datetime | None,
+              generation: int | None) -> kopf.TemporaryError:
+    """Condition Degraded (APIRetrying) saying what is retried and since when; the error kopf
+    retries the handler after (bounded exponential backoff, or the server's Retry-After)."""
+    delay = backoff_seconds(err, retry)
+    answer = "no answer" if err.status == 0 else f"HTTP {err.status}"
+    since = reconcile._rfc3339(started) if isinstance(started, datetime) else _now()
+    message = reconcile._bounded(reconcile.redact(
+        f"{what}: {answer} from the API server since {since} ({retry + 1} attempts); retrying in {delay:g}s"))
+    _patch_condition(patch, body, ConditionType.DEGRADED, "True", Reason.API_RETRYING, message, generation)
+    return kopf.TemporaryError(message, delay=delay)
+
+
+def _recovered(patch: kopf.Patch, body: Any, generation: int | None) -> None:
+    """Degraded back to False once a request the operator retried went through."""
+    status = _current_status(body, patch)
+    if any(c.get("type") == ConditionType.DEGRADED.value and c.get("status") == "True" for c in status.get("conditions") or []):
+        _patch_condition(patch, body, ConditionType.DEGRADED, "False", Reason.API_HEALTHY,
+                         "the API server answers the operator again", generation)
+
+
+class ChildRefused(Exception):
+    """The API server refused a child for good (see `refusal`)."""
+
+    def __init__(self, reason: Reason, message: str, param: str | None) -> None:
+        super().__init__(message)
+        self.reason, self.message, self.param = reason, message, param
 
 
 async def ensure_child(kube: Kube, obj: dict[str, Any], namespace: str | None, uid: str) -> bool:
     """Create `obj`; True when it exists and is ours (created now or earlier), False when a
-    foreign object holds the name."""
+    foreign object holds the name. Raises `ChildRefused` when the server refuses it for good,
+    `ApiError` when the answer is worth retrying."""
     try:
         await kube.request("POST", _collection(obj, namespace), obj)
         return True
     except ApiError as err:
+        refused = refusal(err, obj)
+        if refused is not None:
+            raise ChildRefused(*refused) from None
         if err.status != 409:
-            raise _temporary(err, f"creating {obj['kind']} {obj['metadata']['name']}") from None
+            raise
     existing = await kube.get(f"{_collection(obj, namespace)}/{quote(obj['metadata']['name'])}")
     if existing is None:  # deleted in between: try again soon
         raise kopf.TemporaryError(f"{obj['kind']} {obj['metadata']['name']} vanished after 409", delay=1)
@@ -260,15 +421,19 @@ async def ensure_child(kube: Kube, obj: dict[str, Any], namespace: str | None, u
 
 
 def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api_url: str | None = None,
-             metrics_port: int | None = None) -> Kube:
+             metrics_port: int | None = None, presence_namespace: str | None = None) -> Kube:
     """Register the FineTuneJob handlers on `registry`; returns the API client they use. With
-    `metrics_port`, the operator's own /metrics is served there while the operator runs."""
+    `metrics_port`, the operator's own /metrics is served there while the operator runs; with
+    `presence_namespace`, a standalone operator holds the `kubetune-operator` Lease there and
+    warns when another operator holds it (`presence`)."""
     kube = Kube(api_url)
+    if presence_namespace is not None:
+        presence.register(registry, kube, presence_namespace)
 
     async def start_training(ftj: FineTuneJob, body: Any, namespace: str | None, uid: str, patch: kopf.Patch,
                              status: dict[str, Any], generation: int | None) -> None:
         """Create the trainer Job (and its Service / PodGroup) and record it in the status."""
-        children = []
+        children = [builders.spec_configmap(ftj, uid)]  # first: the pods mount it
         if builders.uses_volcano(ftj):
             children.append(builders.podgroup(ftj, uid, settings))
         if ftj.spec.resources.nodes > 1:
@@ -280,17 +445,26 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
                 raise _fail(patch, body, Reason.CHILD_NAME_CONFLICT, conflict_message(child), generation)
         job_name = job["metadata"]["name"]
         patch.status["jobName"] = job_name
+        patch.status["specConfigMap"] = children[0]["metadata"]["name"]
         patch.status["effective"] = effective(ftj, settings)
+        warning = memory_warning(ftj.spec)
+        if warning is not None:
+            _patch_condition(patch, body, ConditionType.INSUFFICIENT_GPU_MEMORY, "True", warning[0], warning[1], generation)
+            kopf.warn(body, reason=warning[0].value, message=warning[1])
         if generation is not None:
             patch.status["observedGeneration"] = generation
         if status.get("phase") in (None, Phase.VALIDATING.value):
             phase = initial_phase(ftj, settings)
-            patch.status["phase"] = phase.value
+            if phase == Phase.PENDING:
+                _patch_phase(patch, body, phase, ConditionType.PENDING, Reason.JOB_PENDING, reconcile.job_pending_message(job_name), generation)
+            else:
+                patch.status["phase"] = phase.value
             METRICS.transition(status.get("phase"), phase.value)
         if status.get("jobName") != job_name:
             kopf.info(body, reason=Reason.JOB_CREATED.value, message=f"Job {job_name} is created")
 
-    async def create_children(body: kopf.Body, name: str, namespace: str | None, uid: str, patch: kopf.Patch, **_: Any) -> None:
+    async def create_children(body: kopf.Body, name: str, namespace: str | None, uid: str, patch: kopf.Patch,
+                              retry: int = 0, started: datetime | None = None, **_: Any) -> None:
         status = dict(body.get("status") or {})
         if status.get("phase") in _TERMINAL:
             return
@@ -299,55 +473,105 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
         with METRICS.reconcile_timer():
             ftj, problems = parse_manifest(manifest)
             if ftj is None:
-                raise _fail(patch, body, Reason.INVALID_SPEC, invalid_spec_message(problems), generation)
-            if ftj.spec.dataset.prevalidate and not status.get("jobName") and not _data_validated(status):
-                check = builders.validation_job(ftj, uid, settings)
-                if not await ensure_child(kube, check, namespace, uid):
-                    raise _fail(patch, body, Reason.CHILD_NAME_CONFLICT, conflict_message(check), generation)
-                patch.status["effective"] = effective(ftj, settings)
-                if generation is not None:
-                    patch.status["observedGeneration"] = generation
-                if status.get("phase") != Phase.VALIDATING.value:
-                    patch.status["phase"] = Phase.VALIDATING.value
-                    patch.status["conditions"] = [condition(ConditionType.DATA_VALIDATED, Reason.VALIDATING_DATA,
-                                                            f"Job {check['metadata']['name']} checks the data", generation, "Unknown")]
-                    METRICS.transition(status.get("phase"), Phase.VALIDATING.value)
-                    kopf.info(body, reason=Reason.VALIDATING_DATA.value, message=f"Job {check['metadata']['name']} checks the data")
+                raise _fail(patch, body, Reason.INVALID_SPEC, invalid_spec_message(problems), generation,
+                            param=_problem_field(problems))
+            if ftj.spec.cancel:
+                _patch_phase(patch, body, Phase.CANCELLED, ConditionType.CANCELLED, Reason.CANCELLED_BY_USER,
+                             "cancelled (spec.cancel) before the trainer Job was created", generation)
                 return
-            await start_training(ftj, body, namespace, uid, patch, status, generation)
+            try:
+                if ftj.spec.dataset.prevalidate and not status.get("jobName") and not _data_validated(status):
+                    await start_validation(ftj, body, namespace, uid, patch, status, generation)
+                else:
+                    await start_training(ftj, body, namespace, uid, patch, status, generation)
+            except ChildRefused as err:
+                raise _fail(patch, body, err.reason, err.message, generation, param=err.param) from None
+            except ApiError as err:
+                raise _retrying(patch, body, err, "creating the FineTuneJob's children", retry, started, generation) from None
+            _recovered(patch, body, generation)
+
+    async def start_validation(ftj: FineTuneJob, body: Any, namespace: str | None, uid: str, patch: kopf.Patch,
+                               status: dict[str, Any], generation: int | None) -> None:
+        """Create the validation Job that checks the data before any GPU is requested."""
+        check = builders.validation_job(ftj, uid, settings)
+        for child in (builders.spec_configmap(ftj, uid), check):
+            if not await ensure_child(kube, child, namespace, uid):
+                raise _fail(patch, body, Reason.CHILD_NAME_CONFLICT, conflict_message(child), generation)
+        patch.status["effective"] = effective(ftj, settings)
+        if generation is not None:
+            patch.status["observedGeneration"] = generation
+        if status.get("phase") != Phase.VALIDATING.value:
+            message = f"Job {check['metadata']['name']} checks the data"
+            _patch_phase(patch, body, Phase.VALIDATING, None, Reason.VALIDATING_DATA, message, generation)
+            _patch_condition(patch, body, ConditionType.DATA_VALIDATED, "Unknown", Reason.VALIDATING_DATA, message, generation)
+            METRICS.transition(status.get("phase"), Phase.VALIDATING.value)
+            kopf.info(body, reason=Reason.VALIDATING_DATA.value, message=message)
 
     async def after_validation(body: kopf.Body, namespace: str | None, uid: str, patch: kopf.Patch, status: dict[str, Any]) -> None:
-        """Phase Validating: start training when the validation Job succeeded, fail when it failed."""
+        """Phase Validating: start training when the validation Job succeeded, fail when it failed;
+        a validation pod that cannot start (no ServiceAccount, image, …) is reported as Pending would be."""
         generation = body.get("metadata", {}).get("generation")
         ftj, _problems = parse_manifest({k: v for k, v in _plain(body).items() if k != "status"})
         if ftj is None:
             return  # the spec changed into an invalid one; the create/resume handler reports it
         check_name = builders.child_name(ftj.metadata.name, "validate")
         check = await kube.get(_job_path(namespace, check_name))
-        if check is None or not _owned_by(check, uid):
+        if check is None:  # removed (its TTL, or by hand) before its verdict was read: check again
+            with contextlib.suppress(ChildRefused, ApiError, kopf.PermanentError):
+                await start_validation(ftj, body, namespace, uid, patch, status, generation)
+            return
+        if not _owned_by(check, uid):
             return
         conds = reconcile._true_conditions(check)
-        others = [c for c in status.get("conditions") or [] if c.get("type") != ConditionType.DATA_VALIDATED.value]
         if "Complete" in conds or "SuccessCriteriaMet" in conds:
-            patch.status["conditions"] = others + [condition(ConditionType.DATA_VALIDATED, Reason.DATA_VALID,
-                                                             f"Job {check_name} found the data valid", generation)]
-            with contextlib.suppress(kopf.PermanentError):
+            _patch_condition(patch, body, ConditionType.DATA_VALIDATED, "True", Reason.DATA_VALID,
+                             f"Job {check_name} found the data valid", generation)
+            try:
                 await start_training(ftj, body, namespace, uid, patch, status, generation)
-        elif "Failed" in conds or "FailureTarget" in conds:
-            listing = await kube.request("GET", f"/api/v1/namespaces/{quote(namespace or DEFAULT_NAMESPACE)}/pods",
-                                         query=[("labelSelector", f"{POD_JOB_LABEL}={check_name}")])
-            summaries = [reconcile.parse_termination(p) for p in listing.get("items") or [] if isinstance(p, dict)]
-            found = [str(x["message"]) for x in summaries if x and isinstance(x.get("message"), str) and x["message"].strip()]
+            except ChildRefused as err:
+                _fail(patch, body, err.reason, err.message, generation, param=err.param)
+            except kopf.PermanentError:
+                pass
+            return
+        pods = reconcile.owned_pods(await _job_pods(namespace, check_name), check)
+        if "Failed" in conds or "FailureTarget" in conds:
+            summaries = [reconcile.parse_termination(p) for p in pods]
+            found = [x for x in summaries if x and isinstance(x.get("message"), str) and x["message"].strip()]
             job_cond = conds.get("Failed") or conds.get("FailureTarget") or {}
-            text = found[-1] if found else str(job_cond.get("message") or f"Job {check_name} failed")
+            text = str(found[-1]["message"]) if found else str(job_cond.get("message") or f"Job {check_name} failed")
+            param = found[-1].get("param") if found and isinstance(found[-1].get("param"), str) else None
             message = reconcile._message(f"data validation failed: {text}", ())
-            _fail(patch, body, Reason.INVALID_DATA, message, generation)
+            _fail(patch, body, Reason.INVALID_DATA, message, generation, param=param)
+            return
+        stuck = next((r for r in map(reconcile.pending_reason, pods) if r is not None), None)
+        if stuck is None and not pods:
+            stuck = reconcile.pod_creation_failure(await _job_events(namespace, check))
+        if stuck is not None:
+            message = reconcile._message(f"Job {check_name} cannot check the data: {stuck[1]}", ())
+            if (status.get("reason"), status.get("message")) != (stuck[0].value, message):
+                _patch_phase(patch, body, Phase.VALIDATING, None, stuck[0], message, generation)
+                kopf.warn(body, reason=stuck[0].value, message=message)
+
+    async def _job_pods(namespace: str | None, job_name: str) -> list[dict[str, Any]]:
+        listing = await kube.request("GET", f"/api/v1/namespaces/{quote(namespace or DEFAULT_NAMESPACE)}/pods",
+                                     query=[("labelSelector", f"{POD_JOB_LABEL}={job_name}")])
+        return [p for p in listing.get("items") or [] if isinstance(p, dict)]
+
+    async def _job_events(namespace: str | None, job: dict[str, Any]) -> list[dict[str, Any]]:
+        """The Job controller's FailedCreate events of `job` (why it has no pod)."""
+        uid = (job.get("metadata") or {}).get("uid")
+        if not uid:
+            return []
+        listing = await kube.request("GET", f"/api/v1/namespaces/{quote(namespace or DEFAULT_NAMESPACE)}/events",
+                                     query=[("fieldSelector", f"involvedObject.uid={uid},reason=FailedCreate")])
+        return [e for e in listing.get("items") or [] if isinstance(e, dict) and e.get("reason") == "FailedCreate"
+                and (e.get("involvedObject") or {}).get("uid") == uid]
 
     kopf.on.create(GROUP, VERSION, PLURAL, registry=registry, id="children")(create_children)
     kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry, id="children")(create_children)
 
     @kopf.on.field(GROUP, VERSION, PLURAL, registry=registry, field="spec.suspend", id="suspend")
-    async def suspend(body: kopf.Body, name: str, namespace: str | None, uid: str, new: Any, **_: Any) -> None:
+    async def suspend(body: kopf.Body, name: str, namespace: str | None, uid: str, new: Any, retry: int = 0, **_: Any) -> None:
         job_name = builders.child_name(name, "train")
         job = await kube.get(_job_path(namespace, job_name))
         if job is None or not _owned_by(job, uid):
@@ -360,9 +584,23 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
             try:
                 await kube.request("PATCH", _job_path(namespace, job_name), {"spec": {"suspend": want}})
             except ApiError as err:
-                raise _temporary(err, f"patching Job {job_name}") from None
+                raise kopf.TemporaryError(f"patching Job {job_name}: HTTP {err.status}", delay=backoff_seconds(err, retry)) from None
 
-    async def recreate_job(body: kopf.Body, namespace: str | None, uid: str, patch: kopf.Patch) -> None:
+    async def read_started_spec(namespace: str | None, uid: str, status: dict[str, Any]) -> dict[str, Any] | None:
+        """The wire spec in the job's spec ConfigMap (`status.specConfigMap`); None when it is
+        not recorded, gone, not ours or unreadable."""
+        name = status.get("specConfigMap")
+        if not isinstance(name, str) or not name:
+            return None
+        cm = await kube.get(f"/api/v1/namespaces/{quote(namespace or DEFAULT_NAMESPACE)}/configmaps/{quote(name)}")
+        if cm is None or not _owned_by(cm, uid):
+            return None
+        with contextlib.suppress(ValueError, TypeError, AttributeError, KeyError):
+            spec = json.loads((cm.get("data") or {})[builders.SPEC_KEY])["spec"]
+            return spec if isinstance(spec, dict) else None
+        return None
+
+    async def recreate_job(body: kopf.Body, namespace: str | None, uid: str, patch: kopf.Patch, logger: Any) -> None:
         """The trainer Job was deleted by someone (O6): create it again under the same name, at
         most `max_job_recreations` times; the trainer resumes from the newest committed checkpoint."""
         status = dict(body.get("status") or {})
@@ -378,6 +616,8 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
         current = await kube.get(f"{_ftj_path(namespace, ftj.metadata.name)}")
         if current is None or current.get("metadata", {}).get("uid") != uid or current["metadata"].get("deletionTimestamp"):
             return
+        if (current.get("status") or {}).get("phase") in _TERMINAL or (current.get("spec") or {}).get("cancel") is True:
+            return  # finished or cancelled since the timer's body was read: the Job went on purpose
         done = int(status.get("recreations") or 0)
         job_name = status.get("jobName")
         if done >= settings.max_job_recreations:
@@ -386,42 +626,137 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
                        "apply the FineTuneJob again under a new name to resume from them")
             _fail(patch, body, Reason.TOO_MANY_RECREATIONS, message, generation)
             return
-        job = builders.trainer_job(ftj, uid, settings)
-        if not await ensure_child(kube, job, namespace, uid):
-            _fail(patch, body, Reason.CHILD_NAME_CONFLICT, conflict_message(job), generation)
+        # The spec the job started with, never an edited one (the edit is reported as SpecImmutable).
+        try:
+            started_spec = await read_started_spec(namespace, uid, status)
+        except ApiError as err:
+            logger.warning(f"reading the started spec of Job {job_name}: HTTP {err.status}; retrying on the next tick")
             return
+        if started_spec is not None:
+            wire = {**started_spec, **{k: v for k, v in reconcile.current_spec(current).items() if k in MUTABLE_AFTER_START}}
+            started, _problems = parse_manifest({**{k: v for k, v in _plain(body).items() if k != "status"}, "spec": wire})
+            ftj = started or ftj
+        elif status.get("specConfigMap") not in (None, builders.spec_configmap_name(ftj)):
+            message = (f"Job {job_name} is gone, and so is ConfigMap {status['specConfigMap']} with the spec it started "
+                       "from; the spec has changed since, so the job cannot resume as it began. Committed checkpoints "
+                       "are kept: apply the FineTuneJob under a new name")
+            _fail(patch, body, Reason.SPEC_LOST, message, generation)
+            return
+        children = [builders.spec_configmap(ftj, uid), builders.trainer_job(ftj, uid, settings)]
+        try:
+            for child in children:
+                if not await ensure_child(kube, child, namespace, uid):
+                    _fail(patch, body, Reason.CHILD_NAME_CONFLICT, conflict_message(child), generation)
+                    return
+        except ChildRefused as err:
+            _fail(patch, body, err.reason, err.message, generation, param=err.param)
+            return
+        except ApiError as err:
+            logger.warning(f"recreating Job {job_name}: HTTP {err.status}; retrying on the next tick")
+            return
+        patch.status["specConfigMap"] = children[0]["metadata"]["name"]
         patch.status["recreations"] = done + 1
         kopf.warn(body, reason=Reason.JOB_RECREATED.value,
                   message=f"Job {job_name} was deleted; recreated it ({done + 1} of at most "
                           f"{settings.max_job_recreations}), resuming from the newest committed checkpoint")
 
+    async def rebuild_job(body: kopf.Body, namespace: str | None, uid: str, patch: kopf.Patch, job: dict[str, Any],
+                          logger: Any) -> None:
+        """The spec was edited before training started (a pod stuck Unschedulable, say): the Job
+        is replaced by one built from the new spec. Nothing ran, so nothing is lost."""
+        generation = body.get("metadata", {}).get("generation")
+        ftj, _problems = parse_manifest({k: v for k, v in _plain(body).items() if k != "status"})
+        if ftj is None:
+            return  # the API server validates edits; an invalid one is reported on the operator's restart
+        job_name = job["metadata"]["name"]
+        try:
+            if not await ensure_child(kube, builders.spec_configmap(ftj, uid), namespace, uid):
+                _fail(patch, body, Reason.CHILD_NAME_CONFLICT, conflict_message(builders.spec_configmap(ftj, uid)), generation)
+                return
+            patch.status["specConfigMap"] = builders.spec_configmap_name(ftj)
+            await kube.request("DELETE", _job_path(namespace, job_name), {"propagationPolicy": "Background",
+                               "preconditions": {"uid": job["metadata"]["uid"]}})
+            new_job = builders.trainer_job(ftj, uid, settings)
+            try:  # not ensure_child: a 409 here is the old Job, still being deleted, not ours to adopt
+                await kube.request("POST", _collection(new_job, namespace), new_job)
+            except ApiError as err:
+                refused = refusal(err, new_job)
+                if refused is not None:
+                    raise ChildRefused(*refused) from None
+                raise
+        except ChildRefused as err:
+            _fail(patch, body, err.reason, err.message, generation, param=err.param)
+            return
+        except ApiError as err:
+            logger.warning(f"rebuilding Job {job_name} for the edited spec: HTTP {err.status}; retrying on the next tick")
+            return
+        patch.status["effective"] = effective(ftj, settings)
+        message = f"the spec was edited before training started: Job {job_name} is rebuilt from the new spec"
+        phase = initial_phase(ftj, settings)
+        if phase == Phase.PENDING:
+            _patch_phase(patch, body, phase, ConditionType.PENDING, Reason.SPEC_CHANGED, message, generation)
+        kopf.info(body, reason=Reason.SPEC_CHANGED.value, message=message)
+
+    # Watch-fed caches of the operator's Jobs and their pods (kopf indexes): an idle running job
+    # then costs no API request per tick, only the scrape of its pod (issue 14: 300 idle jobs
+    # cost 20 requests/s when every tick read its Job and listed its pods).
+    @kopf.index("batch", "v1", "jobs", registry=registry, labels={MANAGED_BY_LABEL: MANAGED_BY}, id="kubetune_jobs")
+    def index_jobs(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+        return {(namespace, name): slim_job(_plain(body))}
+
+    @kopf.index("", "v1", "pods", registry=registry, labels={MANAGED_BY_LABEL: MANAGED_BY}, id="kubetune_pods")
+    def index_pods(namespace: str | None, labels: Any, body: kopf.Body, **_: Any) -> dict[Any, Any] | None:
+        job = labels.get(POD_JOB_LABEL) or labels.get(builders.JOB_NAME_LABEL)
+        return {(namespace, job): slim_pod(_plain(body))} if job else None
+
+    async def cached_job(jobs: Any, namespace: str | None, job_name: str) -> dict[str, Any] | None:
+        """The Job from the watch cache; a GET when the cache has not seen it (yet): a Job
+        created a moment ago must not look deleted."""
+        found = list(jobs.get((namespace, job_name), ())) if jobs is not None else []
+        if found:
+            return found[-1]
+        return await kube.get(_job_path(namespace, job_name))
+
     async def observe_job(body: kopf.Body, name: str, namespace: str | None, uid: str, patch: kopf.Patch,
-                          logger: Any, **_: Any) -> None:
+                          logger: Any, kubetune_jobs: Any = None, kubetune_pods: Any = None, **_: Any) -> None:
         job_name = (body.get("status") or {}).get("jobName")
+        if (body.get("status") or {}).get("phase") == Phase.CANCELLED.value:
+            return  # final: the Job is being deleted
         if not job_name:
             if (body.get("status") or {}).get("phase") == Phase.VALIDATING.value:
                 await after_validation(body, namespace, uid, patch, dict(body.get("status") or {}))
             return
         with METRICS.reconcile_timer():
-            job = await kube.get(_job_path(namespace, job_name))
+            job = await cached_job(kubetune_jobs, namespace, job_name)
             if job is None:
-                await recreate_job(body, namespace, uid, patch)
+                await recreate_job(body, namespace, uid, patch, logger)
                 return
             if not _owned_by(job, uid):
                 return
-            listing = await kube.request("GET", f"/api/v1/namespaces/{quote(namespace or DEFAULT_NAMESPACE)}/pods",
-                                         query=[("labelSelector", f"{POD_JOB_LABEL}={job_name}")])
-            pods = [p for p in listing.get("items") or [] if isinstance(p, dict)]
+            # Only pods the Job controls: the job-name label can be forged by anyone who may
+            # create pods in the namespace (a forged pod must not write status.adapter).
+            listed = list(kubetune_pods.get((namespace, job_name), ())) if kubetune_pods is not None \
+                else await _job_pods(namespace, job_name)
+            pods = reconcile.owned_pods(listed, job)
+            waiting = not pods and _unfinished(job) and (job.get("spec") or {}).get("suspend") is not True
+            events = await _job_events(namespace, job) if waiting else []
             if reconcile.must_end_job(job, pods):
                 try:
                     await kube.request("PATCH", _job_path(namespace, job_name), reconcile.end_job_patch())
                 except ApiError as err:
                     logger.warning(f"could not end Job {job_name} after a permanent failure, retrying: "
                                    f"{reconcile._bounded(reconcile.redact(str(err)), 500)}")
-            scraped = await scrape(pods, settings.metrics_port)
             ftj = _plain(body)
             old = ftj.get("status") or {}
-            new = reconcile.observe(ftj, job, pods, scraped, settings, datetime.now(timezone.utc))
+            started_spec = None
+            if reconcile.spec_changed(ftj, job):
+                if not old.get("startTime") and not any(map(reconcile.trainer_started, pods)):
+                    await rebuild_job(body, namespace, uid, patch, job, logger)  # not started: the edit applies
+                    return
+                started_spec = await read_started_spec(namespace, uid, old)
+            scraped = await scrape(pods, settings.metrics_port, owner_uid=(job.get("metadata") or {}).get("uid"))
+            new = reconcile.observe(ftj, job, pods, scraped, settings, datetime.now(timezone.utc), job_events=events,
+                                    started_spec=started_spec)
             change = reconcile.diff(old, new)
             if change is None:
                 return
@@ -439,14 +774,58 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
             for kind, reason, message in reconcile.transitions(old, new):
                 kopf.event(body, type=kind, reason=reason, message=message)
 
+    @kopf.on.field(GROUP, VERSION, PLURAL, registry=registry, field="spec.cancel", id="cancel")
+    async def cancel(body: kopf.Body, name: str, namespace: str | None, uid: str, new: Any, patch: kopf.Patch,
+                     retry: int = 0, **_: Any) -> None:
+        """spec.cancel: true ends the job for good and keeps the record: the Job goes (its pods get
+        SIGTERM and write a checkpoint), committed checkpoints stay, the phase is Cancelled."""
+        status = dict(body.get("status") or {})
+        if new is not True or status.get("phase") in _TERMINAL:
+            return
+        generation = body.get("metadata", {}).get("generation")
+        deleted = []
+        for suffix in ("train", "validate"):
+            job_name = builders.child_name(name, suffix)
+            job = await kube.get(_job_path(namespace, job_name))
+            if job is None or not _owned_by(job, uid):
+                continue
+            try:
+                await kube.request("DELETE", _job_path(namespace, job_name), {"propagationPolicy": "Background"})
+            except ApiError as err:
+                if err.status != 404:
+                    raise kopf.TemporaryError(f"deleting Job {job_name}: HTTP {err.status}", delay=backoff_seconds(err, retry)) from None
+            deleted.append(job_name)
+        output = ((body.get("spec") or {}).get("output") or {}).get("uri")
+        kept = f"; committed checkpoints are kept under {str(output).rstrip('/')}/checkpoints" if output else ""
+        gone = f": Job {', '.join(deleted)} deleted, its pods write a checkpoint as they stop" if deleted else ""
+        message = reconcile._message(f"cancelled (spec.cancel){gone}{kept}", ())
+        _patch_phase(patch, body, Phase.CANCELLED, ConditionType.CANCELLED, Reason.CANCELLED_BY_USER, message, generation)
+        patch.status["completionTime"] = _now()
+        METRICS.transition(status.get("phase"), Phase.CANCELLED.value)
+        kopf.info(body, reason=Reason.CANCELLED_BY_USER.value, message=message)
+
     worker_limit = settings.worker_limit or None  # kopf: None is unlimited
 
     @kopf.on.startup(registry=registry, id="configure")
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
         """kopf settings of every instance (the tests' too, so they see what production does)."""
         settings.posting.level = logging.INFO  # JobCreated and phase events reach `kubectl describe`
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-        settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+        # Handler errors reach Events too: kopf logs them on its object logger, and with
+        # `posting.loggers` those records are posted. Only warnings and errors: kopf's INFO
+        # chatter ("Handler succeeded") would bury the job's own events.
+        settings.posting.loggers = True
+        for handler in logging.getLogger(redaction.OBJECT_LOGGER).handlers:
+            if type(handler).__name__ == "K8sPoster" and not any(isinstance(f, _WarningsOnly) for f in handler.filters):
+                handler.addFilter(_WarningsOnly())
+        redaction.install()  # before any record reaches a handler or an Event: credentials redacted
+        # kopf's bookkeeping lives in status.kopf, not in annotations: a FineTuneJob whose own
+        # annotations are near the 256 KiB limit would otherwise never get a status (every patch
+        # adding kopf's annotations refused). An object handled by an older operator (annotations)
+        # is handled once more: every handler here is idempotent (children are adopted).
+        settings.persistence.progress_storage = kopf.StatusProgressStorage(name="kopf")
+        # No handler here reacts to annotations: leaving them out of the handled copy keeps a
+        # user's 250 KB of notes from being copied into status as well.
+        settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage(name="kopf", ignored_fields=["metadata.annotations"])
         # No CRD watching: the FineTuneJob CRD is installed before the operator (Helm does), and
         # a namespaced operator then needs no cluster-wide permission at all (O11).
         settings.scanning.disabled = True
@@ -468,7 +847,7 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
 
         @kopf.on.startup(registry=registry, id="metrics-server")
         def serve_metrics(**_: Any) -> None:
-            servers.append(METRICS.serve(metrics_port))
+            servers.append(METRICS.serve(metrics_port, settings.listen_address()))
 
         @kopf.on.cleanup(registry=registry, id="metrics-server")
         def stop_metrics(**_: Any) -> None:
@@ -486,20 +865,11 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
     return kube
 
 
-async def scrape(pods: list[dict[str, Any]], port: int) -> dict[str, float] | None:
-    """The trainer's series from the first running pod with an IP; None when none answers."""
-    for pod in pods:
-        ip = (pod.get("status") or {}).get("podIP")
-        if not ip or (pod.get("status") or {}).get("phase") != "Running":
-            continue
-        try:
-            timeout = aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT_SECONDS)
-            async with aiohttp.ClientSession(timeout=timeout) as session, session.get(f"http://{ip}:{port}/metrics") as resp:
-                resp.raise_for_status()
-                return reconcile.parse_metrics(await resp.text())
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
-            METRICS.scrape_failure()
-    return None
+class _WarningsOnly(logging.Filter):
+    """On kopf's Event poster: a log record becomes an Event only from WARNING up."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
 
 
 def _register_default() -> None:
@@ -507,7 +877,8 @@ def _register_default() -> None:
     if getattr(registry, "_kubetune_registered", False):
         return
     settings = OperatorSettings.from_env()
-    register(registry, settings, metrics_port=settings.operator_metrics_port or None)
+    register(registry, settings, metrics_port=settings.operator_metrics_port or None,
+             presence_namespace=presence.lease_namespace(settings.namespaces))
     registry._kubetune_registered = True  # type: ignore[attr-defined]
 
 

@@ -91,6 +91,18 @@ class OperatorSettings:
     health_port: int = 8080
     """Port of the operator's liveness endpoint (kopf's /healthz); 0 turns it off."""
 
+    bind_address: str | None = None
+    """Address the liveness and /metrics endpoints listen on. Unset: the pod's IP (the chart
+    passes it as POD_IP from the downward API), else 0.0.0.0 outside a pod. Listening on the pod
+    IP only keeps both endpoints off other interfaces, such as a host network or a sidecar's
+    loopback; `kubectl port-forward` then needs KUBETUNE_BIND_ADDRESS=0.0.0.0."""
+
+    def listen_address(self, env: Mapping[str, str] | None = None) -> str:
+        """`bind_address`, else POD_IP, else 0.0.0.0; an IPv6 address as it goes in a URL host."""
+        env = os.environ if env is None else env
+        address = self.bind_address or env.get("POD_IP", "").strip() or "0.0.0.0"
+        return address
+
     allowed_output_prefix: str | None = None
     """Comma-separated URI prefixes outputs must lie under; passed to the trainer. Unset: any."""
 

@@ -9,7 +9,6 @@ and 1 for anything else (retriable: the Job's backoffLimit decides).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -18,14 +17,18 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.api.contract import (
-    SUMMARY_MAX_BYTES,
+    CREDENTIALS_SECRET_ENV,
     DEFAULT_METRICS_PORT,
     DEFAULT_TERMINATION_PATH,
     METRICS_PORT_ENV,
     PERMANENT_EXIT_CODE,
     PREEMPTED_EXIT_CODE,
     TERMINATION_PATH_ENV,
+    TrainerSummary,
+    bounded_summary,
+    file_param,
 )
+from kubetune.api.pod import CREDENTIAL_KEYS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,12 +52,16 @@ def load_job(source: str) -> Any:
     obj = yaml.load(text, Loader=Loader)  # JSON is YAML
     job, problems = parse_manifest(obj)
     if job is None:
-        raise SpecError("; ".join(str(p) for p in problems))
+        raise SpecError("; ".join(str(p) for p in problems), next((p.path for p in problems if p.path), None))
     return job
 
 
 class SpecError(Exception):
-    pass
+    """The FineTuneJob does not parse; `param` is the first problem's field path."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 def write_termination(path: str, text: str) -> None:
@@ -78,21 +85,7 @@ def gcs_credentials_from_env() -> None:
     os.environ["GOOGLE_APPLICATION_CREDENTIALS"] = path
 
 
-def bounded_summary(summary: dict[str, Any]) -> str:
-    """The summary as JSON within Kubernetes' 4 KiB termination-message limit."""
-    text = json.dumps(summary, separators=(",", ":"), default=str)
-    for key in ("checkpointCorrupt", "checkpoints", "effective", "message"):
-        if len(text.encode()) <= SUMMARY_MAX_BYTES:
-            break
-        if key == "message" and isinstance(summary.get("message"), str):
-            summary["message"] = summary["message"][:1500] + "…"
-        else:
-            summary.pop(key, None)
-        text = json.dumps(summary, separators=(",", ":"), default=str)
-    return text.encode()[:SUMMARY_MAX_BYTES].decode(errors="ignore")
-
-
-def validate_only(job: Any) -> dict[str, Any]:
+def validate_only(job: Any) -> TrainerSummary:
     """The validation Job's work: check the data in one streaming pass (`data.check`, what
     `kubetune validate --data` runs too) without importing the ML stack or loading a model."""
     from kubetune.trainer import data
@@ -100,23 +93,42 @@ def validate_only(job: Any) -> dict[str, Any]:
     report = data.check(job.spec.dataset, extra_keys=data.extra_keys_for(job.spec))
     for warning in report.warnings:
         logging.getLogger("kubetune.trainer").warning("%s", warning)
-    return {"status": "validated", "examples": report.examples, "validationExamples": report.validation_examples,
-            "warnings": report.warnings[:5]}
+    return TrainerSummary(status="validated", examples=report.examples, validation_examples=report.validation_examples,
+                          warnings=report.warnings[:5])
+
+
+def failed(reason: str, err: BaseException | str, param: str | None = None) -> TrainerSummary:
+    return TrainerSummary(status="failed", reason=reason, message=str(err), param=param)
 
 
 def _local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def missing_credentials(env: Any = None) -> TrainerSummary | None:
+    """In a pod whose FineTuneJob names a credentials Secret: the failure to report when none of
+    the Secret's keys arrived (the Secret is absent, or holds none of the expected keys)."""
+    env = os.environ if env is None else env
+    secret = env.get(CREDENTIALS_SECRET_ENV)
+    if not secret or any(env.get(key) for key in CREDENTIAL_KEYS):
+        return None
+    message = (f"spec.output.credentialsSecret names Secret {secret!r}, but the pod received none of its keys "
+               f"({', '.join(CREDENTIAL_KEYS)}): create the Secret in this namespace with those keys, e.g. "
+               f"kubectl create secret generic {secret} --from-literal=AWS_ACCESS_KEY_ID=... --from-literal=AWS_SECRET_ACCESS_KEY=...")
+    return failed("SecretMissing", message, "spec.output.credentialsSecret")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    if (missing := missing_credentials()) is not None:
+        return _finish(args, missing, PERMANENT_EXIT_CODE)
     gcs_credentials_from_env()
     if args.validate_only:
         return _finish(args, *_validate_only_summary(args))
     from kubetune.trainer.run import Options, Preempted, UserError, run
 
-    summary: dict[str, Any]
+    summary: TrainerSummary
     code = 0
     try:
         job = load_job(args.spec)
@@ -126,37 +138,38 @@ def main(argv: list[str] | None = None) -> int:
         if args.metrics_port >= 0 and _local_rank() == 0:
             server = opts.metrics.serve(args.metrics_port)
             print(f"metrics: http://0.0.0.0:{server.server_port}/metrics", flush=True)  # type: ignore[attr-defined]
-        summary = run(job, opts)
+        summary = TrainerSummary.model_validate(run(job, opts))
     except (SpecError, FileNotFoundError) as err:
-        summary, code = {"status": "failed", "reason": "InvalidSpec", "message": str(err)}, PERMANENT_EXIT_CODE
+        summary, code = failed("InvalidSpec", err, getattr(err, "param", None)), PERMANENT_EXIT_CODE
     except UserError as err:
-        summary, code = {"status": "failed", "reason": err.reason, "message": str(err)}, PERMANENT_EXIT_CODE
+        summary, code = failed(err.reason, err, err.param), PERMANENT_EXIT_CODE
     except Preempted as err:
-        summary, code = {"status": "preempted", "reason": "Preempted", "message": str(err)}, PREEMPTED_EXIT_CODE
+        summary, code = TrainerSummary(status="preempted", reason="Preempted", message=str(err)), PREEMPTED_EXIT_CODE
     except Exception as err:  # retriable: the traceback is for operators, not a user error
         traceback.print_exc()
-        summary, code = {"status": "failed", "reason": "Error", "message": f"{type(err).__name__}: {err}"}, 1
+        summary, code = failed("Error", f"{type(err).__name__}: {err}"), 1
     return _finish(args, summary, code)
 
 
-def _validate_only_summary(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
+def _validate_only_summary(args: argparse.Namespace) -> tuple[TrainerSummary, int]:
     from kubetune.trainer.data import DataError
 
     try:
         return validate_only(load_job(args.spec)), 0
     except (SpecError, FileNotFoundError) as err:
-        return {"status": "failed", "reason": "InvalidSpec", "message": str(err)}, PERMANENT_EXIT_CODE
+        return failed("InvalidSpec", err, getattr(err, "param", None)), PERMANENT_EXIT_CODE
     except DataError as err:
-        return {"status": "failed", "reason": "InvalidData", "message": str(err)}, PERMANENT_EXIT_CODE
+        param = file_param(err.problems[0].file, err.problems[0].line) if err.problems else None
+        return failed("InvalidData", err, param), PERMANENT_EXIT_CODE
 
 
-def _finish(args: argparse.Namespace, summary: dict[str, Any], code: int) -> int:
+def _finish(args: argparse.Namespace, summary: TrainerSummary, code: int) -> int:
     """Write the summary where the operator reads it (termination message) and to stdout."""
     text = bounded_summary(summary)
     if _local_rank() == 0:
         write_termination(args.termination_path, text)
     if code == PERMANENT_EXIT_CODE:
-        print(summary["message"], file=sys.stderr)
+        print(summary.message, file=sys.stderr)
     print(text, flush=True)
     return code
 

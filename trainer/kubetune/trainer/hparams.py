@@ -11,6 +11,7 @@ from typing import Any
 from kubetune.api.enums import Precision
 from kubetune.api.estimate import GIB, estimate_gpu_memory_gib
 from kubetune.api.spec import FineTuneJobSpec
+from kubetune.api.status import ResolvedHyperparameters
 
 DEFAULT_EPOCHS = 3  # OpenAI's n_epochs default, and the design note's 2–4 range
 CPU_BATCH_SIZE = 8
@@ -59,15 +60,17 @@ def batch_size(spec: FineTuneJobSpec, parameters: int, hidden: int, layers: int)
 
 
 def resolve(spec: FineTuneJobSpec, default_lr: float, parameters: int, hidden: int, layers: int) -> dict[str, Any]:
+    """The resolved numbers as wire (camelCase) keys, checked by the contract's model: they go
+    to the summary, the effective-info metric and the adapter manifest."""
     hp = spec.hyperparameters
-    return {
-        "epochs": DEFAULT_EPOCHS if hp.epochs == "auto" else int(hp.epochs),
-        "learningRate": default_lr if hp.learning_rate is None else float(hp.learning_rate),
-        "batchSize": batch_size(spec, parameters, hidden, layers),
-        "gradientAccumulation": hp.gradient_accumulation,
-        "precision": precision(spec),
-        "maxSeqLength": spec.dataset.max_seq_length,
-        "validationSplit": 0.0 if spec.dataset.validation else (spec.dataset.validation_split or 0.1),
-        "parameters": parameters,
-        "checkpointEverySteps": spec.checkpointing.every_steps,
-    }
+    return ResolvedHyperparameters(
+        epochs=DEFAULT_EPOCHS if hp.epochs == "auto" else int(hp.epochs),
+        learning_rate=default_lr if hp.learning_rate is None else float(hp.learning_rate),
+        batch_size=batch_size(spec, parameters, hidden, layers),
+        gradient_accumulation=hp.gradient_accumulation,
+        precision=precision(spec),
+        max_seq_length=spec.dataset.max_seq_length,
+        validation_split=0.0 if spec.dataset.validation else (spec.dataset.validation_split or 0.1),
+        parameters=parameters,
+        checkpoint_every_steps=spec.checkpointing.every_steps,
+    ).wire()

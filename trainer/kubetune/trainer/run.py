@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kubetune.api import FineTuneJob
+from kubetune.api.contract import SUMMARY_CHECKPOINTS_MAX, TrainerSummary, file_param
 from kubetune.api.estimate import FROZEN_BASE
 from kubetune.trainer import data, hparams, methods, objectives, optimizers, sources, storage
 from kubetune.trainer.callbacks import CheckpointUploader, LoopCallback, Preemption, TokenCounter
@@ -30,11 +31,13 @@ log = logging.getLogger("kubetune.trainer")
 
 
 class UserError(Exception):
-    """An error retrying cannot fix (bad spec, data, model files, lost commit race)."""
+    """An error retrying cannot fix (bad spec, data, model files, lost commit race); `param` is
+    the spec field or file:line it is about, when known (the summary's `param`)."""
 
-    def __init__(self, message: str, reason: str = "PermanentError") -> None:
+    def __init__(self, message: str, reason: str = "PermanentError", param: str | None = None) -> None:
         super().__init__(message)
         self.reason = reason
+        self.param = param
 
 
 class Preempted(Exception):
@@ -51,14 +54,15 @@ class Options:
 
 
 def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
-    """Train `job`; returns the summary. Raises UserError, Preempted, or anything retriable."""
+    """Train `job`; returns the summary (a `TrainerSummary`'s wire dict). Raises UserError,
+    Preempted, or anything retriable."""
     spec = job.spec
     started = time.time()
     out_uri = opts.output or spec.output.uri
     try:
         storage.check_within(out_uri, os.environ.get("KUBETUNE_ALLOWED_OUTPUT_PREFIX"))
     except storage.PermanentStorageError as err:
-        raise UserError(f"spec.output.uri: {err}", "InvalidSpec") from None
+        raise UserError(f"spec.output.uri: {err}", "InvalidSpec", "spec.output.uri") from None
 
     # 1. Data, before any model is touched.
     opts.on_status(f"validating {spec.dataset.train}")
@@ -66,7 +70,7 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
     try:
         report = data.validate(spec.dataset, extra_keys=extra_keys, seed=spec.hyperparameters.seed)
     except data.DataError as err:
-        raise UserError(str(err), "InvalidData") from None
+        raise UserError(str(err), "InvalidData", data_param(err)) from None
     for warning in report.warnings:
         log.warning("%s", warning)
 
@@ -76,7 +80,7 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
         model_dir = sources.resolve_model(spec.model)
         sources.check_model_dir(model_dir, spec.model.trust_remote_code)
     except sources.ModelSourceError as err:
-        raise UserError(f"spec.model.source: {err}", "InvalidSpec") from None
+        raise UserError(f"spec.model.source: {err}", "InvalidSpec", "spec.model.source") from None
     from transformers import AutoTokenizer
 
     load_kwargs = sources.load_pretrained_kwargs(spec.model.trust_remote_code)
@@ -90,9 +94,10 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
         train = _encode(train_records, spec, tokenizer)
         val = _encode(val_records, spec, tokenizer)
     except data.DataError as err:
-        raise UserError(str(err), "InvalidData") from None
+        raise UserError(str(err), "InvalidData", data_param(err)) from None
     if not train or not val:
-        raise UserError("spec.dataset: no example is left after dropping overlength ones; raise maxSeqLength", "InvalidData")
+        raise UserError("spec.dataset: no example is left after dropping overlength ones; raise maxSeqLength", "InvalidData",
+                        "spec.dataset.maxSeqLength")
 
     # 4. The model, shaped by the adaptation.
     import torch
@@ -117,6 +122,7 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
     effective = hparams.resolve(
         spec, adaptation.default_learning_rate, total_params, config.hidden_size, config.num_hidden_layers
     )
+    opts.metrics.set_effective(effective)
     collate = data.Collator(tokenizer.pad_token_id, packing=False)
     metrics = opts.metrics
     results: dict[str, float] = {}
@@ -138,7 +144,7 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
         try:
             data.prepare_model_for_packing(model)
         except ValueError as err:
-            raise UserError(f"spec.dataset.packing: {err}", "InvalidSpec") from None
+            raise UserError(f"spec.dataset.packing: {err}", "InvalidSpec", "spec.dataset.packing") from None
         train_set = data.pack(train, spec.dataset.max_seq_length)
     tokens = TokenCounter(data.Collator(tokenizer.pad_token_id, packing=spec.dataset.packing))
     preemption = Preemption()
@@ -165,7 +171,7 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
     try:
         optimizer = optimizers.build(spec.method.optimizer, groups, lr, wd)
     except ValueError as err:
-        raise UserError(str(err), "InvalidSpec") from None
+        raise UserError(str(err), "InvalidSpec", "spec.method.optimizer") from None
     terms = []
     if spec.method.objectives:
         ctx = objectives.Context(
@@ -183,7 +189,7 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
             for _, term in terms:
                 term.prepare(model)
         except objectives.IncompatibleError as err:
-            raise UserError(str(err), err.reason) from None
+            raise UserError(str(err), err.reason, "spec.method.objectives") from None
     objective_numbers: dict[str, float] = {}
 
     def on_objective_metrics(values: dict[str, float]) -> None:
@@ -219,7 +225,8 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
         results["energyKWh"] = loop.gpu.joules / 3.6e6
     if not trainer.is_world_process_zero():
         # Under torchrun every rank trains; global rank 0 alone saves and commits the result.
-        return {"status": "succeeded", "role": "worker", "rank": int(os.environ.get("RANK", "0")), "metrics": results}
+        worker = TrainerSummary(status="succeeded", role="worker", rank=int(os.environ.get("RANK", "0")), metrics=results)
+        return worker.wire()
     result_dir = scratch / "result"
     opts.on_status("saving the adapter")
     merged = str(spec.output.format) == "merged"
@@ -238,29 +245,48 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
     try:
         manifest = storage.commit_result(store, result_dir, manifest_extra)
     except storage.PermanentStorageError as err:
-        raise UserError(str(err), "StorageError") from None
+        raise UserError(str(err), "StorageError", "spec.output.uri") from None
     import hashlib
 
     manifest_sha = hashlib.sha256(store.read_bytes("manifest.json")).hexdigest()
-    summary = {
-        "status": "succeeded",
-        "adapter": {
+    summary = TrainerSummary(
+        status="succeeded",
+        adapter={
             "uri": storage.safe_join(out_uri, "adapter"),
             "manifestUri": storage.safe_join(out_uri, "manifest.json"),
             "sha256": manifest_sha,
             "bytes": sum(f["bytes"] for f in manifest["files"].values()),
         },
-        "metrics": results,
-        "checkpoints": uploader.committed[-3:],
-        "checkpointCorrupt": [f"step {s}: {r}" for s, r in skipped][:3],
-        "effective": effective,
-        "steps": trainer.state.global_step,
-        "trainableParameters": trainable,
-        "durationSeconds": round(time.time() - started, 1),
-        "checkpointStallSeconds": max(uploader.stalls) if uploader.stalls else None,
-        "secondsPerStep": statistics.median(loop.step_seconds) if loop.step_seconds else None,
-    }
-    return summary
+        metrics=results,
+        checkpoints=kept_checkpoints(store, uploader.committed, spec.checkpointing.keep),
+        checkpoint_corrupt=[f"step {s}: {r}" for s, r in skipped][:3],
+        effective=effective,
+        steps=trainer.state.global_step,
+        trainable_parameters=trainable,
+        duration_seconds=round(time.time() - started, 1),
+        checkpoint_stall_seconds=max(uploader.stalls) if uploader.stalls else None,
+        seconds_per_step=statistics.median(loop.step_seconds) if loop.step_seconds else None,
+    )
+    return summary.wire()
+
+
+def kept_checkpoints(store: storage.Store, committed: list[dict[str, Any]], keep: int) -> list[dict[str, Any]]:
+    """The checkpoints storage still holds after pruning (newest `keep`), with the step's loss and
+    time where this run committed it: what `status.checkpoints` mirrors. A listing that fails
+    falls back to this run's commits (the trainer prunes to the same `keep`)."""
+    details = {c["step"]: c for c in committed}
+    limit = max(1, min(keep, SUMMARY_CHECKPOINTS_MAX))
+    try:
+        steps = storage.list_checkpoints(store)[-limit:]
+    except storage.StorageError as err:
+        log.warning("listing the kept checkpoints failed: %s", err)
+        steps = sorted(details)[-limit:]
+    return [details.get(s) or {"step": s, "uri": store.uri_for(storage.checkpoint_prefix(s))} for s in steps]
+
+
+def data_param(err: data.DataError) -> str | None:
+    """file:line of the first data problem, for the summary's `param`."""
+    return file_param(err.problems[0].file, err.problems[0].line) if err.problems else None
 
 
 def evaluate(model: Any, examples: list[Any], collate: Any, batch_size: int) -> dict[str, float]:
@@ -387,7 +413,7 @@ def _load_other(source: Any, device: str) -> tuple[Any, Any]:
         path = sources.resolve_model(source)
         sources.check_model_dir(path, source.trust_remote_code)
     except sources.ModelSourceError as err:
-        raise UserError(f"teacher {source.source}: {err}", "InvalidSpec") from None
+        raise UserError(f"teacher {source.source}: {err}", "InvalidSpec", "spec.method.objectives") from None
     kwargs = sources.load_pretrained_kwargs(source.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device).eval()
     for p in model.parameters():
