@@ -151,6 +151,8 @@ def _sample(name: str, info: FieldInfo, annotation: Any, variant: int) -> Any:
         key_type, value_type = typing.get_args(annotation)
         assert key_type is str, (name, annotation)
         return {f"{name}{k}": _sample(name, FieldInfo(), value_type, v) for v, k in enumerate("AB")}
+    if annotation is typing.Any:  # x-kubernetes-preserve-unknown-fields (status.kopf): nested JSON of any shape
+        return {"nested": {"list": [1, "two", {"three": 3.5}], "flag": True, "n": n}}
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return full_instance(annotation, variant)
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
