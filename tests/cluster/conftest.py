@@ -51,7 +51,7 @@ CLUSTER_DIR = Path(__file__).resolve().parent
 REPO = CLUSTER_DIR.parents[1]
 CRD_FILE = REPO / "crds" / "finetunejobs.kubetune.io.yaml"
 TRAINER_SERVICE_ACCOUNT = "kubetune-trainer"
-SKIP_REASON = "cluster tier skipped: KUBETUNE_SKIP_CLUSTER=1 and its inputs are missing; run `make cluster-tools`"
+SKIP_REASON = "cluster tier skipped: KUBETUNE_SKIP_CLUSTER=1 and its inputs are missing; run `make tools`"
 _skipped: list[str] = []
 
 

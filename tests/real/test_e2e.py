@@ -125,6 +125,20 @@ def test_quickstart_end_to_end(apiserver: ApiServer, namespace: str, s3_server: 
     assert trace.operator_exit is not None
 
 
+def wait_for_status(admin: Any, namespace: str, name: str, operator: OperatorProcess, done: Any,
+                    timeout: float = 60) -> dict[str, Any]:
+    """Poll the FineTuneJob's status until `done(status)`; a dead operator or the timeout fails
+    with the cluster's diagnostics."""
+    deadline = time.monotonic() + timeout
+    while True:
+        operator.check()
+        status = get_json(admin, "ftj", name, "-n", namespace).get("status") or {}
+        if done(status):
+            return status
+        assert time.monotonic() < deadline, diagnostics(admin, namespace, operator.tail())
+        time.sleep(0.5)
+
+
 def test_invalid_spec_fails_without_a_job(apiserver: ApiServer, namespace: str, tmp_path: Path) -> None:
     """A manifest the 1.20 apiserver stores but kubetune's models refuse ends Failed/InvalidSpec,
     and no Job is ever created.
@@ -147,13 +161,7 @@ def test_invalid_spec_fails_without_a_job(apiserver: ApiServer, namespace: str, 
     settings = {"KUBETUNE_METRICS_SCRAPE_INTERVAL_SECONDS": "0.5", "KUBETUNE_METRICS_PORT": str(ports[0]),
                 "KUBETUNE_OPERATOR_METRICS_PORT": str(ports[1])}
     with OperatorProcess(admin, [namespace], tmp_path / "operator.log", settings=settings) as operator:
-        deadline = time.monotonic() + 60
-        status: dict[str, Any] = {}
-        while status.get("phase") != "Failed":
-            operator.check()
-            assert time.monotonic() < deadline, diagnostics(admin, namespace, operator.tail())
-            time.sleep(0.5)
-            status = get_json(admin, "ftj", "invalid", "-n", namespace).get("status") or {}
+        wait_for_status(admin, namespace, "invalid", operator, lambda status: status.get("phase") == "Failed")
         time.sleep(2)  # the timer keeps running: give it the chance to do something wrong
         operator.check()
         final = get_json(admin, "ftj", "invalid", "-n", namespace)["status"]
@@ -311,13 +319,7 @@ def test_a_finetunejob_with_huge_annotations_still_gets_its_status(apiserver: Ap
     settings = {"KUBETUNE_METRICS_SCRAPE_INTERVAL_SECONDS": "0.5", "KUBETUNE_METRICS_PORT": str(ports[0]),
                 "KUBETUNE_OPERATOR_METRICS_PORT": str(ports[1])}
     with OperatorProcess(admin, [namespace], tmp_path / "operator.log", settings=settings) as operator:
-        deadline = time.monotonic() + 60
-        status: dict[str, Any] = {}
-        while not status.get("jobName"):
-            operator.check()
-            assert time.monotonic() < deadline, diagnostics(admin, namespace, operator.tail())
-            time.sleep(0.5)
-            status = get_json(admin, "ftj", "annotated", "-n", namespace).get("status") or {}
+        status = wait_for_status(admin, namespace, "annotated", operator, lambda status: bool(status.get("jobName")))
         obj = get_json(admin, "ftj", "annotated", "-n", namespace)
     assert status["phase"] == "Pending" and status["reason"] == "JobPending", status
     assert "last-handled-configuration" in status["kopf"]  # kopf's bookkeeping, in status

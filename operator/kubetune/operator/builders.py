@@ -44,6 +44,8 @@ from kubetune.api.resource import API_VERSION, KIND, FineTuneJob
 from kubetune.operator.settings import OperatorSettings
 
 CONTAINER = "trainer"
+MANAGED_BY_LABEL, MANAGED_BY = "app.kubernetes.io/managed-by", "kubetune-operator"
+"""On every child and pod template: the operator's watch caches select its Jobs and pods by it."""
 VALIDATION_TTL_SECONDS = 3600
 SPEC_DIGEST_ANNOTATION = "kubetune.io/spec-sha256"
 SPEC_KEY = "spec.json"
@@ -108,7 +110,7 @@ def labels(ftj: FineTuneJob, role: str) -> dict[str, str]:
     name = label_value(ftj.metadata.name)
     return {
         "app.kubernetes.io/name": "kubetune",
-        "app.kubernetes.io/managed-by": "kubetune-operator",
+        MANAGED_BY_LABEL: MANAGED_BY,
         "app.kubernetes.io/instance": name,
         "kubetune.io/finetunejob": name,
         "kubetune.io/role": role,

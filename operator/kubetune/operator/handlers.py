@@ -49,7 +49,6 @@ VERBS = {"POST": "create", "GET": "get", "PATCH": "patch", "PUT": "update", "DEL
 EXPECTED_STATUSES = (404, 409)  # answers the handlers act on (absent, exists): not errors
 DEFAULT_NAMESPACE = "default"  # FineTuneJobs are namespaced: only for the type checker
 POD_JOB_LABEL = "job-name"
-MANAGED_BY_LABEL, MANAGED_BY = "app.kubernetes.io/managed-by", "kubetune-operator"  # on every child and pod (builders.labels)
 PROBLEMS_SHOWN = 10
 RETRY_AFTER_BOUNDS = (1.0, 60.0)  # seconds: a hostile or broken Retry-After neither spins nor parks a handler
 _TERMINAL = (Phase.SUCCEEDED.value, Phase.FAILED.value, Phase.CANCELLED.value)
@@ -700,11 +699,11 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
     # Watch-fed caches of the operator's Jobs and their pods (kopf indexes): an idle running job
     # then costs no API request per tick, only the scrape of its pod (issue 14: 300 idle jobs
     # cost 20 requests/s when every tick read its Job and listed its pods).
-    @kopf.index("batch", "v1", "jobs", registry=registry, labels={MANAGED_BY_LABEL: MANAGED_BY}, id="kubetune_jobs")
+    @kopf.index("batch", "v1", "jobs", registry=registry, labels={builders.MANAGED_BY_LABEL: builders.MANAGED_BY}, id="kubetune_jobs")
     def index_jobs(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
         return {(namespace, name): slim_job(_plain(body))}
 
-    @kopf.index("", "v1", "pods", registry=registry, labels={MANAGED_BY_LABEL: MANAGED_BY}, id="kubetune_pods")
+    @kopf.index("", "v1", "pods", registry=registry, labels={builders.MANAGED_BY_LABEL: builders.MANAGED_BY}, id="kubetune_pods")
     def index_pods(namespace: str | None, labels: Any, body: kopf.Body, **_: Any) -> dict[Any, Any] | None:
         job = labels.get(POD_JOB_LABEL) or labels.get(builders.JOB_NAME_LABEL)
         return {(namespace, job): slim_pod(_plain(body))} if job else None

@@ -17,6 +17,7 @@ or metrics page is treated as absent, and numbers the status schema would refuse
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 from collections.abc import Iterable, Mapping
@@ -628,10 +629,21 @@ def job_digest(job: Mapping[str, Any]) -> str | None:
     return digest if isinstance(digest, str) and digest else None
 
 
+@functools.lru_cache(maxsize=4096)
+def _digest_of(raw_spec: str) -> str:
+    return spec_digest(current_spec({"spec": json.loads(raw_spec)}))
+
+
+def current_digest(ftj: Mapping[str, Any]) -> str:
+    """`spec_digest` of the FineTuneJob's spec; parsed once per distinct spec, not on every tick
+    of every running job (the timer and `observe` both ask)."""
+    return _digest_of(json.dumps(ftj.get("spec"), sort_keys=True, default=str))
+
+
 def spec_changed(ftj: Mapping[str, Any], job: Mapping[str, Any]) -> bool:
     """The frozen part of the spec differs from the one `job` was built from."""
     digest = job_digest(job)
-    return digest is not None and digest != spec_digest(current_spec(ftj))
+    return digest is not None and digest != current_digest(ftj)
 
 
 def spec_drift(ftj: Mapping[str, Any], job: Mapping[str, Any], started: Mapping[str, Any] | None) -> list[str] | None:
