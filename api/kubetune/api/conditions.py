@@ -23,6 +23,7 @@ class ConditionType(StrEnum):
     FAILED = "Failed"
     CANCELLED = "Cancelled"
     DEGRADED = "Degraded"
+    SERVING = "Serving"
     """True while the operator retries an API request the server could not serve (5xx, 429, timeouts)."""
     CHECKPOINT_CORRUPT = "CheckpointCorrupt"
     SPEC_IMMUTABLE = "SpecImmutable"
@@ -72,6 +73,13 @@ class Reason(StrEnum):
     SPEC_CHANGED = "SpecChanged"
     """The spec was edited before training started: the Job was rebuilt from the new spec."""
     CANCELLED_BY_USER = "CancelledByUser"
+    # Serving (spec.serving), the Serving condition's reasons
+    SERVING_CREATED = "ServingCreated"
+    SERVING_READY = "ServingReady"
+    SERVING_NOT_READY = "ServingNotReady"
+    SERVING_FAILED = "ServingFailed"
+    SERVING_CRD_MISSING = "ServingCRDMissing"
+    ADAPTER_REGISTERED = "AdapterRegistered"
     # warnings
     CHECKPOINT_CORRUPT = "CheckpointCorrupt"
     SPEC_IMMUTABLE = "SpecImmutable"

@@ -48,6 +48,7 @@ PRINTER_COLUMNS = [
     {"name": "Base", "type": "number", "jsonPath": ".status.metrics.baseEvalLoss", "description": "Base model held-out loss", "priority": 1},
     {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "description": "Why the job is in its phase", "priority": 1},
     {"name": "Job", "type": "string", "jsonPath": ".status.jobName", "description": "Trainer Job", "priority": 1},
+    {"name": "Serving", "type": "string", "jsonPath": ".status.serving.url", "description": "Endpoint serving the tuned model (spec.serving)", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

@@ -83,6 +83,12 @@ class OutputFormat(StrEnum):
     MERGED = "merged"
 
 
+class ServingEngine(StrEnum):
+    KSERVE = "kserve"
+    VLLM = "vllm"
+    VLLM_ENDPOINT = "vllmEndpoint"
+
+
 class LayerModule(StrEnum):
     ATTENTION = "attention"
     MLP = "mlp"

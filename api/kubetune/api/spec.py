@@ -30,6 +30,7 @@ from kubetune.api.enums import (
     PromptInit,
     QuantType,
     Scheduler,
+    ServingEngine,
 )
 from kubetune.api.pod import CREDENTIAL_KEYS, PodOverrides
 from kubetune.api.types import (
@@ -745,8 +746,129 @@ class Scheduling(WireModel):
     )
 
 
+# ------------------------------------------------------------------------------------ serving
+
+ENDPOINT_URL = r"^https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~/\-]*)?$"
+"""An http(s) base URL without credentials, query or fragment (credentials go in a Secret)."""
+
+SERVABLE_AS_LORA = (Adaptation.LORA, Adaptation.QLORA)
+"""Adapters vLLM, SGLang and KServe's LoRA path load as they are; every other weight-changing
+adaptation is served as a merged full model (../SERVING.md: DoRA, IA3 are refused by vLLM)."""
+
+UNSERVABLE = (Adaptation.PREFIX_TUNING, Adaptation.PROMPT_TUNING)
+"""Virtual tokens are not weights: nothing to merge into the base, and no engine serves them."""
+
+_SERVING_BLOCKS = {
+    ServingEngine.KSERVE: "kserve",
+    ServingEngine.VLLM: "vllm",
+    ServingEngine.VLLM_ENDPOINT: "vllmEndpoint",
+}
+
+
+class KServeServing(WireModel):
+    """A KServe object serving the result. The operator uses whichever of KServe's CRDs the cluster
+    has: `LLMInferenceService` (serving.kserve.io/v1alpha1; the adapter as a LoRA adapter on the
+    base model) when installed, else `InferenceService` (v1beta1, the HuggingFace runtime with the
+    LoRA flags). status.serving.kind says which."""
+
+    base_model_uri: Optional[ModelUri] = Field(
+        default=None,
+        description=(
+            "Where KServe's storage initializer fetches the base model (hf://, s3://, gs:// or pvc://). "
+            "Unset: spec.model.source."
+        ),
+    )
+    gpus: int = Field(default=1, ge=0, le=64, description="GPUs of the serving pod. Default 1.")
+    replicas: int = Field(default=1, ge=0, le=100, description="Serving replicas. Default 1.")
+
+
+class VllmServing(WireModel):
+    """A Deployment and Service running `vllm serve <base> --enable-lora --lora-modules <name>=<path>`;
+    an init container fetches the adapter from object storage into the pod first."""
+
+    image: Optional[str] = Field(
+        default=None, max_length=1024, description="vLLM image. Unset: the operator's default (the chart's serving.vllmImage)."
+    )
+    gpus: int = Field(default=1, ge=0, le=64, description="GPUs of each vLLM pod. Default 1.")
+    replicas: int = Field(default=1, ge=0, le=100, description="vLLM replicas. Default 1.")
+    max_lora_rank: Optional[int] = Field(default=None, ge=1, le=4096, description="--max-lora-rank. Unset: the adapter's rank.")
+    args: list[ShortString] = Field(
+        default_factory=list, max_length=64, description="Extra arguments to `vllm serve`, e.g. --max-model-len=8192."
+    )
+
+
+class VllmEndpointServing(WireModel):
+    """An existing vLLM server that allows runtime LoRA updates (VLLM_ALLOW_RUNTIME_LORA_UPDATING=True):
+    the operator registers the adapter through POST /v1/load_lora_adapter. The adapter path must be
+    readable by that server (a path on its volume, or a URI its resolver plugin fetches)."""
+
+    url: str = Field(
+        max_length=2048, pattern=ENDPOINT_URL,
+        description="Base URL of the vLLM server, e.g. http://vllm.serving.svc:8000 (no credentials in the URL).",
+    )
+    api_key_secret: Optional[str] = Field(
+        default=None, max_length=253, pattern=DNS_SUBDOMAIN,
+        description="Secret in the job's namespace whose key api-key holds the server's --api-key, if it has one.",
+    )
+    adapter_path: Optional[str] = Field(
+        default=None, max_length=2048,
+        description="The lora_path the server loads. Unset: the adapter's URI (status.adapter.uri).",
+    )
+
+
+class Serving(WireModel):
+    """Hand the result to a serving engine once the job succeeded."""
+
+    model_config = WireModel.model_config | {
+        "json_schema_extra": rules(
+            *[
+                cel(f"!has(self.{block}) || self.engine == '{engine.value}'", f"the {block} block belongs to engine: {engine.value}")
+                for engine, block in _SERVING_BLOCKS.items()
+            ],
+            cel("self.engine != 'vllmEndpoint' || has(self.vllmEndpoint)", "engine: vllmEndpoint needs a vllmEndpoint block with the url"),
+        )
+    }
+
+    engine: ServingEngine = Field(
+        description=(
+            "kserve (a KServe LLMInferenceService or InferenceService), vllm (a vLLM Deployment and Service the "
+            "operator creates) or vllmEndpoint (register the adapter with a running vLLM server)."
+        )
+    )
+    model_name: Optional[str] = Field(
+        default=None, max_length=63, pattern=DNS_LABEL,
+        description="The model name clients put in requests. Unset: the adapter's name (metadata.name and the suffix).",
+    )
+    retain: bool = Field(
+        default=False,
+        description="Keep the serving objects when the FineTuneJob is deleted. Default false: they are owned by it and go with it.",
+    )
+    kserve: Optional[KServeServing] = Field(default=None, description="Settings when engine is kserve.")
+    vllm: Optional[VllmServing] = Field(default=None, description="Settings when engine is vllm.")
+    vllm_endpoint: Optional[VllmEndpointServing] = Field(default=None, description="Settings when engine is vllmEndpoint.")
+
+    @model_validator(mode="after")
+    def _block_matches_engine(self) -> "Serving":
+        for engine, block in _SERVING_BLOCKS.items():
+            if getattr(self, _snake(block)) is not None and self.engine != engine:
+                raise ValueError(f"the {block} block belongs to engine: {engine.value}")
+        if self.engine == ServingEngine.VLLM_ENDPOINT and self.vllm_endpoint is None:
+            raise ValueError("engine: vllmEndpoint needs a vllmEndpoint block with the url")
+        return self
+
+
+def served_merged(adaptation: Adaptation) -> bool:
+    """The result is served as a merged full model (the trainer writes `merged/` beside the adapter)."""
+    return adaptation not in SERVABLE_AS_LORA and adaptation not in UNSERVABLE
+
+
 # ------------------------------------------------------------------------------------ spec
 
+
+_UNSERVABLE = (
+    "serving is not possible with prefixTuning or promptTuning: no engine serves virtual tokens and they cannot be "
+    "merged into the base; use lora, qlora, dora, ia3 or a full/partial fine-tune, or drop spec.serving"
+)
 
 _CREDENTIALS_TWICE = (
     "podOverrides.env sets a variable that output.credentialsSecret already provides (one of "
@@ -765,6 +887,11 @@ class FineTuneJobSpec(WireModel):
                 "output.format: merged is not possible with prefixTuning or promptTuning (virtual "
                 "tokens are not weights of the base model to merge into); use format: adapter",
                 ".output.format",
+            ),
+            cel(
+                "!has(self.serving) || !(self.method.adaptation in ['prefixTuning', 'promptTuning'])",
+                _UNSERVABLE,
+                ".serving",
             ),
             cel(
                 "!has(self.dataset.packing) || !self.dataset.packing || "
@@ -800,6 +927,14 @@ class FineTuneJobSpec(WireModel):
             "keeps the pods within the restricted Pod Security profile, and anything kubetune sets itself (its labels, "
             "variables, volumes and paths) is refused, not overridden. Placement is spec.scheduling's. Frozen once "
             "training started, like the rest of the spec."
+        ),
+    )
+    serving: Optional[Serving] = Field(
+        default=None,
+        description=(
+            "Serve the result once the job succeeded: KServe, a vLLM Deployment, or a running vLLM server. LoRA and QLoRA "
+            "adapters are served as adapters on the base; other adaptations are merged into the base (the trainer writes "
+            "merged/ beside the adapter) and served as a full model. status.serving has the endpoint and the model name."
         ),
     )
     suspend: bool = Field(default=False, description="Suspend the job: running pods are stopped (a checkpoint is written) and it resumes from that checkpoint when set back to false.")
@@ -840,6 +975,8 @@ class FineTuneJobSpec(WireModel):
                 "output.format: merged is not possible with prefixTuning or promptTuning (virtual "
                 "tokens are not weights of the base model to merge into); use format: adapter"
             )
+        if self.serving is not None and self.method.adaptation in UNSERVABLE:
+            raise ValueError(_UNSERVABLE)
         if self.dataset.packing and self.method.adaptation in (Adaptation.PREFIX_TUNING, Adaptation.PROMPT_TUNING):
             raise ValueError(
                 "dataset.packing cannot be combined with prefixTuning or promptTuning (virtual tokens "

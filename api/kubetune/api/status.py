@@ -71,6 +71,26 @@ class AdapterRef(WireModel):
     manifest_uri: Optional[str] = Field(default=None, max_length=2048, description="Location of manifest.json, written last.")
     sha256: Optional[str] = Field(default=None, pattern="^[0-9a-f]{64}$", description="sha256 of manifest.json.")
     bytes: Optional[int] = Field(default=None, ge=0, description="Total size of the adapter files.")
+    merged_uri: Optional[str] = Field(
+        default=None, max_length=2048,
+        description="A merged full model written beside the adapter for serving (spec.serving with an adaptation engines cannot load as a LoRA adapter).",
+    )
+
+
+class ServingStatus(WireModel):
+    """Where the tuned model is served (spec.serving) and whether it is ready."""
+
+    engine: str = Field(max_length=32, description="kserve, vllm or vllmEndpoint.")
+    kind: Optional[str] = Field(
+        default=None, max_length=63,
+        description="The serving object: LLMInferenceService, InferenceService, Deployment, or VLLMEndpoint for a registration.",
+    )
+    name: Optional[str] = Field(default=None, max_length=253, description="Name of the serving object in the job's namespace.")
+    url: Optional[str] = Field(default=None, max_length=2048, description="OpenAI-compatible base URL (…/v1) of the endpoint, once known.")
+    model: Optional[str] = Field(default=None, max_length=253, description="The model name to put in requests.")
+    merged: bool = Field(default=False, description="Served as a merged full model (true for adaptations engines cannot load as a LoRA adapter).")
+    ready: bool = Field(default=False, description="The serving object reports Ready (from its own conditions).")
+    message: Optional[str] = Field(default=None, max_length=32768, description="Why it is not ready, from the serving object.")
 
 
 class Cost(WireModel):
@@ -139,6 +159,7 @@ class FineTuneJobStatus(WireModel):
     metrics: Optional[Metrics] = Field(default=None, description="Training and evaluation metrics.")
     checkpoints: list[CheckpointRef] = Field(default_factory=list, max_length=CHECKPOINTS_MAX, description="The newest committed checkpoints, oldest first.")
     adapter: Optional[AdapterRef] = Field(default=None, description="The result, once written with its manifest.")
+    serving: Optional[ServingStatus] = Field(default=None, description="Where the result is served (spec.serving), once the job succeeded.")
     cost: Optional[Cost] = Field(default=None, description="GPU-hours, estimated price, energy and CO2.")
     job_name: Optional[str] = Field(default=None, max_length=63, description="Name of the trainer Job.")
     spec_config_map: Optional[str] = Field(
