@@ -590,13 +590,19 @@ def install_crd(kubeconfig: Path | str, crd_yaml_text: str, timeout: float = 30)
         names.append(obj["metadata"]["name"])
     doc = {"apiVersion": "v1", "kind": "List", "items": objs}
     kubectl(kubeconfig, "apply", "-f", "-", input=json.dumps(doc))
+    # Polled here rather than with `kubectl wait --for=condition=Established`: Debian's kubectl
+    # fails at once ("accessor error: <nil>") when it reads the CRD before the server wrote any
+    # status.conditions, which a loaded machine makes likely.
     deadline = time.monotonic() + timeout
     for name in names:
-        remaining = max(1, int(deadline - time.monotonic()))
-        kubectl(
-            kubeconfig, "wait", "--for=condition=Established", f"crd/{name}",
-            f"--timeout={remaining}s", timeout=remaining + 30,
-        )
+        while True:
+            crd = json.loads(kubectl(kubeconfig, "get", f"crd/{name}", "-o", "json").stdout)
+            conditions = (crd.get("status") or {}).get("conditions") or []
+            if any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"CRD {name} not Established after {timeout:.0f} s: {conditions}")
+            time.sleep(0.2)
     return names
 
 

@@ -3,12 +3,15 @@
 The same function runs in the trainer pod (`python -m kubetune.trainer`) and on a laptop
 (`kubetune run`). Data is validated before a model byte is loaded; checkpoints go to object
 storage while training continues; the adapter and its manifest are written last; the summary
-goes to the termination-message path for the operator. User-caused errors raise `UserError`
-(exit code PERMANENT_EXIT_CODE); anything else is retriable.
+goes to the termination-message path for the operator. When spec.serving needs a full model and
+the result is an adapter engines cannot load (DoRA, IA3), a merged copy is committed at `merged/`
+first. User-caused errors raise `UserError` (exit code PERMANENT_EXIT_CODE); anything else is
+retriable.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -23,6 +26,7 @@ from typing import Any, Callable
 from kubetune.api import FineTuneJob
 from kubetune.api.contract import SUMMARY_CHECKPOINTS_MAX, TrainerSummary, file_param
 from kubetune.api.estimate import FROZEN_BASE
+from kubetune.api.spec import served_merged
 from kubetune.trainer import data, hparams, methods, objectives, optimizers, sources, storage
 from kubetune.trainer.callbacks import CheckpointUploader, LoopCallback, Preemption, TokenCounter
 from kubetune.trainer.metrics import TrainerMetrics
@@ -243,11 +247,10 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
         "versions": _versions(),
     }
     try:
+        merged_uri = _merged_for_serving(spec, adaptation, model, tokenizer, model_dir, result_dir, store, manifest_extra, opts)
         manifest = storage.commit_result(store, result_dir, manifest_extra)
     except storage.PermanentStorageError as err:
         raise UserError(str(err), "StorageError", "spec.output.uri") from None
-    import hashlib
-
     manifest_sha = hashlib.sha256(store.read_bytes("manifest.json")).hexdigest()
     summary = TrainerSummary(
         status="succeeded",
@@ -256,6 +259,7 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
             "manifestUri": storage.safe_join(out_uri, "manifest.json"),
             "sha256": manifest_sha,
             "bytes": sum(f["bytes"] for f in manifest["files"].values()),
+            "mergedUri": merged_uri,
         },
         metrics=results,
         checkpoints=kept_checkpoints(store, uploader.committed, spec.checkpointing.keep),
@@ -268,6 +272,38 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
         seconds_per_step=statistics.median(loop.step_seconds) if loop.step_seconds else None,
     )
     return summary.wire()
+
+
+MERGED = "merged"
+"""`<output>/merged/`: the base with the adapter folded in, for engines that cannot load the adapter."""
+
+
+def _merged_for_serving(
+    spec: Any, adaptation: Any, model: Any, tokenizer: Any, model_dir: Path, result_dir: Path,
+    store: storage.Store, manifest_extra: dict[str, Any], opts: Options,
+) -> str | None:
+    """The URI of a full model an engine can serve, when spec.serving needs one (`served_merged`):
+    the result itself when it is already full weights (full, layers, transfer, gradualUnfreeze,
+    or output.format: merged), else a merged copy committed at `merged/` with its own manifest.
+    The copy is committed before the result's manifest, which stays the last write and records
+    the copy's manifest digest. None when the result is served as a LoRA adapter (or not served)."""
+    if spec.serving is None or not served_merged(spec.method.adaptation):
+        return None
+    if not (result_dir / "adapter_config.json").is_file():  # what `save` wrote is already full weights
+        return store.uri_for(storage.ADAPTER)
+    if store.exists(storage.MANIFEST):  # checked before the upload, as commit_result does before its own
+        raise storage.CommitConflict(
+            f"{storage.display_uri(store.uri_for(storage.MANIFEST))} already exists: another job committed to this output. "
+            "Give this job its own spec.output.uri."
+        )
+    opts.on_status("merging the adapter into the base for serving")
+    merged_dir = result_dir.parent / MERGED
+    adaptation.save(model, merged_dir, True, model_dir)  # peft's merge_and_unload: the model is not used after this
+    tokenizer.save_pretrained(merged_dir)
+    merged = storage.upload_dir(merged_dir, store, MERGED, {**manifest_extra, "mergedFrom": storage.ADAPTER})
+    digest = hashlib.sha256(store.read_bytes(f"{MERGED}/{storage.MANIFEST}")).hexdigest()
+    manifest_extra["merged"] = {"prefix": MERGED, "sha256": digest, "bytes": sum(f["bytes"] for f in merged["files"].values())}
+    return store.uri_for(MERGED)
 
 
 def kept_checkpoints(store: storage.Store, committed: list[dict[str, Any]], keep: int) -> list[dict[str, Any]]:
