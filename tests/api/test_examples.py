@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from kubetune.api import Adaptation, Objective
+from kubetune.api.enums import ServingEngine
 from kubetune.api.manifest import is_finetunejob, load_documents
 from tests.crd_offline import validate as crd_validate
 
@@ -40,7 +41,7 @@ def test_crd_accepts_example(where: str, data: dict) -> None:
 
 
 def test_examples_cover_every_method_and_variant() -> None:
-    adaptations, objectives, features = set(), set(), set()
+    adaptations, objectives, features, engines = set(), set(), set(), set()
     for _, data in jobs():
         spec = data["spec"]
         adaptations.add(spec["method"]["adaptation"])
@@ -54,6 +55,11 @@ def test_examples_cover_every_method_and_variant() -> None:
             features.add("multi-node")
         if spec.get("resources", {}).get("gpus", 1) > 1:
             features.add("multi-gpu")
+        if "serving" in spec:
+            engines.add(spec["serving"]["engine"])
+            if spec["method"]["adaptation"] not in ("lora", "qlora"):
+                features.add("served-merged")
     assert adaptations >= {a.value for a in Adaptation}
     assert objectives >= {o.value for o in Objective}
-    assert features >= {"kueue", "volcano", "multi-node", "multi-gpu"}
+    assert features >= {"kueue", "volcano", "multi-node", "multi-gpu", "served-merged"}
+    assert engines == {e.value for e in ServingEngine}

@@ -18,6 +18,7 @@ import lupa.lua51
 import lupa.lua54
 import pytest
 import yaml
+from kubetune.api.spec import Serving
 from kubetune.api.status import FineTuneJobStatus
 
 from tests.chart.render import CHART, ROOT
@@ -59,9 +60,11 @@ def test_health(path: Path, engine: str, as_floats: bool) -> None:
 
 @pytest.mark.parametrize("path", FIXTURES, ids=[p.stem for p in FIXTURES])
 def test_fixture_status_is_one_the_operator_can_write(path: Path) -> None:
-    status = load(path)["object"].get("status")
-    if status is not None:
-        FineTuneJobStatus.model_validate(status)
+    obj = load(path)["object"]
+    if obj.get("status") is not None:
+        FineTuneJobStatus.model_validate(obj["status"])
+    if (obj.get("spec") or {}).get("serving") is not None:  # the health reads spec.serving too
+        Serving.model_validate(obj["spec"]["serving"])
 
 
 def test_every_phase_and_health_is_covered() -> None:
@@ -69,6 +72,18 @@ def test_every_phase_and_health_is_covered() -> None:
     phases = {(c["object"].get("status") or {}).get("phase") for c in cases}
     assert phases >= {None, "Pending", "Validating", "Queued", "Running", "Succeeded", "Failed", "Cancelled", "Suspended"}
     assert {c["expected"]["status"] for c in cases} == {"Progressing", "Healthy", "Degraded", "Suspended"}
+
+
+def test_serving_health_is_covered() -> None:
+    """A Succeeded job with spec.serving: Healthy only when served, Progressing until then,
+    Degraded for each failure reason of the Serving condition."""
+    served = [load(p) for p in FIXTURES if "serving" in (load(p)["object"].get("spec") or {})]
+    assert {c["expected"]["status"] for c in served} == {"Progressing", "Healthy", "Degraded"}
+    for case in served:
+        ready = (case["object"]["status"].get("serving") or {}).get("ready") is True
+        assert (case["expected"]["status"] == "Healthy") == ready
+    failures = {c["reason"] for case in served for c in case["object"]["status"]["conditions"] if case["expected"]["status"] == "Degraded"}
+    assert {"ServingFailed", "ServingCRDMissing"} <= failures
 
 
 def test_readme_snippet_is_the_script() -> None:

@@ -1,7 +1,10 @@
 -- Argo CD health of a FineTuneJob (kubetune.io/v1alpha1), from the status the operator writes.
 -- Install as resource.customizations.health.kubetune.io_FineTuneJob in argocd-cm (README).
 -- Pending/Validating/Queued/Running: Progressing with the progress; Succeeded: Healthy;
--- Failed/Cancelled: Degraded with the reason; Suspended: Suspended. Lua 5.1 (gopher-lua) syntax.
+-- Failed/Cancelled: Degraded with the reason; Suspended: Suspended. With spec.serving, Succeeded
+-- is Healthy only once status.serving.ready: Progressing while the serving object comes up,
+-- Degraded when the Serving condition is False with ServingFailed or ServingCRDMissing.
+-- Lua 5.1 (gopher-lua) syntax.
 local hs = {}
 
 -- The condition of type `ctype` that is True (or, with `anyStatus`, in any status).
@@ -57,6 +60,33 @@ if status == nil or status.phase == nil then
 elseif generation ~= nil and status.observedGeneration ~= nil and status.observedGeneration < generation then
   hs.status = "Progressing"
   hs.message = string.format("Waiting for the operator to observe generation %d", generation)
+elseif status.phase == "Succeeded" and obj.spec ~= nil and obj.spec.serving ~= nil then
+  -- Trained; the job is what the user asked for only once the model is served.
+  local serving = status.serving or {}
+  local model = serving.model or obj.spec.serving.modelName or (obj.metadata ~= nil and obj.metadata.name) or "the model"
+  local c = condition(status, "Serving", true)
+  if c ~= nil and c.status == "False" and (c.reason == "ServingFailed" or c.reason == "ServingCRDMissing") then
+    hs.status = "Degraded"
+    hs.message = "Succeeded; serving " .. model .. " failed: " .. explain(c, nil)
+  elseif serving.ready == true then
+    hs.status = "Healthy"
+    if serving.url ~= nil then
+      hs.message = "Succeeded; serving " .. model .. " at " .. serving.url
+    else
+      hs.message = "Succeeded; serving " .. model
+    end
+  else
+    hs.status = "Progressing"
+    local why = serving.message
+    if why == nil or why == "" then
+      why = explain(c, nil)
+    end
+    if why == nil then
+      hs.message = "Succeeded; serving " .. model .. " not ready"
+    else
+      hs.message = "Succeeded; serving " .. model .. " not ready: " .. why
+    end
+  end
 elseif status.phase == "Succeeded" then
   hs.status = "Healthy"
   local why = explain(condition(status, "Succeeded"), nil)

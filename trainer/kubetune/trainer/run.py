@@ -287,10 +287,12 @@ def _merged_for_serving(
     or output.format: merged), else a merged copy committed at `merged/` with its own manifest.
     The copy is committed before the result's manifest, which stays the last write and records
     the copy's manifest digest. None when the result is served as a LoRA adapter (or not served)."""
-    if spec.serving is None or not served_merged(spec.method.adaptation):
+    if spec.serving is None:
         return None
     if not (result_dir / "adapter_config.json").is_file():  # what `save` wrote is already full weights
-        return store.uri_for(storage.ADAPTER)
+        return store.uri_for(storage.ADAPTER)  # (lora/qlora with output.format: merged too)
+    if not served_merged(spec.method.adaptation):
+        return None  # a LoRA adapter: engines load it on the base
     if store.exists(storage.MANIFEST):  # checked before the upload, as commit_result does before its own
         raise storage.CommitConflict(
             f"{storage.display_uri(store.uri_for(storage.MANIFEST))} already exists: another job committed to this output. "
