@@ -134,6 +134,122 @@ def run_cmd(manifest: str, output: str | None, metrics_port: int) -> None:
     sys.exit(run_locally(job, output, metrics_port))
 
 
+_LOCAL_ONLY = ("Generation is transformers' generate, one request at a time: right for the demo model and small "
+               "models on a laptop. Production serving belongs to vLLM or KServe (spec.serving).")
+
+
+def _open_pool(outputs: tuple[str, ...], device: str) -> object:
+    """Verify and load outputs for chat/serve; a clear message and exit 1 instead of a traceback."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        from kubetune.trainer import inference, storage
+    except ImportError as err:
+        click.echo(f"this command needs the trainer's libraries ({err.name} is missing): pip install 'kubetune[trainer]'", err=True)
+        sys.exit(1)
+    hf_logging.disable_progress_bar()  # the answers go to the terminal; no "Loading weights" bars
+    try:
+        opened = [inference.open_output(o) for o in outputs]
+        for o in opened:
+            click.echo(f"loading {inference.model_id(o)} ({o.kind} on {o.base}) from {o.uri}", err=True)
+        return inference.ModelPool(opened, device=device)
+    except (inference.OutputError, storage.StorageError) as err:  # ModelSourceError is a StorageError
+        click.echo(f"error: {err}", err=True)
+        sys.exit(1)
+
+
+@main.command("chat", epilog=_LOCAL_ONLY)
+@click.argument("output")
+@click.option("-p", "--prompt", help="Ask once, print the answer and exit (default: an interactive chat).")
+@click.option("-s", "--system", help="A system message put before the conversation.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True, help="Most new tokens per answer.")
+@click.option("--temperature", type=click.FloatRange(0, 2), default=0.7, show_default=True, help="0 answers greedily.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True, help="Nucleus sampling mass.")
+@click.option("--seed", type=int, help="Seed the sampler for repeatable answers.")
+@click.option("--compare", is_flag=True, help="Also answer with the base model (the adapter disabled, or manifest baseModel for merged outputs).")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, … (auto: cuda when available).")
+def chat_cmd(output: str, prompt: str | None, system: str | None, max_tokens: int, temperature: float,
+             top_p: float, seed: int | None, compare: bool, device: str) -> None:
+    """Chat with a finished output (OUTPUT: its directory or URL, the one holding manifest.json).
+
+    The output is verified against its manifest.json before anything loads, and the chat template
+    saved with its tokenizer renders the conversation. In the interactive chat, /reset forgets the
+    conversation and /exit (or Ctrl-D) leaves.
+    """
+    pool = _open_pool((output,), device)
+    from kubetune.trainer.inference import OutputError, RequestError
+
+    tuned = next(m for m in pool.models.values() if m.output is not None)  # type: ignore[attr-defined]
+    try:
+        models = [tuned, pool.base_of(tuned)] if compare else [tuned]  # type: ignore[attr-defined]
+    except Exception as err:  # noqa: BLE001 - the base of a merged output may be unavailable here
+        click.echo(f"error: --compare needs the base model {tuned.output.base}: {err}", err=True)
+        sys.exit(1)
+    start = [{"role": "system", "content": system}] if system else []
+    histories = {m.id: list(start) for m in models}
+    params = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+
+    def answer(message: str) -> None:
+        for m in models:
+            if compare:
+                click.echo(f"[{'tuned' if m is tuned else 'base'}: {m.id}]")
+            histories[m.id].append({"role": "user", "content": message})
+            try:
+                stream = pool.stream(m, pool.chat_ids(m, histories[m.id]), **params)  # type: ignore[attr-defined]
+                for piece in stream:
+                    click.echo(piece, nl=False)
+            except (RequestError, OutputError) as err:
+                click.echo(f"\nerror: {err}", err=True)
+                histories[m.id].pop()
+                continue
+            click.echo("")
+            histories[m.id].append({"role": "assistant", "content": stream.text})
+
+    if prompt is not None:
+        answer(prompt)
+        return
+    click.echo(f"chatting with {tuned.id}; /reset forgets the conversation, /exit leaves", err=True)
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            click.echo("")
+            return
+        if line.strip() == "/exit":
+            return
+        if line.strip() == "/reset":
+            histories = {m.id: list(start) for m in models}
+            click.echo("(conversation forgotten)", err=True)
+        elif line.strip():
+            answer(line)
+
+
+@main.command("serve", epilog=_LOCAL_ONLY)
+@click.argument("outputs", nargs=-1, required=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface; there is no authentication).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port to listen on.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, … (auto: cuda when available).")
+def serve_cmd(outputs: tuple[str, ...], host: str, port: int, device: str) -> None:
+    """Serve finished outputs with an OpenAI-compatible API (/v1/models, /v1/chat/completions,
+    /v1/completions).
+
+    Each output is listed as ft:<base>:<name>, its base as <base>. Adapters trained on the same base
+    share one copy of the base weights.
+    """
+    try:
+        from kubetune.trainer import server
+    except ImportError as err:
+        click.echo(f"kubetune serve needs aiohttp and the trainer's libraries ({err.name} is missing): "
+                   "pip install 'kubetune[trainer]'", err=True)
+        sys.exit(1)
+    pool = _open_pool(outputs, device)
+    try:
+        server.serve(pool, host=host, port=port, print_fn=lambda msg: click.echo(msg, err=True))  # type: ignore[arg-type]
+    except OSError as err:
+        click.echo(f"error: cannot listen on {host}:{port}: {err.strerror or err}; choose another --port", err=True)
+        sys.exit(1)
+
+
 @main.command("operator")
 @click.option("-n", "--namespace", "namespaces", multiple=True, help="Watch this namespace (repeatable). Default: KUBETUNE_NAMESPACES, else the whole cluster.")
 @click.option("-A", "--all-namespaces", is_flag=True, help="Watch the whole cluster.")
