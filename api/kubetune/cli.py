@@ -110,10 +110,24 @@ def verify(uri: str) -> None:
     if not ok:
         click.echo(f"{uri}: NOT verified: {reason}")
         sys.exit(1)
+    import hashlib
     import json
 
-    files = json.loads(storage.Store(uri).read_bytes("manifest.json"))["files"]
-    click.echo(f"{uri}: verified {len(files)} files (sha256 and size match manifest.json)")
+    store = storage.Store(uri)
+    manifest = json.loads(store.read_bytes("manifest.json"))
+    click.echo(f"{uri}: verified {len(manifest['files'])} files (sha256 and size match manifest.json)")
+    merged = manifest.get("merged")
+    if isinstance(merged, dict) and merged.get("prefix"):
+        # The merged copy for serving (spec.serving): its own manifest, whose digest the result's records.
+        prefix = str(merged["prefix"])
+        ok, reason = storage.verify(store, prefix)
+        if ok and hashlib.sha256(store.read_bytes(f"{prefix}/manifest.json")).hexdigest() != merged.get("sha256"):
+            ok, reason = False, f"{prefix}/manifest.json differs from the digest manifest.json records"
+        if not ok:
+            click.echo(f"{uri}/{prefix}: NOT verified: {reason}")
+            sys.exit(1)
+        count = len(storage.read_manifest(store, prefix)["files"])
+        click.echo(f"{uri}/{prefix}: verified {count} files of the merged model (sha256 and size match {prefix}/manifest.json)")
 
 
 @main.command("run")

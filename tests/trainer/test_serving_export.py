@@ -65,6 +65,8 @@ def test_adapter_engines_cannot_load_gets_a_verified_merged_model(tmp_path: Path
     assert result["merged"]["sha256"] == hashlib.sha256(store.read_bytes("merged/manifest.json")).hexdigest()
     verified = CliRunner().invoke(cli, ["verify", storage.safe_join(out.as_uri(), "merged")])
     assert verified.exit_code == 0, verified.output
+    whole = CliRunner().invoke(cli, ["verify", str(out)])  # the result's verify follows manifest.merged
+    assert whole.exit_code == 0 and "of the merged model" in whole.output, whole.output
 
     # The merged weights, loaded with plain transformers, compute what base + adapter do in plain peft.
     base = AutoModelForCausalLM.from_pretrained(sources.resolve_model(job.spec.model), use_safetensors=True)
@@ -77,6 +79,12 @@ def test_adapter_engines_cannot_load_gets_a_verified_merged_model(tmp_path: Path
     base_logits = AutoModelForCausalLM.from_pretrained(sources.resolve_model(job.spec.model), use_safetensors=True)(input_ids=ids).logits
     assert not torch.allclose(want, base_logits, atol=1e-4)  # the adapter did change the model
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+    # A corrupted merged copy fails `kubetune verify <output>`, naming merged/.
+    weights = out / "merged" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
+    broken = CliRunner().invoke(cli, ["verify", str(out)])
+    assert broken.exit_code == 1 and "/merged: NOT verified" in broken.output, broken.output
 
 
 @pytest.mark.parametrize("adaptation", ["lora", "full"])
