@@ -185,6 +185,37 @@ class Kueue(Values):
     )
 
 
+class Serving(Values):
+    enabled: bool = Field(
+        False,
+        description="Let the operator serve results (FineTuneJob spec.serving): grants it create, get and patch on KServe "
+        "LLMInferenceServices and InferenceServices, Deployments and Services, and get on Secrets (the API key of "
+        "spec.serving.vllmEndpoint.apiKeySecret), in the watched namespaces or cluster-wide as watch.scope says "
+        "(the `serving` rules of files/operator-rbac.yaml). Off: a job with spec.serving still trains and succeeds, "
+        "and its Serving condition says ServingFailed, naming this value.",
+    )
+    vllm_image: str = Field(
+        "vllm/vllm-openai:v0.11.0",
+        description="vLLM image of the Deployments engine: vllm creates, for jobs without spec.serving.vllm.image "
+        "(KUBETUNE_SERVING_VLLM_IMAGE). Pin it by digest in production.",
+        min_length=1,
+        max_length=1024,
+    )
+    endpoint_ports: list[int] = Field(
+        default_factory=lambda: [8000],
+        description="With networkPolicy.enabled: ports of vLLM servers (spec.serving.vllmEndpoint.url) the operator may "
+        "reach to register adapters, on any address.",
+        json_schema_extra={"items": {"type": "integer", "minimum": 1, "maximum": 65535}, "uniqueItems": True},
+    )
+    recheck_seconds: float = Field(
+        300.0,
+        gt=0,
+        le=86400,
+        description="How often a Ready serving object is read again to notice it stopped being Ready "
+        "(KUBETUNE_SERVING_RECHECK_SECONDS); one not Ready yet is read every operator.scrapeIntervalSeconds.",
+    )
+
+
 class TrainerServiceAccount(Values):
     create: bool = Field(True, description="Create the trainer ServiceAccount (no RBAC, no token mounted).")
     name: str = Field(
@@ -349,11 +380,12 @@ class ChartValues(Values):
     )
     image_pull_secrets: list[ImagePullSecret] = Field(default_factory=list, description="Pull secrets of the operator pod.")
     service_account: ServiceAccount = Field(default_factory=ServiceAccount, description="The operator's ServiceAccount.")
-    rbac: Rbac = Field(default_factory=Rbac, description="The operator's permissions; no wildcards, never Secrets.")
+    rbac: Rbac = Field(default_factory=Rbac, description="The operator's permissions; no wildcards, and Secrets (get) only with serving.enabled.")
     crds: Crds = Field(default_factory=Crds, description="The FineTuneJob CustomResourceDefinition.")
     operator: Operator = Field(default_factory=Operator, description="The operator Deployment (one replica, Recreate).")
     peering: Peering = Field(default_factory=Peering, description="kopf peering.")
     kueue: Kueue = Field(default_factory=Kueue, description="Kueue integration.")
+    serving: Serving = Field(default_factory=Serving, description="Serving the results of FineTuneJobs (spec.serving).")
     trainer: Trainer = Field(default_factory=Trainer, description="Defaults for the trainer Jobs the operator creates.")
     cost: Cost = Field(default_factory=Cost, description="Inputs of status.cost.")
     metrics: Metrics = Field(default_factory=Metrics, description="Prometheus Operator objects.")

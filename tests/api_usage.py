@@ -31,8 +31,10 @@ FAST_DIR = Path(__file__).resolve().parent / "fast"
 OPERATOR_AGENTS = ("kopf/", "kubetune-operator/")
 PEERING_GROUP = "kopf.dev"
 OWNER = ("kubetune.io", "finetunejobs")
+SERVING_SUFFIX = " serving"  # kubetune.operator.handlers.SERVING_AGENT
 
 _used: set[tuple[str, str, str]] = set()
+_serving: set[tuple[str, str, str]] = set()
 _items: set[str] = set()
 _passed: set[str] = set()
 _deselected: list[str] = []
@@ -51,11 +53,14 @@ def split(resource: str) -> tuple[str, str]:
     return parts[0], "/".join(parts[2:])
 
 
-def used_by_operator(requests: Any) -> set[tuple[str, str, str]]:
-    """(verb, group, resource) of the operator's requests in a kmock request log."""
+def used_by_operator(requests: Any, serving: bool | None = None) -> set[tuple[str, str, str]]:
+    """(verb, group, resource) of the operator's requests in a kmock request log; with `serving`
+    True (False) only those spec.serving made (did not make): their User-Agent ends in ` serving`."""
     out: set[tuple[str, str, str]] = set()
     for record in requests:
         if not record.user_agent.startswith(OPERATOR_AGENTS):
+            continue
+        if serving is not None and record.user_agent.endswith(SERVING_SUFFIX) != serving:
             continue
         verb, resource = verb_resource(record)
         if resource.startswith("/"):  # discovery (/api, /apis/…): allowed to every authenticated user
@@ -68,12 +73,15 @@ def used_by_operator(requests: Any) -> set[tuple[str, str, str]]:
     return out
 
 
-def as_document(used: set[tuple[str, str, str]]) -> dict[str, list[dict[str, str]]]:
+def as_document(used: set[tuple[str, str, str]], serving: set[tuple[str, str, str]] = frozenset()) -> dict[str, list[dict[str, str]]]:
+    """`always` and `peering` (kopf's peering calls) from the trainer-side requests; `serving`:
+    what spec.serving's requests need beyond `always` (the chart grants it with serving.enabled)."""
     rows = sorted(used, key=lambda t: (t[1], t[2], t[0]))
     entry = lambda v, g, r: {"verb": v, "group": g, "resource": r}
     return {
         "always": [entry(*row) for row in rows if row[1] != PEERING_GROUP],
         "peering": [entry(*row) for row in rows if row[1] == PEERING_GROUP],
+        "serving": [entry(*row) for row in sorted(serving - used, key=lambda t: (t[1], t[2], t[0]))],
     }
 
 
@@ -89,7 +97,8 @@ def pytest_deselected(items: list[pytest.Item]) -> None:
 def pytest_runtest_teardown(item: pytest.Item) -> None:
     kube = getattr(item, "funcargs", {}).get("kube")
     if _records(item) and kube is not None:
-        _used.update(used_by_operator(list(kube.requests)))
+        _used.update(used_by_operator(list(kube.requests), serving=False))
+        _serving.update(used_by_operator(list(kube.requests), serving=True))
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
@@ -100,7 +109,10 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if not _items or _deselected or _passed != _items:
         return  # a partial or failing run: the set would be incomplete
-    document = as_document(_used)
+    files = {nodeid.split("::", 1)[0].rsplit("/", 1)[-1] for nodeid in _items}
+    if files != {path.name for path in FAST_DIR.glob("test_operator*.py")}:
+        return  # some of the recording files were not collected (one file, -k on a path): partial
+    document = as_document(_used, _serving)
     text = json.dumps(document, indent=2) + "\n"
     if os.environ.get("KUBETUNE_UPDATE_GOLDEN") == "1":
         USAGE_FILE.write_text(text)

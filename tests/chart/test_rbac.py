@@ -1,10 +1,11 @@
 """The operator's RBAC is exactly what it uses (RELIABILITY O11) and never more than it may have.
 
 `tests/data/operator-api-usage.json` lists the (verb, group, resource) triples the operator was
-seen to call, split into `always` and `peering`. For each chart scope (a ClusterRole, or a Role in
-each watched namespace) and peering on and off, the rules bound to the operator's ServiceAccount
-must grant every used triple and no other. Independently of usage, no role the chart ships may
-hold a wildcard, Secrets, pods/create or escalate/bind/impersonate.
+seen to call, split into `always`, `peering` and `serving` (spec.serving's requests beyond
+`always`). For each chart scope (a ClusterRole, or a Role in each watched namespace), peering on
+and off and serving.enabled on and off, the rules bound to the operator's ServiceAccount must grant
+every used triple and no other. Independently of usage, no role the chart ships may hold a
+wildcard, pods/create or escalate/bind/impersonate, nor Secrets beyond `get` with serving.enabled.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ CASES: dict[str, dict[str, Any]] = {
     "cluster+peering": {"watch": {"scope": "Cluster"}, "peering": {"enabled": True}},
     "namespaced": {"watch": {"scope": "Namespaced", "namespaces": WATCHED}},
     "namespaced+peering": {"watch": {"scope": "Namespaced", "namespaces": WATCHED}, "peering": {"enabled": True}},
+    "cluster+serving": {"watch": {"scope": "Cluster"}, "serving": {"enabled": True}},
+    "namespaced+peering+serving": {"watch": {"scope": "Namespaced", "namespaces": WATCHED}, "peering": {"enabled": True},
+                                   "serving": {"enabled": True}},
 }
 
 
@@ -57,7 +61,7 @@ CASES: dict[str, dict[str, Any]] = {
 def test_granted_equals_used(case: str) -> None:
     values = CASES[case]
     scope = "namespaced" if values["watch"]["scope"] == "Namespaced" else "cluster"
-    expected = chart_rbac.expected(USAGE, scope=scope, peering_on="peering" in values)
+    expected = chart_rbac.expected(USAGE, scope=scope, peering_on="peering" in values, serving_on="serving" in values)
     roles = operator_roles(render(values))
     if scope == "namespaced":
         assert sorted((r["kind"], r["metadata"]["namespace"]) for r in roles) == [("Role", ns) for ns in WATCHED]
@@ -70,24 +74,27 @@ def test_granted_equals_used(case: str) -> None:
 
 
 def test_usage_file_has_the_agreed_shape() -> None:
-    assert set(USAGE) - {"_comment"} == {"always", "peering"}
-    for entry in USAGE["always"] + USAGE["peering"]:
+    assert set(USAGE) - {"_comment"} == {"always", "peering", "serving"}
+    for entry in USAGE["always"] + USAGE["peering"] + USAGE["serving"]:
         assert set(entry) == {"verb", "group", "resource"} and all(isinstance(v, str) for v in entry.values())
 
 
 FORBIDDEN_VERBS = {"escalate", "bind", "impersonate", "*"}
 
 
-@pytest.mark.parametrize("name", sorted(SCENARIOS) + ["cluster+peering"])
+@pytest.mark.parametrize("name", sorted(SCENARIOS) + ["cluster+peering", "cluster+serving", "namespaced+peering+serving"])
 def test_no_role_grants_what_it_must_never(name: str) -> None:
     objs = scenario(name) if name in SCENARIOS else render(CASES[name])
+    serving = "serving" in CASES.get(name, {})
     for role in of_kind(objs, "Role") + of_kind(objs, "ClusterRole"):
         for rule in role["rules"]:
             where = f"{role['kind']} {role['metadata']['name']}: {rule}"
             assert "*" not in rule["apiGroups"] + rule["resources"] + rule["verbs"], where
             assert not rule.get("nonResourceURLs") and not rule.get("resourceNames"), where
             assert not FORBIDDEN_VERBS & set(rule["verbs"]), where
-            assert not {"secrets"} & set(rule["resources"]) or rule["apiGroups"] != [""], where
+            if "secrets" in rule["resources"] and rule["apiGroups"] == [""]:
+                # only the vllmEndpoint API key, read with serving.enabled; never listed or watched
+                assert serving and rule["verbs"] == ["get"] and rule["resources"] == ["secrets"], where
             assert not ("pods" in rule["resources"] and "" in rule["apiGroups"] and "create" in rule["verbs"]), where
             assert "pods/exec" not in rule["resources"] and "pods/attach" not in rule["resources"], where
 

@@ -858,8 +858,15 @@ class Serving(WireModel):
 
 
 def served_merged(adaptation: Adaptation) -> bool:
-    """The result is served as a merged full model (the trainer writes `merged/` beside the adapter)."""
+    """The adaptation's result is served as a merged full model (the trainer writes `merged/` beside
+    a DoRA or IA3 adapter; full weights are served as they are)."""
     return adaptation not in SERVABLE_AS_LORA and adaptation not in UNSERVABLE
+
+
+def serves_full_model(spec: "FineTuneJobSpec") -> bool:
+    """spec.serving serves a full model (status.adapter.mergedUri), not a LoRA adapter on the base:
+    the adaptation needs merging, or output.format: merged already folded the adapter in."""
+    return spec.output.format == OutputFormat.MERGED or served_merged(spec.method.adaptation)
 
 
 # ------------------------------------------------------------------------------------ spec

@@ -85,12 +85,16 @@ Call with (list .Values.image $). */}}
 {{- end }}
 
 {{/* The operator's RBAC rules (files/operator-rbac.yaml, generated from the measured API usage),
-with the peering rules of the watch scope when peering is on; as YAML. */}}
+with the peering rules of the watch scope when peering is on and the serving rules when
+serving.enabled; as YAML. */}}
 {{- define "kubetune.operatorRules" -}}
 {{- $file := .Files.Get "files/operator-rbac.yaml" | fromYaml }}
 {{- $rules := $file.always }}
 {{- if .Values.peering.enabled }}
 {{- $rules = concat $rules (ternary $file.peeringNamespaced $file.peeringCluster (eq .Values.watch.scope "Namespaced")) }}
+{{- end }}
+{{- if (.Values.serving).enabled }}
+{{- $rules = concat $rules $file.serving }}
 {{- end }}
 {{- toYaml $rules }}
 {{- end }}

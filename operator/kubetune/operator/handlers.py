@@ -9,6 +9,11 @@ Children are created through the official synchronous `kubernetes` client in a w
 kopf's own API client is not public. Where the client connects is decided once, lazily: an
 explicit `api_url` (tests), `KUBETUNE_API_URL`, the in-cluster service account, or kubeconfig.
 
+Serving (spec.serving, issue 20): once a job is Succeeded, the observe timer creates or adopts its
+serving object (kubetune.operator.serving builds it) and keeps status.serving and the Serving
+condition true to the object's own status; those requests carry the User-Agent SERVING_AGENT, and
+the chart grants them only with serving.enabled.
+
 Idempotency (RELIABILITY O1, O2): child names are deterministic; a 409 on create reads the
 existing object, adopts it when its ownerReferences carry our uid, and otherwise fails the
 FineTuneJob with `ChildNameConflict` without touching the foreign object. Deletion relies on
@@ -19,6 +24,7 @@ operator is down never hangs (O7).
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import contextlib
 import dataclasses
@@ -29,6 +35,7 @@ import logging
 import math
 import os
 import threading
+import time
 from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote
@@ -39,7 +46,7 @@ from kubetune.api.crd import MUTABLE_AFTER_START
 from kubetune.api.enums import Phase
 from kubetune.api.estimate import estimate_job, memory_warning
 from kubetune.api.resource import GROUP, PLURAL, VERSION, FineTuneJob, parse_manifest
-from kubetune.operator import builders, presence, reconcile, redaction
+from kubetune.operator import builders, presence, reconcile, redaction, serving
 from kubetune.operator.metrics import METRICS
 from kubetune.operator.scrape import scrape
 from kubetune.operator.settings import OperatorSettings
@@ -65,6 +72,9 @@ def _version() -> str:
 
 
 USER_AGENT = f"kubetune-operator/{_version()}"
+SERVING_AGENT = f"{USER_AGENT} serving"
+"""The User-Agent of spec.serving's requests: audit logs (and tests/api_usage.py, which derives the
+chart's `serving.enabled` RBAC from them) tell them from the trainer-side requests."""
 
 
 def _resource_of(path: str) -> str:
@@ -86,8 +96,9 @@ class ApiError(Exception):
 class Kube:
     """A minimal path-based Kubernetes client (create, get, list, merge-patch) returning dicts."""
 
-    def __init__(self, api_url: str | None = None) -> None:
+    def __init__(self, api_url: str | None = None, user_agent: str = USER_AGENT) -> None:
         self._api_url = api_url
+        self._user_agent = user_agent
         self._client: Any = None
         self._lock = threading.Lock()
 
@@ -108,7 +119,7 @@ class Kube:
                     except kubernetes.config.ConfigException:
                         kubernetes.config.load_kube_config(client_configuration=config)
                 self._client = kubernetes.client.ApiClient(config)
-                self._client.user_agent = USER_AGENT
+                self._client.user_agent = self._user_agent
             return self._client
 
     def _call(self, method: str, path: str, body: Any = None, query: list[tuple[str, str]] | None = None) -> dict[str, Any]:
@@ -170,7 +181,9 @@ def retry_after_seconds(value: Any, now: datetime | None = None) -> float | None
 
 def _collection(obj: dict[str, Any], namespace: str | None) -> str:
     api_version, kind = obj["apiVersion"], obj["kind"]
-    plural = {"Job": "jobs", "Service": "services", "PodGroup": "podgroups", "Pod": "pods", "ConfigMap": "configmaps"}[kind]
+    plural = {"Job": "jobs", "Service": "services", "PodGroup": "podgroups", "Pod": "pods", "ConfigMap": "configmaps",
+              "Deployment": "deployments", "LLMInferenceService": "llminferenceservices",
+              "InferenceService": "inferenceservices"}[kind]
     root = "/api/v1" if "/" not in api_version else f"/apis/{api_version}"
     return f"{root}/namespaces/{quote(namespace or DEFAULT_NAMESPACE)}/{plural}"
 
@@ -243,6 +256,25 @@ def refusal(err: ApiError, child: dict[str, Any]) -> tuple[Reason, str, str | No
     message = (f"the API server refused {kind} {name} (HTTP {err.status}): {text}{where}. "
                "Fix the FineTuneJob and apply it again")
     return Reason.CHILD_REJECTED, reconcile._bounded(reconcile.redact(message)), param
+
+
+SERVING_RBAC_HINT = ("the operator may not manage serving objects: install the chart with serving.enabled=true "
+                     "(it grants the operator the serving permissions), or drop spec.serving")
+
+
+def _serving_path(kind: str, namespace: str | None, name: str) -> str:
+    obj = {"Deployment": {"apiVersion": "apps/v1"}, serving.LLMISVC[2]: {"apiVersion": f"{serving.GROUP}/{serving.LLMISVC[0]}"},
+           serving.ISVC[2]: {"apiVersion": f"{serving.GROUP}/{serving.ISVC[0]}"}}[kind]
+    return f"{_collection({**obj, 'kind': kind}, namespace)}/{quote(name)}"
+
+
+def _serving_refusal(err: ApiError, what: str) -> str:
+    """ServingFailed's message: 403 names the chart value that grants the permissions."""
+    text = server_message(err)
+    if err.status == 403:
+        return reconcile._bounded(reconcile.redact(f"{what}: HTTP 403 ({text}); {SERVING_RBAC_HINT}"))
+    return reconcile._bounded(reconcile.redact(f"{what}: the API server refused it (HTTP {err.status}): {text}. "
+                                               "Fix spec.serving and apply the FineTuneJob again"))
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -426,6 +458,7 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
     `presence_namespace`, a standalone operator holds the `kubetune-operator` Lease there and
     warns when another operator holds it (`presence`)."""
     kube = Kube(api_url)
+    serving_kube = Kube(api_url, SERVING_AGENT)
     if presence_namespace is not None:
         presence.register(registry, kube, presence_namespace)
 
@@ -718,6 +751,16 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
 
     async def observe_job(body: kopf.Body, name: str, namespace: str | None, uid: str, patch: kopf.Patch,
                           logger: Any, kubetune_jobs: Any = None, kubetune_pods: Any = None, **_: Any) -> None:
+        """The timer: the trainer Job's state into the status, then (once Succeeded) spec.serving."""
+        current = await observe_training(body, name, namespace, uid, patch, logger, kubetune_jobs, kubetune_pods)
+        if current is None:
+            current = dict(body.get("status") or {})
+        if current.get("phase") == Phase.SUCCEEDED.value and (body.get("spec") or {}).get("serving"):
+            await serve_result(body, name, namespace, uid, current, logger)
+
+    async def observe_training(body: kopf.Body, name: str, namespace: str | None, uid: str, patch: kopf.Patch,
+                               logger: Any, kubetune_jobs: Any = None, kubetune_pods: Any = None) -> dict[str, Any] | None:
+        """The status as patched (None when this tick wrote nothing of its own)."""
         job_name = (body.get("status") or {}).get("jobName")
         if (body.get("status") or {}).get("phase") == Phase.CANCELLED.value:
             return  # final: the Job is being deleted
@@ -758,7 +801,7 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
                                     started_spec=started_spec)
             change = reconcile.diff(old, new)
             if change is None:
-                return
+                return None
             # Patched here rather than through kopf's `patch`: kopf applies a timer's patch after
             # the handler, and one refused patch (a 422) ends that object's timer for good. Here a
             # refusal is logged and counted, and the next tick tries again.
@@ -767,11 +810,183 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
             except ApiError as err:
                 logger.warning(f"status patch refused, retrying in {settings.metrics_scrape_interval_seconds:g}s: "
                                f"{reconcile._bounded(reconcile.redact(str(err)), 500)}")
-                return
+                return None
             if new.get("phase") != old.get("phase") and new.get("phase"):
                 METRICS.transition(old.get("phase"), new["phase"])
             for kind, reason, message in reconcile.transitions(old, new):
                 kopf.event(body, type=kind, reason=reason, message=message)
+            return new
+        return None
+
+    # ------------------------------------------------------------------ serving (spec.serving)
+    # Read on the observe timer rather than watched: a Succeeded job costs one GET of its serving
+    # object per tick until it is Ready, then one per serving_recheck_seconds. A watch on the
+    # KServe kinds would need list/watch on them cluster-wide and fails while the CRDs are absent.
+    serving_due: dict[str, tuple[float, int]] = {}  # uid → (monotonic time of the next check, failed attempts)
+
+    async def serve_result(body: kopf.Body, name: str, namespace: str | None, uid: str, status: dict[str, Any],
+                           logger: Any) -> None:
+        """Create (or adopt) the serving object(s) of a Succeeded job and keep status.serving and
+        the Serving condition true to what the object reports."""
+        if not status.get("adapter"):
+            return  # nothing to serve yet (the summary that names the adapter may come a tick later)
+        due, attempts = serving_due.get(uid, (0.0, 0))
+        if time.monotonic() < due:
+            return
+        ftj, _problems = parse_manifest({k: v for k, v in _plain(body).items() if k != "status"})
+        if ftj is None or ftj.spec.serving is None:
+            return
+        generation = body.get("metadata", {}).get("generation")
+        current = dict(status.get("serving") or {})
+        try:
+            new, state, reason, message = await _serving_state(ftj, uid, namespace, status, current)
+        except (ApiError, serving.EndpointUnreachable) as err:
+            delay = backoff_seconds(err, attempts) if isinstance(err, ApiError) else min(
+                BACKOFF_SECONDS[1], BACKOFF_SECONDS[0] * 2 ** min(attempts, 20))
+            serving_due[uid] = (time.monotonic() + delay, attempts + 1)
+            text = reconcile._bounded(reconcile.redact(str(err)), 500)
+            logger.warning(f"serving {ftj.metadata.name}: {text}; retrying in {delay:g}s")
+            new, state, reason = dict(current), "False", Reason.SERVING_NOT_READY
+            message = reconcile._bounded(reconcile.redact(f"retrying in {delay:g}s ({attempts + 1} attempts): {text}"))
+            new = new or serving.initial_status(ftj, None)
+            new["ready"], new["message"] = False, message
+        else:
+            ready = new.get("ready") is True
+            wait = settings.serving_recheck_seconds if ready or reason in (Reason.SERVING_FAILED, Reason.SERVING_CRD_MISSING) else 0.0
+            serving_due[uid] = (time.monotonic() + wait, 0)
+        conds = reconcile.set_condition(status.get("conditions") or [], ConditionType.SERVING, state, reason,
+                                        reconcile._bounded(reconcile.redact(message)), _now(), generation)
+        change: dict[str, Any] = {}
+        if reconcile._merge_patch(current, new) or current.keys() != new.keys():
+            change["serving"] = {**{k: None for k in current.keys() - new.keys()}, **new}
+        before = next((c for c in status.get("conditions") or [] if c.get("type") == ConditionType.SERVING.value), None)
+        after = next(c for c in conds if c["type"] == ConditionType.SERVING.value)
+        if before != after:
+            change["conditions"] = conds
+        if not change:
+            return
+        try:
+            await kube.request("PATCH", f"{_ftj_path(namespace, name)}/status", {"status": change})
+        except ApiError as err:
+            serving_due.pop(uid, None)
+            logger.warning(f"status patch refused, retrying on the next tick: {reconcile._bounded(reconcile.redact(str(err)), 500)}")
+            return
+        if before is None or (before.get("reason"), before.get("status")) != (after["reason"], after["status"]):
+            if reason in (Reason.SERVING_FAILED, Reason.SERVING_CRD_MISSING):
+                kopf.warn(body, reason=reason.value, message=after["message"])
+            elif reason in (Reason.SERVING_READY, Reason.ADAPTER_REGISTERED, Reason.SERVING_CREATED):
+                kopf.info(body, reason=reason.value, message=after["message"])
+
+    async def _serving_state(ftj: FineTuneJob, uid: str, namespace: str | None, status: dict[str, Any],
+                             current: dict[str, Any]) -> tuple[dict[str, Any], str, Reason, str]:
+        """(status.serving, condition status, reason, message); raises what is worth retrying."""
+        spec = ftj.spec.serving
+        assert spec is not None
+        try:
+            if spec.engine.value == "vllmEndpoint":
+                return await _register(ftj, namespace, status, current)
+            kind = current.get("kind")
+            if kind and current.get("name") and current.get("engine") == spec.engine.value:
+                obj = await serving_kube.get(_serving_path(kind, namespace, current["name"]))
+                if obj is not None:
+                    return _observed(ftj, current, obj)
+            kserve = await _discover_kserve() if spec.engine.value == "kserve" else None
+            made = serving.plan(ftj, uid, status, settings, kserve)
+        except serving.ServingError as err:
+            reason = Reason.SERVING_CRD_MISSING if str(err) == serving.CRD_MISSING else Reason.SERVING_FAILED
+            return {**serving.initial_status(ftj, None), "message": str(err)}, "False", reason, str(err)
+        except ApiError as err:
+            if retriable(err.status):
+                raise
+            message = _serving_refusal(err, "reading the serving object")
+            return {**serving.initial_status(ftj, None), "message": message}, "False", Reason.SERVING_FAILED, message
+        new = serving.initial_status(ftj, made.kind, made.name)
+        for obj in made.objects:
+            try:
+                mine = await _create_or_adopt(obj, namespace, uid)
+            except ApiError as err:
+                if retriable(err.status):
+                    raise
+                if err.status == 404 and obj["apiVersion"].startswith(serving.GROUP):
+                    message = serving.CRD_MISSING
+                    return {**new, "message": message}, "False", Reason.SERVING_CRD_MISSING, message
+                message = _serving_refusal(err, f"creating {obj['kind']} {obj['metadata']['name']}")
+                return {**new, "message": message}, "False", Reason.SERVING_FAILED, message
+            if not mine:
+                message = conflict_message(obj) + " (or set spec.serving.retain: false)"
+                return {**new, "message": message}, "False", Reason.SERVING_FAILED, message
+        message = f"{made.kind} {made.name} serves model {new['model']}; waiting for it to report Ready"
+        return {**new, "message": message}, "False", Reason.SERVING_CREATED, message
+
+    def _observed(ftj: FineTuneJob, current: dict[str, Any], obj: dict[str, Any]) -> tuple[dict[str, Any], str, Reason, str]:
+        new = {**serving.initial_status(ftj, current.get("kind"), current.get("name"))}
+        ready, why = serving.readiness(obj)
+        url = serving.url_of(obj) if obj.get("kind") != "Deployment" else serving.service_url(ftj)
+        if url:
+            new["url"] = url
+        new["ready"] = ready
+        if ready:
+            return new, "True", Reason.SERVING_READY, f"{new['kind']} {new['name']} is Ready: model {new['model']} at {new.get('url')}"
+        new["message"] = reconcile._bounded(reconcile.redact(why or "not Ready"))
+        return new, "False", Reason.SERVING_NOT_READY, f"{new['kind']} {new['name']} is not Ready: {new['message']}"
+
+    async def _register(ftj: FineTuneJob, namespace: str | None, status: dict[str, Any],
+                        current: dict[str, Any]) -> tuple[dict[str, Any], str, Reason, str]:
+        """engine vllmEndpoint: POST load_lora_adapter once (vLLM forgets it on restart: re-applied
+        at every serving_recheck_seconds, which an already loaded adapter answers cheaply)."""
+        block = ftj.spec.serving.vllm_endpoint if ftj.spec.serving is not None else None
+        assert block is not None
+        new = serving.initial_status(ftj, serving.ENDPOINT_KIND)
+        api_key = None
+        if block.api_key_secret:
+            secret = await serving_kube.get(f"/api/v1/namespaces/{quote(namespace or DEFAULT_NAMESPACE)}/secrets/{quote(block.api_key_secret)}")
+            raw = ((secret or {}).get("data") or {}).get("api-key")
+            if not raw:
+                message = (f"Secret {block.api_key_secret} (spec.serving.vllmEndpoint.apiKeySecret) "
+                           f"{'has no key api-key' if secret else 'does not exist in namespace ' + str(namespace)}: "
+                           "create it with the server's --api-key under the key api-key")
+                return {**new, "message": message}, "False", Reason.SERVING_FAILED, message
+            api_key = base64.b64decode(raw).decode("utf-8", "replace").strip()
+        url, payload = serving.load_request(ftj, status)
+        ok, why = await serving.register_adapter(url, payload, api_key)
+        if ok:
+            new["ready"] = True
+            return new, "True", Reason.ADAPTER_REGISTERED, (f"adapter {payload['lora_name']} registered with "
+                                                              f"{block.url} (lora_path {payload['lora_path']})")
+        message = reconcile._bounded(reconcile.redact(why or "refused"))
+        return {**new, "message": message}, "False", Reason.SERVING_FAILED, message
+
+    async def _discover_kserve() -> tuple[str, str, str] | None:
+        found: dict[str, Any] = {}
+        for version, _plural, _kind in serving.KSERVE_KINDS:
+            found[version] = await serving_kube.get(f"/apis/{serving.GROUP}/{version}")
+            if serving.kserve_kind(found) is not None:
+                break
+        return serving.kserve_kind(found)
+
+    async def _create_or_adopt(obj: dict[str, Any], namespace: str | None, uid: str) -> bool:
+        """POST; on 409 the existing object is ours (owner uid, or our labels when retained) and is
+        patched to what was built, else False (a foreign object holds the name)."""
+        path = _collection(obj, namespace)
+        try:
+            await serving_kube.request("POST", path, obj)
+            return True
+        except ApiError as err:
+            if err.status != 409:
+                raise
+        existing = await serving_kube.get(f"{path}/{quote(obj['metadata']['name'])}")
+        if existing is None:
+            raise ApiError(0, f"{obj['kind']} {obj['metadata']['name']} vanished after 409")  # retried
+        labels = (existing.get("metadata") or {}).get("labels") or {}
+        ours = obj["metadata"]["labels"]
+        retained = "ownerReferences" not in obj["metadata"] and all(labels.get(k) == ours[k] for k in
+                                                                   ("kubetune.io/finetunejob", builders.MANAGED_BY_LABEL))
+        if not (_owned_by(existing, uid) or retained):
+            return False
+        await serving_kube.request("PATCH", f"{path}/{quote(obj['metadata']['name'])}",
+                           {"metadata": {k: v for k, v in obj["metadata"].items() if k in ("labels", "ownerReferences")},
+                            "spec": obj["spec"]})
+        return True
 
     @kopf.on.field(GROUP, VERSION, PLURAL, registry=registry, field="spec.cancel", id="cancel")
     async def cancel(body: kopf.Body, name: str, namespace: str | None, uid: str, new: Any, patch: kopf.Patch,
@@ -837,6 +1052,7 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
         """Keep `kubetune_operator_finetunejobs{phase}` equal to what the watch shows (no finalizer)."""
         if event.get("type") == "DELETED":
             phases.pop(uid, None)
+            serving_due.pop(uid, None)
         else:
             phases[uid] = str((body.get("status") or {}).get("phase") or Phase.PENDING.value)
         METRICS.set_phase_counts(collections.Counter(phases.values()))

@@ -131,6 +131,14 @@ class OperatorSettings:
     """Most FineTuneJobs handled concurrently (kopf's `batching.worker_limit`); 0: no limit.
     A limit bounds the operator's memory and API load during a burst of new jobs."""
 
+    serving_vllm_image: str = "vllm/vllm-openai:v0.11.0"
+    """vLLM image of the Deployments spec.serving engine vllm creates when the FineTuneJob sets no
+    spec.serving.vllm.image (pin by digest in production)."""
+
+    serving_recheck_seconds: float = 300.0
+    """How often the operator re-reads a Ready serving object (spec.serving) to notice it stopped
+    being Ready; one that is not Ready yet is read on every metrics_scrape_interval_seconds tick."""
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
         """Settings from `KUBETUNE_*` variables (default: the process environment)."""
