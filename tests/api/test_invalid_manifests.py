@@ -211,6 +211,22 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
         "spec.podOverrides.volumeMounts[0].subPath",
     ),
     ("pod-overrides-node-selector", {"spec.podOverrides": {"nodeSelector": {"a": "b"}}}, "spec.podOverrides.nodeSelector"),
+    # spec.serving (issue 20): the block matches the engine; an endpoint needs its url, without credentials.
+    ("serving-engine-unknown", {"spec.serving": {"engine": "triton"}}, "spec.serving.engine"),
+    ("serving-block-mismatch", {"spec.serving": {"engine": "kserve", "vllm": {"gpus": 1}}}, "spec.serving"),
+    ("serving-endpoint-without-block", {"spec.serving": {"engine": "vllmEndpoint"}}, "spec.serving"),
+    (
+        "serving-endpoint-url-credentials",
+        {"spec.serving": {"engine": "vllmEndpoint", "vllmEndpoint": {"url": "http://user:pw@vllm.serving:8000"}}},
+        "spec.serving.vllmEndpoint.url",
+    ),
+    ("serving-model-name", {"spec.serving": {"engine": "vllm", "modelName": "Support_Bot"}}, "spec.serving.modelName"),
+    ("serving-replicas", {"spec.serving": {"engine": "vllm", "vllm": {"replicas": -1}}}, "spec.serving.vllm.replicas"),
+    (
+        "serving-prompt-tuning",
+        {"spec.method": {"adaptation": "promptTuning"}, "spec.serving": {"engine": "vllm"}},
+        "spec.serving",
+    ),
     # Credentials in a URI (RELIABILITY O17): refused, never copied into the trainer Job.
     ("model-key-secret-with-slash", {"spec.model.source": "s3://AKIAIOSFODNN7EXAMPLE:wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY@bucket/model"}, "spec.model.source"),
     ("output-token-only", {"spec.output.uri": "s3://TOKEN@models/support-bot"}, "spec.output.uri"),

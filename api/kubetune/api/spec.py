@@ -964,6 +964,14 @@ class FineTuneJobSpec(WireModel):
         description="A short lowercase name added to the adapter's name in its manifest (like OpenAI's suffix).",
     )
 
+    @field_validator("serving")
+    @classmethod
+    def _servable(cls, value: Optional[Serving], info: ValidationInfo) -> Optional[Serving]:
+        method = info.data.get("method")
+        if value is not None and method is not None and method.adaptation in UNSERVABLE:
+            raise ValueError(_UNSERVABLE)
+        return value
+
     @field_validator("pod_overrides")
     @classmethod
     def _credentials_once(cls, value: Optional[PodOverrides], info: ValidationInfo) -> Optional[PodOverrides]:
@@ -982,8 +990,6 @@ class FineTuneJobSpec(WireModel):
                 "output.format: merged is not possible with prefixTuning or promptTuning (virtual "
                 "tokens are not weights of the base model to merge into); use format: adapter"
             )
-        if self.serving is not None and self.method.adaptation in UNSERVABLE:
-            raise ValueError(_UNSERVABLE)
         if self.dataset.packing and self.method.adaptation in (Adaptation.PREFIX_TUNING, Adaptation.PROMPT_TUNING):
             raise ValueError(
                 "dataset.packing cannot be combined with prefixTuning or promptTuning (virtual tokens "
