@@ -237,6 +237,43 @@ def test_quickstart_demo(tmp_path: Path) -> None:
     assert float(rows["tuned model eval loss"]) < float(rows["base model eval loss"])
     verify = subprocess.run([sys.executable, "-m", "kubetune.cli", "verify", out], capture_output=True, text=True)
     assert verify.returncode == 0 and "verified" in verify.stdout
+    use_the_quickstart_output(out, tmp_path)
+
+
+def use_the_quickstart_output(out: str, tmp_path: Path) -> None:
+    """The design note's third step on the quickstart output (issue 20): `kubetune chat --compare`
+    prints both answers, and the official openai client talks to `kubetune serve`."""
+    import openai
+
+    chat = subprocess.run(
+        [sys.executable, "-m", "kubetune.cli", "chat", out, "--prompt", "I was charged twice", "--compare",
+         "--temperature", "0", "--max-tokens", "24", "--device", "cpu"],
+        capture_output=True, text=True, env=env(tmp_path), timeout=300,
+    )
+    assert chat.returncode == 0, chat.stderr[-3000:]
+    assert "[tuned: ft:tiny-llama:quickstart]" in chat.stdout and "[base: tiny-llama]" in chat.stdout
+    tuned, base = chat.stdout.split("[base: tiny-llama]")
+    assert tuned.split("]", 1)[1].strip() and base.strip()  # both answered
+
+    proc = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "serve", out, "--port", "0", "--device", "cpu"],
+                            stderr=subprocess.PIPE, text=True, env={**env(tmp_path), "PYTHONUNBUFFERED": "1"})
+    try:
+        url = next((line.split(" on ", 1)[1].split()[0] for line in proc.stderr if line.startswith("serving ")), None)  # type: ignore[union-attr]
+        assert url is not None, "kubetune serve never said where it listens"
+        with openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120) as client:
+            models = {m.id: m for m in client.models.list()}
+            assert "ft:tiny-llama:quickstart" in models
+            messages = [{"role": "user", "content": "How do I reset my password?"}]
+            plain = client.chat.completions.create(model="ft:tiny-llama:quickstart", messages=messages, temperature=0, max_tokens=24)
+            text = plain.choices[0].message.content
+            assert text and plain.usage.completion_tokens > 0
+            stream = client.chat.completions.create(model="ft:tiny-llama:quickstart", messages=messages, temperature=0,
+                                                    max_tokens=24, stream=True)
+            assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0
+        proc.stderr.close()  # type: ignore[union-attr]
 
 
 def test_torchrun_two_processes(tmp_path: Path) -> None:
