@@ -127,7 +127,8 @@ async def test_retained_vllm_deployment_has_no_owner_and_reads_replicas(kube: Ku
         deployment = kube.read_object(DEPLOYMENTS, NS, SERVE)
         service = kube.read_object('v1/services', NS, SERVE)
         assert 'ownerReferences' not in deployment['metadata'] and service is not None and 'ownerReferences' not in service['metadata']
-        assert deployment['spec']['template']['spec']['initContainers'][0]['command'][-2] == ADAPTER
+        fetch_command = deployment['spec']['template']['spec']['initContainers'][0]['command']
+        assert fetch_command[fetch_command.index('--uri') + 1] == ADAPTER
         await wait_until(lambda: status(kube).get('serving', {}).get('kind') == 'Deployment', message='status.serving')
         assert status(kube)['serving']['url'] == f'http://{SERVE}.{NS}.svc:8000/v1'
         await merge_patch(api, f'/apis/apps/v1/namespaces/{NS}/deployments/{SERVE}/status', {'status': {

@@ -43,9 +43,11 @@ CRDS = {
 }
 
 
-def ftj(example: str, **serving_changes: Any) -> FineTuneJob:
+def ftj(example: str, model_source: str | None = None, **serving_changes: Any) -> FineTuneJob:
     doc = load_yaml((EXAMPLES / example).read_text())
     doc["metadata"]["namespace"] = "ml"
+    if model_source is not None:
+        doc["spec"]["model"]["source"] = model_source
     doc["spec"]["serving"].update(serving_changes)
     job, problems = parse_manifest(doc)
     assert job is not None, problems
@@ -54,7 +56,7 @@ def ftj(example: str, **serving_changes: Any) -> FineTuneJob:
 
 def render(case: str) -> list[dict[str, Any]]:
     example, kind = CASES[case]
-    return list(serving.plan(ftj(example), UID, STATUS, SETTINGS, kind).objects)
+    return list(serving.plan(ftj(example, MODEL_SOURCES.get(case)), UID, STATUS, SETTINGS, kind).objects)
 
 
 CASES: dict[str, tuple[str, tuple[str, str, str] | None]] = {
@@ -62,7 +64,10 @@ CASES: dict[str, tuple[str, tuple[str, str, str] | None]] = {
     "kserve-inferenceservice": ("kserve.yaml", serving.ISVC),
     "vllm": ("vllm.yaml", None),
     "vllm-merged-dora": ("dora-merged.yaml", None),
+    "vllm-s3-base": ("vllm.yaml", None),
 }
+MODEL_SOURCES = {"vllm-s3-base": "s3://models/base/qwen2.5-1.5b-instruct"}
+"""spec.model.source of a case, where it is not its example's."""
 
 
 def kserve_schema(kind: str) -> dict[str, Any]:
@@ -164,8 +169,10 @@ def test_hf_base_uri_is_spelled_as_kserve_reads_it() -> None:
 def test_vllm_deployment_fetches_then_serves_under_restricted_pss() -> None:
     deployment, service = render("vllm")
     pod = deployment["spec"]["template"]["spec"]
-    (fetch,) = pod["initContainers"]
-    assert fetch["image"] == SETTINGS.trainer_image and fetch["command"][-2:] == ["s3://models/out/adapter", "/models/support-bot-vllm"]
+    (fetch,) = pod["initContainers"]  # an hf:// base: vLLM pulls it itself
+    assert fetch["image"] == SETTINGS.trainer_image
+    assert fetch["command"] == ["python", "-m", "kubetune.trainer", "fetch", "--uri", "s3://models/out/adapter",
+                                "--dest", "/models/support-bot-vllm"]
     assert {e["valueFrom"]["secretKeyRef"]["name"] for e in fetch["env"] if "valueFrom" in e} == {"s3-credentials"}
     (server,) = pod["containers"]
     assert server["image"] == SETTINGS.serving_vllm_image
@@ -187,12 +194,13 @@ def test_merged_adaptations_serve_the_merged_model() -> None:
     assert command[:5] == ["vllm", "serve", "/models/support-bot-dora", "--served-model-name", "support-bot-dora"]
     assert "--enable-lora" not in command
     fetch = deployment["spec"]["template"]["spec"]["initContainers"][0]
-    assert fetch["command"][-2] == "s3://models/out/merged"
+    assert fetch["command"][-4:] == ["--uri", "s3://models/out/merged", "--dest", "/models/support-bot-dora"]
+    assert len(deployment["spec"]["template"]["spec"]["initContainers"]) == 1  # a merged model needs no base
     assert serving.initial_status(ftj("dora-merged.yaml"), "Deployment")["merged"] is True
 
 
 def test_vllm_pods_pass_the_restricted_profile() -> None:
-    for case in ("vllm", "vllm-merged-dora"):
+    for case in ("vllm", "vllm-merged-dora", "vllm-s3-base"):
         deployment = render(case)[0]
         template = deployment["spec"]["template"]
         problems = pss.restricted_violations(template)
@@ -311,7 +319,52 @@ def test_a_result_on_a_pvc_is_copied_from_the_claim_mounted_read_only() -> None:
     pod = deployment["spec"]["template"]["spec"]
     assert {"name": "output", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}} in pod["volumes"]
     fetch = pod["initContainers"][0]
-    assert fetch["command"][-2] == "/mnt/pvc/models/adapters/run1/adapter"
+    assert fetch["command"][-4:] == ["--uri", "pvc://models/adapters/run1/adapter", "--dest", "/models/support-bot-vllm"]
+    assert {"name": "KUBETUNE_PVC_ROOT", "value": "/mnt/pvc"} in fetch["env"]  # where the trainer reads pvc:// from
     assert {"name": "output", "mountPath": "/mnt/pvc/models", "readOnly": True} in fetch["volumeMounts"]
     with pytest.raises(serving.ServingError, match="spec.output.uri"):
         serving.vllm_deployment(job, UID, {"adapter": {"uri": "file:///tmp/out/adapter"}}, SETTINGS)
+
+
+def test_a_base_not_on_the_hub_is_fetched_by_a_second_init_container() -> None:
+    deployment, _service = render("vllm-s3-base")
+    pod = deployment["spec"]["template"]["spec"]
+    fetch, base = pod["initContainers"]
+    assert fetch["command"][-4:] == ["--uri", "s3://models/out/adapter", "--dest", "/models/support-bot-vllm"]
+    assert base["name"] == "fetch-base" and base["image"] == SETTINGS.trainer_image
+    assert base["command"] == ["python", "-m", "kubetune.trainer", "fetch", "--model",
+                               "s3://models/base/qwen2.5-1.5b-instruct", "--dest", "/models/base"]
+    assert base["env"] == fetch["env"] and base["securityContext"] == fetch["securityContext"]
+    command = pod["containers"][0]["command"]
+    assert command[:5] == ["vllm", "serve", "/models/base", "--served-model-name", "qwen2.5-1.5b-instruct"]
+    assert "support-bot-vllm=/models/support-bot-vllm" in command
+
+
+def test_a_base_on_another_pvc_is_mounted_for_the_base_fetch_only() -> None:
+    job = ftj("vllm.yaml", "pvc://bases/qwen")
+    deployment = serving.vllm_deployment(job, UID, {"adapter": {"uri": "pvc://models/run1/adapter"}}, SETTINGS)
+    check_schema(deployment)
+    pod = deployment["spec"]["template"]["spec"]
+    assert {"name": "model", "persistentVolumeClaim": {"claimName": "bases", "readOnly": True}} in pod["volumes"]
+    fetch, base = pod["initContainers"]
+    assert base["command"][-4:] == ["--model", "pvc://bases/qwen", "--dest", "/models/base"]
+    assert {"name": "model", "mountPath": "/mnt/pvc/bases", "readOnly": True} in base["volumeMounts"]
+    assert all(m["name"] != "model" for m in fetch["volumeMounts"])
+    # the same claim for both: one volume
+    same = serving.vllm_deployment(ftj("vllm.yaml", "pvc://models/bases/qwen"), UID,
+                                   {"adapter": {"uri": "pvc://models/run1/adapter"}}, SETTINGS)
+    assert [v["name"] for v in same["spec"]["template"]["spec"]["volumes"] if "persistentVolumeClaim" in v] == ["output"]
+    assert not pss.restricted_violations(same["spec"]["template"])
+
+
+@pytest.mark.parametrize("source, says", [("builtin://tiny-llama", "vLLM does not serve"),
+                                          ("/models/qwen", "a path on the trainer's disk"),
+                                          ("file:///models/qwen", "a path on the trainer's disk")])
+def test_a_base_no_serving_pod_can_read_is_refused(source: str, says: str) -> None:
+    with pytest.raises(serving.ServingError, match=f"spec.model.source is .*{says}"):
+        serving.vllm_deployment(ftj("vllm.yaml", source), UID, STATUS, SETTINGS)
+
+
+def test_a_served_name_that_clashes_with_the_base_directory_is_refused() -> None:
+    with pytest.raises(serving.ServingError, match="spec.serving.modelName"):
+        serving.vllm_deployment(ftj("vllm.yaml", "s3://models/base", modelName="base"), UID, STATUS, SETTINGS)

@@ -8,8 +8,10 @@ Once a job has Succeeded and its adapter is known, the operator hands it to a se
   `predictor.storageUris`, the vLLM LoRA flags as the model container's args). API discovery says
   which (`kserve_kind`); neither → the Serving condition says to install KServe.
 * `vllm`: a Deployment running `vllm serve` and a Service on port 8000. An init container from
-  the trainer image copies the adapter (or merged model) from object storage into an emptyDir,
-  with the job's output credentials: vLLM loads adapters from local paths only (../SERVING.md).
+  the trainer image (`python -m kubetune.trainer fetch`) copies the adapter (or merged model) from
+  object storage into an emptyDir, verified against its manifest, with the job's output
+  credentials: vLLM loads adapters from local paths only (../SERVING.md). A base model vLLM cannot
+  pull itself (s3://, gs://, pvc://: anything but hf://) is fetched by a second init container.
 * `vllmEndpoint`: no object; the adapter is registered with a running vLLM server through
   POST /v1/load_lora_adapter (`register_adapter`).
 
@@ -50,6 +52,7 @@ ISVC_ROOT = "/mnt/models"  # KServe's storage initializer default; paths must sh
 ISVC_OPENAI_PATH = "/openai/v1"  # KServe's HuggingFace runtime serves OpenAI's API under /openai
 VLLM_CACHE_LIMIT = "1Gi"
 FETCH_CONTAINER = "fetch"
+FETCH_BASE_CONTAINER = "fetch-base"
 VLLM_CONTAINER = "vllm"
 LLMISVC_CONTAINER = "main"  # the container name LLMInferenceService's template merges into
 CRD_MISSING = (
@@ -203,19 +206,17 @@ def inference_service(ftj: FineTuneJob, uid: str, status: Mapping[str, Any]) -> 
 
 # ------------------------------------------------------------------------------------ vLLM
 
-FETCH_SCRIPT = (
-    "import sys, fsspec\n"
-    "src, dst = sys.argv[1].rstrip('/'), sys.argv[2]\n"
-    "fs, path = fsspec.core.url_to_fs(src)\n"
-    "fs.get(path + '/', dst + '/', recursive=True)\n"
-    "print(f'fetched {src} into {dst}')\n"
-)
-"""The init container's copy from object storage (fsspec reads the credentials' variables)."""
+FETCH_COMMAND = ["python", "-m", "kubetune.trainer", "fetch"]
+"""The init containers' command (trainer image): a committed result, verified against its manifest
+(sha256 and size of every file), or a base model, copied into the emptyDir (kubetune.trainer.fetch)."""
+BASE_DIR = f"{MODEL_ROOT}/base"
+"""Where a base model that vLLM cannot pull itself (not hf://) is fetched to."""
 
 
 def _fetch_env(ftj: FineTuneJob) -> list[dict[str, Any]]:
     """The job's output credentials, as the trainer pods get them: optional secretKeyRefs only."""
-    env: list[dict[str, Any]] = [{"name": "HOME", "value": "/tmp"}, {"name": "PYTHONUNBUFFERED", "value": "1"}]
+    env: list[dict[str, Any]] = [{"name": "HOME", "value": "/tmp"}, {"name": "PYTHONUNBUFFERED", "value": "1"},
+                                 {"name": "KUBETUNE_PVC_ROOT", "value": builders.PVC_ROOT}]
     secret = ftj.spec.output.credentials_secret
     if secret:
         env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": True}}}
@@ -232,12 +233,13 @@ def vllm_command(ftj: FineTuneJob) -> list[str]:
         args = ["vllm", "serve", local, "--served-model-name", name]
     else:
         source = ftj.spec.model.source
-        if not source.startswith("hf://"):
-            raise ServingError(f"spec.model.source is {source!r}: engine vllm serves a base model from the Hugging Face "
-                               "hub (hf://org/name); use engine: kserve, whose storage initializer fetches s3://, gs:// "
-                               "and pvc:// base models")
-        repo, _, rev = source[len("hf://"):].partition("@")
-        args = ["vllm", "serve", repo, *(["--revision", rev] if rev else []), "--enable-lora", "--lora-modules", f"{name}={local}"]
+        if source.startswith("hf://"):  # vLLM pulls it from the hub itself (HF_TOKEN from the Secret)
+            repo, _, rev = source[len("hf://"):].partition("@")
+            args = ["vllm", "serve", repo, *(["--revision", rev] if rev else [])]
+        else:  # fetched into the emptyDir by an init container (base_fetch_source)
+            base_fetch_source(ftj)
+            args = ["vllm", "serve", BASE_DIR, "--served-model-name", _base_name(ftj)]
+        args += ["--enable-lora", "--lora-modules", f"{name}={local}"]
         rank = block.max_lora_rank if block is not None and block.max_lora_rank else adapter_rank(ftj)
         if rank:
             args += ["--max-lora-rank", str(rank)]
@@ -246,14 +248,35 @@ def vllm_command(ftj: FineTuneJob) -> list[str]:
 
 
 def _fetch_source(uri: str) -> tuple[str, str | None]:
-    """(what the init container copies from, the PVC to mount read-only for it, if any)."""
+    """(what the init container fetches, the PVC to mount read-only for it, if any)."""
     parts = urlsplit(uri)
     if parts.scheme == "pvc":
-        return f"{builders.PVC_ROOT}/{parts.netloc}{parts.path}", parts.netloc
-    if parts.scheme in ("", "file"):
+        return uri, parts.netloc
+    if parts.scheme in ("", "file", "local"):
         raise ServingError(f"the result is at {uri!r}, on the trainer's local disk, which a serving pod cannot read: "
                            "set spec.output.uri to object storage (s3://, gs://) or a PVC (pvc://)")
     return uri, None
+
+
+def base_fetch_source(ftj: FineTuneJob) -> tuple[str, str | None] | None:
+    """(the base model an init container fetches, its PVC), or None when vLLM reads the base
+    itself (hf://) or serves a merged model; ServingError for a base no serving pod can read."""
+    if merged(ftj):
+        return None
+    source = ftj.spec.model.source
+    scheme = urlsplit(source).scheme.lower() if "://" in source else ""
+    if scheme == "hf":
+        return None
+    if scheme == "builtin":
+        raise ServingError(f"spec.model.source is {source!r}, a toy model built into the trainer for tests, which "
+                           "vLLM does not serve: train on a real base (hf://, s3://, gs:// or pvc://) or drop spec.serving")
+    if scheme in ("", "file", "local"):
+        raise ServingError(f"spec.model.source is {source!r}, a path on the trainer's disk, which a serving pod cannot "
+                           "read: put the base model in object storage (s3://, gs://) or a PVC (pvc://, or hf://)")
+    if f"{MODEL_ROOT}/{model_name(ftj)}" == BASE_DIR:
+        raise ServingError(f"the served name {model_name(ftj)!r} is the directory the base model is fetched to: set "
+                           "spec.serving.modelName to another name")
+    return source, (urlsplit(source).netloc if scheme == "pvc" else None)
 
 
 def adapter_rank(ftj: FineTuneJob) -> int | None:
@@ -274,17 +297,27 @@ def vllm_deployment(ftj: FineTuneJob, uid: str, status: Mapping[str, Any], setti
     mounts = [{"name": "models", "mountPath": MODEL_ROOT}, {"name": "tmp", "mountPath": "/tmp"},
               {"name": "cache", "mountPath": "/cache"}]
     source, claim = _fetch_source(artifact_uri(ftj, status))
-    fetch = {
-        "name": FETCH_CONTAINER,
-        "image": ftj.spec.image or settings.trainer_image,
-        "imagePullPolicy": settings.image_pull_policy,
-        "command": ["python", "-c", FETCH_SCRIPT, source, local],
-        "env": _fetch_env(ftj),
-        "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "2Gi"}},
-        "volumeMounts": [*mounts, *([{"name": "output", "mountPath": f"{builders.PVC_ROOT}/{claim}", "readOnly": True}]
-                                    if claim else [])],
-        "securityContext": builders.container_security(),
-    }
+    claims = {claim: "output"} if claim else {}
+
+    def fetch_container(name: str, args: list[str], claim: str | None) -> dict[str, Any]:
+        if claim:
+            claims.setdefault(claim, "model")
+        pvc = [{"name": claims[claim], "mountPath": f"{builders.PVC_ROOT}/{claim}", "readOnly": True}] if claim else []
+        return {
+            "name": name,
+            "image": ftj.spec.image or settings.trainer_image,
+            "imagePullPolicy": settings.image_pull_policy,
+            "command": [*FETCH_COMMAND, *args],
+            "env": _fetch_env(ftj),
+            "resources": {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "2Gi"}},
+            "volumeMounts": [*copy.deepcopy(mounts), *pvc],
+            "securityContext": builders.container_security(),
+        }
+
+    init = [fetch_container(FETCH_CONTAINER, ["--uri", source, "--dest", local], claim)]
+    if (base := base_fetch_source(ftj)) is not None:
+        trust = ["--trust-remote-code"] if ftj.spec.model.trust_remote_code else []
+        init.append(fetch_container(FETCH_BASE_CONTAINER, ["--model", base[0], "--dest", BASE_DIR, *trust], base[1]))
     resources: dict[str, Any] = {"requests": {"cpu": "4", "memory": "16Gi"}, "limits": {"memory": "16Gi"}}
     for key, value in _gpus(gpus, ftj).items():
         resources[key] |= value
@@ -307,7 +340,7 @@ def vllm_deployment(ftj: FineTuneJob, uid: str, status: Mapping[str, Any], setti
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": builders.pod_security(),
-        "initContainers": [fetch],
+        "initContainers": init,
         "containers": [server],
         "volumes": [
             {"name": "models", "emptyDir": {"sizeLimit": settings.cache_size_limit}},
@@ -316,8 +349,8 @@ def vllm_deployment(ftj: FineTuneJob, uid: str, status: Mapping[str, Any], setti
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": settings.shared_memory_default}},
         ],
     }
-    if claim:
-        pod["volumes"].append({"name": "output", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}})
+    for claim_name, volume in claims.items():
+        pod["volumes"].append({"name": volume, "persistentVolumeClaim": {"claimName": claim_name, "readOnly": True}})
     builders._place(pod, ftj)
     pod.pop("schedulerName", None)  # a gang scheduler's PodGroup is the trainer's, not the server's
     return {

@@ -1,5 +1,9 @@
 """The trainer pod's command: `python -m kubetune.trainer --spec FILE|-`.
 
+`python -m kubetune.trainer fetch (--uri URI | --model SOURCE) --dest DIR` instead copies a committed
+result (verified against its manifest) or a base model to DIR: the serving pods' init containers
+(kubetune.trainer.fetch).
+
 Reads the FineTuneJob (JSON or YAML; the operator passes it as JSON), runs it, writes the
 summary to the termination-message path and stdout, and exits 0 on success,
 PERMANENT_EXIT_CODE on errors retrying cannot fix, PREEMPTED_EXIT_CODE after a handled SIGTERM,
@@ -120,6 +124,12 @@ def missing_credentials(env: Any = None) -> TrainerSummary | None:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["fetch"]:
+        from kubetune.trainer import fetch
+
+        gcs_credentials_from_env()
+        return fetch.main(argv[1:])
     args = parse_args(argv)
     if (missing := missing_credentials()) is not None:
         return _finish(args, missing, PERMANENT_EXIT_CODE)
