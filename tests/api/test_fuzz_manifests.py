@@ -82,8 +82,8 @@ def put(obj: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     node: Any = obj
     for part in path[:-1]:
         if isinstance(node, list):
-            while not node:
-                node.append({})
+            if not node or not isinstance(node[0], (dict, list)):
+                node[:1] = [{}]  # an earlier mutation may have left a scalar where the path goes on
             node = node[0]
             continue
         if not isinstance(node.get(part), (dict, list)):
