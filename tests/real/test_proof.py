@@ -262,16 +262,18 @@ def test_apply_crds_and_examples(apiserver: ApiServer, namespace: str, tmp_path:
 
     # The status columns read the right status fields.
     status = {"phase": "Running", "progress": {"percent": 42.5, "etaSeconds": 3900, "eta": "1h05m"}, "jobName": "support-bot-train",
-              "reason": "TrainingStarted", "metrics": {"trainLoss": 1.25, "evalLoss": 1.5, "baseEvalLoss": 2.25}}
+              "reason": "TrainingStarted", "metrics": {"trainLoss": 1.25, "evalLoss": 1.5, "baseEvalLoss": 2.25},
+              "serving": {"engine": "vllm", "url": "http://sb.ns.svc:8000/v1", "ready": False}}
     kubectl(apiserver.kubeconfig, "patch", "ftj", "support-bot", "-n", namespace,
             "--subresource=status", "--type=merge", "-p", json.dumps({"status": status}))
     wide = kubectl(apiserver.kubeconfig, "get", "ftj", "-n", namespace, "-o", "wide").stdout
     assert wide.split("\n")[0].split() == [
-        "NAME", "PHASE", "METHOD", "MODEL", "PROGRESS", "LOSS", "ETA", "EVAL", "BASE", "REASON", "JOB", "AGE"]
+        "NAME", "PHASE", "METHOD", "MODEL", "PROGRESS", "LOSS", "ETA", "EVAL", "BASE", "REASON", "JOB", "SERVING", "AGE"]
     row = next(r for r in parse_table(wide) if r["NAME"] == "support-bot")
-    assert {k: row[k] for k in ("PHASE", "METHOD", "PROGRESS", "LOSS", "ETA", "EVAL", "BASE", "REASON", "JOB")} == {
+    assert {k: row[k] for k in ("PHASE", "METHOD", "PROGRESS", "LOSS", "ETA", "EVAL", "BASE", "REASON", "JOB", "SERVING")} == {
         "PHASE": "Running", "METHOD": "lora", "PROGRESS": "42.5", "LOSS": "1.25", "ETA": "1h05m",
-        "EVAL": "1.5", "BASE": "2.25", "REASON": "TrainingStarted", "JOB": "support-bot-train"}
+        "EVAL": "1.5", "BASE": "2.25", "REASON": "TrainingStarted", "JOB": "support-bot-train",
+        "SERVING": "http://sb.ns.svc:8000/v1"}
 
 
 def test_explain(apiserver: ApiServer) -> None:
