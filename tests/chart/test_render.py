@@ -15,15 +15,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import helm_python
-import kubernetes_validate
 import pytest
 from kubetune.operator import __main__ as operator_main
 from kubetune.operator.settings import ENV_PREFIX, OperatorSettings
 
 from tests.chart.pss import restricted_violations
 from tests.chart.render import CHART, DIGEST, NAMESPACE, SCENARIOS, WATCHED, chart, env_of, of_kind, one, render, scenario
+from tests.manifests import assert_valid
 
-K8S_VERSION = "1.30"
 # Kinds from CRDs that kubernetes-validate has no schema for: checked by `structural` instead.
 CUSTOM_KINDS = {"ServiceMonitor", "PodMonitor", "KopfPeering", "ClusterKopfPeering"}
 
@@ -60,10 +59,7 @@ def test_every_object_is_valid(name: str) -> None:
         if obj["kind"] in CUSTOM_KINDS:
             structural(obj)
             continue
-        try:
-            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
-        except kubernetes_validate.ValidationError as err:
-            pytest.fail(f"{name}: {obj['kind']} {obj['metadata']['name']}: {err.message} at {'.'.join(map(str, err.path))}")
+        assert_valid(obj, name)
 
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))

@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import kubernetes_validate
 import pytest
 import yaml
 from kubetune.api import FineTuneJob, parse_manifest
@@ -43,12 +41,12 @@ from kubetune.operator.builders import (
 from kubetune.operator.settings import OperatorSettings
 
 from tests.crd_offline import validate as crd_validate
+from tests.manifests import assert_golden, assert_valid
 
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden"
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 UID = "5f0c6a52-8a3e-4d2b-9c1e-0d4f3b7a9e21"
 SETTINGS = OperatorSettings(trainer_image="ghcr.io/kubetune/trainer:0.1.0")
-K8S_VERSION = "1.30"
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 Builder = Callable[[FineTuneJob, str, OperatorSettings], dict[str, Any]]
@@ -121,10 +119,7 @@ def check_schema(obj: dict[str, Any]) -> None:
         assert isinstance(obj["spec"]["minMember"], int) and obj["spec"]["minMember"] >= 1
         assert obj["metadata"]["ownerReferences"][0]["uid"] == UID
         return
-    try:
-        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
-    except kubernetes_validate.ValidationError as err:
-        pytest.fail(f"{obj['kind']} {obj['metadata']['name']}: {err.message} at {'.'.join(map(str, err.path))}")
+    assert_valid(obj)
 
 
 # ------------------------------------------------------------------------------ golden
@@ -132,14 +127,7 @@ def check_schema(obj: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_golden(case: str) -> None:
-    objs = render(case)
-    path = GOLDEN / f"{case}.yaml"
-    text = yaml.safe_dump_all(objs, sort_keys=False, width=120)
-    if os.environ.get("KUBETUNE_UPDATE_GOLDEN") == "1":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"# Rendered by tests/operator/test_builders.py (KUBETUNE_UPDATE_GOLDEN=1 rewrites it).\n{text}")
-    assert path.exists(), f"{path} is missing: run with KUBETUNE_UPDATE_GOLDEN=1"
-    assert list(yaml.safe_load_all(path.read_text())) == objs
+    assert_golden(render(case), GOLDEN / f"{case}.yaml", "tests/operator/test_builders.py")
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import socket
 from pathlib import Path
 from typing import Any
 
-import kubernetes_validate
 import pytest
-import yaml
 from aiohttp import web
 from kubetune.api import FineTuneJob, parse_manifest
 from kubetune.api.manifest import load_yaml
@@ -28,6 +25,7 @@ from kubetune.operator.settings import OperatorSettings
 
 from tests.chart import pss
 from tests.crd_offline import _openapi, _prune_nulls, _unknown_fields
+from tests.manifests import assert_golden, assert_valid
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data" / "serving"
@@ -35,7 +33,6 @@ GOLDEN = DATA / "golden"
 EXAMPLES = ROOT / "examples" / "serving"
 UID = "5f0c6a52-8a3e-4d2b-9c1e-0d4f3b7a9e21"
 SETTINGS = OperatorSettings(trainer_image="ghcr.io/kubetune/trainer:0.1.0")
-K8S_VERSION = "1.30"
 STATUS = {"phase": "Succeeded", "adapter": {"uri": "s3://models/out/adapter", "mergedUri": "s3://models/out/merged"}}
 CRDS = {
     serving.LLMISVC[2]: DATA / "llminferenceservices.serving.kserve.io.v1alpha1.json",
@@ -93,10 +90,7 @@ def check_schema(obj: dict[str, Any]) -> None:
     if obj["apiVersion"].startswith(serving.GROUP):
         assert kserve_errors(obj) == []
         return
-    try:
-        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
-    except kubernetes_validate.ValidationError as err:
-        pytest.fail(f"{obj['kind']} {obj['metadata']['name']}: {err.message} at {'.'.join(map(str, err.path))}")
+    assert_valid(obj)
 
 
 # ------------------------------------------------------------------------------ golden
@@ -104,14 +98,7 @@ def check_schema(obj: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_golden(case: str) -> None:
-    objs = render(case)
-    path = GOLDEN / f"{case}.yaml"
-    text = yaml.safe_dump_all(objs, sort_keys=False, width=120)
-    if os.environ.get("KUBETUNE_UPDATE_GOLDEN") == "1":
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"# Rendered by tests/operator/test_serving.py (KUBETUNE_UPDATE_GOLDEN=1 rewrites it).\n{text}")
-    assert path.exists(), f"{path} is missing: run with KUBETUNE_UPDATE_GOLDEN=1"
-    assert list(yaml.safe_load_all(path.read_text())) == objs
+    assert_golden(render(case), GOLDEN / f"{case}.yaml", "tests/operator/test_serving.py")
 
 
 def test_no_stale_golden_files() -> None:
