@@ -36,6 +36,7 @@ CANONICAL: dict[str, Any] = {
 }
 
 DELETE = object()
+G = {"name": "exact", "type": "stringCheck", "reference": "{{item.answer}}", "operation": "eq"}
 
 # (id, {dotted path: new value or DELETE}, expected wire path of the problem)
 CASES: list[tuple[str, dict[str, Any], str]] = [
@@ -238,6 +239,33 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
         {"spec.method.objectives": [{"type": "distillation", "distillation": {"teacher": {"source": "gs://key:secret@teachers/big"}}}]},
         "spec.method.objectives[0].distillation.teacher.source",
     ),
+    # spec.method.type: dpo, orpo, kto, grpo (issue 19)
+    ("type-unknown", {"spec.method.type": "ppo"}, "spec.method.type"),
+    ("dpo-block-without-type", {"spec.method.dpo": {"beta": 0.1}}, "spec.method"),
+    ("dpo-beta-zero", {"spec.method.type": "dpo", "spec.method.dpo": {"beta": 0}}, "spec.method.dpo.beta"),
+    ("dpo-loss-unknown", {"spec.method.type": "dpo", "spec.method.dpo": {"lossType": "squared"}}, "spec.method.dpo.lossType"),
+    ("dpo-smoothing-half", {"spec.method.type": "dpo", "spec.method.dpo": {"labelSmoothing": 0.5}}, "spec.method.dpo.labelSmoothing"),
+    ("dpo-smoothing-ipo", {"spec.method.type": "dpo", "spec.method.dpo": {"lossType": "ipo", "labelSmoothing": 0.1}}, "spec.method.dpo"),
+    ("kto-weight-zero", {"spec.method.type": "kto", "spec.method.kto": {"desirableWeight": 0}}, "spec.method.kto.desirableWeight"),
+    ("orpo-block-on-dpo", {"spec.method.type": "dpo", "spec.method.orpo": {"beta": 0.1}}, "spec.method"),
+    ("dpo-on-ia3", {"spec.method.type": "dpo", "spec.method.adaptation": "ia3", "spec.method.lora": DELETE}, "spec.method"),
+    ("dpo-with-objective", {"spec.method.type": "dpo", "spec.method.objectives": [{"type": "adversarial"}]}, "spec.method"),
+    ("dpo-format-text", {"spec.method.type": "dpo", "spec.dataset.format": "text"}, "spec"),
+    ("dpo-packing", {"spec.method.type": "dpo", "spec.dataset.packing": True}, "spec"),
+    ("grpo-without-block", {"spec.method.type": "grpo"}, "spec.method"),
+    ("grpo-no-graders", {"spec.method.type": "grpo", "spec.method.grpo": {"graders": []}}, "spec.method.grpo.graders"),
+    ("grpo-one-generation", {"spec.method.type": "grpo", "spec.method.grpo": {"numGenerations": 1, "graders": [G]}}, "spec.method.grpo.numGenerations"),
+    ("grader-type-unknown", {"spec.method.type": "grpo", "spec.method.grpo": {"graders": [{"name": "a", "type": "scoreModel"}]}}, "spec.method.grpo.graders[0].type"),
+    ("grader-string-check-no-operation", {"spec.method.type": "grpo", "spec.method.grpo": {"graders": [{"name": "a", "type": "stringCheck", "reference": "x"}]}}, "spec.method.grpo.graders[0]"),
+    ("grader-operation-unknown", {"spec.method.type": "grpo", "spec.method.grpo": {"graders": [{"name": "a", "type": "stringCheck", "reference": "x", "operation": "gt"}]}}, "spec.method.grpo.graders[0].operation"),
+    ("grader-metric-unknown", {"spec.method.type": "grpo", "spec.method.grpo": {"graders": [{"name": "a", "type": "textSimilarity", "reference": "x", "evaluationMetric": "meteor"}]}}, "spec.method.grpo.graders[0].evaluationMetric"),
+    ("grader-pattern-on-string-check", {"spec.method.type": "grpo", "spec.method.grpo": {"graders": [dict(G, pattern="a")]}}, "spec.method.grpo.graders[0]"),
+    ("grader-python-source-and-file", {"spec.method.type": "grpo", "spec.method.grpo": {"graders": [{"name": "p", "type": "python", "source": "def grade(s, i):\n    return 1.0\n", "file": "/etc/grader/g.py"}]}}, "spec.method.grpo.graders[0]"),
+    ("grader-python-relative-file", {"spec.method.type": "grpo", "spec.method.grpo": {"graders": [{"name": "p", "type": "python", "file": "g.py"}]}}, "spec.method.grpo.graders[0].file"),
+    ("grader-names-twice", {"spec.method.type": "grpo", "spec.method.grpo": {"graders": [G, G]}}, "spec.method.grpo.graders"),
+    ("grader-multi-without-graders", {"spec.method.type": "grpo", "spec.method.grpo": {"graders": [{"name": "m", "type": "multi"}]}}, "spec.method.grpo.graders[0]"),
+    ("grader-multi-in-multi", {"spec.method.type": "grpo", "spec.method.grpo": {"graders": [{"name": "m", "type": "multi", "graders": [{"name": "n", "type": "multi"}]}]}}, "spec.method.grpo.graders[0].graders[0]"),
+    ("grader-weight-negative", {"spec.method.type": "grpo", "spec.method.grpo": {"graders": [dict(G, weight=-1)]}}, "spec.method.grpo.graders[0].weight"),
 ]
 
 

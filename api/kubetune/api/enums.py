@@ -33,6 +33,53 @@ class Adaptation(StrEnum):
     PROMPT_TUNING = "promptTuning"
 
 
+class TrainingType(StrEnum):
+    """What the training optimises: supervised cross-entropy, a preference loss, or GRPO rewards."""
+
+    SUPERVISED = "supervised"
+    DPO = "dpo"
+    ORPO = "orpo"
+    KTO = "kto"
+    GRPO = "grpo"
+
+
+class DPOLoss(StrEnum):
+    """TRL's DPO loss variants offered (DPOConfig.loss_type)."""
+
+    SIGMOID = "sigmoid"
+    HINGE = "hinge"
+    IPO = "ipo"
+    ROBUST = "robust"
+
+
+class GraderType(StrEnum):
+    """GRPO graders, as OpenAI's reinforcement fine-tuning API names them."""
+
+    STRING_CHECK = "stringCheck"
+    TEXT_SIMILARITY = "textSimilarity"
+    REGEX = "regex"
+    JSON_SCHEMA = "jsonSchema"
+    PYTHON = "python"
+    MULTI = "multi"
+
+
+class StringCheckOperation(StrEnum):
+    EQ = "eq"
+    NE = "ne"
+    LIKE = "like"
+    ILIKE = "ilike"
+
+
+class SimilarityMetric(StrEnum):
+    """Names as in trainer/kubetune/trainer/textmetrics.SIMILARITY (and OpenAI's evaluation_metric)."""
+
+    EXACT_MATCH = "exact_match"
+    BLEU = "bleu"
+    ROUGE_L = "rouge_l"
+    CHRF = "chrf"
+    FUZZY_MATCH = "fuzzy_match"
+
+
 class Objective(StrEnum):
     """Terms added to the causal-LM cross-entropy."""
 

@@ -165,7 +165,12 @@ class Sizing(NamedTuple):
 
 
 def _teachers(spec: FineTuneJobSpec) -> list[str]:
+    """The frozen second models a job holds: teachers, and for full fine-tuning with dpo, kto or
+    grpo (beta > 0) the reference model, a frozen copy of the base (PEFT methods use the base with
+    the adapter disabled instead: no second copy)."""
     sources = []
+    if spec.method.adaptation not in FROZEN_BASE and spec.method.needs_reference():
+        sources.append(str(spec.model.source))
     distillation = spec.method.objective(Objective.DISTILLATION)
     if distillation is not None and distillation.distillation is not None:
         sources.append(str(distillation.distillation.teacher.source))

@@ -9,6 +9,7 @@ strips them from the CRD so GitOps tools see no drift.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Optional
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -18,6 +19,8 @@ from kubetune.api.enums import (
     Adaptation,
     ComputeDtype,
     DatasetFormat,
+    DPOLoss,
+    GraderType,
     GradientEstimator,
     GuideSource,
     KLDirection,
@@ -31,6 +34,9 @@ from kubetune.api.enums import (
     QuantType,
     Scheduler,
     ServingEngine,
+    SimilarityMetric,
+    StringCheckOperation,
+    TrainingType,
 )
 from kubetune.api.pod import CREDENTIAL_KEYS, PodOverrides
 from kubetune.api.types import (
@@ -446,6 +452,322 @@ class ObjectiveTerm(WireModel):
         return {Objective.REWEIGHTING: ReweightingConfig, Objective.ADVERSARIAL: AdversarialConfig}[self.type]()
 
 
+# ------------------------------------------------------------------ preference and RL training
+
+
+class DPOConfig(WireModel):
+    """DPO (Rafailov et al. 2023): −log σ(β·[(log π(y_w|x) − log π_ref(y_w|x)) − (log π(y_l|x) − log π_ref(y_l|x))])."""
+
+    model_config = WireModel.model_config | {
+        "json_schema_extra": rules(
+            cel(
+                "!has(self.labelSmoothing) || self.labelSmoothing == 0.0 || !has(self.lossType) || "
+                "self.lossType in ['sigmoid', 'robust']",
+                "labelSmoothing applies to lossType sigmoid or robust (conservative DPO); set it to 0 or change lossType",
+                ".labelSmoothing",
+            )
+        )
+    }
+
+    beta: float = Field(default=0.1, gt=0, le=100, description="β: how far the policy may move from the reference (0.1–0.5 typical). Default 0.1.")
+    loss_type: DPOLoss = Field(
+        default=DPOLoss.SIGMOID,
+        description="sigmoid (the DPO paper), hinge (SLiC), ipo (Azar et al. 2023) or robust (Chowdhury et al. 2024). Default sigmoid.",
+    )
+    reference_free: bool = Field(
+        default=False,
+        description="Use a uniform reference (log π_ref = 0) instead of the frozen start model: no reference forward pass. Default false.",
+    )
+    label_smoothing: float = Field(
+        default=0.0, ge=0, lt=0.5,
+        description="Assumed share of flipped preference labels, in [0, 0.5) (conservative DPO; sigmoid and robust only). Default 0.",
+    )
+
+    @model_validator(mode="after")
+    def _smoothing_needs_loss(self) -> "DPOConfig":
+        if self.label_smoothing and self.loss_type not in (DPOLoss.SIGMOID, DPOLoss.ROBUST):
+            raise ValueError("labelSmoothing applies to lossType sigmoid or robust (conservative DPO); set it to 0 or change lossType")
+        return self
+
+
+class ORPOConfig(WireModel):
+    """ORPO (Hong et al. 2024): NLL(y_w) + λ·(−log σ(log odds(y_w) − log odds(y_l))); no reference model."""
+
+    beta: float = Field(default=0.1, gt=0, le=100, description="λ, the weight of the odds-ratio term. Default 0.1.")
+
+
+class KTOConfig(WireModel):
+    """KTO (Ethayarajh et al. 2024): unpaired desirable/undesirable completions, prospect-theory loss."""
+
+    beta: float = Field(default=0.1, gt=0, le=100, description="β: how far the policy may move from the reference. Default 0.1.")
+    desirable_weight: float = Field(default=1.0, gt=0, le=100, description="λ_D, the weight of desirable examples' losses. Default 1.")
+    undesirable_weight: float = Field(default=1.0, gt=0, le=100, description="λ_U, the weight of undesirable examples' losses. Default 1.")
+
+
+TEMPLATE = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
+TEMPLATE_VARIABLE = re.compile(r"^(sample\.output_text|item(\.[A-Za-z0-9_\-]+)+)$")
+"""What a grader template may reference: the sampled completion's text, or a field of the dataset
+record (dotted for nested objects), as OpenAI's `{{sample.output_text}}` / `{{item.answer}}`."""
+
+_GRADER_NEEDS: dict[str, tuple[tuple[str, str], ...]] = {
+    "stringCheck": (("reference", "reference"), ("operation", "operation")),
+    "textSimilarity": (("reference", "reference"), ("evaluationMetric", "evaluation_metric")),
+    "regex": (("pattern", "pattern"),),
+    "jsonSchema": (("jsonSchema", "json_schema"),),
+}
+_GRADER_ONLY = {
+    "operation": ("stringCheck",),
+    "reference": ("stringCheck", "textSimilarity"),
+    "evaluationMetric": ("textSimilarity",),
+    "pattern": ("regex",),
+    "jsonSchema": ("jsonSchema",),
+    "source": ("python",),
+    "file": ("python",),
+    "timeoutSeconds": ("python",),
+}
+
+
+def template_variables(template: str) -> list[str]:
+    """The `{{…}}` references in a grader template."""
+    return [m.group(1) for m in TEMPLATE.finditer(template)]
+
+
+def _grader_rules(*extra: dict[str, str]) -> dict[str, Any]:
+    out = [
+        cel(f"self.type != '{t}' || has(self.{wire})", f"type: {t} needs {wire}", f".{wire}")
+        for t, needs in _GRADER_NEEDS.items()
+        for wire, _ in needs
+    ]
+    out += [
+        cel(
+            f"!has(self.{wire}) || self.type in [{', '.join(repr(t) for t in owners)}]",
+            f"{wire} belongs to type {' or '.join(owners)}; remove it or change type",
+            f".{wire}",
+        )
+        for wire, owners in _GRADER_ONLY.items()
+    ]
+    out.append(cel("self.type != 'python' || has(self.source) != has(self.file)",
+                   "type: python needs exactly one of source (the code) or file (a path in the pod, e.g. a mounted ConfigMap)"))
+    return rules(*out, *extra)
+
+
+class SubGrader(WireModel):
+    """One grader: a function of a sampled completion (`sample`) and its dataset record (`item`)
+    returning a reward in [0, 1] (python graders may return any finite number)."""
+
+    model_config = WireModel.model_config | {
+        "json_schema_extra": _grader_rules(
+            cel("self.type != 'multi'", "a multi grader cannot contain another multi grader", ".type")
+        )
+    }
+
+    name: str = Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9_\-]+$",
+                      description="Unique name; the reward metrics are reported under it (reward/<name>).")
+    type: GraderType = Field(description="stringCheck, textSimilarity, regex, jsonSchema or python (multi only at the top level).")
+    weight: float = Field(default=1.0, ge=0, le=1000, description="Weight of this grader's reward in the sum. Default 1.")
+    input: str = Field(
+        default="{{sample.output_text}}", max_length=4096,
+        description="Template of the text graded: {{sample.output_text}} (the completion) and {{item.<field>}} (the record). Default {{sample.output_text}}.",
+    )
+    reference: Optional[str] = Field(
+        default=None, max_length=4096,
+        description="stringCheck and textSimilarity: template of the reference text, e.g. {{item.answer}}.",
+    )
+    operation: Optional[StringCheckOperation] = Field(
+        default=None,
+        description="stringCheck: eq (equal), ne (not equal), like (input contains reference) or ilike (case-insensitive like); 1 when it holds, else 0.",
+    )
+    evaluation_metric: Optional[SimilarityMetric] = Field(
+        default=None, description="textSimilarity: exact_match, bleu, rouge_l, chrf or fuzzy_match (all in [0, 1])."
+    )
+    pattern: Optional[str] = Field(default=None, max_length=4096, description="regex: a Python regular expression; 1 when it matches the input (re.search), else 0.")
+    json_schema: Optional[dict[str, Any]] = Field(
+        default=None,
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True, "type": "object"},
+        description="jsonSchema: a JSON Schema (draft 2020-12); 1 when the input parses as JSON and validates, else 0.",
+    )
+    source: Optional[str] = Field(
+        default=None, max_length=65536,
+        description="python: code defining grade(sample, item) -> float; sample has output_text, item is the record. Runs in a subprocess of the trainer.",
+    )
+    file: Optional[str] = Field(
+        default=None, max_length=1024, pattern=r"^/",
+        description="python: absolute path in the trainer pod of a file defining grade(sample, item), e.g. a ConfigMap mounted through podOverrides.",
+    )
+    timeout_seconds: float = Field(default=5.0, gt=0, le=300, description="python: time limit per call; a call that runs longer scores 0. Default 5.")
+
+    @field_validator("input", "reference")
+    @classmethod
+    def _templates(cls, value: Optional[str]) -> Optional[str]:
+        if value is None:
+            return value
+        for var in template_variables(value):
+            if not TEMPLATE_VARIABLE.match(var):
+                raise ValueError(f"unknown template variable {{{{{var}}}}}: use {{{{sample.output_text}}}} or {{{{item.<field>}}}}")
+        return value
+
+    @field_validator("pattern")
+    @classmethod
+    def _regex(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise ValueError(f"not a valid regular expression: {err}") from None
+        return value
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema(cls, value: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+        if value is not None:
+            try:
+                import jsonschema
+            except ImportError:  # the base install has no jsonschema; the trainer checks again before loading a model
+                return value
+            try:
+                jsonschema.validators.validator_for(value).check_schema(value)
+            except jsonschema.SchemaError as err:
+                raise ValueError(f"not a valid JSON Schema: {err.message}") from None
+        return value
+
+    @field_validator("source")
+    @classmethod
+    def _python(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            try:
+                compile(value, "<grader>", "exec")
+            except SyntaxError as err:
+                raise ValueError(f"the python source does not compile: line {err.lineno}: {err.msg}") from None
+            if "def grade" not in value:
+                raise ValueError("the python source must define grade(sample, item) -> float")
+        return value
+
+    @model_validator(mode="after")
+    def _fields_match_type(self) -> "SubGrader":
+        kind = str(self.type)
+        for wire, attr in _GRADER_NEEDS.get(kind, ()):
+            if getattr(self, attr) is None:
+                raise ValueError(f"type: {kind} needs {wire}")
+        for wire, owners in _GRADER_ONLY.items():
+            attr = _snake(wire)
+            if wire == "timeoutSeconds":
+                if "timeout_seconds" in self.model_fields_set and kind not in owners:
+                    raise ValueError(f"{wire} belongs to type {' or '.join(owners)}; remove it or change type")
+                continue
+            if getattr(self, attr) is not None and kind not in owners:
+                raise ValueError(f"{wire} belongs to type {' or '.join(owners)}; remove it or change type")
+        if self.type == GraderType.PYTHON and (self.source is None) == (self.file is None):
+            raise ValueError("type: python needs exactly one of source (the code) or file (a path in the pod, e.g. a mounted ConfigMap)")
+        if self.type == GraderType.MULTI and type(self) is SubGrader:
+            raise ValueError("a multi grader cannot contain another multi grader")
+        return self
+
+    def item_fields(self) -> set[str]:
+        """The top-level record fields its templates read (checked in every record before training)."""
+        out = set()
+        for template in (self.input, self.reference or ""):
+            for var in template_variables(template):
+                if var.startswith("item."):
+                    out.add(var.split(".")[1])
+        return out
+
+
+class Grader(SubGrader):
+    """A GRPO grader; type multi sums the weighted rewards of its graders into one reward."""
+
+    model_config = WireModel.model_config | {
+        "json_schema_extra": _grader_rules(
+            cel("self.type != 'multi' || has(self.graders)", "type: multi needs graders", ".graders"),
+            cel("!has(self.graders) || self.type == 'multi'", "graders belongs to type multi; remove it or change type", ".graders"),
+            cel("!has(self.graders) || self.graders.all(g, self.graders.exists_one(h, h.name == g.name))",
+                "grader names must be unique", ".graders"),
+        )
+    }
+
+    type: GraderType = Field(description="stringCheck, textSimilarity, regex, jsonSchema, python, or multi (a weighted sum of graders).")
+    graders: Optional[list[SubGrader]] = Field(
+        default=None, min_length=1, max_length=16,
+        description="multi: the graders whose weighted rewards are summed (divided by the sum of their weights).",
+    )
+
+    @model_validator(mode="after")
+    def _multi(self) -> "Grader":
+        if self.type == GraderType.MULTI and not self.graders:
+            raise ValueError("type: multi needs graders")
+        if self.graders is not None and self.type != GraderType.MULTI:
+            raise ValueError("graders belongs to type multi; remove it or change type")
+        if self.graders:
+            names = [g.name for g in self.graders]
+            if len(set(names)) != len(names):
+                raise ValueError("grader names must be unique")
+        return self
+
+    def item_fields(self) -> set[str]:
+        out = super().item_fields()
+        for g in self.graders or []:
+            out |= g.item_fields()
+        return out
+
+
+
+class GRPOConfig(WireModel):
+    """GRPO (Shao et al. 2024): G sampled completions per prompt, rewards from graders, group-normalised
+    advantages, a clipped policy ratio and a KL penalty to the reference; no value model."""
+
+    model_config = WireModel.model_config | {
+        "json_schema_extra": rules(
+            cel("self.graders.all(g, self.graders.exists_one(h, h.name == g.name))", "grader names must be unique", ".graders"),
+        )
+    }
+
+    num_generations: int = Field(default=4, ge=2, le=64, description="G, completions sampled per prompt (the group). Default 4.")
+    max_completion_length: int = Field(default=256, ge=1, le=32768, description="Longest sampled completion, in tokens. Default 256.")
+    temperature: float = Field(default=1.0, gt=0, le=10, description="Sampling temperature. Default 1.")
+    beta: float = Field(default=0.04, ge=0, le=10, description="Weight of the KL penalty to the reference model (0: no reference model is kept). Default 0.04.")
+    epsilon: float = Field(default=0.2, gt=0, lt=1, description="Clipping range of the policy ratio. Default 0.2.")
+    graders: list[Grader] = Field(
+        min_length=1, max_length=16,
+        description="The graders; the reward of a completion is their weighted sum. Each reward is reported as reward/<name>.",
+    )
+
+    @field_validator("graders")
+    @classmethod
+    def _unique(cls, value: list[Grader]) -> list[Grader]:
+        names = [g.name for g in value]
+        if len(set(names)) != len(names):
+            raise ValueError("grader names must be unique")
+        return value
+
+    def item_fields(self) -> set[str]:
+        out: set[str] = set()
+        for g in self.graders:
+            out |= g.item_fields()
+        return out
+
+
+_TYPE_BLOCKS: dict[TrainingType, tuple[str, type[WireModel]]] = {
+    TrainingType.DPO: ("dpo", DPOConfig),
+    TrainingType.ORPO: ("orpo", ORPOConfig),
+    TrainingType.KTO: ("kto", KTOConfig),
+    TrainingType.GRPO: ("grpo", GRPOConfig),
+}
+
+PREFERENCE_ADAPTATIONS = (Adaptation.FULL, Adaptation.LORA, Adaptation.QLORA, Adaptation.DORA)
+"""The adaptations dpo, orpo, kto and grpo compose with: the reference model is the base with the
+adapter disabled (PEFT) or a frozen copy (full). layers/transfer/gradualUnfreeze would need a
+second full copy as reference for a partial update (train lora instead); ia3, prefixTuning and
+promptTuning are not supported by TRL's reference handling and generation."""
+
+_WRONG_ADAPTATION = (
+    "method.type {type} composes with adaptation full, lora, qlora or dora only: the reference model is the base with "
+    "the adapter disabled (or a frozen copy for full), which the other adaptations do not give; use lora"
+)
+_NO_OBJECTIVES = (
+    "objectives add terms to the supervised cross-entropy and do not apply to method.type {type}; remove "
+    "spec.method.objectives or use type: supervised"
+)
+
+
 _ADAPTATION_BLOCKS: dict[Adaptation, tuple[str, type[WireModel]] | None] = {
     Adaptation.FULL: None,
     Adaptation.LAYERS: ("layers", LayersConfig),
@@ -487,8 +809,38 @@ class Method(WireModel):
                 "no per-example or forward-mode gradients",
                 ".objectives",
             ),
+            *[
+                cel(f"!has(self.{block}) || (has(self.type) && self.type == '{block}')",
+                    f"the {block} block belongs to type: {block}; remove it or change type", f".{block}")
+                for block, _ in _TYPE_BLOCKS.values()
+            ],
+            cel("!has(self.type) || self.type != 'grpo' || has(self.grpo)", "type: grpo needs a grpo block with graders", ".type"),
+            cel(
+                "!has(self.type) || self.type == 'supervised' || self.adaptation in ['full', 'lora', 'qlora', 'dora']",
+                _WRONG_ADAPTATION.format(type="dpo, orpo, kto or grpo"),
+                ".adaptation",
+            ),
+            cel(
+                "!has(self.type) || self.type == 'supervised' || !has(self.objectives) || size(self.objectives) == 0",
+                _NO_OBJECTIVES.format(type="dpo, orpo, kto or grpo"),
+                ".objectives",
+            ),
         )
     }
+
+    type: TrainingType = Field(
+        default=TrainingType.SUPERVISED,
+        description=(
+            "What training optimises: supervised (cross-entropy on the completions, default), dpo (Direct Preference "
+            "Optimization on chosen/rejected pairs), orpo (odds-ratio preference optimisation, no reference model), kto "
+            "(unpaired desirable/undesirable completions) or grpo (reinforcement learning with graders). Settings go in "
+            "the block of the same name. Composes with adaptation full, lora, qlora and dora."
+        ),
+    )
+    dpo: Optional[DPOConfig] = Field(default=None, description="Settings when type is dpo.")
+    orpo: Optional[ORPOConfig] = Field(default=None, description="Settings when type is orpo.")
+    kto: Optional[KTOConfig] = Field(default=None, description="Settings when type is kto.")
+    grpo: Optional[GRPOConfig] = Field(default=None, description="Settings when type is grpo (graders are required).")
 
     adaptation: Adaptation = Field(
         description=(
@@ -533,6 +885,16 @@ class Method(WireModel):
             if term.type in seen:
                 raise ValueError("each objective type may appear once")
             seen.add(term.type)
+        for kind, (block, _) in _TYPE_BLOCKS.items():
+            if getattr(self, block) is not None and self.type != kind:
+                raise ValueError(f"the {block} block belongs to type: {block}; remove it or change type")
+        if self.type == TrainingType.GRPO and self.grpo is None:
+            raise ValueError("type: grpo needs a grpo block with graders")
+        if self.type != TrainingType.SUPERVISED:
+            if self.adaptation not in PREFERENCE_ADAPTATIONS:
+                raise ValueError(_WRONG_ADAPTATION.format(type=self.type.value))
+            if self.objectives:
+                raise ValueError(_NO_OBJECTIVES.format(type=self.type.value))
         term = self.objective(Objective.REWEIGHTING)
         if (
             term is not None
@@ -555,6 +917,25 @@ class Method(WireModel):
 
     def objective(self, kind: Objective) -> ObjectiveTerm | None:
         return next((t for t in self.objectives if t.type == kind), None)
+
+    def training(self) -> WireModel | None:
+        """The block of the training type (dpo, orpo, kto, grpo) with code defaults; None for supervised."""
+        if self.type == TrainingType.SUPERVISED:
+            return None
+        block, model = _TYPE_BLOCKS[self.type]
+        return getattr(self, block) or model()
+
+    def needs_reference(self) -> bool:
+        """The type compares the policy with a frozen reference model (dpo unless referenceFree, kto,
+        grpo with beta > 0); for full fine-tuning that is a second copy of the weights."""
+        config = self.training()
+        if self.type == TrainingType.DPO:
+            return not config.reference_free
+        if self.type == TrainingType.KTO:
+            return True
+        if self.type == TrainingType.GRPO:
+            return config.beta > 0
+        return False
 
 
 # ------------------------------------------------------------------------- hyper-parameters
@@ -883,6 +1264,17 @@ _CREDENTIALS_TWICE = (
 )
 
 
+_FORMAT_BY_TYPE = (
+    "dataset.format names a supervised record shape; with method.type dpo, orpo, kto or grpo the type decides it "
+    "(dpo/orpo: OpenAI's input/preferred_output/non_preferred_output or prompt/chosen/rejected; kto: "
+    "prompt/completion/label; grpo: prompt or messages): leave format unset (chat)"
+)
+_PACKING_BY_TYPE = (
+    "dataset.packing applies to supervised training only: preference and GRPO batches pair or sample completions "
+    "per prompt; set packing: false"
+)
+
+
 class FineTuneJobSpec(WireModel):
     """The desired fine-tuning run."""
 
@@ -905,6 +1297,18 @@ class FineTuneJobSpec(WireModel):
                 "!(self.method.adaptation in ['prefixTuning', 'promptTuning'])",
                 "dataset.packing cannot be combined with prefixTuning or promptTuning (virtual tokens "
                 "and cached prefixes defeat the per-example attention mask); set packing: false",
+                ".dataset.packing",
+            ),
+            cel(
+                "!has(self.method.type) || self.method.type == 'supervised' || !has(self.dataset.format) || "
+                "self.dataset.format == 'chat'",
+                _FORMAT_BY_TYPE,
+                ".dataset.format",
+            ),
+            cel(
+                "!has(self.method.type) || self.method.type == 'supervised' || !has(self.dataset.packing) || "
+                "!self.dataset.packing",
+                _PACKING_BY_TYPE,
                 ".dataset.packing",
             ),
             cel(
@@ -990,6 +1394,10 @@ class FineTuneJobSpec(WireModel):
                 "output.format: merged is not possible with prefixTuning or promptTuning (virtual "
                 "tokens are not weights of the base model to merge into); use format: adapter"
             )
+        if self.method.type != TrainingType.SUPERVISED and self.dataset.format != DatasetFormat.CHAT:
+            raise ValueError(_FORMAT_BY_TYPE)
+        if self.method.type != TrainingType.SUPERVISED and self.dataset.packing:
+            raise ValueError(_PACKING_BY_TYPE)
         if self.dataset.packing and self.method.adaptation in (Adaptation.PREFIX_TUNING, Adaptation.PROMPT_TUNING):
             raise ValueError(
                 "dataset.packing cannot be combined with prefixTuning or promptTuning (virtual tokens "
