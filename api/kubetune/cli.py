@@ -71,7 +71,7 @@ def _validate_data(job: object, tokens: bool) -> bool:
         return False
     spec = job.spec  # type: ignore[attr-defined]
     try:
-        report = data.check(spec.dataset, extra_keys=data.extra_keys_for(spec))
+        report = data.check(spec.dataset, extra_keys=data.extra_keys_for(spec), record_check=data.record_check_for(spec))
     except data.DataError as err:
         click.echo(str(err))
         return False
@@ -87,7 +87,8 @@ def _validate_data(job: object, tokens: bool) -> bool:
         click.echo(f"  (no token statistics: {err})")
         return True
     try:
-        report = data.validate(spec.dataset, tokenizer=tokenizer, extra_keys=data.extra_keys_for(spec))
+        report = data.validate(spec.dataset, tokenizer=tokenizer, extra_keys=data.extra_keys_for(spec),
+                               record_check=data.record_check_for(spec))
     except data.DataError as err:
         click.echo(str(err))
         return False

@@ -61,9 +61,17 @@ def run_locally(job: Any, output: str | None, metrics_port: int) -> int:
     m = summary["metrics"]
     if "baseEvalLoss" in m:
         table.add_row("base model eval loss", f"{m['baseEvalLoss']:.4f}")
-    table.add_row("tuned model eval loss", f"{m['evalLoss']:.4f}")
-    table.add_row("perplexity", f"{m['perplexity']:.2f}")
-    table.add_row("token accuracy", f"{m['tokenAccuracy']:.1%}")
+    if "evalLoss" in m:
+        table.add_row("tuned model eval loss", f"{m['evalLoss']:.4f}")
+        table.add_row("perplexity", f"{m['perplexity']:.2f}")
+        table.add_row("token accuracy", f"{m['tokenAccuracy']:.1%}")
+    # dpo, orpo, kto: held-out preference accuracy; grpo: mean grader reward (base, then tuned)
+    for key, label, fmt in (("basePreferenceAccuracy", "base model preference accuracy", "{:.1%}"),
+                            ("preferenceAccuracy", "tuned model preference accuracy", "{:.1%}"),
+                            ("baseMeanReward", "base model mean reward", "{:.3f}"),
+                            ("meanReward", "tuned model mean reward", "{:.3f}")):
+        if key in m:
+            table.add_row(label, fmt.format(m[key]))
     table.add_row("steps", str(summary["steps"]))
     table.add_row("trainable parameters", f"{summary['trainableParameters']:,}")
     table.add_row("adapter", summary["adapter"]["uri"])

@@ -49,9 +49,20 @@ class Metrics(WireModel):
     perplexity: Optional[float] = Field(default=None, description="exp(evalLoss).")
     token_accuracy: Optional[float] = Field(default=None, ge=0, le=1, description="Share of held-out label tokens predicted exactly.")
     tokens_per_second: Optional[float] = Field(default=None, ge=0, description="Training throughput in non-padding tokens per second.")
+    preference_accuracy: Optional[float] = Field(
+        default=None, ge=0, le=1,
+        description="dpo, orpo, kto: share of held-out preference pairs whose preferred answer the tuned model gives the higher mean token log-probability.",
+    )
+    base_preference_accuracy: Optional[float] = Field(default=None, ge=0, le=1, description="The same for the base model (A/B baseline).")
+    mean_reward: Optional[float] = Field(default=None, description="grpo: mean weighted grader reward of the tuned model's greedy answers to the held-out prompts.")
+    base_mean_reward: Optional[float] = Field(default=None, description="The same for the base model (A/B baseline).")
     objectives: dict[str, float] = Field(
         default_factory=dict,
-        description="Per-objective numbers, e.g. kdLoss, adversarialKl, attentionLoss, weightEntropy.",
+        description=(
+            "Per-objective numbers, e.g. kdLoss, adversarialKl, attentionLoss, weightEntropy; with method.type dpo, orpo, kto "
+            "or grpo the trainer's numbers: rewardsChosen, rewardsRejected, rewardsMargins, rewardsAccuracies, reward, "
+            "rewardStd, kl, completionsMeanLength, reward/<grader>/mean and /std."
+        ),
     )
 
 

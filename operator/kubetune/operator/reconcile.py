@@ -879,7 +879,8 @@ def _apply_summary(
         return None
     final = parsed.metrics
     if final is not None:
-        for field in ("train_loss", "eval_loss", "base_eval_loss", "perplexity", "token_accuracy", "tokens_per_second"):
+        for field in ("train_loss", "eval_loss", "base_eval_loss", "perplexity", "token_accuracy", "tokens_per_second",
+                      "preference_accuracy", "base_preference_accuracy", "mean_reward", "base_mean_reward"):
             if (value := _number(getattr(final, field))) is not None:
                 metrics[Metrics.model_fields[field].alias or field] = value
         objectives = {k: v for k, v in final.objectives.items() if _number(v) is not None}

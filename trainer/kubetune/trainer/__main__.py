@@ -94,7 +94,7 @@ def validate_only(job: Any) -> TrainerSummary:
     `kubetune validate --data` runs too) without importing the ML stack or loading a model."""
     from kubetune.trainer import data
 
-    report = data.check(job.spec.dataset, extra_keys=data.extra_keys_for(job.spec))
+    report = data.check(job.spec.dataset, extra_keys=data.extra_keys_for(job.spec), record_check=data.record_check_for(job.spec))
     for warning in report.warnings:
         logging.getLogger("kubetune.trainer").warning("%s", warning)
     return TrainerSummary(status="validated", examples=report.examples, validation_examples=report.validation_examples,

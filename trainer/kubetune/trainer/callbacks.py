@@ -36,8 +36,18 @@ class TokenCounter:
     def __call__(self, features: list[Any]) -> dict[str, Any]:
         batch = self.collate(features)
         self.samples += len(features)
-        self.tokens += sum(len(f["input_ids"] if isinstance(f, dict) else f.input_ids) for f in features)
+        self.tokens += sum(_tokens(f) for f in features)
         return batch
+
+
+def _tokens(feature: Any) -> int:
+    """Tokens of one feature: its input_ids, or TRL's tokenised parts (prompt_ids, chosen_ids, …);
+    0 for GRPO's untokenised prompts (their completions are generated inside the step)."""
+    if not isinstance(feature, dict):
+        return len(feature.input_ids)
+    if "input_ids" in feature:
+        return len(feature["input_ids"])
+    return sum(len(v) for k, v in feature.items() if k.endswith("_ids") and isinstance(v, list))
 
 
 class Preemption:

@@ -28,7 +28,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from kubetune.api.enums import DatasetFormat, OverlengthPolicy
 from kubetune.api.spec import Dataset
@@ -201,7 +201,8 @@ class _Capped:
 
 def iter_records(uri: str, fmt: DatasetFormat | str, *, max_line_bytes: int = 1_000_000,
                  storage_options: dict | None = None, extra_keys: Iterable[str] = (),
-                 problem_limit: int = PROBLEM_LIMIT, keep: bool = True) -> Iterator[Record | DataProblem | None]:
+                 problem_limit: int = PROBLEM_LIMIT, keep: bool = True,
+                 record_check: Callable[[dict], list[str]] | None = None) -> Iterator[Record | DataProblem | None]:
     """Stream a JSON Lines file: each valid record, and each problem (FILE:LINE), in file order.
     With `keep=False` a valid record is only counted: it is yielded as None (checking a large
     file then allocates nothing per line).
@@ -209,6 +210,7 @@ def iter_records(uri: str, fmt: DatasetFormat | str, *, max_line_bytes: int = 1_
     Never raises for bad content: one bad line is one problem, and the next line is read. A
     storage failure ends the stream with one problem that says so (and after which line).
     Blank lines are skipped; `extra_keys` are top-level keys tolerated besides the format's own.
+    `record_check` replaces the format's record check (preference and GRPO records, prefdata.py).
     """
     import fsspec  # type: ignore[import-untyped]
 
@@ -237,11 +239,11 @@ def iter_records(uri: str, fmt: DatasetFormat | str, *, max_line_bytes: int = 1_
                     yield DataProblem(uri, 1, "file is UTF-16; save it as UTF-8")
                     return  # every further line would be noise
                 elif line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                    record, found = _parse(raw[3:], 3, fmt, extra)
+                    record, found = _parse(raw[3:], 3, fmt, extra, record_check)
                     found.insert(0, "file starts with a UTF-8 byte-order mark; remove the byte-order "
                                     "mark (save as UTF-8 without BOM)")
                 else:
-                    record, found = _parse(raw, offset, fmt, extra)
+                    record, found = _parse(raw, offset, fmt, extra, record_check)
                 for msg in found:
                     problems += 1
                     yield DataProblem(uri, line_no, msg)
@@ -256,17 +258,19 @@ def iter_records(uri: str, fmt: DatasetFormat | str, *, max_line_bytes: int = 1_
 
 def read_records(uri: str, fmt: DatasetFormat | str, *, max_line_bytes: int = 1_000_000,
                  storage_options: dict | None = None, extra_keys: Iterable[str] = (),
-                 problem_limit: int = PROBLEM_LIMIT) -> tuple[list[Record], list[DataProblem]]:
+                 problem_limit: int = PROBLEM_LIMIT,
+                 record_check: Callable[[dict], list[str]] | None = None) -> tuple[list[Record], list[DataProblem]]:
     """Every valid record of a JSON Lines file and every problem (see :func:`iter_records`)."""
     records: list[Record] = []
     problems: list[DataProblem] = []
     for item in iter_records(uri, fmt, max_line_bytes=max_line_bytes, storage_options=storage_options,
-                             extra_keys=extra_keys, problem_limit=problem_limit):
+                             extra_keys=extra_keys, problem_limit=problem_limit, record_check=record_check):
         (records if isinstance(item, Record) else problems).append(item)  # type: ignore[arg-type]
     return records, problems
 
 
-def _parse(raw: bytes, offset: int, fmt: DatasetFormat, extra: Sequence[str]) -> tuple[dict | None, list[str]]:
+def _parse(raw: bytes, offset: int, fmt: DatasetFormat, extra: Sequence[str],
+           record_check: Callable[[dict], list[str]] | None = None) -> tuple[dict | None, list[str]]:
     """One line's record (None for a blank or bad line) and what is wrong with it."""
     if raw.endswith(b"\r"):
         raw = raw[:-1]
@@ -287,8 +291,16 @@ def _parse(raw: bytes, offset: int, fmt: DatasetFormat, extra: Sequence[str]) ->
         return None, [f"invalid JSON for a dataset: {_clip(str(e), 120)}"]
     if not isinstance(data, dict):
         return None, [f"expected a JSON object, got {_jtype(data)}"]
-    found = check_record(data, fmt, extra)
+    found = record_check(data) if record_check is not None else check_record(data, fmt, extra)
     return (None if found else data), found
+
+
+def record_check_for(spec: Any) -> Callable[[dict], list[str]] | None:
+    """The record check of spec.method.type dpo, orpo, kto or grpo (prefdata.py); None for
+    supervised training, whose records follow spec.dataset.format."""
+    from kubetune.trainer import prefdata
+
+    return prefdata.record_check(spec)
 
 
 def extra_keys_for(spec: Any) -> tuple[str, ...]:
@@ -726,7 +738,7 @@ def _count_rules(dataset: Dataset, n: int, problems: list[DataProblem], warnings
 
 def validate(dataset: Dataset, *, tokenizer=None, max_problems: int = MAX_REPORTED,
              extra_keys: Iterable[str] = (), storage_options: dict | None = None,
-             seed: int = 0) -> DataReport:
+             seed: int = 0, record_check: Callable[[dict], list[str]] | None = None) -> DataReport:
     """Read and check the whole dataset before any model loads; raise DataError listing problems.
 
     This keeps the records (the trainer trains on them); :func:`check` finds the same problems
@@ -735,12 +747,13 @@ def validate(dataset: Dataset, *, tokenizer=None, max_problems: int = MAX_REPORT
     and applies overlength.
     """
     fmt, extra = DatasetFormat(dataset.format), tuple(extra_keys)
-    train, problems = read_records(dataset.train, fmt, storage_options=storage_options, extra_keys=extra)
+    train, problems = read_records(dataset.train, fmt, storage_options=storage_options, extra_keys=extra,
+                                   record_check=record_check)
     stopped = len(problems) >= PROBLEM_LIMIT
     validation: list[Record] = []
     if dataset.validation:
         validation, found = read_records(dataset.validation, fmt, storage_options=storage_options,
-                                         extra_keys=extra)
+                                         extra_keys=extra, record_check=record_check)
         stopped |= len(found) >= PROBLEM_LIMIT
         if not validation and not found:
             found.append(DataProblem(dataset.validation, 0, "no examples; add some or use validationSplit"))
@@ -751,7 +764,7 @@ def validate(dataset: Dataset, *, tokenizer=None, max_problems: int = MAX_REPORT
     if not dataset.validation and n >= 2:
         train, validation = split(train, dataset.validation_split or DEFAULT_VALIDATION_SPLIT, seed)
     report = DataReport(len(train), len(validation), warnings, train=train, validation=validation)
-    if tokenizer is not None and n:
+    if tokenizer is not None and n and record_check is None:  # preference rows are tokenised by TRL
         problems += _measure(report, dataset, fmt, tokenizer)
     if problems:
         raise DataError(problems, len(problems), limit=max_problems, stopped=stopped)
@@ -759,7 +772,7 @@ def validate(dataset: Dataset, *, tokenizer=None, max_problems: int = MAX_REPORT
 
 
 def check(dataset: Dataset, *, max_problems: int = MAX_REPORTED, extra_keys: Iterable[str] = (),
-          storage_options: dict | None = None) -> DataReport:
+          storage_options: dict | None = None, record_check: Callable[[dict], list[str]] | None = None) -> DataReport:
     """Every problem :func:`validate` would find, in one streaming pass that keeps no record:
     memory does not grow with the dataset. What `kubetune validate --data` and the cluster's
     validation Job (`python -m kubetune.trainer --validate-only`) run; raises DataError."""
@@ -769,7 +782,8 @@ def check(dataset: Dataset, *, max_problems: int = MAX_REPORTED, extra_keys: Ite
     counts: dict[str, int] = {}
     for uri in filter(None, (dataset.train, dataset.validation)):
         valid = found = 0
-        for item in iter_records(uri, fmt, storage_options=storage_options, extra_keys=extra, keep=False):
+        for item in iter_records(uri, fmt, storage_options=storage_options, extra_keys=extra, keep=False,
+                                 record_check=record_check):
             if item is None:
                 valid += 1
                 continue

@@ -27,6 +27,7 @@ from kubetune.api import FineTuneJob
 from kubetune.api.contract import SUMMARY_CHECKPOINTS_MAX, TrainerSummary, file_param
 from kubetune.api.estimate import FROZEN_BASE
 from kubetune.api.spec import served_merged
+from kubetune.api.enums import TrainingType
 from kubetune.trainer import data, hparams, methods, objectives, optimizers, sources, storage
 from kubetune.trainer.callbacks import CheckpointUploader, LoopCallback, Preemption, TokenCounter
 from kubetune.trainer.metrics import TrainerMetrics
@@ -72,7 +73,8 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
     opts.on_status(f"validating {spec.dataset.train}")
     extra_keys = data.extra_keys_for(spec)
     try:
-        report = data.validate(spec.dataset, extra_keys=extra_keys, seed=spec.hyperparameters.seed)
+        report = data.validate(spec.dataset, extra_keys=extra_keys, seed=spec.hyperparameters.seed,
+                               record_check=data.record_check_for(spec))
     except data.DataError as err:
         raise UserError(str(err), "InvalidData", data_param(err)) from None
     for warning in report.warnings:
@@ -92,13 +94,28 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
 
-    # 3. Examples: tokenised with the chat template, split, overlength handled.
+    # 3. Examples: tokenised with the chat template, split, overlength handled. Preference and
+    #    GRPO rows go to TRL as records (it tokenises them), the graders are built now.
     train_records, val_records = report.train, report.validation
-    try:
-        train = _encode(train_records, spec, tokenizer)
-        val = _encode(val_records, spec, tokenizer)
-    except data.DataError as err:
-        raise UserError(str(err), "InvalidData", data_param(err)) from None
+    kind = spec.method.type
+    supervised = kind == TrainingType.SUPERVISED
+    scorers: list[Any] = []
+    if supervised:
+        try:
+            train = _encode(train_records, spec, tokenizer)
+            val = _encode(val_records, spec, tokenizer)
+        except data.DataError as err:
+            raise UserError(str(err), "InvalidData", data_param(err)) from None
+    else:
+        from kubetune.trainer import graders, preference
+
+        preference.ensure_chat_template(tokenizer)
+        train, val = preference.rows(train_records, kind), preference.rows(val_records, kind)
+        if kind == TrainingType.GRPO:
+            try:
+                scorers = graders.build(spec.method.grpo.graders)
+            except graders.GraderError as err:
+                raise UserError(str(err), "InvalidSpec", err.param) from None
     if not train or not val:
         raise UserError("spec.dataset: no example is left after dropping overlength ones; raise maxSeqLength", "InvalidData",
                         "spec.dataset.maxSeqLength")
@@ -130,11 +147,23 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
     collate = data.Collator(tokenizer.pad_token_id, packing=False)
     metrics = opts.metrics
     results: dict[str, float] = {}
-    if spec.evaluation.compare_base:
+    objective_numbers: dict[str, float] = {}
+
+    def on_objective_metrics(values: dict[str, float]) -> None:
+        objective_numbers.update(values)
+        for name, value in values.items():
+            metrics.objective.labels(name=name).set(value)
+
+    if spec.evaluation.compare_base and supervised:
         opts.on_status("evaluating the base model")
         base = evaluate(model, val, collate, effective["batchSize"])
         results["baseEvalLoss"] = base["loss"]
         metrics.base_eval_loss.set(base["loss"])
+    elif spec.evaluation.compare_base:
+        opts.on_status("evaluating the base model on the held-out data")
+        base_numbers = preference.heldout(model, tokenizer, val, spec, scorers)
+        results.update(_held_out_results(base_numbers, "base"))
+        on_objective_metrics({("base" + k[0].upper() + k[1:]): v for k, v in base_numbers.items() if "/" not in k})
     model = adaptation.apply(model, tokenizer)
     trainable, _ = methods.count_parameters(model)
 
@@ -155,11 +184,16 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
     preemption.install()
 
     def eval_now() -> dict[str, float]:
+        if not supervised:
+            res = preference.heldout(model, tokenizer, val, spec, scorers)
+            on_objective_metrics({k: v for k, v in res.items() if "/" not in k})
+            return res
         res = evaluate(model, val, collate, effective["batchSize"])
         metrics.eval_loss.set(res["loss"])
         return res
 
-    loop = LoopCallback(metrics, tokens, preemption, opts.on_progress, eval_now, spec.evaluation.every_steps)
+    periodic_eval = eval_now if kind != TrainingType.GRPO else None  # GRPO's greedy generation: at the end only
+    loop = LoopCallback(metrics, tokens, preemption, opts.on_progress, periodic_eval, spec.evaluation.every_steps)
     uploader = CheckpointUploader(
         commit=lambda local, step: storage.commit_checkpoint(store, local, step, {"jobName": job.metadata.name}),
         prune=lambda: storage.prune_checkpoints(store, spec.checkpointing.keep),
@@ -194,14 +228,14 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
                 term.prepare(model)
         except objectives.IncompatibleError as err:
             raise UserError(str(err), err.reason, "spec.method.objectives") from None
-    objective_numbers: dict[str, float] = {}
-
-    def on_objective_metrics(values: dict[str, float]) -> None:
-        objective_numbers.update(values)
-        for name, value in values.items():
-            metrics.objective.labels(name=name).set(value)
-
-    trainer = _trainer(model, train_set, tokens, effective, spec, scratch / "run", callbacks, optimizer, terms, on_objective_metrics)
+    if supervised:
+        trainer = _trainer(model, train_set, tokens, effective, spec, scratch / "run", callbacks, optimizer, terms,
+                           on_objective_metrics)
+    else:
+        args = preference.training_args(spec, effective, scratch / "run", hparams.device() == "cpu", _SCHEDULERS)
+        callbacks.append(preference.TrlMetrics(on_objective_metrics).callback)
+        trainer = preference.build_trainer(spec, model, tokenizer, train, args, callbacks, optimizer, scorers)
+        tokens.collate, trainer.data_collator = trainer.data_collator, tokens  # count what TRL's collator batches
     opts.on_status(f"training: {trainable:,} of {total_params:,} parameters")
     resume_dir = None
     if resume:
@@ -217,14 +251,19 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
 
     # 6. Evaluate, save, upload: the manifest is written last.
     final = eval_now()
-    results.update({"evalLoss": final["loss"], "tokenAccuracy": final["tokenAccuracy"]})
-    results["perplexity"] = math.exp(min(final["loss"], 50))
-    metrics.token_accuracy.set(final["tokenAccuracy"])
+    if supervised:
+        results.update({"evalLoss": final["loss"], "tokenAccuracy": final["tokenAccuracy"]})
+        results["perplexity"] = math.exp(min(final["loss"], 50))
+        metrics.token_accuracy.set(final["tokenAccuracy"])
+    else:
+        results.update(_held_out_results(final, ""))
+        for scorer in scorers:
+            scorer.close()
     if loop.last_loss is not None:
         results["trainLoss"] = loop.last_loss
     results["tokensPerSecond"] = float(metrics.tokens_per_second._value.get())
     if objective_numbers:
-        results["objectives"] = dict(objective_numbers)
+        results["objectives"] = {**results.get("objectives", {}), **objective_numbers}
     if loop.gpu.joules:
         results["energyKWh"] = loop.gpu.joules / 3.6e6
     if not trainer.is_world_process_zero():
@@ -306,6 +345,18 @@ def _merged_for_serving(
     digest = hashlib.sha256(store.read_bytes(f"{MERGED}/{storage.MANIFEST}")).hexdigest()
     manifest_extra["merged"] = {"prefix": MERGED, "sha256": digest, "bytes": sum(f["bytes"] for f in merged["files"].values())}
     return store.uri_for(MERGED)
+
+
+def _held_out_results(numbers: dict[str, float], prefix: str) -> dict[str, Any]:
+    """preference.heldout's numbers as summary metrics: preferenceAccuracy / meanReward (with the
+    `base` prefix for the base model), per-grader means under objectives."""
+    out: dict[str, Any] = {}
+    for key, value in numbers.items():
+        if "/" in key:
+            out.setdefault("objectives", {})[(prefix + "/" if prefix else "heldout/") + key] = value
+        else:
+            out[prefix + key[0].upper() + key[1:] if prefix else key] = value
+    return out
 
 
 def kept_checkpoints(store: storage.Store, committed: list[dict[str, Any]], keep: int) -> list[dict[str, Any]]:
