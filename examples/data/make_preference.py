@@ -5,7 +5,7 @@ every run, short examples (the demo tokenizer has one token per byte).
 
 - support-dpo(-eval).jsonl: OpenAI's preference format (input.messages, preferred_output,
   non_preferred_output): a question to Northwind Outfitters' support desk, the answer that states
-  the shop's policy politely (preferred) and a curt, wrong one (dispreferred).
+  the shop's policy politely (preferred) and a curt, wrong one of about the same length (dispreferred).
 - support-kto(-eval).jsonl: the same answers unpaired, as TRL's prompt/completion/label.
 - arithmetic-grpo(-eval).jsonl: "What is a + b?" prompts with the answer in an `answer` field,
   which the GRPO example's stringCheck grader reads as {{item.answer}}.
@@ -24,14 +24,16 @@ SYSTEM = "You are Northwind Outfitters' support assistant."
 
 POLICIES = [
     ("How long do I have to return {p}?", "You can return the {p} within 30 days for a full refund.",
-     "No returns."),
+     "You can return the {p} within 9 days for store credit only."),
     ("Is shipping free for {p}?", "Shipping is free on orders over $50, so the {p} ships free.",
-     "Pay for shipping."),
+     "Shipping costs $25 on every order, even for the {p}, sorry."),
     ("Is there a warranty on the {p}?", "The {p} has a 2-year warranty against defects.",
-     "Not our problem."),
+     "The {p} has no warranty; defects are on you."),
     ("Can I exchange the {p} for another size?", "Yes, exchanges for the {p} are free within 30 days.",
-     "Buy another one."),
+     "No, the {p} cannot be exchanged; buy a new one."),
 ]
+"""(question, the shop's policy stated politely, a wrong and curt answer of about the same length:
+the demo model cannot prefer one by length alone)."""
 PRODUCTS = ["backpack", "boots", "jacket", "tent", "poles", "rain shell", "fleece", "sleeping bag", "headlamp", "gloves"]
 
 
@@ -40,7 +42,7 @@ def pairs(r: random.Random, n: int) -> list[tuple[str, str, str]]:
     for _ in range(n):
         q, good, bad = r.choice(POLICIES)
         p = r.choice(PRODUCTS)
-        out.append((q.format(p=p), good.format(p=p), bad))
+        out.append((q.format(p=p), good.format(p=p), bad.format(p=p)))
     return out
 
 

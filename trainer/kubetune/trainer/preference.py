@@ -55,9 +55,25 @@ def ensure_chat_template(tokenizer: Any) -> None:
 
 
 def rows(records: list[Any], kind: TrainingType) -> list[dict[str, Any]]:
-    from kubetune.trainer import prefdata
+    """TRL rows of valid records; raises data.DataError (FILE:LINE) when conversational (message
+    list) and plain (string) prompts are mixed: TRL formats a dataset one way or the other."""
+    from kubetune.trainer import data, prefdata
 
-    return [prefdata.row(r.data, kind) for r in records]
+    out = [prefdata.row(r.data, kind) for r in records]
+    first = None
+    problems = []
+    for record, row in zip(records, out):
+        chat = isinstance(row["prompt"], list)
+        if first is None:
+            first = (record, chat)
+        elif chat != first[1]:
+            what = ("messages", "a plain string") if chat else ("a plain string", "messages")
+            problems.append(data.DataProblem(record.file, record.line, (
+                f"the prompt is {what[0]} but {first[0].file}:{first[0].line} has {what[1]}; use one form for the whole "
+                "dataset (conversational: message lists; plain: strings)")))
+    if problems:
+        raise data.DataError(problems)
+    return out
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -95,7 +111,6 @@ def training_args(spec: Any, eff: dict[str, Any], out: Path, use_cpu: bool, sche
         dataloader_num_workers=0,
         use_cpu=use_cpu,
         eval_strategy="no",
-        dataset_num_proc=None,
     )
     max_len = spec.dataset.max_seq_length
     if kind == TrainingType.DPO:

@@ -110,7 +110,11 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
         from kubetune.trainer import graders, preference
 
         preference.ensure_chat_template(tokenizer)
-        train, val = preference.rows(train_records, kind), preference.rows(val_records, kind)
+        try:
+            train = preference.rows(train_records + val_records, kind)  # one form across both files
+        except data.DataError as err:
+            raise UserError(str(err), "InvalidData", data_param(err)) from None
+        train, val = train[: len(train_records)], train[len(train_records):]
         if kind == TrainingType.GRPO:
             try:
                 scorers = graders.build(spec.method.grpo.graders)
