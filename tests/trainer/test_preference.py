@@ -155,24 +155,23 @@ def test_dpo_raises_heldout_preference_accuracy(tmp_path: Path, builtin_cache: P
 
 
 def test_grpo_string_check_raises_mean_reward(tmp_path: Path, builtin_cache: Path) -> None:
-    """A toy verifiable task: answer with the record's letter; one stringCheck grader."""
-    import random
-
-    r = random.Random(3)
-    rows = [{"prompt": [{"role": "user", "content": "Say a."}], "answer": "a"} for _ in range(r.randint(40, 40))]
+    """A toy verifiable task: say the record's letter (stringCheck like {{item.answer}}). The random
+    demo model's greedy answer never contains it (base reward 0); sampled 16-token answers sometimes
+    do, and GRPO makes the letter the greedy choice."""
+    rows = [{"prompt": [{"role": "user", "content": "Say a."}], "answer": "a"} for _ in range(40)]
     train, val = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
     train.write_text("".join(json.dumps(x) + "\n" for x in rows))
     val.write_text("".join(json.dumps(x) + "\n" for x in rows[:4]))
     grader = {"name": "letter", "type": "stringCheck", "reference": "{{item.answer}}", "operation": "like"}
     body = job_body(
-        tmp_path, {"type": "grpo", "grpo": {"numGenerations": 8, "maxCompletionLength": 4, "beta": 0.0, "graders": [grader]}},
+        tmp_path, {"type": "grpo", "grpo": {"numGenerations": 8, "maxCompletionLength": 16, "beta": 0.0, "graders": [grader]}},
         dataset={"train": str(train), "validation": str(val), "minExamples": 1},
-        hyperparameters={"maxSteps": 12, "batchSize": 8, "learningRate": 3e-2},
+        hyperparameters={"maxSteps": 16, "batchSize": 16, "learningRate": 1e-1},
     )
     summary = run(parse(body), Options(scratch=tmp_path / "scratch"))
     m = summary["metrics"]
     assert m["meanReward"] >= m["baseMeanReward"] + 0.5, m
-    assert "reward/letter/mean" in m["objectives"], m
+    assert "reward/letter/mean" in m["objectives"] and m["objectives"]["base/reward/letter"] == m["baseMeanReward"], m
 
 
 def test_dpo_resume_after_kill_is_identical(tmp_path: Path) -> None:

@@ -260,7 +260,9 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
         results["perplexity"] = math.exp(min(final["loss"], 50))
         metrics.token_accuracy.set(final["tokenAccuracy"])
     else:
-        results.update(_held_out_results(final, ""))
+        numbers = _held_out_results(final, "")
+        results["objectives"] = {**results.get("objectives", {}), **numbers.pop("objectives", {})}
+        results.update(numbers)
         for scorer in scorers:
             scorer.close()
     if loop.last_loss is not None:
