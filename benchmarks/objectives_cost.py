@@ -1,10 +1,11 @@
-"""Per-step cost of every adaptation, objective term and optimizer relative to LoRA SFT.
+"""Per-step cost of every adaptation, objective term, optimizer and training type (dpo, orpo, kto,
+grpo) relative to LoRA SFT.
 
 Runs each `examples/methods/<name>.yaml` through the real trainer on the same model and data
 for the same number of steps, takes the median seconds per optimizer step (step boundaries as
 the Trainer reports them, so data loading and the loss are included; evaluation and saving are
 not), and divides by LoRA's. Repeats the whole sweep `--repeats` times, alternating methods, and
-reports the median ratio.
+reports the median ratio. A grpo step includes sampling numGenerations answers per prompt.
 
     python benchmarks/objectives_cost.py                 # tiny model, CPU, a few minutes
     python benchmarks/objectives_cost.py --model builtin://small-llama --steps 30

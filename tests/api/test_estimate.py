@@ -219,3 +219,21 @@ def test_every_example_is_sized_and_only_the_8b_full_on_h100_warns() -> None:
             warned.append(path.name)
     # Llama-3.1-8B full at 4 × 4096 tokens: ≈ 134 GiB with fp32 master weights and Adam states.
     assert warned == ["multi-node-volcano.yaml"]
+
+
+def test_full_preference_training_counts_the_frozen_reference_and_peft_does_not() -> None:
+    """dpo/kto/grpo (beta > 0) with full fine-tuning hold a frozen copy of the base as reference;
+    with LoRA the reference is the base with the adapter disabled; orpo and beta 0 need none."""
+    model = {"source": "hf://meta-llama/Llama-3.2-1B"}
+    full = estimate_job(job("lora.yaml", model=model, method={"adaptation": "full"}).spec)
+    dpo = estimate_job(job("lora.yaml", model=model, method={"adaptation": "full", "type": "dpo"}).spec)
+    assert dpo.teacher_parameters == 1_000_000_000 and full.teacher_parameters == 0
+    assert dpo.gpu_memory_gib is not None and full.gpu_memory_gib is not None
+    assert dpo.gpu_memory_gib - full.gpu_memory_gib >= 1e9 * 2 / GIB
+    grader = {"name": "g", "type": "regex", "pattern": "x"}
+    for method in ({"adaptation": "lora", "type": "dpo"}, {"adaptation": "full", "type": "orpo"},
+                   {"adaptation": "full", "type": "dpo", "dpo": {"referenceFree": True}},
+                   {"adaptation": "full", "type": "grpo", "grpo": {"beta": 0, "graders": [grader]}}):
+        assert estimate_job(job("lora.yaml", model=model, method=method).spec).teacher_parameters == 0, method
+    grpo = {"adaptation": "full", "type": "grpo", "grpo": {"graders": [grader]}}
+    assert estimate_job(job("lora.yaml", model=model, method=grpo).spec).teacher_parameters == 1_000_000_000

@@ -1,6 +1,7 @@
 """Every examples/methods/<name>.yaml runs to a verified adapter with `kubetune run` on CPU.
 
-One manifest per adaptation, objective term and optimizer, named by its API enum value.
+One manifest per adaptation, objective term, optimizer and training type (dpo, orpo, kto, grpo),
+named by its API enum value.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from click.testing import CliRunner
 
 from kubetune.api.manifest import load_yaml as load_manifest_yaml
 from kubetune.api import Adaptation, Objective, Optimizer
+from kubetune.api.enums import TrainingType
 from kubetune.cli import main
 from kubetune.trainer import storage
 
@@ -23,7 +25,8 @@ pytestmark = pytest.mark.slow
 
 def test_one_example_per_method() -> None:
     names = {p.stem for p in EXAMPLES}
-    assert names == {e.value for e in (*Adaptation, *Objective, *Optimizer)}
+    types = {t.value for t in TrainingType if t != TrainingType.SUPERVISED}
+    assert names == {e.value for e in (*Adaptation, *Objective, *Optimizer)} | types
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
@@ -37,7 +40,13 @@ def test_method_example_runs(path: Path, tmp_path: Path, builtin_cache: Path, mo
     assert ok, reason
     manifest = json.loads(store.read_bytes("manifest.json"))
     metrics = manifest["metrics"]
-    assert metrics["evalLoss"] > 0 and "baseEvalLoss" in metrics
+    kind = manifest["method"].get("type", "supervised")
+    if kind == "grpo":  # the base-vs-tuned comparison: mean grader reward
+        assert "meanReward" in metrics and "baseMeanReward" in metrics and "reward" in metrics["objectives"]
+    elif kind != "supervised":  # dpo, orpo, kto: held-out preference accuracy
+        assert 0 <= metrics["preferenceAccuracy"] <= 1 and "basePreferenceAccuracy" in metrics
+    else:
+        assert metrics["evalLoss"] > 0 and "baseEvalLoss" in metrics
     for term in manifest["method"].get("objectives", []):
         assert metrics.get("objectives"), f"{term['type']} reported no numbers"
 
