@@ -111,6 +111,22 @@ def test_dpo_loss_equals_the_closed_form(tiny_model_dir: Path, tmp_path: Path) -
     assert float(loss) == pytest.approx(float(by_hand), rel=1e-5, abs=1e-6)
 
 
+def test_reference_free_dpo_uses_a_uniform_reference(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """referenceFree: log π_ref = 0, so L = −log σ(β·(log π(y_w) − log π(y_l)))."""
+    import torch
+
+    beta = 0.2
+    trainer, model = dpo_trainer(tiny_model_dir, tmp_path, {"type": "dpo", "dpo": {"beta": beta, "referenceFree": True}})
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    model.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, batch)
+        chosen, rejected = _sum_logps(model, batch)
+    by_hand = -torch.nn.functional.logsigmoid(beta * (chosen - rejected)).mean()
+    assert abs(float(by_hand) - math.log(2)) > 0.01
+    assert float(loss) == pytest.approx(float(by_hand), rel=1e-5, abs=1e-6)
+
+
 def test_training_leaves_base_and_reference_untouched(tiny_model_dir: Path, tmp_path: Path) -> None:
     """LoRA: the reference is the base with the adapter disabled (no `ref` copy), the base weights
     stay bit-identical and so do the reference logits; the adapter moved. Full: TRL's frozen copy."""
