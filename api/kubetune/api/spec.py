@@ -828,10 +828,10 @@ class Method(WireModel):
         )
     }
 
-    type: TrainingType = Field(
-        default=TrainingType.SUPERVISED,
+    type: Optional[TrainingType] = Field(
+        default=None,
         description=(
-            "What training optimises: supervised (cross-entropy on the completions, default), dpo (Direct Preference "
+            "What training optimises: supervised (cross-entropy on the completions; also when unset), dpo (Direct Preference "
             "Optimization on chosen/rejected pairs), orpo (odds-ratio preference optimisation, no reference model), kto "
             "(unpaired desirable/undesirable completions) or grpo (reinforcement learning with graders). Settings go in "
             "the block of the same name. Composes with adaptation full, lora, qlora and dora."
@@ -890,11 +890,11 @@ class Method(WireModel):
                 raise ValueError(f"the {block} block belongs to type: {block}; remove it or change type")
         if self.type == TrainingType.GRPO and self.grpo is None:
             raise ValueError("type: grpo needs a grpo block with graders")
-        if self.type != TrainingType.SUPERVISED:
+        if self.training_type != TrainingType.SUPERVISED:
             if self.adaptation not in PREFERENCE_ADAPTATIONS:
-                raise ValueError(_WRONG_ADAPTATION.format(type=self.type.value))
+                raise ValueError(_WRONG_ADAPTATION.format(type=self.training_type.value))
             if self.objectives:
-                raise ValueError(_NO_OBJECTIVES.format(type=self.type.value))
+                raise ValueError(_NO_OBJECTIVES.format(type=self.training_type.value))
         term = self.objective(Objective.REWEIGHTING)
         if (
             term is not None
@@ -918,9 +918,15 @@ class Method(WireModel):
     def objective(self, kind: Objective) -> ObjectiveTerm | None:
         return next((t for t in self.objectives if t.type == kind), None)
 
+    @property
+    def training_type(self) -> TrainingType:
+        """`type`, supervised when unset (left out of the wire form then, so the specs of jobs from
+        before `type` existed keep their digest)."""
+        return self.type or TrainingType.SUPERVISED
+
     def training(self) -> WireModel | None:
         """The block of the training type (dpo, orpo, kto, grpo) with code defaults; None for supervised."""
-        if self.type == TrainingType.SUPERVISED:
+        if self.type is None or self.type == TrainingType.SUPERVISED:
             return None
         block, model = _TYPE_BLOCKS[self.type]
         return getattr(self, block) or model()
@@ -1394,9 +1400,9 @@ class FineTuneJobSpec(WireModel):
                 "output.format: merged is not possible with prefixTuning or promptTuning (virtual "
                 "tokens are not weights of the base model to merge into); use format: adapter"
             )
-        if self.method.type != TrainingType.SUPERVISED and self.dataset.format != DatasetFormat.CHAT:
+        if self.method.training_type != TrainingType.SUPERVISED and self.dataset.format != DatasetFormat.CHAT:
             raise ValueError(_FORMAT_BY_TYPE)
-        if self.method.type != TrainingType.SUPERVISED and self.dataset.packing:
+        if self.method.training_type != TrainingType.SUPERVISED and self.dataset.packing:
             raise ValueError(_PACKING_BY_TYPE)
         if self.dataset.packing and self.method.adaptation in (Adaptation.PREFIX_TUNING, Adaptation.PROMPT_TUNING):
             raise ValueError(

@@ -159,7 +159,7 @@ def grpo_checker(item_fields: set[str]) -> Callable[[dict], list[str]]:
 
 def record_check(spec: Any) -> Callable[[dict], list[str]] | None:
     """The record check of the job's training type; None for supervised (data.py's own formats)."""
-    kind = spec.method.type
+    kind = spec.method.training_type
     if kind in (TrainingType.DPO, TrainingType.ORPO):
         return check_pair
     if kind == TrainingType.KTO:

@@ -81,7 +81,7 @@ def rows(records: list[Any], kind: TrainingType) -> list[dict[str, Any]]:
 
 def training_args(spec: Any, eff: dict[str, Any], out: Path, use_cpu: bool, schedulers: dict[str, str]) -> Any:
     """The TRL config of the job's type, with the same training arguments as supervised runs."""
-    hp, kind, cfg = spec.hyperparameters, spec.method.type, spec.method.training()
+    hp, kind, cfg = spec.hyperparameters, spec.method.training_type, spec.method.training()
     batch = eff["batchSize"]
     common: dict[str, Any] = dict(
         output_dir=str(out),
@@ -142,7 +142,7 @@ def build_trainer(spec: Any, model: Any, tokenizer: Any, train_rows: list[dict[s
     """The TRL trainer of the job's type around `model` (a PeftModel or the full model)."""
     from datasets import Dataset
 
-    kind = spec.method.type
+    kind = spec.method.training_type
     train = Dataset.from_list(train_rows)
     common = dict(model=model, args=args, train_dataset=train, processing_class=tokenizer, callbacks=callbacks,
                   optimizers=(optimizer, None))
@@ -319,7 +319,7 @@ def mean_reward(model: Any, tokenizer: Any, val_rows: list[dict[str, Any]], scor
 
 def heldout(model: Any, tokenizer: Any, val_rows: list[dict[str, Any]], spec: Any, scorers: list[Any]) -> dict[str, float]:
     """The base-vs-tuned number of the job's type: {"preferenceAccuracy": …} or {"meanReward": …, per grader}."""
-    kind = spec.method.type
+    kind = spec.method.training_type
     if kind == TrainingType.GRPO:
         scores = mean_reward(model, tokenizer, val_rows, scorers, spec)
         return {"meanReward": scores.pop("reward"), **{f"reward/{k}": v for k, v in scores.items()}}

@@ -97,7 +97,7 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
     # 3. Examples: tokenised with the chat template, split, overlength handled. Preference and
     #    GRPO rows go to TRL as records (it tokenises them), the graders are built now.
     train_records, val_records = report.train, report.validation
-    kind = spec.method.type
+    kind = spec.method.training_type
     supervised = kind == TrainingType.SUPERVISED
     scorers: list[Any] = []
     if supervised:
