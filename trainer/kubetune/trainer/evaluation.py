@@ -166,8 +166,8 @@ def parse_verdict(text: str) -> str:
     try:
         found = json.loads(text.strip().strip("`").removeprefix("json").strip())
         winner = str(found.get("winner", "")).strip().lower() if isinstance(found, dict) else ""
-    except ValueError:
-        m = re.search(r"\b(A|B|tie)\b", text, re.IGNORECASE)
+    except ValueError:  # free text: a capital A or B standing alone, or "tie" (the article "a" is no verdict)
+        m = re.search(r"\b(A|B|[Tt]ie|TIE)\b", text)
         winner = m.group(1).lower() if m else ""
     if winner in ("a", "b"):
         return winner.upper()
