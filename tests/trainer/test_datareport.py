@@ -165,3 +165,13 @@ def test_warn_and_the_validation_summary(tmp_path: Path) -> None:
                                   "IBAN DE89 3704 0044 0532 0130 01", "localhost 127.0.0.1", "see you at 10:30"])
 def test_near_misses_are_not_findings(text: str) -> None:
     assert datareport.scan_text(text) == []
+
+
+def test_past_the_near_limit_only_exact_duplicates_are_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NEAR_LIMIT bounds the signatures kept (memory of the validation Job); exact counts stay exact."""
+    monkeypatch.setattr(datareport, "NEAR_LIMIT", 50)
+    train, validation = write_dataset(tmp_path, planted=True)
+    report = datareport.stream(load_job(job_file(tmp_path, train, validation)).spec)
+    assert report["duplicates"]["nearChecked"] == 50
+    assert report["duplicates"]["exact"] == 2 and report["duplicates"]["near"] == 0  # line 69's near copy is past the limit
+    assert report["overlap"]["exact"] == 1 and report["pii"]["total"] == len(PII)

@@ -29,6 +29,7 @@ import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Any, Callable, Iterable, Sequence
 
 from kubetune.api.enums import DatasetFormat, PiiPolicy
@@ -36,6 +37,10 @@ from kubetune.api.enums import DatasetFormat, PiiPolicy
 NEAR_THRESHOLD = 0.8
 """Jaccard similarity of word 3-shingles from which two examples count as near duplicates."""
 NUM_PERM = 64
+NEAR_LIMIT = 100_000
+"""Examples that get a MinHash signature (near duplicates and near overlap); past this many, only
+exact duplicates and overlap are counted. Bounds the validation Job's memory (≈ 3 KB a signature
+with its LSH entries) and time (benchmarks/RESULTS.md, data_report)."""
 CHARS_PER_TOKEN = 4.0
 """Without a tokenizer, tokens are estimated at this many characters each (English, BPE)."""
 SUSTAINED_FLOPS = 100e12
@@ -151,10 +156,23 @@ def _mask(text: str) -> str:
     return text[:2] + "…" + text[-2:] if len(text) > 6 else "…"
 
 
+_GATES = {
+    # A cheap test that must pass before a detector's pattern runs: most text has no '@', and
+    # prose without digits needs none of the number patterns.
+    "secret": re.compile(r"PRIVATE KEY|AKIA|ASIA|gh[pousr]_|github_pat_|sk-|k_live_|k_test_|xox|AIza|hf_|eyJ"),
+    "email": re.compile("@"),
+}
+_DIGIT = re.compile(r"\d")
+
+
 def scan_text(text: str) -> list[tuple[int, int, Detector]]:
     """(start, end, detector) of every finding in `text`, spans not overlapping, in text order."""
     taken: list[tuple[int, int, Detector]] = []
+    digits = _DIGIT.search(text) is not None
     for det in DETECTORS:
+        gate = _GATES.get(det.kind)
+        if (gate.search(text) is None) if gate is not None else not digits:
+            continue
         for m in det.pattern.finditer(text):
             s, e = m.span()
             if any(s < te and ts < e for ts, te, _ in taken):
@@ -249,6 +267,13 @@ def _shingles(text: str) -> set[bytes]:
     return {" ".join(words[i:i + 3]).encode() for i in range(len(words) - 2)}
 
 
+@lru_cache(maxsize=1)
+def _template() -> Any:
+    from datasketch import MinHash
+
+    return MinHash(num_perm=NUM_PERM, seed=1)
+
+
 @dataclass
 class _Item:
     file: str
@@ -275,12 +300,16 @@ class ReportBuilder:
     with_system: int = 0
 
     def add(self, record: Any, part: str = "train") -> None:
-        from datasketch import MinHash
+        from datasketch import LeanMinHash, MinHash
 
         text = example_text(record.data, self.fmt)
-        mh = MinHash(num_perm=NUM_PERM, seed=1)
-        # Near duplicates by what varies: a system prompt shared by every example would make them all alike.
-        mh.update_batch(list(_shingles(example_text(record.data, self.fmt, system=False))))
+        mh = None
+        if len(self.train) + len(self.validation) < NEAR_LIMIT:
+            template = _template()  # drawing the permutations per example would cost more than hashing
+            full = MinHash(num_perm=NUM_PERM, seed=template.seed, permutations=template.permutations, scheme=template.scheme)
+            # Near duplicates by what varies: a system prompt shared by every example would make them all alike.
+            full.update_batch(list(_shingles(example_text(record.data, self.fmt, system=False))))
+            mh = LeanMinHash(full)  # the signature only: a third of the memory
         turns = 1
         if self.fmt == DatasetFormat.CHAT:
             msgs = [m for m in record.data.get("messages") or [] if isinstance(m, dict)]
@@ -322,7 +351,8 @@ class ReportBuilder:
             "lengthHistogram": _histogram(lengths),
             "overMaxSeqLength": sum(1 for n in lengths if n > self.max_seq_length),
             "maxSeqLength": self.max_seq_length,
-            "duplicates": {"exact": len(dups), "near": len(near), "exactAt": dups[:20], "nearAt": near[:20]},
+            "duplicates": {"exact": len(dups), "near": len(near), "exactAt": dups[:20], "nearAt": near[:20],
+                           "nearChecked": sum(1 for it in train if it.minhash is not None)},
             "overlap": {"exact": len(overlap), "near": len(near_overlap), "exactAt": overlap[:20], "nearAt": near_overlap[:20]},
             "systemPrompts": {"distinct": len(self.systems), "withSystem": self.with_system,
                               "top": [{"text": t[:200], "count": c} for t, c in self.systems.most_common(5)]},
@@ -371,6 +401,8 @@ def _duplicates(items: Sequence[_Item]) -> tuple[list[str], list[str]]:
             exact.append(f"{it.file}:{it.line} (repeats line {seen[it.digest].line})")
             continue
         seen[it.digest] = it
+        if it.minhash is None:
+            continue
         hits = lsh.query(it.minhash)
         if hits:
             first = items[min(int(h) for h in hits)]
@@ -386,13 +418,14 @@ def _overlap(train: Sequence[_Item], validation: Sequence[_Item]) -> tuple[list[
     digests = {it.digest: it for it in train}
     lsh = _lsh()
     for i, it in enumerate(train):
-        lsh.insert(str(i), it.minhash)
+        if it.minhash is not None:
+            lsh.insert(str(i), it.minhash)
     exact, near = [], []
     for it in validation:
         if it.digest in digests:
             t = digests[it.digest]
             exact.append(f"{it.file}:{it.line} (= {t.file}:{t.line})")
-        elif hits := lsh.query(it.minhash):
+        elif it.minhash is not None and (hits := lsh.query(it.minhash)):
             t = train[min(int(h) for h in hits)]
             near.append(f"{it.file}:{it.line} (≈ {t.file}:{t.line})")
     return exact, near
