@@ -171,12 +171,13 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
 
     run_module._encode = spy  # type: ignore[assignment]
     os.environ.setdefault("KUBETUNE_CACHE", str(tmp / "cache"))
+    opts = run_module.Options(scratch=tmp / "scratch")
     try:
-        summary = run_module.run(load_job(path), run_module.Options(scratch=tmp / "scratch"))
+        summary = run_module.run(load_job(path), opts)
     finally:
         run_module._encode = original  # type: ignore[assignment]
         judge.close()
-    yield {"summary": summary, "out": tmp / "out", "encoded": encoded, "train": train, "judge": judge, "tmp": tmp}
+    yield {"summary": summary, "out": tmp / "out", "encoded": encoded, "train": train, "judge": judge, "tmp": tmp, "metrics": opts.metrics}
 
 
 @pytest.mark.slow
@@ -194,6 +195,14 @@ def test_samples_metrics_and_manifest(finished: dict[str, Any]) -> None:
     judge = {k: gen["judge"].get(k, 0) for k in ("tunedWins", "baseWins", "ties", "failed", "winRate", "model")}
     assert judge == {"tunedWins": 0, "baseWins": 0, "ties": 8, "failed": 0, "winRate": 0.5, "model": "biased-judge"}
     assert len(finished["judge"].requests) == 16
+    from prometheus_client.parser import text_string_to_metric_families
+    from prometheus_client import generate_latest
+
+    series = {(s.labels["model"], s.labels["metric"]): s.value
+              for fam in text_string_to_metric_families(generate_latest(finished["metrics"].registry).decode())
+              for s in fam.samples if s.name == "kubetune_trainer_generation_score_ratio"}
+    assert series == {**{("base", k): v for k, v in gen["base"].items()}, **{("tuned", k): v for k, v in gen["tuned"].items()},
+                      ("tuned", "judgeWinRate"): 0.5}
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["dataPolicy"] == {"pii": "redact", "findings": 6, "redactedExamples": 6, "byKind": {k: 1 for k in PII}}
     for name in ("report.html", "data-report.json", "eval/samples.jsonl", "report-data.json"):
