@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the test tiers need from outside PyPI, cached under ~/.cache/kubetune (`make tools`):
 #
-#   Debian packages  kubectl (kubernetes-client), docker.io (dockerd, containerd, runc), debootstrap
+#   Debian packages  kubectl (kubernetes-client), docker.io (dockerd, containerd, runc), debootstrap, chromium
 #   hack/build-apiserver.sh    the 1.20 control plane + etcd + pause   (~10-13 min cold, 2 cores)
 #   hack/build-crd-server.sh   the 1.36 CRD server + etcd 3.5 from sid (~6 min cold)
 #   hack/build-base-images.sh  the Debian base our images start FROM   (~3 min cold, network-bound)
@@ -18,6 +18,8 @@ missing=()
 command -v kubectl >/dev/null || missing+=(kubernetes-client)
 command -v dockerd >/dev/null || [[ -x /usr/sbin/dockerd ]] || missing+=(docker.io)
 command -v debootstrap >/dev/null || [[ -x /usr/sbin/debootstrap ]] || missing+=(debootstrap)
+# report.html is tested in a real browser (tests/trainer/test_report.py): headless Chromium.
+command -v chromium >/dev/null || missing+=(chromium)
 if [[ ${#missing[@]} -gt 0 ]]; then
     log "apt-get install ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive

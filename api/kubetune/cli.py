@@ -32,7 +32,8 @@ def crd() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Print problems only.")
 @click.option("--data", "check_data", is_flag=True, help="Also check each job's dataset files, as the cluster's validation Job does (one streaming pass; no model is loaded).")
 @click.option("--tokens", is_flag=True, help="With --data: also tokenise every example with the model's tokenizer for token statistics (slower; only tokenizer files are fetched, and code shipped with a model is never run).")
-def validate(files: tuple[str, ...], quiet: bool, check_data: bool, tokens: bool) -> None:
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, writable=True), help="With --data: write the dataset report (data-report.json: counts, duplicates, train/validation overlap, PII findings, estimates) here; with several jobs, one JSON object per job name.")
+def validate(files: tuple[str, ...], quiet: bool, check_data: bool, tokens: bool, report_path: str | None) -> None:
     """Validate FineTuneJob manifests (multi-document YAML allowed).
 
     Each problem is printed as FILE[#doc]: spec.path: message. Exit 0 when every manifest is
@@ -40,6 +41,7 @@ def validate(files: tuple[str, ...], quiet: bool, check_data: bool, tokens: bool
     (FILE:LINE: problem).
     """
     failed = False
+    reports: dict[str, object] = {}
     for path in files:
         try:
             found = 0
@@ -52,7 +54,7 @@ def validate(files: tuple[str, ...], quiet: bool, check_data: bool, tokens: bool
                 elif job is not None:
                     if not quiet:
                         click.echo(f"{doc.where}: ok (FineTuneJob {job.metadata.name}, {job.spec.method.adaptation})")
-                    if check_data and not _validate_data(job, tokens):
+                    if check_data and not _validate_data(job, tokens, reports):
                         failed = True
             if found == 0:
                 failed = True
@@ -60,10 +62,17 @@ def validate(files: tuple[str, ...], quiet: bool, check_data: bool, tokens: bool
         except ManifestError as err:
             failed = True
             click.echo(str(err))
+    if report_path and reports:
+        import json
+
+        only = next(iter(reports.values())) if len(reports) == 1 else reports
+        with open(report_path, "w", encoding="utf-8") as f:
+            json.dump(only, f, indent=1)
+        click.echo(f"dataset report: {report_path}")
     sys.exit(1 if failed else 0)
 
 
-def _validate_data(job: object, tokens: bool) -> bool:
+def _validate_data(job: object, tokens: bool, reports: dict[str, object] | None = None) -> bool:
     try:
         from kubetune.trainer import data
     except ImportError as err:
@@ -77,23 +86,45 @@ def _validate_data(job: object, tokens: bool) -> bool:
         return False
     for line in report.summary_lines():
         click.echo(f"  {line}")
-    if not tokens:
-        return True
-    from kubetune.trainer import sources
+    tokenizer = None
+    if tokens:
+        from kubetune.trainer import sources
 
+        try:
+            tokenizer = sources.load_tokenizer(spec.model)
+        except sources.ModelSourceError as err:
+            click.echo(f"  (no token statistics: {err})")
+        if tokenizer is not None:
+            try:
+                report = data.validate(spec.dataset, tokenizer=tokenizer, extra_keys=data.extra_keys_for(spec),
+                                       record_check=data.record_check_for(spec))
+            except data.DataError as err:
+                click.echo(str(err))
+                return False
+            for line in report.summary_lines()[1:]:
+                click.echo(f"  {line}")
+    return _data_report(job, tokenizer, reports)
+
+
+def _data_report(job: object, tokenizer: object, reports: dict[str, object] | None) -> bool:
+    """The dataset report (as the validation Job builds it) and spec.dataset.pii: False under refuse with findings."""
+    from kubetune.trainer import data, datareport
+
+    spec = job.spec  # type: ignore[attr-defined]
+    report = datareport.stream(spec, tokenizer=tokenizer)
+    if reports is not None:
+        reports[job.metadata.name] = report  # type: ignore[attr-defined]
+    for line in datareport.summary_lines(report):
+        click.echo(f"  {line}")
     try:
-        tokenizer = sources.load_tokenizer(spec.model)
-    except sources.ModelSourceError as err:
-        click.echo(f"  (no token statistics: {err})")
-        return True
-    try:
-        report = data.validate(spec.dataset, tokenizer=tokenizer, extra_keys=data.extra_keys_for(spec),
-                               record_check=data.record_check_for(spec))
+        warnings = datareport.check_policy(report)
     except data.DataError as err:
         click.echo(str(err))
         return False
-    for line in report.summary_lines()[1:]:
+    for line in datareport.finding_lines(report):
         click.echo(f"  {line}")
+    for warning in warnings:
+        click.echo(f"  warning: {warning}")
     return True
 
 
@@ -129,6 +160,55 @@ def verify(uri: str) -> None:
             sys.exit(1)
         count = len(storage.read_manifest(store, prefix)["files"])
         click.echo(f"{uri}/{prefix}: verified {count} files of the merged model (sha256 and size match {prefix}/manifest.json)")
+
+
+@main.command("report")
+@click.argument("output")
+@click.option("-o", "--out", "dest", type=click.Path(dir_okay=False, writable=True), help="Write the page here (default: OUTPUT's report.html for a local output, else ./<name>-report.html).")
+@click.option("--render", is_flag=True, help="Render the page again from report-data.json with this kubetune (instead of copying report.html).")
+@click.option("--open", "open_browser", is_flag=True, help="Open the page in the default browser.")
+def report_cmd(output: str, dest: str | None, render: bool, open_browser: bool) -> None:
+    """Write or open the run's report.html (OUTPUT: the job's output directory or URL).
+
+    The page is self-contained (plots embedded, nothing fetched): loss and eval-loss curves, the
+    learning-rate schedule, throughput, base vs tuned metrics, the samples side by side, the
+    dataset report, cost and energy. Prints the page's local path.
+    """
+    import json
+    from pathlib import Path
+
+    try:
+        from kubetune.trainer import storage
+        from kubetune.trainer.report import DATA_FILE, REPORT_FILE
+    except ImportError as err:
+        click.echo(f"kubetune report needs the trainer's libraries ({err.name} is missing): pip install 'kubetune[trainer]'", err=True)
+        sys.exit(1)
+    local = "://" not in output or output.startswith("file://")
+    uri = output if "://" in output else Path(output).resolve().as_uri()
+    store = storage.Store(uri)
+    try:
+        if render or not store.exists(REPORT_FILE):
+            from kubetune.trainer.report import render as render_page
+
+            page = render_page(json.loads(store.read_bytes(DATA_FILE))).encode()
+        else:
+            page = store.read_bytes(REPORT_FILE)
+    except (storage.StorageError, FileNotFoundError, ValueError) as err:
+        click.echo(f"error: {output} holds no report ({REPORT_FILE} or {DATA_FILE}): {err}; is it a finished job's output?", err=True)
+        sys.exit(1)
+    if dest is None:
+        if local and not render:
+            dest = str(Path(storage.Store(uri).uri_for(REPORT_FILE).removeprefix("file://")))
+        else:
+            dest = f"{uri.rstrip('/').rsplit('/', 1)[-1] or 'kubetune'}-report.html"
+    target = Path(dest)
+    if not (target.exists() and target.read_bytes() == page):
+        target.write_bytes(page)
+    click.echo(str(target.resolve()))
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(target.resolve().as_uri())
 
 
 @main.command("run")

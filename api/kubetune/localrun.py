@@ -76,6 +76,21 @@ def run_locally(job: Any, output: str | None, metrics_port: int) -> int:
     table.add_row("trainable parameters", f"{summary['trainableParameters']:,}")
     table.add_row("adapter", summary["adapter"]["uri"])
     table.add_row("manifest", summary["adapter"]["manifestUri"])
+    gen = m.get("generation") or {}
+    for name in (gen.get("tuned") or {}):
+        base = (gen.get("base") or {}).get(name)
+        table.add_row(f"{name} (samples, base → tuned)", (f"{base:.3f} → " if base is not None else "") + f"{gen['tuned'][name]:.3f}")
+    if (judge := gen.get("judge")) and judge.get("winRate") is not None:
+        table.add_row("judge: tuned win rate", f"{judge['winRate']:.1%} ({judge['tunedWins']} won, {judge['baseWins']} lost, {judge['ties']} ties)")
+    data = summary.get("dataReport") or {}
+    if data:
+        table.add_row("data: duplicates / overlap / PII", f"{data.get('duplicates', 0)} / {data.get('overlap', 0)} / "
+                      f"{data.get('piiFindings', 0)} ({data.get('piiPolicy', '')})")
     table.add_row("wall time", f"{summary['durationSeconds']:.1f} s")
+    if summary.get("reportUri"):
+        table.add_row("report", summary["reportUri"])
     Console().print(table)
+    if summary.get("reportUri"):
+        # The one line people copy: where to look at the run (kubetune report OUTPUT opens it).
+        print(f"report: {summary['reportUri']}")
     return 0

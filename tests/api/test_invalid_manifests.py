@@ -50,6 +50,12 @@ CASES: list[tuple[str, dict[str, Any], str]] = [
     ("epochs-negative", {"spec.hyperparameters.epochs": -1}, "spec.hyperparameters.epochs"),
     ("split-zero", {"spec.dataset.validationSplit": 0}, "spec.dataset.validationSplit"),
     ("split-too-big", {"spec.dataset.validationSplit": 0.7}, "spec.dataset.validationSplit"),
+    ("pii-unknown-policy", {"spec.dataset.pii": "mask"}, "spec.dataset.pii"),
+    ("eval-regex-without-pattern", {"spec.evaluation.metrics": ["regex"]}, "spec.evaluation"),
+    ("eval-unknown-metric", {"spec.evaluation.metrics": ["meteor"]}, "spec.evaluation.metrics[0]"),
+    ("eval-negative-samples", {"spec.evaluation.samples": -1}, "spec.evaluation.samples"),
+    ("judge-url-with-credentials", {"spec.evaluation.judge": {"url": "https://user:pw@api.example.com/v1", "model": "m"}},
+     "spec.evaluation.judge.url"),
     (
         "validation-and-split",
         {"spec.dataset.validation": "s3://data/val.jsonl", "spec.dataset.validationSplit": 0.1},

@@ -156,10 +156,12 @@ async def test_prevalidation_then_training(kube: KubeEmulator, api: aiohttp.Clie
         await wait_until(lambda: status(kube).get('phase') == 'Validating', message='phase Validating')
         assert kube.read_object(JOBS, NS, 'support-bot-validate') is not None
         assert kube.read_object(JOBS, NS, JOB) is None  # no GPU requested before the data is checked
-        await finish(api, 'support-bot-validate', 'Complete', json.dumps({'status': 'succeeded'}))
+        report = {'examples': 300, 'validationExamples': 40, 'duplicates': 2, 'overlap': 1, 'piiFindings': 3, 'piiPolicy': 'warn'}
+        await finish(api, 'support-bot-validate', 'Complete', json.dumps({'status': 'validated', 'dataReport': report}))
         await wait_until(lambda: status(kube).get('jobName') == JOB, message='the trainer Job')
         st = status(kube)
         assert st['phase'] == 'Pending'
+        assert st['dataReport'] == report  # the dataset report's summary, from the validation pod
         assert [(c['type'], c['status'], c['reason']) for c in st['conditions']] == [('DataValidated', 'True', 'DataValid'),
                                                                                      ('Pending', 'True', 'JobPending')]
         assert st['reason'] == 'JobPending'  # the phase's reason, as `kubectl get ftj -o wide` shows it

@@ -458,3 +458,16 @@ def test_spec_digest_ignores_what_may_change_after_start() -> None:
     assert builders.spec_configmap_name(suspended) == builders.spec_configmap_name(ftj)
     assert builders.spec_configmap_name(parse(edited)) != builders.spec_configmap_name(ftj)
     assert builders.SPEC_DIGEST_ANNOTATION == reconcile.SPEC_DIGEST_ANNOTATION
+
+
+def test_the_judge_key_reaches_only_the_training_pod_through_a_secret_key_ref() -> None:
+    from kubetune.api.contract import JUDGE_API_KEY_ENV
+
+    ftj = parse(manifest("lora.yaml"))
+    ftj.spec.evaluation.judge = ftj.spec.evaluation.model_validate(
+        {"judge": {"url": "https://api.example.com/v1", "model": "gpt-4o-mini", "apiKeySecret": "judge-key"}}).judge
+    train_env = trainer_job(ftj, UID, SETTINGS)["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": JUDGE_API_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": "judge-key", "key": "api-key"}}} in train_env
+    check_env = validation_job(ftj, UID, SETTINGS)["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert all(e["name"] != JUDGE_API_KEY_ENV for e in check_env)
+    assert all(e["name"] != JUDGE_API_KEY_ENV for e in trainer_job(parse(manifest("lora.yaml")), UID, SETTINGS)["spec"]["template"]["spec"]["containers"][0]["env"])

@@ -611,3 +611,20 @@ def test_an_idle_running_job_writes_nothing_tick_after_tick() -> None:
     later = observe(current, job(active=1, start="2025-03-01T10:00:00Z"), [pod("demo-train-a1b2c")], page, PRICES,
                     NOW + timedelta(hours=1))
     assert set(diff(first, later) or {}) == {"cost"} and later["cost"]["gpuHours"] > first["cost"]["gpuHours"]
+
+
+def test_succeeded_takes_generation_scores_and_the_data_report_from_summary() -> None:
+    """status.metrics.generation (base vs tuned sample scores, the judge) and status.dataReport."""
+    summary = copy.deepcopy(SUCCESS_SUMMARY)
+    summary["metrics"]["generation"] = {"samples": 8, "base": {"rougeL": 0.125, "bleu": 0.05}, "tuned": {"rougeL": 0.5, "bleu": 0.25},
+                                        "judge": {"tunedWins": 5, "baseWins": 1, "ties": 2, "winRate": 0.75, "model": "judge"}}
+    summary["dataReport"] = {"examples": 300, "validationExamples": 40, "duplicates": 3, "overlap": 1, "piiFindings": 2,
+                             "piiPolicy": "redact", "estimatedGPUHours": 0.5, "bogus": "dropped"}
+    done = pod("demo-train-a1b2c", phase="Succeeded", finished="2025-03-01T11:00:00Z", message=json.dumps(summary))
+    j = job(conditions=[cond("Complete", "CompletionsReached")])
+    status = check(observe(ftj(running_status()), j, [done], None, PRICES, NOW))
+    gen = status["metrics"]["generation"]
+    assert gen["tuned"] == {"rougeL": 0.5, "bleu": 0.25} and gen["base"]["rougeL"] == 0.125
+    assert gen["judge"]["winRate"] == 0.75 and gen["judge"]["tunedWins"] == 5
+    assert status["dataReport"] == {"examples": 300, "validationExamples": 40, "duplicates": 3, "overlap": 1, "piiFindings": 2,
+                                    "piiPolicy": "redact", "estimatedGPUHours": 0.5}

@@ -235,6 +235,15 @@ def test_quickstart_demo(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
     rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in run.stdout.splitlines() if line.count("│") >= 3}
     assert float(rows["tuned model eval loss"]) < float(rows["base model eval loss"])
+    # evaluation.samples: 8 (issue 21): the samples, base vs tuned scores, and report.html in a browser.
+    local = tmp_path / "quickstart"
+    samples = [json.loads(line) for line in (local / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 8 and all(isinstance(r["base"], str) and isinstance(r["tuned"], str) and r["tuned"] for r in samples)
+    assert "rougeL (samples, base → tuned)" in rows and "→" in rows["rougeL (samples, base → tuned)"]
+    assert f"report: {out.rstrip('/')}/report.html" in run.stdout
+    from tests.trainer.test_evaluation import check_report_in_chromium
+
+    check_report_in_chromium(local, tmp_path, 8)
     verify = subprocess.run([sys.executable, "-m", "kubetune.cli", "verify", out], capture_output=True, text=True)
     assert verify.returncode == 0 and "verified" in verify.stdout
     use_the_quickstart_output(out, tmp_path)

@@ -19,7 +19,7 @@ from pydantic import Field, ValidationError
 
 from kubetune.api._base import WireModel
 from kubetune.api.enums import StrEnum
-from kubetune.api.status import CHECKPOINTS_MAX, AdapterRef, CheckpointRef, Metrics, ResolvedHyperparameters
+from kubetune.api.status import CHECKPOINTS_MAX, AdapterRef, CheckpointRef, DataReportSummary, Metrics, ResolvedHyperparameters
 
 PERMANENT_EXIT_CODE = 3
 """Exit code for errors that retrying cannot fix: bad spec, bad data, incompatible teacher,
@@ -36,6 +36,9 @@ CREDENTIALS_SECRET_ENV = "KUBETUNE_CREDENTIALS_SECRET"
 """The name of spec.output.credentialsSecret, set by the operator beside the Secret's optional
 keys: a trainer that finds none of those keys knows the Secret is missing (or has none of the
 expected keys) and fails at once with reason SecretMissing, instead of failing later on storage."""
+JUDGE_API_KEY_ENV = "KUBETUNE_JUDGE_API_KEY"
+"""The key `api-key` of spec.evaluation.judge.apiKeySecret, set by the operator through a
+secretKeyRef on the training pod; the trainer sends it to the judge as a Bearer token."""
 SUMMARY_MAX_BYTES = 4096
 """Kubernetes keeps at most 4 KiB of a termination message."""
 
@@ -77,6 +80,9 @@ class TrainerMetric(StrEnum):
     GPU_ENERGY = "kubetune_trainer_gpu_energy_joules_total"
     OBJECTIVE = "kubetune_trainer_objective_value"
     """Labelled by `name` (OBJECTIVE_LABEL): kdLoss, adversarialKl, …"""
+    GENERATION_SCORE = "kubetune_trainer_generation_score_ratio"
+    """Mean score of generated sample answers, labelled by `model` (base, tuned) and `metric`
+    (exactMatch, rougeL, bleu, chrf, jsonValid, regex, judgeWinRate for tuned)."""
     START_TIME = "kubetune_trainer_start_timestamp_seconds"
     EFFECTIVE = "kubetune_trainer_effective_info"
     """Value 1; its labels are the ResolvedHyperparameters field names (snake_case) and values."""
@@ -96,6 +102,7 @@ class TrainerMetric(StrEnum):
 
 
 OBJECTIVE_LABEL = "name"
+GENERATION_LABELS = ("model", "metric")
 
 OPERATOR_READS = frozenset({
     TrainerMetric.STEP, TrainerMetric.TOTAL_STEPS, TrainerMetric.EPOCH, TrainerMetric.PROGRESS, TrainerMetric.ETA,
@@ -149,6 +156,8 @@ class TrainerSummary(WireModel):
     examples: Optional[int] = Field(default=None, ge=0, description="Training examples (validation Job).")
     validation_examples: Optional[int] = Field(default=None, ge=0, description="Held-out examples (validation Job).")
     warnings: Optional[list[str]] = Field(default=None, description="Data warnings (validation Job).")
+    data_report: Optional[DataReportSummary] = Field(default=None, description="The dataset report's summary (status.dataReport).")
+    report_uri: Optional[str] = Field(default=None, max_length=2048, description="Location of report.html in the output.")
 
     def wire(self) -> dict[str, Any]:
         """camelCase, without unset fields, empty defaults (an empty `objectives`) nor
@@ -252,7 +261,7 @@ def _sweep(value: Any) -> Any:
 
 
 _LEAST_IMPORTANT = ("duration_seconds", "seconds_per_step", "checkpoint_stall_seconds", "trainable_parameters",
-                    "warnings", "checkpoint_corrupt")
+                    "warnings", "checkpoint_corrupt", "report_uri", "data_report")
 
 
 def bounded_summary(summary: TrainerSummary) -> str:

@@ -110,6 +110,26 @@ class OverlengthPolicy(StrEnum):
     ERROR = "error"
 
 
+class PiiPolicy(StrEnum):
+    """What to do with personal data and secrets found in the dataset (spec.dataset.pii)."""
+
+    ALLOW = "allow"
+    WARN = "warn"
+    REDACT = "redact"
+    REFUSE = "refuse"
+
+
+class EvalMetric(StrEnum):
+    """A score of generated answers against the held-out references (spec.evaluation.metrics)."""
+
+    EXACT_MATCH = "exactMatch"
+    ROUGE_L = "rougeL"
+    BLEU = "bleu"
+    CHRF = "chrf"
+    JSON_VALID = "jsonValid"
+    REGEX = "regex"
+
+
 class Scheduler(StrEnum):
     LINEAR = "linear"
     COSINE = "cosine"

@@ -20,6 +20,7 @@ from kubetune.api.enums import (
     ComputeDtype,
     DatasetFormat,
     DPOLoss,
+    EvalMetric,
     GraderType,
     GradientEstimator,
     GuideSource,
@@ -29,6 +30,7 @@ from kubetune.api.enums import (
     Optimizer,
     OutputFormat,
     OverlengthPolicy,
+    PiiPolicy,
     Precision,
     PromptInit,
     QuantType,
@@ -153,6 +155,16 @@ class Dataset(WireModel):
         description=(
             "Validate the data in a small CPU-only Job before any GPU is requested (phase "
             "Validating). Turn off only when the data was validated elsewhere."
+        ),
+    )
+    pii: PiiPolicy = Field(
+        default=PiiPolicy.WARN,
+        exclude_if=lambda v: v == PiiPolicy.WARN,  # added after v0.1: at its default, out of the digest (see Evaluation)
+        description=(
+            "Personal data and secrets found in the examples (e-mail, phone, credit card, IBAN, IP address, API "
+            "keys and tokens): allow (report only in data-report.json), warn (default: also a warning per finding), "
+            "redact (replace each finding by a placeholder such as <EMAIL> before training; the redacted text is what "
+            "trains) or refuse (fail validation naming FILE:LINE of each finding). Recorded in the output manifest."
         ),
     )
 
@@ -1024,14 +1036,91 @@ class Checkpointing(WireModel):
     keep: int = Field(default=3, ge=1, le=100, description="Newest checkpoints kept in storage. Default 3.")
 
 
+ENDPOINT_URL = r"^https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~/\-]*)?$"
+"""An http(s) base URL without credentials or query (judge and serving endpoints)."""
+
+
+DEFAULT_EVAL_METRICS = [EvalMetric.EXACT_MATCH, EvalMetric.ROUGE_L, EvalMetric.BLEU, EvalMetric.CHRF]
+
+
+class Judge(WireModel):
+    """An LLM that compares the base and the tuned answer to each sample prompt, pairwise."""
+
+    url: str = Field(
+        max_length=2048, pattern=ENDPOINT_URL,
+        description="Base URL of an OpenAI-compatible API, e.g. https://api.openai.com/v1 (POST {url}/chat/completions).",
+    )
+    model: str = Field(min_length=1, max_length=253, description="The judge model name put in requests, e.g. gpt-4o-mini.")
+    api_key_secret: Optional[str] = Field(
+        default=None, max_length=253, pattern=DNS_SUBDOMAIN,
+        description="Secret in the job's namespace whose key api-key holds the API key (sent as a Bearer token); unset for an endpoint without one.",
+    )
+    criteria: Optional[str] = Field(
+        default=None, max_length=4096,
+        description="What a better answer is, for the judge's prompt. Unset: helpful, correct and faithful to the reference answer.",
+    )
+
+
 class Evaluation(WireModel):
     """Held-out evaluation."""
+
+    model_config = WireModel.model_config | {
+        "json_schema_extra": rules(
+            cel("!has(self.metrics) || !self.metrics.exists(m, m == 'regex') || has(self.regex)",
+                "the regex metric needs evaluation.regex, the pattern answers must match"),
+        )
+    }
 
     compare_base: bool = Field(
         default=True,
         description="Measure the base model's held-out loss before training and report it beside the tuned one. Default true.",
     )
     every_steps: Optional[int] = Field(default=None, ge=1, description="Also evaluate every N steps. Unset: at the end of each epoch.")
+    # Fields added after jobs already ran stay out of the wire form at their default (`exclude_if`), so
+    # the spec digest of a job written before them is unchanged and an operator upgrade does not see
+    # every running job as edited (reconcile.spec_changed).
+    samples: int = Field(
+        default=4, ge=0, le=1000, exclude_if=lambda v: v == 4,
+        description=(
+            "Held-out prompts answered by the base and by the tuned model (greedy, same settings) and written to "
+            "eval/samples.jsonl in the output (prompt, reference, base, tuned) for people to read. 0 turns it off. Default 4."
+        ),
+    )
+    max_new_tokens: int = Field(default=128, ge=1, le=8192, exclude_if=lambda v: v == 128, description="Longest generated answer per sample, in tokens. Default 128.")
+    metrics: list[EvalMetric] = Field(
+        default_factory=lambda: list(DEFAULT_EVAL_METRICS),
+        exclude_if=lambda v: list(v) == DEFAULT_EVAL_METRICS,
+        max_length=8,
+        description=(
+            "Scores of the samples' answers against their references, for base and tuned: exactMatch, rougeL, bleu, "
+            "chrf (0..1 each), jsonValid (share of answers that parse as JSON) and regex (share matching "
+            "evaluation.regex). Default exactMatch, rougeL, bleu, chrf."
+        ),
+    )
+    regex: Optional[str] = Field(
+        default=None, max_length=4096,
+        description="The pattern (Python syntax) a whole answer must match, for the regex metric.",
+    )
+    judge: Optional[Judge] = Field(
+        default=None,
+        description=(
+            "An LLM judge: each sample's base and tuned answers are compared twice with their positions swapped "
+            "(a judge that prefers a position scores a tie), giving the tuned model's win rate."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _regex_needs_pattern(self) -> "Evaluation":
+        if EvalMetric.REGEX in self.metrics and not self.regex:
+            raise ValueError("the regex metric needs evaluation.regex, the pattern answers must match")
+        if self.regex:
+            import re
+
+            try:
+                re.compile(self.regex)
+            except re.error as err:
+                raise ValueError(f"regex is not a valid pattern: {err}") from None
+        return self
 
 
 # ------------------------------------------------------------------------------ scheduling
@@ -1135,7 +1224,6 @@ class Scheduling(WireModel):
 
 # ------------------------------------------------------------------------------------ serving
 
-ENDPOINT_URL = r"^https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~/\-]*)?$"
 """An http(s) base URL without credentials, query or fragment (credentials go in a Secret)."""
 
 SERVABLE_AS_LORA = (Adaptation.LORA, Adaptation.QLORA)

@@ -40,6 +40,26 @@ class Progress(WireModel):
     eta: Optional[str] = Field(default=None, max_length=16, description="etaSeconds for people, e.g. 1h05m or 42s (the ETA column of kubectl get ftj).")
 
 
+class JudgeScore(WireModel):
+    """The LLM judge's pairwise verdicts on the samples, each judged twice with positions swapped."""
+
+    tuned_wins: int = Field(default=0, ge=0, description="Samples where the tuned answer won both orders (or won one and tied the other).")
+    base_wins: int = Field(default=0, ge=0, description="Samples where the base answer won.")
+    ties: int = Field(default=0, ge=0, description="Samples judged even, including a judge that preferred the same position in both orders.")
+    failed: int = Field(default=0, ge=0, description="Samples whose verdict could not be obtained or read.")
+    win_rate: Optional[float] = Field(default=None, ge=0, le=1, description="(tunedWins + ties/2) / judged samples.")
+    model: Optional[str] = Field(default=None, max_length=253, description="The judge model.")
+
+
+class GenerationMetrics(WireModel):
+    """spec.evaluation.samples answered by the base and the tuned model and scored against the references."""
+
+    samples: int = Field(default=0, ge=0, description="Samples generated (rows of eval/samples.jsonl).")
+    base: dict[str, float] = Field(default_factory=dict, description="Mean score of the base model's answers per metric (exactMatch, rougeL, bleu, chrf, jsonValid, regex), 0..1.")
+    tuned: dict[str, float] = Field(default_factory=dict, description="Mean score of the tuned model's answers per metric, 0..1.")
+    judge: Optional[JudgeScore] = Field(default=None, description="The LLM judge's verdicts (spec.evaluation.judge).")
+
+
 class Metrics(WireModel):
     """Training and evaluation numbers."""
 
@@ -64,6 +84,27 @@ class Metrics(WireModel):
             "rewardStd, kl, completionsMeanLength, reward/<grader>/mean and /std."
         ),
     )
+    generation: Optional[GenerationMetrics] = Field(
+        default=None, description="Base vs tuned scores of generated answers to held-out prompts (spec.evaluation.samples and metrics).",
+    )
+
+
+class DataReportSummary(WireModel):
+    """The dataset report's headline numbers; the whole report is data-report.json in the output."""
+
+    examples: Optional[int] = Field(default=None, ge=0, description="Training examples after the validation split.")
+    validation_examples: Optional[int] = Field(default=None, ge=0, description="Held-out examples.")
+    tokens: Optional[int] = Field(default=None, ge=0, description="Tokens in the training examples (estimated at 4 characters each without the tokenizer).")
+    over_max_seq_length: Optional[int] = Field(default=None, ge=0, description="Training examples longer than maxSeqLength.")
+    duplicates: Optional[int] = Field(default=None, ge=0, description="Training examples that repeat an earlier one exactly.")
+    near_duplicates: Optional[int] = Field(default=None, ge=0, description="Training examples nearly identical to an earlier one (MinHash, Jaccard ≥ 0.8).")
+    overlap: Optional[int] = Field(default=None, ge=0, description="Validation examples found verbatim in the training set (leakage).")
+    near_overlap: Optional[int] = Field(default=None, ge=0, description="Validation examples nearly identical to a training example.")
+    pii_findings: Optional[int] = Field(default=None, ge=0, alias="piiFindings", description="Possible PII and secrets found (e-mail, phone, credit card, IBAN, IP, keys).")
+    pii_policy: Optional[str] = Field(default=None, max_length=16, alias="piiPolicy", description="spec.dataset.pii as applied: allow, warn, redact or refuse.")
+    estimated_training_tokens: Optional[int] = Field(default=None, ge=0, description="Tokens trained on over the chosen epochs.")
+    estimated_gpu_hours: Optional[float] = Field(default=None, ge=0, alias="estimatedGPUHours", description="A rough GPU-hour estimate from the model's size and the training tokens.")
+    estimated_usd: Optional[float] = Field(default=None, ge=0, alias="estimatedUSD", description="estimatedGPUHours × the price per GPU-hour.")
 
 
 class CheckpointRef(WireModel):
@@ -172,6 +213,9 @@ class FineTuneJobStatus(WireModel):
     adapter: Optional[AdapterRef] = Field(default=None, description="The result, once written with its manifest.")
     serving: Optional[ServingStatus] = Field(default=None, description="Where the result is served (spec.serving), once the job succeeded.")
     cost: Optional[Cost] = Field(default=None, description="GPU-hours, estimated price, energy and CO2.")
+    data_report: Optional[DataReportSummary] = Field(
+        default=None, description="The dataset report's summary from the validation Job (then the trainer): duplicates, leakage, PII, estimates.",
+    )
     job_name: Optional[str] = Field(default=None, max_length=63, description="Name of the trainer Job.")
     spec_config_map: Optional[str] = Field(
         default=None, max_length=253,

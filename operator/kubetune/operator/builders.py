@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 from kubetune.api.contract import (
     CREDENTIALS_SECRET_ENV,
     DEFAULT_TERMINATION_PATH,
+    JUDGE_API_KEY_ENV,
     METRICS_PORT_ENV,
     PERMANENT_EXIT_CODE,
     TERMINATION_PATH_ENV,
@@ -405,6 +406,10 @@ def trainer_job(ftj: FineTuneJob, uid: str, settings: OperatorSettings) -> dict[
     multi_node = ftj.spec.resources.nodes > 1
     ports = [{"name": "metrics", "containerPort": settings.metrics_port, "protocol": "TCP"}]
     env = _env(ftj, settings)
+    judge = ftj.spec.evaluation.judge
+    if judge is not None and judge.api_key_secret:
+        # The LLM judge's API key (spec.evaluation.judge.apiKeySecret, key api-key): only the training pod needs it.
+        env.append({"name": JUDGE_API_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": judge.api_key_secret, "key": "api-key"}}})
     if multi_node:
         ports.append({"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"})
         env += _rendezvous_env(ftj, name)

@@ -558,6 +558,11 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
         if "Complete" in conds or "SuccessCriteriaMet" in conds:
             _patch_condition(patch, body, ConditionType.DATA_VALIDATED, "True", Reason.DATA_VALID,
                              f"Job {check_name} found the data valid", generation)
+            # The dataset report's summary (duplicates, leakage, PII, estimates) from the validation pod.
+            for pod in reconcile.owned_pods(await _job_pods(namespace, check_name), check):
+                found = reconcile.parse_termination(pod)
+                if found and (data_report := reconcile.data_report_status(found.get("dataReport"))):
+                    patch.status["dataReport"] = data_report
             try:
                 await start_training(ftj, body, namespace, uid, patch, status, generation)
             except ChildRefused as err:

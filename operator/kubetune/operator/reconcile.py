@@ -43,6 +43,7 @@ from kubetune.api.status import (
     CheckpointRef,
     Condition,
     Cost,
+    DataReportSummary,
     Effective,
     ErrorInfo,
     FineTuneJobStatus,
@@ -746,6 +747,8 @@ def observe(
             cleaned = _clean(AdapterRef, adapter)
             if cleaned:
                 status["adapter"] = cleaned
+        if isinstance(summary.get("dataReport"), Mapping):
+            status["dataReport"] = data_report_status(summary["dataReport"]) or old.get("dataReport")
     if isinstance(progress.get("etaSeconds"), int):
         progress["eta"] = human_duration(progress["etaSeconds"])
     for field in LOSS_FIELDS:  # 4 decimals: what `kubectl get ftj` shows, and all a loss means
@@ -784,6 +787,11 @@ def observe(
         status["cost"] = _clean(Cost, cost) or old.get("cost")
     validated = _clean(FineTuneJobStatus, status)
     return validated if validated is not None else old
+
+
+def data_report_status(report: Any) -> dict[str, Any] | None:
+    """status.dataReport from a summary's `dataReport` (the validation Job's, then the trainer's)."""
+    return _clean(DataReportSummary, report) if isinstance(report, Mapping) else None
 
 
 def checkpoints_kept(ftj: Mapping[str, Any]) -> int:
@@ -886,6 +894,8 @@ def _apply_summary(
         objectives = {k: v for k, v in final.objectives.items() if _number(v) is not None}
         if objectives:
             metrics["objectives"] = {**(metrics.get("objectives") or {}), **objectives}
+        if final.generation is not None:  # base vs tuned scores of the samples (spec.evaluation)
+            metrics["generation"] = final.generation.wire()
     if phase == Phase.SUCCEEDED:
         if parsed.steps is not None:
             progress["step"] = parsed.steps

@@ -92,13 +92,19 @@ def gcs_credentials_from_env() -> None:
 def validate_only(job: Any) -> TrainerSummary:
     """The validation Job's work: check the data in one streaming pass (`data.check`, what
     `kubetune validate --data` runs too) without importing the ML stack or loading a model."""
-    from kubetune.trainer import data
+    from kubetune.trainer import data, datareport
 
     report = data.check(job.spec.dataset, extra_keys=data.extra_keys_for(job.spec), record_check=data.record_check_for(job.spec))
-    for warning in report.warnings:
+    # The dataset report (duplicates, leakage, PII, estimates) and spec.dataset.pii: refuse fails here,
+    # before any GPU is requested; its summary goes to status.dataReport.
+    data_report = datareport.stream(job.spec)
+    warnings = report.warnings + datareport.check_policy(data_report)
+    for warning in warnings:
         logging.getLogger("kubetune.trainer").warning("%s", warning)
+    for line in datareport.summary_lines(data_report):
+        logging.getLogger("kubetune.trainer").info("%s", line)
     return TrainerSummary(status="validated", examples=report.examples, validation_examples=report.validation_examples,
-                          warnings=report.warnings[:5])
+                          warnings=warnings[:5], data_report=datareport.status_summary(data_report))
 
 
 def failed(reason: str, err: BaseException | str, param: str | None = None) -> TrainerSummary:

@@ -135,6 +135,9 @@ class LoopCallback(TrainerCallback):
         self.started = time.time()
         self.last_loss: float | None = None
         self.losses: list[tuple[int, float]] = []
+        self.learning_rates: list[tuple[int, float]] = []  # for report.html's schedule plot
+        self.throughput: list[tuple[int, float]] = []  # (step, tokens/s over the recent window)
+        self.eval_losses: list[tuple[int, float]] = []
         self.step_end_time: dict[int, float] = {}
         self.step_seconds: list[float] = []
         self.gpu = GpuMonitor(metrics)
@@ -160,6 +163,8 @@ class LoopCallback(TrainerCallback):
         m.step.set(state.global_step)
         m.epoch.set(state.epoch or 0)
         m.tokens_per_second.set(tps)
+        if len(self.window) > 1:
+            self.throughput.append((state.global_step, tps))
         m.samples_per_second.set(sps)
         m.tokens.inc(max(0, self.tokens.tokens - int(m.tokens._value.get())))
         done = state.global_step / max(state.max_steps, 1)
@@ -190,6 +195,7 @@ class LoopCallback(TrainerCallback):
             self.metrics.train_loss.set(self.last_loss)
         if "learning_rate" in logs:
             self.metrics.learning_rate.set(float(logs["learning_rate"]))
+            self.learning_rates.append((state.global_step, float(logs["learning_rate"])))
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         if not self.eval_every and self.evaluate and state.global_step < state.max_steps:

@@ -281,9 +281,8 @@ class ModelPool:
         import jinja2
 
         tok = served.tokenizer
-        fallback = {} if getattr(tok, "chat_template", None) else {"chat_template": builtin.CHAT_TEMPLATE}
         try:
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **fallback)
+            text = chat_prompt_text(tok, messages)
         except jinja2.TemplateError as err:
             raise RequestError(f"the chat template of {served.id} rejected these messages: {err}", "messages") from None
         return list(tok(text, add_special_tokens=False)["input_ids"])
@@ -374,16 +373,9 @@ class Stream:
                 return torch.full((input_ids.shape[0],), halt.is_set(), dtype=torch.bool, device=input_ids.device)
 
         tok, model = self.served.tokenizer, self.served.group.model
-        eos = set(_as_list(getattr(getattr(model, "generation_config", None), "eos_token_id", None)))
-        eos |= {tok.eos_token_id} if tok.eos_token_id is not None else set()
-        sample = self.temperature > 0
-        kwargs: dict[str, Any] = {"do_sample": sample, "max_new_tokens": self.max_new, "eos_token_id": sorted(eos) or None,
-                                  "pad_token_id": tok.pad_token_id, "streamer": self.streamer,
-                                  "stopping_criteria": StoppingCriteriaList([Halt()])}
-        if sample:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=0)
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
+        eos = end_of_turn_ids(model, tok)
+        kwargs = generation_kwargs(model, tok, self.max_new, self.temperature, self.top_p)
+        kwargs.update(streamer=self.streamer, stopping_criteria=StoppingCriteriaList([Halt()]))
         try:
             with self.pool.lock, torch.no_grad(), self.pool._active(self.served):
                 if self.seed is not None:
@@ -423,6 +415,32 @@ class Stream:
             yield held
         if self._stopped_by_string:
             self.finish_reason = "stop"
+
+
+def end_of_turn_ids(model: Any, tok: Any) -> set[int]:
+    """The token ids that end an answer: the model's generation config's and the tokenizer's eos."""
+    eos = set(_as_list(getattr(getattr(model, "generation_config", None), "eos_token_id", None)))
+    return eos | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
+
+
+def generation_kwargs(model: Any, tok: Any, max_new: int, temperature: float = 0.0, top_p: float = 1.0) -> dict[str, Any]:
+    """`generate` arguments shared by chat, serve and the trainer's A/B samples: greedy when the
+    temperature is 0, else plain nucleus sampling (no top-k); stops at the end-of-turn tokens."""
+    sample = temperature > 0
+    kwargs: dict[str, Any] = {"do_sample": sample, "max_new_tokens": max_new, "eos_token_id": sorted(end_of_turn_ids(model, tok)) or None,
+                              "pad_token_id": tok.pad_token_id}
+    if sample:
+        kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+    else:
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    return kwargs
+
+
+def chat_prompt_text(tok: Any, messages: list[dict[str, str]]) -> str:
+    """The chat rendered for the assistant's turn with the tokenizer's template, or ChatML (what
+    the trainer trains with) when it ships none. Raises jinja2.TemplateError."""
+    fallback = {} if getattr(tok, "chat_template", None) else {"chat_template": builtin.CHAT_TEMPLATE}
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **fallback)
 
 
 def _as_list(value: Any) -> list[int]:

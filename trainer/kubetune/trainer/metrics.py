@@ -14,7 +14,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info, start_http_server
 
-from kubetune.api.contract import OBJECTIVE_LABEL, TrainerMetric as M
+from kubetune.api.contract import GENERATION_LABELS, OBJECTIVE_LABEL, TrainerMetric as M
 from kubetune.api.status import ResolvedHyperparameters
 
 
@@ -48,6 +48,9 @@ class TrainerMetrics:
         self.gpu_power = Gauge(M.GPU_POWER.family, "GPU power draw (NVML), summed over this pod's GPUs", registry=r)
         self.gpu_energy = Counter(M.GPU_ENERGY.family, "GPU energy used (NVML), summed over this pod's GPUs", registry=r)
         self.objective = Gauge(M.OBJECTIVE.family, "Per-objective numbers (KD loss, adversarial KL, …)", [OBJECTIVE_LABEL], registry=r)
+        self.generation_score = Gauge(
+            M.GENERATION_SCORE.family, "Mean 0..1 score of sample answers by model (base, tuned) and metric", list(GENERATION_LABELS), registry=r
+        )
         self.start_time = Gauge(M.START_TIME.family, "Unix time training started", registry=r)
         self.effective = Info(M.EFFECTIVE.family, "The hyperparameters the trainer resolved from auto and the defaults", registry=r)
 

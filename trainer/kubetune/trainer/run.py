@@ -28,7 +28,8 @@ from kubetune.api.contract import SUMMARY_CHECKPOINTS_MAX, TrainerSummary, file_
 from kubetune.api.estimate import FROZEN_BASE
 from kubetune.api.spec import served_merged
 from kubetune.api.enums import TrainingType
-from kubetune.trainer import data, hparams, methods, objectives, optimizers, sources, storage
+from kubetune.trainer import data, datareport, evaluation, hparams, methods, objectives, optimizers, sources, storage
+from kubetune.trainer import report as html_report
 from kubetune.trainer.callbacks import CheckpointUploader, LoopCallback, Preemption, TokenCounter
 from kubetune.trainer.metrics import TrainerMetrics
 
@@ -77,7 +78,13 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
                                record_check=data.record_check_for(spec))
     except data.DataError as err:
         raise UserError(str(err), "InvalidData", data_param(err)) from None
-    for warning in report.warnings:
+    # spec.dataset.pii, before anything else sees the data: redacted records are what trains.
+    try:
+        train_records, val_records, pii_scan, pii_warnings = datareport.enforce(
+            spec.dataset.pii, spec.dataset.format, report.train, report.validation)
+    except data.DataError as err:
+        raise UserError(str(err), "InvalidData", data_param(err)) from None
+    for warning in report.warnings + pii_warnings:
         log.warning("%s", warning)
 
     # 2. The model files (downloaded and checked, not loaded yet) and the tokenizer.
@@ -94,14 +101,14 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
 
-    # 3. Examples: tokenised with the chat template, split, overlength handled. Preference and
-    #    GRPO rows go to TRL as records (it tokenises them), the graders are built now.
-    train_records, val_records = report.train, report.validation
+    # 3. Examples: tokenised with the chat template, split, overlength handled; the dataset report.
+    #    Preference and GRPO rows go to TRL as records (it tokenises them), the graders are built now.
     kind = spec.method.training_type
     supervised = kind == TrainingType.SUPERVISED
     scorers: list[Any] = []
     if supervised:
         try:
+            data_report = datareport.build(spec, train_records, val_records, tokenizer=tokenizer, scan=pii_scan)
             train = _encode(train_records, spec, tokenizer)
             val = _encode(val_records, spec, tokenizer)
         except data.DataError as err:
@@ -109,6 +116,7 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
     else:
         from kubetune.trainer import graders, preference
 
+        data_report = datareport.build(spec, train_records, val_records, scan=pii_scan)
         preference.ensure_chat_template(tokenizer)
         try:
             train = preference.rows(train_records + val_records, kind)  # one form across both files
@@ -168,6 +176,13 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
         base_numbers = preference.heldout(model, tokenizer, val, spec, scorers)
         results.update(_held_out_results(base_numbers, "base"))
         on_objective_metrics({("base" + k[0].upper() + k[1:]): v for k, v in base_numbers.items() if "/" not in k})
+    # Generation A/B on held-out prompts (SFT; the preference types compare by preference accuracy
+    # or grader score above).
+    samples = evaluation.pick(val_records, spec.dataset.format, spec.evaluation.samples) if supervised and _rank_zero() else []
+    base_answers: list[str] = []
+    if samples:
+        opts.on_status(f"answering {len(samples)} held-out prompts with the base model")
+        base_answers = evaluation.generate(model, tokenizer, samples, spec.evaluation.max_new_tokens, spec.hyperparameters.seed)
     model = adaptation.apply(model, tokenizer)
     trainable, _ = methods.count_parameters(model)
 
@@ -194,6 +209,7 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
             return res
         res = evaluate(model, val, collate, effective["batchSize"])
         metrics.eval_loss.set(res["loss"])
+        loop.eval_losses.append((trainer.state.global_step, res["loss"]))
         return res
 
     periodic_eval = eval_now if kind != TrainingType.GRPO else None  # GRPO's greedy generation: at the end only
@@ -272,6 +288,10 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
         results["objectives"] = {**results.get("objectives", {}), **objective_numbers}
     if loop.gpu.joules:
         results["energyKWh"] = loop.gpu.joules / 3.6e6
+    sample_rows: list[dict[str, Any]] = []
+    if samples:
+        opts.on_status(f"answering {len(samples)} held-out prompts with the tuned model")
+        sample_rows = _generation_ab(spec, model, tokenizer, samples, base_answers, results, metrics)
     if not trainer.is_world_process_zero():
         # Under torchrun every rank trains; global rank 0 alone saves and commits the result.
         worker = TrainerSummary(status="succeeded", role="worker", rank=int(os.environ.get("RANK", "0")), metrics=results)
@@ -282,6 +302,13 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
     adaptation.save(model, result_dir, merged, model_dir)
     tokenizer.save_pretrained(result_dir)
     (result_dir / "training_log.json").write_text(json.dumps({"losses": loop.losses}))
+    report_data = {
+        "name": job.metadata.name, "baseModel": spec.model.source, "method": str(spec.method.adaptation),
+        "steps": trainer.state.global_step, "durationSeconds": round(time.time() - started, 1), "metrics": results,
+        "history": {"loss": loop.losses, "evalLoss": loop.eval_losses, "learningRate": loop.learning_rates,
+                    "tokensPerSecond": loop.throughput},
+        "samples": sample_rows, "dataReport": data_report, "cost": {"energyKWh": results.get("energyKWh")},
+    }
     manifest_extra = {
         "name": job.metadata.name + (f"-{spec.suffix}" if spec.suffix else ""),
         "baseModel": spec.model.source,
@@ -290,8 +317,11 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
         "metrics": results,
         "trainableParameters": trainable,
         "versions": _versions(),
+        "dataPolicy": {"pii": str(spec.dataset.pii), "findings": pii_scan.total, "redactedExamples": pii_scan.redacted,
+                       "byKind": dict(pii_scan.counts)},
     }
     try:
+        manifest_extra["reports"] = _write_reports(store, report_data, sample_rows, data_report)
         merged_uri = _merged_for_serving(spec, adaptation, model, tokenizer, model_dir, result_dir, store, manifest_extra, opts)
         manifest = storage.commit_result(store, result_dir, manifest_extra)
     except storage.PermanentStorageError as err:
@@ -315,8 +345,57 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
         duration_seconds=round(time.time() - started, 1),
         checkpoint_stall_seconds=max(uploader.stalls) if uploader.stalls else None,
         seconds_per_step=statistics.median(loop.step_seconds) if loop.step_seconds else None,
+        data_report=datareport.status_summary(data_report),
+        report_uri=storage.safe_join(out_uri, html_report.REPORT_FILE),
     )
     return summary.wire()
+
+
+def _rank_zero() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _generation_ab(spec: Any, model: Any, tokenizer: Any, samples: list[evaluation.Sample], base_answers: list[str],
+                   results: dict[str, Any], metrics: TrainerMetrics) -> list[dict[str, Any]]:
+    """The tuned model's answers to the samples, base and tuned scored (and judged) into
+    results["generation"] and the generation-score gauge; the rows of eval/samples.jsonl."""
+    ev = spec.evaluation
+    tuned_answers = evaluation.generate(model, tokenizer, samples, ev.max_new_tokens, spec.hyperparameters.seed)
+    names = [str(m) for m in ev.metrics]
+    generation: dict[str, Any] = {"samples": len(samples), "base": evaluation.score(base_answers, samples, names, ev.regex),
+                                  "tuned": evaluation.score(tuned_answers, samples, names, ev.regex)}
+    verdicts = None
+    if ev.judge is not None:
+        generation["judge"], verdicts = evaluation.judge_samples(ev.judge, samples, base_answers, tuned_answers)
+        if "winRate" in generation["judge"]:
+            metrics.generation_score.labels(model="tuned", metric="judgeWinRate").set(generation["judge"]["winRate"])
+    for who in ("base", "tuned"):
+        for name, value in generation[who].items():
+            metrics.generation_score.labels(model=who, metric=name).set(value)
+    results["generation"] = generation
+    return evaluation.rows(samples, base_answers, tuned_answers, names, ev.regex, verdicts)
+
+
+def _write_reports(store: storage.Store, report_data: dict[str, Any], sample_rows: list[dict[str, Any]],
+                   data_report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """eval/samples.jsonl, data-report.json, report-data.json and report.html at the output's root,
+    before the manifest (which records each one's sha256 and size). Nothing is written over another
+    job's committed output."""
+    if store.exists(storage.MANIFEST):
+        raise storage.CommitConflict(
+            f"{storage.display_uri(store.uri_for(storage.MANIFEST))} already exists: another job committed to this output. "
+            "Give this job its own spec.output.uri."
+        )
+    files: dict[str, bytes] = {
+        datareport.REPORT_FILE: json.dumps(data_report, indent=1).encode(),
+        html_report.DATA_FILE: html_report.to_json(report_data),
+    }
+    if sample_rows:
+        files[evaluation.SAMPLES_FILE] = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in sample_rows).encode()
+    files[html_report.REPORT_FILE] = html_report.render(json.loads(files[html_report.DATA_FILE])).encode()
+    for key, blob in files.items():
+        store.put_bytes(key, blob)
+    return {key: {"sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob)} for key, blob in files.items()}
 
 
 MERGED = "merged"

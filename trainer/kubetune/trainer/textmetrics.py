@@ -1,68 +1,85 @@
-"""Text similarity and format metrics, each a float in [0, 1], from well-kept libraries.
+"""Text similarity and structure scores, each in [0, 1], shared by evaluation and graders.
 
-Shared by the GRPO textSimilarity grader (graders.py) and the evaluation of generated answers:
-sacrebleu for BLEU and chrF (scores divided by 100), rouge-score for ROUGE-L F1, rapidfuzz for
-the fuzzy match ratio. `SIMILARITY` maps the names the API offers
-(kubetune.api.enums.SimilarityMetric) to the functions.
+One implementation for every place that compares a generated text with a reference: the
+generation A/B of `spec.evaluation.metrics` and the GRPO reward graders. The scores come from
+well-kept libraries (sacrebleu for BLEU and chrF, Google's rouge-score for ROUGE-L, RapidFuzz for
+fuzzy matching) so they agree with the numbers people quote; here they are only normalised to
+0..1 and made total (an empty prediction scores 0, never raises).
 """
 
 from __future__ import annotations
 
 import json
 import re
+from functools import lru_cache
 from typing import Callable
 
 
+def _norm(text: str) -> str:
+    """Whitespace collapsed and trimmed: trailing newlines and double spaces are not errors."""
+    return " ".join(str(text).split())
+
+
 def exact_match(pred: str, ref: str) -> float:
-    """1 when the texts are equal after stripping surrounding whitespace."""
-    return float(pred.strip() == ref.strip())
+    """1.0 when the texts are equal after whitespace normalisation, else 0.0."""
+    return 1.0 if _norm(pred) == _norm(ref) else 0.0
 
 
 def bleu(pred: str, ref: str) -> float:
-    """Sentence BLEU (sacrebleu, exponential smoothing so short texts are not 0), in [0, 1]."""
-    import sacrebleu
+    """Sentence BLEU (sacrebleu, exponential smoothing, its default 13a tokeniser) in 0..1."""
+    if not _norm(pred) or not _norm(ref):
+        return 0.0
+    from sacrebleu.metrics import BLEU
 
-    return sacrebleu.sentence_bleu(pred, [ref]).score / 100.0
+    return min(1.0, float(_bleu_metric(BLEU).sentence_score(_norm(pred), [_norm(ref)]).score) / 100.0)
 
 
 def chrf(pred: str, ref: str) -> float:
-    """Sentence chrF (sacrebleu), in [0, 1]."""
-    import sacrebleu
+    """Sentence chrF (sacrebleu: character 6-grams, beta 2) in 0..1; robust for short answers
+    and languages without spaces."""
+    if not _norm(pred) or not _norm(ref):
+        return 0.0
+    from sacrebleu.metrics import CHRF
 
-    return sacrebleu.sentence_chrf(pred, [ref]).score / 100.0
-
-
-_ROUGE: list = []
+    return min(1.0, float(_chrf_metric(CHRF).sentence_score(_norm(pred), [_norm(ref)]).score) / 100.0)
 
 
 def rouge_l(pred: str, ref: str) -> float:
-    """ROUGE-L F1 (rouge-score, with its Porter stemmer)."""
-    if not _ROUGE:
-        from rouge_score import rouge_scorer
-
-        _ROUGE.append(rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True))
-    return float(_ROUGE[0].score(ref, pred)["rougeL"].fmeasure)
+    """ROUGE-L F-measure (Google's rouge-score, with stemming) in 0..1."""
+    if not _norm(pred) or not _norm(ref):
+        return 0.0
+    return float(_rouge_scorer().score(_norm(ref), _norm(pred))["rougeL"].fmeasure)
 
 
 def fuzzy_match(pred: str, ref: str) -> float:
-    """rapidfuzz's normalised Indel similarity ratio, in [0, 1]."""
+    """Normalised Indel similarity (RapidFuzz `fuzz.ratio`) in 0..1: 1 for equal texts."""
     from rapidfuzz import fuzz
 
-    return fuzz.ratio(pred, ref) / 100.0
+    a, b = _norm(pred), _norm(ref)
+    if not a and not b:
+        return 1.0
+    return float(fuzz.ratio(a, b)) / 100.0
+
+
+_FENCE = re.compile(r"^```(?:json)?\s*\n?(.*?)\n?```$", re.DOTALL | re.IGNORECASE)
 
 
 def json_valid(pred: str) -> float:
-    """1 when the text parses as JSON."""
+    """1.0 when the text (optionally inside one ```json fence) parses as a JSON object or array."""
+    text = str(pred).strip()
+    fenced = _FENCE.match(text)
+    if fenced:
+        text = fenced.group(1).strip()
     try:
-        json.loads(pred)
+        value = json.loads(text)
     except (ValueError, RecursionError):
         return 0.0
-    return 1.0
+    return 1.0 if isinstance(value, (dict, list)) else 0.0
 
 
 def regex_match(pred: str, pattern: str) -> float:
-    """1 when the pattern matches anywhere in the text (re.search)."""
-    return float(re.search(pattern, pred) is not None)
+    """1.0 when the whole text (trimmed) matches `pattern` (Python `re.fullmatch`, DOTALL)."""
+    return 1.0 if _compiled(pattern).fullmatch(str(pred).strip()) else 0.0
 
 
 SIMILARITY: dict[str, Callable[[str, str], float]] = {
@@ -72,3 +89,26 @@ SIMILARITY: dict[str, Callable[[str, str], float]] = {
     "chrf": chrf,
     "fuzzy_match": fuzzy_match,
 }
+"""The reference-based scores by name: score(pred, ref) -> 0..1."""
+
+
+@lru_cache(maxsize=64)
+def _compiled(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern, re.DOTALL)
+
+
+@lru_cache(maxsize=1)
+def _rouge_scorer():  # type: ignore[no-untyped-def]
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+
+@lru_cache(maxsize=1)
+def _bleu_metric(cls):  # type: ignore[no-untyped-def]
+    return cls(effective_order=True)
+
+
+@lru_cache(maxsize=1)
+def _chrf_metric(cls):  # type: ignore[no-untyped-def]
+    return cls()
