@@ -328,9 +328,13 @@ def data_param(err: data.DataError) -> str | None:
 
 
 def evaluate(model: Any, examples: list[Any], collate: Any, batch_size: int) -> dict[str, float]:
-    """Token-weighted held-out loss and exact-match token accuracy over the label tokens."""
+    """Token-weighted held-out loss and exact-match token accuracy over the label tokens, from
+    chunked logits (`chunked.token_stats`) where the model can skip its full logits."""
     import torch
 
+    from kubetune.trainer import chunked
+
+    use_hidden = chunked.supports_hidden(model)
     was_training = model.training
     model.eval()
     total_loss = 0.0
@@ -343,6 +347,10 @@ def evaluate(model: Any, examples: list[Any], collate: Any, batch_size: int) -> 
             batch.pop("guide_mask", None)
             labels = batch.pop("labels").to(device)
             batch = {k: v.to(device) for k, v in batch.items()}
+            if use_hidden:
+                loss_sum, n, right = chunked.token_stats(chunked.forward_hidden(model, batch, labels.shape[1]), labels)
+                total_loss, total_tokens, correct = total_loss + loss_sum, total_tokens + n, correct + right
+                continue
             logits = model(**batch).logits[:, -labels.shape[1] :, :].float()
             shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
             mask = shift_labels != -100
@@ -370,7 +378,7 @@ def _trainer(
     terms: list[Any],
     on_metrics: Callable[[dict[str, float]], None],
 ) -> Any:
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
 
     hp = spec.hyperparameters
     args = TrainingArguments(
@@ -405,7 +413,7 @@ def _trainer(
     if terms:
         trainer = objectives.ObjectiveTrainer(**common, terms=terms, on_metrics=on_metrics)
     else:
-        trainer = Trainer(**common)
+        trainer = objectives.ChunkedTrainer(**common)
     trainer.remove_callback(_printer())
     return trainer
 
