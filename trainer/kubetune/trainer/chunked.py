@@ -38,14 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from kubetune.api.memory import CHUNK_BYTES, chunk_rows  # one home: the memory model counts these chunks
+
 IGNORE_INDEX = -100
-CHUNK_BYTES = 128 * 2**20
-"""fp32 logits per chunk: 256 rows of a 128k vocabulary, 1 024 of a 32k one."""
-
-
-def chunk_rows(vocab: int, chunk_bytes: int = CHUNK_BYTES) -> int:
-    """Label rows per chunk so one chunk's fp32 logits take about `chunk_bytes`."""
-    return max(16, chunk_bytes // (4 * max(vocab, 1)))
 
 
 # ------------------------------------------------------------------------------ hidden states
@@ -162,6 +157,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_weight += grad.t() @ h.float()
                 if grad_bias is not None:
                     grad_bias += grad.sum(0)
+                del grad, g
+            del logits, lse  # before the next chunk's logits exist: one chunk at a time, not two
         ctx.save_for_backward(*(x for x in (grad_rows, grad_weight, grad_bias) if x is not None))
         ctx.has = (grad_rows is not None, grad_weight is not None, grad_bias is not None)
         ctx.dtypes = (rows.dtype, weight.dtype, None if bias is None else bias.dtype)
@@ -229,6 +226,7 @@ def token_stats(hidden: Hidden, labels: torch.Tensor, chunk: int | None = None) 
             logits = logits.float()
             total += float(F.cross_entropy(logits, t, reduction="sum"))
             correct += int((logits.argmax(-1) == t).sum())
+            del logits
     return total, int(target.numel()), correct
 
 

@@ -124,7 +124,8 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
         adaptation.after_load(model)
     _, total_params = methods.count_parameters(model)
     effective = hparams.resolve(
-        spec, adaptation.default_learning_rate, total_params, config.hidden_size, config.num_hidden_layers
+        spec, adaptation.default_learning_rate, total_params, config.hidden_size, config.num_hidden_layers,
+        getattr(config, "vocab_size", None), getattr(config, "intermediate_size", None),
     )
     opts.metrics.set_effective(effective)
     collate = data.Collator(tokenizer.pad_token_id, packing=False)
