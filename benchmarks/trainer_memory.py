@@ -117,7 +117,7 @@ def spawn(side: str, s: Setup, timeout: float = 1800) -> dict[str, Any]:
 
 def compare(runs: dict[str, list[dict[str, Any]]], loss_step: int) -> dict[str, float]:
     """Ratios ours/hf of the medians, and the worst loss difference at `loss_step`."""
-    med = {side: {k: statistics.median(r[k] for r in rs) for k in ("peak_rss_mb", "loaded_rss_mb", "useful_tokens_per_s", "ms_per_step")}
+    med = {side: {k: statistics.median(r.get(k, 0.0) for r in rs) for k in ("peak_rss_mb", "loaded_rss_mb", "useful_tokens_per_s", "ms_per_step")}
            for side, rs in runs.items()}
     peak_key = "peak_gpu_gb" if all("peak_gpu_gb" in r for rs in runs.values() for r in rs) else "peak_rss_mb"
     peak = {side: statistics.median(r[peak_key] for r in rs) for side, rs in runs.items()}
