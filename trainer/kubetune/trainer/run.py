@@ -119,6 +119,10 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
         placement["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
         if hparams.precision(spec) == "bf16" and spec.method.adaptation in FROZEN_BASE:
             placement["dtype"] = torch.bfloat16
+    if spec.dataset.packing:
+        # Packed rows: flash-attention varlen on a GPU that has it (padding-free), else SDPA
+        # with the block-diagonal mask transformers derives from the position restarts.
+        placement["attn_implementation"] = data.packing_attention(device)
     model = AutoModelForCausalLM.from_pretrained(model_dir, **load_kwargs, **{**placement, **adaptation.load_kwargs(device)})
     if hasattr(adaptation, "after_load"):
         adaptation.after_load(model)
