@@ -27,6 +27,7 @@ GRID = [
     {**SMALL, "vocab": 128000, "seq": 512, "batch": 4, "adaptation": "lora", "chunked": True},
     {**SMALL, "vocab": 128000, "seq": 256, "batch": 1, "adaptation": "lora", "chunked": False},
     {**WIDER, "vocab": 32000, "seq": 512, "batch": 4, "adaptation": "lora", "chunked": True, "checkpointing": True},
+    {**WIDER, "vocab": 32000, "seq": 512, "batch": 4, "adaptation": "lora", "chunked": True},
     {**WIDER, "vocab": 32000, "seq": 1024, "batch": 1, "adaptation": "full", "chunked": True},
 ]
 

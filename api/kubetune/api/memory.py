@@ -104,6 +104,12 @@ def breakdown(w: Workload) -> Breakdown:
     else:
         activations = per_layer * w.layers
     activations += tokens * w.hidden * 4 * 2  # the final norm's output and its gradient
+    if not w.gpu and w.trainable < w.parameters / 2:
+        # Adapters on every linear layer, measured on CPU (tests/trainer/test_memory_model.py):
+        # ≈ 28·hidden extra fp32 values per token and layer stay alive through the backward,
+        # with or without checkpointing (peft's low-rank path outputs and sums around the 7
+        # wrapped projections). Not applied on GPU until benchmarks/gpu.py has measured it there.
+        activations += tokens * w.layers * 28 * w.hidden * w.compute_bytes
     logits = _logits(w, tokens)
     teacher = 0.0
     if w.teacher_parameters:
