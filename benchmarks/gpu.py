@@ -32,6 +32,12 @@ Model FLOPs per useful (non-pad) token, after PaLM (Chowdhery et al. 2022, appen
     python benchmarks/gpu.py                # on a GPU: 0.5b and 8b; appends to RESULTS.md
     python benchmarks/gpu.py --smoke        # CPU, tiny model, seconds: checks the script; never appends
 
+Memory (issue 22, as benchmarks/trainer_memory.py on CPU): on the 8b shape kubetune LoRA with
+packing off and hf+peft LoRA run identical batches; peak GPU memory ratio, useful tokens/s ratio,
+loss delta at step 10, and the memory model's prediction (kubetune.api.memory with the 8b shape)
+against kubetune's measured peak (target ±25 %) → `RESULT gpu_memory_8b`. `--smoke` runs the same
+comparison on the tiny CPU shape and prints its table rows only.
+
 The `RESULT gpu_lora_8b` line is printed only after a real GPU run of the 8b shape; `--smoke` prints
 `RESULT gpu_smoke` instead.
 """
@@ -51,6 +57,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import RESULTS, publish
+from trainer_memory import compare as compare_memory
 from trainer_vs_hf import Setup, make_chat_dataset, spawn
 
 PEAK_TFLOPS = 989.0  # H200 (= H100 SXM) dense bf16
@@ -146,6 +153,38 @@ def bnb_cuda() -> bool:
         return False
 
 
+def memory_runs(shape: str, model_dir: Path, train: Path, validation: Path, work: Path, batch: int, max_seq: int, gpu: bool,
+                steps: int = 12, loss_step: int = 10) -> tuple[list[str], dict[str, Any]]:
+    """kubetune (packing off) vs hf+peft LoRA on identical batches: peak, tokens/s, loss; the
+    memory model's prediction against kubetune's measured peak."""
+    from kubetune.api.estimate import gpu_workload
+    from kubetune.api.memory import GIB, breakdown
+
+    runs: dict[str, list[dict[str, Any]]] = {"hf": [], "ours": []}
+    for side in ("hf", "ours"):
+        s = Setup(model_dir=str(model_dir), train=str(train), validation=str(validation), out=str(work / f"mem-{shape}-{side}"),
+                  steps=steps, warmup=2, batch=batch, max_seq=max_seq, lr=2e-4, r=16, alpha=32, dropout=0.05,
+                  precision="bf16" if gpu else "fp32", threads=min(8, os.cpu_count() or 1), packing=False, adaptation="lora",
+                  extra={"gpu": gpu})
+        runs[side].append(spawn(side, s, timeout=1800))
+    c = compare_memory(runs, min(loss_step, steps))
+    cfg = SHAPES[shape]
+    parameters = matmul_parameters(shape) + (0 if cfg["tie_word_embeddings"] else cfg["vocab_size"] * cfg["hidden_size"])
+    workload = gpu_workload(parameters, "lora", max_seq, batch, False, cfg["hidden_size"], cfg["num_hidden_layers"],
+                            cfg["vocab_size"], intermediate_size=cfg["intermediate_size"])
+    predicted = breakdown(workload).total / GIB
+    measured = c["ours_peak"] if c["peak_key"] == "peak_gpu_gb" else c["ours_peak"] / 1024
+    c.update(predicted_gb=predicted, measured_gb=measured, prediction_ratio=predicted / measured if measured else float("nan"))
+    lines = [
+        f"Memory, {shape} LoRA, packing off, batch {batch} × {max_seq}, identical batches ({c['peak_key']}): "
+        f"peak ours/hf {c['peak_ratio']:.3f} (target ≤ 0.6), useful tokens/s ours/hf {c['tokens_ratio']:.3f} (target ≥ 1.0), "
+        f"loss |Δ| at step {min(loss_step, steps)} {c['loss_delta']:.2e} (target ≤ 1e-4); memory model {predicted:.1f} GiB predicted "
+        f"vs {measured:.1f} measured ({c['prediction_ratio']:.2f}×, target 0.75–1.25).",
+        "",
+    ]
+    return lines, c
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="CPU, tiny model, a few steps; prints RESULT gpu_smoke, never appends")
@@ -219,6 +258,15 @@ def main() -> int:
                 if x["shape"] == shape:
                     x["ratio"] = x["tokens_per_s"] / base["tokens_per_s"] if x["adaptation"] == "lora" else None
 
+        memory_shape = "8b" if "8b" in args.shapes else (args.shapes[0] if args.smoke else None)
+        memory: dict[str, Any] | None = None
+        memory_lines: list[str] = []
+        if memory_shape is not None:
+            memory_lines, memory = memory_runs(memory_shape, work / f"model-{memory_shape}", train, validation, work,
+                                               args.batch.get(memory_shape, 2), args.max_seq, gpu, steps=4 if args.smoke else 12,
+                                               loss_step=3 if args.smoke else 10)
+            print("  " + memory_lines[0], file=sys.stderr)
+
     import peft
     import transformers
 
@@ -249,6 +297,11 @@ def main() -> int:
         x = next(iter(ours.values()))
         result = (f"RESULT gpu_smoke shape={x['shape']} mfu={x['mfu']:.3e} tokens_per_s={x['tokens_per_s']:.0f} "
                   f"baseline_ratio={x['ratio']:.3f} runs={len(rows)} device={'cuda' if gpu else 'cpu'} date={date}")
+    lines += memory_lines
+    if memory is not None and gpu and not args.smoke and memory_shape == "8b":
+        result += (f"\nRESULT gpu_memory_8b peak_ratio={memory['peak_ratio']:.3f} tokens_ratio={memory['tokens_ratio']:.3f} "
+                   f"loss_delta={memory['loss_delta']:.2e} predicted_gb={memory['predicted_gb']:.1f} measured_gb={memory['measured_gb']:.1f} "
+                   f"prediction_ratio={memory['prediction_ratio']:.2f} date={date}")
     publish(lines, result, args.results or RESULTS if gpu and not args.smoke else None)
     return 0
 

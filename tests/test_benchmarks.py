@@ -54,6 +54,16 @@ def test_trainer_vs_hf_smoke() -> None:
 
 
 @pytest.mark.slow
+def test_trainer_memory_smoke() -> None:
+    fields = smoke("trainer_memory.py", "trainer_memory")
+    # Identical batches on both sides: the chunked loss equals the model's own.
+    assert float(fields["loss_delta"]) <= 1e-4
+    assert float(fields["peak_ratio"]) > 0 and float(fields["tokens_ratio"]) > 0
+    assert float(fields["peak_hf"]) > 0 and float(fields["peak_ours"]) > 0
+    assert fields["vocab"] == "8192" and fields["seq"] == "256"
+
+
+@pytest.mark.slow
 def test_gpu_smoke_runs_on_cpu_and_claims_no_gpu_result() -> None:
     before = RESULTS.read_bytes()
     run = subprocess.run(
@@ -68,6 +78,7 @@ def test_gpu_smoke_runs_on_cpu_and_claims_no_gpu_result() -> None:
     assert fields["shape"] == "smoke" and int(fields["runs"]) == 2
     assert float(fields["tokens_per_s"]) > 0 and float(fields["baseline_ratio"]) > 0 and float(fields["mfu"]) > 0
     assert "| smoke | kubetune lora |" in run.stdout and "| smoke | hf+peft lora |" in run.stdout
+    assert "Memory, smoke LoRA, packing off" in run.stdout and "RESULT gpu_memory_8b" not in run.stdout
 
 
 @pytest.mark.slow

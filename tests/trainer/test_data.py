@@ -585,3 +585,41 @@ def test_chat_templates_render_in_a_sandbox(tmp_path, tok):
     with pytest.raises(DataError) as refused:
         data.encode_full(record, "chat", evil)
     assert str(refused.value).startswith("train.jsonl:7: the chat template rejected this conversation")
+
+
+def test_packing_attention_choice_per_device(monkeypatch):
+    """Flash-attention varlen (padding-free) on CUDA when flash_attn is installed, SDPA with the
+    block-diagonal mask otherwise (CPU, or a GPU without flash_attn)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real(name, *a))
+    assert data.packing_attention("cuda") == "flash_attention_2"
+    assert data.packing_attention("cpu") == "sdpa"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a))
+    assert data.packing_attention("cuda") == "sdpa"
+
+
+def test_packed_chunked_loss_equals_examples_alone(tok):
+    """The trainer's packed path end to end on this device's choice: the chunked loss of packed
+    rows (position ids, no mask) equals the summed losses of each example run alone."""
+    from transformers import AutoModelForCausalLM
+
+    from kubetune.trainer import chunked
+
+    attn = data.packing_attention("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(builtin.ensure("tiny-llama"), attn_implementation=attn).eval()
+    data.prepare_model_for_packing(model)
+    records, _ = data.read_records(str(SUPPORT), "chat")
+    examples = [data.encode_example(r, "chat", tok, 512, "truncate") for r in records[:6]]
+    packed = data.pack(examples, 1024)
+    batch = data.Collator(tok.pad_token_id, packing=True)(packed)
+    with torch.no_grad():
+        hidden = chunked.forward_hidden(model, {k: v for k, v in batch.items() if k != "labels"})
+        total, n = chunked.cross_entropy_sum(hidden, batch["labels"], chunk=50)
+        alone = 0.0
+        for e in examples:
+            h = chunked.forward_hidden(model, {"input_ids": torch.tensor([e.input_ids])})
+            alone += float(chunked.cross_entropy_sum(h, torch.tensor([e.labels]))[0])
+    assert n == sum(sum(1 for x in e.labels[1:] if x != -100) for e in examples)
+    assert float(total) == pytest.approx(alone, rel=1e-5)

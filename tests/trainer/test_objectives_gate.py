@@ -140,7 +140,9 @@ def test_previous_token_guide_trains_only_the_guided_head(tiny_model_dir: Path) 
 
 
 def _sft_run(model_dir: Path, out: Path, with_term: bool) -> tuple[list[float], dict[str, torch.Tensor]]:
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
+
+    from kubetune.trainer.objectives import ChunkedTrainer
 
     model = load_tiny(model_dir)
     rows = [padded_batch(seed=s) for s in range(2)]
@@ -155,7 +157,8 @@ def _sft_run(model_dir: Path, out: Path, with_term: bool) -> tuple[list[float], 
         term.prepare(model)
         trainer: Any = ObjectiveTrainer(**common, terms=[(Objective.ATTENTION_GUIDANCE, term)])
     else:
-        trainer = Trainer(**common)
+        # Plain SFT as run.py trains it without objectives: the loss from chunked logits.
+        trainer = ChunkedTrainer(**common)
     trainer.train()
     if with_term:
         assert trainer.last_metrics["attentionLoss"] > 0  # the term ran, weighted by 0

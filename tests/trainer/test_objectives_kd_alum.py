@@ -157,9 +157,15 @@ def test_teacher_bit_identical_without_grads_after_training(tiny_model_dir: Path
 def test_alpha_zero_equals_plain_sft(tiny_model_dir: Path, other_dir: Path, tmp_path: Path) -> None:
     from transformers import Trainer, default_data_collator
 
+    from kubetune.trainer.objectives import ChunkedTrainer
+
+    # Plain SFT is what run.py trains with no objective: ChunkedTrainer (the model's loss from
+    # chunked logits); it equals transformers' own loss up to float rounding.
     reference = load_tiny(tiny_model_dir)
-    plain = Trainer(model=reference, args=args(tmp_path / "plain"), train_dataset=dataset(), data_collator=default_data_collator)
+    plain = ChunkedTrainer(model=reference, args=args(tmp_path / "plain"), train_dataset=dataset(), data_collator=default_data_collator)
     plain.train()
+    hf = Trainer(model=load_tiny(tiny_model_dir), args=args(tmp_path / "hf"), train_dataset=dataset(), data_collator=default_data_collator)
+    hf.train()
     term = kd(tiny_model_dir, other_dir, alpha=0.0)
     student = load_tiny(tiny_model_dir)
     term.prepare(student)
@@ -171,6 +177,7 @@ def test_alpha_zero_equals_plain_sft(tiny_model_dir: Path, other_dir: Path, tmp_
 
     assert len(losses(plain)) == 4
     assert losses(ours) == losses(plain)
+    assert losses(plain) == pytest.approx(losses(hf), rel=1e-5)
     assert ours.last_metrics["kdLoss"] > 0  # the term ran; it just weighs nothing
     assert all(torch.equal(a, b) for a, b in zip(student.parameters(), reference.parameters()))
 

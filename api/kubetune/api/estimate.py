@@ -1,11 +1,12 @@
 """Memory estimates for a FineTuneJob: GPU memory per GPU and the host memory its pods request.
 
-A rule of thumb, not a profiler, shown before anything is scheduled: weights at the method's
-precision, gradients and optimizer states for what trains, activations and logits for the batch,
-a frozen teacher's weights and forward pass, and a framework overhead. Calibrated against the
-design note's QLoRA table (7B ≈ 6 GB, 13B ≈ 10 GB, 70B ≈ 40 GB at short sequences, batch 1,
-gradient checkpointing) and the usual full/LoRA figures; host memory on CPU against the measured
-peak RSS in benchmarks/RESULTS.md (small-llama, batch 8 × 512 tokens: 1.45 GB).
+Shown before anything is scheduled, from the shapes the spec reveals (the model's size read from
+its name): the memory model of `kubetune.api.memory` — weights at the method's precision,
+gradients and optimizer states for what trains, activations and chunked logits for the batch, a
+frozen teacher's weights and forward pass, and a runtime overhead — the same implementation the
+trainer's `auto` batch size uses with the loaded model's real shapes. It checks out against the
+design note's QLoRA table (7B ≈ 6 GB at short sequences, batch 1, gradient checkpointing) and,
+on CPU, against measured peak RSS (tests/trainer/test_memory_model.py).
 
 Used by the operator for the pod's memory request, `status.effective.estimatedGPUMemoryGiB` and
 the InsufficientGPUMemory warning, and by the trainer to pick a batch size for `auto`.
@@ -24,11 +25,11 @@ from typing import TYPE_CHECKING, NamedTuple
 from kubetune.api import gpus as gpu_table
 from kubetune.api.conditions import Reason
 from kubetune.api.enums import Adaptation, GuideSource, Objective
+from kubetune.api.memory import GIB, Workload, breakdown
 
 if TYPE_CHECKING:
     from kubetune.api.spec import FineTuneJobSpec
 
-GIB = 1024**3
 FROZEN_BASE = {
     Adaptation.LORA,
     Adaptation.QLORA,
@@ -61,13 +62,7 @@ DEFAULT_VOCAB = 32_000
 """Vocabulary assumed when the model's is unknown (Llama 2, Mistral); Llama 3 (128k) and Qwen
 (152k) logits take 4–5× more, which this rule of thumb then understates."""
 
-# Bytes per parameter. A trained parameter: bf16 weight + fp32 master copy + two fp32 Adam
-# moments + bf16 gradient (mixed precision, 2 + 14). A frozen one: its weight only.
-_TRAINED_STATE_BYTES = 4 + 4 + 4 + 2
 _ADAPTER_SHARE = 0.01  # adapters train ≈ 1 % of the parameters (LoRA r 16 on all linear layers)
-_LOGIT_BYTES = 10  # bf16 logits, their fp32 copy for the loss, and the gradient
-_TEACHER_LOGIT_BYTES = 6  # bf16 logits and the fp32 softmax the KL term reads
-_OVERHEAD = 0.75 * GIB  # CUDA context, allocator fragmentation, kernels' workspaces
 _HOST_UNKNOWN_MODEL_GIB = 16  # host memory per process for a model of unknown size
 _HOST_GPU_BASE_GIB = 8  # data loader, tokeniser, Python and CUDA libraries of a GPU pod
 _HOST_CPU_BASE_GIB = 1.0  # Python, torch, transformers and the tokenised data of a CPU pod
@@ -98,6 +93,46 @@ def guess_shape(parameters: int, source: str | None = None) -> Shape:
     return Shape(hidden, 32, max(1, hidden // 128), DEFAULT_VOCAB)
 
 
+def gpu_workload(
+    parameters: int,
+    adaptation: Adaptation | str,
+    seq_length: int = 2048,
+    batch_size: int = 1,
+    gradient_checkpointing: bool = True,
+    hidden_size: int | None = None,
+    layers: int | None = None,
+    vocab_size: int | None = None,
+    teacher_parameters: int = 0,
+    intermediate_size: int | None = None,
+    optimizer: str = "adamw",
+) -> Workload:
+    """The memory model's `Workload` of a GPU run (bf16 compute, chunked logits): adapters train
+    ≈ 1 % of the parameters over a bf16 (NF4 for QLoRA) base; other methods train them all in fp32."""
+    adaptation = Adaptation(adaptation)
+    frozen_base = adaptation in FROZEN_BASE
+    if hidden_size is None or layers is None:
+        hidden_size, layers = guess_shape(parameters)[:2]
+    return Workload(
+        parameters=parameters,
+        trainable=int(parameters * _ADAPTER_SHARE) if frozen_base else parameters,
+        hidden=hidden_size,
+        layers=layers,
+        vocab=vocab_size or DEFAULT_VOCAB,
+        seq_length=seq_length,
+        batch_size=batch_size,
+        intermediate=intermediate_size,
+        weight_dtype="nf4" if adaptation == Adaptation.QLORA else "bf16",
+        compute_bytes=2,
+        optimizer=str(optimizer),
+        gradient_checkpointing=gradient_checkpointing,
+        chunked_logits=True,
+        head_trains=not frozen_base,
+        teacher_parameters=teacher_parameters,
+        teacher_hidden=guess_shape(teacher_parameters).hidden if teacher_parameters else 0,
+        gpu=True,
+    )
+
+
 def estimate_gpu_memory_gib(
     parameters: int,
     adaptation: Adaptation | str,
@@ -109,45 +144,30 @@ def estimate_gpu_memory_gib(
     vocab_size: int | None = None,
     teacher_parameters: int = 0,
 ) -> float:
-    """Estimated peak GPU memory per GPU in GiB (bf16 compute, AdamW); a frozen bf16 teacher of
-    `teacher_parameters` adds its weights and its forward pass."""
-    adaptation = Adaptation(adaptation)
-    weights = parameters * (0.5 if adaptation == Adaptation.QLORA else 2.0)  # NF4, or bf16
-    trainable = parameters * _ADAPTER_SHARE if adaptation in FROZEN_BASE else parameters
-    states = trainable * _TRAINED_STATE_BYTES
-    if hidden_size is None or layers is None:
-        hidden_size, layers = guess_shape(parameters)[:2]
-    tokens = seq_length * batch_size
-    # Activations per token and layer ≈ 34·hidden bytes in bf16 (Korthikanti et al. 2022, with
-    # memory-efficient attention); checkpointing keeps the layer inputs and one layer's worth.
-    activations = tokens * hidden_size * layers * 2 * (2 if gradient_checkpointing else 16)
-    vocab = vocab_size or DEFAULT_VOCAB
-    logits = tokens * vocab * _LOGIT_BYTES
-    teacher = 0.0
-    if teacher_parameters:
-        # Frozen, no gradients: bf16 weights, its logits, and one layer's activations at a time.
-        teacher_hidden = guess_shape(teacher_parameters).hidden
-        teacher = teacher_parameters * 2.0 + tokens * (vocab * _TEACHER_LOGIT_BYTES + teacher_hidden * 34)
-    return round((weights + states + activations + logits + teacher + _OVERHEAD) / GIB, 1)
+    """Estimated peak GPU memory per GPU in GiB (bf16 compute, AdamW, chunked logits), from the
+    memory model (`kubetune.api.memory`); a frozen bf16 teacher of `teacher_parameters` adds its
+    weights, its forward pass and one chunk of its logits."""
+    workload = gpu_workload(parameters, adaptation, seq_length, batch_size, gradient_checkpointing, hidden_size, layers,
+                            vocab_size, teacher_parameters)
+    return round(breakdown(workload).total / GIB, 1)
 
 
 def _cpu_host_bytes(parameters: int, shape: Shape, adaptation: Adaptation, tokens: int, seq_length: int,
                     gradient_checkpointing: bool, teacher_parameters: int) -> float:
-    """Peak host memory of a CPU-only run: fp32 everywhere (precision auto is fp32 on CPU), and
-    attention probabilities materialised (5·heads·seq² bytes per example and layer in 16 bits)."""
-    trainable = parameters * _ADAPTER_SHARE if adaptation in FROZEN_BASE else parameters
-    weights = parameters * 4 + trainable * 12  # fp32 weights + gradient + two Adam moments
-    per_layer = tokens * (34 * shape.hidden + 5 * shape.heads * seq_length) * 2  # fp32: × 2
-    if gradient_checkpointing:
-        activations = tokens * shape.hidden * 4 * shape.layers + per_layer
-    else:
-        activations = per_layer * shape.layers
-    logits = tokens * shape.vocab * 12
-    teacher = 0.0
-    if teacher_parameters:
-        teacher_hidden = guess_shape(teacher_parameters).hidden
-        teacher = teacher_parameters * 4 + tokens * (shape.vocab * 8 + teacher_hidden * 68)
-    return weights + activations + logits + teacher
+    """Peak host memory of a CPU-only run from the memory model: fp32 everywhere (precision auto
+    is fp32 on CPU), chunked logits, the same component formulas as on a GPU."""
+    frozen_base = adaptation in FROZEN_BASE
+    workload = Workload(
+        parameters=parameters,
+        trainable=int(parameters * _ADAPTER_SHARE) if frozen_base else parameters,
+        hidden=shape.hidden, layers=shape.layers, vocab=shape.vocab, seq_length=seq_length,
+        batch_size=max(1, tokens // max(seq_length, 1)), weight_dtype="fp32", compute_bytes=4,
+        gradient_checkpointing=gradient_checkpointing, chunked_logits=True, head_trains=not frozen_base,
+        teacher_parameters=teacher_parameters,
+        teacher_hidden=guess_shape(teacher_parameters).hidden if teacher_parameters else 0,
+        teacher_weight_dtype="fp32", gpu=False,
+    )
+    return breakdown(workload).total
 
 
 class Sizing(NamedTuple):

@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from kubetune.api.enums import Precision
-from kubetune.api.estimate import GIB, estimate_gpu_memory_gib
+from kubetune.api.estimate import GIB, _teachers, gpu_workload, parameters_from_name
+from kubetune.api.memory import largest_batch
 from kubetune.api.spec import FineTuneJobSpec
 from kubetune.api.status import ResolvedHyperparameters
 
@@ -34,39 +35,43 @@ def precision(spec: FineTuneJobSpec) -> str:
     return "fp32"
 
 
-def batch_size(spec: FineTuneJobSpec, parameters: int, hidden: int, layers: int) -> int:
-    """`auto`: the largest power of two whose estimate fits 90 % of the GPU (8 on CPU)."""
+def batch_size(spec: FineTuneJobSpec, parameters: int, hidden: int, layers: int, vocab: int | None = None,
+               intermediate: int | None = None) -> int:
+    """`auto`: the largest power of two whose predicted peak (kubetune.api.memory, the model the
+    operator's estimate uses, here with the loaded model's shapes: vocabulary, intermediate size)
+    fits 90 % of the GPU; 8 on CPU."""
     import torch
 
     if spec.hyperparameters.batch_size != "auto":
         return int(spec.hyperparameters.batch_size)
     if not torch.cuda.is_available():
         return CPU_BATCH_SIZE
-    free = torch.cuda.get_device_properties(0).total_memory * 0.9 / GIB
-    best = 1
-    for b in (1, 2, 4, 8, 16, 32, 64):
-        need = estimate_gpu_memory_gib(
-            parameters,
-            spec.method.adaptation,
-            seq_length=spec.dataset.max_seq_length,
-            batch_size=b,
-            gradient_checkpointing=spec.hyperparameters.gradient_checkpointing,
-            hidden_size=hidden,
-            layers=layers,
-        )
-        if need <= free:
-            best = b
-    return best
+    capacity = torch.cuda.get_device_properties(0).total_memory * 0.9
+    teacher = sum(parameters_from_name(t) or parameters for t in _teachers(spec))
+    workload = gpu_workload(
+        parameters,
+        spec.method.adaptation,
+        seq_length=spec.dataset.max_seq_length,
+        gradient_checkpointing=spec.hyperparameters.gradient_checkpointing,
+        hidden_size=hidden,
+        layers=layers,
+        vocab_size=vocab,
+        teacher_parameters=teacher,
+        intermediate_size=intermediate,
+        optimizer=str(spec.method.optimizer),
+    )
+    return largest_batch(workload, capacity)
 
 
-def resolve(spec: FineTuneJobSpec, default_lr: float, parameters: int, hidden: int, layers: int) -> dict[str, Any]:
+def resolve(spec: FineTuneJobSpec, default_lr: float, parameters: int, hidden: int, layers: int, vocab: int | None = None,
+            intermediate: int | None = None) -> dict[str, Any]:
     """The resolved numbers as wire (camelCase) keys, checked by the contract's model: they go
     to the summary, the effective-info metric and the adapter manifest."""
     hp = spec.hyperparameters
     return ResolvedHyperparameters(
         epochs=DEFAULT_EPOCHS if hp.epochs == "auto" else int(hp.epochs),
         learning_rate=default_lr if hp.learning_rate is None else float(hp.learning_rate),
-        batch_size=batch_size(spec, parameters, hidden, layers),
+        batch_size=batch_size(spec, parameters, hidden, layers, vocab, intermediate),
         gradient_accumulation=hp.gradient_accumulation,
         precision=precision(spec),
         max_seq_length=spec.dataset.max_seq_length,

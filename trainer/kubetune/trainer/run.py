@@ -148,12 +148,17 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
         placement["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
         if hparams.precision(spec) == "bf16" and spec.method.adaptation in FROZEN_BASE:
             placement["dtype"] = torch.bfloat16
+    if spec.dataset.packing:
+        # Packed rows: flash-attention varlen on a GPU that has it (padding-free), else SDPA
+        # with the block-diagonal mask transformers derives from the position restarts.
+        placement["attn_implementation"] = data.packing_attention(device)
     model = AutoModelForCausalLM.from_pretrained(model_dir, **load_kwargs, **{**placement, **adaptation.load_kwargs(device)})
     if hasattr(adaptation, "after_load"):
         adaptation.after_load(model)
     _, total_params = methods.count_parameters(model)
     effective = hparams.resolve(
-        spec, adaptation.default_learning_rate, total_params, config.hidden_size, config.num_hidden_layers
+        spec, adaptation.default_learning_rate, total_params, config.hidden_size, config.num_hidden_layers,
+        getattr(config, "vocab_size", None), getattr(config, "intermediate_size", None),
     )
     opts.metrics.set_effective(effective)
     collate = data.Collator(tokenizer.pad_token_id, packing=False)
@@ -464,9 +469,13 @@ def data_param(err: data.DataError) -> str | None:
 
 
 def evaluate(model: Any, examples: list[Any], collate: Any, batch_size: int) -> dict[str, float]:
-    """Token-weighted held-out loss and exact-match token accuracy over the label tokens."""
+    """Token-weighted held-out loss and exact-match token accuracy over the label tokens, from
+    chunked logits (`chunked.token_stats`) where the model can skip its full logits."""
     import torch
 
+    from kubetune.trainer import chunked
+
+    use_hidden = chunked.supports_hidden(model)
     was_training = model.training
     model.eval()
     total_loss = 0.0
@@ -479,6 +488,10 @@ def evaluate(model: Any, examples: list[Any], collate: Any, batch_size: int) -> 
             batch.pop("guide_mask", None)
             labels = batch.pop("labels").to(device)
             batch = {k: v.to(device) for k, v in batch.items()}
+            if use_hidden:
+                loss_sum, n, right = chunked.token_stats(chunked.forward_hidden(model, batch, labels.shape[1]), labels)
+                total_loss, total_tokens, correct = total_loss + loss_sum, total_tokens + n, correct + right
+                continue
             logits = model(**batch).logits[:, -labels.shape[1] :, :].float()
             shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
             mask = shift_labels != -100
@@ -506,7 +519,7 @@ def _trainer(
     terms: list[Any],
     on_metrics: Callable[[dict[str, float]], None],
 ) -> Any:
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
 
     hp = spec.hyperparameters
     args = TrainingArguments(
@@ -541,7 +554,7 @@ def _trainer(
     if terms:
         trainer = objectives.ObjectiveTrainer(**common, terms=terms, on_metrics=on_metrics)
     else:
-        trainer = Trainer(**common)
+        trainer = objectives.ChunkedTrainer(**common)
     trainer.remove_callback(_printer())
     return trainer
 

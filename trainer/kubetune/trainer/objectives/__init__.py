@@ -10,7 +10,13 @@ registry keys equal the enum. Terms compose in a fixed order inside `ObjectiveTr
 5. attentionGuidance (GATE) adds λ·L_att on the guided heads.
 
 Each term also reports numbers (`metrics`) that go to Prometheus and the final summary. With no
-term configured the plain transformers Trainer runs: objective terms cost nothing when unused.
+term configured `ChunkedTrainer` runs: objective terms cost nothing when unused.
+
+Logits: the forward projects none; the cross-entropy (and distillation's KL) are computed from
+the last hidden states in chunks (`kubetune.trainer.chunked`). A term that needs the whole
+logits tensor says so with `needs_logits = True` (reweighting's per-example functional
+gradients, adversarial's KL against a perturbed forward); with one configured, the forward
+projects full logits as the model's own forward does.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Any, Callable, Protocol
 from transformers import Trainer
 
 from kubetune.api.enums import Objective
+from kubetune.trainer import chunked
 
 
 class IncompatibleError(ValueError):
@@ -82,11 +89,47 @@ def build(spec: Any, ctx: Context) -> list[tuple[Objective, Any]]:
     return [(name, terms[name]) for name in ORDER if name in terms]
 
 
+class ChunkedTrainer(Trainer):
+    """transformers' Trainer whose causal-LM loss comes from chunked logits (never the whole
+    [batch, length, vocab] tensor); the same numbers as the model's own loss, normalised the
+    same way (by the label tokens of the accumulated batches). Models whose forward cannot skip
+    the logits (no `logits_to_keep`, no decoder to hook) get the Trainer's own loss."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.chunked = chunked.supports_hidden(self.model)
+        if self.chunked:
+            self.model_accepts_loss_kwargs = True  # our loss is Σ / num_items_in_batch, as the model's
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
+        if not self.chunked:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, hidden, _ = chunked.sft_loss(model, inputs, num_items_in_batch)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // max(1, getattr(self, "get_tp_size", lambda: 1)()))
+        return (loss, hidden.outputs) if return_outputs else loss
+
+
+@dataclass
+class ChunkedOutputs:
+    """A training forward's outputs without logits: the loss, the last hidden states for terms
+    that project their own chunks (distillation), the attentions when asked for."""
+
+    loss: Any
+    hidden: chunked.Hidden
+    logits: Any = None
+
+    @property
+    def attentions(self) -> Any:
+        return getattr(self.hidden.outputs, "attentions", None)
+
+
 class ObjectiveTrainer(Trainer):
     """transformers' Trainer with kubetune's objective terms composed into the loss."""
 
     def __init__(self, *args: Any, terms: list[tuple[Objective, Any]], on_metrics: Callable[[dict[str, float]], None] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.chunked = chunked.supports_hidden(self.model) and not any(getattr(t, "needs_logits", False) for _, t in terms)
         self.terms = terms
         self.on_metrics = on_metrics
         self.last_metrics: dict[str, float] = {}
@@ -99,8 +142,12 @@ class ObjectiveTrainer(Trainer):
             extra.update(term.forward_kwargs())
         # Per-example side channels (e.g. the spans guide's evidence mask) are not model inputs.
         model_inputs = {k: v for k, v in inputs.items() if k not in SIDE_INPUTS}
-        outputs = model(**model_inputs, **extra)
-        loss = outputs.loss
+        if self.chunked:
+            loss, hidden, _ = chunked.sft_loss(model, model_inputs, None, **extra)  # the batch's token mean
+            outputs: Any = ChunkedOutputs(loss, hidden)
+        else:
+            outputs = model(**model_inputs, **extra)
+            loss = outputs.loss
         metrics: dict[str, float] = {}
         for _, term in self.terms:
             loss, m = term.combine(loss, model, inputs, outputs)

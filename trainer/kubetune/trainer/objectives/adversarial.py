@@ -29,6 +29,8 @@ _FORWARD_KEYS = ("attention_mask", "position_ids")  # passed with inputs_embeds;
 class Adversarial:
     """The `adversarial` objective term."""
 
+    needs_logits = True  # its symmetric KL compares the clean forward's full logits with perturbed ones
+
     def __init__(self, config: Any, ctx: Any) -> None:
         self.config = config
         self.ctx = ctx

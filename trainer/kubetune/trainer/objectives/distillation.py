@@ -7,9 +7,13 @@ checked once in `prepare`, before any step runs, and a mismatch is a user error
 (`IncompatibleError`). Logits are sliced to `len(tokenizer)` because models pad their vocabulary
 rows differently.
 
-Memory: with a 150k vocabulary, one fp32 copy of the logits of a batch is gigabytes. The KL is
-therefore computed over label positions in chunks, each chunk under activation checkpointing, so
-only one chunk's fp32 softmax tensors exist at a time, in the forward and in the backward.
+Memory: with a 150k vocabulary, one fp32 copy of the logits of a batch is gigabytes. When the
+training forward projected no logits (`objectives.ChunkedOutputs`, the default), the student's
+and the teacher's last hidden states are gathered at label positions and projected by their LM
+heads a chunk at a time (`kl_from_hidden`), each chunk under activation checkpointing: neither
+model's full logits ever exist. With full student logits (another term needs them) the KL is
+still computed over label positions in chunks (`kl_at_labels`), so only one chunk's fp32
+softmax tensors exist at a time, in the forward and in the backward.
 
 KL is written as Σ p·(log p − log q) with both log-probabilities from the same `log_softmax`, so
 identical teacher and student logits give a difference of exactly zero at every entry: a student
@@ -24,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from kubetune.trainer import chunked
 from kubetune.trainer.objectives import IncompatibleError
 
 IGNORE_INDEX = -100
@@ -83,10 +88,20 @@ class Distillation:
             raise RuntimeError("Distillation.prepare(model) was not called")
         labels = inputs["labels"]
         length = labels.shape[1]
+        teacher_inputs = {k: inputs[k] for k in _MODEL_KEYS if inputs.get(k) is not None}
+        hidden = getattr(outputs, "hidden", None)
+        if outputs.logits is None and hidden is not None and chunked.supports_hidden(self.teacher):
+            with torch.no_grad():
+                teacher_hidden = chunked.forward_hidden(self.teacher, teacher_inputs, length)
+            kl, teacher_ce = kl_from_hidden(hidden, teacher_hidden, labels, self.temperature, self.reverse, self.vocab)
+            total = (1.0 - self.alpha) * loss + self.alpha * self.temperature**2 * kl
+            return total, {"kdLoss": float(kl.detach()), "kdTeacherCe": teacher_ce}
+        if outputs.logits is None:
+            raise RuntimeError("Distillation needs the student's logits or hidden states")
         # Prompt-tuned students carry virtual positions in front of the real ones.
         student = outputs.logits[:, -length:, : self.vocab]
         with torch.no_grad():
-            teacher = self.teacher(**{k: inputs[k] for k in _MODEL_KEYS if inputs.get(k) is not None}).logits
+            teacher = self.teacher(**teacher_inputs).logits
         teacher = teacher[:, -length:, : self.vocab]
         kl, teacher_ce = kl_at_labels(student, teacher, labels, self.temperature, self.reverse, self.chunk)
         total = (1.0 - self.alpha) * loss + self.alpha * self.temperature**2 * kl
@@ -136,6 +151,39 @@ def kl_at_labels(
         following = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)[..., None]
         ce = at_labels(_ce_sum, teacher, following, labels, chunk)
     return kl, float(ce)
+
+
+def kl_from_hidden(
+    student: chunked.Hidden,
+    teacher: chunked.Hidden,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    reverse: bool = False,
+    vocab: int | None = None,
+    chunk: int | None = None,
+) -> tuple[torch.Tensor, float]:
+    """`kl_at_labels` from last hidden states: both heads project one chunk of label rows at a
+    time (recomputed in the backward), the first `vocab` columns compared."""
+    bi, ti, target = chunked.label_rows(labels)
+    n = int(target.numel())
+    if n == 0:
+        return student.states.sum() * 0.0, 0.0
+    vocab = vocab or int(student.head.weight.shape[0])
+    chunk = chunk or chunked.chunk_rows(vocab)
+
+    def project(h: chunked.Hidden, rows: torch.Tensor) -> torch.Tensor:
+        logits = h.head(rows)
+        return (h.transform(logits) if h.transform is not None else logits)[:, :vocab]
+
+    def kl(s_rows: torch.Tensor, t_rows: torch.Tensor) -> torch.Tensor:
+        return _kl_sum(project(student, s_rows), project(teacher, t_rows), temperature, reverse)
+
+    s_rows = student.states[:, :-1][bi, ti]
+    t_rows = teacher.states[:, :-1][bi, ti]
+    total = torch.stack(chunked.rows_apply(kl, s_rows, t_rows, chunk=chunk)).sum() / n
+    with torch.no_grad():
+        ce = sum(float(_ce_sum(project(teacher, r), t[:, None])) for r, t in zip(t_rows.split(chunk), target.split(chunk)))
+    return total, ce / n
 
 
 def at_labels(fn: Any, a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:

@@ -74,6 +74,8 @@ class Step(NamedTuple):
 class Reweighting:
     """The `reweighting` objective term."""
 
+    needs_logits = True  # per-example losses of the training forward's logits (and functional re-forwards)
+
     def __init__(self, config: Any, ctx: Any) -> None:
         self.config = config
         self.ctx = ctx
