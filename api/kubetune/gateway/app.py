@@ -156,7 +156,8 @@ def create_app(backend: Backend, authenticate: Authenticate, *, limits: UploadLi
                           "type": "server_error", "param": None, "code": "internal_error"}}
         return JSONResponse(body, status_code=500)
 
-    Id = PathParam(min_length=1, max_length=256)
+    def Id() -> Any:  # a fresh FieldInfo per parameter (FastAPI binds one to its first name)
+        return PathParam(min_length=1, max_length=256)
 
     # ----------------------------------------------------------------------------- files
 
@@ -186,16 +187,16 @@ def create_app(backend: Backend, authenticate: Authenticate, *, limits: UploadLi
         return await backend.list_files(tenant, purpose=purpose, after=after, limit=limit, order=order)
 
     @app.get("/v1/files/{file_id}", response_model=FileObject, responses=_ERRORS, tags=["files"])
-    async def get_file(file_id: str = Id, tenant: Tenant = Depends(tenant_of)) -> Any:
+    async def get_file(file_id: str = Id(), tenant: Tenant = Depends(tenant_of)) -> Any:
         return await backend.get_file(tenant, file_id)
 
     @app.delete("/v1/files/{file_id}", response_model=FileDeleted, responses=_ERRORS, tags=["files"])
-    async def delete_file(file_id: str = Id, tenant: Tenant = Depends(tenant_of)) -> Any:
+    async def delete_file(file_id: str = Id(), tenant: Tenant = Depends(tenant_of)) -> Any:
         return await backend.delete_file(tenant, file_id)
 
     @app.get("/v1/files/{file_id}/content", responses={200: {"content": {"application/octet-stream": {}}}, **_ERRORS},
              tags=["files"], response_class=StreamingResponse)
-    async def file_content(file_id: str = Id, tenant: Tenant = Depends(tenant_of)) -> StreamingResponse:
+    async def file_content(file_id: str = Id(), tenant: Tenant = Depends(tenant_of)) -> StreamingResponse:
         meta = await backend.get_file(tenant, file_id)
         chunks = await backend.file_content(tenant, file_id)
         return StreamingResponse(chunks, media_type="application/octet-stream",
@@ -230,29 +231,29 @@ def create_app(backend: Backend, authenticate: Authenticate, *, limits: UploadLi
         return await backend.list_jobs(tenant, after=after, limit=limit, metadata=metadata)
 
     @app.get("/v1/fine_tuning/jobs/{job_id}", response_model=FineTuningJob, responses=_ERRORS, tags=["fine-tuning"])
-    async def get_job(job_id: str = Id, tenant: Tenant = Depends(tenant_of)) -> Any:
+    async def get_job(job_id: str = Id(), tenant: Tenant = Depends(tenant_of)) -> Any:
         return await backend.get_job(tenant, job_id)
 
     @app.post("/v1/fine_tuning/jobs/{job_id}/cancel", response_model=FineTuningJob, responses=_ERRORS, tags=["fine-tuning"])
-    async def cancel_job(job_id: str = Id, tenant: Tenant = Depends(tenant_of)) -> Any:
+    async def cancel_job(job_id: str = Id(), tenant: Tenant = Depends(tenant_of)) -> Any:
         return await backend.cancel_job(tenant, job_id)
 
     @app.post("/v1/fine_tuning/jobs/{job_id}/pause", response_model=FineTuningJob, responses=_ERRORS, tags=["fine-tuning"])
-    async def pause_job(job_id: str = Id, tenant: Tenant = Depends(tenant_of)) -> Any:
+    async def pause_job(job_id: str = Id(), tenant: Tenant = Depends(tenant_of)) -> Any:
         return await backend.pause_job(tenant, job_id)
 
     @app.post("/v1/fine_tuning/jobs/{job_id}/resume", response_model=FineTuningJob, responses=_ERRORS, tags=["fine-tuning"])
-    async def resume_job(job_id: str = Id, tenant: Tenant = Depends(tenant_of)) -> Any:
+    async def resume_job(job_id: str = Id(), tenant: Tenant = Depends(tenant_of)) -> Any:
         return await backend.resume_job(tenant, job_id)
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/events", response_model=ListPage[Event], responses=_ERRORS, tags=["fine-tuning"])
-    async def list_events(job_id: str = Id, after: Optional[str] = Query(None, max_length=256),
+    async def list_events(job_id: str = Id(), after: Optional[str] = Query(None, max_length=256),
                           limit: int = Query(20, ge=1, le=MAX_LIMIT), tenant: Tenant = Depends(tenant_of)) -> Any:
         return await backend.list_events(tenant, job_id, after=after, limit=limit)
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/checkpoints", response_model=ListPage[Checkpoint], responses=_ERRORS,
              tags=["fine-tuning"])
-    async def list_checkpoints(job_id: str = Id, after: Optional[str] = Query(None, max_length=256),
+    async def list_checkpoints(job_id: str = Id(), after: Optional[str] = Query(None, max_length=256),
                                limit: int = Query(10, ge=1, le=MAX_LIMIT), tenant: Tenant = Depends(tenant_of)) -> Any:
         return await backend.list_checkpoints(tenant, job_id, after=after, limit=limit)
 

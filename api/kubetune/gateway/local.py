@@ -572,6 +572,7 @@ class LocalBackend:
         with self._lock:
             self._workers.pop(job_id, None)
         self._drain_events(job_id)
+        self._committed_checkpoints(job_id)
         row = self._job_row(job_id)
         summary = self._summary(job_id)
         if code == 0 and summary.get("status") == "succeeded":
@@ -618,6 +619,26 @@ class LocalBackend:
                  + f" ({MAX_RETRIES} retries); see {self._job_dir(job_id) / 'worker.log'}",
                  "param": summary.get("param")}
         self._finish(job_id, "Failed", f"Job failed: {error['message']}", level="error", error=error)
+
+    def _committed_checkpoints(self, job_id: str) -> None:
+        """Checkpoints the trainer committed (manifest.json written last) that the event stream did not
+        report, e.g. the one written on SIGTERM for a pause or cancel."""
+        root = self._job_dir(job_id) / "output" / "checkpoints"
+        if not root.is_dir():
+            return
+        with self._lock:
+            status = json.loads(self._job_row(job_id)["status"])
+            known = {int(c["step"]): c for c in status.get("checkpoints") or []}
+            for d in root.iterdir():
+                name = d.name
+                if name.startswith("step-") and name[5:].isdigit() and (d / "manifest.json").is_file():
+                    step = int(name[5:])
+                    if step not in known:
+                        known[step] = {"step": step, "uri": d.as_uri(),
+                                       "time": _rfc3339((d / "manifest.json").stat().st_mtime)}
+                        self._event(job_id, f"Checkpoint created at step {step}", key=("ckpt", step))
+            status["checkpoints"] = [known[s] for s in sorted(known)]
+            self._db.execute("UPDATE jobs SET status=? WHERE id=?", (json.dumps(status), job_id))
 
     def _summary(self, job_id: str) -> dict:
         try:
