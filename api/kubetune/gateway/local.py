@@ -48,7 +48,7 @@ from kubetune.gateway.objects import (
 
 log = logging.getLogger("kubetune.gateway.local")
 
-BUILTIN_MODELS = ("tiny-llama",)
+BUILTIN_MODELS = ("tiny-llama", "small-llama")
 """The built-in bases (kubetune.trainer.builtin.BUILTIN_MODELS; a test keeps them equal)."""
 PREEMPTED_CODES = (143, -signal.SIGTERM)
 PERMANENT_EXIT_CODE = 3
