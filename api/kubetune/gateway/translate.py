@@ -268,7 +268,10 @@ def job_error(error: Optional[Mapping[str, Any]], files: Mapping[str, str],
         return None
     message = str(error.get("message") or "")
     for uri, shown in sorted(dict(names).items(), key=lambda kv: -len(kv[0])):
-        message = message.replace(uri, shown).replace(uri.removeprefix("file://"), shown)
+        path = uri.removeprefix("file://")
+        # the data layer shows a long path by its tail: "…" + the last 79 characters
+        for form in (uri, path, "…" + uri[-79:], "…" + path[-79:]):
+            message = message.replace(form, shown)
     return JobError(code=str(error.get("code") or "Error"), message=message,
                     param=error_param(error.get("param"), files))
 
