@@ -268,6 +268,70 @@ async def test_webhooks_are_delivered_once_per_transition_with_the_annotation_as
         await runner.cleanup()
 
 
+async def test_the_cluster_app_over_http_keys_tenancy_metrics(kube: KubeEmulator, tmp_path: Path) -> None:
+    """`kubetune api`'s cluster mode (kubetune.gateway.server) over real HTTP: 401 in OpenAI's
+    envelope, each key in its own namespace, /metrics counting requests by route template."""
+    import uvicorn
+    from kubernetes import client as k8s
+
+    from kubetune.gateway.server import ConfigError, kube_app
+
+    access = tmp_path / "access.yaml"
+    access.write_text("keys:\n  - {name: a, key: key-a-0123456789abcdef, namespace: team-a}\n"
+                      "  - {name: b, key: key-b-0123456789abcdef, namespace: team-b, organization: org-b}\n")
+    configuration = k8s.Configuration()
+    configuration.host = kube.base_url
+    env = {"KUBETUNE_API_STORAGE": f"file://{tmp_path}/store", "KUBETUNE_API_ACCESS_FILE": str(access), "KUBETUNE_API_GPUS": "0"}
+    with pytest.raises(ConfigError, match="KUBETUNE_API_STORAGE"):
+        kube_app({**env, "KUBETUNE_API_STORAGE": ""}, client=object())
+    with pytest.raises(ConfigError, match="KUBETUNE_API_GPUS"):
+        kube_app({**env, "KUBETUNE_API_GPUS": "one"}, client=object())
+    app = kube_app(env, client=KubeBackend.client_for(configuration))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            await asyncio.sleep(0.02)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        async with aiohttp.ClientSession(base_url=f"http://127.0.0.1:{port}") as http:
+            async with http.get("/v1/files") as r:
+                assert r.status == 401 and (await r.json())["error"]["code"] == "invalid_api_key"
+            key_a = {"Authorization": "Bearer key-a-0123456789abcdef"}
+            key_b = {"Authorization": "Bearer key-b-0123456789abcdef"}
+            form = aiohttp.FormData()
+            form.add_field("purpose", "fine-tune")
+            form.add_field("file", DATA, filename="train.jsonl", content_type="application/jsonl")
+            async with http.post("/v1/files", data=form, headers=key_a) as r:
+                assert r.status == 200, await r.text()
+                file_id = (await r.json())["id"]
+            async with http.post("/v1/fine_tuning/jobs", json={"model": "builtin://tiny-llama", "training_file": file_id},
+                                 headers=key_a) as r:
+                assert r.status == 200, await r.text()
+                job = await r.json()
+            assert job["organization_id"] == "org-team-a" and kube.read_object(FTJ, "team-a", job["id"]) is not None
+            for path in (f"/v1/files/{file_id}", f"/v1/files/{file_id}/content", f"/v1/fine_tuning/jobs/{job['id']}"):
+                async with http.get(path, headers=key_b) as r:
+                    assert r.status == 404, path
+            async with http.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel", headers=key_b) as r:
+                assert r.status == 404
+            async with http.get("/v1/fine_tuning/jobs", headers=key_b) as r:
+                assert (await r.json())["data"] == []
+            async with http.get(f"/v1/fine_tuning/jobs/{job['id']}", headers=key_a) as r:
+                assert (await r.json())["status"] == "validating_files"
+            async with http.get("/healthz") as r:
+                assert r.status == 200
+            async with http.get("/metrics") as r:
+                text = await r.text()
+        assert 'kubetune_api_requests_total{code="404",method="GET",route="/v1/files/{file_id}"} 1.0' in text
+        assert 'kubetune_api_requests_total{code="200",method="POST",route="/v1/fine_tuning/jobs"} 1.0' in text
+        assert 'kubetune_api_requests_total{code="401",method="GET",route="/v1/files"} 1.0' in text
+        assert f'route="/v1/fine_tuning/jobs/{job["id"]}"' not in text  # templates, never ids
+        assert 'kubetune_api_request_duration_seconds_count{method="POST",route="/v1/files"} 1.0' in text
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+
+
 def test_gateway_api_usage() -> None:
     """What the tests above saw the gateway do (run after them: pytest keeps file order); the
     gateway's Role in the chart is generated from tests/data/gateway-api-usage.json."""

@@ -34,6 +34,7 @@ identity without access to the namespace, `permission_denied`).
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import hmac
 import logging
@@ -61,6 +62,10 @@ PROJECT_HEADER = "openai-project"
 """The header the official client sends for `OpenAI(project=...)`: the namespace of a Kubernetes token."""
 GROUP, PLURAL = "kubetune.io", "finetunejobs"
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+REQUEST_METHOD: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("kubetune_gateway_request_method", default=None)
+"""The HTTP method of the request being answered (set by `RequestMethodMiddleware`): a caller that
+passes only the headers still gets the right SubjectAccessReview verb."""
 
 _NO_KEY = ("You didn't provide an API key. You need to provide your API key in an Authorization header using "
            "Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")
@@ -387,7 +392,10 @@ class Authenticator:
                 found = entry
         return found.tenant() if found is not None else None
 
-    async def __call__(self, headers: Mapping[str, str], method: str = "GET") -> Tenant:
+    async def __call__(self, headers: Mapping[str, str], method: Optional[str] = None) -> Tenant:
+        """`method` decides the access review's verb (list for reads, create for writes); unknown
+        (not passed, no `RequestMethodMiddleware`) counts as a write, the stricter check."""
+        method = method or REQUEST_METHOD.get() or "POST"
         if self.anonymous is not None:
             return self.anonymous
         key = bearer(headers)
@@ -402,3 +410,17 @@ class Authenticator:
         return tenant
 
     authenticate = __call__
+
+
+class RequestMethodMiddleware:
+    """Pure ASGI middleware recording each request's method in `REQUEST_METHOD`."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        token = REQUEST_METHOD.set(scope.get("method") if scope.get("type") == "http" else None)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            REQUEST_METHOD.reset(token)
