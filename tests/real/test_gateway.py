@@ -1,0 +1,189 @@
+"""The OpenAI flow against `kubetune api` in cluster mode, on the real apiserver tier.
+
+The official `openai` client → `kubetune api` (kubetune.gateway.server: the Kubernetes backend, a
+subprocess) → a FineTuneJob in the key's namespace → the operator (subprocess) and the stand-in
+kubelet run its validation and trainer Jobs (the trainer reads the upload from moto's S3 through the
+credentials Secret and writes the adapter there) → `jobs.retrieve` until succeeded → events,
+checkpoints, the `ft:` model; a second key (another namespace) sees none of it; the namespace's
+webhook receives `fine_tuning.job.succeeded` once, signed.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.k8s_harness import ApiServer, free_ports
+from tests.real.e2e import (
+    MOTO_CREDENTIALS, REPO, JobRunner, OperatorProcess, apply_secret, diagnostics, get_json, s3_client, tail,
+)
+from tests.standin_kubelet import StandinKubelet
+
+BUCKET = "kubetune-api"
+SECRET_NAME = "kubetune-api-s3"
+KEY_A = "sk-kt-real-tier-a-0123456789"
+KEY_B = "sk-kt-real-tier-b-0123456789"
+DATA = REPO / "examples" / "data" / "support-chat.jsonl"
+
+
+class Hooks(http.server.BaseHTTPRequestHandler):
+    """A webhook receiver: verifies each delivery with the Standard Webhooks reference library."""
+
+    secret = ""
+    received: list[dict[str, Any]] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0"))).decode()
+        try:
+            payload, verified = Webhook(self.secret).verify(body, dict(self.headers.items())), True
+        except WebhookVerificationError:
+            payload, verified = json.loads(body), False
+        type(self).received.append({"id": self.headers.get("webhook-id"), "payload": payload, "verified": verified})
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_openai_client_against_kubetune_api_on_the_cluster(apiserver: ApiServer, namespace: str, s3_server: str,
+                                                            tmp_path: Path) -> None:
+    import openai
+
+    from kubetune.gateway.webhooks import new_secret
+
+    admin = apiserver.kubeconfig
+    client = s3_client(s3_server)
+    try:
+        client.create_bucket(Bucket=BUCKET)
+    except client.exceptions.BucketAlreadyOwnedByYou:
+        pass
+    apply_secret(admin, namespace, SECRET_NAME, {**MOTO_CREDENTIALS, "AWS_ENDPOINT_URL": s3_server})
+
+    Hooks.secret, Hooks.received = new_secret(), []
+    hooks = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hooks)
+    threading.Thread(target=hooks.serve_forever, daemon=True).start()
+    access = tmp_path / "access.yaml"
+    access.write_text(
+        f"keys:\n  - {{name: a, key: {KEY_A}, namespace: {namespace}, organization: org-real}}\n"
+        f"  - {{name: b, key: {KEY_B}, namespace: other-team}}\n"
+        f"webhooks:\n  - namespace: {namespace}\n    url: http://127.0.0.1:{hooks.server_port}/hook\n"
+        f"    secret: {Hooks.secret}\n")
+    port, trainer_port, operator_port = free_ports(3)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KUBETUNE_")}
+    env.update(KUBECONFIG=str(admin), PYTHONWARNINGS="ignore:Unverified HTTPS request", AWS_ENDPOINT_URL=s3_server,
+               KUBETUNE_API_STORAGE=f"s3://{BUCKET}/gateway", KUBETUNE_API_CREDENTIALS_SECRET=SECRET_NAME,
+               KUBETUNE_API_GPUS="0", KUBETUNE_API_CHECKPOINT_EVERY_STEPS="2", KUBETUNE_API_ACCESS_FILE=str(access),
+               KUBETUNE_API_WEBHOOK_POLL_SECONDS="0.5", **MOTO_CREDENTIALS)
+    gateway_log = tmp_path / "gateway.log"
+    with open(gateway_log, "wb") as log:
+        gateway = subprocess.Popen([sys.executable, "-m", "kubetune.gateway.server", "--host", "127.0.0.1", "--port", str(port)],
+                                   env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    operator = OperatorProcess(admin, [namespace], tmp_path / "operator.log", settings={
+        "KUBETUNE_METRICS_SCRAPE_INTERVAL_SECONDS": "0.5", "KUBETUNE_METRICS_PORT": str(trainer_port),
+        "KUBETUNE_OPERATOR_METRICS_PORT": str(operator_port)})
+    kubelet = StandinKubelet(admin, log_dir=tmp_path / "pods", drop_env_prefixes=("AWS_",))
+    runner = JobRunner(kubelet, namespace, cwd=REPO, timeout=300)
+
+    def fail(message: str) -> AssertionError:
+        return AssertionError(f"{message}\n--- gateway log ---\n{tail(gateway_log)}\n" +
+                              diagnostics(admin, namespace, *runner.errors, operator.tail(), runner.pod_logs()))
+
+    try:
+        operator.start()
+        runner.start()
+        base_url = f"http://127.0.0.1:{port}/v1"
+        deadline = time.monotonic() + 30
+        while True:  # the gateway is up once it answers
+            try:
+                openai.OpenAI(base_url=base_url, api_key=KEY_A, max_retries=0).models.list()
+                break
+            except openai.APIConnectionError:
+                if gateway.poll() is not None or time.monotonic() > deadline:
+                    raise fail("kubetune api did not start") from None
+                time.sleep(0.3)
+        a = openai.OpenAI(base_url=base_url, api_key=KEY_A)
+        b = openai.OpenAI(base_url=base_url, api_key=KEY_B)
+        lines = DATA.read_text().splitlines(keepends=True)[:24]
+        upload = a.files.create(file=("support.jsonl", "".join(lines).encode()), purpose="fine-tune")
+        assert upload.bytes == len("".join(lines).encode()) and upload.filename == "support.jsonl"
+        job = a.fine_tuning.jobs.create(model="builtin://tiny-llama", training_file=upload.id, suffix="support",
+                                        hyperparameters={"n_epochs": 1, "batch_size": 4})
+        assert job.status == "validating_files" and job.organization_id == "org-real"
+        ftj = get_json(admin, "ftj", job.id, "-n", namespace)
+        assert ftj["metadata"]["labels"]["openai.kubetune.io/job-id"] == job.id
+        assert ftj["spec"]["dataset"]["train"] == f"s3://{BUCKET}/gateway/{namespace}/files/{upload.id}.jsonl"
+        assert ftj["spec"]["output"]["credentialsSecret"] == SECRET_NAME
+
+        # Key B acts in another namespace: A's objects do not exist for it.
+        with pytest.raises(openai.NotFoundError):
+            b.fine_tuning.jobs.retrieve(job.id)
+        with pytest.raises(openai.NotFoundError):
+            b.files.content(upload.id)
+        assert b.fine_tuning.jobs.list().data == [] and b.files.list().data == []
+
+        statuses: list[str] = []
+        deadline = time.monotonic() + 300
+        while True:
+            operator.check()
+            if runner.errors:
+                raise fail("the stand-in kubelet failed")
+            job = a.fine_tuning.jobs.retrieve(job.id)
+            if not statuses or statuses[-1] != job.status:
+                statuses.append(job.status)
+            if job.status in ("succeeded", "failed", "cancelled"):
+                break
+            if time.monotonic() > deadline:
+                raise fail(f"job {job.id} not finished after 300 s (statuses: {statuses})")
+            time.sleep(1)
+        if job.status != "succeeded":
+            raise fail(f"job {job.id} ended {job.status}: {job.error}")
+        assert statuses[0] == "validating_files" and "running" in statuses, statuses
+        assert job.fine_tuned_model == f"ft:tiny-llama:org-real:support:{job.id.removeprefix('ftjob-')}"
+        assert job.finished_at and job.finished_at >= job.created_at and job.hyperparameters.n_epochs == 1
+
+        events = a.fine_tuning.jobs.list_events(job.id, limit=100).data
+        assert events[0].message == "The job has successfully completed"
+        assert events[-1].message == f"Created fine-tuning job: {job.id}"
+        assert any(e.type == "metrics" and e.data.get("step") for e in events)
+        checkpoints = a.fine_tuning.jobs.checkpoints.list(job.id).data
+        assert checkpoints and checkpoints[0].step_number >= checkpoints[-1].step_number > 0
+        assert all(c.fine_tuning_job_id == job.id and c.fine_tuned_model_checkpoint.startswith(job.fine_tuned_model)
+                   for c in checkpoints)
+        assert job.fine_tuned_model in [m.id for m in a.models.list().data]
+        assert a.models.retrieve(job.fine_tuned_model).owned_by == "org-real"
+        assert b.models.list().data == []
+        # The adapter is where the job's output says, in the tenant's prefix.
+        listing = client.list_objects_v2(Bucket=BUCKET, Prefix=f"gateway/{namespace}/jobs/{job.id}/")
+        assert any(o["Key"].endswith("manifest.json") for o in listing.get("Contents", []))
+
+        deadline = time.monotonic() + 20
+        while not Hooks.received and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.5)  # a few more polls: still once
+        assert [(h["verified"], h["payload"]["type"], h["payload"]["data"]) for h in Hooks.received] == [
+            (True, "fine_tuning.job.succeeded", {"id": job.id})]
+        annotations = get_json(admin, "ftj", job.id, "-n", namespace)["metadata"]["annotations"]
+        assert annotations["openai.kubetune.io/webhook-succeeded"] == "delivered"
+    finally:
+        runner.stop()
+        kubelet.close()
+        operator.stop()
+        gateway.terminate()
+        try:
+            gateway.wait(10)
+        except subprocess.TimeoutExpired:
+            gateway.kill()
+            gateway.wait(10)
+        hooks.shutdown()
