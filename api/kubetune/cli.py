@@ -265,12 +265,12 @@ def serve_cmd(outputs: tuple[str, ...], host: str, port: int, device: str) -> No
 
 
 @main.command("api")
-@click.option("--local", "local", is_flag=True, default=True, help="Files and jobs on this machine, jobs run by the trainer in a worker process (the embedded default).")
+@click.option("--local/--cluster", "local", default=True, show_default=True, help="--local (the embedded default): files and jobs on this machine, jobs run by the trainer in a worker process. --cluster: uploads in object storage and jobs as FineTuneJobs, configured by KUBETUNE_API_* variables (kubetune.gateway.server).")
 @click.option("--dir", "directory", type=click.Path(file_okay=False), default="kubetune-api", show_default=True, help="Where --local keeps files, jobs, outputs and its state (it survives restarts).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port to listen on.")
-@click.option("--keys", "keys_file", type=click.Path(dir_okay=False, exists=True), help="API keys (YAML: KEY: {namespace: NS, organization: ORG}); without it every caller is the one local tenant.")
-@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True, help="Jobs trained at the same time.")
+@click.option("--keys", "keys_file", type=click.Path(dir_okay=False, exists=True), help="--local: an access file of API keys, each with its namespace (kubetune.gateway.auth); without it every caller is the one local tenant.")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True, help="--local: jobs trained at the same time.")
 def api_cmd(local: bool, directory: str, host: str, port: int, keys_file: str | None, workers: int) -> None:
     """Serve OpenAI's fine-tuning API (files, fine_tuning.jobs, models) under /v1.
 
@@ -279,50 +279,38 @@ def api_cmd(local: bool, directory: str, host: str, port: int, keys_file: str | 
     try:
         import uvicorn
 
-        from kubetune.gateway.app import create_app, key_map_authenticator, single_tenant
+        from kubetune.gateway.app import create_app
+        from kubetune.gateway.auth import AccessFile, AccessFileError, Authenticator, RequestMethodMiddleware
         from kubetune.gateway.backend import Tenant
         from kubetune.gateway.local import LocalBackend
     except ImportError as err:
         click.echo(f"kubetune api needs its libraries ({err.name} is missing): pip install 'kubetune[gateway]'", err=True)
         sys.exit(1)
+    if not local:
+        from kubetune.gateway.server import ConfigError, kube_app
+
+        try:
+            app = kube_app()
+        except ConfigError as err:
+            click.echo(f"kubetune api --cluster: {err}", err=True)
+            sys.exit(2)
+        click.echo(f"kubetune api (cluster): http://{host}:{port}/v1 (OpenAPI: /openapi.json)", err=True)
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+        return
     if keys_file:
         try:
-            keys = _load_keys(keys_file, Tenant)
-        except ValueError as err:
-            click.echo(f"{keys_file}: {err}", err=True)
+            access = AccessFile(keys_file)
+            access.config  # read now: a broken file is reported before serving
+        except AccessFileError as err:
+            click.echo(str(err), err=True)
             sys.exit(1)
-        authenticate = key_map_authenticator(keys)
+        authenticator = Authenticator(access)
     else:
-        authenticate = single_tenant(Tenant(namespace="default", organization_id="org-local", key_id="local"))
-    app = create_app(LocalBackend(directory, max_workers=workers), authenticate)
+        authenticator = Authenticator(anonymous=Tenant(namespace="default", organization_id="org-local", key_id="local"))
+    app = create_app(LocalBackend(directory, max_workers=workers), authenticator)
+    app.add_middleware(RequestMethodMiddleware)
     click.echo(f"kubetune api: http://{host}:{port}/v1 (OpenAPI: /openapi.json), data in {directory}", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
-
-
-def _load_keys(path: str, tenant: type) -> dict:
-    """KEY: {namespace, organization} pairs from a YAML file; a problem names the key's line."""
-    import hashlib
-    import re
-
-    import yaml
-
-    data = yaml.safe_load(open(path, encoding="utf-8").read())
-    if not isinstance(data, dict) or not data:
-        raise ValueError("expected a mapping of API keys to {namespace: NS, organization: ORG}")
-    keys = {}
-    for key, value in data.items():
-        shown = f"key {str(key)[:4]}…"
-        if not isinstance(key, str) or len(key) < 16:
-            raise ValueError(f"{shown}: an API key is a string of at least 16 characters")
-        if not isinstance(value, dict) or not isinstance(value.get("namespace"), str):
-            raise ValueError(f"{shown}: give {{namespace: NS, organization: ORG}}")
-        namespace = value["namespace"]
-        if not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", namespace) or len(namespace) > 63:
-            raise ValueError(f"{shown}: namespace {namespace!r} is not a DNS label (lowercase letters, digits, '-')")
-        organization = str(value.get("organization") or f"org-{namespace}")
-        keys[key] = tenant(namespace=namespace, organization_id=organization,
-                           key_id="key-" + hashlib.sha256(key.encode()).hexdigest()[:12])
-    return keys
 
 
 @main.command("operator")

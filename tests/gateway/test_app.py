@@ -12,10 +12,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import pytest
 import requests
 
-from kubetune.gateway.app import UploadLimits, create_app, key_map_authenticator, single_tenant
+from kubetune.gateway.app import UploadLimits, create_app
+from kubetune.gateway.auth import AccessConfig, ApiKey, Authenticator
 from kubetune.gateway.backend import Tenant
 from kubetune.gateway.local import LocalBackend
 
@@ -49,7 +49,8 @@ def serving(app) -> Iterator[str]:
 def local_api(root: Path, *, keys: dict | None = None, limits: UploadLimits = UploadLimits(),
               max_workers: int = 0) -> Iterator[str]:
     backend = LocalBackend(root, max_workers=max_workers, poll_seconds=0.1)
-    auth = key_map_authenticator(keys) if keys else single_tenant(TENANT)
+    auth = Authenticator(anonymous=TENANT) if not keys else Authenticator(AccessConfig(keys=[
+        ApiKey(name=t.key_id, key=k, namespace=t.namespace, organization=t.organization_id) for k, t in keys.items()]))
     with serving(create_app(backend, auth, limits=limits)) as url:
         yield url
 

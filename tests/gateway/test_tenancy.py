@@ -1,6 +1,6 @@
 """Tenancy: a key never reads, lists, cancels or downloads another namespace's files and jobs.
 
-Keys map to tenants through app.key_map_authenticator (gateway.auth provides the cluster's keys);
+Keys map to tenants through gateway.auth's Authenticator (an access file's keys, here in memory);
 the backend filters every query by the tenant's namespace, and answers 404 for another tenant's
 ids — never 403, which would confirm they exist."""
 

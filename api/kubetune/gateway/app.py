@@ -11,7 +11,6 @@ checks (translate.check_request); the backend does the rest.
 
 from __future__ import annotations
 
-import hmac
 import inspect
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kubetune.gateway import translate
-from kubetune.gateway.backend import MAX_LIMIT, Backend, GatewayError, Invalid, Tenant, TooLarge, Unauthorized
+from kubetune.gateway.backend import MAX_LIMIT, Backend, GatewayError, Invalid, Tenant, TooLarge
 from kubetune.gateway.objects import (
     FILE_PURPOSES,
     Checkpoint,
@@ -40,7 +39,8 @@ from kubetune.gateway.objects import (
 )
 
 Authenticate = Callable[[Mapping[str, str]], Union[Tenant, Awaitable[Tenant]]]
-"""Request headers → the caller's Tenant, or Unauthorized. gateway.auth provides the cluster's."""
+"""Request headers → the caller's Tenant, or Unauthorized/Forbidden: gateway.auth.Authenticator (API keys
+of an access file, Kubernetes tokens, or one anonymous local tenant)."""
 
 
 @dataclass(frozen=True)
@@ -50,39 +50,6 @@ class UploadLimits:
     max_bytes: int = 512 * 1024 * 1024
     max_lines: int = 1_000_000
     chunk_bytes: int = 1 << 20
-
-
-# ------------------------------------------------------------------------------------ auth helpers
-
-
-def bearer_key(headers: Mapping[str, str]) -> Optional[str]:
-    value = headers.get("authorization") or ""
-    scheme, _, key = value.partition(" ")
-    return key.strip() or None if scheme.lower() == "bearer" else None
-
-
-def key_map_authenticator(keys: Mapping[str, Tenant]) -> Authenticate:
-    """Bearer keys → tenants (constant-time comparison); anything else is 401."""
-    items = list(keys.items())
-
-    def authenticate(headers: Mapping[str, str]) -> Tenant:
-        key = bearer_key(headers)
-        if not key:
-            raise Unauthorized("no API key: send Authorization: Bearer <key> (the openai client's api_key)")
-        found = None
-        for known, tenant in items:
-            if hmac.compare_digest(known.encode(), key.encode()):
-                found = tenant
-        if found is None:
-            raise Unauthorized("the API key is not known to this server; ask its operator for one")
-        return found
-
-    return authenticate
-
-
-def single_tenant(tenant: Tenant) -> Authenticate:
-    """The laptop default: every caller (any key, or none) is the one local tenant."""
-    return lambda headers: tenant
 
 
 # ------------------------------------------------------------------------------------ app
