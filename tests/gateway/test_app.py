@@ -226,6 +226,7 @@ def test_openapi_document_lists_every_endpoint(tmp_path: Path) -> None:
         "/v1/fine_tuning/jobs/{job_id}/cancel": ["post"], "/v1/fine_tuning/jobs/{job_id}/pause": ["post"],
         "/v1/fine_tuning/jobs/{job_id}/resume": ["post"], "/v1/fine_tuning/jobs/{job_id}/events": ["get"],
         "/v1/fine_tuning/jobs/{job_id}/checkpoints": ["get"], "/v1/models": ["get"], "/v1/models/{model_id}": ["get"],
+        "/v1/chat/completions": ["post"],
     }
 
 

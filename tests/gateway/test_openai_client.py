@@ -5,7 +5,8 @@ files.create (the quickstart data, its first 40 examples so the test stays short
 → fine_tuning.jobs.create(model="builtin://tiny-llama", hyperparameters={"n_epochs": 1}) → poll
 retrieve until succeeded → list_events, checkpoints.list, models.list shows the ft: model; a
 second job is paused (SIGTERM: the trainer checkpoints), resumed (it continues from that
-checkpoint) and cancelled; a malformed file fails its job with error.param naming the line.
+checkpoint) and cancelled; a malformed file fails its job with error.param naming the line. The
+tuned model answers chat completions (kubetune serve behind the gateway), streamed and not.
 """
 
 from __future__ import annotations
@@ -123,6 +124,16 @@ def test_files_job_events_checkpoints_models(api) -> None:
     assert final.fine_tuned_model in models and "builtin://tiny-llama" in models
     assert client.models.retrieve(final.fine_tuned_model).owned_by == "org-local"
     assert [j.id for j in client.fine_tuning.jobs.list(metadata={"run": "a"})] == [job.id]
+
+    # and use it: chat completions answered by kubetune serve over the job's output, streamed or not
+    ask = dict(model=final.fine_tuned_model, messages=[{"role": "user", "content": "Can I return my gloves?"}],
+               max_tokens=6, temperature=0)
+    reply = client.with_options(timeout=300).chat.completions.create(**ask)
+    assert reply.model == final.fine_tuned_model and reply.usage.completion_tokens >= 1
+    text = reply.choices[0].message.content
+    chunks = list(client.with_options(timeout=300).chat.completions.create(**ask, stream=True))
+    assert {c.model for c in chunks} == {final.fine_tuned_model}
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
 
 
 def test_pause_resume_cancel_a_running_job(api) -> None:

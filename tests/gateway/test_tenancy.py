@@ -42,6 +42,10 @@ def test_a_key_sees_only_its_own_namespace(tmp_path: Path) -> None:
         with pytest.raises(openai.BadRequestError) as err:
             a.fine_tuning.jobs.create(model="builtin://tiny-llama", training_file=b_file.id)
         assert err.value.body["param"] == "training_file"
+        with pytest.raises(openai.NotFoundError) as err:  # B's tuned-model name is no way in either
+            a.chat.completions.create(model=f"ft:tiny-llama:org-b::{b_job.id.removeprefix('ftjob-')}",
+                                      messages=[{"role": "user", "content": "hi"}])
+        assert err.value.body["code"] == "model_not_found"
         # a paging cursor from the other tenant is no way in either
         with pytest.raises(openai.BadRequestError):
             a.files.list(after=b_file.id)

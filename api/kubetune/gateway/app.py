@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable, Mapping, Optional, Union
 
-from fastapi import Depends, FastAPI, File, Form, Path as PathParam, Query, Request, UploadFile
+from fastapi import Body, Depends, FastAPI, File, Form, Path as PathParam, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPBearer
@@ -235,6 +235,15 @@ def create_app(backend: Backend, authenticate: Authenticate, *, limits: UploadLi
     @app.get("/v1/models/{model_id:path}", response_model=Model, responses=_ERRORS, tags=["models"])
     async def get_model(model_id: str, tenant: Tenant = Depends(tenant_of)) -> Any:
         return await backend.get_model(tenant, model_id)
+
+    if hasattr(backend, "chat_completions"):
+
+        @app.post("/v1/chat/completions", responses={200: {"content": {"application/json": {}, "text/event-stream": {}}},
+                                                     **_ERRORS}, tags=["models"], response_class=StreamingResponse)
+        async def chat_completions(body: dict[str, Any] = Body(...), tenant: Tenant = Depends(tenant_of)) -> StreamingResponse:
+            """Chat with a fine-tuned model of the caller (OpenAI's request and response, streamed or not)."""
+            status, headers, chunks = await backend.chat_completions(tenant, body)  # type: ignore[attr-defined]
+            return StreamingResponse(chunks, status_code=status, media_type=headers.get("content-type"))
 
     return app
 

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
 from kubetune.gateway import translate
-from kubetune.gateway.backend import Invalid, NotFound, Tenant, paginate
+from kubetune.gateway.backend import Invalid, NotFound, Tenant, Unavailable, paginate
 from kubetune.gateway.objects import (
     Checkpoint,
     Event,
@@ -100,6 +100,8 @@ class LocalBackend:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self._serve: Optional[tuple[subprocess.Popen, str, tuple[str, ...]]] = None  # process, base URL, outputs
+        self._serve_lock: Optional[asyncio.Lock] = None
         self._recover()
 
     # ----------------------------------------------------------------------------- lifecycle
@@ -133,6 +135,7 @@ class LocalBackend:
                 if row is not None and translate.phase_status(json.loads(row["status"]).get("phase")) == "running":
                     self._set_status(job_id, phase="Queued", pid=None)
         self._workers.clear()
+        self._stop_serving()
 
     def _recover(self) -> None:
         """After a restart: a worker left running by the previous server is stopped (it checkpoints on
@@ -393,6 +396,101 @@ class LocalBackend:
         raise NotFound(f"The model {model_id!r} does not exist or you do not have access to it.", param="model",
                        code="model_not_found")
 
+    # ----------------------------------------------------------------------------- chat completions
+
+    async def chat_completions(self, tenant: Tenant, body: dict[str, Any]) -> tuple[int, dict[str, str], AsyncIterator[bytes]]:
+        """`POST /v1/chat/completions` for the tenant's `ft:` models, answered by `kubetune serve` (the
+        trainer's OpenAI-compatible server, its own process) over every succeeded job's output; this
+        server only checks ownership, swaps the model id and streams the answer through."""
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise Invalid("model: name a fine-tuned model of yours (models.list shows them)", param="model")
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM jobs WHERE namespace=?", (tenant.namespace,)).fetchall()
+        job = next((j for j in map(self._job, rows) if j.status == "succeeded" and j.fine_tuned_model == model), None)
+        if job is None:
+            raise NotFound(f"The model {model!r} does not exist or you do not have access to it; this server answers "
+                           "for the fine-tuned models of your succeeded jobs", param="model", code="model_not_found")
+        url, served = await self._serving(job.id)
+        import aiohttp
+
+        session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=900))
+        try:
+            resp = await session.post(f"{url}/v1/chat/completions", json={**body, "model": served})
+        except aiohttp.ClientError as err:
+            await session.close()
+            raise Unavailable(f"the model server did not answer ({type(err).__name__}); try again", retry_after=5) from None
+
+        async def lines() -> AsyncIterator[bytes]:
+            try:
+                async for line in resp.content:  # whole lines, so the id is never split
+                    yield line.replace(served.encode(), model.encode())
+            finally:
+                resp.release()
+                await session.close()
+
+        return resp.status, {"content-type": resp.headers.get("content-type", "application/json")}, lines()
+
+    async def _serving(self, job_id: str) -> tuple[str, str]:
+        """The base URL of a `kubetune serve` process serving every succeeded output, and the id it
+        gives `job_id`'s output; (re)started when a job succeeded since or it stopped."""
+        if self._serve_lock is None:
+            self._serve_lock = asyncio.Lock()
+        async with self._serve_lock:
+            with self._lock:
+                rows = self._db.execute("SELECT id, status FROM jobs ORDER BY seq").fetchall()
+            outputs = tuple(str(self._job_dir(r["id"]) / "output") for r in rows
+                            if json.loads(r["status"]).get("phase") == "Succeeded")
+            if self._serve is None or self._serve[0].poll() is not None or self._serve[2] != outputs:
+                self._stop_serving()
+                await asyncio.to_thread(self._start_serving, outputs)
+            assert self._serve is not None
+            url = self._serve[1]
+            models = await asyncio.to_thread(_get_json, f"{url}/v1/models")
+            for card in models.get("data", []):
+                if card.get("parent") and f"/{job_id}/output" in str(card.get("root", "")):
+                    return url, str(card["id"])
+            raise Unavailable(f"the model server does not list the output of {job_id}; try again", retry_after=5)
+
+    def _start_serving(self, outputs: tuple[str, ...]) -> None:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        log_path = self.root / "serve.log"
+        env = dict(os.environ if self.worker_env is None else self.worker_env)
+        with open(log_path, "ab") as logf:
+            proc = subprocess.Popen([self.python, "-c", "from kubetune.cli import main; main()", "serve", *outputs,
+                                     "--host", "127.0.0.1", "--port", str(port)], stdout=logf, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                tail = log_path.read_text(errors="replace")[-1500:]
+                raise Unavailable(f"the model server stopped (exit code {proc.returncode}): {tail}", retry_after=5)
+            try:
+                _get_json(f"{url}/v1/models")
+                self._serve = (proc, url, outputs)
+                return
+            except OSError:
+                time.sleep(0.3)
+        proc.kill()
+        raise Unavailable("the model server did not start within 10 minutes; see serve.log", retry_after=30)
+
+    def _stop_serving(self) -> None:
+        if self._serve is not None:
+            proc = self._serve[0]
+            self._serve = None
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
     # ----------------------------------------------------------------------------- bookkeeping
 
     def _event(self, job_id: str, message: str, *, level: str = "info", data: Optional[dict] = None,
@@ -645,3 +743,11 @@ class LocalBackend:
             return json.loads((self._job_dir(job_id) / "summary.json").read_text())
         except (OSError, ValueError):
             return {}
+
+
+def _get_json(url: str) -> dict:
+    """GET a JSON object from the local model server (OSError when it does not answer)."""
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 - our own 127.0.0.1 server
+        return json.loads(resp.read())
