@@ -6,6 +6,13 @@ kubelet run its validation and trainer Jobs (the trainer reads the upload from m
 credentials Secret and writes the adapter there) → `jobs.retrieve` until succeeded → events,
 checkpoints, the `ft:` model; a second key (another namespace) sees none of it; the namespace's
 webhook receives `fine_tuning.job.succeeded` once, signed.
+
+The gateway runs with exactly the RBAC the Helm chart renders for it (its Role in the watched
+namespace, generated from the measured API usage, and system:auth-delegator for Kubernetes
+tokens), bound to the one ServiceAccount identity this tier has a token for
+(`gateway.serviceAccount.name` pointed at it): the flow must pass without a single Forbidden. A
+Kubernetes token (that ServiceAccount's) is accepted through TokenReview + SubjectAccessReview for
+the namespace named by `project=` (the OpenAI-Project header).
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ from typing import Any
 
 import pytest
 
-from tests.k8s_harness import ApiServer, free_ports
+from tests.chart.render import render
+from tests.k8s_harness import OPERATOR_SERVICE_ACCOUNT, ApiServer, free_ports, kubectl
 from tests.real.e2e import (
     MOTO_CREDENTIALS, REPO, JobRunner, OperatorProcess, apply_secret, diagnostics, get_json, s3_client, tail,
 )
@@ -64,6 +72,18 @@ def test_openai_client_against_kubetune_api_on_the_cluster(apiserver: ApiServer,
     from kubetune.gateway.webhooks import new_secret
 
     admin = apiserver.kubeconfig
+    sa_namespace, sa_name = OPERATOR_SERVICE_ACCOUNT
+    other = f"{namespace[:56]}-other"  # key B's namespace, which the gateway may use too
+    kubectl(admin, "create", "namespace", other)
+    chart = render({"watch": {"scope": "Namespaced", "namespaces": [namespace, other]},
+                    "gateway": {"enabled": True, "storage": {"uri": f"s3://{BUCKET}/gateway", "credentialsSecret": SECRET_NAME},
+                                "auth": {"secretName": "unused", "kubernetesTokens": True},
+                                "serviceAccount": {"name": sa_name}}}, name="kubetune", namespace=sa_namespace)
+    rbac = [o for o in chart if o["kind"] in ("Role", "RoleBinding", "ClusterRoleBinding")
+            and o["metadata"]["labels"].get("app.kubernetes.io/component") == "gateway"]
+    assert sorted(o["kind"] for o in rbac) == ["ClusterRoleBinding", "Role", "Role", "RoleBinding", "RoleBinding"]
+    kubectl(admin, "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": rbac}))
+    gateway_kubeconfig = apiserver.service_account_kubeconfig(sa_namespace, sa_name)
     client = s3_client(s3_server)
     try:
         client.create_bucket(Bucket=BUCKET)
@@ -77,12 +97,12 @@ def test_openai_client_against_kubetune_api_on_the_cluster(apiserver: ApiServer,
     access = tmp_path / "access.yaml"
     access.write_text(
         f"keys:\n  - {{name: a, key: {KEY_A}, namespace: {namespace}, organization: org-real}}\n"
-        f"  - {{name: b, key: {KEY_B}, namespace: other-team}}\n"
+        f"  - {{name: b, key: {KEY_B}, namespace: {other}}}\n"
         f"webhooks:\n  - namespace: {namespace}\n    url: http://127.0.0.1:{hooks.server_port}/hook\n"
         f"    secret: {Hooks.secret}\n")
     port, trainer_port, operator_port = free_ports(3)
     env = {k: v for k, v in os.environ.items() if not k.startswith("KUBETUNE_")}
-    env.update(KUBECONFIG=str(admin), PYTHONWARNINGS="ignore:Unverified HTTPS request", AWS_ENDPOINT_URL=s3_server,
+    env.update(KUBECONFIG=str(gateway_kubeconfig), KUBETUNE_API_KUBERNETES_TOKENS="true", PYTHONWARNINGS="ignore:Unverified HTTPS request", AWS_ENDPOINT_URL=s3_server,
                KUBETUNE_API_STORAGE=f"s3://{BUCKET}/gateway", KUBETUNE_API_CREDENTIALS_SECRET=SECRET_NAME,
                KUBETUNE_API_GPUS="0", KUBETUNE_API_CHECKPOINT_EVERY_STEPS="2", KUBETUNE_API_ACCESS_FILE=str(access),
                KUBETUNE_API_WEBHOOK_POLL_SECONDS="0.5", **MOTO_CREDENTIALS)
@@ -176,6 +196,18 @@ def test_openai_client_against_kubetune_api_on_the_cluster(apiserver: ApiServer,
             (True, "fine_tuning.job.succeeded", {"id": job.id})]
         annotations = get_json(admin, "ftj", job.id, "-n", namespace)["metadata"]["annotations"]
         assert annotations["openai.kubetune.io/webhook-succeeded"] == "delivered"
+
+        # A Kubernetes token: reviewed by the API server, allowed in the namespace its RBAC covers.
+        token = apiserver.service_account_token(sa_namespace, sa_name)
+        k = openai.OpenAI(base_url=base_url, api_key=token, project=namespace)
+        assert [j.id for j in k.fine_tuning.jobs.list().data] == [job.id]
+        assert openai.OpenAI(base_url=base_url, api_key=token, project=other).fine_tuning.jobs.list().data == []
+        with pytest.raises(openai.PermissionDeniedError, match="may not list finetunejobs"):
+            openai.OpenAI(base_url=base_url, api_key=token, project="kube-system").fine_tuning.jobs.list()
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=base_url, api_key="not-a-token-nor-a-key", max_retries=0).files.list()
+        denied = [line for line in gateway_log.read_text(errors="replace").splitlines() if "orbidden" in line or " 403" in line]
+        assert denied == [], "\n".join(denied[:20])
     finally:
         runner.stop()
         kubelet.close()
@@ -187,3 +219,4 @@ def test_openai_client_against_kubetune_api_on_the_cluster(apiserver: ApiServer,
             gateway.kill()
             gateway.wait(10)
         hooks.shutdown()
+        kubectl(admin, "delete", "namespace", other, "--wait=false", check=False)

@@ -468,8 +468,11 @@ class KubeBackend:
         elif job.status == "cancelled":
             events.append(Event(id=translate.stable_id("ftevent", job_id, "cancelled"), created_at=job.finished_at or job.created_at,
                                 message="Job cancelled"))
+        # Newest first; within one second the creation is the oldest and the end the newest.
+        first = translate.stable_id("ftevent", job_id, "created")
         last = {translate.stable_id("ftevent", job_id, s) for s in ("succeeded", "failed", "cancelled")}
-        events.sort(key=lambda e: (e.created_at, e.id in last, e.type == "metrics"), reverse=True)
+        rank = lambda e: 0 if e.id == first else 3 if e.id in last else 2 if e.type == "metrics" else 1  # noqa: E731
+        events.sort(key=lambda e: (e.created_at, rank(e)), reverse=True)
         return paginate(events, after, limit)
 
     async def list_checkpoints(self, tenant: Tenant, job_id: str, *, after: Optional[str], limit: int) -> ListPage:
