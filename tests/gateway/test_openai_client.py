@@ -160,7 +160,6 @@ def test_pause_resume_cancel_a_running_job(api) -> None:
     until(lambda: any(m.startswith("resuming from checkpoint step") for m in messages()), 180, "the resume")
     resumed_from = next(m for m in messages() if m.startswith("resuming from checkpoint step"))
     assert resumed_from == f"resuming from checkpoint step {checkpoints[0].step_number}"
-    until(lambda: step() > checkpoints[0].step_number, 180, "steps after the resume")
 
     cancelled = client.fine_tuning.jobs.cancel(job.id)
     assert cancelled.status == "cancelled"
