@@ -445,7 +445,7 @@ class Gateway(Values):
         description="Replicas. Requests are stateless; webhook deliveries are claimed once per job through an annotation, "
         "but a delivery interrupted by a restart may be repeated with the same webhook-id.",
     )
-    port: Port = port("Container port of the API and its /metrics and /healthz (KUBETUNE_API_PORT).", 8080)
+    port: Port = port("Container port of the API and its /metrics and /healthz (`kubetune api --port`).", 8080)
     storage: GatewayStorage = Field(default_factory=GatewayStorage, description="Where uploads and outputs go.")
     auth: GatewayAuth = Field(default_factory=GatewayAuth, description="Who may call it.")
     gpus: int = Field(1, ge=0, le=64, description="GPUs of every job (KUBETUNE_API_GPUS): OpenAI's request has no hardware field.")

@@ -65,7 +65,7 @@ def test_objects_are_valid_restricted_and_lint_clean() -> None:
     assert restricted_violations(template) == []
     (container,) = template["spec"]["containers"]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
-    assert container["command"] == ["python", "-m", "kubetune.gateway.server"]
+    assert container["command"] == ["kubetune", "api", "--cluster", "--host", "0.0.0.0", "--port", "8080"]
     report = helm_python.lint(CHART, ENABLED, strict=True, kube_version="v1.30.0", namespace=NAMESPACE)
     assert report["errors"] == []
     assert [m for m in report["messages"] if m["severity"] >= 2] == []
@@ -79,6 +79,7 @@ def test_the_service_and_monitor_reach_the_pods_port() -> None:
     assert service["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
     (container,) = deployment(objs)["spec"]["template"]["spec"]["containers"]
     assert container["ports"] == [{"name": "http", "containerPort": 9000, "protocol": "TCP"}]
+    assert container["command"][-2:] == ["--port", "9000"]
     monitor = one(objs, "ServiceMonitor")
     assert all(service["metadata"]["labels"][k] == v for k, v in monitor["spec"]["selector"]["matchLabels"].items())
     assert monitor["spec"]["endpoints"][0]["path"] == "/metrics" and monitor["spec"]["endpoints"][0]["port"] == "http"
@@ -131,7 +132,8 @@ def test_the_environment_is_what_the_server_reads(tmp_path: Path) -> None:
     (container,) = pod["containers"]
     env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
     read = set(re.findall(r'"(KUBETUNE_API_[A-Z_]+)"', Path(server.__file__).read_text()))
-    assert {k for k in env if k.startswith("KUBETUNE_API_")} == read
+    # host and port are `kubetune api`'s options (the command line), the rest its environment
+    assert {k for k in env if k.startswith("KUBETUNE_API_")} == read - {"KUBETUNE_API_HOST", "KUBETUNE_API_PORT"}
     assert env["KUBETUNE_API_STORAGE"] == "s3://models/kubetune-api" and env["KUBETUNE_API_GPUS"] == "2"
     assert env["KUBETUNE_API_CHECKPOINT_EVERY_STEPS"] == "50" and env["AWS_ENDPOINT_URL"] == "http://minio:9000"
     # the Secret's access.yaml is mounted where KUBETUNE_API_ACCESS_FILE points

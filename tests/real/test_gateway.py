@@ -1,7 +1,7 @@
 """The OpenAI flow against `kubetune api` in cluster mode, on the real apiserver tier.
 
-The official `openai` client → `kubetune api` (kubetune.gateway.server: the Kubernetes backend, a
-subprocess) → a FineTuneJob in the key's namespace → the operator (subprocess) and the stand-in
+The official `openai` client → `kubetune api --cluster` (the real CLI as a subprocess:
+kubetune.gateway.server's Kubernetes backend) → a FineTuneJob in the key's namespace → the operator (subprocess) and the stand-in
 kubelet run its validation and trainer Jobs (the trainer reads the upload from moto's S3 through the
 credentials Secret and writes the adapter there) → `jobs.retrieve` until succeeded → events,
 checkpoints, the `ft:` model; a second key (another namespace) sees none of it; the namespace's
@@ -21,7 +21,6 @@ import http.server
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -32,7 +31,8 @@ import pytest
 from tests.chart.render import render
 from tests.k8s_harness import OPERATOR_SERVICE_ACCOUNT, ApiServer, free_ports, kubectl
 from tests.real.e2e import (
-    MOTO_CREDENTIALS, REPO, JobRunner, OperatorProcess, apply_secret, diagnostics, get_json, s3_client, tail,
+    MOTO_CREDENTIALS, REPO, JobRunner, OperatorProcess, apply_secret, diagnostics, get_json, kubetune_binary, s3_client,
+    tail,
 )
 from tests.standin_kubelet import StandinKubelet
 
@@ -108,7 +108,7 @@ def test_openai_client_against_kubetune_api_on_the_cluster(apiserver: ApiServer,
                KUBETUNE_API_WEBHOOK_POLL_SECONDS="0.5", **MOTO_CREDENTIALS)
     gateway_log = tmp_path / "gateway.log"
     with open(gateway_log, "wb") as log:
-        gateway = subprocess.Popen([sys.executable, "-m", "kubetune.gateway.server", "--host", "127.0.0.1", "--port", str(port)],
+        gateway = subprocess.Popen([kubetune_binary(), "api", "--cluster", "--host", "127.0.0.1", "--port", str(port)],
                                    env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     operator = OperatorProcess(admin, [namespace], tmp_path / "operator.log", settings={
         "KUBETUNE_METRICS_SCRAPE_INTERVAL_SECONDS": "0.5", "KUBETUNE_METRICS_PORT": str(trainer_port),

@@ -459,14 +459,16 @@ class KubeBackend:
             events.append(Event(id=translate.stable_id("ftevent", job_id, "metrics", progress["step"]),
                                 created_at=job.finished_at or int(time.time()), type="metrics", data=data,
                                 message=f"Step {progress['step']}/{progress.get('totalSteps') or '?'}{loss}"))
+        # The end comes last, also after the operator's own event about it (posted a moment later).
+        ended = max([job.finished_at or job.created_at] + [e.created_at for e in events if e.type != "metrics"])
         if job.status == "succeeded":
-            events.append(Event(id=translate.stable_id("ftevent", job_id, "succeeded"), created_at=job.finished_at or job.created_at,
+            events.append(Event(id=translate.stable_id("ftevent", job_id, "succeeded"), created_at=ended,
                                 message="The job has successfully completed"))
         elif job.status == "failed" and job.error is not None:
-            events.append(Event(id=translate.stable_id("ftevent", job_id, "failed"), created_at=job.finished_at or job.created_at,
+            events.append(Event(id=translate.stable_id("ftevent", job_id, "failed"), created_at=ended,
                                 level="error", message=f"Job failed: {job.error.message}"))
         elif job.status == "cancelled":
-            events.append(Event(id=translate.stable_id("ftevent", job_id, "cancelled"), created_at=job.finished_at or job.created_at,
+            events.append(Event(id=translate.stable_id("ftevent", job_id, "cancelled"), created_at=ended,
                                 message="Job cancelled"))
         # Newest first; within one second the creation is the oldest and the end the newest.
         first = translate.stable_id("ftevent", job_id, "created")
