@@ -34,7 +34,7 @@ def queued_job(root: Path) -> tuple[LocalBackend, str]:
 
 def test_trainer_events_become_events_progress_and_checkpoints(tmp_path: Path) -> None:
     backend, job_id = queued_job(tmp_path)
-    backend._set_status(job_id, phase="Running")
+    backend._set_status(job_id, phase="Running", tokensBefore=100)  # tokens of an earlier run (before a pause)
     now = time.time()
     lines = [
         {"time": now, "type": "status", "message": "loading the base model"},
@@ -57,6 +57,7 @@ def test_trainer_events_become_events_progress_and_checkpoints(tmp_path: Path) -
     assert job.status == "running" and job.estimated_finish is not None and job.estimated_finish >= int(time.time()) + 30
     ckpts = asyncio.run(backend.list_checkpoints(TENANT, job_id, after=None, limit=10)).data
     assert [(c.step_number, c.metrics.train_loss) for c in ckpts] == [(2, 2.5)]
+    assert backend._job_row(job_id)["trained_tokens"] == 100 + 800
     # the rest of the line arrives; a restarted server re-reading from the start adds nothing twice
     with open(path, "a") as f:
         f.write('ess", "step": 3, "total": 6, "loss": 2.0, "tokens_per_s": 1.0, "eta": 5, "tokens": 1200.0}\n')

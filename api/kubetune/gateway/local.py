@@ -604,7 +604,7 @@ class LocalBackend:
         with self._lock:
             self._workers[job_id] = proc
         first = not json.loads(row["status"]).get("startTime")
-        self._set_status(job_id, phase="Running", pid=proc.pid,
+        self._set_status(job_id, phase="Running", pid=proc.pid, tokensBefore=row["trained_tokens"] or 0,
                          **({"startTime": _rfc3339(time.time())} if first else {}))
         self._event(job_id, "Fine-tuning job started" if first else "Fine-tuning job restarted from its newest checkpoint")
 
@@ -644,8 +644,8 @@ class LocalBackend:
             self._event(job_id, f"Step {step}/{total}: training loss={loss:.4f}" if isinstance(loss, (int, float))
                         else f"Step {step}/{total}", data={k: v for k, v in metrics.items() if v is not None},
                         kind="metrics", key=key, created=when)
-            if record.get("tokens") is not None:
-                tokens = int(record["tokens"])
+            if record.get("tokens") is not None:  # this worker's count, after those of earlier runs (resumes)
+                tokens = int(status.get("tokensBefore") or 0) + int(record["tokens"])
             progress = {"step": step, "totalSteps": total}
             if record.get("eta") is not None:
                 progress["etaSeconds"] = max(0, int(record["eta"]))
