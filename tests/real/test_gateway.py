@@ -5,7 +5,8 @@ kubetune.gateway.server's Kubernetes backend) → a FineTuneJob in the key's nam
 kubelet run its validation and trainer Jobs (the trainer reads the upload from moto's S3 through the
 credentials Secret and writes the adapter there) → `jobs.retrieve` until succeeded → events,
 checkpoints, the `ft:` model; a second key (another namespace) sees none of it; the namespace's
-webhook receives `fine_tuning.job.succeeded` once, signed.
+webhook receives `fine_tuning.job.succeeded` once, signed; a malformed upload fails its job with
+`error.param` naming the line (`training_file:12`).
 
 The gateway runs with exactly the RBAC the Helm chart renders for it (its Role in the watched
 namespace, generated from the measured API usage, and system:auth-delegator for Kubernetes
@@ -197,10 +198,23 @@ def test_openai_client_against_kubetune_api_on_the_cluster(apiserver: ApiServer,
         annotations = get_json(admin, "ftj", job.id, "-n", namespace)["metadata"]["annotations"]
         assert annotations["openai.kubetune.io/webhook-succeeded"] == "delivered"
 
+        # A malformed file: the operator's validation Job fails the job, the error names the line.
+        bad = lines[:11] + ['{"messages": [{"role": "user", "content": "no answer"}]}\n']
+        bad_file = a.files.create(file=("bad.jsonl", "".join(bad).encode()), purpose="fine-tune")
+        bad_job = a.fine_tuning.jobs.create(model="builtin://tiny-llama", training_file=bad_file.id)
+        deadline = time.monotonic() + 120
+        while (bad_job := a.fine_tuning.jobs.retrieve(bad_job.id)).status not in ("succeeded", "failed", "cancelled"):
+            if time.monotonic() > deadline or runner.errors:
+                raise fail(f"the malformed job {bad_job.id} did not fail in 120 s: {bad_job.status}")
+            time.sleep(1)
+        assert bad_job.status == "failed" and bad_job.error is not None, bad_job
+        assert bad_job.error.param == "training_file:12" and bad_file.id in bad_job.error.message, bad_job.error
+        assert f"s3://{BUCKET}" not in bad_job.error.message  # the user's file id, not our storage path
+
         # A Kubernetes token: reviewed by the API server, allowed in the namespace its RBAC covers.
         token = apiserver.service_account_token(sa_namespace, sa_name)
         k = openai.OpenAI(base_url=base_url, api_key=token, project=namespace)
-        assert [j.id for j in k.fine_tuning.jobs.list().data] == [job.id]
+        assert [j.id for j in k.fine_tuning.jobs.list().data] == [bad_job.id, job.id]
         assert openai.OpenAI(base_url=base_url, api_key=token, project=other).fine_tuning.jobs.list().data == []
         with pytest.raises(openai.PermissionDeniedError, match="may not list finetunejobs"):
             openai.OpenAI(base_url=base_url, api_key=token, project="kube-system").fine_tuning.jobs.list()
