@@ -99,3 +99,40 @@ def test_an_unrelated_process_with_a_stale_pid_is_left_alone(tmp_path: Path) -> 
     finally:
         other.kill()
         other.wait()
+
+
+def test_one_job_at_a_time_in_creation_order(tmp_path: Path) -> None:
+    backend = LocalBackend(tmp_path, max_workers=1)
+    file = asyncio.run(backend.create_file(TENANT, "t.jsonl", "fine-tune", _chunks()))
+    jobs = [asyncio.run(backend.create_job(TENANT, JobCreate(model="builtin://tiny-llama", training_file=file.id))).id
+            for _ in range(3)]
+    launched: list[str] = []
+    sleepers: list[subprocess.Popen] = []
+
+    def launch(row) -> None:  # a stand-in worker: the scheduling is under test, not the trainer
+        flag = tmp_path / f"{row['id']}.stop"  # exits 3 (a permanent failure) once the flag exists
+        proc = subprocess.Popen([sys.executable, "-c", "import os, sys, time\nwhile not os.path.exists(sys.argv[1]): "
+                                 "time.sleep(0.05)\nsys.exit(3)", str(flag)])
+        sleepers.append(proc)
+        backend._workers[row["id"]] = proc
+        backend._set_status(row["id"], phase="Running", pid=proc.pid)
+        launched.append(row["id"])
+
+    backend._launch = launch  # type: ignore[method-assign]
+    try:
+        backend._tick()
+        backend._tick()
+        assert launched == [jobs[0]]
+        statuses = [asyncio.run(backend.get_job(TENANT, j)).status for j in jobs]
+        assert statuses == ["running", "queued", "queued"]
+        asyncio.run(backend.pause_job(TENANT, jobs[1]))  # a paused job is skipped, the next one runs
+        (tmp_path / f"{jobs[0]}.stop").touch()
+        sleepers[0].wait(30)
+        backend._tick()
+        backend._tick()
+        assert launched == [jobs[0], jobs[2]]
+        assert asyncio.run(backend.get_job(TENANT, jobs[0])).status == "failed"
+    finally:
+        for proc in sleepers:
+            proc.kill()
+            proc.wait()
