@@ -122,6 +122,16 @@ async def test_files_jobs_status_events_checkpoints_models_and_tenancy(kube: Kub
     assert (await backend.list_jobs(A, after=None, limit=100, metadata={"team": "other"})).data == []
     with pytest.raises(NotFound):
         await backend.get_file(A, "../team-b/files/x")  # ids never reach a path unchecked
+    # A FineTuneJob labelled by hand (no request annotation) is no OpenAI job: not listed, not found.
+    fake = "ftjob-" + "0" * 24
+    async with aiohttp.ClientSession(base_url=kube.base_url) as api:
+        async with api.post("/apis/kubetune.io/v1alpha1/namespaces/team-a/finetunejobs", json={
+                "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
+                "metadata": {"name": fake, "labels": {"openai.kubetune.io/job-id": fake}}, "spec": obj["spec"]}) as r:
+            assert r.status == 201
+    with pytest.raises(NotFound):
+        await backend.get_job(A, fake)
+    assert [x.id for x in (await backend.list_jobs(A, after=None, limit=100, metadata={})).data] == [job.id]
 
     # The operator's status and Events become the OpenAI job, events and checkpoints.
     async with aiohttp.ClientSession(base_url=kube.base_url) as api:

@@ -248,6 +248,7 @@ class KubeBackend:
         directory = self._files_dir(tenant.namespace)
 
         def read_all() -> list[dict[str, Any]]:
+            self.fs.invalidate_cache(directory)  # another replica may have written since
             try:
                 paths = [p for p in self.fs.ls(directory, detail=False) if p.endswith(".json")]
             except FileNotFoundError:
@@ -349,15 +350,30 @@ class KubeBackend:
         obj = await self._call(f"get finetunejobs in namespace {tenant.namespace}",
                                self._custom().get_namespaced_custom_object, GROUP, VERSION, tenant.namespace, PLURAL, job_id)
         labels = ((obj or {}).get("metadata") or {}).get("labels") or {}
-        if obj is None or labels.get(JOB_ID_LABEL) != job_id:
+        if obj is None or labels.get(JOB_ID_LABEL) != job_id or not self._ours(obj):
             raise NotFound(f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id")
         return obj
+
+    @staticmethod
+    def _ours(obj: Mapping[str, Any]) -> bool:
+        """A FineTuneJob the gateway made: its id label and a readable request annotation (one
+        labelled by hand, or whose annotation was edited, is not an OpenAI job)."""
+        meta = obj.get("metadata") or {}
+        if not JOB_ID.match(str((meta.get("labels") or {}).get(JOB_ID_LABEL, ""))):
+            return False
+        try:
+            JobCreate.model_validate_json((meta.get("annotations") or {}).get(REQUEST_ANNOTATION) or "")
+        except ValueError:
+            log.warning("FineTuneJob %s/%s has the %s label but no valid %s annotation: not listed",
+                        meta.get("namespace"), meta.get("name"), JOB_ID_LABEL, REQUEST_ANNOTATION)
+            return False
+        return True
 
     async def _list(self, namespace: str) -> list[dict[str, Any]]:
         listing = await self._call(f"list finetunejobs in namespace {namespace}",
                                    self._custom().list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL,
                                    label_selector=JOB_ID_LABEL)
-        items = [o for o in (listing or {}).get("items") or [] if JOB_ID_LABEL in ((o.get("metadata") or {}).get("labels") or {})]
+        items = [o for o in (listing or {}).get("items") or [] if self._ours(o)]
         items.sort(key=lambda o: (o["metadata"].get("creationTimestamp") or "", o["metadata"]["name"]), reverse=True)
         return items
 
