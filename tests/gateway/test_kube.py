@@ -242,8 +242,10 @@ async def test_api_server_refusals_become_openai_errors(kube: KubeEmulator, tmp_
 async def test_webhooks_are_delivered_once_per_transition_with_the_annotation_as_ledger(kube: KubeEmulator, tmp_path: Path) -> None:
     secret = new_secret()
     receiver = Receiver(secret, [500])
+    own = Receiver(secret, [])  # a job's own endpoint (metadata.webhook_url), signed with the namespace's secret
     app = aiohttp.web.Application()
     app.router.add_post("/hook", receiver.handle)
+    app.router.add_post("/job-hook", own.handle)
     runner = aiohttp.web.AppRunner(app)
     await runner.setup()
     site = aiohttp.web.TCPSite(runner, "127.0.0.1", 0)
@@ -256,11 +258,17 @@ async def test_webhooks_are_delivered_once_per_transition_with_the_annotation_as
         job = await backend.create_job(A, JobCreate(model="builtin://tiny-llama", training_file=f.id))
         other = await backend.create_job(B, JobCreate(model="builtin://tiny-llama", training_file=(await backend.create_file(
             B, "d.jsonl", "fine-tune", chunks(DATA))).id))
+        routed = await backend.create_job(A, JobCreate(model="builtin://tiny-llama", training_file=f.id,
+                                                      metadata={"webhook_url": url.replace("/hook", "/job-hook")}))
         assert await backend.poll_webhooks() == 0  # nothing finished yet
         async with aiohttp.ClientSession(base_url=kube.base_url) as api:
             await set_status(api, "team-a", job.id, {"phase": "Succeeded", "completionTime": "2026-01-01T00:10:00Z"})
             await set_status(api, "team-b", other.id, {"phase": "Succeeded", "completionTime": "2026-01-01T00:10:00Z"})
-        assert await backend.poll_webhooks() == 1  # team-b has no webhook
+        assert (await backend.cancel_job(A, routed.id)).status == "cancelled"
+        assert await backend.poll_webhooks() == 1  # team-b has no webhook; the cancel waits for the operator
+        async with aiohttp.ClientSession(base_url=kube.base_url) as api:
+            await set_status(api, "team-a", routed.id, {"phase": "Cancelled", "completionTime": "2026-01-01T00:10:00Z"})
+        assert await backend.poll_webhooks() == 1
         assert await backend.poll_webhooks() == 0  # claimed: never twice
         await backend.dispatcher.sender.drain(10)
         assert await backend.poll_webhooks() == 0
@@ -269,6 +277,8 @@ async def test_webhooks_are_delivered_once_per_transition_with_the_annotation_as
         assert [r["verified"] for r in receiver.received] == [True, True]  # the 500, then the retry
         assert receiver.received[-1]["payload"]["type"] == "fine_tuning.job.succeeded"
         assert receiver.received[-1]["payload"]["data"] == {"id": job.id}
+        assert [(r["verified"], r["payload"]["type"], r["payload"]["data"]["id"]) for r in own.received] == [
+            (True, "fine_tuning.job.cancelled", routed.id)]
         # A second gateway (a restart) finds the ledger and sends nothing again.
         again = backend_for(kube, tmp_path, webhooks=lambda: configs)
         assert await again.poll_webhooks() == 0

@@ -550,6 +550,10 @@ class KubeBackend:
         started = 0
         for config in self.webhooks():
             for obj in await self._list(config.namespace):
+                # The operator's word, not the gateway's: a requested cancel reads `cancelled` at
+                # once, but the job may still end Succeeded before the operator acts on it.
+                if (obj.get("status") or {}).get("phase") not in ("Succeeded", "Failed", "Cancelled"):
+                    continue
                 job = self._job(obj)
                 if job.status not in translate.TERMINAL:
                     continue
