@@ -11,6 +11,11 @@ operator always needs and what only kopf peering needs. This script turns them i
 Services, the vllmEndpoint API-key Secret): the chart grants it only with `serving.enabled`, so a
 cluster that serves nothing gives the operator no Deployments and no Secrets.
 
+The gateway (`kubetune api --cluster`) gets its own rules the same way: tests/gateway/test_kube.py
+records the calls its Kubernetes backend makes (by its User-Agent) into
+`tests/data/gateway-api-usage.json`, and this script writes `charts/kubetune/files/gateway-rbac.yaml`,
+which templates/gateway.yaml grants to the gateway's ServiceAccount.
+
 kopf makes the same peering calls on `kopfpeerings` (one object per watched namespace) and
 `clusterkopfpeerings` (one object for a cluster-wide operator); a suite may exercise only one
 scope, so the verbs seen on either are granted on the kind the chart's scope uses.
