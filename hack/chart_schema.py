@@ -416,6 +416,24 @@ class GatewayServiceAccount(Values):
     annotations: dict[str, str] = Field(default_factory=dict, description="Annotations, e.g. for workload identity to the object store.")
 
 
+class GatewayNetwork(Values):
+    ingress_from: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="NetworkPolicyPeers that may call the API and scrape its /metrics; empty allows any source.",
+    )
+    egress_cidrs: list[str] = Field(
+        default_factory=lambda: ["0.0.0.0/0"],
+        description="CIDRs the gateway may reach besides DNS and the API server: the object store of gateway.storage.uri "
+        "and the webhook endpoints of the access file. Narrow this to their ranges.",
+        json_schema_extra={"items": {"type": "string", "pattern": CIDR}, "minItems": 1},
+    )
+    egress_ports: list[Port] = Field(
+        default_factory=lambda: [443],
+        description="Ports the gateway may reach on `egressCidrs` (add 80 for http:// webhook endpoints).",
+        json_schema_extra={"items": {"type": "integer", "minimum": 1, "maximum": 65535}, "minItems": 1},
+    )
+
+
 class Gateway(Values):
     model_config = ConfigDict(
         json_schema_extra={
@@ -464,6 +482,11 @@ class Gateway(Values):
     service: GatewayService = Field(default_factory=GatewayService, description="The Service in front of it.")
     service_account: GatewayServiceAccount = Field(default_factory=GatewayServiceAccount, description="Its own ServiceAccount.")
     service_monitor: Monitor = Field(default_factory=Monitor, description="A ServiceMonitor for its /metrics.")
+    network_policy: GatewayNetwork = Field(
+        default_factory=GatewayNetwork,
+        description="With networkPolicy.enabled: the gateway pods' NetworkPolicy (DNS and the API server as "
+        "networkPolicy.dns and networkPolicy.apiServer say, plus these).",
+    )
     resources: OperatorResources = Field(
         default_factory=lambda: OperatorResources(requests={"cpu": "100m", "memory": "256Mi"}, limits={"memory": "1Gi"}),
         description="Resources of the gateway container (uploads stream through it in 1 MiB chunks).",

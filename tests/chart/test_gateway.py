@@ -146,3 +146,28 @@ def test_the_environment_is_what_the_server_reads(tmp_path: Path) -> None:
     local.write_text("keys:\n  - {name: a, key: 0123456789abcdefXYZ, namespace: team-a}\n")
     app = server.kube_app({**env, "KUBETUNE_API_ACCESS_FILE": str(local)}, client=object())
     assert {"/v1/files", "/v1/fine_tuning/jobs", "/healthz"} <= {getattr(r, "path", "") for r in app.routes}
+
+
+def test_network_policy_with_networkpolicy_enabled() -> None:
+    values = merged(ENABLED, {"networkPolicy": {"enabled": True, "apiServer": {"cidrs": ["10.0.0.1/32"], "ports": [443]}},
+                              "gateway": {"networkPolicy": {"egressCidrs": ["52.216.0.0/15"], "egressPorts": [443, 80],
+                                                            "ingressFrom": [{"namespaceSelector": {"matchLabels": {"team": "ml"}}}]}}})
+    objs = gateway_objects(values)
+    policy = one(objs, "NetworkPolicy")
+    assert_valid(policy, "gateway")
+    pod_labels = deployment(objs)["spec"]["template"]["metadata"]["labels"]
+    assert all(pod_labels[k] == v for k, v in policy["spec"]["podSelector"]["matchLabels"].items())
+    assert policy["spec"]["ingress"] == [{"ports": [{"protocol": "TCP", "port": 8080}],
+                                          "from": [{"namespaceSelector": {"matchLabels": {"team": "ml"}}}]}]
+    egress = policy["spec"]["egress"]
+    assert {"ports": [{"protocol": "TCP", "port": 443}], "to": [{"ipBlock": {"cidr": "10.0.0.1/32"}}]} in egress
+    assert {"ports": [{"protocol": "TCP", "port": 443}, {"protocol": "TCP", "port": 80}],
+            "to": [{"ipBlock": {"cidr": "52.216.0.0/15"}}]} in egress
+    assert any(p.get("port") == 53 for rule in egress for p in rule["ports"])
+    # the operator's own policy does not select the gateway's pods
+    operator_policy = next(o for o in render(values) if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "kt-kubetune")
+    selector = operator_policy["spec"]["podSelector"]["matchLabels"]
+    assert not all(pod_labels.get(k) == v for k, v in selector.items())
+    assert of_kind(gateway_objects(ENABLED), "NetworkPolicy") == []
+    report = helm_python.lint(CHART, values, strict=True, kube_version="v1.30.0", namespace=NAMESPACE)
+    assert report["errors"] == [] and [m for m in report["messages"] if m["severity"] >= 2] == []
