@@ -133,7 +133,10 @@ class LocalBackend:
             with self._lock:
                 row = self._job_row(job_id)
                 if row is not None and translate.phase_status(json.loads(row["status"]).get("phase")) == "running":
+                    self._committed_checkpoints(job_id)
                     self._set_status(job_id, phase="Queued", pid=None)
+                    self._event(job_id, "The server stopped; the job is queued and resumes from its newest checkpoint "
+                                "when the server starts again")
         self._workers.clear()
         self._stop_serving()
 
