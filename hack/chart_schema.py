@@ -491,7 +491,11 @@ class Gateway(Values):
         default_factory=lambda: OperatorResources(requests={"cpu": "100m", "memory": "256Mi"}, limits={"memory": "1Gi"}),
         description="Resources of the gateway container (uploads stream through it in 1 MiB chunks).",
     )
-    tmp_size_limit: str = Field("256Mi", description="sizeLimit of the /tmp emptyDir (multipart uploads spool there).", pattern=QUANTITY)
+    tmp_size_limit: str = Field(
+        "2Gi", pattern=QUANTITY,
+        description="sizeLimit of the /tmp emptyDir: the multipart parser spools each upload (at most 512 MB) there before "
+        "it streams to the object store, so allow 512Mi per upload in flight.",
+    )
     pod_annotations: dict[str, str] = Field(default_factory=dict, description="Extra annotations of the gateway pods.")
     pod_labels: dict[str, str] = Field(default_factory=dict, description="Extra labels of the gateway pods.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="nodeSelector of the gateway pods.")
