@@ -102,7 +102,7 @@ def test_openai_client_against_kubetune_api_on_the_cluster(apiserver: ApiServer,
         f"webhooks:\n  - namespace: {namespace}\n    url: http://127.0.0.1:{hooks.server_port}/hook\n"
         f"    secret: {Hooks.secret}\n")
     port, trainer_port, operator_port = free_ports(3)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KUBETUNE_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KUBETUNE_API")}  # KUBETUNE_API_URL too
     env.update(KUBECONFIG=str(gateway_kubeconfig), KUBETUNE_API_KUBERNETES_TOKENS="true", PYTHONWARNINGS="ignore:Unverified HTTPS request", AWS_ENDPOINT_URL=s3_server,
                KUBETUNE_API_STORAGE=f"s3://{BUCKET}/gateway", KUBETUNE_API_CREDENTIALS_SECRET=SECRET_NAME,
                KUBETUNE_API_GPUS="0", KUBETUNE_API_CHECKPOINT_EVERY_STEPS="2", KUBETUNE_API_ACCESS_FILE=str(access),
@@ -233,4 +233,5 @@ def test_openai_client_against_kubetune_api_on_the_cluster(apiserver: ApiServer,
             gateway.kill()
             gateway.wait(10)
         hooks.shutdown()
+        hooks.server_close()
         kubectl(admin, "delete", "namespace", other, "--wait=false", check=False)
