@@ -278,8 +278,9 @@ class LocalBackend:
         self._event(job_id, f"Created fine-tuning job: {job_id}")
         self._event(job_id, f"Validating training file: {request.training_file}"
                     + (f" and validation file: {request.validation_file}" if request.validation_file else ""))
+        created_job = await self.get_job(tenant, job_id)  # as created: validating_files, whatever comes next
         self._wake.set()
-        return await self.get_job(tenant, job_id)
+        return created_job
 
     def _job_row(self, job_id: str, tenant: Optional[Tenant] = None) -> Optional[sqlite3.Row]:
         with self._lock:
