@@ -75,6 +75,10 @@ def test_a_restarted_server_stops_the_orphaned_worker_and_queues_the_job(tmp_pat
     orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "-m", "kubetune.trainer", job_id],
                               start_new_session=True)
     try:
+        cmdline = Path(f"/proc/{orphan.pid}/cmdline")
+        deadline = time.time() + 20
+        while job_id.encode() not in cmdline.read_bytes() and time.time() < deadline:  # until exec is done
+            time.sleep(0.02)
         backend._set_status(job_id, phase="Running", pid=orphan.pid)
         restarted = LocalBackend(tmp_path, max_workers=0)
         assert orphan.wait(30) == -signal.SIGTERM

@@ -275,10 +275,10 @@ class LocalBackend:
                 "VALUES (?,?,?,?,(SELECT COALESCE(MAX(seq),0)+1 FROM jobs),?,?,?,?)",
                 (job_id, tenant.namespace, tenant.organization_id, created, request.model_dump_json(exclude_unset=True),
                  json.dumps({"phase": "Validating"}), json.dumps(files), json.dumps(names)))
-        self._event(job_id, f"Created fine-tuning job: {job_id}")
-        self._event(job_id, f"Validating training file: {request.training_file}"
-                    + (f" and validation file: {request.validation_file}" if request.validation_file else ""))
-        created_job = await self.get_job(tenant, job_id)  # as created: validating_files, whatever comes next
+            self._event(job_id, f"Created fine-tuning job: {job_id}")
+            self._event(job_id, f"Validating training file: {request.training_file}"
+                        + (f" and validation file: {request.validation_file}" if request.validation_file else ""))
+            created_job = self._job(self._job_row(job_id))  # as created (validating_files): the lock keeps the supervisor out
         self._wake.set()
         return created_job
 
