@@ -279,6 +279,7 @@ def api_cmd(local: bool, directory: str, host: str, port: int, keys_file: str | 
     try:
         import uvicorn
 
+        from kubetune.gateway import metrics
         from kubetune.gateway.app import create_app
         from kubetune.gateway.auth import AccessFile, AccessFileError, Authenticator, RequestMethodMiddleware
         from kubetune.gateway.backend import Tenant
@@ -308,6 +309,7 @@ def api_cmd(local: bool, directory: str, host: str, port: int, keys_file: str | 
     else:
         authenticator = Authenticator(anonymous=Tenant(namespace="default", organization_id="org-local", key_id="local"))
     app = create_app(LocalBackend(directory, max_workers=workers), authenticator)
+    metrics.install(app)  # /metrics: requests by route and status, latency (as --cluster has)
     app.add_middleware(RequestMethodMiddleware)
     click.echo(f"kubetune api: http://{host}:{port}/v1 (OpenAPI: /openapi.json), data in {directory}", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
