@@ -367,6 +367,142 @@ class Dashboards(Values):
     annotations: dict[str, str] = Field(default_factory=dict, description="Annotations, e.g. the sidecar's target folder.")
 
 
+class GatewayStorage(Values):
+    uri: str = Field(
+        "",
+        description="Object-store prefix for uploaded files and job outputs (KUBETUNE_API_STORAGE), e.g. "
+        "s3://models/kubetune-api: files go to <uri>/<namespace>/files/, each job writes to <uri>/<namespace>/jobs/<id>/. "
+        "Required with gateway.enabled. The gateway pod reaches it with ambient credentials (workload identity through "
+        "gateway.serviceAccount.annotations) or `env`.",
+        pattern=optional(URI_PREFIX),
+        max_length=1024,
+    )
+    credentials_secret: str = Field(
+        "",
+        description="spec.output.credentialsSecret of every job the gateway creates (KUBETUNE_API_CREDENTIALS_SECRET): a "
+        "Secret of this name in each tenant namespace with the object store's credentials, which the trainer reads the "
+        "upload and writes the adapter with. Empty: trainers use ambient credentials.",
+        pattern=optional(DNS_SUBDOMAIN),
+        max_length=253,
+    )
+
+
+class GatewayAuth(Values):
+    secret_name: str = Field(
+        "",
+        description="Secret whose key `access.yaml` is the access file, mounted read-only (KUBETUNE_API_ACCESS_FILE) and "
+        "reloaded when it changes. Format: `keys:` a list of {name, sha256 (hex digest of the key) or key, namespace, "
+        "organization}, each key acting in its one namespace; optional `webhooks:` a list of {namespace, url, secret "
+        "(whsec_<base64>), events}. Create it with `kubectl create secret generic NAME --from-file=access.yaml`.",
+        pattern=optional(DNS_SUBDOMAIN),
+        max_length=253,
+    )
+    kubernetes_tokens: bool = Field(
+        False,
+        description="Also accept Kubernetes bearer tokens (KUBETUNE_API_KUBERNETES_TOKENS): checked by TokenReview, "
+        "then a SubjectAccessReview for list (reads) or create (writes) on finetunejobs in the namespace named by the "
+        "OpenAI-Project header or the ServiceAccount's own. Binds the gateway to system:auth-delegator.",
+    )
+
+
+class GatewayService(Values):
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field("ClusterIP", description="Service type.")
+    port: Port = port("Service port (the container listens on gateway.port).", 80)
+    annotations: dict[str, str] = Field(default_factory=dict, description="Service annotations, e.g. for a load balancer.")
+
+
+class GatewayServiceAccount(Values):
+    name: str = Field("", description="Its name; empty: <fullname>-gateway.", pattern=optional(DNS_SUBDOMAIN), max_length=253)
+    annotations: dict[str, str] = Field(default_factory=dict, description="Annotations, e.g. for workload identity to the object store.")
+
+
+class GatewayNetwork(Values):
+    ingress_from: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="NetworkPolicyPeers that may call the API and scrape its /metrics; empty allows any source.",
+    )
+    egress_cidrs: list[str] = Field(
+        default_factory=lambda: ["0.0.0.0/0"],
+        description="CIDRs the gateway may reach besides DNS and the API server: the object store of gateway.storage.uri "
+        "and the webhook endpoints of the access file. Narrow this to their ranges.",
+        json_schema_extra={"items": {"type": "string", "pattern": CIDR}, "minItems": 1},
+    )
+    egress_ports: list[Port] = Field(
+        default_factory=lambda: [443],
+        description="Ports the gateway may reach on `egressCidrs` (add 80 for http:// webhook endpoints).",
+        json_schema_extra={"items": {"type": "integer", "minimum": 1, "maximum": 65535}, "minItems": 1},
+    )
+
+
+class Gateway(Values):
+    model_config = ConfigDict(
+        json_schema_extra={
+            # Enabled, it needs somewhere to put uploads and a way to authenticate callers.
+            "if": {"properties": {"enabled": {"const": True}}},
+            "then": {
+                "properties": {"storage": {"properties": {"uri": {"minLength": 1}}}},
+                "anyOf": [
+                    {"properties": {"auth": {"properties": {"secretName": {"minLength": 1}}}}},
+                    {"properties": {"auth": {"properties": {"kubernetesTokens": {"const": True}}}}},
+                ],
+            },
+        }
+    )
+    enabled: bool = Field(
+        False,
+        description="Run `kubetune api`, OpenAI's fine-tuning API (files, fine_tuning.jobs, models), as a Deployment and "
+        "Service: uploads go to gateway.storage.uri, jobs become FineTuneJobs in each key's namespace. Needs "
+        "gateway.storage.uri and gateway.auth.secretName (or kubernetesTokens).",
+    )
+    image: Image = Field(
+        default_factory=lambda: Image(repository="ghcr.io/kubetune/operator"),
+        description="The gateway image: the operator image, which has the gateway extra.",
+    )
+    replicas: int = Field(
+        1, ge=1, le=20,
+        description="Replicas. Requests are stateless; webhook deliveries are claimed once per job through an annotation, "
+        "but a delivery interrupted by a restart may be repeated with the same webhook-id.",
+    )
+    port: Port = port("Container port of the API and its /metrics and /healthz (`kubetune api --port`).", 8080)
+    storage: GatewayStorage = Field(default_factory=GatewayStorage, description="Where uploads and outputs go.")
+    auth: GatewayAuth = Field(default_factory=GatewayAuth, description="Who may call it.")
+    gpus: int = Field(1, ge=0, le=64, description="GPUs of every job (KUBETUNE_API_GPUS): OpenAI's request has no hardware field.")
+    checkpoint_every_steps: int = Field(
+        0, ge=0, description="spec.checkpointing.everySteps of every job (KUBETUNE_API_CHECKPOINT_EVERY_STEPS); 0: the CRD's default."
+    )
+    webhook_poll_seconds: float = Field(
+        10.0, gt=0, le=3600,
+        description="How often namespaces with a webhook are read for finished jobs (KUBETUNE_API_WEBHOOK_POLL_SECONDS).",
+    )
+    env: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Extra environment variables of the gateway container, e.g. AWS_ENDPOINT_URL or credentials by "
+        "secretKeyRef for the object store.",
+    )
+    service: GatewayService = Field(default_factory=GatewayService, description="The Service in front of it.")
+    service_account: GatewayServiceAccount = Field(default_factory=GatewayServiceAccount, description="Its own ServiceAccount.")
+    service_monitor: Monitor = Field(default_factory=Monitor, description="A ServiceMonitor for its /metrics.")
+    network_policy: GatewayNetwork = Field(
+        default_factory=GatewayNetwork,
+        description="With networkPolicy.enabled: the gateway pods' NetworkPolicy (DNS and the API server as "
+        "networkPolicy.dns and networkPolicy.apiServer say, plus these).",
+    )
+    resources: OperatorResources = Field(
+        default_factory=lambda: OperatorResources(requests={"cpu": "100m", "memory": "256Mi"}, limits={"memory": "1Gi"}),
+        description="Resources of the gateway container (uploads stream through it in 1 MiB chunks).",
+    )
+    tmp_size_limit: str = Field(
+        "2Gi", pattern=QUANTITY,
+        description="sizeLimit of the /tmp emptyDir: the multipart parser spools each upload (at most 512 MB) there before "
+        "it streams to the object store, so allow 512Mi per upload in flight.",
+    )
+    pod_annotations: dict[str, str] = Field(default_factory=dict, description="Extra annotations of the gateway pods.")
+    pod_labels: dict[str, str] = Field(default_factory=dict, description="Extra labels of the gateway pods.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="nodeSelector of the gateway pods.")
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Tolerations of the gateway pods.")
+    affinity: dict[str, Any] = Field(default_factory=dict, description="Affinity of the gateway pods.")
+
+
 # ------------------------------------------------------------------------------- the root
 
 
@@ -391,6 +527,7 @@ class ChartValues(Values):
     metrics: Metrics = Field(default_factory=Metrics, description="Prometheus Operator objects.")
     network_policy: NetworkPolicy = Field(default_factory=NetworkPolicy, description="NetworkPolicies.")
     dashboards: Dashboards = Field(default_factory=Dashboards, description="Grafana dashboard.")
+    gateway: Gateway = Field(default_factory=Gateway, description="`kubetune api`: OpenAI's fine-tuning API on the cluster.")
 
 
 # ----------------------------------------------------------------------------- rendering

@@ -345,6 +345,57 @@ def serve_cmd(outputs: tuple[str, ...], host: str, port: int, device: str) -> No
         sys.exit(1)
 
 
+@main.command("api")
+@click.option("--local/--cluster", "local", default=True, show_default=True, help="--local (the embedded default): files and jobs on this machine, jobs run by the trainer in a worker process. --cluster: uploads in object storage and jobs as FineTuneJobs, configured by KUBETUNE_API_* variables (kubetune.gateway.server).")
+@click.option("--dir", "directory", type=click.Path(file_okay=False), default="kubetune-api", show_default=True, help="Where --local keeps files, jobs, outputs and its state (it survives restarts).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port to listen on.")
+@click.option("--keys", "keys_file", type=click.Path(dir_okay=False, exists=True), help="--local: an access file of API keys, each with its namespace (kubetune.gateway.auth); without it every caller is the one local tenant.")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True, help="--local: jobs trained at the same time.")
+def api_cmd(local: bool, directory: str, host: str, port: int, keys_file: str | None, workers: int) -> None:
+    """Serve OpenAI's fine-tuning API (files, fine_tuning.jobs, models) under /v1.
+
+    Point the openai client at it: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=KEY).
+    """
+    try:
+        import uvicorn
+
+        from kubetune.gateway import metrics
+        from kubetune.gateway.app import create_app
+        from kubetune.gateway.auth import AccessFile, AccessFileError, Authenticator, RequestMethodMiddleware
+        from kubetune.gateway.backend import Tenant
+        from kubetune.gateway.local import LocalBackend
+    except ImportError as err:
+        click.echo(f"kubetune api needs its libraries ({err.name} is missing): pip install 'kubetune[gateway]'", err=True)
+        sys.exit(1)
+    if not local:
+        from kubetune.gateway.server import ConfigError, kube_app
+
+        try:
+            app = kube_app()
+        except ConfigError as err:
+            click.echo(f"kubetune api --cluster: {err}", err=True)
+            sys.exit(2)
+        click.echo(f"kubetune api (cluster): http://{host}:{port}/v1 (OpenAPI: /openapi.json)", err=True)
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+        return
+    if keys_file:
+        try:
+            access = AccessFile(keys_file)
+            access.config  # read now: a broken file is reported before serving
+        except AccessFileError as err:
+            click.echo(str(err), err=True)
+            sys.exit(1)
+        authenticator = Authenticator(access)
+    else:
+        authenticator = Authenticator(anonymous=Tenant(namespace="default", organization_id="org-local", key_id="local"))
+    app = create_app(LocalBackend(directory, max_workers=workers), authenticator)
+    metrics.install(app)  # /metrics: requests by route and status, latency (as --cluster has)
+    app.add_middleware(RequestMethodMiddleware)
+    click.echo(f"kubetune api: http://{host}:{port}/v1 (OpenAPI: /openapi.json), data in {directory}", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
 @main.command("operator")
 @click.option("-n", "--namespace", "namespaces", multiple=True, help="Watch this namespace (repeatable). Default: KUBETUNE_NAMESPACES, else the whole cluster.")
 @click.option("-A", "--all-namespaces", is_flag=True, help="Watch the whole cluster.")

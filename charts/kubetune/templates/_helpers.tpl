@@ -37,6 +37,13 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: operator
 {{- end }}
 
+{{/* The gateway pods' identity (`kubetune api`, templates/gateway.yaml). */}}
+{{- define "kubetune.gatewaySelectorLabels" -}}
+app.kubernetes.io/name: {{ include "kubetune.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: gateway
+{{- end }}
+
 {{/* Labels the operator puts on every trainer and validation pod (kubetune.operator.builders.labels). */}}
 {{- define "kubetune.trainerPodLabels" -}}
 app.kubernetes.io/managed-by: kubetune-operator

@@ -42,7 +42,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--validate-only", action="store_true", help="only validate the data (no model is loaded)")
     p.add_argument("--metrics-port", type=int, default=int(os.environ.get(METRICS_PORT_ENV, DEFAULT_METRICS_PORT)), help="0: any free port, -1: off")
     p.add_argument("--termination-path", default=os.environ.get(TERMINATION_PATH_ENV, DEFAULT_TERMINATION_PATH))
+    p.add_argument("--events", help="append progress and status as JSON lines to this file (kubetune api --local reads them)")
     return p.parse_args(argv)
+
+
+def event_writer(path: str, opts: Any) -> None:
+    """Point `opts`' progress and status callbacks at `path`, one JSON object a line, flushed:
+    `{"time", "type": "status", "message"}` and `{"time", "type": "progress", "step", "total",
+    "loss", "tokens_per_s", "eta", "tokens", "epoch", "checkpoint_step"}` (the last three read
+    from the trainer's own metrics). A worker process that outlives no one needs no port."""
+    import json
+    import time
+
+    from kubetune.api.contract import TrainerMetric as M
+
+    def write(record: dict[str, Any]) -> None:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"time": time.time(), **record}, allow_nan=False, default=str) + "\n")
+
+    def sample(metric: Any) -> float | None:
+        return opts.metrics.registry.get_sample_value(metric.value)
+
+    def on_progress(p: dict[str, Any]) -> None:
+        loss = p.get("loss")
+        write({"type": "progress", **{k: v for k, v in p.items() if k != "loss"},
+               "loss": loss if isinstance(loss, (int, float)) and loss == loss and abs(loss) != float("inf") else None,
+               "tokens": sample(M.TOKENS), "epoch": sample(M.EPOCH), "checkpoint_step": sample(M.LAST_CHECKPOINT_STEP)})
+
+    def on_status(message: str) -> None:
+        logging.getLogger("kubetune.trainer").info("%s", message)
+        write({"type": "status", "message": message})
+
+    opts.on_progress, opts.on_status = on_progress, on_status
 
 
 def load_job(source: str) -> Any:
@@ -149,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         job = load_job(args.spec)
         opts = Options(output=args.output)
+        if args.events:
+            event_writer(args.events, opts)
         # Under torchrun one process per pod (local rank 0) serves metrics and writes the
         # termination message; the others would fight over the port and the file.
         if args.metrics_port >= 0 and _local_rank() == 0:
