@@ -83,7 +83,9 @@ def test_dpo_maps_to_method_type_and_beta() -> None:
     spec = manifest(req)["spec"]
     assert spec["method"] == {"adaptation": "lora", "type": "dpo", "dpo": {"beta": 0.25}}
     assert spec["hyperparameters"] == {"epochs": 1}
-    assert "format" not in spec["dataset"]  # OpenAI's preference records, read by spec.method.type: dpo
+    assert spec["dataset"]["format"] == "chat"  # OpenAI's preference records, read as they are by type dpo
+    ftj = translate.validate_manifest(manifest(req))  # the API models of spec.method.type accept it
+    assert (ftj.spec.method.training_type, ftj.spec.method.dpo.beta) == ("dpo", 0.25)
     job = translate.openai_job(job_id="ftjob-1", created_at=1, request=req, organization_id="o", status={})
     assert job.method.type == "dpo" and job.method.dpo["hyperparameters"]["beta"] == 0.25
 
@@ -197,3 +199,20 @@ def test_the_gateway_twins_of_trainer_constants_agree() -> None:
     assert set(local.BUILTIN_MODELS) == set(builtin.BUILTIN_MODELS)
     for source in ("builtin://tiny-llama", "hf://org/name@main", "s3://b/models/m/", "/abs/path/model", "pvc://c/x"):
         assert translate.base_id(source) == inference.base_id(source)
+
+
+def test_check_data_reads_dpo_files_as_preference_pairs(tmp_path) -> None:
+    """A dpo job's files are OpenAI's preference format: the chat check would refuse every line, the
+    preference check accepts them and names the line of a pair whose two answers are the same."""
+    good = "examples/data/support-dpo.jsonl"
+    error, report = translate.check_data(good, None, method_type="dpo")
+    assert error is None and report["examples"] + report["validationExamples"] == sum(1 for _ in open(good))
+    error, _ = translate.check_data(good, None, files={good: "training_file"})
+    assert error is not None and error.param == "training_file:1"  # not chat records
+    rows = [json.loads(line) for line in open(good)][:12]
+    rows[6]["non_preferred_output"] = rows[6]["preferred_output"]
+    bad = tmp_path / "bad-dpo.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    error, _ = translate.check_data(str(bad), None, files={str(bad): "training_file"}, names={str(bad): "file-7 (bad-dpo.jsonl)"},
+                                    method_type="dpo")
+    assert error is not None and error.param == "training_file:7", error

@@ -564,7 +564,8 @@ class LocalBackend:
         files, names = json.loads(row["files"]), json.loads(row["names"])
         train = next(p for p, f in files.items() if f == "training_file")
         validation = next((p for p, f in files.items() if f == "validation_file"), None)
-        error, report = translate.check_data(train, validation, files=files, names=names)
+        method_type = JobCreate.model_validate_json(row["request"]).method_type()
+        error, report = translate.check_data(train, validation, files=files, names=names, method_type=method_type)
         with self._lock:
             row = self._job_row(job_id)
             if row["cancel"] or json.loads(row["status"]).get("phase") != "Validating":

@@ -31,6 +31,7 @@ import hashlib
 import re
 import time
 from datetime import datetime
+from types import SimpleNamespace
 from typing import Any, Mapping, Optional
 from urllib.parse import urlsplit
 
@@ -123,8 +124,9 @@ def fine_tuned_model(model: str, organization_id: str, suffix: Optional[str], jo
 def check_request(request: JobCreate) -> None:
     """What the request models cannot say alone: the method kubetune cannot run."""
     if request.method_type() == "reinforcement":
-        raise Invalid("method.type reinforcement needs graders, which kubetune does not run; use supervised "
-                      "(chat examples) or dpo (preference pairs)", param="method.type", code="unsupported_method")
+        raise Invalid("method.type reinforcement is not offered through this API: use supervised (chat examples) "
+                      "or dpo (preference pairs), or write a FineTuneJob with spec.method.type: grpo and its graders",
+                      param="method.type", code="unsupported_method")
     model_source(request.model)
 
 
@@ -159,9 +161,9 @@ def to_manifest(request: JobCreate, *, name: str, job_id: str, train_uri: str, v
         beta = getattr(hp, "beta", "auto")
         if beta != "auto":
             method["dpo"] = {"beta": float(beta)}
-    dataset: dict[str, Any] = {"train": train_uri, "minExamples": OPENAI_MIN_EXAMPLES}
-    if method_type != "dpo":  # DPO files are OpenAI's preference format, which spec.method.type: dpo reads
-        dataset["format"] = "chat"
+    # OpenAI's chat files, and its DPO files (input.messages, preferred_output, non_preferred_output),
+    # which spec.method.type: dpo reads as they are.
+    dataset: dict[str, Any] = {"train": train_uri, "minExamples": OPENAI_MIN_EXAMPLES, "format": "chat"}
     if validation_uri:
         dataset["validation"] = validation_uri
     spec: dict[str, Any] = {
@@ -251,7 +253,7 @@ def error_param(param: Optional[str], files: Mapping[str, str]) -> Optional[str]
     (or `validation_file:LINE`), a spec path → the request field. `files` maps data URIs to fields."""
     if not param:
         return None
-    for uri, field in sorted(files.items(), key=lambda kv: -len(kv[0])):
+    for uri, field in sorted(dict(files).items(), key=lambda kv: -len(kv[0])):
         for shown in (uri, uri.removeprefix("file://")):
             if param == shown:
                 return field
@@ -363,18 +365,22 @@ def openai_checkpoints(job_id: str, tuned_model: str, checkpoints: list[Mapping[
 # ------------------------------------------------------------------------------------ data checks
 
 
-def check_data(train_path: str, validation_path: Optional[str], *, files: Mapping[str, str] = (), names: Mapping[str, str] = ()) -> tuple[Optional[JobError], dict]:
+def check_data(train_path: str, validation_path: Optional[str], *, files: Mapping[str, str] = (), names: Mapping[str, str] = (),
+               method_type: str = "supervised") -> tuple[Optional[JobError], dict]:
     """The trainer's own data checks (kubetune.trainer.data.check: one streaming pass, no torch),
     as `validating_files` runs them: (None, {examples, validationExamples, warnings}) or the job
-    error whose `param` names the file line (`training_file:3`)."""
+    error whose `param` names the file line (`training_file:3`). A dpo job's files are checked as
+    preference pairs (OpenAI's `input`/`preferred_output`/`non_preferred_output`), as the trainer does."""
     from kubetune.api.contract import file_param
-    from kubetune.api.spec import Dataset
+    from kubetune.api.spec import Dataset, Method
     from kubetune.trainer import data
 
     try:
         dataset = Dataset.model_validate({"train": train_path, "validation": validation_path, "format": "chat",
                                           "minExamples": OPENAI_MIN_EXAMPLES})
-        report = data.check(dataset)
+        method = Method.model_validate({"adaptation": "lora", "type": method_type} if method_type == "dpo" else {"adaptation": "lora"})
+        check = data.record_check_for(SimpleNamespace(method=method))
+        report = data.check(dataset, record_check=check)
     except data.DataError as err:
         first = err.problems[0] if err.problems else None
         param = file_param(first.file, first.line) if first else None
