@@ -18,7 +18,7 @@ missing=()
 command -v kubectl >/dev/null || missing+=(kubernetes-client)
 command -v dockerd >/dev/null || [[ -x /usr/sbin/dockerd ]] || missing+=(docker.io)
 command -v debootstrap >/dev/null || [[ -x /usr/sbin/debootstrap ]] || missing+=(debootstrap)
-# report.html is tested in a real browser (tests/trainer/test_report.py): headless Chromium.
+# report.html is tested in a real browser (tests/trainer/test_evaluation.py, test_run.py): headless Chromium.
 command -v chromium >/dev/null || missing+=(chromium)
 if [[ ${#missing[@]} -gt 0 ]]; then
     log "apt-get install ${missing[*]}"
