@@ -13,9 +13,12 @@ projects only the rows that have a label, `CHUNK_BYTES` of fp32 logits at a time
   are done once, as unchunked autograd does, so chunking costs no extra compute. Used when the
   LM head is a plain `nn.Linear`; any other head (a LoRA-wrapped or quantised `lm_head`) takes
   the generic path below.
-- `rows_apply` (distillation KL with the teacher's hidden states chunked alike, completion
-  log-probs for the DPO family, the generic CE): each chunk under `torch.utils.checkpoint`,
-  so its logits are recomputed in the backward instead of kept.
+- `rows_apply` (distillation KL with the teacher's hidden states chunked alike, per-token
+  completion log-probs — `rows_logprobs`, used by ORPO (preference._chunked_orpo) and the
+  held-out preference accuracy — and the generic CE): each chunk under
+  `torch.utils.checkpoint`, so its logits are recomputed in the backward instead of kept.
+  TRL 1.16's DPOTrainer and KTOTrainer already score through their own fused LM head
+  (`trl.trainer.utils.add_fused_lm_head`) and are left to it.
 
 Why not a library: Liger's fused linear cross-entropy is Triton (GPU only); TRL's chunked NLL
 is tied to its SFTTrainer's forward; transformers has none. Both paths are plain torch, so they
@@ -241,6 +244,16 @@ def sequence_logprobs(model: Any, inputs: dict[str, Any], labels: torch.Tensor, 
 def hidden_logprobs(hidden: Hidden, labels: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """`sequence_logprobs` from hidden states already computed."""
     bi, ti, target = label_rows(labels)
+    out = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device)
+    if target.numel() == 0:
+        return out + hidden.states.sum() * 0.0
+    return out.index_add(0, bi, rows_logprobs(hidden, bi, ti, target, chunk))
+
+
+def rows_logprobs(hidden: Hidden, bi: torch.Tensor, ti: torch.Tensor, target: torch.Tensor,
+                  chunk: int | None = None) -> torch.Tensor:
+    """log p(target[i]) at position ti[i] of sequence bi[i] (`label_rows` order), fp32, shape [N]:
+    per-token completion log-probs, one chunk of logits at a time, checkpointed."""
     rows = hidden.states[:, :-1][bi, ti]
     chunk = chunk or chunk_rows(hidden.head.weight.shape[0])
     head, transform = hidden.head, hidden.transform
@@ -251,11 +264,32 @@ def hidden_logprobs(hidden: Hidden, labels: torch.Tensor, chunk: int | None = No
             logits = transform(logits)
         return -F.cross_entropy(logits.float(), t, reduction="none")
 
-    out = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device)
     if target.numel() == 0:
-        return out + hidden.states.sum() * 0.0
-    per_row = torch.cat(rows_apply(logp, rows, target, chunk=chunk))
-    return out.index_add(0, bi, per_row)
+        return torch.zeros(0, dtype=torch.float32, device=target.device)
+    return torch.cat(rows_apply(logp, rows, target, chunk=chunk))
+
+
+def mean_logits(hidden: Hidden, chunk: int | None = None) -> torch.Tensor:
+    """Each position's logits averaged over the vocabulary, [B, L-1] (the positions that predict
+    a next token), fp32, without a gradient: the `logits/chosen|rejected` metrics of the DPO
+    family. A plain linear head without a transform needs one mat-vec (mean_v (h·w_v + b_v) =
+    h·mean_v w_v + mean_v b_v); any other head is projected a chunk of rows at a time."""
+    states = hidden.states[:, :-1]
+    head = hidden.head
+    with torch.no_grad():
+        if _plain_linear(head) and hidden.transform is None:
+            out = states.float() @ head.weight.float().mean(0)
+            return out + head.bias.float().mean() if head.bias is not None else out
+        flat = states.reshape(-1, states.shape[-1])
+        chunk = chunk or chunk_rows(head.weight.shape[0])
+        parts = []
+        for h in flat.split(chunk):
+            logits = head(h)
+            if hidden.transform is not None:
+                logits = hidden.transform(logits)
+            parts.append(logits.float().mean(-1))
+            del logits
+        return torch.cat(parts).view(states.shape[:2])
 
 
 def sft_loss(model: Any, inputs: dict[str, Any], num_items: Any = None, **extra: Any) -> tuple[torch.Tensor, Hidden, int]:

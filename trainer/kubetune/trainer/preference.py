@@ -13,6 +13,13 @@ none), and a held-out base-vs-tuned comparison:
   per prompt (a desirable and an undesirable answer to the same prompt).
 - grpo: the mean grader reward of greedy completions of the held-out prompts.
 
+Logits. No preference type holds the [batch, seq, vocab] logits of a batch: TRL 1.16's DPOTrainer and
+KTOTrainer compute the completion log-probs (and the mean logits of their metrics, KTO's KL
+pairs, the reference's) with their fused LM head (`add_fused_lm_head`: tiles of 4 096 tokens ×
+32 768 vocabulary entries; Triton on GPU, plain torch elsewhere) and are used as they are;
+ORPOTrainer would take the model's full logits, so `_chunked_orpo` replaces its forward with
+kubetune.trainer.chunked. The held-out comparison scores one sequence at a time, chunked too.
+
 Reference model. With a PEFT adaptation (lora, qlora, dora) the reference is the base with the
 adapter disabled: TRL 1.16 copies a trainable adapter handed to it into a second `ref` adapter,
 which for a freshly initialised adapter computes the same as the base; `_drop_ref_adapter` removes
@@ -155,9 +162,7 @@ def build_trainer(spec: Any, model: Any, tokenizer: Any, train_rows: list[dict[s
         else:
             trainer = DPOTrainer(**common, ref_model=ref_model)
     elif kind == TrainingType.ORPO:
-        from trl.experimental.orpo import ORPOTrainer
-
-        trainer = ORPOTrainer(**common)
+        trainer = _chunked_orpo()(**common)
     elif kind == TrainingType.KTO:
         from trl import KTOTrainer
 
@@ -207,6 +212,76 @@ def _reference_free_dpo() -> type:
     return ReferenceFreeDPOTrainer
 
 
+def _chunked_orpo() -> type:
+    """ORPOTrainer whose forward never holds the [batch, seq, vocab] logits (kubetune.trainer.chunked).
+
+    TRL 1.16's experimental ORPOTrainer.concatenated_forward takes `outputs.logits` whole and
+    derives everything from them: the mean completion log-prob of each answer (`get_batch_logps`,
+    average_log_prob=True), the NLL of the chosen rows over prompt and answer (ORPO's SFT term), and
+    the mean logits of the chosen and rejected halves (`logits/chosen|rejected`). Only that method
+    is replaced; TRL's odds-ratio loss, metrics and the rest are kept. Here the model runs with
+    `logits_to_keep` = no position and, from the last hidden state:
+
+    - one chunked, checkpointed pass projects every row either term needs (a chosen row's answer
+      tokens serve both) and gives its token log-prob; the mean completion log-probs and the NLL
+      (mean over the chosen rows' attended tokens, as nn.CrossEntropyLoss) are sums of those;
+    - the mean logits are one mat-vec with the head's mean row (a plain nn.Linear head without
+      soft-capping; any other head: a chunked no-grad pass). They are fp32, TRL's are in the
+      model's dtype; the values are otherwise the same (metric only).
+
+    TRL's own path is taken for encoder-decoder models and whenever `chunked.supports_hidden(model)`
+    is false (no `logits_to_keep`, no decoder/output-embedding accessors). Why not TRL's equivalent:
+    DPOTrainer and KTOTrainer in 1.16 already score through `add_fused_lm_head` (tiles, plain torch on
+    CPU, Triton on GPU) and are used as they are, but ORPOTrainer does not use it, and its
+    `use_liger_kernel` path needs Liger's Triton kernels (GPU only).
+    """
+    import torch
+    from trl.experimental.orpo import ORPOTrainer
+
+    from kubetune.trainer import chunked
+
+    class ChunkedORPOTrainer(ORPOTrainer):
+        logits_chunk_rows: int | None = None
+        """Label rows per chunk of logits; None: chunked.chunk_rows(vocab) (CHUNK_BYTES of fp32)."""
+
+        def concatenated_forward(self, model: Any, batch: dict[str, Any]) -> tuple[Any, ...]:
+            if self.is_encoder_decoder or not chunked.supports_hidden(model):
+                return super().concatenated_forward(model, batch)
+            cat = self.concatenated_inputs(batch, is_encoder_decoder=False, padding_value=self.padding_value,
+                                           device=self.accelerator.device)
+            n_chosen = batch["chosen_labels"].shape[0]
+            ids, mask = cat["concatenated_input_ids"], cat["concatenated_attention_mask"]
+            labels = cat["concatenated_labels"]
+            extra = {"output_router_logits": True} if self.aux_loss_enabled else {}
+            hidden = chunked.forward_hidden(model, {"input_ids": ids, "attention_mask": mask, "use_cache": False},
+                                            ids.shape[1], **extra)
+            nll_labels = ids.masked_fill(mask == 0, chunked.IGNORE_INDEX)
+            nll_labels[n_chosen:] = chunked.IGNORE_INDEX  # the SFT term is over the chosen rows only
+            completion, nll = labels[:, 1:] != chunked.IGNORE_INDEX, nll_labels[:, 1:] != chunked.IGNORE_INDEX
+            union = torch.where(labels != chunked.IGNORE_INDEX, labels, nll_labels)
+            chunk = self.logits_chunk_rows
+            if torch.equal(union[:, 1:][nll], nll_labels[:, 1:][nll]):  # answer labels are the answer tokens
+                bi, ti, target = chunked.label_rows(union)
+                logps = chunked.rows_logprobs(hidden, bi, ti, target, chunk)
+                comp_logps, comp_bi = logps[completion[bi, ti]], bi[completion[bi, ti]]
+                nll_logps = logps[nll[bi, ti]]
+            else:  # labels that differ from the input ids: two passes
+                bi, ti, target = chunked.label_rows(labels)
+                comp_logps, comp_bi = chunked.rows_logprobs(hidden, bi, ti, target, chunk), bi
+                bi, ti, target = chunked.label_rows(nll_labels)
+                nll_logps = chunked.rows_logprobs(hidden, bi, ti, target, chunk)
+            zero = hidden.states.sum() * 0.0  # keeps the graph whole when a term has no token
+            sums = torch.zeros(ids.shape[0], dtype=torch.float32, device=ids.device).index_add(0, comp_bi, comp_logps)
+            all_logps = (sums + zero) / completion.sum(-1)
+            chosen_nll_loss = -(nll_logps.sum() + zero) / nll.sum()
+            means = chunked.mean_logits(hidden, chunk)
+            out = (all_logps[:n_chosen], all_logps[n_chosen:], means[:n_chosen].mean(), means[n_chosen:].mean(),
+                   chosen_nll_loss)
+            return (*out, hidden.outputs.aux_loss) if self.aux_loss_enabled else out
+
+    return ChunkedORPOTrainer
+
+
 class TrlMetrics:
     """A TrainerCallback-compatible hook: TRL's logged numbers (rewards, margins, accuracies, KL,
     completion length, per-grader reward mean/std) to the objective gauge and the summary."""
@@ -239,6 +314,13 @@ def _mean_completion_logp(model: Any, tokenizer: Any, prompt_text: str, completi
     if not c:
         return 0.0
     ids = torch.tensor([p + c], device=device)
+    from kubetune.trainer import chunked
+
+    if chunked.supports_hidden(model) and p:  # a chunk of logits at a time, not [seq, vocab] and its log-softmax
+        labels = ids.clone()
+        labels[:, : len(p)] = chunked.IGNORE_INDEX
+        with torch.no_grad():
+            return float(chunked.sequence_logprobs(model, {"input_ids": ids}, labels)[0]) / len(c)
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0, :-1].float()
     logps = torch.log_softmax(logits, -1)
