@@ -243,3 +243,24 @@ def test_heldout_mean_completion_logp_is_chunked_and_equal(tiny_model_dir: Path,
     full = preference._mean_completion_logp(model, tok, "Return window?", " 30 days, full refund.")
     assert value == pytest.approx(full, rel=1e-5) and value < 0
 
+
+def test_kto_refuses_an_adapter_on_the_lm_head(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """TRL's fused head would ignore a LoRA on lm_head for KTO without a word (DPOTrainer raises,
+    KTOTrainer does not): build_trainer refuses it; ORPO's chunked forward applies it."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from kubetune.trainer import methods, preference
+    from kubetune.trainer.run import _SCHEDULERS
+    from tests.fixtures.models import load_tiny
+    from tests.trainer.test_preference import EFFECTIVE, job_body, parse
+
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "targetModules": ["q_proj", "lm_head"]}
+    spec = parse(job_body(tmp_path, {"type": "kto", "kto": {"beta": 0.1}, "lora": lora})).spec
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = methods.build(spec.method.adaptation, spec.method.config()).apply(load_tiny(tiny_model_dir), tok)
+    args = preference.training_args(spec, EFFECTIVE, tmp_path / "run", True, _SCHEDULERS)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    rows = [{"prompt": "Q?", "completion": " A.", "label": True}, {"prompt": "Q?", "completion": " B.", "label": False}]
+    with pytest.raises(ValueError, match="kto cannot adapt the LM head"):
+        preference.build_trainer(spec, model, tok, rows, args, [], opt, [])

@@ -166,6 +166,7 @@ def build_trainer(spec: Any, model: Any, tokenizer: Any, train_rows: list[dict[s
     elif kind == TrainingType.KTO:
         from trl import KTOTrainer
 
+        _refuse_head_adapter(model)
         trainer = KTOTrainer(**common, ref_model=ref_model)
     else:
         from trl import GRPOTrainer
@@ -181,6 +182,21 @@ def build_trainer(spec: Any, model: Any, tokenizer: Any, train_rows: list[dict[s
 
     trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+def _refuse_head_adapter(model: Any) -> None:
+    """KTO scores through TRL's fused LM head, which multiplies by `lm_head.weight` directly: an adapter
+    on the head would be silently ignored (never applied, never trained). TRL 1.16's DPOTrainer raises
+    for this; its KTOTrainer does not, so we do. (ORPO's chunked forward calls the wrapped head.)"""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # pragma: no cover - peft is a trainer dependency
+        return
+    get = getattr(model, "get_output_embeddings", None)
+    if callable(get) and isinstance(get(), BaseTunerLayer):
+        raise ValueError("method.type kto cannot adapt the LM head: TRL computes the log-probabilities from the head's "
+                         "base weight, so the adapter would never be applied or trained; remove lm_head from "
+                         "targetModules")
 
 
 def _drop_ref_adapter(model: Any) -> None:
