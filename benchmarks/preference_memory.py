@@ -12,7 +12,7 @@ Numbers: peak RSS of the process (ru_maxrss), the RSS before the first step and 
 added, ms per step, and the loss of the first step (must agree within 1e-4).
 
     python benchmarks/preference_memory.py            # appends RESULTS.md
-    python benchmarks/preference_memory.py --smoke     # small sizes, RESULTS.md untouched
+    python benchmarks/preference_memory.py --smoke     # small sizes (≈ 1 min), RESULTS.md untouched
 """
 
 from __future__ import annotations
@@ -84,7 +84,8 @@ def child(side: str, vocab: int, hidden: int, seq: int, steps: int) -> dict[str,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="small sizes; RESULTS.md untouched unless --results")
+    parser.add_argument("--results", type=Path)
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--child", nargs=2, metavar=("SIDE", "JSON"))
@@ -120,8 +121,9 @@ def main() -> None:
               f"peak_ours={out['ours']['peak_mb']:.0f} loss_delta={delta:.2e} vocab={sizes['vocab']} "
               f"tokens={out['ours']['tokens']} date={datetime.date.today()}", ""]
     print("\n".join(lines))
-    if not a.smoke:
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
+    target = a.results or (None if a.smoke else ROOT / "benchmarks" / "RESULTS.md")
+    if target is not None:
+        with open(target, "a") as f:
             f.write("\n" + "\n".join(lines))
 
 

@@ -64,6 +64,15 @@ def test_trainer_memory_smoke() -> None:
 
 
 @pytest.mark.slow
+def test_preference_memory_smoke() -> None:
+    fields = smoke("preference_memory.py", "preference_memory")
+    # The same ORPO batch on both sides: the chunked forward's loss equals TRL's full-logits one.
+    assert float(fields["loss_delta"]) <= 1e-4
+    assert float(fields["added_ratio"]) > 0 and float(fields["peak_trl"]) > 0 and float(fields["peak_ours"]) > 0
+    assert fields["vocab"] == "4096"
+
+
+@pytest.mark.slow
 def test_gpu_smoke_runs_on_cpu_and_claims_no_gpu_result() -> None:
     before = RESULTS.read_bytes()
     run = subprocess.run(
