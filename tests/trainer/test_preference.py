@@ -70,6 +70,7 @@ def dpo_trainer(tiny_model_dir: Path, tmp: Path, method: dict[str, Any], adaptat
     spec = parse(body).spec
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = load_tiny(tiny_model_dir)
+    torch.manual_seed(spec.hyperparameters.seed)  # the adapter's random init: not whatever the session's RNG holds
     adapt = methods.build(spec.method.adaptation, spec.method.config())
     model = adapt.apply(model, tok)
     args = preference.training_args(spec, EFFECTIVE, tmp / "run", True, _SCHEDULERS)
