@@ -121,5 +121,11 @@ def test_validation_job_imports_no_ml_stack(tmp_path: Path) -> None:
     )
     assert run.returncode == 0, run.stdout + run.stderr
     summary = json.loads(term.read_text())
+    report = summary.pop("dataReport")  # the dataset report's counts, for .status.dataReport
     assert summary == {"status": "validated", "examples": 300, "validationExamples": 40,
                        "warnings": ["only 300 training examples; 500 or more usually train better (few examples are easily memorised)"]}
+    assert {k: report[k] for k in ("examples", "validationExamples", "duplicates", "overMaxSeqLength",
+                                   "piiFindings", "piiPolicy")} == {
+        "examples": 300, "validationExamples": 40, "duplicates": 0, "overMaxSeqLength": 0,
+        "piiFindings": 0, "piiPolicy": "warn"}
+    assert report["tokens"] > 300 and report["estimatedTrainingTokens"] > report["tokens"]
