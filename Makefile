@@ -57,6 +57,9 @@ test-fast: venv
 bench: venv apiserver
 	$(PY) benchmarks/objectives_cost.py
 	$(PY) benchmarks/trainer_vs_hf.py
+	$(PY) benchmarks/trainer_memory.py
+	$(PY) benchmarks/memory_grid.py
+	$(PY) benchmarks/preference_memory.py
 	$(PY) benchmarks/operator_scale.py
 
 # The chart cannot read crds/ (outside its directory): it renders a byte-identical copy.

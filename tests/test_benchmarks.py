@@ -73,6 +73,15 @@ def test_preference_memory_smoke() -> None:
 
 
 @pytest.mark.slow
+def test_memory_grid_smoke() -> None:
+    fields = smoke("memory_grid.py", "memory_grid")
+    # Two measured points, each compared with the memory model (tiny points sit far from it:
+    # fixed costs dominate; the recorded grid is what the ±25 % claim rests on).
+    assert fields["points"] == "2" and 0 <= int(fields["within_25pct"]) <= 2
+    assert 0 < float(fields["min_ratio"]) <= float(fields["max_ratio"])
+
+
+@pytest.mark.slow
 def test_gpu_smoke_runs_on_cpu_and_claims_no_gpu_result() -> None:
     before = RESULTS.read_bytes()
     run = subprocess.run(

@@ -12,11 +12,11 @@ import pytest
 
 from kubetune.api.memory import GIB, Workload, breakdown, largest_batch
 
-PROBE = Path(__file__).with_name("memory_probe.py")
+PROBE = Path(__file__).resolve().parents[2] / "benchmarks" / "memory_probe.py"
 TOLERANCE = 0.25
 
-# A subset of the grid (vocab 32k/128k × seq 512/2048 × batch 1/4 × LoRA/full, run whole
-# by benchmarks/trainer_memory.py --grid) that two CPU cores measure in about a minute: both
+# A subset of the grid (vocab 32k/128k × seq 512/2048 × batch 1/4 × LoRA/full, measured
+# whole by benchmarks/memory_grid.py into RESULTS.md) that two CPU cores measure in about a minute: both
 # vocabularies, both batch sizes, LoRA and full fine-tuning (the head trains), chunked and
 # unchunked logits, gradient checkpointing on and off on a model whose activations matter.
 SMALL = {"hidden": 64, "intermediate": 172, "layers": 2, "heads": 4}
