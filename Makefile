@@ -9,13 +9,15 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: help venv demo test test-fast bench crd chart-schema chart-rbac apiserver tools lock clean
+.PHONY: help venv demo test test-fast bench crd docs-api chart-readme chart-schema chart-rbac apiserver tools lock clean
 
 help:
 	@echo "make demo   run the quickstart FineTuneJob locally (embedded default)"
 	@echo "make test   install into $(VENV) and run the whole test suite"
 	@echo "make bench  run the CPU benchmarks (benchmarks/README.md); not part of make test"
-	@echo "make crd    regenerate crds/ from the API models (and the chart's copy)"
+	@echo "make crd    regenerate crds/ from the API models (and the chart's copy, docs/api.md)"
+	@echo "make docs-api     regenerate docs/api.md (the API reference) from the API models"
+	@echo "make chart-readme regenerate charts/kubetune/README.md from values.yaml"
 	@echo "make chart-schema  regenerate the chart's values.yaml and values.schema.json"
 	@echo "make chart-rbac    regenerate the chart's operator RBAC rules from the measured API usage"
 	@echo "make lock   re-resolve the dependencies into constraints.txt"
@@ -70,6 +72,15 @@ lock:
 crd: venv
 	$(VENV)/bin/kubetune crd > crds/finetunejobs.kubetune.io.yaml
 	cp crds/finetunejobs.kubetune.io.yaml charts/kubetune/files/finetunejobs.kubetune.io.yaml
+	$(VENV)/bin/kubetune crd --markdown > docs/api.md
+
+# docs/api.md: the API reference, generated from the same models as the CRD.
+docs-api: venv
+	$(VENV)/bin/kubetune crd --markdown > docs/api.md
+
+# charts/kubetune/README.md: the chart's values table, generated from the commented values.yaml.
+chart-readme: venv
+	$(PY) hack/chart_readme.py
 
 chart-schema: venv
 	$(PY) hack/chart_schema.py

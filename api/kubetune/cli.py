@@ -20,8 +20,14 @@ def main() -> None:
 
 
 @main.command()
-def crd() -> None:
+@click.option("--markdown", is_flag=True, help="Print the API reference in Markdown instead (what docs/api.md holds): every field with its type, default, description and validation.")
+def crd(markdown: bool) -> None:
     """Print the FineTuneJob CustomResourceDefinition (what crds/ holds)."""
+    if markdown:
+        from kubetune.api.reference import markdown as reference
+
+        click.echo(reference(), nl=False)
+        return
     from kubetune.api.crd import crd_yaml
 
     click.echo(crd_yaml(), nl=False)
