@@ -18,7 +18,7 @@ help:
 	@echo "make crd    regenerate crds/ from the API models (and the chart's copy, docs/api.md)"
 	@echo "make docs-api     regenerate docs/api.md (the API reference) from the API models"
 	@echo "make chart-readme regenerate charts/kubetune/README.md from values.yaml"
-	@echo "make chart-schema  regenerate the chart's values.yaml and values.schema.json"
+	@echo "make chart-schema  regenerate the chart's values.yaml, values.schema.json and README.md"
 	@echo "make chart-rbac    regenerate the chart's operator RBAC rules from the measured API usage"
 	@echo "make lock   re-resolve the dependencies into constraints.txt"
 
@@ -84,6 +84,7 @@ chart-readme: venv
 
 chart-schema: venv
 	$(PY) hack/chart_schema.py
+	$(PY) hack/chart_readme.py
 
 chart-rbac: venv
 	$(PY) hack/chart_rbac.py
