@@ -5,7 +5,7 @@ tests/data/argocd/ (a status the operator writes, and the health and message Arg
 Argo CD runs health scripts in gopher-lua, a Lua 5.1 that hands JSON numbers over as floats; the
 script is run in Lua 5.1 and 5.4, with numbers as Python gives them and as floats. The fixtures'
 statuses are validated against the status model, so they cannot describe a status the operator
-cannot write. The README shows the script in argocd-cm; that copy must equal the file.
+cannot write. docs/operations.md shows the script in argocd-cm; that copy must equal the file.
 """
 
 from __future__ import annotations
@@ -86,11 +86,11 @@ def test_serving_health_is_covered() -> None:
     assert {"ServingFailed", "ServingCRDMissing"} <= failures
 
 
-def test_readme_snippet_is_the_script() -> None:
-    readme = (ROOT / "README.md").read_text()
+def test_operations_doc_snippet_is_the_script() -> None:
+    readme = (ROOT / "docs" / "operations.md").read_text()
     found = []
     for block in re.findall(r"```yaml\n(.*?)```", readme, flags=re.DOTALL):
         for doc in yaml.safe_load_all(block):
             if isinstance(doc, dict) and HEALTH_KEY in (doc.get("data") or {}):
                 found.append(doc["data"][HEALTH_KEY])
-    assert found == [SCRIPT], "README's argocd-cm snippet differs from charts/kubetune/argocd/health.lua"
+    assert found == [SCRIPT], "docs/operations.md's argocd-cm snippet differs from charts/kubetune/argocd/health.lua"

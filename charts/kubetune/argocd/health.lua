@@ -1,5 +1,5 @@
 -- Argo CD health of a FineTuneJob (kubetune.io/v1alpha1), from the status the operator writes.
--- Install as resource.customizations.health.kubetune.io_FineTuneJob in argocd-cm (README).
+-- Install as resource.customizations.health.kubetune.io_FineTuneJob in argocd-cm (docs/operations.md).
 -- Pending/Validating/Queued/Running: Progressing with the progress; Succeeded: Healthy;
 -- Failed/Cancelled: Degraded with the reason; Suspended: Suspended. With spec.serving, Succeeded
 -- is Healthy only once status.serving.ready: Progressing while the serving object comes up,
