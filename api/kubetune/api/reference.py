@@ -174,4 +174,9 @@ def markdown() -> str:
         "not by the API server (the CRD carries none), and the resolved values are reported in "
         "`status.effective`. `kubetune validate` checks the same rules offline.\n"
     )
-    return HEADER + "\n" + intro + "\n" + "\n".join(writer.sections)
+    titles = [section.split("\n", 1)[0][4:] for section in writer.sections]
+    contents = "\n".join(
+        f"- {top}: " + " · ".join(f"[{t}](#{anchor(t)})" for t in titles if t == top or t.startswith(top + "."))
+        for top in ("spec", "status")
+    )
+    return HEADER + "\n" + intro + "\n" + contents + "\n\n" + "\n".join(writer.sections)
