@@ -6,6 +6,7 @@ proof of a promise exists."""
 from __future__ import annotations
 
 import re
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ def prose(text: str) -> str:
     return CODE.sub("", FENCE.sub("", text))
 
 
+@cache
 def anchors(path: Path) -> set[str]:
     """GitHub's anchors for the headings of a Markdown file (repeats get -1, -2, …)."""
     seen: dict[str, int] = {}
