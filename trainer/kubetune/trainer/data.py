@@ -10,6 +10,12 @@ Decisions worth knowing:
 - Unknown keys are errors, as in the API (a typo such as `"conent"` must not silently train on
   nothing). Message keys are role, content, weight, name. Top-level keys other than the format's
   own are refused unless the caller names them in `extra_keys` (attention guidance reads `spans`).
+- A record of a shape we know but cannot train as asked gets one message naming it and the field
+  to set, not one "unknown key" per key: preference data in a supervised job (spec.method.type),
+  another format's keys (spec.dataset.format), tool calls ("not supported yet"; empty `tools` /
+  `tool_calls` are tolerated). Content given as OpenAI's parts trains when every part is text:
+  the texts are joined with a newline (as vLLM does for string templates) when the line is read,
+  so every later reader sees a string; image, audio and file parts are "not supported".
 - Chat examples are rendered with the tokenizer's chat template, or `builtin.CHAT_TEMPLATE`
   (ChatML) when the tokenizer ships none. Loss falls on assistant content plus the end-of-turn
   token the template emits after it, for messages whose `weight` is not 0.
