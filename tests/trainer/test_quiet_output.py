@@ -29,6 +29,7 @@ from kubetune.trainer import storage
 from kubetune.trainer.callbacks import Preemption
 
 ROOT = Path(__file__).resolve().parents[2]
+slow = pytest.mark.slow  # trains the tiny model (the pod run is shared by five tests)
 DATA = ROOT / "examples" / "data" / "support-chat.jsonl"
 
 _OURS = re.compile(r"\b(?:DEBUG|INFO|WARNING|ERROR) kubetune[\w.]*: ")
@@ -66,7 +67,7 @@ def _manifest(tmp: Path, name: str, **spec: Any) -> Path:
         "hyperparameters": {"epochs": 1, "learningRate": 3e-3, "batchSize": 8, "maxSteps": 3, "seed": 7},
         "output": {"uri": (tmp / "out").as_uri()},
         "checkpointing": {"everySteps": 2, "keep": 2},
-        "evaluation": {"samples": 1, "maxNewTokens": 4},
+        "evaluation": {"samples": 1, "maxNewTokens": 4, "compareBase": False},
     }
     for key, value in spec.items():
         body[key] = {**body.get(key, {}), **value}
@@ -95,10 +96,12 @@ def pod_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"tmp": tmp, "out": tmp / "out", "scratch_root": scratch_root, "log": proc.stdout + proc.stderr}
 
 
+@slow
 def test_pod_log_has_no_library_warnings(pod_run: dict[str, Any]) -> None:
     assert library_noise(pod_run["log"]) == []
 
 
+@slow
 def test_pod_log_has_one_line_per_step(pod_run: dict[str, Any]) -> None:
     lines = re.findall(r"INFO kubetune\.trainer\.steps: step (\d+)/(\d+) loss (\d+\.\d{4}) lr (\S+) tokens/s ([\d,]+)\n",
                        pod_run["log"])
@@ -109,16 +112,19 @@ def test_pod_log_has_one_line_per_step(pod_run: dict[str, Any]) -> None:
     assert all(int(tps.replace(",", "")) > 0 for *_, tps in lines)
 
 
+@slow
 def test_cpu_fallback_is_said_once(pod_run: dict[str, Any]) -> None:
     said = [line for line in pod_run["log"].splitlines() if "no GPU: training on CPU" in line]
     assert len(said) == 1 and " WARNING kubetune.trainer: " in said[0]  # gpus: 1 was asked for
 
 
+@slow
 def test_no_scratch_copy_is_left_behind(pod_run: dict[str, Any]) -> None:
     assert (pod_run["out"] / "adapter" / "adapter_model.safetensors").is_file()
     assert sorted(p.name for p in pod_run["scratch_root"].glob("kubetune-*")) == []
 
 
+@slow
 def test_outputs_are_world_readable_like_a_normal_tool_writes_them(pod_run: dict[str, Any]) -> None:
     out = pod_run["out"]
     modes = {str(p.relative_to(out)): stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*")]}
@@ -128,12 +134,33 @@ def test_outputs_are_world_readable_like_a_normal_tool_writes_them(pod_run: dict
     assert wrong == {}
 
 
+def test_downloaded_directories_get_the_mode_mkdir_gives(tmp_path: Path) -> None:
+    """mkdtemp's 0700 staging directory is renamed into place as a fetched output or model: it gets
+    0777 less the umask, so a serving container running as another user can read it."""
+    from kubetune.trainer import filemodes
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert filemodes.umask() == mask
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "weights.bin").write_bytes(b"\0" * 64)
+    store = storage.Store((tmp_path / "store").as_uri())
+    files = storage.upload_dir(local, store, "adapter", {})["files"]
+    target = tmp_path / "fetched"
+    assert storage.download_verified(store, "adapter", files, target) is None
+    assert stat.S_IMODE(target.stat().st_mode) == 0o777 & ~mask
+    assert stat.S_IMODE((target / "weights.bin").stat().st_mode) == 0o666 & ~mask
+    assert stat.S_IMODE((tmp_path / "store" / "adapter" / "manifest.json").stat().st_mode) == 0o666 & ~mask
+
+
 def _job(tmp: Path, name: str, **spec: Any) -> Any:
     from kubetune.api.manifest import load_job
 
     return load_job(str(_manifest(tmp, name, **spec)))
 
 
+@slow
 def test_ctrl_c_saves_a_checkpoint_then_stops(tmp_path: Path) -> None:
     from kubetune.trainer.run import Options, Preempted, run
 
@@ -170,6 +197,7 @@ def test_a_second_ctrl_c_interrupts_at_once() -> None:
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
+@slow
 def test_a_failed_run_removes_its_scratch_and_a_given_scratch_is_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from kubetune.trainer.run import Options, run
 
