@@ -97,30 +97,41 @@ def test_preference_data_in_a_supervised_job_suggests_the_method_type(tmp_path: 
     path = write(tmp_path, rows)
     found = problems_by_line(path)
     assert found == {
-        1: ["this is preference data (chosen/rejected pairs): chosen, rejected; a supervised job cannot train on it; "
-            "set spec.method.type: dpo"],
-        2: ["this is preference data (OpenAI's preference format): input, preferred_output, non_preferred_output; "
-            "a supervised job cannot train on it; set spec.method.type: dpo"],
-        3: ["this is unpaired preference data (KTO): prompt, completion, label; a supervised job cannot train on it; "
-            "set spec.method.type: kto"],
+        1: ["preference pairs (chosen, rejected): set spec.method.type: dpo; a supervised job cannot train on it"],
+        2: ["OpenAI preference data (input, preferred_output, non_preferred_output): set spec.method.type: dpo; "
+            "a supervised job cannot train on it"],
+        3: ["KTO data (prompt, completion, label): set spec.method.type: kto; a supervised job cannot train on it"],
     }
     # a promptCompletion job: the types read chat files, so both fields are named
-    assert problems_by_line(path, "promptCompletion")[3][0].endswith("set spec.method.type: kto and spec.dataset.format: chat")
+    assert "set spec.method.type: kto and spec.dataset.format: chat;" in problems_by_line(path, "promptCompletion")[3][0]
     # what the validation Job and `kubetune validate --data` run: the same, in the DataError's text
     with pytest.raises(data.DataError) as err:
         data.check(Dataset(train=str(path), format="chat", minExamples=1))
-    assert f"{path}:1: this is preference data" in str(err.value) and "remove it" not in str(err.value)
+    assert f"{path}:1: preference pairs (chosen, rejected): set spec.method.type: dpo" in str(err.value)
+    assert "remove it" not in str(err.value)
     # the gateway's check of an OpenAI supervised job's file: the line, and what it is
     pairs = "examples/data/support-dpo.jsonl"
     error, _ = translate.check_data(pairs, None, files={pairs: "training_file"})
     assert error is not None and error.param == "training_file:1"
-    assert "this is preference data (OpenAI's preference format)" in error.message and "remove it" not in error.message
+    first = error.message.splitlines()[0]  # 20 lines of a bounded message: what to do comes first, and survives
+    assert first.startswith("examples/data/support-dpo.jsonl:1: OpenAI preference data (input, preferred_output, "
+                            'non_preferred_output): create the job with method {"type": "dpo"}')  # in the API's terms
+    assert "remove it" not in error.message
+    prompts = write(tmp_path, [{"prompt": "Q", "completion": "A"}], "legacy.jsonl")  # OpenAI's legacy format
+    error, _ = translate.check_data(str(prompts), None, files={str(prompts): "training_file"})
+    assert error is not None and error.message.splitlines()[0] == (
+        f"{prompts}:1: looks like promptCompletion data (prompt, completion): convert each line to "
+        "{\"messages\": [...]} (the only format of OpenAI's API); spec.dataset.format is chat (messages)")
     # and the other way round: a dpo job reading chat data, a kto job reading pairs
     assert prefdata.check_pair({"messages": [U, A]}, "dpo") == [
-        "this is supervised chat data (messages), not preference pairs ({prompt, chosen, rejected} or OpenAI's "
-        "{input, preferred_output, non_preferred_output}); to train on it set spec.method.type: supervised, else convert the records"]
-    assert prefdata.check_kto(rows[0])[0].endswith("set spec.method.type: dpo")
-    assert prefdata.check_pair(rows[2], "orpo")[0].endswith("set spec.method.type: kto")
+        "supervised chat data (messages): set spec.method.type: supervised to train on it; spec.method.type: dpo reads "
+        "preference pairs ({prompt, chosen, rejected} or OpenAI's {input, preferred_output, non_preferred_output})"]
+    assert prefdata.check_pair({"prompt": "Q", "completion": "A"}, "orpo")[0].startswith(
+        "supervised promptCompletion data (prompt, completion): set spec.method.type: supervised and spec.dataset.format: "
+        "promptCompletion to train on it; spec.method.type: orpo reads")
+    assert prefdata.check_kto(rows[0])[0].startswith("preference pairs (chosen, rejected): set spec.method.type: dpo; "
+                                                     "spec.method.type: kto reads unpaired examples")
+    assert prefdata.check_pair(rows[2], "orpo")[0].startswith("KTO data (prompt, completion, label): set spec.method.type: kto;")
     assert prefdata.check_pair({"prompt": "q", "chosen": "a"}, "dpo") == [  # its own shape, incomplete: named as before
         "missing key 'rejected' (the dispreferred answer); a preference pair needs both sides"]
 
@@ -136,9 +147,9 @@ def test_data_of_another_format_suggests_spec_dataset_format(tmp_path: Path, rec
     found = problems_by_line(write(tmp_path, [record]), fmt)
     assert list(found) == [1] and len(found[1]) == 1, found
     message = found[1][0]
-    assert message.startswith(f"this looks like {looks_like} data (")
-    assert message.endswith(f"but spec.dataset.format is {fmt} ({', '.join(data.FORMAT_KEYS[fmt])}); "
-                            f"set spec.dataset.format: {looks_like}")
+    assert message.startswith(f"looks like {looks_like} data (")
+    assert message.endswith(f"): set spec.dataset.format: {looks_like}; spec.dataset.format is {fmt} "
+                            f"({', '.join(data.FORMAT_KEYS[fmt])})")
     # with the suggested format the same line is valid
     assert problems_by_line(write(tmp_path, [record], "again.jsonl"), looks_like) == {}
 

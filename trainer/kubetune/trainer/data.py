@@ -353,11 +353,12 @@ TOOL_MESSAGE_KEYS = ("tool_calls", "function_call", "tool_call_id")
 TOOL_ROLES = ("tool", "function", "ipython")
 
 PREFERENCE_SHAPES: tuple[tuple[tuple[str, ...], str, str], ...] = (
-    (("input", "preferred_output", "non_preferred_output"), "dpo", "preference data (OpenAI's preference format)"),
-    (("chosen", "rejected"), "dpo", "preference data (chosen/rejected pairs)"),
-    (("prompt", "completion", "label"), "kto", "unpaired preference data (KTO)"),
+    (("input", "preferred_output", "non_preferred_output"), "dpo", "OpenAI preference data"),
+    (("chosen", "rejected"), "dpo", "preference pairs"),
+    (("prompt", "completion", "label"), "kto", "KTO data"),
 )
-"""Record shapes of preference training, as (keys, spec.method.type that reads them, what they are)."""
+"""Record shapes of preference training, as (keys, spec.method.type that reads them, what they are).
+The messages built from them put what to set first: a long report clips each line's tail."""
 
 REQUIRED_KEYS = {
     DatasetFormat.CHAT: ("messages",),
@@ -387,15 +388,14 @@ def shape_problem(data: dict, fmt: DatasetFormat) -> str | None:
     if (pref := preference_shape(data)) is not None:
         keys, kind, what = pref
         also = " and spec.dataset.format: chat" if fmt != DatasetFormat.CHAT else ""  # the types read chat files
-        return (f"this is {what}: {', '.join(keys)}; a supervised job cannot train on it; set "
-                f"spec.method.type: {kind}{also}")
+        return f"{what} ({', '.join(keys)}): set spec.method.type: {kind}{also}; a supervised job cannot train on it"
     if all(k in data for k in REQUIRED_KEYS[fmt]):
         return None
     other = supervised_shape(data)
     if other is None or other == fmt:
         return None
-    return (f"this looks like {other} data ({', '.join(REQUIRED_KEYS[other])}), but spec.dataset.format is "
-            f"{fmt} ({', '.join(FORMAT_KEYS[fmt])}); set spec.dataset.format: {other}")
+    return (f"looks like {other} data ({', '.join(REQUIRED_KEYS[other])}): set spec.dataset.format: {other}; "
+            f"spec.dataset.format is {fmt} ({', '.join(FORMAT_KEYS[fmt])})")
 
 
 def _given(value: Any) -> bool:

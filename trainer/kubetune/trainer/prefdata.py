@@ -98,15 +98,15 @@ def other_shape(data: dict, kind: str, reads: str, own: tuple[str, ...]) -> str 
         keys, wanted, what = pref
         if wanted == kind or (wanted == "dpo" and kind == "orpo"):
             return None
-        return f"this is {what}: {', '.join(keys)}; spec.method.type: {kind} reads {reads}; set spec.method.type: {wanted}"
+        return f"{what} ({', '.join(keys)}): set spec.method.type: {wanted}; spec.method.type: {kind} reads {reads}"
     if any(k in data for k in own):
         return None
     fmt = supervised_shape(data)
     if fmt is None:
         return None
     where = "" if str(fmt) == "chat" else f" and spec.dataset.format: {fmt}"
-    return (f"this is supervised {fmt} data ({', '.join(REQUIRED_KEYS[fmt])}), not {reads}; to train on it set "
-            f"spec.method.type: supervised{where}, else convert the records")
+    return (f"supervised {fmt} data ({', '.join(REQUIRED_KEYS[fmt])}): set spec.method.type: supervised{where} to "
+            f"train on it; spec.method.type: {kind} reads {reads}")
 
 
 def check_pair(data: dict, kind: str = "dpo") -> list[str]:
