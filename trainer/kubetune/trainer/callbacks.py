@@ -237,7 +237,7 @@ class LoopCallback(TrainerCallback):
         if "learning_rate" in logs:
             self.metrics.learning_rate.set(float(logs["learning_rate"]))
             self.learning_rates.append((state.global_step, float(logs["learning_rate"])))
-        if "loss" in logs:  # a training step's log (not the end-of-training totals)
+        if "loss" in logs and getattr(state, "is_local_process_zero", True):  # a step's log, once per pod
             steps_log.info("%s", step_line(state.global_step, state.max_steps, logs.get("loss"), logs.get("learning_rate"),
                                            self.tokens_per_second))
         if self.pending_progress is not None:
