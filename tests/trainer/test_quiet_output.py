@@ -170,15 +170,24 @@ def test_ctrl_c_saves_a_checkpoint_then_stops(tmp_path: Path) -> None:
 
     job = _job(tmp_path, "ctrlc", hyperparameters={"maxSteps": 6}, checkpointing={"everySteps": 100},
                evaluation={"samples": 0, "compareBase": False})
-    before = signal.getsignal(signal.SIGINT)
-    with pytest.raises(Preempted) as stopped:
-        run(job, Options(on_progress=interrupt))
+    unhandled: list[int] = []  # a SIGINT the run did not take would land here, not abort the test session
+
+    def outside(signum: int, frame: Any) -> None:
+        unhandled.append(signum)
+
+    previous = signal.signal(signal.SIGINT, outside)
+    try:
+        with pytest.raises(Preempted) as stopped:
+            run(job, Options(on_progress=interrupt))
+        assert signal.getsignal(signal.SIGINT) is outside  # after the loop, a Ctrl-C is the caller's again
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert unhandled == []
     # step 1's progress is reported after step 1's check, so the loop stops at the end of step 2
     assert str(stopped.value) == "stopped on Ctrl-C (SIGINT) at step 2; checkpoint committed"
     store = storage.Store((tmp_path / "out").as_uri())
     assert storage.list_checkpoints(store) == [2] and storage.verify(store, storage.checkpoint_prefix(2))[0]
     assert not store.exists("manifest.json")  # stopped, not finished
-    assert signal.getsignal(signal.SIGINT) is before  # a later Ctrl-C is an ordinary interrupt again
 
 
 def test_a_second_ctrl_c_interrupts_at_once() -> None:
