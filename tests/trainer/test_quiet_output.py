@@ -33,7 +33,7 @@ slow = pytest.mark.slow  # trains the tiny model (the pod run is shared by five 
 DATA = ROOT / "examples" / "data" / "support-chat.jsonl"
 
 _OURS = re.compile(r"\b(?:DEBUG|INFO|WARNING|ERROR) kubetune[\w.]*: ")
-_NOISE = re.compile(r"warn|deprecat|gemm_4bit_forward|Loading weights|Writing model shards", re.IGNORECASE)
+_NOISE = re.compile(r"\w*Warning\b|warnings\.warn|\bWARNING\b|[Dd]eprecat|gemm_4bit_forward|Loading weights|Writing model shards")
 
 
 def library_noise(text: str) -> list[str]:
@@ -53,6 +53,7 @@ Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'ke
 /x/peft/peft_model.py:1673: UserWarning: Position ids are not supported
 Loading weights: 100%|██████████| 21/21
 WARNING kubetune.trainer: only 300 training examples; 500 or more usually train better
+│ data: duplicates / overlap / PII   │ 0 / 0 / 0 (warn)                        │
 2026-12-03 06:39:03,631 INFO kubetune.trainer.steps: step 1/3 loss 5.5 lr 0.00e+00 tokens/s 1,549"""
     assert len(library_noise(seen)) == 6
 
