@@ -242,6 +242,9 @@ _LOCAL_ONLY = ("Generation is transformers' generate, one request at a time: rig
 def _open_pool(outputs: tuple[str, ...], device: str) -> object:
     """Verify and load outputs for chat/serve; a clear message and exit 1 instead of a traceback."""
     try:
+        from kubetune.trainer import quiet
+
+        quiet.install()  # before the ML libraries are imported (bitsandbytes logs at import)
         from transformers.utils import logging as hf_logging
 
         from kubetune.trainer import inference, storage

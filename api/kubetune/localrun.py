@@ -18,10 +18,16 @@ from kubetune.api.contract import PERMANENT_EXIT_CODE, PREEMPTED_EXIT_CODE
 
 
 def run_locally(job: Any, output: str | None, metrics_port: int) -> int:
+    from kubetune.trainer import quiet
+
+    quiet.install()  # before the ML libraries are imported (bitsandbytes logs at import)
+    from kubetune.trainer.callbacks import steps_log
     from kubetune.trainer.run import Options, Preempted, UserError, run
 
     console = Console(stderr=True)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not console.is_terminal:  # no live bar to look at (CI, a pipe): a log line per step instead
+        steps_log.setLevel(logging.INFO)
     output = output or (Path.cwd() / "kubetune-output" / job.metadata.name).resolve().as_uri()
     progress = Progress(
         TextColumn("[bold]{task.description}"),
@@ -37,11 +43,12 @@ def run_locally(job: Any, output: str | None, metrics_port: int) -> int:
         # A busy redraw thread competes with torch's worker threads on small machines.
         refresh_per_second=2,
     )
-    task = progress.add_task("training", total=None, loss="–", tps="–")
+    # Hidden until the first step: validating and loading show their status lines, not "step 0/None".
+    task = progress.add_task("training", total=None, loss="–", tps="–", visible=False)
 
     def on_progress(p: dict[str, Any]) -> None:
         loss = f"{p['loss']:.4f}" if p.get("loss") is not None else "–"
-        progress.update(task, completed=p["step"], total=p["total"], loss=loss, tps=f"{p['tokens_per_s']:.0f}")
+        progress.update(task, completed=p["step"], total=p["total"], loss=loss, tps=f"{p['tokens_per_s']:.0f}", visible=True)
 
     opts = Options(output=output, on_progress=on_progress, on_status=lambda m: console.print(f"[dim]• {m}[/dim]"))
     if metrics_port >= 0:
@@ -55,7 +62,7 @@ def run_locally(job: Any, output: str | None, metrics_port: int) -> int:
         console.print(f"[red]error[/red] ({err.reason}): {err}")
         return PERMANENT_EXIT_CODE
     except Preempted as err:
-        console.print(f"[yellow]stopped[/yellow]: {err}")
+        console.print(f"[yellow]stopped[/yellow]: {err}; run the same command again to resume from it")
         return PREEMPTED_EXIT_CODE
     table = Table(title=f"{job.metadata.name}: fine-tuning finished", show_header=False)
     m = summary["metrics"]

@@ -164,7 +164,8 @@ def test_wrong_field_types(tmp_path):
     path = write(tmp_path, ['{"messages": {"role": "user"}}', chat(("user", ["a"]), ("assistant", "b"))])
     records, problems = data.read_records(str(path), "chat")
     assert_at(problems[0], path, 1, "messages: expected an array, got an object")
-    assert_at(problems[1], path, 2, "messages[0].content: expected a string, got an array")
+    # an array is content parts (OpenAI's form): each must be a {"type": "text", "text": ...} object
+    assert_at(problems[1], path, 2, 'messages[0].content[0]: expected a content part such as {"type": "text", "text": "..."}, got a string')
 
 
 def test_blank_lines_and_crlf_are_fine(tmp_path):

@@ -233,6 +233,9 @@ def test_quickstart_demo(tmp_path: Path) -> None:
         cwd=ROOT, capture_output=True, text=True, env=env(tmp_path), timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
+    from tests.trainer.test_quiet_output import library_noise
+
+    assert library_noise(run.stdout + run.stderr) == []  # issue 15: `make demo` prints no library warnings
     rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in run.stdout.splitlines() if line.count("│") >= 3}
     assert float(rows["tuned model eval loss"]) < float(rows["base model eval loss"])
     # evaluation.samples: 8 (issue 21): the samples, base vs tuned scores, and report.html in a browser.
@@ -246,6 +249,7 @@ def test_quickstart_demo(tmp_path: Path) -> None:
     check_report_in_chromium(local, tmp_path, 8)
     verify = subprocess.run([sys.executable, "-m", "kubetune.cli", "verify", out], capture_output=True, text=True)
     assert verify.returncode == 0 and "verified" in verify.stdout
+    assert library_noise(verify.stdout + verify.stderr) == []
     use_the_quickstart_output(out, tmp_path)
 
 
@@ -260,6 +264,9 @@ def use_the_quickstart_output(out: str, tmp_path: Path) -> None:
         capture_output=True, text=True, env=env(tmp_path), timeout=300,
     )
     assert chat.returncode == 0, chat.stderr[-3000:]
+    from tests.trainer.test_quiet_output import library_noise
+
+    assert library_noise(chat.stdout + chat.stderr) == []
     assert "[tuned: ft:tiny-llama:quickstart]" in chat.stdout and "[base: tiny-llama]" in chat.stdout
     tuned, base = chat.stdout.split("[base: tiny-llama]")
     assert tuned.split("]", 1)[1].strip() and base.strip()  # both answered

@@ -365,6 +365,21 @@ def openai_checkpoints(job_id: str, tuned_model: str, checkpoints: list[Mapping[
 # ------------------------------------------------------------------------------------ data checks
 
 
+_OPENAI_HINTS = (
+    (re.compile(r"set spec\.method\.type: (dpo|supervised)\b"), lambda m: f'create the job with method {{"type": "{m[1]}"}}'),
+    (re.compile(r"set spec\.method\.type: (kto|orpo)\b"), lambda m: f"use kubetune's spec.method.type: {m[1]} (not in OpenAI's API)"),
+    (re.compile(r"set spec\.dataset\.format: \w+"), lambda m: 'convert each line to {"messages": [...]} (the only format of OpenAI\'s API)'),
+)
+
+
+def openai_wording(message: str) -> str:
+    """The data layer's hints in the terms of OpenAI's API: a fine-tuning job's `method.type`, and
+    chat files only (there is no format field)."""
+    for pattern, repl in _OPENAI_HINTS:
+        message = pattern.sub(repl, message)
+    return message
+
+
 def check_data(train_path: str, validation_path: Optional[str], *, files: Mapping[str, str] = (), names: Mapping[str, str] = (),
                method_type: str = "supervised") -> tuple[Optional[JobError], dict]:
     """The trainer's own data checks (kubetune.trainer.data.check: one streaming pass, no torch),
@@ -384,7 +399,7 @@ def check_data(train_path: str, validation_path: Optional[str], *, files: Mappin
     except data.DataError as err:
         first = err.problems[0] if err.problems else None
         param = file_param(first.file, first.line) if first else None
-        return job_error({"code": "InvalidData", "message": str(err), "param": param}, files, names), {}
+        return job_error({"code": "InvalidData", "message": openai_wording(str(err)), "param": param}, files, names), {}
     except ValueError as err:  # e.g. a format the data layer does not know yet
         return JobError(code="InvalidData", message=str(err), param="training_file"), {}
     return None, {"examples": report.examples, "validationExamples": report.validation_examples,

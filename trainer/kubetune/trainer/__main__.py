@@ -161,6 +161,9 @@ def missing_credentials(env: Any = None) -> TrainerSummary | None:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from kubetune.trainer import quiet
+
+    quiet.install()  # before the ML libraries are imported (bitsandbytes logs at import)
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["fetch"]:
         from kubetune.trainer import fetch

@@ -15,6 +15,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from kubetune.trainer import filemodes
+
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -107,6 +109,7 @@ def ensure(name: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     build(name, staging)
+    filemodes.as_created(staging)  # a shared cache, like the hub's: not mkdtemp's 0700
     try:
         os.replace(staging, target)
     except OSError:  # another process won the race; its copy is identical

@@ -23,6 +23,9 @@ from transformers import TrainerCallback
 from kubetune.trainer.metrics import TrainerMetrics
 
 log = logging.getLogger("kubetune.trainer")
+steps_log = logging.getLogger("kubetune.trainer.steps")
+"""One INFO line per logged step (step, loss, learning rate, tokens/s): the pod's log shows the run
+moving. `kubetune run` shows a progress bar instead and enables these lines only without a terminal."""
 
 
 class TokenCounter:
@@ -51,14 +54,47 @@ def _tokens(feature: Any) -> int:
 
 
 class Preemption:
-    """SIGTERM → save a checkpoint at the end of this step and stop."""
+    """SIGTERM (preemption) or Ctrl-C (SIGINT) → save a checkpoint at the end of this step and stop.
+
+    A second Ctrl-C interrupts at once (KeyboardInterrupt), as a terminal user expects when the
+    step is long. `uninstall` puts the previous handlers back once the loop is over, so a Ctrl-C
+    during the final evaluation or the upload is an ordinary interrupt, not a request nobody reads.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
 
     def __init__(self) -> None:
         self.requested = threading.Event()
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def name(self) -> str:
+        """What stopped the run, for messages ("SIGTERM", "Ctrl-C (SIGINT)")."""
+        return self.NAMES.get(self.signal, "SIGTERM") if self.signal is not None else "SIGTERM"
 
     def install(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, lambda *_: self.requested.set())
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT:
+            if self.requested.is_set():
+                raise KeyboardInterrupt  # the second Ctrl-C: stop now, without the checkpoint
+            log.warning("Ctrl-C: saving a checkpoint at the end of this step, then stopping (Ctrl-C again stops at once)")
+        if self.signal is None:
+            self.signal = signum
+        self.requested.set()
 
 
 class GpuMonitor:
@@ -114,7 +150,8 @@ class GpuMonitor:
 
 
 class LoopCallback(TrainerCallback):
-    """Metrics, progress display and the preemption check, once per optimizer step."""
+    """Metrics, progress display and the preemption check, once per optimizer step; a log line
+    (`steps_log`) per logging step."""
 
     def __init__(
         self,
@@ -140,6 +177,8 @@ class LoopCallback(TrainerCallback):
         self.eval_losses: list[tuple[int, float]] = []
         self.step_end_time: dict[int, float] = {}
         self.step_seconds: list[float] = []
+        self.tokens_per_second: float | None = None  # over the recent window, at the last step end
+        self.pending_progress: dict[str, Any] | None = None  # this step's, until its loss is logged
         self.gpu = GpuMonitor(metrics)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
@@ -159,6 +198,7 @@ class LoopCallback(TrainerCallback):
         t0, tok0, s0 = self.window[0]
         elapsed = max(now - t0, 1e-9)
         tps, sps = (self.tokens.tokens - tok0) / elapsed, (self.tokens.samples - s0) / elapsed
+        self.tokens_per_second = tps
         m = self.metrics
         m.step.set(state.global_step)
         m.epoch.set(state.epoch or 0)
@@ -175,12 +215,13 @@ class LoopCallback(TrainerCallback):
         self.gpu.sample()
         if self.eval_every and self.evaluate and state.global_step % self.eval_every == 0:
             self.evaluate()
-        if self.on_progress:
-            self.on_progress(
-                {"step": state.global_step, "total": state.max_steps, "loss": self.last_loss, "tokens_per_s": tps, "eta": eta}
-            )
+        progress = {"step": state.global_step, "total": state.max_steps, "loss": self.last_loss, "tokens_per_s": tps, "eta": eta}
+        if control.should_log:  # the Trainer logs this step's loss next (on_log): report progress with it
+            self.pending_progress = progress
+        elif self.on_progress:
+            self.on_progress(progress)
         if self.preemption.requested.is_set():
-            log.warning("SIGTERM received: saving a checkpoint at step %d and stopping", state.global_step)
+            log.warning("%s received: saving a checkpoint at step %d and stopping", self.preemption.name, state.global_step)
             control.should_save = True
             control.should_training_stop = True
 
@@ -196,10 +237,31 @@ class LoopCallback(TrainerCallback):
         if "learning_rate" in logs:
             self.metrics.learning_rate.set(float(logs["learning_rate"]))
             self.learning_rates.append((state.global_step, float(logs["learning_rate"])))
+        if "loss" in logs and getattr(state, "is_local_process_zero", True):  # a step's log, once per pod
+            steps_log.info("%s", step_line(state.global_step, state.max_steps, logs.get("loss"), logs.get("learning_rate"),
+                                           self.tokens_per_second))
+        if self.pending_progress is not None:
+            progress, self.pending_progress = {**self.pending_progress, "loss": self.last_loss}, None
+            if self.on_progress:
+                self.on_progress(progress)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self.pending_progress is not None and self.on_progress:  # a step whose log never came
+            self.on_progress(self.pending_progress)
+        self.pending_progress = None
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         if not self.eval_every and self.evaluate and state.global_step < state.max_steps:
             self.evaluate()
+
+
+def step_line(step: int, total: int, loss: float | None, lr: float | None, tokens_per_second: float | None) -> str:
+    """`step 3/40 loss 2.1234 lr 2.9e-03 tokens/s 1,234`; a dash for what is not known."""
+    def number(value: float | None, spec: str) -> str:
+        return format(value, spec) if isinstance(value, (int, float)) and math.isfinite(value) else "–"
+
+    return (f"step {step}/{total} loss {number(loss, '.4f')} lr {number(lr, '.2e')} "
+            f"tokens/s {number(tokens_per_second, ',.0f')}")
 
 
 class CheckpointUploader(TrainerCallback):

@@ -10,6 +10,12 @@ Decisions worth knowing:
 - Unknown keys are errors, as in the API (a typo such as `"conent"` must not silently train on
   nothing). Message keys are role, content, weight, name. Top-level keys other than the format's
   own are refused unless the caller names them in `extra_keys` (attention guidance reads `spans`).
+- A record of a shape we know but cannot train as asked gets one message naming it and the field
+  to set, not one "unknown key" per key: preference data in a supervised job (spec.method.type),
+  another format's keys (spec.dataset.format), tool calls ("not supported yet"; empty `tools` /
+  `tool_calls` are tolerated). Content given as OpenAI's parts trains when every part is text:
+  the texts are joined with a newline (as vLLM does for string templates) when the line is read,
+  so every later reader sees a string; image, audio and file parts are "not supported".
 - Chat examples are rendered with the tokenizer's chat template, or `builtin.CHAT_TEMPLATE`
   (ChatML) when the tokenizer ships none. Loss falls on assistant content plus the end-of-turn
   token the template emits after it, for messages whose `weight` is not 0.
@@ -292,7 +298,10 @@ def _parse(raw: bytes, offset: int, fmt: DatasetFormat, extra: Sequence[str],
     if not isinstance(data, dict):
         return None, [f"expected a JSON object, got {_jtype(data)}"]
     found = record_check(data) if record_check is not None else check_record(data, fmt, extra)
-    return (None if found else data), found
+    if found:
+        return None, found
+    join_text_parts(data)
+    return data, found
 
 
 def record_check_for(spec: Any) -> Callable[[dict], list[str]] | None:
@@ -316,11 +325,19 @@ def extra_keys_for(spec: Any) -> tuple[str, ...]:
 
 
 def check_record(data: dict, fmt: DatasetFormat, extra_keys: Sequence[str] = ()) -> list[str]:
-    """Everything wrong with one parsed record, as messages a user can act on."""
+    """Everything wrong with one parsed record, as messages a user can act on. A record of a shape
+    we recognise but cannot train as this format (preference pairs, another format's keys, tool
+    calls) gets one message that says so and what to set, not one "unknown key" per key."""
     if fmt == DatasetFormat.CHAT and len(data) == 1 and _plain_conversation(data.get("messages")):
         return []  # the common case, without building the lists below
+    if (other := shape_problem(data, fmt)) is not None:
+        return [other]
     own = FORMAT_KEYS[fmt]
-    out = [f"unknown key {_clip(repr(k), 40)} for format {fmt}; allowed: {', '.join(own)}; remove it"
+    if fmt == DatasetFormat.CHAT:
+        if (tools := tool_problem(data)) is not None:
+            return [tools]
+        own = own + TOOL_KEYS  # present but empty (an export's `"tools": []`): nothing to train
+    out = [f"unknown key {_clip(repr(k), 40)} for format {fmt}; allowed: {', '.join(FORMAT_KEYS[fmt])}; remove it"
            for k in data if k not in own and k not in extra_keys]
     if fmt == DatasetFormat.CHAT:
         return out + _check_chat(data)
@@ -328,6 +345,91 @@ def check_record(data: dict, fmt: DatasetFormat, extra_keys: Sequence[str] = ())
     for key in own:
         _check_string(data, key, key, out, optional=key in optional)
     return out
+
+
+TOOL_KEYS = ("tools", "functions", "parallel_tool_calls")
+"""OpenAI's function-calling record keys: tolerated when empty, else "not supported yet"."""
+TOOL_MESSAGE_KEYS = ("tool_calls", "function_call", "tool_call_id")
+TOOL_ROLES = ("tool", "function", "ipython")
+
+PREFERENCE_SHAPES: tuple[tuple[tuple[str, ...], str, str], ...] = (
+    (("input", "preferred_output", "non_preferred_output"), "dpo", "OpenAI preference data"),
+    (("chosen", "rejected"), "dpo", "preference pairs"),
+    (("prompt", "completion", "label"), "kto", "KTO data"),
+)
+"""Record shapes of preference training, as (keys, spec.method.type that reads them, what they are).
+The messages built from them put what to set first: a long report clips each line's tail."""
+
+REQUIRED_KEYS = {
+    DatasetFormat.CHAT: ("messages",),
+    DatasetFormat.PROMPT_COMPLETION: ("prompt", "completion"),
+    DatasetFormat.INSTRUCTION: ("instruction", "output"),
+    DatasetFormat.TEXT: ("text",),
+}
+
+
+def preference_shape(data: dict) -> tuple[tuple[str, ...], str, str] | None:
+    """The preference shape a record has (PREFERENCE_SHAPES), or None. A KTO label is a boolean:
+    a prompt/completion record with some other `label` is not preference data."""
+    for keys, kind, what in PREFERENCE_SHAPES:
+        if all(k in data for k in keys) and (kind != "kto" or isinstance(data.get("label"), bool)):
+            return keys, kind, what
+    return None
+
+
+def supervised_shape(data: dict) -> DatasetFormat | None:
+    """The supervised format whose required keys a record has (chat first), or None."""
+    return next((fmt for fmt, keys in REQUIRED_KEYS.items() if all(k in data for k in keys)), None)
+
+
+def shape_problem(data: dict, fmt: DatasetFormat) -> str | None:
+    """One message for a record a supervised job reading `fmt` cannot take but that has a shape we
+    know: preference data (set spec.method.type) or another format's keys (set spec.dataset.format)."""
+    if (pref := preference_shape(data)) is not None:
+        keys, kind, what = pref
+        also = " and spec.dataset.format: chat" if fmt != DatasetFormat.CHAT else ""  # the types read chat files
+        return f"{what} ({', '.join(keys)}): set spec.method.type: {kind}{also}; a supervised job cannot train on it"
+    if all(k in data for k in REQUIRED_KEYS[fmt]):
+        return None
+    other = supervised_shape(data)
+    if other is None or other == fmt:
+        return None
+    return (f"looks like {other} data ({', '.join(REQUIRED_KEYS[other])}): set spec.dataset.format: {other}; "
+            f"spec.dataset.format is {fmt} ({', '.join(FORMAT_KEYS[fmt])})")
+
+
+def _given(value: Any) -> bool:
+    return value not in (None, [], {}, "")
+
+
+def tool_problem(data: dict) -> str | None:
+    """One "not supported yet" message for a record with function calling (tool definitions, tool
+    calls, tool results), in any message list it has; None without. Empty tool keys are no tool use."""
+    found = [f"{k!r}" for k in ("tools", "functions") if _given(data.get(k))]
+    inner = data.get("input")
+    if isinstance(inner, dict):
+        found += [f"'input.{k}'" for k in ("tools", "functions") if _given(inner.get(k))]
+    lists = [(k, data.get(k)) for k in ("messages", "prompt", "chosen", "rejected", "completion",
+                                        "preferred_output", "non_preferred_output")]
+    if isinstance(inner, dict):
+        lists.append(("input.messages", inner.get("messages")))
+    for where, messages in lists:
+        if not isinstance(messages, list):
+            continue
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict):
+                continue
+            keys = [k for k in TOOL_MESSAGE_KEYS if _given(m.get(k))]
+            if m.get("role") in TOOL_ROLES:
+                found.append(f"{where}[{i}] (role {m['role']!r})")
+            elif keys:
+                found.append(f"{where}[{i}].{keys[0]}")
+    if not found:
+        return None
+    more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+    return (f"tool calls (function calling) are not supported yet: {', '.join(found[:3])}{more}; train on "
+            "conversations without tools (remove the tool definitions, tool calls and tool messages), or "
+            "remove the example")
 
 
 def _unicode_problem(text: str) -> str | None:
@@ -350,6 +452,60 @@ def _check_string(obj: dict, key: str, where: str, out: list[str], optional: boo
         out.append(f"{where}: empty content; remove the example or fill it in")
     elif (bad := _unicode_problem(obj[key])) is not None:
         out.append(f"{where}: {bad}")
+
+
+TEXT_PART_JOIN = "\n"
+"""How a message's text content parts are joined into its content: as vLLM does for chat templates
+that take string content (most text models'), so training sees what serving will."""
+
+
+def _check_content(m: dict, where: str, out: list[str]) -> None:
+    """A message's content: a string, or OpenAI's content parts, of which text parts are trained
+    (joined with TEXT_PART_JOIN, see :func:`join_text_parts`) and others are not supported."""
+    parts = m.get("content")
+    if not isinstance(parts, list):
+        _check_string(m, "content", f"{where}.content", out)
+        return
+    if not parts:
+        out.append(f"{where}.content: empty array; give the text as a string or as "
+                   '[{"type": "text", "text": "..."}] parts')
+        return
+    texts: list[str] = []
+    for j, part in enumerate(parts):
+        at = f"{where}.content[{j}]"
+        if not isinstance(part, dict):
+            out.append(f'{at}: expected a content part such as {{"type": "text", "text": "..."}}, got {_jtype(part)}')
+            continue
+        kind = part.get("type")
+        if kind != "text":
+            out.append(f"{at}: content parts of type {_clip(repr(kind), 40)} are not supported (only text is "
+                       'trained); keep only {"type": "text"} parts in this message, or remove the example')
+            continue
+        out += [f"{at}: unknown key {_clip(repr(k), 40)}; allowed: type, text" for k in part if k not in ("type", "text")]
+        before = len(out)
+        if "text" not in part:
+            out.append(f"missing key '{at}.text'")
+        else:  # an empty part is harmless; the joined content must not be empty (below)
+            _check_string(part, "text", f"{at}.text", out, optional=True)
+        if len(out) == before:
+            texts.append(part["text"])
+    if len(texts) == len(parts) and not "".join(texts).strip():
+        out.append(f"{where}.content: empty content; remove the example or fill it in")
+
+
+def join_text_parts(data: dict) -> None:
+    """Replace, in place, each checked message's text content parts by their joined text, so every
+    later reader (tokenising, dataset report, PII redaction, samples, TRL rows) sees a string."""
+    lists = [data.get(k) for k in ("messages", "prompt", "chosen", "rejected", "completion",
+                                   "preferred_output", "non_preferred_output")]
+    if isinstance(data.get("input"), dict):
+        lists.append(data["input"].get("messages"))
+    for messages in lists:
+        if type(messages) is not list:
+            continue
+        for m in messages:
+            if type(m) is dict and type(m.get("content")) is list:
+                m["content"] = TEXT_PART_JOIN.join(p["text"] for p in m["content"])
 
 
 def _plain_conversation(messages: Any) -> bool:
@@ -401,7 +557,7 @@ def _check_chat(data: dict) -> list[str]:
             out.append(f"{where}: expected an object, got {_jtype(m)}")
             continue
         out += [f"{where}: unknown key {_clip(repr(k), 40)}; allowed: {', '.join(MESSAGE_KEYS)}"
-                for k in m if k not in MESSAGE_KEYS]
+                for k in m if k not in MESSAGE_KEYS and k not in TOOL_MESSAGE_KEYS]  # those: empty, see tool_problem
         role = m.get("role")
         if "role" not in m:
             out.append(f"missing key '{where}.role'")
@@ -414,7 +570,7 @@ def _check_chat(data: dict) -> list[str]:
             if role != "user":
                 out.append(f"{where}: the conversation starts with {role!r}; it must start with a user message "
                            "(after an optional system message)")
-        _check_string(m, "content", f"{where}.content", out)
+        _check_content(m, where, out)
         if "name" in m:
             _check_string(m, "name", f"{where}.name", out, optional=True)
         weight = m.get("weight", 1)

@@ -28,7 +28,7 @@ import traceback
 from pathlib import Path
 
 from kubetune.api.contract import PERMANENT_EXIT_CODE
-from kubetune.trainer import storage
+from kubetune.trainer import filemodes, storage
 
 log = logging.getLogger("kubetune.trainer.fetch")
 MARKER = ".kubetune-fetched.json"
@@ -118,6 +118,7 @@ def fetch_model(source: str, dest: Path, trust_remote_code: bool = False, storag
             shutil.copytree(path, staging, symlinks=False)
         (staging / MARKER).write_text(json.dumps({"source": storage.display_uri(source)}))
         shutil.rmtree(dest, ignore_errors=True)
+        filemodes.as_created(staging)  # mkdtemp's 0700 would hide it from the serving container's user
         os.replace(staging, dest)
         return dest
     finally:

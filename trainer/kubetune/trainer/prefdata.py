@@ -20,7 +20,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from kubetune.api.enums import TrainingType
-from kubetune.trainer.data import ROLES, _check_string, _clip, _jtype, _unicode_problem
+from kubetune.trainer.data import (REQUIRED_KEYS, ROLES, TOOL_MESSAGE_KEYS, _check_content, _check_string, _clip, _jtype,
+                                   _unicode_problem, preference_shape, supervised_shape, tool_problem)
 
 OPENAI_DPO_KEYS = ("input", "preferred_output", "non_preferred_output")
 TRL_PAIR_KEYS = ("prompt", "chosen", "rejected")
@@ -42,13 +43,14 @@ def _messages(value: Any, where: str, out: list[str], *, last: str | None = None
         if not isinstance(m, dict):
             out.append(f"{at}: expected an object, got {_jtype(m)}")
             continue
-        out += [f"{at}: unknown key {_clip(repr(k), 40)}; allowed: {', '.join(_MESSAGE_KEYS)}" for k in m if k not in _MESSAGE_KEYS]
+        out += [f"{at}: unknown key {_clip(repr(k), 40)}; allowed: {', '.join(_MESSAGE_KEYS)}" for k in m
+                if k not in _MESSAGE_KEYS and k not in TOOL_MESSAGE_KEYS]  # those: empty (tool_problem)
         role = m.get("role")
         if role not in ROLES:
             out.append(f"{at}.role: expected one of {', '.join(ROLES)}, got {_clip(repr(role), 40)}")
         elif only is not None and role != only:
             out.append(f"{at}.role: must be {only!r} here, got {role!r}")
-        _check_string(m, "content", f"{at}.content", out)
+        _check_content(m, at, out)
     if last is not None and isinstance(value[-1], dict) and value[-1].get("role") not in (last, None):
         out.append(f"{where}: the last message must be a {last} message (the turn the model answers)")
 
@@ -81,8 +83,36 @@ def _same(a: Any, b: Any) -> bool:
     return isinstance(a, str) and isinstance(b, str) and a.strip() == b.strip()
 
 
-def check_pair(data: dict) -> list[str]:
+PAIR_READS = "preference pairs ({prompt, chosen, rejected} or OpenAI's {input, preferred_output, non_preferred_output})"
+KTO_READS = "unpaired examples {prompt, completion, label}"
+
+
+def other_shape(data: dict, kind: str, reads: str, own: tuple[str, ...]) -> str | None:
+    """One message for a record spec.method.type `kind` cannot take but whose shape we know: tool
+    calls (not supported yet), another preference type's data, or supervised data. None when the
+    record has any of the type's own keys `own` (then its problems are named one by one)."""
+    if (tools := tool_problem(data)) is not None:
+        return tools
+    pref = preference_shape(data)
+    if pref is not None:
+        keys, wanted, what = pref
+        if wanted == kind or (wanted == "dpo" and kind == "orpo"):
+            return None
+        return f"{what} ({', '.join(keys)}): set spec.method.type: {wanted}; spec.method.type: {kind} reads {reads}"
+    if any(k in data for k in own):
+        return None
+    fmt = supervised_shape(data)
+    if fmt is None:
+        return None
+    where = "" if str(fmt) == "chat" else f" and spec.dataset.format: {fmt}"
+    return (f"supervised {fmt} data ({', '.join(REQUIRED_KEYS[fmt])}): set spec.method.type: supervised{where} to "
+            f"train on it; spec.method.type: {kind} reads {reads}")
+
+
+def check_pair(data: dict, kind: str = "dpo") -> list[str]:
     """A DPO/ORPO record: OpenAI's or TRL's preference format."""
+    if (other := other_shape(data, kind, PAIR_READS, ("chosen", "rejected") + OPENAI_DPO_KEYS)) is not None:
+        return [other]
     out: list[str] = []
     if "input" in data or "preferred_output" in data or "non_preferred_output" in data:
         out += [f"unknown key {_clip(repr(k), 40)} for OpenAI's preference format; allowed: {', '.join(OPENAI_DPO_KEYS)}; remove it"
@@ -121,6 +151,9 @@ def check_pair(data: dict) -> list[str]:
 
 
 def check_kto(data: dict) -> list[str]:
+    """A KTO record: a prompt, one completion and whether it is desirable."""
+    if (other := other_shape(data, "kto", KTO_READS, ("label",))) is not None:
+        return [other]
     out = [f"unknown key {_clip(repr(k), 40)} for KTO; allowed: {', '.join(KTO_KEYS)}; remove it" for k in data if k not in KTO_KEYS]
     conversational = False
     if "prompt" not in data:
@@ -140,6 +173,8 @@ def check_kto(data: dict) -> list[str]:
 
 def grpo_checker(item_fields: set[str]) -> Callable[[dict], list[str]]:
     def check(data: dict) -> list[str]:
+        if (tools := tool_problem(data)) is not None:
+            return [tools]
         out: list[str] = []
         if "prompt" in data and "messages" in data:
             out.append("both 'prompt' and 'messages': give the prompt once")
@@ -161,7 +196,7 @@ def record_check(spec: Any) -> Callable[[dict], list[str]] | None:
     """The record check of the job's training type; None for supervised (data.py's own formats)."""
     kind = spec.method.training_type
     if kind in (TrainingType.DPO, TrainingType.ORPO):
-        return check_pair
+        return lambda data: check_pair(data, str(kind))
     if kind == TrainingType.KTO:
         return check_kto
     if kind == TrainingType.GRPO:

@@ -106,7 +106,7 @@ def training_args(spec: Any, eff: dict[str, Any], out: Path, use_cpu: bool, sche
         data_seed=hp.seed,
         bf16=eff["precision"] == "bf16",
         fp16=eff["precision"] == "fp16",
-        gradient_checkpointing=hp.gradient_checkpointing,
+        activation_checkpointing=hp.gradient_checkpointing,  # transformers 5's name (the old one warns)
         logging_steps=1,
         save_strategy="steps",
         save_steps=spec.checkpointing.every_steps,

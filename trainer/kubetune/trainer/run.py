@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 import statistics
 import os
 import tempfile
@@ -28,7 +29,7 @@ from kubetune.api.contract import SUMMARY_CHECKPOINTS_MAX, TrainerSummary, file_
 from kubetune.api.estimate import FROZEN_BASE
 from kubetune.api.spec import served_merged
 from kubetune.api.enums import TrainingType
-from kubetune.trainer import data, datareport, evaluation, hparams, methods, objectives, optimizers, sources, storage
+from kubetune.trainer import data, datareport, evaluation, hparams, methods, objectives, optimizers, quiet, sources, storage
 from kubetune.trainer import report as html_report
 from kubetune.trainer.callbacks import CheckpointUploader, LoopCallback, Preemption, TokenCounter
 from kubetune.trainer.metrics import TrainerMetrics
@@ -61,7 +62,20 @@ class Options:
 
 def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
     """Train `job`; returns the summary (a `TrainerSummary`'s wire dict). Raises UserError,
-    Preempted, or anything retriable."""
+    Preempted, or anything retriable. The run's scratch directory (local checkpoints, the result
+    before upload: full weights for some methods) is removed when the run ends, however it ends,
+    unless the caller gave its own (`opts.scratch`)."""
+    quiet.for_run()
+    if opts.scratch is not None:
+        return _run(job, opts, Path(opts.scratch))
+    scratch = Path(tempfile.mkdtemp(prefix="kubetune-"))
+    try:
+        return _run(job, opts, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run(job: FineTuneJob, opts: Options, scratch: Path) -> dict[str, Any]:
     spec = job.spec
     started = time.time()
     out_uri = opts.output or spec.output.uri
@@ -137,6 +151,8 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     device = hparams.device()
+    if device == "cpu":  # said once, here: everything after follows `device`
+        (log.warning if spec.resources.gpus else opts.on_status)("no GPU: training on CPU")
     adaptation = methods.build(spec.method.adaptation, spec.method.config())
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=spec.model.trust_remote_code)
     torch.manual_seed(spec.hyperparameters.seed)
@@ -193,7 +209,6 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
 
     # 5. Train, resuming from the newest committed checkpoint.
     store = storage.Store(out_uri)
-    scratch = Path(opts.scratch or tempfile.mkdtemp(prefix="kubetune-"))
     resume = storage.latest_valid_checkpoint(store, scratch / "resume")
     skipped = resume.skipped
     train_set: list[Any] = train
@@ -270,9 +285,10 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
     try:
         trainer.train(resume_from_checkpoint=resume_dir)
     finally:
+        preemption.uninstall()  # from here a Ctrl-C interrupts at once
         uploader.finish()
     if preemption.requested.is_set():
-        raise Preempted(f"stopped on SIGTERM at step {trainer.state.global_step}; checkpoint committed")
+        raise Preempted(f"stopped on {preemption.name} at step {trainer.state.global_step}; checkpoint committed")
 
     # 6. Evaluate, save, upload: the manifest is written last.
     final = eval_now()
@@ -537,7 +553,7 @@ def _trainer(
         data_seed=hp.seed,
         bf16=eff["precision"] == "bf16",
         fp16=eff["precision"] == "fp16",
-        gradient_checkpointing=hp.gradient_checkpointing,
+        activation_checkpointing=hp.gradient_checkpointing,  # transformers 5's name (the old one warns)
         logging_steps=1,
         save_strategy="steps",
         save_steps=spec.checkpointing.every_steps,

@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 from urllib.parse import urlsplit
 
+from kubetune.trainer import filemodes
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -431,6 +433,7 @@ def _link_create(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        filemodes.as_created(tmp, fd)  # mkstemp's 0600 is for the temp name, not the result
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -577,6 +580,7 @@ def download_verified(store: Store, prefix: str, files: dict, target: Path, para
         if (reason := _verify_local(staging, files)) is not None:
             return reason
         shutil.rmtree(target, ignore_errors=True)
+        filemodes.as_created(staging)  # mkdtemp's 0700 would hide it from other users (a serving container)
         os.replace(staging, target)
         return None
     finally:
