@@ -19,6 +19,7 @@ from kubetune.api.contract import PERMANENT_EXIT_CODE, PREEMPTED_EXIT_CODE
 
 def run_locally(job: Any, output: str | None, metrics_port: int) -> int:
     from kubetune.trainer.run import Options, Preempted, UserError, run
+    from kubetune.trainer.storage import StorageError
 
     console = Console(stderr=True)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -57,6 +58,9 @@ def run_locally(job: Any, output: str | None, metrics_port: int) -> int:
     except Preempted as err:
         console.print(f"[yellow]stopped[/yellow]: {err}")
         return PREEMPTED_EXIT_CODE
+    except StorageError as err:  # transient (permanent ones arrive as UserError): worth a retry
+        console.print(f"[red]error[/red] (StorageError): {err}")
+        return 1
     table = Table(title=f"{job.metadata.name}: fine-tuning finished", show_header=False)
     m = summary["metrics"]
     if "baseEvalLoss" in m:

@@ -195,6 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as err:
         summary, code = TrainerSummary(status="preempted", reason="Preempted", message=str(err)), PREEMPTED_EXIT_CODE
     except Exception as err:  # retriable: the traceback is for operators, not a user error
+        from kubetune.trainer.storage import StorageError
+
+        if isinstance(err, StorageError):  # the object store failed for now: its message says where and what to do
+            summary, code = failed("StorageError", err), 1
+            print(summary.message, file=sys.stderr)
+            return _finish(args, summary, code)
         traceback.print_exc()
         summary, code = failed("Error", f"{type(err).__name__}: {err}"), 1
     return _finish(args, summary, code)
