@@ -25,14 +25,17 @@ DATA = ROOT / "examples" / "data" / "support-chat.jsonl"
 
 
 def spec_file(tmp: Path, out: str, name: str = "rr", **blocks: Any) -> Path:
+    small = tmp / "train.jsonl"  # 40 examples, 4 held out: seconds per run
+    if not small.exists():
+        small.write_text("".join(DATA.read_text().splitlines(keepends=True)[:40]))
     body: dict[str, Any] = {
         "model": {"source": "builtin://tiny-llama"},
-        "dataset": {"train": str(DATA), "validationSplit": 0.1, "maxSeqLength": 128, "overlength": "truncate"},
+        "dataset": {"train": str(small), "validationSplit": 0.1, "maxSeqLength": 128, "overlength": "truncate", "minExamples": 10},
         "method": {"adaptation": "lora", "lora": {"r": 4, "alpha": 8, "targetModules": ["all-linear"]}},
         "hyperparameters": {"epochs": 1, "learningRate": 3e-3, "batchSize": 4, "maxSteps": 4, "seed": 7},
         "output": {"uri": out},
         "checkpointing": {"everySteps": 2, "keep": 5},
-        "evaluation": {"samples": 0},
+        "evaluation": {"samples": 0, "compareBase": False},
     }
     for key, value in blocks.items():
         body[key] = {**body.get(key, {}), **value}
@@ -94,7 +97,7 @@ def test_overwrite_stays_out_of_the_wire_form_and_the_training_digest_ignores_ou
 def test_a_finished_output_is_reported_and_overwrite_retrains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Why: 'a finished output is reloaded, re-evaluated, then fails "another job committed"'."""
     out = tmp_path / "out"
-    spec = spec_file(tmp_path, out.as_uri())
+    spec = spec_file(tmp_path, out.as_uri(), hyperparameters={"maxSteps": 2})
     first = train(spec, tmp_path)
     manifest_bytes = (out / "manifest.json").read_bytes()
     assert json.loads(manifest_bytes)[rerun.DIGEST_KEY] == training_digest(load_job(str(spec)).spec.wire())
@@ -103,10 +106,10 @@ def test_a_finished_output_is_reported_and_overwrite_retrains(tmp_path: Path, mo
         forbid_loading(m)
         again = train(spec, tmp_path)  # the same spec: nothing read, loaded or trained
         # a different training spec at the same output: refused before anything loads
-        other = spec_file(tmp_path, out.as_uri(), hyperparameters={"learningRate": 1e-3})
+        other = spec_file(tmp_path, out.as_uri(), hyperparameters={"maxSteps": 2, "learningRate": 1e-3})
         with pytest.raises(run_mod.UserError) as err:
             train(other, tmp_path)
-    assert again == first and again["status"] == "succeeded" and again["steps"] == 4
+    assert again == first and again["status"] == "succeeded" and again["steps"] == 2
     assert (out / "manifest.json").read_bytes() == manifest_bytes
     assert err.value.param == "spec.output.uri" and "spec.output.overwrite: true" in str(err.value)
 
@@ -211,7 +214,7 @@ def test_bad_credentials_fail_before_anything_loads(tmp_path: Path, s3_bucket: s
     assert "Traceback" not in capsys.readouterr().err
 
 
-def test_a_missing_bucket_fails_before_anything_loads(tmp_path: Path, s3_server, s3_faults,  # noqa: F811
+def test_a_missing_bucket_fails_before_anything_loads(tmp_path: Path, s3_bucket: str, s3_faults,  # noqa: F811
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Why: 'a missing bucket fails at the first checkpoint or after the whole run, losing the result'."""
     forbid_loading(monkeypatch)
@@ -220,6 +223,13 @@ def test_a_missing_bucket_fails_before_anything_loads(tmp_path: Path, s3_server,
     assert code == PERMANENT_EXIT_CODE
     assert summary["reason"] == "StorageError" and summary["param"] == "spec.output.uri"
     assert "bucket does not exist" in summary["message"] and bucket in summary["message"]
+    assert "write check" in summary["message"]
+    # the dataset's bucket missing, the output fine: its field named, still before anything loads
+    spec = spec_file(tmp_path, f"{s3_bucket}/job", dataset={"train": f"s3://{bucket}/train.jsonl"})
+    code, summary = _main(spec, tmp_path)
+    assert code == PERMANENT_EXIT_CODE and summary["param"] == "spec.dataset.train"
+    assert summary["message"].startswith(f"spec.dataset.train: s3://{bucket}/train.jsonl does not exist")
+    assert s3_faults.count("PutObject", bucket=s3_bucket.removeprefix("s3://")) == 1  # the write check, then nothing
 
 
 def test_a_failing_store_is_retriable_and_said_clearly(tmp_path: Path, s3_bucket: str, s3_faults,  # noqa: F811

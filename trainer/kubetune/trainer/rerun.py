@@ -50,8 +50,12 @@ def preflight(store: storage.Store) -> None:
     """Write and delete one small object under the output: credentials, the bucket and the right
     to write and delete, checked now. Raises the store's own errors (permanent or transient)."""
     key = f"{PREFLIGHT_PREFIX}-{uuid.uuid4().hex[:12]}"
-    store.put_bytes(key, b"kubetune preflight: safe to delete\n")
-    store.rm(key)
+    try:
+        store.put_bytes(key, b"kubetune preflight: safe to delete\n")
+        store.rm(key)
+    except storage.StorageError as err:
+        kind = type(err) if isinstance(err, storage.PermanentStorageError) else storage.StorageError
+        raise kind(f"the write check before training (put and delete of one small object) failed: {err}") from err
 
 
 def prepare(store: storage.Store, spec: Any, out_uri: str) -> dict[str, Any] | None:
@@ -168,3 +172,41 @@ def kept_result_message(result_dir: Path, committed: list[dict[str, Any]]) -> st
         text += (f"; the checkpoint of step {last['step']} stays committed at {storage.display_uri(last['uri'])} and a "
                  "rerun of this spec resumes from it, only evaluating and committing")
     return text + "."
+
+
+def check_dataset(spec: Any) -> None:
+    """Read the first byte of each dataset file: a missing file or bucket and denied credentials
+    are Refused (naming the field) and a failing store a retriable StorageError, before the full
+    read and long before the model loads. Content problems are data.validate's."""
+    import fsspec  # type: ignore[import-untyped]
+
+    from kubetune.trainer import data
+
+    for param, uri in (("spec.dataset.train", spec.dataset.train), ("spec.dataset.validation", spec.dataset.validation)):
+        if not uri:
+            continue
+        where = storage.display_uri(uri)
+        try:
+            path = data.resolve(uri)
+        except ValueError:
+            continue  # data.validate words it (FILE:0)
+        try:
+            with fsspec.open(path, "rb") as f:
+                f.read(1)
+        except IsADirectoryError:
+            raise Refused(f"{param}: {where} is a directory; point it at a .jsonl file", param, "InvalidData") from None
+        except Exception as exc:  # noqa: BLE001 - cloud SDKs raise their own types; triaged as the store does
+            kind = storage._triage(exc)
+            detail = storage._redact(f"{type(exc).__name__}: {exc}")
+            if kind == "transient":
+                raise storage.StorageError(f"{param}: reading {where} failed ({detail}): the object store is failing or "
+                                           "unreachable; the job retries") from None
+            if kind in ("access", "credentials"):
+                raise Refused(f"{param}: reading {where}: access denied or invalid credentials ({detail}). Check the "
+                              "credentials in the Secret named by spec.output.credentialsSecret and that they may read "
+                              "the dataset", param, "StorageError") from None
+            if kind in ("not_found", "no_bucket"):
+                raise Refused(f"{param}: {where} does not exist ({detail}); check the path, the bucket name and the URI "
+                              "scheme", param, "InvalidData") from None
+            raise Refused(f"{param}: cannot read {where} ({detail}); check the URI, network access and the storage "
+                          "credentials", param, "StorageError") from None

@@ -87,6 +87,10 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
 
     # 1. Data, before any model is touched.
     opts.on_status(f"validating {spec.dataset.train}")
+    try:
+        rerun.check_dataset(spec)
+    except rerun.Refused as err:
+        raise UserError(str(err), err.reason, err.param) from None
     extra_keys = data.extra_keys_for(spec)
     try:
         report = data.validate(spec.dataset, extra_keys=extra_keys, seed=spec.hyperparameters.seed,
