@@ -19,7 +19,7 @@ from kubetune.api.contract import PERMANENT_EXIT_CODE, PREEMPTED_EXIT_CODE
 
 def run_locally(job: Any, output: str | None, metrics_port: int) -> int:
     from kubetune.trainer.run import Options, Preempted, UserError, run
-    from kubetune.trainer.storage import StorageError
+    from kubetune.trainer.storage import PermanentStorageError, StorageError
 
     console = Console(stderr=True)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -58,9 +58,9 @@ def run_locally(job: Any, output: str | None, metrics_port: int) -> int:
     except Preempted as err:
         console.print(f"[yellow]stopped[/yellow]: {err}")
         return PREEMPTED_EXIT_CODE
-    except StorageError as err:  # transient (permanent ones arrive as UserError): worth a retry
+    except StorageError as err:  # the object store: a transient failure is worth a retry
         console.print(f"[red]error[/red] (StorageError): {err}")
-        return 1
+        return PERMANENT_EXIT_CODE if isinstance(err, PermanentStorageError) else 1
     table = Table(title=f"{job.metadata.name}: fine-tuning finished", show_header=False)
     m = summary["metrics"]
     if "baseEvalLoss" in m:

@@ -293,13 +293,16 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
         loop.on_train_begin_resume(resume.step)
         opts.on_status(f"resuming from checkpoint step {resume.step}")
     try:
-        if resume and resume.path is not None and rerun.reached_end(resume.path):
-            rerun.load_final_checkpoint(trainer, resume.path)  # all steps done: evaluate and commit only
-            loop.restore_history(trainer.state)
-        else:
-            trainer.train(resume_from_checkpoint=resume_dir)
-    finally:
-        uploader.finish()
+        try:
+            if resume and resume.path is not None and rerun.reached_end(resume.path):
+                rerun.load_final_checkpoint(trainer, resume.path)  # all steps done: evaluate and commit only
+                loop.restore_history(trainer.state)
+            else:
+                trainer.train(resume_from_checkpoint=resume_dir)
+        finally:
+            uploader.finish()
+    except storage.PermanentStorageError as err:  # a checkpoint commit refused (bucket deleted, key revoked)
+        raise UserError(f"spec.output.uri: committing a checkpoint failed: {err}", "StorageError", "spec.output.uri") from None
     if preemption.requested.is_set():
         raise Preempted(f"stopped on SIGTERM at step {trainer.state.global_step}; checkpoint committed")
 
