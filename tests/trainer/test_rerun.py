@@ -55,14 +55,18 @@ def train(spec: Path, tmp: Path, progress: list[dict[str, Any]] | None = None) -
     return run_mod.run(load_job(str(spec)), opts)
 
 
-def forbid_loading(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail the test if the data is read or the model loaded."""
+def forbid_loading(monkeypatch: pytest.MonkeyPatch, data_too: bool = True) -> None:
+    """Fail the test if the model is fetched or loaded (and, with `data_too`, the data read)."""
     import transformers
+
+    from kubetune.trainer import sources
 
     def boom(*a: Any, **k: Any) -> Any:
         raise AssertionError("data or model loaded")
 
-    monkeypatch.setattr(data, "validate", boom)
+    if data_too:
+        monkeypatch.setattr(data, "validate", boom)
+    monkeypatch.setattr(sources, "resolve_model", boom)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", boom)
 
 
@@ -217,7 +221,7 @@ def test_bad_credentials_fail_before_anything_loads(tmp_path: Path, s3_bucket: s
 def test_a_missing_bucket_fails_before_anything_loads(tmp_path: Path, s3_bucket: str, s3_faults,  # noqa: F811
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Why: 'a missing bucket fails at the first checkpoint or after the whole run, losing the result'."""
-    forbid_loading(monkeypatch)
+    forbid_loading(monkeypatch, data_too=False)
     bucket = f"no-such-bucket-{uuid.uuid4().hex[:8]}"
     code, summary = _main(spec_file(tmp_path, f"s3://{bucket}/job"), tmp_path)
     assert code == PERMANENT_EXIT_CODE
@@ -229,12 +233,12 @@ def test_a_missing_bucket_fails_before_anything_loads(tmp_path: Path, s3_bucket:
     code, summary = _main(spec, tmp_path)
     assert code == PERMANENT_EXIT_CODE and summary["param"] == "spec.dataset.train"
     assert summary["message"].startswith(f"spec.dataset.train: s3://{bucket}/train.jsonl does not exist")
-    assert s3_faults.count("PutObject", bucket=s3_bucket.removeprefix("s3://")) == 1  # the write check, then nothing
+    assert s3_faults.count("PutObject", bucket=s3_bucket.removeprefix("s3://")) == 0  # refused before anything is written
 
 
 def test_a_failing_store_is_retriable_and_said_clearly(tmp_path: Path, s3_bucket: str, s3_faults,  # noqa: F811
                                                        monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    forbid_loading(monkeypatch)
+    forbid_loading(monkeypatch, data_too=False)
     monkeypatch.setattr(storage.Store, "__init__", _no_backoff(storage.Store.__init__))
     with s3_faults.inject("503", op="PutObject", times=1000):
         code, summary = _main(spec_file(tmp_path, f"{s3_bucket}/job"), tmp_path)

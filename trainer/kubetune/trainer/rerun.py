@@ -58,30 +58,36 @@ def preflight(store: storage.Store) -> None:
         raise kind(f"the write check before training (put and delete of one small object) failed: {err}") from err
 
 
-def prepare(store: storage.Store, spec: Any, out_uri: str) -> dict[str, Any] | None:
-    """Settle what is at the output before anything loads: the previous summary (a wire dict)
-    when this training already finished there, else None after the output proved writable,
-    a finished result was removed (overwrite), and the checkpoints were found to be this
-    training's. Raises Refused, or storage errors."""
+def finished(store: storage.Store, spec: Any, out_uri: str) -> dict[str, Any] | None:
+    """Read-only, before the data is read: the previous summary (a wire dict) when this training
+    already finished at the output; Refused when the output holds another spec's result or
+    checkpoint (unless spec.output.overwrite, which `prepare_output` then applies); else None."""
     digest = digest_of(spec)
-    where = storage.display_uri(out_uri)
-    if store.exists(storage.MANIFEST):
+    if store.exists(storage.MANIFEST) and not spec.output.overwrite:
         manifest = storage.read_manifest(store, "")
-        if spec.output.overwrite:
-            preflight(store)
-            remove_result(store)
-            log.warning("spec.output.overwrite: deleted the finished result and checkpoints at %s; training starts over", where)
-        elif manifest.get(DIGEST_KEY) == digest and isinstance(manifest.get(SUMMARY_KEY), dict):
+        if manifest.get(DIGEST_KEY) == digest and isinstance(manifest.get(SUMMARY_KEY), dict):
             return finished_summary(store, manifest)
-        else:
-            why = ("was written by another spec (model, data, method or hyperparameters differ)" if manifest.get(DIGEST_KEY)
-                   else "records no training digest (an older kubetune, or another tool), so it cannot be matched to this spec")
-            raise Refused(
-                f"spec.output.uri: {where} already holds a finished result that {why}. Change spec.output.uri, or set "
-                "spec.output.overwrite: true (kubetune run --overwrite) to delete it and train again.")
-    preflight(store)
-    check_checkpoints(store, digest, spec.output.overwrite)
+        why = ("was written by another spec (model, data, method or hyperparameters differ)" if manifest.get(DIGEST_KEY)
+               else "records no training digest (an older kubetune, or another tool), so it cannot be matched to this spec")
+        raise Refused(
+            f"spec.output.uri: {storage.display_uri(out_uri)} already holds a finished result that {why}. Change "
+            "spec.output.uri, or set spec.output.overwrite: true (kubetune run --overwrite) to delete it and train again.")
+    if not spec.output.overwrite:
+        check_checkpoints(store, digest)
     return None
+
+
+def prepare_output(store: storage.Store, spec: Any, out_uri: str) -> None:
+    """After the data checked out and before the model loads: the output proven writable
+    (`preflight`), and with spec.output.overwrite a finished result and another spec's
+    checkpoints deleted. Raises storage errors."""
+    preflight(store)
+    if spec.output.overwrite:
+        if store.exists(storage.MANIFEST):
+            remove_result(store)
+            log.warning("spec.output.overwrite: deleted the finished result and checkpoints at %s; training starts over",
+                        storage.display_uri(out_uri))
+        check_checkpoints(store, digest_of(spec), overwrite=True)
 
 
 def check_checkpoints(store: storage.Store, digest: str, overwrite: bool = False) -> None:

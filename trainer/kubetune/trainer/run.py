@@ -11,6 +11,7 @@ retriable.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -21,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from kubetune.api import FineTuneJob
 from kubetune.api.contract import SUMMARY_CHECKPOINTS_MAX, TrainerSummary, file_param
@@ -69,17 +70,11 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
         storage.check_within(out_uri, os.environ.get("KUBETUNE_ALLOWED_OUTPUT_PREFIX"))
     except storage.PermanentStorageError as err:
         raise UserError(f"spec.output.uri: {err}", "InvalidSpec", "spec.output.uri") from None
-    # 0. The output: a finished result of this training is reported, not retrained; the store is
-    #    proven writable and its checkpoints this spec's before anything loads.
+    # 0. The output: a finished result of this training is reported, not retrained; another
+    #    spec's result or checkpoints are refused before anything is read.
     store = storage.Store(out_uri)
-    try:
-        previous = rerun.prepare(store, spec, out_uri)
-    except rerun.Refused as err:
-        raise UserError(str(err), err.reason, err.param) from None
-    except storage.PermanentStorageError as err:
-        raise UserError(f"spec.output.uri: {err}", "StorageError", "spec.output.uri") from None
-    except storage.StorageError as err:  # transient: retriable, still before anything loaded
-        raise storage.StorageError(f"spec.output.uri: {err}") from None
+    with _output_errors():
+        previous = rerun.finished(store, spec, out_uri)
     if previous is not None:
         opts.on_status(f"{storage.display_uri(out_uri)} already holds this spec's finished result: nothing to train "
                        "(spec.output.overwrite: true, or kubetune run --overwrite, trains it again)")
@@ -105,6 +100,10 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
         raise UserError(str(err), "InvalidData", data_param(err)) from None
     for warning in report.warnings + pii_warnings:
         log.warning("%s", warning)
+
+    # The output proven writable (a small put + delete) before the model loads.
+    with _output_errors():
+        rerun.prepare_output(store, spec, out_uri)
 
     # 2. The model files (downloaded and checked, not loaded yet) and the tokenizer.
     opts.on_status(f"fetching {spec.model.source}")
@@ -390,6 +389,20 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
         if isinstance(err, storage.PermanentStorageError):
             raise UserError(f"spec.output.uri: committing the result failed: {err} {kept}", "StorageError", "spec.output.uri") from None
         raise storage.StorageError(f"spec.output.uri: committing the result failed: {err} {kept}") from None
+
+
+@contextlib.contextmanager
+def _output_errors() -> Iterator[None]:
+    """rerun's refusals and the output store's errors before training, as the entry points report
+    them: UserError (permanent, naming the field), or a retriable StorageError naming spec.output.uri."""
+    try:
+        yield
+    except rerun.Refused as err:
+        raise UserError(str(err), err.reason, err.param) from None
+    except storage.PermanentStorageError as err:
+        raise UserError(f"spec.output.uri: {err}", "StorageError", "spec.output.uri") from None
+    except storage.StorageError as err:  # transient: retriable, still before the model loaded
+        raise storage.StorageError(f"spec.output.uri: {err}") from None
 
 
 def _rank_zero() -> bool:
