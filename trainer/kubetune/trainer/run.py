@@ -214,7 +214,7 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
     resume = storage.latest_valid_checkpoint(store, scratch / "resume")
     digest = rerun.digest_of(spec)
     if resume:
-        try:  # checked before anything loaded too (rerun.prepare); a checkpoint committed since then
+        try:  # checked before anything loaded too (rerun.finished); this catches one committed since then
             rerun.check_checkpoint(resume.manifest, digest, resume.uri or out_uri)
         except rerun.Refused as err:
             raise UserError(str(err), err.reason, err.param) from None
@@ -385,7 +385,8 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
     except storage.CommitConflict as err:
         raise UserError(str(err), "StorageError", "spec.output.uri") from None
     except storage.StorageError as err:
-        kept = rerun.kept_result_message(result_dir, uploader.committed)
+        resumed = [{"step": resume.step, "uri": resume.uri}] if resume and resume.uri else []
+        kept = rerun.kept_result_message(result_dir, uploader.committed or resumed)
         if isinstance(err, storage.PermanentStorageError):
             raise UserError(f"spec.output.uri: committing the result failed: {err} {kept}", "StorageError", "spec.output.uri") from None
         raise storage.StorageError(f"spec.output.uri: committing the result failed: {err} {kept}") from None
