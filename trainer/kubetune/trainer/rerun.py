@@ -1,14 +1,18 @@
-"""What a run finds at spec.output.uri before it trains: a finished result, checkpoints, a store
-it cannot write. Decided before the model (or the data) is loaded.
+"""What a run finds at spec.output.uri and the dataset URIs before it trains, decided before the
+model loads (`finished` even before the data is read).
 
 * A committed `manifest.json` of this same training (`crd.training_digest`) is a finished run:
-  its summary, recorded in the manifest, is returned and nothing is reloaded or retrained. One of
-  another spec is refused, unless `spec.output.overwrite` asks for it to be deleted first.
+  its summary, recorded in the manifest, is returned and nothing is read, loaded or trained. One
+  of another spec is refused, unless `spec.output.overwrite` asks for it to be deleted first.
 * A committed checkpoint of another training is refused: resuming it would crash on mismatched
   shapes or silently keep the old learning rate, data or method.
-* Writability and credentials are proven with a small put + delete (`preflight`), so that a bad
-  key or a missing bucket fails in seconds instead of after the model loads or at the first
-  checkpoint.
+* Writability and credentials are proven with a small put + delete (`preflight`) and each dataset
+  file with a one-byte read (`check_dataset`), so that a bad key or a missing bucket fails in
+  seconds, permanently, instead of after the model loads or at the first checkpoint; a failing
+  store is a retriable StorageError.
+* A checkpoint at the last step is finished training (`reached_end`): a rerun after a failed
+  commit only evaluates and commits it (`load_final_checkpoint`), and a failed commit says where
+  the result still is (`kept_result_message`).
 """
 
 from __future__ import annotations
