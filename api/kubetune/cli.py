@@ -221,7 +221,9 @@ def report_cmd(output: str, dest: str | None, render: bool, open_browser: bool) 
 @click.argument("manifest", type=click.Path(dir_okay=False, exists=True))
 @click.option("--output", help="Output URI (default: file://./kubetune-output/<name>/).")
 @click.option("--metrics-port", type=int, default=-1, show_default=True, help="Serve Prometheus metrics on this port (0: any free port, -1: off).")
-def run_cmd(manifest: str, output: str | None, metrics_port: int) -> None:
+@click.option("--overwrite", is_flag=True,
+              help="Replace a finished result at the output (spec.output.overwrite: true); without it a finished output is reported, not retrained.")
+def run_cmd(manifest: str, output: str | None, metrics_port: int, overwrite: bool) -> None:
     """Run a FineTuneJob locally: the same trainer as in the pod, with a progress bar."""
     from kubetune.api.manifest import ManifestError, load_job
 
@@ -230,6 +232,8 @@ def run_cmd(manifest: str, output: str | None, metrics_port: int) -> None:
     except ManifestError as err:
         click.echo(str(err), err=True)
         sys.exit(1)
+    if overwrite:
+        job.spec.output.overwrite = True
     from kubetune.localrun import run_locally
 
     sys.exit(run_locally(job, output, metrics_port))

@@ -23,6 +23,7 @@ def run_locally(job: Any, output: str | None, metrics_port: int) -> int:
     quiet.install()  # before the ML libraries are imported (bitsandbytes logs at import)
     from kubetune.trainer.callbacks import steps_log
     from kubetune.trainer.run import Options, Preempted, UserError, run
+    from kubetune.trainer.storage import PermanentStorageError, StorageError
 
     console = Console(stderr=True)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -64,6 +65,9 @@ def run_locally(job: Any, output: str | None, metrics_port: int) -> int:
     except Preempted as err:
         console.print(f"[yellow]stopped[/yellow]: {err}; run the same command again to resume from it")
         return PREEMPTED_EXIT_CODE
+    except StorageError as err:  # the object store: a transient failure is worth a retry
+        console.print(f"[red]error[/red] (StorageError): {err}")
+        return PERMANENT_EXIT_CODE if isinstance(err, PermanentStorageError) else 1
     table = Table(title=f"{job.metadata.name}: fine-tuning finished", show_header=False)
     m = summary["metrics"]
     if "baseEvalLoss" in m:

@@ -37,6 +37,27 @@ def spec_digest(spec_wire: dict[str, Any]) -> str:
     text = json.dumps(frozen_spec(spec_wire), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()
 
+# The spec blocks that decide the training trajectory: a checkpoint written under one of them is
+# resumed only by a run with the same (output, evaluation, resources, scheduling and the like do
+# not change what trains).
+TRAINING_FIELDS = ("model", "dataset", "method", "hyperparameters")
+# Inside them, what never changes the weights: validating the data in a separate Job or not,
+# recomputing activations or keeping them.
+_TRAINING_IGNORED = {"dataset": ("prevalidate",), "hyperparameters": ("gradientCheckpointing",)}
+
+
+def training_digest(spec_wire: dict[str, Any]) -> str:
+    """sha256 of the training-relevant part of a wire spec (TRAINING_FIELDS): recorded in every
+    checkpoint's and the result's manifest, so that a rerun can tell a checkpoint or a finished
+    output of this same training from one of another spec."""
+    part = {k: spec_wire.get(k) for k in TRAINING_FIELDS}
+    for block, names in _TRAINING_IGNORED.items():
+        if isinstance(part.get(block), dict):
+            part[block] = {k: v for k, v in part[block].items() if k not in names}
+    text = json.dumps(part, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Lifecycle phase"},
     {"name": "Method", "type": "string", "jsonPath": ".spec.method.adaptation", "description": "Adaptation method"},

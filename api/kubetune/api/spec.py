@@ -1027,6 +1027,15 @@ class Output(WireModel):
         ),
     )
     format: OutputFormat = Field(default=OutputFormat.ADAPTER, description="adapter (PEFT weights only) or merged (full weights with the adapter folded in). Default adapter.")
+    overwrite: bool = Field(
+        default=False,
+        exclude_if=lambda v: v is False,  # added after v0.1: at its default, out of the digest (see Evaluation)
+        description=(
+            "What a run does when <uri>/manifest.json is already committed. false (default): a result of the same "
+            "training spec is reported as finished (exit 0, nothing retrained) and one of a different spec is refused "
+            "before the model loads. true: the committed result and its checkpoints are deleted and training starts over."
+        ),
+    )
 
 
 class Checkpointing(WireModel):

@@ -198,6 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted as err:
         summary, code = TrainerSummary(status="preempted", reason="Preempted", message=str(err)), PREEMPTED_EXIT_CODE
     except Exception as err:  # retriable: the traceback is for operators, not a user error
+        from kubetune.trainer.storage import PermanentStorageError, StorageError
+
+        if isinstance(err, StorageError):  # its message says where and what to do; no traceback
+            permanent = isinstance(err, PermanentStorageError)
+            summary = failed("StorageError", err, "spec.output.uri" if permanent else None)
+            if not permanent:  # _finish prints a permanent error's message itself
+                print(summary.message, file=sys.stderr)
+            return _finish(args, summary, PERMANENT_EXIT_CODE if permanent else 1)
         traceback.print_exc()
         summary, code = failed("Error", f"{type(err).__name__}: {err}"), 1
     return _finish(args, summary, code)

@@ -186,6 +186,8 @@ class LoopCallback(TrainerCallback):
         self.metrics.start_time.set(self.started)
         self.metrics.total_steps.set(state.max_steps)
         self.window = [(time.time(), self.tokens.tokens, self.tokens.samples)]
+        if state.global_step > 0:  # resumed: transformers restored the checkpoint's state
+            self.restore_history(state)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         now = time.time()
@@ -227,6 +229,18 @@ class LoopCallback(TrainerCallback):
 
     def on_train_begin_resume(self, step: int) -> None:
         self.first_step = step
+
+    def restore_history(self, state: Any) -> None:
+        """The loss, learning-rate and eval-loss history up to a resumed checkpoint, from its
+        trainer state's log (training_log.json and report.html keep the whole run)."""
+        step = state.global_step
+        history = [e for e in state.log_history if isinstance(e, dict) and int(e.get("step", step + 1)) <= step]
+        self.losses = [(int(e["step"]), float(e["loss"])) for e in history if "loss" in e and math.isfinite(e["loss"])]
+        self.learning_rates = [(int(e["step"]), float(e["learning_rate"])) for e in history if "learning_rate" in e]
+        self.eval_losses = [(int(e["step"]), float(e["eval_loss"])) for e in history if "eval_loss" in e]
+        if self.losses:
+            self.last_loss = self.losses[-1][1]
+            self.metrics.train_loss.set(self.last_loss)
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any) -> None:
         logs = logs or {}
@@ -284,6 +298,12 @@ class CheckpointUploader(TrainerCallback):
         self.stalls: list[float] = []
         self.thread = threading.Thread(target=self._work, name="checkpoint-upload", daemon=True)
         self.thread.start()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            # The last step is always checkpointed: if committing the result fails, a rerun
+            # resumes from it and only evaluates and commits (nothing trained is lost).
+            control.should_save = True
 
     def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         if not state.is_world_process_zero:

@@ -11,6 +11,7 @@ retriable.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -22,14 +23,15 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from kubetune.api import FineTuneJob
 from kubetune.api.contract import SUMMARY_CHECKPOINTS_MAX, TrainerSummary, file_param
 from kubetune.api.estimate import FROZEN_BASE
 from kubetune.api.spec import served_merged
 from kubetune.api.enums import TrainingType
-from kubetune.trainer import data, datareport, evaluation, hparams, methods, objectives, optimizers, quiet, sources, storage
+from kubetune.trainer import (data, datareport, evaluation, hparams, methods, objectives, optimizers, quiet, rerun, sources,
+                              storage)
 from kubetune.trainer import report as html_report
 from kubetune.trainer.callbacks import CheckpointUploader, LoopCallback, Preemption, TokenCounter
 from kubetune.trainer.metrics import TrainerMetrics
@@ -83,9 +85,22 @@ def _run(job: FineTuneJob, opts: Options, scratch: Path) -> dict[str, Any]:
         storage.check_within(out_uri, os.environ.get("KUBETUNE_ALLOWED_OUTPUT_PREFIX"))
     except storage.PermanentStorageError as err:
         raise UserError(f"spec.output.uri: {err}", "InvalidSpec", "spec.output.uri") from None
+    # 0. The output: a finished result of this training is reported, not retrained; another
+    #    spec's result or checkpoints are refused before anything is read.
+    store = storage.Store(out_uri)
+    with _output_errors():
+        previous = rerun.finished(store, spec, out_uri)
+    if previous is not None:
+        opts.on_status(f"{storage.display_uri(out_uri)} already holds this spec's finished result: nothing to train "
+                       "(spec.output.overwrite: true, or kubetune run --overwrite, trains it again)")
+        return previous
 
     # 1. Data, before any model is touched.
     opts.on_status(f"validating {spec.dataset.train}")
+    try:
+        rerun.check_dataset(spec)
+    except rerun.Refused as err:
+        raise UserError(str(err), err.reason, err.param) from None
     extra_keys = data.extra_keys_for(spec)
     try:
         report = data.validate(spec.dataset, extra_keys=extra_keys, seed=spec.hyperparameters.seed,
@@ -100,6 +115,10 @@ def _run(job: FineTuneJob, opts: Options, scratch: Path) -> dict[str, Any]:
         raise UserError(str(err), "InvalidData", data_param(err)) from None
     for warning in report.warnings + pii_warnings:
         log.warning("%s", warning)
+
+    # The output proven writable (a small put + delete) before the model loads.
+    with _output_errors():
+        rerun.prepare_output(store, spec, out_uri)
 
     # 2. The model files (downloaded and checked, not loaded yet) and the tokenizer.
     opts.on_status(f"fetching {spec.model.source}")
@@ -208,8 +227,13 @@ def _run(job: FineTuneJob, opts: Options, scratch: Path) -> dict[str, Any]:
     trainable, _ = methods.count_parameters(model)
 
     # 5. Train, resuming from the newest committed checkpoint.
-    store = storage.Store(out_uri)
     resume = storage.latest_valid_checkpoint(store, scratch / "resume")
+    digest = rerun.digest_of(spec)
+    if resume:
+        try:  # checked before anything loaded too (rerun.finished); this catches one committed since then
+            rerun.check_checkpoint(resume.manifest, digest, resume.uri or out_uri)
+        except rerun.Refused as err:
+            raise UserError(str(err), err.reason, err.param) from None
     skipped = resume.skipped
     train_set: list[Any] = train
     if spec.dataset.packing:
@@ -230,12 +254,13 @@ def _run(job: FineTuneJob, opts: Options, scratch: Path) -> dict[str, Any]:
         res = evaluate(model, val, collate, effective["batchSize"])
         metrics.eval_loss.set(res["loss"])
         loop.eval_losses.append((trainer.state.global_step, res["loss"]))
+        trainer.state.log_history.append({"step": trainer.state.global_step, "eval_loss": res["loss"]})  # kept by checkpoints
         return res
 
     periodic_eval = eval_now if kind != TrainingType.GRPO else None  # GRPO's greedy generation: at the end only
     loop = LoopCallback(metrics, tokens, preemption, opts.on_progress, periodic_eval, spec.evaluation.every_steps)
     uploader = CheckpointUploader(
-        commit=lambda local, step: storage.commit_checkpoint(store, local, step, {"jobName": job.metadata.name}),
+        commit=lambda local, step: storage.commit_checkpoint(store, local, step, {"jobName": job.metadata.name, rerun.DIGEST_KEY: digest}),
         prune=lambda: storage.prune_checkpoints(store, spec.checkpointing.keep),
         metrics=metrics,
         loop=loop,
@@ -283,10 +308,17 @@ def _run(job: FineTuneJob, opts: Options, scratch: Path) -> dict[str, Any]:
         loop.on_train_begin_resume(resume.step)
         opts.on_status(f"resuming from checkpoint step {resume.step}")
     try:
-        trainer.train(resume_from_checkpoint=resume_dir)
-    finally:
-        preemption.uninstall()  # from here a Ctrl-C interrupts at once
-        uploader.finish()
+        try:
+            if resume and resume.path is not None and rerun.reached_end(resume.path):
+                rerun.load_final_checkpoint(trainer, resume.path)  # all steps done: evaluate and commit only
+                loop.restore_history(trainer.state)
+            else:
+                trainer.train(resume_from_checkpoint=resume_dir)
+        finally:
+            preemption.uninstall()  # from here a Ctrl-C interrupts at once
+            uploader.finish()
+    except storage.PermanentStorageError as err:  # a checkpoint commit refused (bucket deleted, key revoked)
+        raise UserError(f"spec.output.uri: committing a checkpoint failed: {err}", "StorageError", "spec.output.uri") from None
     if preemption.requested.is_set():
         raise Preempted(f"stopped on {preemption.name} at step {trainer.state.global_step}; checkpoint committed")
 
@@ -341,35 +373,57 @@ def _run(job: FineTuneJob, opts: Options, scratch: Path) -> dict[str, Any]:
         "dataPolicy": {"pii": str(spec.dataset.pii), "findings": pii_scan.total, "redactedExamples": pii_scan.redacted,
                        "byKind": dict(pii_scan.counts)},
     }
+    manifest_extra[rerun.DIGEST_KEY] = digest
     try:
         manifest_extra["reports"] = _write_reports(store, report_data, sample_rows, data_report)
         merged_uri = _merged_for_serving(spec, adaptation, model, tokenizer, model_dir, result_dir, store, manifest_extra, opts)
-        manifest = storage.commit_result(store, result_dir, manifest_extra)
-    except storage.PermanentStorageError as err:
+        summary = TrainerSummary(
+            status="succeeded",
+            adapter={
+                "uri": storage.safe_join(out_uri, "adapter"),
+                "manifestUri": storage.safe_join(out_uri, "manifest.json"),
+                "mergedUri": merged_uri,
+            },
+            metrics=results,
+            checkpoints=kept_checkpoints(store, uploader.committed, spec.checkpointing.keep),
+            checkpoint_corrupt=[f"step {s}: {r}" for s, r in skipped][:3],
+            effective=effective,
+            steps=trainer.state.global_step,
+            trainable_parameters=trainable,
+            duration_seconds=round(time.time() - started, 1),
+            checkpoint_stall_seconds=max(uploader.stalls) if uploader.stalls else None,
+            seconds_per_step=statistics.median(loop.step_seconds) if loop.step_seconds else None,
+            data_report=datareport.status_summary(data_report),
+            report_uri=storage.safe_join(out_uri, html_report.REPORT_FILE),
+        )
+        manifest_extra[rerun.SUMMARY_KEY] = summary.wire()  # what a rerun of this spec reports (rerun.finished_summary)
+        storage.commit_result(store, result_dir, manifest_extra)
+        return rerun.finished_summary(store, storage.read_manifest(store, ""))
+    except storage.CommitConflict as err:
         raise UserError(str(err), "StorageError", "spec.output.uri") from None
-    manifest_sha = hashlib.sha256(store.read_bytes("manifest.json")).hexdigest()
-    summary = TrainerSummary(
-        status="succeeded",
-        adapter={
-            "uri": storage.safe_join(out_uri, "adapter"),
-            "manifestUri": storage.safe_join(out_uri, "manifest.json"),
-            "sha256": manifest_sha,
-            "bytes": sum(f["bytes"] for f in manifest["files"].values()),
-            "mergedUri": merged_uri,
-        },
-        metrics=results,
-        checkpoints=kept_checkpoints(store, uploader.committed, spec.checkpointing.keep),
-        checkpoint_corrupt=[f"step {s}: {r}" for s, r in skipped][:3],
-        effective=effective,
-        steps=trainer.state.global_step,
-        trainable_parameters=trainable,
-        duration_seconds=round(time.time() - started, 1),
-        checkpoint_stall_seconds=max(uploader.stalls) if uploader.stalls else None,
-        seconds_per_step=statistics.median(loop.step_seconds) if loop.step_seconds else None,
-        data_report=datareport.status_summary(data_report),
-        report_uri=storage.safe_join(out_uri, html_report.REPORT_FILE),
-    )
-    return summary.wire()
+    except storage.StorageError as err:
+        resumed = [{"step": resume.step, "uri": resume.uri}] if resume and resume.uri else []
+        # The scratch directory goes when the run ends: the uncommitted result moves out of it first.
+        kept_dir = Path(tempfile.mkdtemp(prefix="kubetune-result-")) / "result"
+        shutil.move(str(result_dir), kept_dir)
+        kept = rerun.kept_result_message(kept_dir, uploader.committed or resumed)
+        if isinstance(err, storage.PermanentStorageError):
+            raise UserError(f"spec.output.uri: committing the result failed: {err} {kept}", "StorageError", "spec.output.uri") from None
+        raise storage.StorageError(f"spec.output.uri: committing the result failed: {err} {kept}") from None
+
+
+@contextlib.contextmanager
+def _output_errors() -> Iterator[None]:
+    """rerun's refusals and the output store's errors before training, as the entry points report
+    them: UserError (permanent, naming the field), or a retriable StorageError naming spec.output.uri."""
+    try:
+        yield
+    except rerun.Refused as err:
+        raise UserError(str(err), err.reason, err.param) from None
+    except storage.PermanentStorageError as err:
+        raise UserError(f"spec.output.uri: {err}", "StorageError", "spec.output.uri") from None
+    except storage.StorageError as err:  # transient: retriable, still before the model loaded
+        raise storage.StorageError(f"spec.output.uri: {err}") from None
 
 
 def _rank_zero() -> bool:
