@@ -104,7 +104,7 @@ def training_args(spec: Any, eff: dict[str, Any], out: Path, use_cpu: bool, sche
         max_grad_norm=hp.max_grad_norm,
         seed=hp.seed,
         data_seed=hp.seed,
-        bf16=eff["precision"] == "bf16",
+        bf16=eff["precision"] in ("bf16", "pureBf16"),
         fp16=eff["precision"] == "fp16",
         gradient_checkpointing=hp.gradient_checkpointing,
         logging_steps=1,

@@ -25,7 +25,6 @@ from typing import Any, Callable
 
 from kubetune.api import FineTuneJob
 from kubetune.api.contract import SUMMARY_CHECKPOINTS_MAX, TrainerSummary, file_param
-from kubetune.api.estimate import FROZEN_BASE
 from kubetune.api.spec import served_merged
 from kubetune.api.enums import TrainingType
 from kubetune.trainer import data, datareport, evaluation, hparams, methods, objectives, optimizers, sources, storage
@@ -141,13 +140,12 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=spec.model.trust_remote_code)
     torch.manual_seed(spec.hyperparameters.seed)
     opts.on_status("loading the base model")
-    placement: dict[str, Any] = {}
+    # fp32 master weights for whatever trains, a frozen base in the compute dtype on a GPU
+    # (hparams.load_dtype), whatever dtype the checkpoint was saved in.
+    placement: dict[str, Any] = {"dtype": hparams.load_dtype(spec, device)}
     if device == "cuda":
-        # Straight onto this process's GPU (4-bit weights can only be quantised there), and a
-        # frozen base in bf16 when training in bf16: it never needs fp32 master weights.
+        # Straight onto this process's GPU (4-bit weights can only be quantised there).
         placement["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
-        if hparams.precision(spec) == "bf16" and spec.method.adaptation in FROZEN_BASE:
-            placement["dtype"] = torch.bfloat16
     if spec.dataset.packing:
         # Packed rows: flash-attention varlen on a GPU that has it (padding-free), else SDPA
         # with the block-diagonal mask transformers derives from the position restarts.
@@ -160,7 +158,6 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
         spec, adaptation.default_learning_rate, total_params, config.hidden_size, config.num_hidden_layers,
         getattr(config, "vocab_size", None), getattr(config, "intermediate_size", None),
     )
-    opts.metrics.set_effective(effective)
     collate = data.Collator(tokenizer.pad_token_id, packing=False)
     metrics = opts.metrics
     results: dict[str, float] = {}
@@ -189,6 +186,8 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
         opts.on_status(f"answering {len(samples)} held-out prompts with the base model")
         base_answers = evaluation.generate(model, tokenizer, samples, spec.evaluation.max_new_tokens, spec.hyperparameters.seed)
     model = adaptation.apply(model, tokenizer)
+    effective.update(hparams.master_weights(model, effective["precision"]))
+    opts.metrics.set_effective(effective)
     trainable, _ = methods.count_parameters(model)
 
     # 5. Train, resuming from the newest committed checkpoint.
@@ -535,7 +534,7 @@ def _trainer(
         max_grad_norm=hp.max_grad_norm,
         seed=hp.seed,
         data_seed=hp.seed,
-        bf16=eff["precision"] == "bf16",
+        bf16=eff["precision"] in ("bf16", "pureBf16"),
         fp16=eff["precision"] == "fp16",
         gradient_checkpointing=hp.gradient_checkpointing,
         logging_steps=1,
