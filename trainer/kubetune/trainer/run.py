@@ -93,6 +93,8 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
         sources.check_model_dir(model_dir, spec.model.trust_remote_code)
     except sources.ModelSourceError as err:
         raise UserError(f"spec.model.source: {err}", "InvalidSpec", "spec.model.source") from None
+    if (too_long := sources.context_problem(sources.read_config(model_dir), spec.dataset.max_seq_length)) is not None:
+        raise UserError(too_long, "InvalidSpec", "spec.dataset.maxSeqLength")
     from transformers import AutoTokenizer
 
     load_kwargs = sources.load_pretrained_kwargs(spec.model.trust_remote_code)
@@ -108,10 +110,17 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
     if supervised:
         try:
             data_report = datareport.build(spec, train_records, val_records, tokenizer=tokenizer, scan=pii_scan)
-            train = _encode(train_records, spec, tokenizer)
-            val = _encode(val_records, spec, tokenizer)
+            train, train_dropped = _encode(train_records, spec, tokenizer)
+            val, val_dropped = _encode(val_records, spec, tokenizer)
         except data.DataError as err:
             raise UserError(str(err), "InvalidData", data_param(err)) from None
+        # Examples whose answer truncation cut off are dropped and said; none left is permanent.
+        if train_dropped or val_dropped:
+            log.warning("%s", data.unsupervised_warning(train_dropped + val_dropped, spec.dataset.max_seq_length))
+        for part, kept, dropped in (("training", train, train_dropped), ("validation", val, val_dropped)):
+            if dropped and not kept:
+                raise UserError(data.no_supervision_message(part, dropped, spec.dataset.max_seq_length), "InvalidData",
+                                "spec.dataset.maxSeqLength")
     else:
         from kubetune.trainer import graders, preference
 
@@ -573,22 +582,26 @@ def _printer() -> type:
     return PrinterCallback
 
 
-def _encode(records: list[Any], spec: Any, tokenizer: Any) -> list[Any]:
+def _encode(records: list[Any], spec: Any, tokenizer: Any) -> tuple[list[Any], list[Any]]:
+    """The examples that train (tokens, labels, guidance mask) and the records dropped because
+    truncation left them no trained token."""
     ds = spec.dataset
     guide = spec.method.objective("attentionGuidance")
     spans_field = None
     if guide is not None and str(guide.attention_guidance.guide) == "spans":
         spans_field = guide.attention_guidance.spans_field
-    out = []
+    out, unsupervised = [], []
     for r in records:
         ex = data.encode_example(r, ds.format, tokenizer, ds.max_seq_length, ds.overlength)
-        if ex is not None:
+        if ex is not None and not data.supervised_tokens(ex):
+            unsupervised.append(r)
+        elif ex is not None:
             if spans_field is not None:
                 from kubetune.trainer.objectives.attention_guidance import span_token_mask
 
                 ex.guide_mask = span_token_mask(r, ds.format, tokenizer, spans_field, len(ex.input_ids))
             out.append(ex)
-    return out
+    return out, unsupervised
 
 
 def _load_other(source: Any, device: str) -> tuple[Any, Any]:
