@@ -23,6 +23,25 @@ CHAT_TEMPLATE = (
 )
 """ChatML; also kubetune's documented fallback for tokenizers that ship no chat template."""
 
+EOS_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '<|im_end|>' }}{% endif %}{{ '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+"""The fallback for tokenizers without ChatML's special tokens: ChatML's text markers, but an
+assistant turn ends with the tokenizer's own EOS token, so the model learns to emit what stops
+generation (`<|im_end|>` would be a few plain-text tokens there)."""
+
+
+def fallback_chat_template(tokenizer) -> str:
+    """The chat template kubetune trains with when `tokenizer` ships none: ChatML when
+    `<|im_end|>` is one of its special tokens, else ChatML ending assistant turns with its EOS."""
+    ids = tokenizer("<|im_end|>", add_special_tokens=False)["input_ids"]
+    chatml = len(ids) == 1 and ids[0] in set(tokenizer.all_special_ids)
+    return CHAT_TEMPLATE if chatml else EOS_CHAT_TEMPLATE
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 
 BUILTIN_MODELS = {

@@ -11,7 +11,8 @@ Decisions worth knowing:
   nothing). Message keys are role, content, weight, name. Top-level keys other than the format's
   own are refused unless the caller names them in `extra_keys` (attention guidance reads `spans`).
 - Chat examples are rendered with the tokenizer's chat template, or `builtin.CHAT_TEMPLATE`
-  (ChatML) when the tokenizer ships none. Loss falls on assistant content plus the end-of-turn
+  (ChatML) when the tokenizer ships none (ending assistant turns with the tokenizer's EOS when
+  it lacks ChatML's special tokens, so the EOS is always trained); the trainer saves it. Loss falls on assistant content plus the end-of-turn
   token the template emits after it, for messages whose `weight` is not 0.
 - Packing relies on transformers' packed-sequence masking: with `position_ids` that restart at 0
   and no attention mask, `masking_utils.find_packed_sequence_indices` builds a block-diagonal
@@ -447,10 +448,19 @@ def _ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
-    from kubetune.trainer.builtin import CHAT_TEMPLATE
+def ensure_chat_template(tokenizer) -> None:
+    """Give a tokenizer that ships no chat template the one training renders with
+    (`builtin.fallback_chat_template`), so the saved tokenizer carries it."""
+    from kubetune.trainer.builtin import fallback_chat_template
 
-    fallback = {} if getattr(tokenizer, "chat_template", None) else {"chat_template": CHAT_TEMPLATE}
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = fallback_chat_template(tokenizer)
+
+
+def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
+    from kubetune.trainer.builtin import fallback_chat_template
+
+    fallback = {} if getattr(tokenizer, "chat_template", None) else {"chat_template": fallback_chat_template(tokenizer)}
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
                                          **fallback)
 

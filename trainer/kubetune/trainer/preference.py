@@ -55,10 +55,9 @@ def metric_name(key: str) -> str:
 def ensure_chat_template(tokenizer: Any) -> None:
     """TRL renders conversational rows with the tokenizer's chat template: ChatML when it has none,
     as data.py does for supervised chat examples."""
-    if not getattr(tokenizer, "chat_template", None):
-        from kubetune.trainer.builtin import CHAT_TEMPLATE
+    from kubetune.trainer import data
 
-        tokenizer.chat_template = CHAT_TEMPLATE
+    data.ensure_chat_template(tokenizer)
 
 
 def rows(records: list[Any], kind: TrainingType) -> list[dict[str, Any]]:

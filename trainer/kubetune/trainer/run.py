@@ -27,7 +27,7 @@ from kubetune.api import FineTuneJob
 from kubetune.api.contract import SUMMARY_CHECKPOINTS_MAX, TrainerSummary, file_param
 from kubetune.api.spec import served_merged
 from kubetune.api.enums import TrainingType
-from kubetune.trainer import data, datareport, evaluation, hparams, methods, objectives, optimizers, sources, storage
+from kubetune.trainer import data, datareport, evaluation, hparams, methods, objectives, optimizers, provenance, sources, storage
 from kubetune.trainer import report as html_report
 from kubetune.trainer.callbacks import CheckpointUploader, LoopCallback, Preemption, TokenCounter
 from kubetune.trainer.metrics import TrainerMetrics
@@ -95,12 +95,16 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
         raise UserError(f"spec.model.source: {err}", "InvalidSpec", "spec.model.source") from None
     if (too_long := sources.context_problem(sources.read_config(model_dir), spec.dataset.max_seq_length)) is not None:
         raise UserError(too_long, "InvalidSpec", "spec.dataset.maxSeqLength")
+    # The base's and the datasets' digests hash while it trains (rank 0 alone writes the manifest).
+    origin = provenance.Provenance(spec.model.source, model_dir, spec.dataset) if _rank_zero() else None
     from transformers import AutoTokenizer
 
     load_kwargs = sources.load_pretrained_kwargs(spec.model.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=spec.model.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if spec.dataset.format == "chat":
+        data.ensure_chat_template(tokenizer)  # the template training renders with is saved with the result
 
     # 3. Examples: tokenised with the chat template, split, overlength handled; the dataset report.
     #    Preference and GRPO rows go to TRL as records (it tokenises them), the graders are built now.
@@ -313,6 +317,7 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
     opts.on_status("saving the adapter")
     merged = str(spec.output.format) == "merged"
     adaptation.save(model, result_dir, merged, model_dir)
+    provenance.fix_adapter_config(result_dir, spec.model.source, origin.revision if origin else None)
     tokenizer.save_pretrained(result_dir)
     (result_dir / "training_log.json").write_text(json.dumps({"losses": loop.losses}))
     report_data = {
@@ -330,6 +335,7 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
         "metrics": results,
         "trainableParameters": trainable,
         "versions": _versions(),
+        **(origin.record() if origin else {}),
         "dataPolicy": {"pii": str(spec.dataset.pii), "findings": pii_scan.total, "redactedExamples": pii_scan.redacted,
                        "byKind": dict(pii_scan.counts)},
     }
@@ -625,10 +631,14 @@ def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {}
-    for pkg in ("kubetune", "torch", "transformers", "peft", "accelerate", "bitsandbytes"):
+    import platform
+
+    for pkg in ("kubetune", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "trl", "tokenizers",
+                "safetensors", "huggingface_hub"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             pass
+    out["python"] = platform.python_version()
     return out
 
