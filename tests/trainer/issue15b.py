@@ -21,7 +21,7 @@ def job(tmp: Path, source: str, name: str = "t", **spec: Any) -> Any:
         train.write_text("".join(DATA.read_text().splitlines(keepends=True)[:48]))
     body: dict[str, Any] = {
         "model": {"source": source},
-        "dataset": {"train": str(train), "validationSplit": 0.1, "maxSeqLength": 128, "overlength": "truncate",
+        "dataset": {"train": str(train), "validationSplit": 0.1, "maxSeqLength": 256, "overlength": "truncate",
                     "minExamples": 8},
         "method": {"adaptation": "full"},
         "hyperparameters": {"epochs": 1, "batchSize": 4, "maxSteps": 10, "seed": 7},
