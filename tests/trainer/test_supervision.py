@@ -73,8 +73,7 @@ def test_examples_truncated_to_no_trained_token_are_dropped_and_none_left_is_an_
     assert not (tmp_path / "out-t").exists()
 
 
-def test_max_seq_length_longer_than_the_context_is_refused_at_validation(
-        tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_max_seq_length_longer_than_the_context_is_refused_at_validation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from kubetune.cli import main
     from kubetune.trainer.__main__ import SpecError, validate_only
     import torch

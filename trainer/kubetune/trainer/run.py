@@ -273,7 +273,8 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
         callbacks.append(preference.TrlMetrics(on_objective_metrics).callback)
         trainer = preference.build_trainer(spec, model, tokenizer, train, args, callbacks, optimizer, scorers)
         tokens.collate, trainer.data_collator = trainer.data_collator, tokens  # count what TRL's collator batches
-    opts.on_status(f"training: {trainable:,} of {total_params:,} parameters")
+    opts.on_status(f"training: {trainable:,} of {total_params:,} parameters ({effective['weightsDtype']} weights, "
+                   f"{effective['computeDtype']} compute)")
     resume_dir = None
     if resume:
         resume_dir = str(resume.path)
