@@ -12,8 +12,10 @@ Decisions worth knowing:
   own are refused unless the caller names them in `extra_keys` (attention guidance reads `spans`).
 - Chat examples are rendered with the tokenizer's chat template, or `builtin.CHAT_TEMPLATE`
   (ChatML) when the tokenizer ships none (ending assistant turns with the tokenizer's EOS when
-  it lacks ChatML's special tokens, so the EOS is always trained); the trainer saves it. Loss falls on assistant content plus the end-of-turn
-  token the template emits after it, for messages whose `weight` is not 0.
+  it lacks ChatML's special tokens, so the EOS is always trained); the trainer saves it with the
+  result. Loss falls on assistant content plus the end-of-turn token the template emits after
+  it, for messages whose `weight` is not 0. An example truncation leaves without such a token is
+  dropped and listed (FILE:LINE); none left is an error.
 - Packing relies on transformers' packed-sequence masking: with `position_ids` that restart at 0
   and no attention mask, `masking_utils.find_packed_sequence_indices` builds a block-diagonal
   causal mask (eager, sdpa, flex, flash). It is skipped whenever a KV cache exists, and models
