@@ -92,10 +92,13 @@ def _validate_data(job: object, tokens: bool, reports: dict[str, object] | None 
         return False
     for line in report.summary_lines():
         click.echo(f"  {line}")
+    from kubetune.trainer import sources
+
+    if (too_long := sources.context_problem_for(spec, fetch=tokens)) is not None:  # before any weight is fetched
+        click.echo(f"  {too_long}")
+        return False
     tokenizer = None
     if tokens:
-        from kubetune.trainer import sources
-
         try:
             tokenizer = sources.load_tokenizer(spec.model)
         except sources.ModelSourceError as err:

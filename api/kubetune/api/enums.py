@@ -143,6 +143,7 @@ class Precision(StrEnum):
     BF16 = "bf16"
     FP16 = "fp16"
     FP32 = "fp32"
+    PURE_BF16 = "pureBf16"  # bf16 weights, gradients and optimizer state: no fp32 master copy
 
 
 class OutputFormat(StrEnum):

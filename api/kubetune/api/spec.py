@@ -979,7 +979,17 @@ class Hyperparameters(WireModel):
     max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient clipping norm (QLoRA uses 0.3). Default 1.")
     max_steps: Optional[int] = Field(default=None, ge=1, description="Stop after this many optimizer steps, overriding epochs.")
     seed: int = Field(default=42, ge=0, le=2**31 - 1, description="Seed for data order, splits and initialisation. Default 42.")
-    precision: Precision = Field(default=Precision.AUTO, description="auto (bf16 on GPUs that support it, else fp32), bf16, fp16 or fp32. Default auto.")
+    precision: Precision = Field(
+        default=Precision.AUTO,
+        description=(
+            "auto (bf16 on GPUs that support it, else fp32), bf16, fp16, fp32 or pureBf16. Under bf16 and fp16 the trained "
+            "parameters stay fp32 master weights and the forward and backward run under autocast, whatever dtype the "
+            "checkpoint was saved in. pureBf16 keeps the trained weights, their gradients and the optimizer state in "
+            "bfloat16: half the memory of a full fine-tune, but an update smaller than bf16's resolution is lost (at a "
+            "learning rate of 2e-5 most weights never change). status.effective shows weightsDtype and computeDtype. "
+            "Default auto."
+        ),
+    )
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations in the backward pass: less memory, ≈30% more compute. Default false.")
 
 

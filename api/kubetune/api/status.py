@@ -163,6 +163,13 @@ class ResolvedHyperparameters(WireModel):
     batch_size: Optional[int] = Field(default=None, ge=1, description="Resolved per-device batch size.")
     gradient_accumulation: Optional[int] = Field(default=None, ge=1, description="Resolved gradient accumulation.")
     precision: Optional[str] = Field(default=None, max_length=16, description="Resolved precision.")
+    weights_dtype: Optional[str] = Field(
+        default=None, max_length=32,
+        description="The dtype the trained parameters were kept in (float32 master weights unless precision is pureBf16).",
+    )
+    compute_dtype: Optional[str] = Field(
+        default=None, max_length=32, description="The dtype the forward and backward computed in (the autocast dtype, or the weights')."
+    )
     max_seq_length: Optional[int] = Field(default=None, ge=1, description="Resolved maximum sequence length.")
     validation_split: Optional[float] = Field(default=None, ge=0, le=0.5, description="Resolved validation split (0 with a validation file).")
     parameters: Optional[int] = Field(default=None, ge=0, description="Parameter count of the base model, when known.")

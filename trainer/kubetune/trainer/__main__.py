@@ -123,8 +123,10 @@ def gcs_credentials_from_env() -> None:
 def validate_only(job: Any) -> TrainerSummary:
     """The validation Job's work: check the data in one streaming pass (`data.check`, what
     `kubetune validate --data` runs too) without importing the ML stack or loading a model."""
-    from kubetune.trainer import data, datareport
+    from kubetune.trainer import data, datareport, sources
 
+    if (too_long := sources.context_problem_for(job.spec)) is not None:  # local and built-in models: no download
+        raise SpecError(too_long, "spec.dataset.maxSeqLength")
     report = data.check(job.spec.dataset, extra_keys=data.extra_keys_for(job.spec), record_check=data.record_check_for(job.spec))
     # The dataset report (duplicates, leakage, PII, estimates) and spec.dataset.pii: refuse fails here,
     # before any GPU is requested; its summary goes to status.dataReport.

@@ -17,8 +17,11 @@ Decisions worth knowing:
   the texts are joined with a newline (as vLLM does for string templates) when the line is read,
   so every later reader sees a string; image, audio and file parts are "not supported".
 - Chat examples are rendered with the tokenizer's chat template, or `builtin.CHAT_TEMPLATE`
-  (ChatML) when the tokenizer ships none. Loss falls on assistant content plus the end-of-turn
-  token the template emits after it, for messages whose `weight` is not 0.
+  (ChatML) when the tokenizer ships none (ending assistant turns with the tokenizer's EOS when
+  it lacks ChatML's special tokens, so the EOS is always trained); the trainer saves it with the
+  result. Loss falls on assistant content plus the end-of-turn token the template emits after
+  it, for messages whose `weight` is not 0. An example truncation leaves without such a token is
+  dropped and listed (FILE:LINE); none left is an error.
 - Packing relies on transformers' packed-sequence masking: with `position_ids` that restart at 0
   and no attention mask, `masking_utils.find_packed_sequence_indices` builds a block-diagonal
   causal mask (eager, sdpa, flex, flash). It is skipped whenever a KV cache exists, and models
@@ -603,10 +606,19 @@ def _ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
-    from kubetune.trainer.builtin import CHAT_TEMPLATE
+def ensure_chat_template(tokenizer) -> None:
+    """Give a tokenizer that ships no chat template the one training renders with
+    (`builtin.fallback_chat_template`), so the saved tokenizer carries it."""
+    from kubetune.trainer.builtin import fallback_chat_template
 
-    fallback = {} if getattr(tokenizer, "chat_template", None) else {"chat_template": CHAT_TEMPLATE}
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = fallback_chat_template(tokenizer)
+
+
+def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
+    from kubetune.trainer.builtin import fallback_chat_template
+
+    fallback = {} if getattr(tokenizer, "chat_template", None) else {"chat_template": fallback_chat_template(tokenizer)}
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
                                          **fallback)
 
@@ -717,6 +729,31 @@ def encode_example(record: Record, fmt: DatasetFormat | str, tokenizer, max_seq_
                    overlength: OverlengthPolicy | str) -> Example | None:
     """Tokens and labels for one record; None when dropped for length; DataError on `error`."""
     return apply_overlength(encode_full(record, fmt, tokenizer), record, max_seq_length, overlength)
+
+
+def supervised_tokens(example: Example) -> int:
+    """Tokens the loss is taken on: labels after the first (nothing predicts the first token)."""
+    return sum(1 for x in example.labels[1:] if x != IGNORE_INDEX)
+
+
+UNSUPERVISED_LISTED = 5
+
+
+def unsupervised_warning(records: Sequence[Record], max_seq_length: int) -> str:
+    """One line about examples dropped because no trained token was left, FILE:LINE of the first few."""
+    where = ", ".join(f"{r.file}:{r.line}" for r in records[:UNSUPERVISED_LISTED])
+    more = f" and {len(records) - UNSUPERVISED_LISTED} more" if len(records) > UNSUPERVISED_LISTED else ""
+    return (f"{len(records)} examples have no trained token left after truncation to maxSeqLength {max_seq_length} "
+            f"(the prompt fills it) and are dropped: {where}{more}; raise spec.dataset.maxSeqLength or shorten "
+            "their prompts")
+
+
+def no_supervision_message(part: str, records: Sequence[Record], max_seq_length: int) -> str:
+    """Why training cannot start when no example of `part` ('training'/'validation') keeps a trained token."""
+    where = ", ".join(f"{r.file}:{r.line}" for r in records[:UNSUPERVISED_LISTED])
+    return (f"spec.dataset.maxSeqLength: no {part} example has a trained token left after truncation to "
+            f"{max_seq_length} tokens ({len(records)} dropped, e.g. {where}): training would learn nothing; raise "
+            "maxSeqLength or shorten the prompts")
 
 
 # ------------------------------------------------------------------------------ split, pack, batch
@@ -883,6 +920,7 @@ class DataReport:
     warnings: list[str] = field(default_factory=list)
     token_stats: dict | None = None
     overlength: int = 0
+    unsupervised: int = 0  # dropped: no trained token left after truncation
     train: list[Record] = field(default_factory=list, repr=False)
     validation: list[Record] = field(default_factory=list, repr=False)
     encoded_train: list[Example] | None = field(default=None, repr=False)  # after the length policy
@@ -894,7 +932,8 @@ class DataReport:
         if s:
             lines.append(f"tokens per example: min {s['min']}, mean {s['mean']:.0f}, p50 {s['p50']}, "
                          f"p95 {s['p95']}, max {s['max']}; {s['label_tokens']:,} trained tokens")
-            lines.append(f"over maxSeqLength: {self.overlength}")
+            lines.append(f"over maxSeqLength: {self.overlength}"
+                         + (f"; dropped with no trained token left: {self.unsupervised}" if self.unsupervised else ""))
         return lines + [f"warning: {w}" for w in self.warnings]
 
 
@@ -991,7 +1030,8 @@ def check(dataset: Dataset, *, max_problems: int = MAX_REPORTED, extra_keys: Ite
 def _measure(report: DataReport, dataset: Dataset, fmt: DatasetFormat, tokenizer) -> list[DataProblem]:
     problems: list[DataProblem] = []
     lengths: list[int] = []
-    label_tokens = unlearnable = 0
+    label_tokens = 0
+    unlearnable: dict[str, list[Record]] = {"train": [], "validation": []}
     encoded: dict[str, list[Example]] = {"train": [], "validation": []}
     for part, records in (("train", report.train), ("validation", report.validation)):
         for record in records:
@@ -1011,8 +1051,10 @@ def _measure(report: DataReport, dataset: Dataset, fmt: DatasetFormat, tokenizer
             example = apply_overlength(full, record, dataset.max_seq_length, dataset.overlength)
             if example is None:
                 continue
-            learned = sum(1 for x in example.labels[1:] if x != IGNORE_INDEX)
-            unlearnable += learned == 0
+            learned = supervised_tokens(example)
+            if not learned:  # the answer was cut off: dropped (and said), never trained as a no-op
+                unlearnable[part].append(record)
+                continue
             if part == "train":
                 label_tokens += learned
             encoded[part].append(example)
@@ -1026,6 +1068,11 @@ def _measure(report: DataReport, dataset: Dataset, fmt: DatasetFormat, tokenizer
         verb = "truncated" if dataset.overlength == OverlengthPolicy.TRUNCATE else "dropped"
         report.warnings.append(f"{report.overlength} examples are longer than maxSeqLength "
                                f"{dataset.max_seq_length} tokens and will be {verb}")
-    if unlearnable:
-        report.warnings.append(f"{unlearnable} examples have no trained tokens left after truncation")
+    dropped = unlearnable["train"] + unlearnable["validation"]
+    report.unsupervised = len(dropped)
+    for part, name, uri in (("train", "training", dataset.train), ("validation", "validation", dataset.validation or dataset.train)):
+        if unlearnable[part] and not encoded[part]:
+            problems.append(DataProblem(uri, 0, no_supervision_message(name, unlearnable[part], dataset.max_seq_length)))
+    if dropped:
+        report.warnings.append(unsupervised_warning(dropped, dataset.max_seq_length))
     return problems

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from kubetune.api.enums import Precision
-from kubetune.api.estimate import GIB, _teachers, gpu_workload, parameters_from_name
+from kubetune.api.estimate import FROZEN_BASE, GIB, _teachers, gpu_workload, parameters_from_name
 from kubetune.api.memory import largest_batch
 from kubetune.api.spec import FineTuneJobSpec
 from kubetune.api.status import ResolvedHyperparameters
@@ -33,6 +33,45 @@ def precision(spec: FineTuneJobSpec) -> str:
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return "bf16"
     return "fp32"
+
+
+AUTOCAST = {"bf16": "bfloat16", "fp16": "float16", "pureBf16": "bfloat16"}
+"""Resolved precision → the dtype the Trainer autocasts to (fp32: none)."""
+
+
+def load_dtype(spec: FineTuneJobSpec, device: str) -> Any:
+    """The dtype the base model loads in, whatever dtype its checkpoint was saved in.
+
+    Trained parameters need fp32 master weights: AdamW's step at a learning rate of 2e-5 is below
+    bfloat16's resolution for most weights, so a bf16 copy trained in place mostly never changes.
+    So every method that trains base weights (full, layers, transfer, gradualUnfreeze) loads in
+    fp32 and bf16/fp16 only autocast the compute. A frozen base (the peft methods) loads in the
+    compute dtype on a GPU: it is never updated; peft keeps its adapters in fp32. pureBf16 loads
+    bf16 and trains it in place, as asked.
+    """
+    import torch
+
+    wanted = precision(spec)
+    if wanted == str(Precision.PURE_BF16):
+        return torch.bfloat16
+    if device == "cuda" and wanted in ("bf16", "fp16") and spec.method.adaptation in FROZEN_BASE:
+        return getattr(torch, AUTOCAST[wanted])
+    return torch.float32
+
+
+def master_weights(model: Any, resolved_precision: str) -> dict[str, str]:
+    """Keep every trained parameter in fp32 (unless pureBf16) and say what really runs: the wire
+    keys weightsDtype (the trained parameters' dtype) and computeDtype, for status.effective and
+    the manifest. Call on the model as the adaptation returns it."""
+    import torch
+
+    trained = [p for p in model.parameters() if p.requires_grad]
+    if resolved_precision != str(Precision.PURE_BF16):
+        for p in trained:
+            if p.is_floating_point() and p.dtype != torch.float32:
+                p.data = p.data.float()
+    names = sorted({str(p.dtype).removeprefix("torch.") for p in trained}) or ["none"]
+    return {"weightsDtype": "+".join(names), "computeDtype": AUTOCAST.get(resolved_precision, names[0])}
 
 
 def batch_size(spec: FineTuneJobSpec, parameters: int, hidden: int, layers: int, vocab: int | None = None,

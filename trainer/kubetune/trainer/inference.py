@@ -439,7 +439,7 @@ def generation_kwargs(model: Any, tok: Any, max_new: int, temperature: float = 0
 def chat_prompt_text(tok: Any, messages: list[dict[str, str]]) -> str:
     """The chat rendered for the assistant's turn with the tokenizer's template, or ChatML (what
     the trainer trains with) when it ships none. Raises jinja2.TemplateError."""
-    fallback = {} if getattr(tok, "chat_template", None) else {"chat_template": builtin.CHAT_TEMPLATE}
+    fallback = {} if getattr(tok, "chat_template", None) else {"chat_template": builtin.fallback_chat_template(tok)}
     return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **fallback)
 
 

@@ -55,10 +55,9 @@ def metric_name(key: str) -> str:
 def ensure_chat_template(tokenizer: Any) -> None:
     """TRL renders conversational rows with the tokenizer's chat template: ChatML when it has none,
     as data.py does for supervised chat examples."""
-    if not getattr(tokenizer, "chat_template", None):
-        from kubetune.trainer.builtin import CHAT_TEMPLATE
+    from kubetune.trainer import data
 
-        tokenizer.chat_template = CHAT_TEMPLATE
+    data.ensure_chat_template(tokenizer)
 
 
 def rows(records: list[Any], kind: TrainingType) -> list[dict[str, Any]]:
@@ -104,7 +103,7 @@ def training_args(spec: Any, eff: dict[str, Any], out: Path, use_cpu: bool, sche
         max_grad_norm=hp.max_grad_norm,
         seed=hp.seed,
         data_seed=hp.seed,
-        bf16=eff["precision"] == "bf16",
+        bf16=eff["precision"] in ("bf16", "pureBf16"),
         fp16=eff["precision"] == "fp16",
         activation_checkpointing=hp.gradient_checkpointing,  # transformers 5's name (the old one warns)
         logging_steps=1,

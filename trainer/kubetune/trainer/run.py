@@ -27,11 +27,10 @@ from typing import Any, Callable, Iterator
 
 from kubetune.api import FineTuneJob
 from kubetune.api.contract import SUMMARY_CHECKPOINTS_MAX, TrainerSummary, file_param
-from kubetune.api.estimate import FROZEN_BASE
 from kubetune.api.spec import served_merged
 from kubetune.api.enums import TrainingType
-from kubetune.trainer import (data, datareport, evaluation, hparams, methods, objectives, optimizers, quiet, rerun, sources,
-                              storage)
+from kubetune.trainer import (data, datareport, evaluation, hparams, methods, objectives, optimizers, provenance, quiet, rerun,
+                              sources, storage)
 from kubetune.trainer import report as html_report
 from kubetune.trainer.callbacks import CheckpointUploader, LoopCallback, Preemption, TokenCounter
 from kubetune.trainer.metrics import TrainerMetrics
@@ -127,12 +126,18 @@ def _run(job: FineTuneJob, opts: Options, scratch: Path) -> dict[str, Any]:
         sources.check_model_dir(model_dir, spec.model.trust_remote_code)
     except sources.ModelSourceError as err:
         raise UserError(f"spec.model.source: {err}", "InvalidSpec", "spec.model.source") from None
+    if (too_long := sources.context_problem(sources.read_config(model_dir), spec.dataset.max_seq_length)) is not None:
+        raise UserError(too_long, "InvalidSpec", "spec.dataset.maxSeqLength")
+    # The base's and the datasets' digests hash while it trains (rank 0 alone writes the manifest).
+    origin = provenance.Provenance(spec.model.source, model_dir, spec.dataset) if _rank_zero() else None
     from transformers import AutoTokenizer
 
     load_kwargs = sources.load_pretrained_kwargs(spec.model.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=spec.model.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if spec.dataset.format == "chat":
+        data.ensure_chat_template(tokenizer)  # the template training renders with is saved with the result
 
     # 3. Examples: tokenised with the chat template, split, overlength handled; the dataset report.
     #    Preference and GRPO rows go to TRL as records (it tokenises them), the graders are built now.
@@ -142,10 +147,17 @@ def _run(job: FineTuneJob, opts: Options, scratch: Path) -> dict[str, Any]:
     if supervised:
         try:
             data_report = datareport.build(spec, train_records, val_records, tokenizer=tokenizer, scan=pii_scan)
-            train = _encode(train_records, spec, tokenizer)
-            val = _encode(val_records, spec, tokenizer)
+            train, train_dropped = _encode(train_records, spec, tokenizer)
+            val, val_dropped = _encode(val_records, spec, tokenizer)
         except data.DataError as err:
             raise UserError(str(err), "InvalidData", data_param(err)) from None
+        # Examples whose answer truncation cut off are dropped and said; none left is permanent.
+        if train_dropped or val_dropped:
+            log.warning("%s", data.unsupervised_warning(train_dropped + val_dropped, spec.dataset.max_seq_length))
+        for part, kept, dropped in (("training", train, train_dropped), ("validation", val, val_dropped)):
+            if dropped and not kept:
+                raise UserError(data.no_supervision_message(part, dropped, spec.dataset.max_seq_length), "InvalidData",
+                                "spec.dataset.maxSeqLength")
     else:
         from kubetune.trainer import graders, preference
 
@@ -176,13 +188,12 @@ def _run(job: FineTuneJob, opts: Options, scratch: Path) -> dict[str, Any]:
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=spec.model.trust_remote_code)
     torch.manual_seed(spec.hyperparameters.seed)
     opts.on_status("loading the base model")
-    placement: dict[str, Any] = {}
+    # fp32 master weights for whatever trains, a frozen base in the compute dtype on a GPU
+    # (hparams.load_dtype), whatever dtype the checkpoint was saved in.
+    placement: dict[str, Any] = {"dtype": hparams.load_dtype(spec, device)}
     if device == "cuda":
-        # Straight onto this process's GPU (4-bit weights can only be quantised there), and a
-        # frozen base in bf16 when training in bf16: it never needs fp32 master weights.
+        # Straight onto this process's GPU (4-bit weights can only be quantised there).
         placement["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
-        if hparams.precision(spec) == "bf16" and spec.method.adaptation in FROZEN_BASE:
-            placement["dtype"] = torch.bfloat16
     if spec.dataset.packing:
         # Packed rows: flash-attention varlen on a GPU that has it (padding-free), else SDPA
         # with the block-diagonal mask transformers derives from the position restarts.
@@ -195,7 +206,6 @@ def _run(job: FineTuneJob, opts: Options, scratch: Path) -> dict[str, Any]:
         spec, adaptation.default_learning_rate, total_params, config.hidden_size, config.num_hidden_layers,
         getattr(config, "vocab_size", None), getattr(config, "intermediate_size", None),
     )
-    opts.metrics.set_effective(effective)
     collate = data.Collator(tokenizer.pad_token_id, packing=False)
     metrics = opts.metrics
     results: dict[str, float] = {}
@@ -224,6 +234,8 @@ def _run(job: FineTuneJob, opts: Options, scratch: Path) -> dict[str, Any]:
         opts.on_status(f"answering {len(samples)} held-out prompts with the base model")
         base_answers = evaluation.generate(model, tokenizer, samples, spec.evaluation.max_new_tokens, spec.hyperparameters.seed)
     model = adaptation.apply(model, tokenizer)
+    effective.update(hparams.master_weights(model, effective["precision"]))
+    opts.metrics.set_effective(effective)
     trainable, _ = methods.count_parameters(model)
 
     # 5. Train, resuming from the newest committed checkpoint.
@@ -301,7 +313,8 @@ def _run(job: FineTuneJob, opts: Options, scratch: Path) -> dict[str, Any]:
         callbacks.append(preference.TrlMetrics(on_objective_metrics).callback)
         trainer = preference.build_trainer(spec, model, tokenizer, train, args, callbacks, optimizer, scorers)
         tokens.collate, trainer.data_collator = trainer.data_collator, tokens  # count what TRL's collator batches
-    opts.on_status(f"training: {trainable:,} of {total_params:,} parameters")
+    opts.on_status(f"training: {trainable:,} of {total_params:,} parameters ({effective['weightsDtype']} weights, "
+                   f"{effective['computeDtype']} compute)")
     resume_dir = None
     if resume:
         resume_dir = str(resume.path)
@@ -353,6 +366,7 @@ def _run(job: FineTuneJob, opts: Options, scratch: Path) -> dict[str, Any]:
     opts.on_status("saving the adapter")
     merged = str(spec.output.format) == "merged"
     adaptation.save(model, result_dir, merged, model_dir)
+    provenance.fix_adapter_config(result_dir, spec.model.source, origin.revision if origin else None)
     tokenizer.save_pretrained(result_dir)
     (result_dir / "training_log.json").write_text(json.dumps({"losses": loop.losses}))
     report_data = {
@@ -370,6 +384,7 @@ def _run(job: FineTuneJob, opts: Options, scratch: Path) -> dict[str, Any]:
         "metrics": results,
         "trainableParameters": trainable,
         "versions": _versions(),
+        **(origin.record() if origin else {}),
         "dataPolicy": {"pii": str(spec.dataset.pii), "findings": pii_scan.total, "redactedExamples": pii_scan.redacted,
                        "byKind": dict(pii_scan.counts)},
     }
@@ -605,7 +620,7 @@ def _trainer(
         max_grad_norm=hp.max_grad_norm,
         seed=hp.seed,
         data_seed=hp.seed,
-        bf16=eff["precision"] == "bf16",
+        bf16=eff["precision"] in ("bf16", "pureBf16"),
         fp16=eff["precision"] == "fp16",
         activation_checkpointing=hp.gradient_checkpointing,  # transformers 5's name (the old one warns)
         logging_steps=1,
@@ -644,22 +659,26 @@ def _printer() -> type:
     return PrinterCallback
 
 
-def _encode(records: list[Any], spec: Any, tokenizer: Any) -> list[Any]:
+def _encode(records: list[Any], spec: Any, tokenizer: Any) -> tuple[list[Any], list[Any]]:
+    """The examples that train (tokens, labels, guidance mask) and the records dropped because
+    truncation left them no trained token."""
     ds = spec.dataset
     guide = spec.method.objective("attentionGuidance")
     spans_field = None
     if guide is not None and str(guide.attention_guidance.guide) == "spans":
         spans_field = guide.attention_guidance.spans_field
-    out = []
+    out, unsupervised = [], []
     for r in records:
         ex = data.encode_example(r, ds.format, tokenizer, ds.max_seq_length, ds.overlength)
-        if ex is not None:
+        if ex is not None and not data.supervised_tokens(ex):
+            unsupervised.append(r)
+        elif ex is not None:
             if spans_field is not None:
                 from kubetune.trainer.objectives.attention_guidance import span_token_mask
 
                 ex.guide_mask = span_token_mask(r, ds.format, tokenizer, spans_field, len(ex.input_ids))
             out.append(ex)
-    return out
+    return out, unsupervised
 
 
 def _load_other(source: Any, device: str) -> tuple[Any, Any]:
@@ -683,10 +702,14 @@ def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {}
-    for pkg in ("kubetune", "torch", "transformers", "peft", "accelerate", "bitsandbytes"):
+    import platform
+
+    for pkg in ("kubetune", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "trl", "tokenizers",
+                "safetensors", "huggingface_hub"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             pass
+    out["python"] = platform.python_version()
     return out
 

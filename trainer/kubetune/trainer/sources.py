@@ -27,6 +27,7 @@ from kubetune.trainer.storage import (
     MANIFEST,
     PermanentStorageError,
     Store,
+    StorageError,
     display_uri,
     download_verified,
     local_path,
@@ -243,3 +244,76 @@ def check_model_dir(path: Path, trust_remote_code: bool) -> None:
                 f"{path / name}: has auto_map, i.e. it loads code shipped with the model; set "
                 "spec.model.trustRemoteCode: true only if you trust this model's code"
             )
+
+
+# ------------------------------------------------------------------------------- the context
+
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+"""config.json keys that hold a model's context length, in the order transformers' families use them
+(Llama/Qwen/Mistral/Gemma/Phi/NeoX/OPT/Falcon; GPT-2; Bloom-likes; ChatGLM; GPT-J-likes)."""
+
+
+def context_length(config: dict[str, Any]) -> tuple[int, str] | None:
+    """(the longest sequence the model takes, the config key it comes from), or None when the
+    config does not say. A RoPE scaling factor extends max_position_embeddings when that is still
+    the original context (Qwen's yarn); Llama 3.1 and Phi-3 already give the extended one."""
+    for cfg in (config, config.get("text_config")):
+        if not isinstance(cfg, dict):
+            continue
+        for key in CONTEXT_KEYS:
+            value = cfg.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+                factor = rope.get("factor") if isinstance(rope, dict) else None
+                original = rope.get("original_max_position_embeddings") if isinstance(rope, dict) else None
+                kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
+                if (key == "max_position_embeddings" and isinstance(factor, (int, float)) and factor > 1
+                        and kind in ("linear", "dynamic", "yarn") and (original is None or original >= value)):
+                    return int(value * factor), f"{key} × rope_scaling.factor"
+                return value, key
+    return None
+
+
+def context_problem(config: dict[str, Any], max_seq_length: int) -> str | None:
+    """Why spec.dataset.maxSeqLength cannot be used with this model config, or None."""
+    found = context_length(config)
+    if found is None or max_seq_length <= found[0]:
+        return None
+    limit, key = found
+    return (f"spec.dataset.maxSeqLength {max_seq_length} is longer than the model's context of {limit} tokens "
+            f"(config.json {key}); set spec.dataset.maxSeqLength to {limit} or less")
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A model directory's config.json ({} when absent or unreadable: other checks say why)."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def context_problem_for(spec: Any, fetch: bool = False, cache_dir: Path | None = None) -> str | None:
+    """The maxSeqLength-vs-context problem of a job, checked before any weight is read: built-in
+    and local models read their config.json in place; remote ones (hf://, s3://, …) only with
+    `fetch`, which downloads the tokenizer files (config.json among them, never weights). None
+    when fine or when the config cannot be had here (the trainer checks again before loading)."""
+    uri = spec.model.source
+    scheme = urlsplit(uri).scheme.lower() if "://" in uri else ""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    try:
+        if scheme == "builtin":
+            config: dict[str, Any] = {"max_position_embeddings": builtin.MAX_POSITIONS}
+        elif scheme in ("", "file", "local", "pvc"):
+            path = local_path(uri)
+            config = read_config(path) if path is not None else {}
+        elif not fetch:
+            return None
+        elif scheme == "hf":
+            config = read_config(_from_hub(uri, cache, TOKENIZER_PATTERNS))
+        else:
+            config = read_config(_from_store(uri, cache / "tokenizers", None, TOKENIZER_PATTERNS))
+    except (StorageError, OSError):  # unreachable here: the trainer checks again before loading
+        return None
+    return context_problem(config, spec.dataset.max_seq_length)
