@@ -22,6 +22,7 @@ from kubetune.trainer.methods.lora import lora_config
 
 class QLora(PeftMethod):
     default_learning_rate = 2e-4
+    block = "qlora"
 
     def load_kwargs(self, device: str) -> dict[str, Any]:
         import torch
@@ -48,13 +49,21 @@ class QLora(PeftMethod):
         for module in model.modules():
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 module.support_avx512bf16_for_cpu = False
+        fused = [p for p in model.parameters() if p.dim() == 3]
+        if fused:  # transformers 5 keeps MoE experts as 3-D parameters, which bitsandbytes does not quantise
+            import logging
+
+            logging.getLogger("kubetune.trainer").warning(
+                "qlora: the %d fused mixture-of-experts tensors (%.2f B parameters) stay in %s, not 4-bit: "
+                "bitsandbytes quantises linear layers only", len(fused), sum(p.numel() for p in fused) / 1e9, fused[0].dtype)
 
     def apply(self, model: Any, tokenizer: Any) -> Any:
         from peft import get_peft_model, prepare_model_for_kbit_training
 
         _keep_training_layout(model)
+        resolved = self.resolve_targets(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        return get_peft_model(model, lora_config(self.config))
+        return get_peft_model(model, lora_config(self.config, resolved))
 
     def save(self, model: Any, directory: Path, merged: bool, base_dir: Path) -> None:
         if not merged:
