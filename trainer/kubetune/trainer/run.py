@@ -154,9 +154,7 @@ def run(job: FineTuneJob, opts: Options) -> dict[str, Any]:
         # with the block-diagonal mask transformers derives from the position restarts.
         placement["attn_implementation"] = data.packing_attention(device, config)
     model = AutoModelForCausalLM.from_pretrained(model_dir, **load_kwargs, **{**placement, **adaptation.load_kwargs(device)})
-    if hasattr(adaptation, "after_load"):
-        adaptation.after_load(model)
-    chosen = _targets(adaptation, model)  # again on the loaded model: before base evaluation, whatever the skeleton did
+    chosen = _after_load(adaptation, model)  # targets again on the loaded model: before base evaluation
     _, total_params = methods.count_parameters(model)
     effective = hparams.resolve(
         spec, adaptation.default_learning_rate, total_params, config.hidden_size, config.num_hidden_layers,
@@ -386,6 +384,18 @@ def _targets(adaptation: Any, model: Any) -> dict[str, Any]:
         return adaptation.resolve_targets(model).effective()
     except targets.TargetError as err:
         raise UserError(str(err), "InvalidSpec", err.param) from None
+
+
+def _after_load(adaptation: Any, model: Any) -> dict[str, Any]:
+    """The method's check of the loaded model (qlora: it really is 4-bit), then its targets."""
+    from kubetune.trainer.methods import targets
+
+    if hasattr(adaptation, "after_load"):
+        try:
+            adaptation.after_load(model)
+        except targets.TargetError as err:
+            raise UserError(str(err), "InvalidSpec", err.param) from None
+    return _targets(adaptation, model)
 
 
 def _rank_zero() -> bool:

@@ -43,6 +43,19 @@ class QLora(PeftMethod):
         }
 
     def after_load(self, model: Any) -> None:
+        import bitsandbytes as bnb
+        import torch
+
+        from kubetune.trainer.methods.targets import TargetError
+
+        if not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()):
+            # Falcon's FalconLinear (an nn.Linear subclass) is skipped by transformers' 4-bit
+            # conversion: the "QLoRA" would be LoRA on a full-precision base, at full memory.
+            kinds = sorted({type(m).__name__ for m in model.modules() if isinstance(m, torch.nn.Linear)})
+            raise TargetError(
+                f"spec.method.adaptation: qlora: transformers converted none of this {model.config.model_type} model's "
+                f"layers ({', '.join(kinds)}) to 4-bit, so it would train as plain LoRA at full memory; use adaptation lora",
+                "spec.method.adaptation")
         # On CPUs with avx512_bf16, bitsandbytes repacks a Linear4bit's weight for a bf16
         # inference kernel on the first no-grad eval forward (our base-model evaluation), and
         # LoRA gradients through the repacked weight come out wrong. Keep the training layout.
