@@ -371,17 +371,17 @@ def _check_model_fits(spec: Any, adaptation: Any, config: Any) -> None:
     if getattr(adaptation, "block", None) is not None:
         skeleton = targets.skeleton(config, spec.model.trust_remote_code)
         if skeleton is not None:
-            _targets(adaptation, skeleton)
+            _targets(adaptation, skeleton, quiet=True)
 
 
-def _targets(adaptation: Any, model: Any) -> dict[str, Any]:
+def _targets(adaptation: Any, model: Any, quiet: bool = False) -> dict[str, Any]:
     """The adapter's resolved targets as status.effective keys ({} for methods without targets)."""
     from kubetune.trainer.methods import targets
 
     if getattr(adaptation, "block", None) is None:
         return {}
     try:
-        return adaptation.resolve_targets(model).effective()
+        return adaptation.resolve_targets(model, quiet).effective()
     except targets.TargetError as err:
         raise UserError(str(err), "InvalidSpec", err.param) from None
 

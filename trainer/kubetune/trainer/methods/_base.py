@@ -30,11 +30,11 @@ class PeftMethod(Method):
 
     block: str | None = None
 
-    def resolve_targets(self, model: Any) -> Any:
+    def resolve_targets(self, model: Any, quiet: bool = False) -> Any:
         """The `targets.Targets` of this block on `model`; raises `targets.TargetError`."""
         from kubetune.trainer.methods import targets
 
-        return targets.resolve(self.block, self.config, model)
+        return targets.resolve(self.block, self.config, model, quiet)
 
     def save(self, model: Any, directory: Path, merged: bool, base_dir: Path) -> None:
         if merged:

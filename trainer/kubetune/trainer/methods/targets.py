@@ -171,9 +171,11 @@ def peft_default(model_type: str, block: str) -> list[str] | None:
 # ---------------------------------------------------------------------------------- resolution
 
 
-def resolve(block: str, config: Any, model: Any) -> Targets:
+def resolve(block: str, config: Any, model: Any, quiet: bool = False) -> Targets:
     """The targets of `config` (the spec's lora/dora/qlora/ia3 block) on `model` (a meta-device
-    skeleton or the loaded model). Raises TargetError naming the field and listing candidates."""
+    skeleton or the loaded model). Raises TargetError naming the field and listing candidates.
+    `quiet`: no log lines (the skeleton's check; the loaded model's says the same)."""
+    say = (lambda *a: None) if quiet else log.info
     model_type = str(getattr(model.config, "model_type", "") or "")
     field_name = f"spec.method.{block}.targetModules"
     modules = [(n, m) for n, m in model.named_modules() if n]
@@ -185,7 +187,7 @@ def resolve(block: str, config: Any, model: Any) -> Targets:
         default = peft_default(model_type, block) or []
         present = [t for t in default if any(_matches(k, t) for k in wrappable)]
         if default and present != default:
-            log.info("peft's default %s targets for %s name %s, which this model does not have; using %s", block,
+            say("peft's default %s targets for %s name %s, which this model does not have; using %s", block,
                      model_type, ", ".join(t for t in default if t not in present), ", ".join(present) or ALL_LINEAR)
         asked, source = (present, f"peft:{model_type}") if present else ([ALL_LINEAR], ALL_LINEAR)
         if block == "ia3" and config.feedforward_modules:  # "also scale these on their input"
@@ -214,7 +216,7 @@ def resolve(block: str, config: Any, model: Any) -> Targets:
 
     dropout = getattr(config, "dropout", None) if block in LORA_BLOCKS else None
     if parameters:
-        dropout = _expert_dropout(block, config, model_type, parameters)
+        dropout = _expert_dropout(block, config, model_type, parameters, say)
     feedforward = _ia3_feedforward(config, model, names) if block == "ia3" else []
     matched = tuple(k for k in wrappable if any(_matches(k, t) for t in names))
     matched += tuple(k for k in experts if any(_matches(k, t) for t in parameters))
@@ -232,7 +234,7 @@ def _no_match(block: str, field_name: str, model: Any, model_type: str, asked: l
             f"or [all-linear], or leave targetModules out for the family default ({default})")
 
 
-def _expert_dropout(block: str, config: Any, model_type: str, parameters: list[str]) -> float:
+def _expert_dropout(block: str, config: Any, model_type: str, parameters: list[str], say: Any) -> float:
     """LoRA on fused expert parameters (peft's ParamWrapper) has no dropout and no DoRA."""
     what = f"{model_type}'s mixture-of-experts weights ({', '.join(parameters)}) are fused parameters, which peft adapts"
     if block == "dora":
@@ -244,7 +246,7 @@ def _expert_dropout(block: str, config: Any, model_type: str, parameters: list[s
             f"spec.method.{block}.dropout: {what} without dropout; set dropout: 0 (or leave it out), or list only "
             f"non-expert layers in targetModules (e.g. [q_proj, k_proj, v_proj, o_proj])", f"spec.method.{block}.dropout")
     if config.dropout:
-        log.info("%s: adapting %s's fused experts without dropout (peft supports no dropout there)", block, model_type)
+        say("%s: adapting %s's fused experts without dropout (peft supports no dropout there)", block, model_type)
     return 0.0
 
 
