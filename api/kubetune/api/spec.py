@@ -273,13 +273,16 @@ class QLoraConfig(WireModel):
         default=0.1, ge=0, lt=1,
         description="Dropout on the LoRA input. Default 0.1 (0 where fused mixture-of-experts weights are adapted: peft has no dropout there).",
     )
-    target_modules: Optional[list[ShortString]] = Field(
-        default=None,
+    # The default stays a value (not None as in lora): all-linear fits every family, and the wire
+    # form, hence the spec digest, of existing qlora jobs stays as it was.
+    target_modules: list[ShortString] = Field(
+        default_factory=lambda: ["all-linear"],
         min_length=1,
         max_length=64,
         description=(
-            "Module names to adapt (a layer's name or dotted suffix, as for lora), or [all-linear]. Unset: "
-            "[all-linear], the QLoRA paper's choice. A name that matches no layer is refused before the model loads."
+            "Module names to adapt (a layer's name or dotted suffix, as for lora), or [all-linear] for every linear "
+            "layer but the output head (the QLoRA paper's choice). A name that matches no layer is refused before the "
+            "model loads. Default [all-linear]."
         ),
     )
     quant_type: QuantType = Field(default=QuantType.NF4, description="4-bit data type: nf4 (NormalFloat) or fp4. Default nf4.")

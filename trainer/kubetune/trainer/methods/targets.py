@@ -3,8 +3,8 @@
 Module names differ between families (`q_proj` in Llama, `c_attn` in GPT-2, `query_key_value` in
 GPT-NeoX and Falcon, `qkv_proj` in Phi-3), so a fixed default list cannot fit them all:
 
-- `targetModules` unset: all-linear for qlora (the QLoRA paper's choice); for lora, dora and ia3
-  the family's default from peft's own tables
+- `targetModules` unset (lora, dora, ia3; qlora's default is [all-linear], the QLoRA paper's
+  choice, which fits every family): the family's default from peft's own tables
   (`TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`, `..._IA3_TARGET_MODULES_MAPPING` and
   `..._IA3_FEEDFORWARD_MODULES_MAPPING`), kept to the names the model really has; a family peft
   has no entry for (Phi-3), or whose entry names nothing the model has, gets `all-linear`.
