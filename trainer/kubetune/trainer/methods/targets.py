@@ -92,13 +92,16 @@ def _linear_types() -> tuple[type, ...]:
     return (torch.nn.Linear, Conv1D)
 
 
+def _is_linear(module: Any) -> bool:
+    """A Linear/Conv1D layer (4-bit or 8-bit ones included): what `all-linear` means."""
+    return isinstance(module, _linear_types()) or type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+
+
 def _adaptable(module: Any, block: str) -> bool:
-    """peft can wrap it: Linear/Conv1D (and 4-bit Linear) for both; embeddings for the LoRA kinds."""
+    """peft can wrap it: linear layers for every block, embeddings too for the LoRA kinds."""
     import torch
 
-    if isinstance(module, _linear_types()) or type(module).__name__ in ("Linear4bit", "Linear8bitLt"):
-        return True
-    return block in LORA_BLOCKS and isinstance(module, torch.nn.Embedding)
+    return _is_linear(module) or (block in LORA_BLOCKS and isinstance(module, torch.nn.Embedding))
 
 
 def _head_name(model: Any) -> str | None:
@@ -135,7 +138,7 @@ def candidates(model: Any, block: str) -> list[str]:
 def _all_linear(model: Any) -> list[str]:
     """Leaf names of every Linear/Conv1D but the output head (peft's `all-linear`, written out)."""
     head = _head_name(model)
-    linear = [n for n, m in model.named_modules() if n and n != head and _adaptable(m, "ia3")]
+    linear = [n for n, m in model.named_modules() if n and n != head and _is_linear(m)]
     leaves = {n.rsplit(".", 1)[-1] for n in linear}
     if head is not None and head.rsplit(".", 1)[-1] in leaves:  # a leaf name shared with the head: spell out
         return sorted(linear)
@@ -152,7 +155,7 @@ def _feedforward_default(model: Any) -> set[str]:
     if mapped:
         return set(mapped)
     return {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-            if n and _adaptable(m, "ia3") and _groups.kind(n + ".weight", model) == "mlp"}
+            if n and _is_linear(m) and _groups.kind(n + ".weight", model) == "mlp"}
 
 
 def peft_default(model_type: str, block: str) -> list[str] | None:
