@@ -87,6 +87,18 @@ def test_wire_round_trip() -> None:
     assert FineTuneJobSpec.model_validate(wire) == job.spec
 
 
+def test_unset_target_modules_stay_out_of_the_wire_form() -> None:
+    """Unset targetModules means the model family's default (resolved by the trainer, shown in
+    status.effective): nothing is added to the wire form, so the spec digest does not carry it."""
+    from kubetune.api.spec import DoraConfig, IA3Config
+
+    assert LoraConfig().wire() == {"r": 16, "alpha": 32, "dropout": 0.05}
+    assert DoraConfig(r=8).wire() == {"r": 8, "alpha": 32, "dropout": 0.05}
+    assert QLoraConfig().wire()["targetModules"] == ["all-linear"]  # qlora's default fits every family: kept as it was
+    assert IA3Config().wire() == {}
+    assert IA3Config(target_modules=["c_attn"]).wire() == {"targetModules": ["c_attn"]}
+
+
 def test_status_aliases() -> None:
     status = FineTuneJobStatus.model_validate({"cost": {"estimatedUSD": 1.5, "energyKWh": 2.0, "co2Kg": 0.5}})
     assert status.wire()["cost"] == {"estimatedUSD": 1.5, "energyKWh": 2.0, "co2Kg": 0.5}

@@ -240,15 +240,22 @@ class LoraConfig(WireModel):
 
     r: int = Field(default=16, ge=1, le=4096, description="Rank of the update matrices (8–64 typical). Default 16.")
     alpha: float = Field(default=32, gt=0, description="Scaling numerator: the update is scaled by alpha/r. Default 32.")
-    dropout: float = Field(default=0.05, ge=0, lt=1, description="Dropout on the LoRA input. Default 0.05.")
-    target_modules: list[ShortString] = Field(
-        default_factory=lambda: ["q_proj", "v_proj"],
+    dropout: float = Field(
+        default=0.05, ge=0, lt=1,
+        description="Dropout on the LoRA input. Default 0.05 (0 where fused mixture-of-experts weights are adapted: peft has no dropout there).",
+    )
+    target_modules: Optional[list[ShortString]] = Field(
+        default=None,
         min_length=1,
         max_length=64,
         description=(
-            "Module names to adapt (e.g. q_proj, v_proj, k_proj, o_proj, gate_proj, up_proj, "
-            "down_proj), or [all-linear] for every linear layer but the output head. "
-            "Default [q_proj, v_proj]."
+            "Module names to adapt: a layer's name or its dotted suffix (q_proj, v_proj in Llama; c_attn in GPT-2; "
+            "query_key_value in GPT-NeoX and Falcon; qkv_proj in Phi-3), or [all-linear] for every linear layer but "
+            "the output head (with Mixtral's fused experts and router, trained without dropout). A name that matches "
+            "no layer is refused before the model loads, listing the model's names. Unset: the family's default "
+            "from peft (q_proj, v_proj for Llama, Qwen, Mistral, Gemma; c_attn for GPT-2; query_key_value for "
+            "GPT-NeoX, Falcon), all-linear for families peft has none for (Phi-3); status.effective.targetModules "
+            "shows what was used."
         ),
     )
 
@@ -262,12 +269,21 @@ class QLoraConfig(WireModel):
 
     r: int = Field(default=64, ge=1, le=4096, description="Rank of the update matrices. Default 64.")
     alpha: float = Field(default=16, gt=0, description="Scaling numerator (alpha/r). Default 16.")
-    dropout: float = Field(default=0.1, ge=0, lt=1, description="Dropout on the LoRA input. Default 0.1.")
+    dropout: float = Field(
+        default=0.1, ge=0, lt=1,
+        description="Dropout on the LoRA input. Default 0.1 (0 where fused mixture-of-experts weights are adapted: peft has no dropout there).",
+    )
+    # The default stays a value (not None as in lora): all-linear fits every family, and the wire
+    # form, hence the spec digest, of existing qlora jobs stays as it was.
     target_modules: list[ShortString] = Field(
         default_factory=lambda: ["all-linear"],
         min_length=1,
         max_length=64,
-        description="Module names to adapt, or [all-linear] (the QLoRA paper's choice). Default [all-linear].",
+        description=(
+            "Module names to adapt (a layer's name or dotted suffix, as for lora), or [all-linear] for every linear "
+            "layer but the output head (the QLoRA paper's choice). A name that matches no layer is refused before the "
+            "model loads. Default [all-linear]."
+        ),
     )
     quant_type: QuantType = Field(default=QuantType.NF4, description="4-bit data type: nf4 (NormalFloat) or fp4. Default nf4.")
     double_quant: bool = Field(default=True, description="Quantise the quantisation constants too (saves ≈0.4 bit/parameter). Default true.")
@@ -280,16 +296,24 @@ class QLoraConfig(WireModel):
 class IA3Config(WireModel):
     """IA3 (Liu et al. 2022): learned scaling vectors on keys, values and the feed-forward input."""
 
-    target_modules: list[ShortString] = Field(
-        default_factory=lambda: ["k_proj", "v_proj", "down_proj"],
+    target_modules: Optional[list[ShortString]] = Field(
+        default=None,
         min_length=1,
         max_length=64,
-        description="Modules whose activations are rescaled. Default [k_proj, v_proj, down_proj].",
+        description=(
+            "Modules whose activations are rescaled (a layer's name or dotted suffix), or [all-linear]. Unset: the "
+            "family's default from peft (k_proj, v_proj, down_proj for Llama and Mistral; c_attn, mlp.c_proj for GPT-2; "
+            "query_key_value, dense_4h_to_h for GPT-NeoX and Falcon), all-linear where peft has none (Phi-3). A name "
+            "that matches no layer is refused before the model loads, listing the model's names."
+        ),
     )
-    feedforward_modules: list[ShortString] = Field(
-        default_factory=lambda: ["down_proj"],
+    feedforward_modules: Optional[list[ShortString]] = Field(
+        default=None,
         max_length=64,
-        description="The subset of targetModules that are feed-forward layers (scaled on their input). Default [down_proj].",
+        description=(
+            "The subset of targetModules that are feed-forward layers (scaled on their input). Unset: the family's "
+            "feed-forward layers among the targets (down_proj for Llama; peft's table)."
+        ),
     )
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from kubetune.api._base import WireModel
 from kubetune.api.conditions import ConditionType, Reason
@@ -174,6 +174,23 @@ class ResolvedHyperparameters(WireModel):
     validation_split: Optional[float] = Field(default=None, ge=0, le=0.5, description="Resolved validation split (0 with a validation file).")
     parameters: Optional[int] = Field(default=None, ge=0, description="Parameter count of the base model, when known.")
     checkpoint_every_steps: Optional[int] = Field(default=None, ge=1, description="Resolved checkpoint interval.")
+    target_modules: Optional[list[str]] = Field(
+        default=None, max_length=1024,
+        description="Modules the adapter wraps (lora, dora, qlora, ia3): the spec's list, the family default, or all-linear written out.",
+    )
+    target_parameters: Optional[list[str]] = Field(
+        default=None, max_length=1024, description="Fused mixture-of-experts parameters the LoRA adapter wraps (e.g. experts.gate_up_proj).",
+    )
+    feedforward_modules: Optional[list[str]] = Field(
+        default=None, max_length=1024, description="IA3: the targets scaled on their input.",
+    )
+    lora_dropout: Optional[float] = Field(default=None, ge=0, lt=1, description="Resolved LoRA dropout (0 where fused experts are adapted).")
+
+    @field_validator("target_modules", "target_parameters", "feedforward_modules", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        """The metric labels carry lists as comma-separated strings."""
+        return [v for v in value.split(",") if v] if isinstance(value, str) else value
 
 
 class Effective(ResolvedHyperparameters):

@@ -863,7 +863,7 @@ class Collator:
 PACKING_ATTENTION = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
 
 
-def packing_attention(device: str) -> str:
+def packing_attention(device: str, config: Any = None) -> str:
     """The attention implementation a packed run loads the model with, per device.
 
     - CUDA with `flash_attn` installed: `flash_attention_2`. transformers turns the restarting
@@ -871,7 +871,8 @@ def packing_attention(device: str) -> str:
       all, and no attention computed across example boundaries (padding-free).
     - Otherwise `sdpa`: transformers builds a dense block-diagonal causal mask from the position
       restarts (a [batch, 1, L, L] bool tensor, 4 MiB per 2 048-token row) and SDPA applies it.
-      Correct, and the mask is small, but every cross-example block is still computed.
+      Correct, and the mask is small, but every cross-example block is still computed. Families
+      without SDPA (Gemma 2, `families.Family.sdpa`) get `eager`, which applies the same mask.
     - Not chosen: `flex_attention` with a document mask. On torch 2.13 CPU it gives the same
       logits, but its first call compiles (torch.compile + a C++ toolchain) for minutes on a
       2-core machine — more than a short CPU fine-tune takes — and on GPU flash varlen is the
@@ -881,7 +882,9 @@ def packing_attention(device: str) -> str:
 
     if device == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
-    return "sdpa"
+    from kubetune.trainer.methods.families import family
+
+    return "sdpa" if config is None or family(config).sdpa else "eager"  # Gemma 2: eager only, same mask
 
 
 def prepare_model_for_packing(model) -> None:

@@ -58,7 +58,14 @@ class TrainerMetrics:
         """Export the resolved hyperparameters (`hparams.resolve`) as labels named after the
         ResolvedHyperparameters fields, so `status.effective` shows them while the run is young."""
         values = ResolvedHyperparameters.model_validate(resolved).model_dump(exclude_none=True)
-        self.effective.info({name: str(value) for name, value in values.items()})
+        labels = {}
+        for name, value in values.items():
+            if isinstance(value, list):  # target lists: comma-separated, or left to the summary when the
+                value = ",".join(value)  # operator's 64-character label cut would shorten a name
+                if len(value) > 64:
+                    continue
+            labels[name] = str(value)
+        self.effective.info(labels)
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> object:
         """Serve /metrics on `port` (0 picks a free one; the bound port is returned)."""

@@ -186,6 +186,7 @@ def _run(job: FineTuneJob, opts: Options, scratch: Path) -> dict[str, Any]:
         (log.warning if spec.resources.gpus else opts.on_status)("no GPU: training on CPU")
     adaptation = methods.build(spec.method.adaptation, spec.method.config())
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=spec.model.trust_remote_code)
+    _check_model_fits(spec, adaptation, config)  # packing and adapter targets, from config.json alone
     torch.manual_seed(spec.hyperparameters.seed)
     opts.on_status("loading the base model")
     # fp32 master weights for whatever trains, a frozen base in the compute dtype on a GPU
@@ -197,15 +198,15 @@ def _run(job: FineTuneJob, opts: Options, scratch: Path) -> dict[str, Any]:
     if spec.dataset.packing:
         # Packed rows: flash-attention varlen on a GPU that has it (padding-free), else SDPA
         # with the block-diagonal mask transformers derives from the position restarts.
-        placement["attn_implementation"] = data.packing_attention(device)
+        placement["attn_implementation"] = data.packing_attention(device, config)
     model = AutoModelForCausalLM.from_pretrained(model_dir, **load_kwargs, **{**placement, **adaptation.load_kwargs(device)})
-    if hasattr(adaptation, "after_load"):
-        adaptation.after_load(model)
+    chosen = _after_load(adaptation, model)  # targets again on the loaded model: before base evaluation
     _, total_params = methods.count_parameters(model)
     effective = hparams.resolve(
         spec, adaptation.default_learning_rate, total_params, config.hidden_size, config.num_hidden_layers,
         getattr(config, "vocab_size", None), getattr(config, "intermediate_size", None),
     )
+    effective.update(chosen)
     collate = data.Collator(tokenizer.pad_token_id, packing=False)
     metrics = opts.metrics
     results: dict[str, float] = {}
@@ -439,6 +440,47 @@ def _output_errors() -> Iterator[None]:
         raise UserError(f"spec.output.uri: {err}", "StorageError", "spec.output.uri") from None
     except storage.StorageError as err:  # transient: retriable, still before the model loaded
         raise storage.StorageError(f"spec.output.uri: {err}") from None
+
+
+def _check_model_fits(spec: Any, adaptation: Any, config: Any) -> None:
+    """Refuse, before any weight loads, what this model family cannot do: packing where its
+    attention does not keep packed examples apart, adapter targets that match none (or only some)
+    of its layers. The targets are checked on the model built from config.json on the meta device."""
+    from kubetune.trainer.methods import families, targets
+
+    if spec.dataset.packing:
+        try:
+            families.check_packing(config)
+        except ValueError as err:
+            raise UserError(f"spec.dataset.packing: {err}", "InvalidSpec", "spec.dataset.packing") from None
+    if getattr(adaptation, "block", None) is not None:
+        skeleton = targets.skeleton(config, spec.model.trust_remote_code)
+        if skeleton is not None:
+            _targets(adaptation, skeleton, quiet=True)
+
+
+def _targets(adaptation: Any, model: Any, quiet: bool = False) -> dict[str, Any]:
+    """The adapter's resolved targets as status.effective keys ({} for methods without targets)."""
+    from kubetune.trainer.methods import targets
+
+    if getattr(adaptation, "block", None) is None:
+        return {}
+    try:
+        return adaptation.resolve_targets(model, quiet).effective()
+    except targets.TargetError as err:
+        raise UserError(str(err), "InvalidSpec", err.param) from None
+
+
+def _after_load(adaptation: Any, model: Any) -> dict[str, Any]:
+    """The method's check of the loaded model (qlora: it really is 4-bit), then its targets."""
+    from kubetune.trainer.methods import targets
+
+    if hasattr(adaptation, "after_load"):
+        try:
+            adaptation.after_load(model)
+        except targets.TargetError as err:
+            raise UserError(str(err), "InvalidSpec", err.param) from None
+    return _targets(adaptation, model)
 
 
 def _rank_zero() -> bool:

@@ -22,7 +22,19 @@ class Method:
 
 
 class PeftMethod(Method):
-    """A peft-wrapped model: the adapter alone, or merged into the base with `format: merged`."""
+    """A peft-wrapped model: the adapter alone, or merged into the base with `format: merged`.
+
+    Methods that wrap chosen layers (lora, dora, qlora, ia3) name their spec block in `block` and
+    resolve their targets on the model (`targets.resolve`): on the meta-device skeleton before the
+    weights load, then on the loaded model when they apply."""
+
+    block: str | None = None
+
+    def resolve_targets(self, model: Any, quiet: bool = False) -> Any:
+        """The `targets.Targets` of this block on `model`; raises `targets.TargetError`."""
+        from kubetune.trainer.methods import targets
+
+        return targets.resolve(self.block, self.config, model, quiet)
 
     def save(self, model: Any, directory: Path, merged: bool, base_dir: Path) -> None:
         if merged:

@@ -13,8 +13,9 @@ from kubetune.trainer.methods.lora import lora_config
 
 class Dora(PeftMethod):
     default_learning_rate = 2e-4
+    block = "dora"
 
     def apply(self, model: Any, tokenizer: Any) -> Any:
         from peft import get_peft_model
 
-        return get_peft_model(model, lora_config(self.config, use_dora=True))
+        return get_peft_model(model, lora_config(self.config, self.resolve_targets(model), use_dora=True))

@@ -1,6 +1,7 @@
 """IA3 (Liu et al. 2022): learned vectors rescale keys, values and the feed-forward input.
 
-The vectors start at 1, so the adapted model computes the base function at init.
+The vectors start at 1, so the adapted model computes the base function at init. The targets and
+the feed-forward subset are resolved per model family by `targets.resolve`.
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ from kubetune.trainer.methods._base import PeftMethod
 
 class IA3(PeftMethod):
     default_learning_rate = 3e-3
+    block = "ia3"
 
     def apply(self, model: Any, tokenizer: Any) -> Any:
         from peft import IA3Config, TaskType, get_peft_model
 
+        resolved = self.resolve_targets(model)
         cfg = IA3Config(
             task_type=TaskType.CAUSAL_LM,
-            target_modules=list(self.config.target_modules),
-            feedforward_modules=list(self.config.feedforward_modules),
+            target_modules=list(resolved.modules),
+            feedforward_modules=list(resolved.feedforward),
         )
         return get_peft_model(model, cfg)

@@ -22,6 +22,7 @@ from kubetune.trainer.methods.lora import lora_config
 
 class QLora(PeftMethod):
     default_learning_rate = 2e-4
+    block = "qlora"
 
     def load_kwargs(self, device: str) -> dict[str, Any]:
         import torch
@@ -42,19 +43,40 @@ class QLora(PeftMethod):
         }
 
     def after_load(self, model: Any) -> None:
+        import bitsandbytes as bnb
+        import torch
+
+        from kubetune.trainer.methods.targets import TargetError
+
+        if not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()):
+            # Falcon's FalconLinear (an nn.Linear subclass) is skipped by transformers' 4-bit
+            # conversion: the "QLoRA" would be LoRA on a full-precision base, at full memory.
+            kinds = sorted({type(m).__name__ for m in model.modules() if isinstance(m, torch.nn.Linear)})
+            raise TargetError(
+                f"spec.method.adaptation: qlora: transformers converted none of this {model.config.model_type} model's "
+                f"layers ({', '.join(kinds)}) to 4-bit, so it would train as plain LoRA at full memory; use adaptation lora",
+                "spec.method.adaptation")
         # On CPUs with avx512_bf16, bitsandbytes repacks a Linear4bit's weight for a bf16
         # inference kernel on the first no-grad eval forward (our base-model evaluation), and
         # LoRA gradients through the repacked weight come out wrong. Keep the training layout.
         for module in model.modules():
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 module.support_avx512bf16_for_cpu = False
+        fused = [p for p in model.parameters() if p.dim() == 3]
+        if fused:  # transformers 5 keeps MoE experts as 3-D parameters, which bitsandbytes does not quantise
+            import logging
+
+            logging.getLogger("kubetune.trainer").warning(
+                "qlora: the %d fused mixture-of-experts tensors (%.2f B parameters) stay in %s, not 4-bit: "
+                "bitsandbytes quantises linear layers only", len(fused), sum(p.numel() for p in fused) / 1e9, fused[0].dtype)
 
     def apply(self, model: Any, tokenizer: Any) -> Any:
         from peft import get_peft_model, prepare_model_for_kbit_training
 
         _keep_training_layout(model)
+        resolved = self.resolve_targets(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        return get_peft_model(model, lora_config(self.config))
+        return get_peft_model(model, lora_config(self.config, resolved))
 
     def save(self, model: Any, directory: Path, merged: bool, base_dir: Path) -> None:
         if not merged:
