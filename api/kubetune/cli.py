@@ -94,6 +94,9 @@ def _validate_data(job: object, tokens: bool, reports: dict[str, object] | None 
         click.echo(f"  {line}")
     from kubetune.trainer import sources
 
+    if (missing := sources.missing_local_model(spec)) is not None:
+        click.echo(f"  {missing}")
+        return False
     if (too_long := sources.context_problem_for(spec, fetch=tokens)) is not None:  # before any weight is fetched
         click.echo(f"  {too_long}")
         return False

@@ -78,6 +78,24 @@ def test_validate_data_with_bad_data_and_an_unreachable_tokenizer(tmp_path: Path
     assert "(no token statistics: spec.model.source hf://mistralai/Mistral-7B-v0.1: the Hugging Face Hub is unreachable" in run.stdout
 
 
+def test_validate_data_refuses_a_model_directory_that_is_not_there(tmp_path: Path) -> None:
+    """A plain-path model source that is no directory here fails `validate --data` (exit 1, the
+    field named, pvc:// suggested for a pod-only volume) instead of reading "ok"; pvc:// is not
+    checked here (only the trainer pod mounts it)."""
+    doc = load_manifest_yaml((ROOT / "examples" / "quickstart.yaml").read_text())
+    for key in ("train", "validation"):
+        doc["spec"]["dataset"][key] = str(ROOT / doc["spec"]["dataset"][key])
+    for source, code in ((str(tmp_path / "no-such-model"), 1), (f"file://{tmp_path}/no-such-model", 1),
+                         ("pvc://models/no-such-model", 0)):
+        doc["spec"]["model"]["source"] = source
+        (tmp_path / "job.yaml").write_text(yaml.safe_dump(doc))
+        run = subprocess.run([sys.executable, "-m", "kubetune.cli", "validate", "--data", str(tmp_path / "job.yaml")],
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == code, (source, run.stdout + run.stderr)
+        assert ("spec.model.source: " in run.stdout and "no such directory here" in run.stdout) == (code == 1), run.stdout
+        assert "Traceback" not in run.stdout + run.stderr
+
+
 def test_validation_never_runs_code_shipped_with_the_model(tmp_path: Path, builtin_cache: Path) -> None:
     """I3: trustRemoteCode: true lets the *pod* run a model's code; `validate --data` never does."""
     import shutil

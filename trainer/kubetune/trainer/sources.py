@@ -294,6 +294,21 @@ def read_config(path: Path) -> dict[str, Any]:
     return config if isinstance(config, dict) else {}
 
 
+def missing_local_model(spec: Any) -> str | None:
+    """A plain-path or file:// model source that is no directory on this machine, as a message
+    naming the field; None otherwise. pvc:// is a volume only the trainer pod mounts, and remote
+    sources are checked by whoever fetches them."""
+    uri = spec.model.source
+    scheme = urlsplit(uri).scheme.lower() if "://" in uri else ""
+    if scheme not in ("", "file", "local"):
+        return None
+    path = local_path(uri)
+    if path is None or path.is_dir():
+        return None
+    return (f"spec.model.source: {uri}: no such directory here; give the directory holding config.json and the "
+            "safetensors weights (a volume only the trainer pod mounts is pvc://<claim>/<path>)")
+
+
 def context_problem_for(spec: Any, fetch: bool = False, cache_dir: Path | None = None) -> str | None:
     """The maxSeqLength-vs-context problem of a job, checked before any weight is read: built-in
     and local models read their config.json in place; remote ones (hf://, s3://, …) only with
