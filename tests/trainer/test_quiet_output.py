@@ -114,6 +114,14 @@ def test_pod_log_has_one_line_per_step(pod_run: dict[str, Any]) -> None:
 
 
 @slow
+def test_the_trained_share_is_of_the_adapted_model(pod_run: dict[str, Any]) -> None:
+    """The status line counts the adapter in the total (LoRA on every linear layer of the 107k-parameter
+    tiny model adds more than that: "131,072 of 107,328" before)."""
+    (trainable, total), = re.findall(r"training: ([\d,]+) of ([\d,]+) parameters", pod_run["log"])
+    assert 0 < int(trainable.replace(",", "")) < int(total.replace(",", ""))
+
+
+@slow
 def test_cpu_fallback_is_said_once(pod_run: dict[str, Any]) -> None:
     said = [line for line in pod_run["log"].splitlines() if "no GPU: training on CPU" in line]
     assert len(said) == 1 and " WARNING kubetune.trainer: " in said[0]  # gpus: 1 was asked for

@@ -237,7 +237,7 @@ def _run(job: FineTuneJob, opts: Options, scratch: Path) -> dict[str, Any]:
     model = adaptation.apply(model, tokenizer)
     effective.update(hparams.master_weights(model, effective["precision"]))
     opts.metrics.set_effective(effective)
-    trainable, _ = methods.count_parameters(model)
+    trainable, adapted_params = methods.count_parameters(model)  # an adapter's parameters count in the total
 
     # 5. Train, resuming from the newest committed checkpoint.
     resume = storage.latest_valid_checkpoint(store, scratch / "resume")
@@ -314,7 +314,7 @@ def _run(job: FineTuneJob, opts: Options, scratch: Path) -> dict[str, Any]:
         callbacks.append(preference.TrlMetrics(on_objective_metrics).callback)
         trainer = preference.build_trainer(spec, model, tokenizer, train, args, callbacks, optimizer, scorers)
         tokens.collate, trainer.data_collator = trainer.data_collator, tokens  # count what TRL's collator batches
-    opts.on_status(f"training: {trainable:,} of {total_params:,} parameters ({effective['weightsDtype']} weights, "
+    opts.on_status(f"training: {trainable:,} of {adapted_params:,} parameters ({effective['weightsDtype']} weights, "
                    f"{effective['computeDtype']} compute)")
     resume_dir = None
     if resume:
