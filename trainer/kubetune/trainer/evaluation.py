@@ -24,6 +24,7 @@ from typing import Any, Callable
 from kubetune.api.contract import JUDGE_API_KEY_ENV
 from kubetune.api.enums import DatasetFormat, EvalMetric
 from kubetune.trainer import textmetrics
+from kubetune.trainer.methods import prefix_tuning
 
 log = logging.getLogger("kubetune.trainer")
 
@@ -99,7 +100,7 @@ def generate(model: Any, tokenizer: Any, samples: list[Sample], max_new_tokens: 
             ids = ids[-max(1, limit - max_new_tokens):]
             torch.manual_seed(seed)
             x = torch.tensor([ids], device=device)
-            out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), **kwargs)
+            out = prefix_tuning.fix_generation(model).generate(input_ids=x, attention_mask=torch.ones_like(x), **kwargs)
             answers.append(tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True).strip())
     if was_training:
         model.train()

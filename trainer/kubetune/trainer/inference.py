@@ -27,6 +27,7 @@ from typing import Any, Iterator
 from urllib.parse import urlsplit
 
 from kubetune.trainer import builtin, sources, storage
+from kubetune.trainer.methods import prefix_tuning
 
 DEFAULT_MAX_TOKENS = 512
 """New tokens when a request names no limit (OpenAI's default is 'up to the context')."""
@@ -381,7 +382,7 @@ class Stream:
                 if self.seed is not None:
                     torch.manual_seed(self.seed)
                 ids = torch.tensor([self.ids], device=self.pool.device)
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+                out = prefix_tuning.fix_generation(model).generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
             new = out[0, len(self.ids):].tolist()
             self.completion_tokens = len(new)
             if new and new[-1] in eos:

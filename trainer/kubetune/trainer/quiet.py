@@ -11,9 +11,8 @@ job, so it is dropped here rather than shown:
 - peft's PeftModel and TRL read `model.is_gradient_checkpointing`, a deprecated alias in
   transformers 5 (a FutureWarning with two lines of source location per model wrapped); peft's
   prefix and prompt tuning pass `past_key_values` / `position_ids` the way transformers 4 took them.
-  Not filtered: "Both `past_key_values` and `cache` are set" — peft 0.21's prefix-tuned `generate`
-  under transformers 5.24 really does drop the prefix (the answers are the base model's), and a
-  warning that says so should stay visible.
+  Not filtered: "Both `past_key_values` and `cache` are set" — it would mean a prefix dropped in
+  `generate`, which methods.prefix_tuning.fix_generation prevents; should it come back, it shows.
 - rouge_score logs "Using default tokenizer." through absl at INFO each time a scorer is built.
 - transformers' own progress bars ("Loading weights", "Writing model shards") and datasets' map
   bars (TRL's tokenising) redraw with carriage returns: pod logs get a smeared line per load.
