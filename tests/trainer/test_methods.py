@@ -574,6 +574,25 @@ def test_prefix_tuned_generation_uses_the_prefix(model_dirs: dict[str, Path]) ->
     assert prefix_tuning.fix_generation(model) is model  # idempotent
 
 
+def test_prompt_tuned_generation_matches_the_forward(model_dirs: dict[str, Path], tokenizer: Any) -> None:
+    """Without methods.prefix_tuning.fix_generation peft 0.21 prepended the virtual tokens again at
+    every decoding step under transformers 5.24 (the second token's logits off by ~0.03-0.07)."""
+    from kubetune.trainer.methods import prefix_tuning
+
+    model = methods.build(Adaptation.PROMPT_TUNING, PromptTuningConfig(num_virtual_tokens=4)).apply(load_tiny(model_dirs["tiny"]), tokenizer)
+    with torch.no_grad():
+        for p in model.prompt_encoder.parameters():
+            p.add_(torch.randn_like(p, generator=torch.Generator().manual_seed(0)))
+    model.eval()
+    ids = toy_batch()["input_ids"][:1]
+    with torch.no_grad():
+        out = prefix_tuning.fix_generation(model).generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
+            output_logits=True, return_dict_in_generate=True)
+        forward = model(input_ids=out.sequences[:, :-1]).logits[0, -3:]
+    assert torch.allclose(torch.stack([logits[0] for logits in out.logits]), forward, atol=1e-4)
+
+
 def test_prompt_tuning_sample_vocab(model_dirs: dict[str, Path], tokenizer: Any) -> None:
     from kubetune.trainer.run import evaluate
 

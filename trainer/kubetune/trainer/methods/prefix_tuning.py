@@ -26,16 +26,18 @@ class PrefixTuning(PeftMethod):
 
 
 def fix_generation(model: Any) -> Any:
-    """Make a prefix-tuned model's `generate` use its prefix (idempotent; other models untouched).
+    """Make a prefix- or prompt-tuned model's `generate` right (idempotent; other models untouched).
 
-    peft 0.21's PeftModelForCausalLM.prepare_inputs_for_generation injects the trained prefix as
-    `past_key_values` when that key holds no cache yet. transformers 5.24's generate names the cache
-    `cache` instead, so peft finds none, adds the prefix under the old name, and the base forward
-    — seeing both — uses the empty `cache` and drops the prefix: every answer was the base model's
-    (tests/trainer/test_methods.py::test_prefix_tuned_generation_uses_the_prefix). Handing peft
-    the cache under the name it reads restores the prefix; generate then keeps the filled cache.
+    peft 0.21's PeftModelForCausalLM.prepare_inputs_for_generation looks for the KV cache under
+    `past_key_values`; transformers 5.24's generate names it `cache`, so peft never sees one:
+    - prefix tuning injects the trained prefix as `past_key_values`, and the base forward — seeing
+      both — uses the empty `cache` and drops the prefix: every answer was the base model's;
+    - prompt tuning prepends the virtual tokens again at every decoding step (5 embeddings onto a
+      cache of 8 for one new token), so every token after the first was wrong.
+    Handing peft the cache under the name it reads fixes both (tests/trainer/test_methods.py::
+    test_prefix_tuned_generation_uses_the_prefix, ::test_prompt_tuned_generation_matches_the_forward).
     """
-    if getattr(getattr(model, "active_peft_config", None), "peft_type", None) != "PREFIX_TUNING":
+    if not getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
         return model
     prepare = model.base_model_prepare_inputs_for_generation
     if getattr(prepare, "_kubetune_cache_as_past", False):
@@ -43,7 +45,7 @@ def fix_generation(model: Any) -> Any:
 
     def prepare_with_past(*args: Any, **kwargs: Any) -> Any:
         inputs = prepare(*args, **kwargs)
-        if "cache" in inputs and model.active_peft_config.peft_type == "PREFIX_TUNING":  # several adapters: the active one
+        if "cache" in inputs and model.active_peft_config.is_prompt_learning:  # several adapters: the active one
             inputs["past_key_values"] = inputs.pop("cache")
         return inputs
 
