@@ -400,6 +400,7 @@ def packed_logits_max_diff(s: Setup, n_examples: int = 24) -> float:
     from kubetune.trainer import data
     from kubetune.trainer.builtin import byte_tokenizer
     from kubetune.trainer.methods.lora import lora_config
+    from kubetune.trainer.methods.targets import Targets
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -412,7 +413,7 @@ def packed_logits_max_diff(s: Setup, n_examples: int = 24) -> float:
     class Cfg:  # the API block lora_config reads
         r, alpha, dropout, target_modules = s.r, s.alpha, 0.0, ["all-linear"]
 
-    model = get_peft_model(model, lora_config(Cfg))
+    model = get_peft_model(model, lora_config(Cfg, Targets(modules=("all-linear",))))
     with torch.no_grad():  # B = 0 at init would hide the adapter: give it weight
         for name, p in model.named_parameters():
             if "lora_B" in name:

@@ -292,9 +292,10 @@ def qlora_pair(model_dir: Path) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from kubetune.trainer.methods.lora import lora_config
+    from kubetune.trainer.methods.targets import Targets
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    cfg = lora_config(LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["all-linear"]))
+    cfg = lora_config(LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["all-linear"]), Targets(modules=("all-linear",)))
     load = lambda: AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, dtype=torch.float32,  # noqa: E731
                                                         use_safetensors=True)
     q = get_peft_model(prepare_model_for_kbit_training(load(), use_gradient_checkpointing=False), cfg)

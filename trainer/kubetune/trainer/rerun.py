@@ -54,9 +54,20 @@ def preflight(store: storage.Store) -> None:
     """Write and delete one small object under the output: credentials, the bucket and the right
     to write and delete, checked now. Raises the store's own errors (permanent or transient)."""
     key = f"{PREFLIGHT_PREFIX}-{uuid.uuid4().hex[:12]}"
+    # A local output directory the check creates is removed again: a run refused later (bad
+    # targets, no trained token) leaves the output as it found it.
+    created: list[Path] = []  # the output directory and the parents the put will make, innermost first
+    if store.local:
+        missing = Path(store.root)
+        while not missing.exists() and missing != missing.parent:
+            created.append(missing)
+            missing = missing.parent
     try:
         store.put_bytes(key, b"kubetune preflight: safe to delete\n")
         store.rm(key)
+        for directory in created:
+            if directory.is_dir() and not any(directory.iterdir()):
+                directory.rmdir()
     except storage.StorageError as err:
         kind = type(err) if isinstance(err, storage.PermanentStorageError) else storage.StorageError
         raise kind(f"the write check before training (put and delete of one small object) failed: {err}") from err

@@ -271,7 +271,8 @@ def _ia3_feedforward(config: Any, model: Any, names: list[str]) -> list[str]:
 
 def peft_kwargs(targets: Targets) -> dict[str, Any]:
     """The LoraConfig/IA3Config keyword arguments for the resolved targets."""
-    out: dict[str, Any] = {"target_modules": list(targets.modules)}
+    # peft reads the string "all-linear", not a one-item list of it
+    out: dict[str, Any] = {"target_modules": "all-linear" if targets.modules == ("all-linear",) else list(targets.modules)}
     if targets.parameters:
         out["target_parameters"] = list(targets.parameters)
     return out
