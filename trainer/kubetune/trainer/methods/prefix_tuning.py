@@ -35,7 +35,7 @@ def fix_generation(model: Any) -> Any:
     - prompt tuning prepends the virtual tokens again at every decoding step (5 embeddings onto a
       cache of 8 for one new token), so every token after the first was wrong.
     Handing peft the cache under the name it reads fixes both (tests/trainer/test_methods.py::
-    test_prefix_tuned_generation_uses_the_prefix, ::test_prompt_tuned_generation_matches_the_forward).
+    test_prompt_learning_generation_matches_the_forward).
     """
     if not getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
         return model
