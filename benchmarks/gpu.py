@@ -66,12 +66,33 @@ TARGET_RATIO = 1.5
 
 SHAPES: dict[str, dict[str, Any]] = {
     # name: LlamaConfig fields
-    "smoke": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  vocab_size=512, tie_word_embeddings=False),
-    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                 vocab_size=151936, tie_word_embeddings=True),
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-               vocab_size=128256, tie_word_embeddings=False),
+    "smoke": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        tie_word_embeddings=False,
+    ),
+    "0.5b": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    ),
 }
 
 
@@ -84,8 +105,14 @@ def build_model(shape: str, directory: Path) -> Path:
     if (directory / "config.json").exists():
         return directory
     tok = byte_tokenizer()
-    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, rope_theta=500000.0,
-                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    config = LlamaConfig(
+        **SHAPES[shape],
+        max_position_embeddings=4096,
+        rope_theta=500000.0,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+    )
     assert config.vocab_size >= len(tok)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -135,8 +162,10 @@ def flops_per_token(shape: str, adaptation: str, r: int, t: float) -> float:
 
 def table_row(x: dict[str, Any]) -> str:
     ratio = f"{x['ratio']:.2f}" if x["ratio"] is not None else "—"
-    return (f"| {x['shape']} | {x['run']} | {x['tokens_per_s']:.0f} | {x['ms_per_step']:.0f} | {x['padding_efficiency']:.2f} | "
-            f"{x['flops_per_token'] / 1e9:.2f} | {100 * x['mfu']:.1f} % | {ratio} | {x['peak_gpu_gb']:.1f} |")
+    return (
+        f"| {x['shape']} | {x['run']} | {x['tokens_per_s']:.0f} | {x['ms_per_step']:.0f} | {x['padding_efficiency']:.2f} | "
+        f"{x['flops_per_token'] / 1e9:.2f} | {100 * x['mfu']:.1f} % | {ratio} | {x['peak_gpu_gb']:.1f} |"
+    )
 
 
 def bnb_cuda() -> bool:
@@ -153,8 +182,18 @@ def bnb_cuda() -> bool:
         return False
 
 
-def memory_runs(shape: str, model_dir: Path, train: Path, validation: Path, work: Path, batch: int, max_seq: int, gpu: bool,
-                steps: int = 12, loss_step: int = 10) -> tuple[list[str], dict[str, Any]]:
+def memory_runs(
+    shape: str,
+    model_dir: Path,
+    train: Path,
+    validation: Path,
+    work: Path,
+    batch: int,
+    max_seq: int,
+    gpu: bool,
+    steps: int = 12,
+    loss_step: int = 10,
+) -> tuple[list[str], dict[str, Any]]:
     """kubetune (packing off) vs hf+peft LoRA on identical batches: peak, tokens/s, loss; the
     memory model's prediction against kubetune's measured peak."""
     from kubetune.api.estimate import gpu_workload
@@ -162,19 +201,49 @@ def memory_runs(shape: str, model_dir: Path, train: Path, validation: Path, work
 
     runs: dict[str, list[dict[str, Any]]] = {"hf": [], "ours": []}
     for side in ("hf", "ours"):
-        s = Setup(model_dir=str(model_dir), train=str(train), validation=str(validation), out=str(work / f"mem-{shape}-{side}"),
-                  steps=steps, warmup=2, batch=batch, max_seq=max_seq, lr=2e-4, r=16, alpha=32, dropout=0.05,
-                  precision="bf16" if gpu else "fp32", threads=min(8, os.cpu_count() or 1), packing=False, adaptation="lora",
-                  extra={"gpu": gpu})
+        s = Setup(
+            model_dir=str(model_dir),
+            train=str(train),
+            validation=str(validation),
+            out=str(work / f"mem-{shape}-{side}"),
+            steps=steps,
+            warmup=2,
+            batch=batch,
+            max_seq=max_seq,
+            lr=2e-4,
+            r=16,
+            alpha=32,
+            dropout=0.05,
+            precision="bf16" if gpu else "fp32",
+            threads=min(8, os.cpu_count() or 1),
+            packing=False,
+            adaptation="lora",
+            extra={"gpu": gpu},
+        )
         runs[side].append(spawn(side, s, timeout=1800))
     c = compare_memory(runs, min(loss_step, steps))
     cfg = SHAPES[shape]
-    parameters = matmul_parameters(shape) + (0 if cfg["tie_word_embeddings"] else cfg["vocab_size"] * cfg["hidden_size"])
-    workload = gpu_workload(parameters, "lora", max_seq, batch, False, cfg["hidden_size"], cfg["num_hidden_layers"],
-                            cfg["vocab_size"], intermediate_size=cfg["intermediate_size"])
+    parameters = matmul_parameters(shape) + (
+        0 if cfg["tie_word_embeddings"] else cfg["vocab_size"] * cfg["hidden_size"]
+    )
+    workload = gpu_workload(
+        parameters,
+        "lora",
+        max_seq,
+        batch,
+        False,
+        cfg["hidden_size"],
+        cfg["num_hidden_layers"],
+        cfg["vocab_size"],
+        intermediate_size=cfg["intermediate_size"],
+    )
     predicted = breakdown(workload).total / GIB
     measured = c["ours_peak"] if c["peak_key"] == "peak_gpu_gb" else c["ours_peak"] / 1024
-    c.update(predicted_gb=predicted, measured_gb=measured, prediction_ratio=predicted / measured if measured else float("nan"))
+    c.update(
+        predicted_gb=predicted,
+        measured_gb=measured,
+        prediction_ratio=predicted / measured if measured else float("nan"),
+    )
     lines = [
         f"Memory, {shape} LoRA, packing off, batch {batch} × {max_seq}, identical batches ({c['peak_key']}): "
         f"peak ours/hf {c['peak_ratio']:.3f} (target ≤ 0.6), useful tokens/s ours/hf {c['tokens_ratio']:.3f} (target ≥ 1.0), "
@@ -187,12 +256,16 @@ def memory_runs(shape: str, model_dir: Path, train: Path, validation: Path, work
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="CPU, tiny model, a few steps; prints RESULT gpu_smoke, never appends")
+    p.add_argument(
+        "--smoke", action="store_true", help="CPU, tiny model, a few steps; prints RESULT gpu_smoke, never appends"
+    )
     p.add_argument("--shapes", nargs="+", default=["0.5b", "8b"], choices=[s for s in SHAPES if s != "smoke"])
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--warmup", type=int, default=6)
     p.add_argument("--rounds", type=int, default=2, help="alternations of kubetune and the baseline per shape")
-    p.add_argument("--batch", type=json.loads, default={"0.5b": 8, "8b": 2, "smoke": 2}, help='rows per step per shape, JSON')
+    p.add_argument(
+        "--batch", type=json.loads, default={"0.5b": 8, "8b": 2, "smoke": 2}, help="rows per step per shape, JSON"
+    )
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--max-seq", type=int, default=2048)
     p.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS)
@@ -208,7 +281,7 @@ def main() -> int:
     elif not gpu:
         print("no CUDA device: run with --smoke on CPU, or on a GPU machine", file=sys.stderr)
         return 2
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
     device = torch.cuda.get_device_name(0) if gpu else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="kubetune-gpu-bench-") as tmp:
@@ -232,27 +305,52 @@ def main() -> int:
                     if adaptation != "lora" and r > 0:
                         continue  # one run is enough for the extra methods
                     s = Setup(
-                        model_dir=str(model_dir), train=str(train), validation=str(validation), out=str(work / f"out-{shape}-{name.replace(' ', '-')}-{r}"),
-                        steps=args.steps, warmup=args.warmup, batch=args.batch.get(shape, 2), grad_accum=args.grad_accum, max_seq=args.max_seq,
-                        lr=2e-4 if adaptation != "full" else 2e-5, r=16, alpha=32, dropout=0.05, precision="bf16" if gpu else "fp32",
-                        threads=min(8, os.cpu_count() or 1), packing=side == "ours", adaptation=adaptation, extra={"gpu": gpu},
+                        model_dir=str(model_dir),
+                        train=str(train),
+                        validation=str(validation),
+                        out=str(work / f"out-{shape}-{name.replace(' ', '-')}-{r}"),
+                        steps=args.steps,
+                        warmup=args.warmup,
+                        batch=args.batch.get(shape, 2),
+                        grad_accum=args.grad_accum,
+                        max_seq=args.max_seq,
+                        lr=2e-4 if adaptation != "full" else 2e-5,
+                        r=16,
+                        alpha=32,
+                        dropout=0.05,
+                        precision="bf16" if gpu else "fp32",
+                        threads=min(8, os.cpu_count() or 1),
+                        packing=side == "ours",
+                        adaptation=adaptation,
+                        extra={"gpu": gpu},
                     )
                     res = spawn(side, s, timeout=1800)
                     results[name].append(res)
-                    print(f"  {shape} {name:15s} round {r + 1}: {res['ms_per_step']:8.1f} ms/step {res['useful_tokens_per_s']:9.0f} useful tok/s "
-                          f"peak {res.get('peak_gpu_gb', 0):.1f} GiB", file=sys.stderr)
+                    print(
+                        f"  {shape} {name:15s} round {r + 1}: {res['ms_per_step']:8.1f} ms/step {res['useful_tokens_per_s']:9.0f} useful tok/s "
+                        f"peak {res.get('peak_gpu_gb', 0):.1f} GiB",
+                        file=sys.stderr,
+                    )
             for name, side, adaptation in runs:
                 rs = results[name]
                 tps = statistics.median(x["useful_tokens_per_s"] for x in rs)
                 width = args.max_seq if side == "ours" else statistics.median(x["mean_row_length"] for x in rs)
                 f = flops_per_token(shape, adaptation, 16, width)
-                rows.append({
-                    "shape": shape, "run": name, "adaptation": adaptation, "tokens_per_s": tps,
-                    "ms_per_step": statistics.median(x["ms_per_step"] for x in rs),
-                    "padding_efficiency": statistics.median(x["padding_efficiency"] for x in rs),
-                    "mfu": f * tps / (args.peak_tflops * 1e12), "flops_per_token": f, "width": width,
-                    "peak_gpu_gb": max(x.get("peak_gpu_gb", 0.0) for x in rs), "peak_rss_gb": max(x["peak_rss_mb"] for x in rs) / 1024,
-                })
+                rows.append(
+                    {
+                        "shape": shape,
+                        "run": name,
+                        "adaptation": adaptation,
+                        "tokens_per_s": tps,
+                        "ms_per_step": statistics.median(x["ms_per_step"] for x in rs),
+                        "padding_efficiency": statistics.median(x["padding_efficiency"] for x in rs),
+                        "mfu": f * tps / (args.peak_tflops * 1e12),
+                        "flops_per_token": f,
+                        "width": width,
+                        "peak_gpu_gb": max(x.get("peak_gpu_gb", 0.0) for x in rs),
+                        "peak_rss_gb": max(x["peak_rss_mb"] for x in rs) / 1024,
+                    }
+                )
             base = next(x for x in rows if x["shape"] == shape and x["run"] == "hf+peft lora")
             for x in rows:
                 if x["shape"] == shape:
@@ -262,9 +360,18 @@ def main() -> int:
         memory: dict[str, Any] | None = None
         memory_lines: list[str] = []
         if memory_shape is not None:
-            memory_lines, memory = memory_runs(memory_shape, work / f"model-{memory_shape}", train, validation, work,
-                                               args.batch.get(memory_shape, 2), args.max_seq, gpu, steps=4 if args.smoke else 12,
-                                               loss_step=3 if args.smoke else 10)
+            memory_lines, memory = memory_runs(
+                memory_shape,
+                work / f"model-{memory_shape}",
+                train,
+                validation,
+                work,
+                args.batch.get(memory_shape, 2),
+                args.max_seq,
+                gpu,
+                steps=4 if args.smoke else 12,
+                loss_step=3 if args.smoke else 10,
+            )
             print("  " + memory_lines[0], file=sys.stderr)
 
     import peft
@@ -289,19 +396,25 @@ def main() -> int:
     ours = {x["shape"]: x for x in rows if x["run"] == "kubetune lora"}
     if "8b" in ours and gpu and not args.smoke:
         x = ours["8b"]
-        lines.append(f"- 8b LoRA: MFU {100 * x['mfu']:.1f} % (target ≥ {100 * TARGET_MFU:.0f} %: {'met' if x['mfu'] >= TARGET_MFU else '**MISSED**'}), "
-                     f"{x['ratio']:.2f}× the baseline (target ≥ {TARGET_RATIO}×: {'met' if x['ratio'] >= TARGET_RATIO else '**MISSED**'})")
+        lines.append(
+            f"- 8b LoRA: MFU {100 * x['mfu']:.1f} % (target ≥ {100 * TARGET_MFU:.0f} %: {'met' if x['mfu'] >= TARGET_MFU else '**MISSED**'}), "
+            f"{x['ratio']:.2f}× the baseline (target ≥ {TARGET_RATIO}×: {'met' if x['ratio'] >= TARGET_RATIO else '**MISSED**'})"
+        )
         lines.append("")
         result = f"RESULT gpu_lora_8b mfu={x['mfu']:.3f} tokens_per_s={x['tokens_per_s']:.0f} baseline_ratio={x['ratio']:.3f} peak_gpu_gb={x['peak_gpu_gb']:.1f} date={date}"
     else:
         x = next(iter(ours.values()))
-        result = (f"RESULT gpu_smoke shape={x['shape']} mfu={x['mfu']:.3e} tokens_per_s={x['tokens_per_s']:.0f} "
-                  f"baseline_ratio={x['ratio']:.3f} runs={len(rows)} device={'cuda' if gpu else 'cpu'} date={date}")
+        result = (
+            f"RESULT gpu_smoke shape={x['shape']} mfu={x['mfu']:.3e} tokens_per_s={x['tokens_per_s']:.0f} "
+            f"baseline_ratio={x['ratio']:.3f} runs={len(rows)} device={'cuda' if gpu else 'cpu'} date={date}"
+        )
     lines += memory_lines
     if memory is not None and gpu and not args.smoke and memory_shape == "8b":
-        result += (f"\nRESULT gpu_memory_8b peak_ratio={memory['peak_ratio']:.3f} tokens_ratio={memory['tokens_ratio']:.3f} "
-                   f"loss_delta={memory['loss_delta']:.2e} predicted_gb={memory['predicted_gb']:.1f} measured_gb={memory['measured_gb']:.1f} "
-                   f"prediction_ratio={memory['prediction_ratio']:.2f} date={date}")
+        result += (
+            f"\nRESULT gpu_memory_8b peak_ratio={memory['peak_ratio']:.3f} tokens_ratio={memory['tokens_ratio']:.3f} "
+            f"loss_delta={memory['loss_delta']:.2e} predicted_gb={memory['predicted_gb']:.1f} measured_gb={memory['measured_gb']:.1f} "
+            f"prediction_ratio={memory['prediction_ratio']:.2f} date={date}"
+        )
     publish(lines, result, args.results or RESULTS if gpu and not args.smoke else None)
     return 0
 

@@ -27,9 +27,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "api"))
-from report import RESULTS, publish  # noqa: E402
-
-from kubetune.api.memory import Workload, breakdown  # noqa: E402
+from kubetune.api.memory import Workload, breakdown
+from report import RESULTS, publish
 
 TOLERANCE = 0.25
 SMALL = {"hidden": 64, "intermediate": 172, "layers": 2, "heads": 4, "chunked": True}
@@ -37,19 +36,36 @@ SMALL = {"hidden": 64, "intermediate": 172, "layers": 2, "heads": 4, "chunked": 
 
 def grid(smoke: bool) -> list[dict]:
     if smoke:
-        return [{**SMALL, "vocab": 4000, "seq": 128, "batch": b, "adaptation": a} for b, a in ((1, "lora"), (2, "full"))]
-    return [{**SMALL, "vocab": v, "seq": s, "batch": b, "adaptation": a}
-            for v, s, b, a in itertools.product((32000, 128000), (512, 2048), (1, 4), ("lora", "full"))]
+        return [
+            {**SMALL, "vocab": 4000, "seq": 128, "batch": b, "adaptation": a} for b, a in ((1, "lora"), (2, "full"))
+        ]
+    return [
+        {**SMALL, "vocab": v, "seq": s, "batch": b, "adaptation": a}
+        for v, s, b, a in itertools.product((32000, 128000), (512, 2048), (1, 4), ("lora", "full"))
+    ]
 
 
 def predicted(c: dict) -> float:
     """What the memory model says a CPU run of this point adds (fp32 weights and activations)."""
-    return breakdown(Workload(
-        parameters=c["parameters"], trainable=c["trainable"], hidden=c["hidden"], layers=c["layers"], vocab=c["vocab"],
-        seq_length=c["seq"], batch_size=c["batch"], intermediate=c["intermediate"], weight_dtype="fp32", compute_bytes=4,
-        gradient_checkpointing=bool(c.get("checkpointing")), chunked_logits=c["chunked"], head_trains=c["head_trains"],
-        label_share=0.75, gpu=False,  # the probe masks the first quarter of every row
-    )).total
+    return breakdown(
+        Workload(
+            parameters=c["parameters"],
+            trainable=c["trainable"],
+            hidden=c["hidden"],
+            layers=c["layers"],
+            vocab=c["vocab"],
+            seq_length=c["seq"],
+            batch_size=c["batch"],
+            intermediate=c["intermediate"],
+            weight_dtype="fp32",
+            compute_bytes=4,
+            gradient_checkpointing=bool(c.get("checkpointing")),
+            chunked_logits=c["chunked"],
+            head_trains=c["head_trains"],
+            label_share=0.75,
+            gpu=False,  # the probe masks the first quarter of every row
+        )
+    ).total
 
 
 def main() -> int:
@@ -58,21 +74,33 @@ def main() -> int:
     p.add_argument("--results", type=Path)
     args = p.parse_args()
     points = grid(args.smoke)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
-        [str(HERE.parent / "api"), str(HERE.parent / "trainer"), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(HERE / "memory_probe.py"), json.dumps(points)],
-                          capture_output=True, text=True, env=env, check=False)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(
+            [str(HERE.parent / "api"), str(HERE.parent / "trainer"), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "memory_probe.py"), json.dumps(points)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
     if proc.returncode != 0:
         print(proc.stderr[-3000:], file=sys.stderr)
         return 1
-    measured = [json.loads(line[len("PROBE "):]) for line in proc.stdout.splitlines() if line.startswith("PROBE ")]
+    measured = [json.loads(line[len("PROBE ") :]) for line in proc.stdout.splitlines() if line.startswith("PROBE ")]
     rows, ratios = [], []
     for c in measured:
         added = c["peak"] - c["base"]
         ratio = predicted(c) / added
         ratios.append(ratio)
-        rows.append(f"| {c['vocab']} | {c['seq']} | {c['batch']} | {c['adaptation']} | {added / 2**20:.0f} | "
-                    f"{predicted(c) / 2**20:.0f} | {ratio:.2f} |")
+        rows.append(
+            f"| {c['vocab']} | {c['seq']} | {c['batch']} | {c['adaptation']} | {added / 2**20:.0f} | "
+            f"{predicted(c) / 2**20:.0f} | {ratio:.2f} |"
+        )
     inside = sum(1 - TOLERANCE <= r <= 1 + TOLERANCE for r in ratios)
     date = datetime.date.today().isoformat()
     lines = [
@@ -89,8 +117,10 @@ def main() -> int:
         f"- {inside} of {len(ratios)} points within ±{TOLERANCE:.0%}; ratios {min(ratios):.2f}–{max(ratios):.2f}",
         "",
     ]
-    result = (f"RESULT memory_grid points={len(ratios)} within_25pct={inside} min_ratio={min(ratios):.2f} "
-              f"max_ratio={max(ratios):.2f} date={date}")
+    result = (
+        f"RESULT memory_grid points={len(ratios)} within_25pct={inside} min_ratio={min(ratios):.2f} "
+        f"max_ratio={max(ratios):.2f} date={date}"
+    )
     publish(lines, result, args.results or (None if args.smoke else RESULTS))
     return 0 if args.smoke or inside == len(ratios) else 1
 

@@ -35,17 +35,24 @@ def _reset() -> None:
 
 def measure(cfg: dict) -> dict:
     import torch
+    from kubetune.trainer import chunked
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from kubetune.trainer import chunked
 
     _reset()
     base = _status("VmRSS")
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=cfg["vocab"], hidden_size=cfg["hidden"], intermediate_size=cfg["intermediate"],
-                         num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"], num_key_value_heads=cfg["heads"],
-                         max_position_embeddings=cfg["seq"], tie_word_embeddings=False, use_cache=False)
+    config = LlamaConfig(
+        vocab_size=cfg["vocab"],
+        hidden_size=cfg["hidden"],
+        intermediate_size=cfg["intermediate"],
+        num_hidden_layers=cfg["layers"],
+        num_attention_heads=cfg["heads"],
+        num_key_value_heads=cfg["heads"],
+        max_position_embeddings=cfg["seq"],
+        tie_word_embeddings=False,
+        use_cache=False,
+    )
     config._attn_implementation = "sdpa"
     model = LlamaForCausalLM(config)
     if cfg["adaptation"] == "lora":
@@ -74,11 +81,28 @@ def measure(cfg: dict) -> dict:
     trainable = sum(p.numel() for p in params)
     total = sum(p.numel() for p in model.parameters())
     head = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lm_head" in n)
-    return {**cfg, "peak": _status("VmHWM"), "base": base, "trainable": trainable, "parameters": total, "head_trains": head > 0}
+    return {
+        **cfg,
+        "peak": _status("VmHWM"),
+        "base": base,
+        "trainable": trainable,
+        "parameters": total,
+        "head_trains": head > 0,
+    }
 
 
-WARM_UP = {"vocab": 512, "hidden": 32, "intermediate": 64, "layers": 1, "heads": 2, "seq": 64, "batch": 2,
-           "adaptation": "lora", "chunked": True, "checkpointing": True}
+WARM_UP = {
+    "vocab": 512,
+    "hidden": 32,
+    "intermediate": 64,
+    "layers": 1,
+    "heads": 2,
+    "seq": 64,
+    "batch": 2,
+    "adaptation": "lora",
+    "chunked": True,
+    "checkpointing": True,
+}
 
 if __name__ == "__main__":
     import torch

@@ -68,7 +68,7 @@ def main() -> int:
     times: dict[str, list[float]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
-            for i, name in enumerate(names if r % 2 == 0 else reversed(names)):
+            for name in names if r % 2 == 0 else reversed(names):
                 out = Path(tmp) / f"{name}-{r}"
                 times[name].append(run_one(ROOT / "examples" / "methods" / f"{name}.yaml", args.model, args.steps, out))
                 print(f"  {name:18s} run {r + 1}: {times[name][-1] * 1000:8.1f} ms/step", file=sys.stderr)
@@ -76,8 +76,10 @@ def main() -> int:
     rows = [(n, statistics.median(t), statistics.median(t) / base) for n, t in times.items()]
     import torch
 
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
+    machine = (
+        f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
     lines = [
         f"### objectives_cost — {date}",
         "",
@@ -88,7 +90,11 @@ def main() -> int:
         *[f"| {n} | {t * 1000:.1f} | {ratio:.2f} |" for n, t, ratio in rows],
         "",
     ]
-    result = "RESULT objectives_cost " + " ".join(f"{n}={ratio:.2f}" for n, _, ratio in rows) + f" model={args.model} date={date}"
+    result = (
+        "RESULT objectives_cost "
+        + " ".join(f"{n}={ratio:.2f}" for n, _, ratio in rows)
+        + f" model={args.model} date={date}"
+    )
     publish(lines, result, None if args.smoke else RESULTS)
     return 0
 

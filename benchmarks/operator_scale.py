@@ -115,7 +115,7 @@ class Run:
         v = sorted(self.latencies_ms if values is None else values)
         if not v:
             return float("nan")
-        return v[min(len(v) - 1, max(0, int(round(q * len(v) + 0.5)) - 1))]
+        return v[min(len(v) - 1, max(0, round(q * len(v) + 0.5) - 1))]
 
     @property
     def requests_per_cr(self) -> float:
@@ -153,8 +153,15 @@ def rss_mb(pid: int) -> tuple[float, float]:
 class Operator:
     """`run(namespaces=[NS], peering=False, liveness=False)` of kubetune.operator in a subprocess."""
 
-    def __init__(self, kubeconfig: Path, log: Path, api_url: str | None, tracemalloc_dir: Path | None = None,
-                 executor_threads: int | None = None, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        kubeconfig: Path,
+        log: Path,
+        api_url: str | None,
+        tracemalloc_dir: Path | None = None,
+        executor_threads: int | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("KUBETUNE_", "AWS_"))}
         env.update(KUBECONFIG=str(kubeconfig), KUBETUNE_OPERATOR_METRICS_PORT="0", PYTHONUNBUFFERED="1")
         env.update(extra_env or {})
@@ -180,13 +187,18 @@ class Operator:
                 f"    path = {str(tracemalloc_dir)!r} + f'/snap-{{next(n)}}'\n"
                 "    tracemalloc.take_snapshot().dump(path + '.part')\n"
                 "    os.replace(path + '.part', path)\n"
-                "signal.signal(signal.SIGUSR1, _dump)\n"
-                + code
+                "signal.signal(signal.SIGUSR1, _dump)\n" + code
             )
         self.log = log
         with log.open("wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", code],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         self.profiler: subprocess.Popen[bytes] | None = None
 
     def check(self) -> None:
@@ -197,9 +209,23 @@ class Operator:
         spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
         if spy is None:
             raise RuntimeError("--profile needs py-spy: pip install py-spy")
-        self.profiler = subprocess.Popen([spy, "record", "--pid", str(self.proc.pid), "--rate", "200", "--format", "raw",
-                                          "--output", str(path), "--nonblocking"],
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.profiler = subprocess.Popen(
+            [
+                spy,
+                "record",
+                "--pid",
+                str(self.proc.pid),
+                "--rate",
+                "200",
+                "--format",
+                "raw",
+                "--output",
+                str(path),
+                "--nonblocking",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
 
     def stop_profile(self) -> None:
         if self.profiler is not None:
@@ -240,12 +266,20 @@ def kubeconfig_for(path: Path, server: str, token: str | None, ca: Path | None =
     cluster: dict[str, Any] = {"server": server}
     if ca is not None:
         cluster["certificate-authority"] = str(ca)
-    path.write_text(json.dumps({
-        "apiVersion": "v1", "kind": "Config", "current-context": "bench",
-        "clusters": [{"name": "bench", "cluster": cluster}],
-        "users": [{"name": "bench", "user": user}],
-        "contexts": [{"name": "bench", "context": {"cluster": "bench", "user": "bench", "namespace": NAMESPACE}}],
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "bench",
+                "clusters": [{"name": "bench", "cluster": cluster}],
+                "users": [{"name": "bench", "user": user}],
+                "contexts": [
+                    {"name": "bench", "context": {"cluster": "bench", "user": "bench", "namespace": NAMESPACE}}
+                ],
+            }
+        )
+    )
     return path
 
 
@@ -277,7 +311,9 @@ class Watcher:
             params = {"watch": "true", "resourceVersion": rv}
             expired = False
             try:
-                async with self.http.get(self.path, params=params, timeout=aiohttp.ClientTimeout(total=None, sock_read=None)) as resp:
+                async with self.http.get(
+                    self.path, params=params, timeout=aiohttp.ClientTimeout(total=None, sock_read=None)
+                ) as resp:
                     resp.raise_for_status()
                     buf = b""
                     async for chunk in resp.content.iter_any():
@@ -296,7 +332,7 @@ class Watcher:
                             self._see(event, now)
                         if expired:
                             break
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 await asyncio.sleep(0.5)
             if expired:
                 async with self.http.get(self.path) as resp:
@@ -320,7 +356,9 @@ class Watcher:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 missing = sorted(names - self.seen.keys())
-                raise TimeoutError(f"{len(missing)} of {len(names)} not seen on {self.path} after {timeout:g} s, e.g. {missing[:3]}")
+                raise TimeoutError(
+                    f"{len(missing)} of {len(names)} not seen on {self.path} after {timeout:g} s, e.g. {missing[:3]}"
+                )
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.changed.wait(), min(remaining, 1.0))
 
@@ -370,9 +408,18 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-async def measure(tier: str, n: int, http: Any, kubeconfig: Path, api_url: str | None, workdir: Path,
-                  profile_dir: Path | None, on_burst: Any = lambda: None, api_pids: list[int] | None = None,
-                  options: argparse.Namespace | None = None) -> tuple[Run, float, float]:
+async def measure(
+    tier: str,
+    n: int,
+    http: Any,
+    kubeconfig: Path,
+    api_url: str | None,
+    workdir: Path,
+    profile_dir: Path | None,
+    on_burst: Any = lambda: None,
+    api_pids: list[int] | None = None,
+    options: argparse.Namespace | None = None,
+) -> tuple[Run, float, float]:
     """One operator process, a warm-up CR, then the burst; returns the run and its wall window."""
     run = Run(tier, n)
     jobs = Watcher(http, job_collection(), _job_owner)
@@ -382,8 +429,13 @@ async def measure(tier: str, n: int, http: Any, kubeconfig: Path, api_url: str |
     trace = options.tracemalloc if options is not None else None
     if trace is not None:
         trace.mkdir(parents=True, exist_ok=True)
-    op = Operator(kubeconfig, workdir / f"operator-{tier}-{n}.log", api_url, trace,
-                  options.executor_threads if options is not None else None)
+    op = Operator(
+        kubeconfig,
+        workdir / f"operator-{tier}-{n}.log",
+        api_url,
+        trace,
+        options.executor_threads if options is not None else None,
+    )
     try:
         # Warm up: the first FineTuneJob also waits for kopf to connect and for lazy imports.
         warm = await create_all(http, ["warmup"])
@@ -448,18 +500,43 @@ def trainer_page() -> bytes:
     from prometheus_client import generate_latest
 
     m = TrainerMetrics()
-    for gauge, value in ((m.step, 1200), (m.total_steps, 5000), (m.epoch, 0.72), (m.train_loss, 1.2345), (m.eval_loss, 1.3012),
-                         (m.base_eval_loss, 1.9021), (m.token_accuracy, 0.61), (m.learning_rate, 1.6e-4), (m.tokens_per_second, 5400),
-                         (m.samples_per_second, 10.5), (m.progress, 0.24), (m.eta, 5400), (m.last_checkpoint_step, 1000),
-                         (m.last_checkpoint_time, 1.7e9), (m.checkpoint_stall, 0.8), (m.checkpoint_upload, 12.0),
-                         (m.gpu_memory, 21e9), (m.gpu_power, 450), (m.start_time, 1.7e9 - 3600)):
+    for gauge, value in (
+        (m.step, 1200),
+        (m.total_steps, 5000),
+        (m.epoch, 0.72),
+        (m.train_loss, 1.2345),
+        (m.eval_loss, 1.3012),
+        (m.base_eval_loss, 1.9021),
+        (m.token_accuracy, 0.61),
+        (m.learning_rate, 1.6e-4),
+        (m.tokens_per_second, 5400),
+        (m.samples_per_second, 10.5),
+        (m.progress, 0.24),
+        (m.eta, 5400),
+        (m.last_checkpoint_step, 1000),
+        (m.last_checkpoint_time, 1.7e9),
+        (m.checkpoint_stall, 0.8),
+        (m.checkpoint_upload, 12.0),
+        (m.gpu_memory, 21e9),
+        (m.gpu_power, 450),
+        (m.start_time, 1.7e9 - 3600),
+    ):
         gauge.set(value)
     m.tokens.inc(6.5e6)
     m.gpu_energy.inc(2.4e6)
     m.objective.labels("kdLoss").set(0.42)
     with contextlib.suppress(Exception):  # the resolved hyperparameters' schema is not this benchmark's concern
-        m.set_effective({"epochs": 3, "learning_rate": 2e-4, "batch_size": 8, "gradient_accumulation": 4, "precision": "bf16",
-                         "max_seq_length": 2048, "checkpoint_every_steps": 500})
+        m.set_effective(
+            {
+                "epochs": 3,
+                "learning_rate": 2e-4,
+                "batch_size": 8,
+                "gradient_accumulation": 4,
+                "precision": "bf16",
+                "max_seq_length": 2048,
+                "checkpoint_every_steps": 500,
+            }
+        )
     return generate_latest(m.registry)
 
 
@@ -476,18 +553,20 @@ class TrainerPages:
         self.sent: collections.Counter = collections.Counter()  # mode → body bytes the socket took
         self.inflight = 0
         self.most_inflight: collections.Counter = collections.Counter()  # mode → most requests answered at once
-        line = b"kubetune_trainer_bench_filler_series_of_a_hostile_page{pad=\"" + b"x" * 40 + b"\"} 1\n"
+        line = b'kubetune_trainer_bench_filler_series_of_a_hostile_page{pad="' + b"x" * 40 + b'"} 1\n'
         self.filler = memoryview(line * ((1 << 20) // len(line)))  # ≈ 1 MiB of lines, reused for every chunk
         self.port = 0
         self._thread: Any = None
         self._stop: Any = None
         self._loop: Any = None
 
-    def __enter__(self) -> TrainerPages:  # noqa: PYI034
+    def __enter__(self) -> TrainerPages:
         import threading
 
         ready = threading.Event()
-        self._thread = threading.Thread(target=asyncio.run, args=(self._main(ready),), name="trainer-pages", daemon=True)
+        self._thread = threading.Thread(
+            target=asyncio.run, args=(self._main(ready),), name="trainer-pages", daemon=True
+        )
         self._thread.start()
         if not ready.wait(30):
             raise RuntimeError("the trainer page server did not start")
@@ -520,7 +599,12 @@ class TrainerPages:
                 self.sent[mode] += len(self.page)
                 return
             chunked = mode == "chunked"
-            writer.write((head + ("Transfer-Encoding: chunked\r\n\r\n" if chunked else f"Content-Length: {self.big_bytes}\r\n\r\n")).encode())
+            writer.write(
+                (
+                    head
+                    + ("Transfer-Encoding: chunked\r\n\r\n" if chunked else f"Content-Length: {self.big_bytes}\r\n\r\n")
+                ).encode()
+            )
             left = self.big_bytes
             while left > 0:
                 piece = self.filler[: min(left, len(self.filler))]
@@ -535,7 +619,7 @@ class TrainerPages:
             if chunked:
                 writer.write(b"0\r\n\r\n")
                 await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError, asyncio.LimitOverrunError, OSError):
+        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
             pass  # the operator hung up: what it should do with a huge page
         finally:
             self.inflight -= 1
@@ -577,7 +661,9 @@ class IdleRun:
     running: int = 0  # FineTuneJobs in phase Running when the idle window starts
     running_end: int = 0  # … and at the very end
     setup_s: float = 0.0  # first FineTuneJob created → every one Running
-    windows: dict[str, tuple[float, float, float, float]] = field(default_factory=dict)  # phase → wall, wall, mono, mono
+    windows: dict[str, tuple[float, float, float, float]] = field(
+        default_factory=dict
+    )  # phase → wall, wall, mono, mono
     requests: dict[str, collections.Counter] = field(default_factory=dict)  # phase → "verb resource" → count
     scrapes: dict[str, int] = field(default_factory=dict)  # phase → requests to the trainer pages
     most_inflight: dict[str, int] = field(default_factory=dict)  # phase → most scrapes answered at once
@@ -588,7 +674,9 @@ class IdleRun:
     rss: dict[str, list[float]] = field(default_factory=dict)  # phase → VmRSS samples (MiB)
     hwm_before_big_mb: float = 0.0
     hwm_end_mb: float = 0.0
-    status_changes: collections.Counter = field(default_factory=collections.Counter)  # path → FineTuneJobs changed in the idle window
+    status_changes: collections.Counter = field(
+        default_factory=collections.Counter
+    )  # path → FineTuneJobs changed in the idle window
     load: float = 0.0
 
     def seconds(self, phase: str) -> float:
@@ -646,7 +734,10 @@ async def operator_scrape_failures(port: int) -> float | None:
     import aiohttp
 
     with contextlib.suppress(Exception):
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s, s.get(f"http://127.0.0.1:{port}/metrics") as resp:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s,
+            s.get(f"http://127.0.0.1:{port}/metrics") as resp,
+        ):
             for line in (await resp.text()).splitlines():
                 if line.startswith("kubetune_operator_scrape_failures_total "):
                     return float(line.split()[1])
@@ -662,8 +753,10 @@ async def get_json(http: Any, path: str) -> dict[str, Any]:
 async def ftj_statuses(http: Any) -> dict[str, dict[str, Any]]:
     """name → {status, annotations} of every FineTuneJob."""
     items = (await get_json(http, ftj_collection())).get("items") or []
-    return {o["metadata"]["name"]: {"status": o.get("status") or {}, "annotations": o["metadata"].get("annotations") or {}}
-            for o in items}
+    return {
+        o["metadata"]["name"]: {"status": o.get("status") or {}, "annotations": o["metadata"].get("annotations") or {}}
+        for o in items
+    }
 
 
 def changed_paths(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -671,8 +764,11 @@ def changed_paths(a: Any, b: Any, prefix: str = "") -> list[str]:
     if isinstance(a, list) and isinstance(b, list) and all(isinstance(x, dict) and "type" in x for x in a + b):
         a, b = {x["type"]: x for x in a}, {x["type"]: x for x in b}
     if isinstance(a, dict) and isinstance(b, dict):
-        return [p for k in sorted(a.keys() | b.keys(), key=str)
-                for p in changed_paths(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))]
+        return [
+            p
+            for k in sorted(a.keys() | b.keys(), key=str)
+            for p in changed_paths(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
+        ]
     return [] if a == b else [prefix]
 
 
@@ -683,7 +779,7 @@ def make_running(standin: Any, jobs: list[dict[str, Any]], threads: int = 8) -> 
     Job's status active 1 with a startTime."""
     import concurrent.futures
 
-    started = datetime.datetime.now(datetime.timezone.utc)
+    started = datetime.datetime.now(datetime.UTC)
 
     def one(job: dict[str, Any]) -> None:
         pod = standin.pod_for(job)
@@ -705,8 +801,15 @@ async def wait_running(http: Any, names: list[str], timeout: float) -> int:
         await asyncio.sleep(1.0)
 
 
-async def measure_idle(tier: str, http: Any, kubeconfig: Path, api_url: str | None, workdir: Path,
-                       options: argparse.Namespace, api_pids: list[int] | None = None) -> IdleRun:
+async def measure_idle(
+    tier: str,
+    http: Any,
+    kubeconfig: Path,
+    api_url: str | None,
+    workdir: Path,
+    options: argparse.Namespace,
+    api_pids: list[int] | None = None,
+) -> IdleRun:
     """N running FineTuneJobs whose trainers serve a constant page: the operator's API requests
     and RSS at rest, then its RSS while every trainer serves a huge page."""
     from tests.standin_kubelet import StandinKubelet
@@ -719,14 +822,21 @@ async def measure_idle(tier: str, http: Any, kubeconfig: Path, api_url: str | No
     await jobs.start()
     await ftjs.start()
     op_port = free_port()
-    with TrainerPages(trainer_page(), options.big_page_mib << 20) as pages, \
-            StandinKubelet(kubeconfig, log_dir=workdir / "standin") as standin:
-        op = Operator(kubeconfig, workdir / f"operator-{tier}-idle-{n}.log", api_url, extra_env={
-            "KUBETUNE_METRICS_PORT": str(pages.port),  # every trainer pod's metrics port (podIP 127.0.0.1)
-            "KUBETUNE_METRICS_SCRAPE_INTERVAL_SECONDS": f"{interval:g}",
-            "KUBETUNE_OPERATOR_METRICS_PORT": str(op_port),  # for its scrape failure counter
-            "KUBETUNE_BIND_ADDRESS": "127.0.0.1",
-        })
+    with (
+        TrainerPages(trainer_page(), options.big_page_mib << 20) as pages,
+        StandinKubelet(kubeconfig, log_dir=workdir / "standin") as standin,
+    ):
+        op = Operator(
+            kubeconfig,
+            workdir / f"operator-{tier}-idle-{n}.log",
+            api_url,
+            extra_env={
+                "KUBETUNE_METRICS_PORT": str(pages.port),  # every trainer pod's metrics port (podIP 127.0.0.1)
+                "KUBETUNE_METRICS_SCRAPE_INTERVAL_SECONDS": f"{interval:g}",
+                "KUBETUNE_OPERATOR_METRICS_PORT": str(op_port),  # for its scrape failure counter
+                "KUBETUNE_BIND_ADDRESS": "127.0.0.1",
+            },
+        )
         sampler = RssSampler(op.proc.pid)
         try:
             names = [f"idle-{i:05d}" for i in range(n)]
@@ -736,8 +846,11 @@ async def measure_idle(tier: str, http: Any, kubeconfig: Path, api_url: str | No
             await ftjs.wait_for(set(names), 60 + n * 0.1)
             op.check()
             wanted = set(names)
-            owned = [j for j in (await get_json(http, job_collection()))["items"]
-                     if _job_owner({"type": "ADDED", "object": j}) in wanted]
+            owned = [
+                j
+                for j in (await get_json(http, job_collection()))["items"]
+                if _job_owner({"type": "ADDED", "object": j}) in wanted
+            ]
             await asyncio.to_thread(make_running, standin, owned)
             await wait_running(http, names, 2 * interval + 60 + n * 0.2)
             run.setup_s = time.monotonic() - t0
@@ -846,11 +959,20 @@ async def kmock_tier(n: int, workdir: Path, args: argparse.Namespace) -> Run:
         kubeconfig = kubeconfig_for(workdir / "kubeconfig-kmock", kube.base_url, None)
         async with aiohttp.ClientSession(base_url=kube.base_url, headers={"User-Agent": USER_AGENT}) as http:
             start = [0]
-            run, _, _ = await measure("kmock", n, http, kubeconfig, kube.base_url, workdir, args.profile,
-                                      on_burst=lambda: start.__setitem__(0, len(kube.requests)), options=args)
+            run, _, _ = await measure(
+                "kmock",
+                n,
+                http,
+                kubeconfig,
+                kube.base_url,
+                workdir,
+                args.profile,
+                on_burst=lambda: start.__setitem__(0, len(kube.requests)),
+                options=args,
+            )
             # The request log: everything the operator sent from the start of the burst.
             records = list(kube.requests)
-        for r in records[start[0]:]:
+        for r in records[start[0] :]:
             if r.user_agent.startswith(OPERATOR_AGENTS):
                 run.requests[" ".join(verb_resource(r))] += 1
     return run
@@ -866,16 +988,25 @@ async def real_api(workdir: Path, audit: Path) -> Any:
 
     policy = workdir / "audit-policy.yaml"
     policy.write_text(AUDIT_POLICY)
-    flags = [f"--audit-policy-file={policy}", f"--audit-log-path={audit}", "--audit-log-format=json", "--audit-log-maxsize=0"]
+    flags = [
+        f"--audit-policy-file={policy}",
+        f"--audit-log-path={audit}",
+        "--audit-log-format=json",
+        "--audit-log-maxsize=0",
+    ]
     with ApiServer(extra_apiserver_args=flags) as api:
         install_crd(api.kubeconfig, "\n---\n".join(p.read_text() for p in sorted((ROOT / "crds").glob("*.yaml"))))
         headers = {"User-Agent": USER_AGENT, "Authorization": f"Bearer {api.token}"}
         connector = aiohttp.TCPConnector(ssl=False, limit=CONCURRENCY + 8)
         async with aiohttp.ClientSession(base_url=api.url, headers=headers, connector=connector) as http:
-            async with http.post("/api/v1/namespaces", json={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}) as resp:
+            async with http.post(
+                "/api/v1/namespaces", json={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}
+            ) as resp:
                 assert resp.status == 201, await resp.text()
             assert api.tmpdir is not None
-            kubeconfig = kubeconfig_for(workdir / f"kubeconfig-real-{audit.stem}", api.url, api.token, api.tmpdir / "certs" / "apiserver.crt")
+            kubeconfig = kubeconfig_for(
+                workdir / f"kubeconfig-real-{audit.stem}", api.url, api.token, api.tmpdir / "certs" / "apiserver.crt"
+            )
             yield api, http, kubeconfig
 
 
@@ -892,15 +1023,18 @@ def operator_request(ev: dict[str, Any]) -> str | None:
     if ev.get("stage") != ("ResponseStarted" if ev.get("verb") == "watch" else "ResponseComplete"):
         return None
     ref = ev.get("objectRef") or {}
-    resource = "/".join(x for x in (ref.get("apiGroup"), ref.get("apiVersion"), ref.get("resource"), ref.get("subresource")) if x)
+    resource = "/".join(
+        x for x in (ref.get("apiGroup"), ref.get("apiVersion"), ref.get("resource"), ref.get("subresource")) if x
+    )
     return f"{ev['verb']} {resource or ev.get('requestURI', '?')}"
 
 
 async def real_tier(n: int, workdir: Path, args: argparse.Namespace) -> Run:
     audit = workdir / f"audit-{n}.log"
     async with real_api(workdir, audit) as (api, http, kubeconfig):
-        run, wall_start, wall_end = await measure("real", n, http, kubeconfig, None, workdir, args.profile,
-                                                  api_pids=api.pids(), options=args)
+        run, wall_start, wall_end = await measure(
+            "real", n, http, kubeconfig, None, workdir, args.profile, api_pids=api.pids(), options=args
+        )
     await asyncio.sleep(0.5)  # the audit backend writes asynchronously
     created: dict[str, float] = {}
     job_created: dict[str, float] = {}
@@ -910,7 +1044,12 @@ async def real_tier(n: int, workdir: Path, args: argparse.Namespace) -> Run:
         ts = _ts(ev["stageTimestamp"])
         agent = ev.get("userAgent") or ""
         ref = ev.get("objectRef") or {}
-        if agent.startswith(USER_AGENT) and ev["verb"] == "create" and ref.get("resource") == PLURAL and ev["responseStatus"]["code"] == 201:
+        if (
+            agent.startswith(USER_AGENT)
+            and ev["verb"] == "create"
+            and ref.get("resource") == PLURAL
+            and ev["responseStatus"]["code"] == 201
+        ):
             created[ref.get("name") or ""] = ts
         if agent.startswith(OPERATOR_AGENTS):
             if ev["verb"] == "create" and ref.get("resource") == "jobs" and ev["responseStatus"]["code"] == 201:
@@ -935,7 +1074,10 @@ async def kmock_idle(workdir: Path, args: argparse.Namespace) -> IdleRun:
         records = list(kube.requests)
     for phase, (_, _, mono0, mono1) in run.windows.items():
         run.requests[phase] = collections.Counter(
-            " ".join(verb_resource(r)) for r in records if mono0 <= r.timestamp < mono1 and r.user_agent.startswith(OPERATOR_AGENTS))
+            " ".join(verb_resource(r))
+            for r in records
+            if mono0 <= r.timestamp < mono1 and r.user_agent.startswith(OPERATOR_AGENTS)
+        )
     return run
 
 
@@ -983,8 +1125,16 @@ def _short(path: str) -> str:
 
 
 # Leaf frames that are waiting, not computing (py-spy's idle detection misses some of them).
-_WAITING = ("SSLSocket.read (ssl.py", "do_poll", "Condition.wait", "EpollSelector.select", "SocketIO.readinto",
-            "_worker (concurrent/futures/thread.py:81)", "Event.wait", "Lock.acquire")
+_WAITING = (
+    "SSLSocket.read (ssl.py",
+    "do_poll",
+    "Condition.wait",
+    "EpollSelector.select",
+    "SocketIO.readinto",
+    "_worker (concurrent/futures/thread.py:81)",
+    "Event.wait",
+    "Lock.acquire",
+)
 # (substring of a frame, category): walking from the leaf up, the first frame that matches decides.
 _CATEGORIES = [
     ("operator/builders.py", "kubetune builders"),
@@ -1069,11 +1219,13 @@ async def bursts(workdir: Path, args: argparse.Namespace, date: str) -> None:
                 keep_logs(workdir, args)
             runs.append(run)
             v = verdicts(run)
-            print(f"  {tier:5s} N={n:5d}: p50 {run.pct(0.5):7.1f} ms p99 {run.pct(0.99):7.1f} ms {run.crs_per_s:6.1f} CRs/s "
-                  f"rss {run.rss_rest_mb:.0f} MB +{run.kb_per_cr:.1f} KB/CR {run.requests_per_cr:.1f} req/CR "
-                  f"cpu {run.cpu_ms_per_cr:.1f} ms/CR (api {run.api_cpu_ms_per_cr:.1f}) load {run.load:.1f} "
-                  f"({time.monotonic() - started:.0f} s) {'' if all(v.values()) else 'missed: ' + ','.join(k for k, ok in v.items() if not ok)}",
-                  file=sys.stderr)
+            print(
+                f"  {tier:5s} N={n:5d}: p50 {run.pct(0.5):7.1f} ms p99 {run.pct(0.99):7.1f} ms {run.crs_per_s:6.1f} CRs/s "
+                f"rss {run.rss_rest_mb:.0f} MB +{run.kb_per_cr:.1f} KB/CR {run.requests_per_cr:.1f} req/CR "
+                f"cpu {run.cpu_ms_per_cr:.1f} ms/CR (api {run.api_cpu_ms_per_cr:.1f}) load {run.load:.1f} "
+                f"({time.monotonic() - started:.0f} s) {'' if all(v.values()) else 'missed: ' + ','.join(k for k, ok in v.items() if not ok)}",
+                file=sys.stderr,
+            )
 
     def mark(ok: bool) -> str:
         return "" if ok else " ✗"
@@ -1081,18 +1233,24 @@ async def bursts(workdir: Path, args: argparse.Namespace, date: str) -> None:
     lines = [
         f"### operator_scale — {date}",
         "",
-        (f"{environment()}; kubetune.operator as a subprocess (`run(namespaces=[{NAMESPACE}], peering=False)`), one namespace; "
-         f"N FineTuneJobs from examples/lora.yaml (prevalidate false) created with {CONCURRENCY} requests in flight after a warm-up CR; "
-         "latency = CR create returned → Job ADDED received on a watch (client monotonic clock); idle = the same for CRs created one "
-         "at a time before the burst (no queue); server = the burst latency from the "
-         "apiserver audit log's stageTimestamps. ✗ = target missed (p50 ≤ 100 ms, p99 ≤ 1 s, ≥ 50 CRs/s, RSS ≤ 150 MB + 20 KB/CR)."),
+        (
+            f"{environment()}; kubetune.operator as a subprocess (`run(namespaces=[{NAMESPACE}], peering=False)`), one namespace; "
+            f"N FineTuneJobs from examples/lora.yaml (prevalidate false) created with {CONCURRENCY} requests in flight after a warm-up CR; "
+            "latency = CR create returned → Job ADDED received on a watch (client monotonic clock); idle = the same for CRs created one "
+            "at a time before the burst (no queue); server = the burst latency from the "
+            "apiserver audit log's stageTimestamps. ✗ = target missed (p50 ≤ 100 ms, p99 ≤ 1 s, ≥ 50 CRs/s, RSS ≤ 150 MB + 20 KB/CR)."
+        ),
         "",
         "| tier | N | idle p50 ms | p50 ms | p99 ms | server p50 / p99 ms | →status p50 ms | cold ms | CRs/s | burst create s | RSS rest MB | KB/CR | peak RSS MB | API req/CR | operator CPU ms/CR | API-side CPU ms/CR |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         v = verdicts(r)
-        server = f"{r.pct(0.5, r.server_latencies_ms):.0f} / {r.pct(0.99, r.server_latencies_ms):.0f}" if r.server_latencies_ms else "—"
+        server = (
+            f"{r.pct(0.5, r.server_latencies_ms):.0f} / {r.pct(0.99, r.server_latencies_ms):.0f}"
+            if r.server_latencies_ms
+            else "—"
+        )
         lines.append(
             f"| {r.tier} | {r.n} | {r.pct(0.5, r.idle_ms):.1f} | {r.pct(0.5):.1f}{mark(v['p50_ms'])} | {r.pct(0.99):.1f}{mark(v['p99_ms'])} | {server} | "
             f"{r.pct(0.5, r.status_ms):.1f} | {r.cold_ms:.0f} | {r.crs_per_s:.1f}{mark(v['crs_per_s'])} | {r.create_s:.2f} | "
@@ -1105,7 +1263,9 @@ async def bursts(workdir: Path, args: argparse.Namespace, date: str) -> None:
         lines.append(f"- {r.tier} N={r.n} requests per CR: {breakdown}; 1-minute load average at the end {r.load:.1f}")
         if r.profile and Path(r.profile).exists():
             shares = profile_breakdown(r.profile)
-            lines.append("  - py-spy, the operator's busy samples: " + "; ".join(f"{name} {pct:.0f} %" for name, pct in shares))
+            lines.append(
+                "  - py-spy, the operator's busy samples: " + "; ".join(f"{name} {pct:.0f} %" for name, pct in shares)
+            )
         if r.memory_growth:
             lines.append("  - tracemalloc, live memory added by the burst: " + "; ".join(r.memory_growth))
     lines.append("")
@@ -1131,11 +1291,14 @@ async def idles(workdir: Path, args: argparse.Namespace, date: str) -> None:
         finally:
             keep_logs(workdir, args)
         runs.append(run)
-        print(f"  {tier:5s} idle N={run.n}: {run.running}/{run.n} Running, {run.requests_per_s:.2f} req/s "
-              f"({run.per_job_tick:.2f} per job per tick), {run.scrapes['idle'] / run.seconds('idle'):.1f} scrapes/s, "
-              f"cpu {run.cpu_pct():.1f} %, rss rest {run.rss_rest_mb:.1f} MB, peak {run.rss_peak_mb:.1f} MB "
-              f"(×{run.peak_ratio:.2f}) after {run.rss_after_mb:.1f} MB, load {run.load:.1f} "
-              f"(setup {run.setup_s:.0f} s, {time.monotonic() - started:.0f} s)", file=sys.stderr)
+        print(
+            f"  {tier:5s} idle N={run.n}: {run.running}/{run.n} Running, {run.requests_per_s:.2f} req/s "
+            f"({run.per_job_tick:.2f} per job per tick), {run.scrapes['idle'] / run.seconds('idle'):.1f} scrapes/s, "
+            f"cpu {run.cpu_pct():.1f} %, rss rest {run.rss_rest_mb:.1f} MB, peak {run.rss_peak_mb:.1f} MB "
+            f"(×{run.peak_ratio:.2f}) after {run.rss_after_mb:.1f} MB, load {run.load:.1f} "
+            f"(setup {run.setup_s:.0f} s, {time.monotonic() - started:.0f} s)",
+            file=sys.stderr,
+        )
 
     def fails(r: IdleRun, phase: str) -> str:
         v = r.scrape_failures.get(phase)
@@ -1144,23 +1307,29 @@ async def idles(workdir: Path, args: argparse.Namespace, date: str) -> None:
     lines = [
         f"### operator_scale idle — {date}",
         "",
-        (f"{environment()}; kubetune.operator as a subprocess (as for the bursts, with its own /metrics on for the scrape "
-         "failure counter); N FineTuneJobs from examples/lora.yaml, each Job given a Running pod as the Job controller and kubelet "
-         "would (tests/standin_kubelet.py: podIP 127.0.0.1, the trainer container running) and its Job `active: 1`; every pod's "
-         "/metrics answers a constant trainer page (kubetune.trainer.metrics.TrainerMetrics) served by the benchmark. Once every "
-         "FineTuneJob is Running and one more scrape interval has passed: the operator's API requests (user agents `kopf/…`, "
-         "`kubetune-operator/…`; kmock's request log or the audit log) over the window; RSS rest = median VmRSS over it (sampled "
-         f"every 0.5 s). Then every pod answers a {args.big_page_mib} MiB page, first with Content-Length, then chunked without "
-         f"it, {args.big_intervals} intervals each: peak = the highest VmRSS sample (or VmHWM if it rose); target peak < "
-         f"{PEAK_RATIO_TARGET} × rest (✗ = missed). After = VmRSS one interval after the small page is back."),
+        (
+            f"{environment()}; kubetune.operator as a subprocess (as for the bursts, with its own /metrics on for the scrape "
+            "failure counter); N FineTuneJobs from examples/lora.yaml, each Job given a Running pod as the Job controller and kubelet "
+            "would (tests/standin_kubelet.py: podIP 127.0.0.1, the trainer container running) and its Job `active: 1`; every pod's "
+            "/metrics answers a constant trainer page (kubetune.trainer.metrics.TrainerMetrics) served by the benchmark. Once every "
+            "FineTuneJob is Running and one more scrape interval has passed: the operator's API requests (user agents `kopf/…`, "
+            "`kubetune-operator/…`; kmock's request log or the audit log) over the window; RSS rest = median VmRSS over it (sampled "
+            f"every 0.5 s). Then every pod answers a {args.big_page_mib} MiB page, first with Content-Length, then chunked without "
+            f"it, {args.big_intervals} intervals each: peak = the highest VmRSS sample (or VmHWM if it rose); target peak < "
+            f"{PEAK_RATIO_TARGET} × rest (✗ = missed). After = VmRSS one interval after the small page is back."
+        ),
         "",
-        ("| tier | jobs Running | interval s | window s | API req/s | req per job per tick | status PATCH/s | scrapes/s | operator CPU % "
-         "| API-side CPU % | RSS rest MB | peak MB, Content-Length page | peak MB, chunked page | peak ÷ rest | RSS after MB "
-         "| scrape failures Content-Length / chunked | API req/s with the huge pages |"),
+        (
+            "| tier | jobs Running | interval s | window s | API req/s | req per job per tick | status PATCH/s | scrapes/s | operator CPU % "
+            "| API-side CPU % | RSS rest MB | peak MB, Content-Length page | peak MB, chunked page | peak ÷ rest | RSS after MB "
+            "| scrape failures Content-Length / chunked | API req/s with the huge pages |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
-        patches = sum(c for k, c in r.requests["idle"].items() if k.startswith("patch ") and k.endswith("finetunejobs/status"))
+        patches = sum(
+            c for k, c in r.requests["idle"].items() if k.startswith("patch ") and k.endswith("finetunejobs/status")
+        )
         big = sum(sum(r.requests[m].values()) for m in BIG_MODES) / sum(r.seconds(m) for m in BIG_MODES)
         lines.append(
             f"| {r.tier} | {r.running}/{r.n} | {r.interval_s:g} | {r.window_s:g} | {r.requests_per_s:.2f} | {r.per_job_tick:.2f} | "
@@ -1173,17 +1342,23 @@ async def idles(workdir: Path, args: argparse.Namespace, date: str) -> None:
     for r in runs:
         secs = r.seconds("idle")
         breakdown = ", ".join(f"{k} {c / secs:.2f}" for k, c in r.requests["idle"].most_common()) or "none"
-        lines.append(f"- {r.tier} N={r.n} idle requests/s: {breakdown}; idle scrape failures {fails(r, 'idle')}, "
-                     f"at most {r.most_inflight.get('idle', 0)} scrapes at once; "
-                     f"setup (created → all Running) {r.setup_s:.0f} s; 1-minute load average {r.load:.1f}")
+        lines.append(
+            f"- {r.tier} N={r.n} idle requests/s: {breakdown}; idle scrape failures {fails(r, 'idle')}, "
+            f"at most {r.most_inflight.get('idle', 0)} scrapes at once; "
+            f"setup (created → all Running) {r.setup_s:.0f} s; 1-minute load average {r.load:.1f}"
+        )
         changed = ", ".join(f"{path} ({c} jobs)" for path, c in r.status_changes.most_common(8)) or "nothing"
         lines.append(f"  - changed during the idle window: {changed}")
         for m, label in BIG_MODES.items():
             per = ", ".join(f"{k} {c / r.seconds(m):.2f}" for k, c in r.requests[m].most_common()) or "none"
-            lines.append(f"  - {args.big_page_mib} MiB page ({label}): {r.scrapes[m]} scrapes, at most {r.most_inflight.get(m, 0)} "
-                         f"at once, {r.sent[m] / 2**20:.0f} MiB sent (loopback socket buffers included); requests/s: {per}")
-        lines.append(f"  - VmHWM before the huge pages {r.hwm_before_big_mb:.1f} MB, at the end {r.hwm_end_mb:.1f} MB; "
-                     f"{r.running_end}/{r.n} still Running at the end")
+            lines.append(
+                f"  - {args.big_page_mib} MiB page ({label}): {r.scrapes[m]} scrapes, at most {r.most_inflight.get(m, 0)} "
+                f"at once, {r.sent[m] / 2**20:.0f} MiB sent (loopback socket buffers included); requests/s: {per}"
+            )
+        lines.append(
+            f"  - VmHWM before the huge pages {r.hwm_before_big_mb:.1f} MB, at the end {r.hwm_end_mb:.1f} MB; "
+            f"{r.running_end}/{r.n} still Running at the end"
+        )
     lines.append("")
     h = max(runs, key=lambda r: (r.tier == "real", r.n))
     result = (
@@ -1196,7 +1371,7 @@ async def idles(workdir: Path, args: argparse.Namespace, date: str) -> None:
 
 
 async def main_async(args: argparse.Namespace) -> int:
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
     with tempfile.TemporaryDirectory(prefix="operator-scale-") as tmp:
         workdir = Path(tmp)
         if not args.idle:
@@ -1213,24 +1388,58 @@ def main() -> int:
     p.add_argument("--smoke", action="store_true", help="N = 5 on kmock only; RESULTS.md untouched unless --results")
     p.add_argument("--results", type=Path, help="append here (default: benchmarks/RESULTS.md, not in --smoke)")
     p.add_argument("--no-append", action="store_true", help="print only: append to no file (unless --results)")
-    p.add_argument("--profile", type=Path, help="record a py-spy profile of the operator during each burst into this folder")
+    p.add_argument(
+        "--profile", type=Path, help="record a py-spy profile of the operator during each burst into this folder"
+    )
     p.add_argument("--keep-logs", type=Path, help="copy the operator logs (and audit logs) here")
-    p.add_argument("--sequential", type=int, default=10, help="FineTuneJobs created one at a time before the burst (idle latency)")
-    p.add_argument("--executor-threads", type=int, help="investigation: give the operator's event loop a default executor of this many threads")
-    p.add_argument("--tracemalloc", type=Path, help="investigation: trace the operator's allocations, report growth per CR (slow)")
-    p.add_argument("--idle", action="store_true", help="only the idle measurement (no bursts), on --idle-tiers or else --tiers")
+    p.add_argument(
+        "--sequential", type=int, default=10, help="FineTuneJobs created one at a time before the burst (idle latency)"
+    )
+    p.add_argument(
+        "--executor-threads",
+        type=int,
+        help="investigation: give the operator's event loop a default executor of this many threads",
+    )
+    p.add_argument(
+        "--tracemalloc", type=Path, help="investigation: trace the operator's allocations, report growth per CR (slow)"
+    )
+    p.add_argument(
+        "--idle", action="store_true", help="only the idle measurement (no bursts), on --idle-tiers or else --tiers"
+    )
     p.add_argument("--no-idle", action="store_true", help="only the bursts")
-    p.add_argument("--idle-tiers", nargs="+", choices=["kmock", "real"],
-                   help="tiers of the idle measurement (default: real if in --tiers, else --tiers; with --idle: --tiers)")
+    p.add_argument(
+        "--idle-tiers",
+        nargs="+",
+        choices=["kmock", "real"],
+        help="tiers of the idle measurement (default: real if in --tiers, else --tiers; with --idle: --tiers)",
+    )
     p.add_argument("--idle-jobs", type=int, default=300, help="running FineTuneJobs of the idle measurement")
-    p.add_argument("--idle-interval", type=float, default=30.0, help="KUBETUNE_METRICS_SCRAPE_INTERVAL_SECONDS of the idle operator")
-    p.add_argument("--idle-seconds", type=float, default=120.0, help="the idle window the operator's requests are counted over")
+    p.add_argument(
+        "--idle-interval",
+        type=float,
+        default=30.0,
+        help="KUBETUNE_METRICS_SCRAPE_INTERVAL_SECONDS of the idle operator",
+    )
+    p.add_argument(
+        "--idle-seconds", type=float, default=120.0, help="the idle window the operator's requests are counted over"
+    )
     p.add_argument("--big-page-mib", type=int, default=200, help="size of the huge /metrics page")
-    p.add_argument("--big-intervals", type=int, default=2, help="scrape intervals each huge page (Content-Length, chunked) is served")
+    p.add_argument(
+        "--big-intervals",
+        type=int,
+        default=2,
+        help="scrape intervals each huge page (Content-Length, chunked) is served",
+    )
     args = p.parse_args()
     if args.smoke:
         args.n, args.tiers, args.sequential = [5], ["kmock"], 3
-        args.idle_tiers, args.idle_jobs, args.idle_interval, args.idle_seconds, args.big_intervals = ["kmock"], 5, 2.0, 6.0, 1
+        args.idle_tiers, args.idle_jobs, args.idle_interval, args.idle_seconds, args.big_intervals = (
+            ["kmock"],
+            5,
+            2.0,
+            6.0,
+            1,
+        )
     if args.no_idle:
         args.idle_tiers = []
     elif args.idle_tiers is None:

@@ -39,30 +39,47 @@ def _rss_mb() -> float:
 def child(side: str, vocab: int, hidden: int, seq: int, steps: int) -> dict[str, float]:
     import torch
     from datasets import Dataset
+    from kubetune.trainer import builtin, preference
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
-
-    from kubetune.trainer import builtin, preference
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
     tmp = Path(tempfile.mkdtemp())
     tok = AutoTokenizer.from_pretrained(builtin.build("tiny-llama", tmp / "tok"))  # byte-level: ids < 260
     preference.ensure_chat_template(tok)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=4 * seq, use_cache=False,
-                         tie_word_embeddings=False)
-    model = get_peft_model(LlamaForCausalLM(config).float(),
-                           LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"))
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=4 * seq,
+        use_cache=False,
+        tie_word_embeddings=False,
+    )
+    model = get_peft_model(
+        LlamaForCausalLM(config).float(),
+        LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
     words = "the order shipped on monday and arrives within five days "
     prompt = (words * 40)[: seq // 4]
     answer = (words * 200)[: seq - seq // 4 - 40]
     row = {"prompt": prompt, "chosen": answer, "rejected": answer[::-1]}
-    args = ORPOConfig(output_dir=str(tmp / "run"), per_device_train_batch_size=1, max_length=2 * seq,
-                      use_cpu=True, report_to=[], remove_unused_columns=False, beta=0.1)
-    trainer = preference._chunked_orpo()(model=model, args=args, train_dataset=Dataset.from_list([row]),
-                                         processing_class=tok)
+    args = ORPOConfig(
+        output_dir=str(tmp / "run"),
+        per_device_train_batch_size=1,
+        max_length=2 * seq,
+        use_cpu=True,
+        report_to=[],
+        remove_unused_columns=False,
+        beta=0.1,
+    )
+    trainer = preference._chunked_orpo()(
+        model=model, args=args, train_dataset=Dataset.from_list([row]), processing_class=tok
+    )
     if side == "trl":
         trainer.concatenated_forward = types.MethodType(ORPOTrainer.concatenated_forward, trainer)
     batch = trainer.data_collator([trainer.train_dataset[0]])
@@ -78,8 +95,14 @@ def child(side: str, vocab: int, hidden: int, seq: int, steps: int) -> dict[str,
         losses.append(float(loss))
         model.zero_grad(set_to_none=True)
     peak = _rss_mb()
-    return {"peak_mb": peak, "loaded_mb": loaded, "added_mb": peak - loaded, "ms_step": 1000 * min(times),
-            "loss": losses[0], "tokens": tokens}
+    return {
+        "peak_mb": peak,
+        "loaded_mb": loaded,
+        "added_mb": peak - loaded,
+        "ms_step": 1000 * min(times),
+        "loss": losses[0],
+        "tokens": tokens,
+    }
 
 
 def main() -> None:
@@ -93,33 +116,51 @@ def main() -> None:
     if a.child:
         print("RESULT_JSON " + json.dumps(child(a.child[0], **json.loads(a.child[1]))))
         return
-    sizes = {"vocab": 4096, "hidden": 64, "seq": 128, "steps": 1} if a.smoke else \
-        {"vocab": 128256, "hidden": 512, "seq": a.seq, "steps": a.steps}
+    sizes = (
+        {"vocab": 4096, "hidden": 64, "seq": 128, "steps": 1}
+        if a.smoke
+        else {"vocab": 128256, "hidden": 512, "seq": a.seq, "steps": a.steps}
+    )
     out = {}
     for side in ("trl", "ours"):
-        done = subprocess.run([sys.executable, __file__, "--child", side, json.dumps(sizes)], capture_output=True,
-                              text=True, cwd=ROOT, check=True)
+        done = subprocess.run(
+            [sys.executable, __file__, "--child", side, json.dumps(sizes)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            check=True,
+        )
         line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT_JSON "))
         out[side] = json.loads(line.split(" ", 1)[1])
     import torch
     import transformers
     import trl
 
-    lines = [f"### preference_memory — {datetime.date.today()}", "",
-             f"{platform.machine()}, torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
-             f"Python {platform.python_version()}; 2 threads; ORPO, random-init Llama, vocab {sizes['vocab']}, hidden "
-             f"{sizes['hidden']}, 2 layers, LoRA r8 all-linear, fp32; one pair ({out['ours']['tokens']} tokens: chosen + "
-             f"rejected rows); {sizes['steps']} forward+backward passes of get_batch_loss_metrics, each side in a fresh process.",
-             "", "| side | peak MB | RSS before the steps, MB | added by the steps, MB | ms/step (min) | loss |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"### preference_memory — {datetime.date.today()}",
+        "",
+        f"{platform.machine()}, torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
+        f"Python {platform.python_version()}; 2 threads; ORPO, random-init Llama, vocab {sizes['vocab']}, hidden "
+        f"{sizes['hidden']}, 2 layers, LoRA r8 all-linear, fp32; one pair ({out['ours']['tokens']} tokens: chosen + "
+        f"rejected rows); {sizes['steps']} forward+backward passes of get_batch_loss_metrics, each side in a fresh process.",
+        "",
+        "| side | peak MB | RSS before the steps, MB | added by the steps, MB | ms/step (min) | loss |",
+        "|---|---|---|---|---|---|",
+    ]
     for side, r in out.items():
-        lines.append(f"| {side} | {r['peak_mb']:.0f} | {r['loaded_mb']:.0f} | {r['added_mb']:.0f} | {r['ms_step']:.0f} | "
-                     f"{r['loss']:.6f} |")
+        lines.append(
+            f"| {side} | {r['peak_mb']:.0f} | {r['loaded_mb']:.0f} | {r['added_mb']:.0f} | {r['ms_step']:.0f} | "
+            f"{r['loss']:.6f} |"
+        )
     ratio = out["ours"]["added_mb"] / max(out["trl"]["added_mb"], 1e-9)
     delta = abs(out["ours"]["loss"] - out["trl"]["loss"])
-    lines += ["", f"RESULT preference_memory added_ratio={ratio:.3f} peak_trl={out['trl']['peak_mb']:.0f} "
-              f"peak_ours={out['ours']['peak_mb']:.0f} loss_delta={delta:.2e} vocab={sizes['vocab']} "
-              f"tokens={out['ours']['tokens']} date={datetime.date.today()}", ""]
+    lines += [
+        "",
+        f"RESULT preference_memory added_ratio={ratio:.3f} peak_trl={out['trl']['peak_mb']:.0f} "
+        f"peak_ours={out['ours']['peak_mb']:.0f} loss_delta={delta:.2e} vocab={sizes['vocab']} "
+        f"tokens={out['ours']['tokens']} date={datetime.date.today()}",
+        "",
+    ]
     print("\n".join(lines))
     target = a.results or (None if a.smoke else ROOT / "benchmarks" / "RESULTS.md")
     if target is not None:

@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import RESULTS, publish  # noqa: E402
-from trainer_vs_hf import ROOT, Setup, environment, hf_baseline, kubetune_trainer, make_chat_dataset  # noqa: E402
+from report import RESULTS, publish
+from trainer_vs_hf import ROOT, Setup, environment, hf_baseline, kubetune_trainer, make_chat_dataset
 
 TARGET_PEAK_RATIO = 0.6
 TARGET_TOKENS_RATIO = 1.0
@@ -53,9 +53,19 @@ def build_model(directory: Path, vocab: int, hidden: int, layers: int, heads: in
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = byte_tokenizer()
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=max(4096, seq),
-                         tie_word_embeddings=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        max_position_embeddings=max(4096, seq),
+        tie_word_embeddings=False,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(directory, safe_serialization=True)
     tok.save_pretrained(directory)
@@ -112,13 +122,18 @@ def spawn(side: str, s: Setup, timeout: float = 1800) -> dict[str, Any]:
     lines = [x for x in proc.stdout.splitlines() if x.startswith("CHILD ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{side} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(lines[-1][len("CHILD "):])
+    return json.loads(lines[-1][len("CHILD ") :])
 
 
 def compare(runs: dict[str, list[dict[str, Any]]], loss_step: int) -> dict[str, float]:
     """Ratios ours/hf of the medians, and the worst loss difference at `loss_step`."""
-    med = {side: {k: statistics.median(r.get(k, 0.0) for r in rs) for k in ("peak_rss_mb", "loaded_rss_mb", "useful_tokens_per_s", "ms_per_step")}
-           for side, rs in runs.items()}
+    med = {
+        side: {
+            k: statistics.median(r.get(k, 0.0) for r in rs)
+            for k in ("peak_rss_mb", "loaded_rss_mb", "useful_tokens_per_s", "ms_per_step")
+        }
+        for side, rs in runs.items()
+    }
     peak_key = "peak_gpu_gb" if all("peak_gpu_gb" in r for rs in runs.values() for r in rs) else "peak_rss_mb"
     peak = {side: statistics.median(r[peak_key] for r in rs) for side, rs in runs.items()}
     deltas = [abs(o["losses"][str(loss_step)] - h["losses"][str(loss_step)]) for o, h in zip(runs["ours"], runs["hf"])]
@@ -161,21 +176,30 @@ def main() -> int:
         args.rounds, args.steps, args.warmup, args.loss_step = 1, 4, 1, 3
         args.vocab, args.hidden, args.intermediate, args.max_seq, args.scale = 8192, 64, 128, 256, 0.5
     args.loss_step = min(args.loss_step, args.steps)
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
     with tempfile.TemporaryDirectory(prefix="trainer-memory-") as tmp:
         tmpdir = Path(tmp)
-        model_dir = build_model(tmpdir / "model", args.vocab, args.hidden, args.layers, args.heads, args.intermediate, args.max_seq)
-        base = Setup(model_dir=str(model_dir), steps=args.steps, warmup=args.warmup, max_seq=args.max_seq, batch=args.batch)
+        model_dir = build_model(
+            tmpdir / "model", args.vocab, args.hidden, args.layers, args.heads, args.intermediate, args.max_seq
+        )
+        base = Setup(
+            model_dir=str(model_dir), steps=args.steps, warmup=args.warmup, max_seq=args.max_seq, batch=args.batch
+        )
         base.train, base.validation = str(tmpdir / "train.jsonl"), str(tmpdir / "validation.jsonl")
-        lengths = make_chat_dataset(Path(base.train), max(60, args.steps * args.batch * 2), base.seed, base.max_seq, args.scale)
+        lengths = make_chat_dataset(
+            Path(base.train), max(60, args.steps * args.batch * 2), base.seed, base.max_seq, args.scale
+        )
         make_chat_dataset(Path(base.validation), 4, base.seed + 1, base.max_seq, args.scale)
         runs: dict[str, list[dict[str, Any]]] = {"hf": [], "ours": []}
         for r in range(args.rounds):
             for side in ("hf", "ours") if r % 2 == 0 else ("ours", "hf"):
                 res = spawn(side, Setup(**{**asdict(base), "out": str(tmpdir / f"{side}-{r}")}))
                 runs[side].append(res)
-                print(f"  round {r + 1} {side:5s} {res['ms_per_step']:9.1f} ms/step {res['useful_tokens_per_s']:7.0f} useful tok/s "
-                      f"peak rss {res['peak_rss_mb']:.0f} MB (loaded {res['loaded_rss_mb']:.0f}) load {res['load']:.1f}", file=sys.stderr)
+                print(
+                    f"  round {r + 1} {side:5s} {res['ms_per_step']:9.1f} ms/step {res['useful_tokens_per_s']:7.0f} useful tok/s "
+                    f"peak rss {res['peak_rss_mb']:.0f} MB (loaded {res['loaded_rss_mb']:.0f}) load {res['load']:.1f}",
+                    file=sys.stderr,
+                )
     c = compare(runs, args.loss_step)
 
     def verdict(ok: bool) -> str:
@@ -193,8 +217,11 @@ def main() -> int:
         "",
         f"| side | peak {unit} | RSS loaded, MB | added by training, MB | ms/step | useful tokens/s |",
         "|---|---|---|---|---|---|",
-        *[f"| {side} | {c[f'{side}_peak']:.2f} | {c[f'{side}_loaded_rss_mb']:.0f} | {c[f'{side}_added_mb']:.0f} | "
-          f"{c[f'{side}_ms_per_step']:.0f} | {c[f'{side}_useful_tokens_per_s']:.0f} |" for side in ("hf", "ours")],
+        *[
+            f"| {side} | {c[f'{side}_peak']:.2f} | {c[f'{side}_loaded_rss_mb']:.0f} | {c[f'{side}_added_mb']:.0f} | "
+            f"{c[f'{side}_ms_per_step']:.0f} | {c[f'{side}_useful_tokens_per_s']:.0f} |"
+            for side in ("hf", "ours")
+        ],
         "",
         f"- peak memory ours/HF: **{c['peak_ratio']:.3f}×** (target ≤ {TARGET_PEAK_RATIO}: {verdict(c['peak_ratio'] <= TARGET_PEAK_RATIO)}); "
         f"memory added by training ours/HF {c['added_ratio']:.3f}×",
@@ -202,9 +229,11 @@ def main() -> int:
         f"- loss at step {args.loss_step}: max |Δ| {c['loss_delta']:.2e} (≤ {LOSS_TOLERANCE}: {verdict(c['loss_delta'] <= LOSS_TOLERANCE)})",
         "",
     ]
-    result = (f"RESULT trainer_memory peak_ratio={c['peak_ratio']:.3f} tokens_ratio={c['tokens_ratio']:.3f} loss_delta={c['loss_delta']:.2e} "
-              f"added_ratio={c['added_ratio']:.3f} peak_hf={c['hf_peak']:.2f} peak_ours={c['ours_peak']:.2f} vocab={args.vocab} "
-              f"seq={args.max_seq} rounds={args.rounds} date={date}")
+    result = (
+        f"RESULT trainer_memory peak_ratio={c['peak_ratio']:.3f} tokens_ratio={c['tokens_ratio']:.3f} loss_delta={c['loss_delta']:.2e} "
+        f"added_ratio={c['added_ratio']:.3f} peak_hf={c['hf_peak']:.2f} peak_ours={c['ours_peak']:.2f} vocab={args.vocab} "
+        f"seq={args.max_seq} rounds={args.rounds} date={date}"
+    )
     publish(lines, result, args.results or (None if args.smoke else RESULTS))
     return 0
 

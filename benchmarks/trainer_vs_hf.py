@@ -146,7 +146,9 @@ def hf_encode(messages: list[dict], tokenizer: Any) -> dict[str, list[int]]:
         head, body, tail = enc(f"<|im_start|>{m['role']}\n"), enc(m["content"] + "<|im_end|>"), enc("\n")
         learn = m["role"] == "assistant" and m.get("weight", 1) != 0
         ids += head + body + tail
-        labels += [IGNORE_INDEX] * len(head) + (body if learn else [IGNORE_INDEX] * len(body)) + [IGNORE_INDEX] * len(tail)
+        labels += (
+            [IGNORE_INDEX] * len(head) + (body if learn else [IGNORE_INDEX] * len(body)) + [IGNORE_INDEX] * len(tail)
+        )
     return {"input_ids": ids, "labels": labels}
 
 
@@ -184,8 +186,16 @@ class _Timer:
             "padding_efficiency": tokens / max(slots, 1),
             "mean_row_length": statistics.mean(self.batch_width[first * ga : last * ga] or [0]),
             "examples_tokens": tokens,
-            "intervals_ms": {k: 1000 * (self.step_end[k] - self.step_end[k - 1]) for k in steps if k - 1 in self.step_end and k > first},
-            "cpu_intervals_ms": {k: 1000 * (self.step_cpu[k] - self.step_cpu[k - 1]) for k in steps if k - 1 in self.step_cpu and k > first},
+            "intervals_ms": {
+                k: 1000 * (self.step_end[k] - self.step_end[k - 1])
+                for k in steps
+                if k - 1 in self.step_end and k > first
+            },
+            "cpu_intervals_ms": {
+                k: 1000 * (self.step_cpu[k] - self.step_cpu[k - 1])
+                for k in steps
+                if k - 1 in self.step_cpu and k > first
+            },
         }
 
 
@@ -204,7 +214,11 @@ def hf_baseline(s: Setup, on_step: Callable[[int], None] | None = None) -> dict[
     )
 
     tokenizer = byte_tokenizer()
-    rows = [hf_encode(json.loads(line)["messages"], tokenizer) for line in Path(s.train).read_text().splitlines() if line.strip()]
+    rows = [
+        hf_encode(json.loads(line)["messages"], tokenizer)
+        for line in Path(s.train).read_text().splitlines()
+        if line.strip()
+    ]
     dataset = datasets.Dataset.from_list(rows)
     bf16 = s.precision == "bf16"
     cuda = torch.cuda.is_available()
@@ -215,7 +229,9 @@ def hf_baseline(s: Setup, on_step: Callable[[int], None] | None = None) -> dict[
         if bf16:
             kwargs["dtype"] = torch.bfloat16
     model = AutoModelForCausalLM.from_pretrained(s.model_dir, **kwargs)
-    lora = LoraConfig(task_type=TaskType.CAUSAL_LM, r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules="all-linear")
+    lora = LoraConfig(
+        task_type=TaskType.CAUSAL_LM, r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules="all-linear"
+    )
     model = get_peft_model(model, lora)
     timer = _Timer()
     pad = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
@@ -259,9 +275,16 @@ def hf_baseline(s: Setup, on_step: Callable[[int], None] | None = None) -> dict[
         disable_tqdm=True,
         use_cpu=not cuda,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate, callbacks=[StepTimes(), Losses()])
+    trainer = Trainer(
+        model=model, args=args, train_dataset=dataset, data_collator=collate, callbacks=[StepTimes(), Losses()]
+    )
     trainer.train()
-    return {**timer.stats(s), "losses": losses, "optimizer": str(getattr(args.optim, "value", args.optim)), "trainable": _trainable(model)}
+    return {
+        **timer.stats(s),
+        "losses": losses,
+        "optimizer": str(getattr(args.optim, "value", args.optim)),
+        "trainable": _trainable(model),
+    }
 
 
 def _trainable(model: Any) -> int:
@@ -282,7 +305,13 @@ def job_document(s: Setup, name: str = "bench") -> dict[str, Any]:
         "metadata": {"name": name},
         "spec": {
             "model": {"source": source},
-            "dataset": {"train": s.train, "validation": s.validation, "format": "chat", "maxSeqLength": s.max_seq, "packing": s.packing},
+            "dataset": {
+                "train": s.train,
+                "validation": s.validation,
+                "format": "chat",
+                "maxSeqLength": s.max_seq,
+                "packing": s.packing,
+            },
             "method": method,
             "hyperparameters": {
                 "epochs": 1000,  # maxSteps ends the run
@@ -328,12 +357,19 @@ def kubetune_trainer(s: Setup, on_step: Callable[[int], None] | None = None) -> 
     assert job is not None, problems
     run_module.TokenCounter = RecordingCounter  # type: ignore[misc]
     try:
-        summary = run_module.run(job, run_module.Options(output=Path(s.out).as_uri(), on_progress=progress, on_status=lambda _m: None))
+        summary = run_module.run(
+            job, run_module.Options(output=Path(s.out).as_uri(), on_progress=progress, on_status=lambda _m: None)
+        )
     finally:
         run_module.TokenCounter = TokenCounter  # type: ignore[misc]
     log = json.loads((Path(s.out) / "adapter" / "training_log.json").read_text())
     losses = {int(step): float(loss) for step, loss in log["losses"]}
-    return {**timer.stats(s), "losses": losses, "optimizer": "adamw (kubetune)", "trainable": summary["trainableParameters"]}
+    return {
+        **timer.stats(s),
+        "losses": losses,
+        "optimizer": "adamw (kubetune)",
+        "trainable": summary["trainableParameters"],
+    }
 
 
 # ------------------------------------------------------------------------------ one side in a child process
@@ -468,7 +504,9 @@ def main() -> int:
     p.add_argument("--scale", type=float, default=0.5, help="multiplies every median turn length")
     p.add_argument("--loss-step", type=int, default=10, help="the fixed step whose losses must agree")
     p.add_argument("--smoke", action="store_true", help="tiny run; RESULTS.md untouched unless --results")
-    p.add_argument("--results", type=Path, help="append the section here (default: benchmarks/RESULTS.md, not in --smoke)")
+    p.add_argument(
+        "--results", type=Path, help="append the section here (default: benchmarks/RESULTS.md, not in --smoke)"
+    )
     p.add_argument("--child", choices=["hf", "ours"], help=argparse.SUPPRESS)
     p.add_argument("--setup", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -483,18 +521,27 @@ def main() -> int:
         args.rounds, args.steps, args.warmup, args.examples, args.loss_step = 1, 5, 1, 120, 5
         args.max_seq, args.scale = 256, 0.25
     args.loss_step = min(args.loss_step, args.steps)
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
     with tempfile.TemporaryDirectory(prefix="trainer-vs-hf-") as tmp:
         tmpdir = Path(tmp)
-        base = Setup(model_dir=str(builtin.ensure("small-llama")), steps=args.steps, warmup=args.warmup, max_seq=args.max_seq, batch=args.batch)
+        base = Setup(
+            model_dir=str(builtin.ensure("small-llama")),
+            steps=args.steps,
+            warmup=args.warmup,
+            max_seq=args.max_seq,
+            batch=args.batch,
+        )
         base.train = str(tmpdir / "train.jsonl")
         base.validation = str(tmpdir / "validation.jsonl")
         lengths = make_chat_dataset(Path(base.train), args.examples, base.seed, base.max_seq, args.scale)
         make_chat_dataset(Path(base.validation), 16, base.seed + 1, base.max_seq, args.scale)
         same_tokens = tokenization_identical(base)
         logits_diff = packed_logits_max_diff(base)
-        print(f"  data: {len(lengths)} examples, tokens p50 {statistics.median(lengths):.0f}, mean {statistics.mean(lengths):.0f}, max {max(lengths)}; "
-              f"tokenisation identical: {same_tokens}; packed-vs-alone max |Δlogit| {logits_diff:.2e}", file=sys.stderr)
+        print(
+            f"  data: {len(lengths)} examples, tokens p50 {statistics.median(lengths):.0f}, mean {statistics.mean(lengths):.0f}, max {max(lengths)}; "
+            f"tokenisation identical: {same_tokens}; packed-vs-alone max |Δlogit| {logits_diff:.2e}",
+            file=sys.stderr,
+        )
         sides = {"hf": ("hf", False), "ours": ("ours", False), "ours-packed": ("ours", True)}
         runs: dict[str, list[dict[str, Any]]] = {k: [] for k in sides}
         order = list(sides)
@@ -504,18 +551,32 @@ def main() -> int:
                 s = Setup(**{**asdict(base), "packing": packing, "out": str(tmpdir / f"{name}-{r}")})
                 res = spawn(kind, s)
                 runs[name].append(res)
-                print(f"  round {r + 1} {name:12s} {res['ms_per_step']:8.1f} ms/step {res['useful_tokens_per_s']:8.0f} useful tok/s "
-                      f"pad-eff {res['padding_efficiency']:.2f} rss {res['peak_rss_mb']:.0f} MB wall {res['wall_s']:.1f} s load {res['load']:.1f}", file=sys.stderr)
+                print(
+                    f"  round {r + 1} {name:12s} {res['ms_per_step']:8.1f} ms/step {res['useful_tokens_per_s']:8.0f} useful tok/s "
+                    f"pad-eff {res['padding_efficiency']:.2f} rss {res['peak_rss_mb']:.0f} MB wall {res['wall_s']:.1f} s load {res['load']:.1f}",
+                    file=sys.stderr,
+                )
 
     # Loss agreement: ours (unpacked) and HF in the same round see identical batches.
     k = args.loss_step
     deltas = [abs(o["losses"][str(k)] - h["losses"][str(k)]) for o, h in zip(runs["ours"], runs["hf"])]
     loss_delta = max(deltas)
-    max_any = max(abs(o["losses"][step] - h["losses"][step]) for o, h in zip(runs["ours"], runs["hf"]) for step in h["losses"] if step in o["losses"])
+    max_any = max(
+        abs(o["losses"][step] - h["losses"][step])
+        for o, h in zip(runs["ours"], runs["hf"])
+        for step in h["losses"]
+        if step in o["losses"]
+    )
     loss_match = loss_delta <= LOSS_TOLERANCE
     logits_match = logits_diff <= LOGITS_TOLERANCE
 
-    med = {name: {key: median_of(rs, key) for key in ("steps_per_s", "ms_per_step", "useful_tokens_per_s", "padding_efficiency", "peak_rss_mb")} for name, rs in runs.items()}
+    med = {
+        name: {
+            key: median_of(rs, key)
+            for key in ("steps_per_s", "ms_per_step", "useful_tokens_per_s", "padding_efficiency", "peak_rss_mb")
+        }
+        for name, rs in runs.items()
+    }
     max_load = max(r["load"] for rs in runs.values() for r in rs)
     tokens_ratio = med["ours-packed"]["useful_tokens_per_s"] / med["hf"]["useful_tokens_per_s"]
     steps_ratio = med["ours"]["steps_per_s"] / med["hf"]["steps_per_s"]
@@ -523,12 +584,18 @@ def main() -> int:
     # step k of the same round and take the median difference (robust to a slow moment on a
     # shared machine; a mean of two noisy rates would not resolve a few milliseconds).
     overhead = statistics.median(
-        o["intervals_ms"][k_] - h["intervals_ms"][k_] for o, h in zip(runs["ours"], runs["hf"]) for k_ in h["intervals_ms"] if k_ in o["intervals_ms"]
+        o["intervals_ms"][k_] - h["intervals_ms"][k_]
+        for o, h in zip(runs["ours"], runs["hf"])
+        for k_ in h["intervals_ms"]
+        if k_ in o["intervals_ms"]
     )
     tokens_ratio_unpacked = med["ours"]["useful_tokens_per_s"] / med["hf"]["useful_tokens_per_s"]
     # The same pairing on process CPU time: less sensitive to other processes on the machine.
     overhead_cpu = statistics.median(
-        o["cpu_intervals_ms"][k_] - h["cpu_intervals_ms"][k_] for o, h in zip(runs["ours"], runs["hf"]) for k_ in h["cpu_intervals_ms"] if k_ in o["cpu_intervals_ms"]
+        o["cpu_intervals_ms"][k_] - h["cpu_intervals_ms"][k_]
+        for o, h in zip(runs["ours"], runs["hf"])
+        for k_ in h["cpu_intervals_ms"]
+        if k_ in o["cpu_intervals_ms"]
     )
 
     def verdict(ok: bool) -> str:
@@ -559,7 +626,11 @@ def main() -> int:
         f"max |Δ| over every logged step {max_any:.2e}; tokenisation identical: {same_tokens}",
         f"- packed vs alone, per-example logits: max |Δ| {logits_diff:.2e} (≤ {LOGITS_TOLERANCE}: {logits_match})",
         f"- highest 1-minute load average seen by a run: {max_load:.1f} on {os.cpu_count()} CPUs"
-        + (" (other processes shared the machine: rates are noisier than usual)" if max_load > (os.cpu_count() or 1) + 0.5 else ""),
+        + (
+            " (other processes shared the machine: rates are noisier than usual)"
+            if max_load > (os.cpu_count() or 1) + 0.5
+            else ""
+        ),
         "",
     ]
     result = (

@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import RESULTS, publish  # noqa: E402
+from report import RESULTS, publish
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE = REPO / "examples" / "data" / "support-chat.jsonl"
@@ -57,8 +57,13 @@ def make_dataset(path: Path, lines: int) -> int:
 def measure(argv: list[str], env: dict[str, str]) -> tuple[float, int, subprocess.CompletedProcess[str]]:
     """(wall seconds, max RSS bytes, the process) of one command under GNU time."""
     with tempfile.NamedTemporaryFile("r", suffix=".time") as out:
-        proc = subprocess.run(["/usr/bin/time", "-f", "%e %M", "-o", out.name, *argv], capture_output=True, text=True,
-                              env=env, timeout=1800)
+        proc = subprocess.run(
+            ["/usr/bin/time", "-f", "%e %M", "-o", out.name, *argv],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=1800,
+        )
         wall, kib = out.read().split()[-2:]
     return float(wall), int(kib) * 1024, proc
 
@@ -69,11 +74,18 @@ def run_size(lines: int) -> tuple[int, dict[str, tuple[float, int]]]:
         work = Path(tmp)
         data = work / "train.jsonl"
         size = make_dataset(data, lines)
-        job = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "bench"},
-               "spec": {"model": {"source": "builtin://tiny-llama"},
-                        "dataset": {"train": str(data), "format": "chat", "maxSeqLength": 1024},
-                        "method": {"adaptation": "lora"}, "resources": {"gpus": 0},
-                        "output": {"uri": f"file://{work / 'out'}"}}}
+        job = {
+            "apiVersion": "kubetune.io/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {"name": "bench"},
+            "spec": {
+                "model": {"source": "builtin://tiny-llama"},
+                "dataset": {"train": str(data), "format": "chat", "maxSeqLength": 1024},
+                "method": {"adaptation": "lora"},
+                "resources": {"gpus": 0},
+                "output": {"uri": f"file://{work / 'out'}"},
+            },
+        }
         manifest = work / "job.yaml"
         manifest.write_text(json.dumps(job))
         env = {**os.environ, "KUBETUNE_CACHE": str(work / "cache"), "PYTHONWARNINGS": "ignore"}
@@ -81,8 +93,18 @@ def run_size(lines: int) -> tuple[int, dict[str, tuple[float, int]]]:
         runs = {
             "read": [sys.executable, "-c", READ, str(data)],
             "validate --data": [kubetune, "validate", "--data", str(manifest)],
-            "validate-only": [sys.executable, "-m", "kubetune.trainer", "--spec", str(manifest), "--validate-only",
-                              "--metrics-port", "-1", "--termination-path", str(work / "term")],
+            "validate-only": [
+                sys.executable,
+                "-m",
+                "kubetune.trainer",
+                "--spec",
+                str(manifest),
+                "--validate-only",
+                "--metrics-port",
+                "-1",
+                "--termination-path",
+                str(work / "term"),
+            ],
         }
         results = {}
         for name, argv in runs.items():
@@ -112,17 +134,22 @@ def main() -> None:
         "",
         "| command | lines | wall s | max RSS MiB | × read time | RSS ÷ file size |",
         "|---|---|---|---|---|---|",
-        *(f"| {name} | {n:,} | {s:.2f} | {rss / 2**20:.0f} | {s / res['read'][0]:.2f} | {rss / fsize:.2f} |"
-          for n, fsize, res in ((lines, size, results), (lines * 4, big_size, big)) for name, (s, rss) in res.items()),
+        *(
+            f"| {name} | {n:,} | {s:.2f} | {rss / 2**20:.0f} | {s / res['read'][0]:.2f} | {rss / fsize:.2f} |"
+            for n, fsize, res in ((lines, size, results), (lines * 4, big_size, big))
+            for name, (s, rss) in res.items()
+        ),
         "",
         f"Per extra line, `validate --data` costs {marginal:.2f}× what reading and parsing it costs; the rest is "
         "start-up (Python, pydantic models, fsspec).",
         "",
     ]
-    result = (f"RESULT validate_data lines={lines} file_mib={size / 2**20:.1f} read_s={read_s:.2f} cli_s={cli_s:.2f} "
-              f"validate_only_s={only_s:.2f} cli_vs_read={cli_s / read_s:.2f} "
-              f"cli_vs_read_4x={big['validate --data'][0] / big['read'][0]:.2f} marginal_vs_read={marginal:.2f} "
-              f"cli_rss_mib={cli_rss / 2**20:.0f} cli_rss_vs_file={cli_rss / size:.2f} read_rss_mib={read_rss / 2**20:.0f}")
+    result = (
+        f"RESULT validate_data lines={lines} file_mib={size / 2**20:.1f} read_s={read_s:.2f} cli_s={cli_s:.2f} "
+        f"validate_only_s={only_s:.2f} cli_vs_read={cli_s / read_s:.2f} "
+        f"cli_vs_read_4x={big['validate --data'][0] / big['read'][0]:.2f} marginal_vs_read={marginal:.2f} "
+        f"cli_rss_mib={cli_rss / 2**20:.0f} cli_rss_vs_file={cli_rss / size:.2f} read_rss_mib={read_rss / 2**20:.0f}"
+    )
     publish(table, result, None if (args.smoke or args.no_append) else RESULTS)
 
 

@@ -107,13 +107,16 @@ GATEWAY_HEADER = """\
 
 
 def gateway_rules_yaml(usage: dict[str, Any]) -> str:
-    return GATEWAY_HEADER + yaml.safe_dump({"always": rules(triples(usage["always"]))}, sort_keys=False,
-                                           default_flow_style=None, width=120)
+    return GATEWAY_HEADER + yaml.safe_dump(
+        {"always": rules(triples(usage["always"]))}, sort_keys=False, default_flow_style=None, width=120
+    )
 
 
 def main(argv: list[str]) -> int:
-    outputs = {RULES: rules_yaml(json.loads(USAGE.read_text())),
-               GATEWAY_RULES: gateway_rules_yaml(json.loads(GATEWAY_USAGE.read_text()))}
+    outputs = {
+        RULES: rules_yaml(json.loads(USAGE.read_text())),
+        GATEWAY_RULES: gateway_rules_yaml(json.loads(GATEWAY_USAGE.read_text())),
+    }
     if "--check" in argv:
         stale = [str(p.relative_to(ROOT)) for p, text in outputs.items() if not p.exists() or p.read_text() != text]
         if stale:

@@ -47,6 +47,7 @@ def optional(pattern: str) -> str:
     """`pattern` (anchored with ^...$) or the empty string."""
     return f"^({pattern[1:-1]})?$"
 
+
 Port = int
 PullPolicy = Literal["Always", "IfNotPresent", "Never"]
 
@@ -66,8 +67,12 @@ class Values(BaseModel):
 
 class Image(Values):
     repository: str = Field(description="Image repository.", pattern=REPOSITORY)
-    tag: str = Field("", description="Image tag; empty uses the chart's appVersion. Ignored when `digest` is set.", pattern=TAG)
-    digest: str = Field("", description="Pin the image by digest (`sha256:` + 64 hex digits); wins over `tag`.", pattern=DIGEST)
+    tag: str = Field(
+        "", description="Image tag; empty uses the chart's appVersion. Ignored when `digest` is set.", pattern=TAG
+    )
+    digest: str = Field(
+        "", description="Pin the image by digest (`sha256:` + 64 hex digits); wins over `tag`.", pattern=DIGEST
+    )
     pull_policy: PullPolicy = Field("IfNotPresent", description="imagePullPolicy: Always, IfNotPresent or Never.")
 
 
@@ -99,7 +104,9 @@ class Watch(Values):
 
 class ServiceAccount(Values):
     create: bool = Field(True, description="Create the operator's ServiceAccount.")
-    name: str = Field("", description="Its name; empty uses the release's full name.", pattern=optional(DNS_SUBDOMAIN), max_length=253)
+    name: str = Field(
+        "", description="Its name; empty uses the release's full name.", pattern=optional(DNS_SUBDOMAIN), max_length=253
+    )
     annotations: dict[str, str] = Field(default_factory=dict, description="Annotations, e.g. for workload identity.")
 
 
@@ -129,30 +136,42 @@ class Operator(Values):
     metrics_port: Port = port("Port of the operator's own /metrics endpoint (KUBETUNE_OPERATOR_METRICS_PORT).", 8000)
     health_port: Port = port("Port of the operator's liveness endpoint, kopf's /healthz (KUBETUNE_HEALTH_PORT).", 8080)
     bind_address: str = Field(
-        "", max_length=64,
+        "",
+        max_length=64,
         description="Address the liveness and /metrics endpoints listen on (KUBETUNE_BIND_ADDRESS). Empty: the pod's IP, "
         "so neither listens on other interfaces; set 0.0.0.0 to reach them through kubectl port-forward.",
     )
     log_format: Literal["full", "plain", "json"] = Field(
-        "full", description="Operator log lines: full (time, logger, level, message), plain or json (KUBETUNE_LOG_FORMAT)."
+        "full",
+        description="Operator log lines: full (time, logger, level, message), plain or json (KUBETUNE_LOG_FORMAT).",
     )
     scrape_interval_seconds: float = Field(
-        30.0, gt=0, description="How often the operator scrapes a running trainer's /metrics into .status.progress "
-        "(KUBETUNE_METRICS_SCRAPE_INTERVAL_SECONDS)."
+        30.0,
+        gt=0,
+        description="How often the operator scrapes a running trainer's /metrics into .status.progress "
+        "(KUBETUNE_METRICS_SCRAPE_INTERVAL_SECONDS).",
     )
     max_job_recreations: int = Field(
-        3, ge=0, description="How often a trainer Job deleted by someone else is recreated (resuming from the newest "
-        "checkpoint) before the FineTuneJob fails with TooManyRecreations (KUBETUNE_MAX_JOB_RECREATIONS)."
+        3,
+        ge=0,
+        description="How often a trainer Job deleted by someone else is recreated (resuming from the newest "
+        "checkpoint) before the FineTuneJob fails with TooManyRecreations (KUBETUNE_MAX_JOB_RECREATIONS).",
     )
     worker_limit: int = Field(
-        0, ge=0, description="Most FineTuneJobs handled at the same time (kopf's batching.worker_limit, "
-        "KUBETUNE_WORKER_LIMIT); 0 means no limit. A limit bounds memory and API load during a burst of new jobs."
+        0,
+        ge=0,
+        description="Most FineTuneJobs handled at the same time (kopf's batching.worker_limit, "
+        "KUBETUNE_WORKER_LIMIT); 0 means no limit. A limit bounds memory and API load during a burst of new jobs.",
     )
     resources: OperatorResources = Field(
-        default_factory=lambda: OperatorResources(requests={"cpu": "100m", "memory": "256Mi"}, limits={"memory": "512Mi"}),
+        default_factory=lambda: OperatorResources(
+            requests={"cpu": "100m", "memory": "256Mi"}, limits={"memory": "512Mi"}
+        ),
         description="Resources of the operator container (no CPU limit: throttling delays watch handling).",
     )
-    tmp_size_limit: str = Field("64Mi", description="sizeLimit of the /tmp emptyDir (the root filesystem is read-only).", pattern=QUANTITY)
+    tmp_size_limit: str = Field(
+        "64Mi", description="sizeLimit of the /tmp emptyDir (the root filesystem is read-only).", pattern=QUANTITY
+    )
     pod_annotations: dict[str, str] = Field(default_factory=dict, description="Extra annotations of the operator pod.")
     pod_labels: dict[str, str] = Field(default_factory=dict, description="Extra labels of the operator pod.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="nodeSelector of the operator pod.")
@@ -174,7 +193,9 @@ class Peering(Values):
         description="This release's peering priority (KUBETUNE_PEERING_PRIORITY): the highest live operator acts, the others "
         "stand by. A standby release must use a different value than the active one.",
     )
-    install_crds: bool = Field(True, description="With peering on, install kopf's KopfPeering and ClusterKopfPeering CRDs (kept on uninstall).")
+    install_crds: bool = Field(
+        True, description="With peering on, install kopf's KopfPeering and ClusterKopfPeering CRDs (kept on uninstall)."
+    )
 
 
 class Kueue(Values):
@@ -235,24 +256,41 @@ class TrainerServiceAccount(Values):
 class TrainerVolumes(Values):
     tmp_size_limit: str = Field("2Gi", description="sizeLimit of /tmp (KUBETUNE_TMP_SIZE_LIMIT).", pattern=QUANTITY)
     scratch_size_limit: str = Field(
-        "200Gi", description="sizeLimit of /scratch: checkpoints before upload, the final adapter (KUBETUNE_SCRATCH_SIZE_LIMIT).", pattern=QUANTITY
+        "200Gi",
+        description="sizeLimit of /scratch: checkpoints before upload, the final adapter (KUBETUNE_SCRATCH_SIZE_LIMIT).",
+        pattern=QUANTITY,
     )
     hf_cache_size_limit: str = Field(
-        "50Gi", description="sizeLimit of the Hugging Face cache, HF_HOME (KUBETUNE_HF_CACHE_SIZE_LIMIT).", pattern=QUANTITY
+        "50Gi",
+        description="sizeLimit of the Hugging Face cache, HF_HOME (KUBETUNE_HF_CACHE_SIZE_LIMIT).",
+        pattern=QUANTITY,
     )
     cache_size_limit: str = Field(
-        "200Gi", description="sizeLimit of the model download cache, KUBETUNE_CACHE (KUBETUNE_CACHE_SIZE_LIMIT).", pattern=QUANTITY
+        "200Gi",
+        description="sizeLimit of the model download cache, KUBETUNE_CACHE (KUBETUNE_CACHE_SIZE_LIMIT).",
+        pattern=QUANTITY,
     )
     shared_memory_default: str = Field(
-        "8Gi", description="Size of /dev/shm of GPU pods whose job sets no resources.sharedMemory (KUBETUNE_SHARED_MEMORY_DEFAULT).",
+        "8Gi",
+        description="Size of /dev/shm of GPU pods whose job sets no resources.sharedMemory (KUBETUNE_SHARED_MEMORY_DEFAULT).",
         pattern=QUANTITY,
     )
 
 
 class Validation(Values):
-    cpu: str = Field("1", description="CPU request of the data validation Job (KUBETUNE_VALIDATION_CPU).", pattern=QUANTITY)
-    memory: str = Field("4Gi", description="Memory request and limit of the data validation Job (KUBETUNE_VALIDATION_MEMORY).", pattern=QUANTITY)
-    deadline_seconds: int = Field(1800, ge=1, description="activeDeadlineSeconds of the data validation Job (KUBETUNE_VALIDATION_DEADLINE_SECONDS).")
+    cpu: str = Field(
+        "1", description="CPU request of the data validation Job (KUBETUNE_VALIDATION_CPU).", pattern=QUANTITY
+    )
+    memory: str = Field(
+        "4Gi",
+        description="Memory request and limit of the data validation Job (KUBETUNE_VALIDATION_MEMORY).",
+        pattern=QUANTITY,
+    )
+    deadline_seconds: int = Field(
+        1800,
+        ge=1,
+        description="activeDeadlineSeconds of the data validation Job (KUBETUNE_VALIDATION_DEADLINE_SECONDS).",
+    )
 
 
 class Trainer(Values):
@@ -261,11 +299,17 @@ class Trainer(Values):
         description="Default trainer image, for jobs without spec.image (KUBETUNE_TRAINER_IMAGE; "
         "KUBETUNE_IMAGE_PULL_POLICY). Pin it by digest in production.",
     )
-    service_account: TrainerServiceAccount = Field(default_factory=TrainerServiceAccount, description="The trainer pods' ServiceAccount.")
-    metrics_port: Port = port("Port trainer pods serve Prometheus metrics on, named `metrics` (KUBETUNE_METRICS_PORT).", 9090)
+    service_account: TrainerServiceAccount = Field(
+        default_factory=TrainerServiceAccount, description="The trainer pods' ServiceAccount."
+    )
+    metrics_port: Port = port(
+        "Port trainer pods serve Prometheus metrics on, named `metrics` (KUBETUNE_METRICS_PORT).", 9090
+    )
     termination_grace_period_seconds: int = Field(
-        120, ge=0, description="Time a preempted trainer gets after SIGTERM to save and upload its checkpoint "
-        "(KUBETUNE_TERMINATION_GRACE_PERIOD_SECONDS)."
+        120,
+        ge=0,
+        description="Time a preempted trainer gets after SIGTERM to save and upload its checkpoint "
+        "(KUBETUNE_TERMINATION_GRACE_PERIOD_SECONDS).",
     )
     allowed_output_prefixes: list[str] = Field(
         default_factory=list,
@@ -278,17 +322,29 @@ class Trainer(Values):
         description="Run trainer pods in the node's network namespace (KUBETUNE_HOST_NETWORK). Only for single-node "
         "clusters without a pod network (kubetune's own test cluster); never on a shared cluster.",
     )
-    volumes: TrainerVolumes = Field(default_factory=TrainerVolumes, description="Size limits of the trainer pods' emptyDir volumes.")
-    validation: Validation = Field(default_factory=Validation, description="The CPU-only Job that checks a dataset before any GPU is requested.")
+    volumes: TrainerVolumes = Field(
+        default_factory=TrainerVolumes, description="Size limits of the trainer pods' emptyDir volumes."
+    )
+    validation: Validation = Field(
+        default_factory=Validation, description="The CPU-only Job that checks a dataset before any GPU is requested."
+    )
 
 
 class Cost(Values):
     gpu_price_per_hour_usd: float = Field(
-        2.5, ge=0, alias="gpuPricePerHourUSD", description="Price of one GPU-hour, for status.cost.estimatedUSD (KUBETUNE_GPU_PRICE_PER_HOUR_USD)."
+        2.5,
+        ge=0,
+        alias="gpuPricePerHourUSD",
+        description="Price of one GPU-hour, for status.cost.estimatedUSD (KUBETUNE_GPU_PRICE_PER_HOUR_USD).",
     )
-    gpu_watts: float = Field(700.0, gt=0, description="Assumed power of one GPU when the trainer measures none (KUBETUNE_GPU_WATTS).")
+    gpu_watts: float = Field(
+        700.0, gt=0, description="Assumed power of one GPU when the trainer measures none (KUBETUNE_GPU_WATTS)."
+    )
     grid_carbon_kg_per_kwh: float = Field(
-        0.4, ge=0, alias="gridCarbonKgPerKWh", description="Grid carbon intensity in kg CO2 per kWh, for status.cost.co2Kg (KUBETUNE_GRID_CARBON_KG_PER_KWH)."
+        0.4,
+        ge=0,
+        alias="gridCarbonKgPerKWh",
+        description="Grid carbon intensity in kg CO2 per kWh, for status.cost.co2Kg (KUBETUNE_GRID_CARBON_KG_PER_KWH).",
     )
 
 
@@ -296,12 +352,15 @@ class Monitor(Values):
     enabled: bool = Field(False, description="Create it (needs the Prometheus Operator's CRDs).")
     interval: str = Field("30s", description="Scrape interval.", pattern=DURATION)
     scrape_timeout: str = Field("10s", description="Scrape timeout (at most the interval).", pattern=DURATION)
-    labels: dict[str, str] = Field(default_factory=dict, description="Extra labels, e.g. the `release` label your Prometheus selects on.")
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="Extra labels, e.g. the `release` label your Prometheus selects on."
+    )
 
 
 class Metrics(Values):
     service_monitor: Monitor = Field(
-        default_factory=Monitor, description="A Service and ServiceMonitor for the operator's own metrics (port `metrics`)."
+        default_factory=Monitor,
+        description="A Service and ServiceMonitor for the operator's own metrics (port `metrics`).",
     )
     pod_monitor: Monitor = Field(
         default_factory=Monitor,
@@ -311,9 +370,12 @@ class Metrics(Values):
 
 class Dns(Values):
     namespace_labels: dict[str, str] = Field(
-        default_factory=lambda: {"kubernetes.io/metadata.name": "kube-system"}, description="Labels of the namespace the DNS pods run in."
+        default_factory=lambda: {"kubernetes.io/metadata.name": "kube-system"},
+        description="Labels of the namespace the DNS pods run in.",
     )
-    pod_labels: dict[str, str] = Field(default_factory=lambda: {"k8s-app": "kube-dns"}, description="Labels of the DNS pods.")
+    pod_labels: dict[str, str] = Field(
+        default_factory=lambda: {"k8s-app": "kube-dns"}, description="Labels of the DNS pods."
+    )
 
 
 class ApiServer(Values):
@@ -331,7 +393,9 @@ class ApiServer(Values):
 
 
 class TrainerNetwork(Values):
-    enabled: bool = Field(True, description="Also restrict trainer pods, in every namespace that gets the trainer ServiceAccount.")
+    enabled: bool = Field(
+        True, description="Also restrict trainer pods, in every namespace that gets the trainer ServiceAccount."
+    )
     egress_cidrs: list[str] = Field(
         default_factory=lambda: ["0.0.0.0/0"],
         description="CIDRs trainers may reach: your object store (S3, GCS, MinIO) and, for hf:// models, the "
@@ -361,10 +425,21 @@ class NetworkPolicy(Values):
 
 
 class Dashboards(Values):
-    enabled: bool = Field(False, description="Ship the Grafana dashboard as a ConfigMap, for Grafana's dashboard sidecar.")
-    namespace: str = Field("", description="Namespace of the ConfigMap; empty: the release namespace.", pattern=optional(DNS_LABEL), max_length=63)
-    labels: dict[str, str] = Field(default_factory=lambda: {"grafana_dashboard": "1"}, description="Labels the sidecar selects on.")
-    annotations: dict[str, str] = Field(default_factory=dict, description="Annotations, e.g. the sidecar's target folder.")
+    enabled: bool = Field(
+        False, description="Ship the Grafana dashboard as a ConfigMap, for Grafana's dashboard sidecar."
+    )
+    namespace: str = Field(
+        "",
+        description="Namespace of the ConfigMap; empty: the release namespace.",
+        pattern=optional(DNS_LABEL),
+        max_length=63,
+    )
+    labels: dict[str, str] = Field(
+        default_factory=lambda: {"grafana_dashboard": "1"}, description="Labels the sidecar selects on."
+    )
+    annotations: dict[str, str] = Field(
+        default_factory=dict, description="Annotations, e.g. the sidecar's target folder."
+    )
 
 
 class GatewayStorage(Values):
@@ -408,12 +483,18 @@ class GatewayAuth(Values):
 class GatewayService(Values):
     type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field("ClusterIP", description="Service type.")
     port: Port = port("Service port (the container listens on gateway.port).", 80)
-    annotations: dict[str, str] = Field(default_factory=dict, description="Service annotations, e.g. for a load balancer.")
+    annotations: dict[str, str] = Field(
+        default_factory=dict, description="Service annotations, e.g. for a load balancer."
+    )
 
 
 class GatewayServiceAccount(Values):
-    name: str = Field("", description="Its name; empty: <fullname>-gateway.", pattern=optional(DNS_SUBDOMAIN), max_length=253)
-    annotations: dict[str, str] = Field(default_factory=dict, description="Annotations, e.g. for workload identity to the object store.")
+    name: str = Field(
+        "", description="Its name; empty: <fullname>-gateway.", pattern=optional(DNS_SUBDOMAIN), max_length=253
+    )
+    annotations: dict[str, str] = Field(
+        default_factory=dict, description="Annotations, e.g. for workload identity to the object store."
+    )
 
 
 class GatewayNetwork(Values):
@@ -459,19 +540,27 @@ class Gateway(Values):
         description="The gateway image: the operator image, which has the gateway extra.",
     )
     replicas: int = Field(
-        1, ge=1, le=20,
+        1,
+        ge=1,
+        le=20,
         description="Replicas. Requests are stateless; webhook deliveries are claimed once per job through an annotation, "
         "but a delivery interrupted by a restart may be repeated with the same webhook-id.",
     )
     port: Port = port("Container port of the API and its /metrics and /healthz (`kubetune api --port`).", 8080)
     storage: GatewayStorage = Field(default_factory=GatewayStorage, description="Where uploads and outputs go.")
     auth: GatewayAuth = Field(default_factory=GatewayAuth, description="Who may call it.")
-    gpus: int = Field(1, ge=0, le=64, description="GPUs of every job (KUBETUNE_API_GPUS): OpenAI's request has no hardware field.")
+    gpus: int = Field(
+        1, ge=0, le=64, description="GPUs of every job (KUBETUNE_API_GPUS): OpenAI's request has no hardware field."
+    )
     checkpoint_every_steps: int = Field(
-        0, ge=0, description="spec.checkpointing.everySteps of every job (KUBETUNE_API_CHECKPOINT_EVERY_STEPS); 0: the CRD's default."
+        0,
+        ge=0,
+        description="spec.checkpointing.everySteps of every job (KUBETUNE_API_CHECKPOINT_EVERY_STEPS); 0: the CRD's default.",
     )
     webhook_poll_seconds: float = Field(
-        10.0, gt=0, le=3600,
+        10.0,
+        gt=0,
+        le=3600,
         description="How often namespaces with a webhook are read for finished jobs (KUBETUNE_API_WEBHOOK_POLL_SECONDS).",
     )
     env: list[dict[str, Any]] = Field(
@@ -480,7 +569,9 @@ class Gateway(Values):
         "secretKeyRef for the object store.",
     )
     service: GatewayService = Field(default_factory=GatewayService, description="The Service in front of it.")
-    service_account: GatewayServiceAccount = Field(default_factory=GatewayServiceAccount, description="Its own ServiceAccount.")
+    service_account: GatewayServiceAccount = Field(
+        default_factory=GatewayServiceAccount, description="Its own ServiceAccount."
+    )
     service_monitor: Monitor = Field(default_factory=Monitor, description="A ServiceMonitor for its /metrics.")
     network_policy: GatewayNetwork = Field(
         default_factory=GatewayNetwork,
@@ -488,11 +579,14 @@ class Gateway(Values):
         "networkPolicy.dns and networkPolicy.apiServer say, plus these).",
     )
     resources: OperatorResources = Field(
-        default_factory=lambda: OperatorResources(requests={"cpu": "100m", "memory": "256Mi"}, limits={"memory": "1Gi"}),
+        default_factory=lambda: OperatorResources(
+            requests={"cpu": "100m", "memory": "256Mi"}, limits={"memory": "1Gi"}
+        ),
         description="Resources of the gateway container (uploads stream through it in 1 MiB chunks).",
     )
     tmp_size_limit: str = Field(
-        "2Gi", pattern=QUANTITY,
+        "2Gi",
+        pattern=QUANTITY,
         description="sizeLimit of the /tmp emptyDir: the multipart parser spools each upload (at most 512 MB) there before "
         "it streams to the object store, so allow 512Mi per upload in flight.",
     )
@@ -507,16 +601,34 @@ class Gateway(Values):
 
 
 class ChartValues(Values):
-    name_override: str = Field("", description="Replaces the chart name in object names.", pattern=optional(DNS_LABEL), max_length=40)
-    full_name_override: str = Field("", alias="fullnameOverride", description="Replaces the release's full name.", pattern=optional(DNS_LABEL), max_length=52)
-    watch: Watch = Field(default_factory=Watch, description="What the operator watches; also decides the RBAC mode (KUBETUNE_NAMESPACES).")
+    name_override: str = Field(
+        "", description="Replaces the chart name in object names.", pattern=optional(DNS_LABEL), max_length=40
+    )
+    full_name_override: str = Field(
+        "",
+        alias="fullnameOverride",
+        description="Replaces the release's full name.",
+        pattern=optional(DNS_LABEL),
+        max_length=52,
+    )
+    watch: Watch = Field(
+        default_factory=Watch,
+        description="What the operator watches; also decides the RBAC mode (KUBETUNE_NAMESPACES).",
+    )
     image: Image = Field(
         default_factory=lambda: Image(repository="ghcr.io/kubetune/operator"),
         description="The operator image. Its entrypoint is `python -m kubetune.operator`.",
     )
-    image_pull_secrets: list[ImagePullSecret] = Field(default_factory=list, description="Pull secrets of the operator pod.")
-    service_account: ServiceAccount = Field(default_factory=ServiceAccount, description="The operator's ServiceAccount.")
-    rbac: Rbac = Field(default_factory=Rbac, description="The operator's permissions; no wildcards, and Secrets (get) only with serving.enabled.")
+    image_pull_secrets: list[ImagePullSecret] = Field(
+        default_factory=list, description="Pull secrets of the operator pod."
+    )
+    service_account: ServiceAccount = Field(
+        default_factory=ServiceAccount, description="The operator's ServiceAccount."
+    )
+    rbac: Rbac = Field(
+        default_factory=Rbac,
+        description="The operator's permissions; no wildcards, and Secrets (get) only with serving.enabled.",
+    )
     crds: Crds = Field(default_factory=Crds, description="The FineTuneJob CustomResourceDefinition.")
     operator: Operator = Field(default_factory=Operator, description="The operator Deployment (one replica, Recreate).")
     peering: Peering = Field(default_factory=Peering, description="kopf peering.")
@@ -527,7 +639,9 @@ class ChartValues(Values):
     metrics: Metrics = Field(default_factory=Metrics, description="Prometheus Operator objects.")
     network_policy: NetworkPolicy = Field(default_factory=NetworkPolicy, description="NetworkPolicies.")
     dashboards: Dashboards = Field(default_factory=Dashboards, description="Grafana dashboard.")
-    gateway: Gateway = Field(default_factory=Gateway, description="`kubetune api`: OpenAI's fine-tuning API on the cluster.")
+    gateway: Gateway = Field(
+        default_factory=Gateway, description="`kubetune api`: OpenAI's fine-tuning API on the cluster."
+    )
 
 
 # ----------------------------------------------------------------------------- rendering

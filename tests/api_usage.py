@@ -73,7 +73,9 @@ def used_by_operator(requests: Any, serving: bool | None = None) -> set[tuple[st
     return out
 
 
-def as_document(used: set[tuple[str, str, str]], serving: set[tuple[str, str, str]] = frozenset()) -> dict[str, list[dict[str, str]]]:
+def as_document(
+    used: set[tuple[str, str, str]], serving: set[tuple[str, str, str]] = frozenset()
+) -> dict[str, list[dict[str, str]]]:
     """`always` and `peering` (kopf's peering calls) from the trainer-side requests; `serving`:
     what spec.serving's requests need beyond `always` (the chart grants it with serving.enabled)."""
     rows = sorted(used, key=lambda t: (t[1], t[2], t[0]))
@@ -122,6 +124,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
             reporter.write_sep("=", "O11: the operator's API usage changed", red=True)
-            reporter.write_line(f"{USAGE_FILE} is stale; rerun with KUBETUNE_UPDATE_GOLDEN=1 and update the chart's RBAC. Measured:")
+            reporter.write_line(
+                f"{USAGE_FILE} is stale; rerun with KUBETUNE_UPDATE_GOLDEN=1 and update the chart's RBAC. Measured:"
+            )
             reporter.write_line(text)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -135,7 +135,7 @@ def _wait(what: str, probe: Any, timeout: float, interval: float = 0.25, on_time
             if probe():
                 return
             last = "not ready"
-        except Exception as exc:  # noqa: BLE001 - the last probe error is the diagnosis
+        except Exception as exc:
             last = f"{type(exc).__name__}: {exc}"
         if time.monotonic() > deadline:
             extra = f"\n{on_timeout()}" if on_timeout else ""
@@ -151,12 +151,19 @@ class _Processes:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.pids: list[int] = []
 
-    def spawn(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    def spawn(
+        self, name: str, argv: Sequence[str], env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> subprocess.Popen[bytes]:
         log = self.logdir / f"{name}.log"
         with open(log, "ab") as out:
             proc = subprocess.Popen(
-                [str(a) for a in argv], stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                cwd=cwd or self.logdir, env=env, start_new_session=True,
+                [str(a) for a in argv],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=cwd or self.logdir,
+                env=env,
+                start_new_session=True,
             )
         self.procs[name] = proc
         self.pids.append(proc.pid)
@@ -211,32 +218,52 @@ def _write_ca_and_client(directory: Path, ca_name: str, client_cn: str) -> tuple
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ca_name)])
     ca = (
-        x509.CertificateBuilder().subject_name(ca_subject).issuer_name(ca_subject)
-        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=2))
+        x509.CertificateBuilder()
+        .subject_name(ca_subject)
+        .issuer_name(ca_subject)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=2))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                                     key_encipherment=False, data_encipherment=False, key_agreement=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .sign(ca_key, hashes.SHA256())
     )
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
-        x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, client_cn)]))
-        .issuer_name(ca_subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=2))
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, client_cn)]))
+        .issuer_name(ca_subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=2))
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     paths = (directory / f"{ca_name}.crt", directory / f"{client_cn}.crt", directory / f"{client_cn}.key")
     paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    paths[2].write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     paths[2].chmod(0o600)
     return paths
 
@@ -314,16 +341,32 @@ class Dockerd:
         config = self.run_dir / "daemon.json"
         config.write_text("{}")  # never the host's /etc/docker/daemon.json
         self._procs = _Processes(self.run_dir)
-        self._procs.spawn("dockerd", [
-            shutil.which("dockerd", path="/usr/sbin:/usr/bin") or "dockerd",
-            f"--config-file={config}", f"--host={self.host}", f"--data-root={self.data_root}",
-            f"--exec-root={self.run_dir / 'exec'}", f"--pidfile={self.run_dir / 'docker.pid'}",
-            "--bridge=none", "--iptables=false", "--ip-forward=false", "--ip-masq=false", "--userland-proxy=false",
-            f"--add-runtime=kubetune-shim={shim}", "--default-runtime=kubetune-shim", "--log-level=warn",
-        ])
+        self._procs.spawn(
+            "dockerd",
+            [
+                shutil.which("dockerd", path="/usr/sbin:/usr/bin") or "dockerd",
+                f"--config-file={config}",
+                f"--host={self.host}",
+                f"--data-root={self.data_root}",
+                f"--exec-root={self.run_dir / 'exec'}",
+                f"--pidfile={self.run_dir / 'docker.pid'}",
+                "--bridge=none",
+                "--iptables=false",
+                "--ip-forward=false",
+                "--ip-masq=false",
+                "--userland-proxy=false",
+                f"--add-runtime=kubetune-shim={shim}",
+                "--default-runtime=kubetune-shim",
+                "--log-level=warn",
+            ],
+        )
         try:
-            _wait("dockerd", lambda: self._check() or self.docker("version", check=False).returncode == 0, timeout,
-                  on_timeout=lambda: self._procs.tail("dockerd") if self._procs else "")
+            _wait(
+                "dockerd",
+                lambda: self._check() or self.docker("version", check=False).returncode == 0,
+                timeout,
+                on_timeout=lambda: self._procs.tail("dockerd") if self._procs else "",
+            )
             self.remove_all_containers()  # left by an interrupted run on the persistent data root
         except BaseException:
             self.stop()
@@ -336,11 +379,17 @@ class Dockerd:
     def env(self) -> dict[str, str]:
         return {**os.environ, "DOCKER_HOST": self.host}
 
-    def docker(self, *args: str, check: bool = True, timeout: float = 600.0, input: bytes | None = None,
-               capture: bool = True) -> subprocess.CompletedProcess[str]:
+    def docker(
+        self, *args: str, check: bool = True, timeout: float = 600.0, input: bytes | None = None, capture: bool = True
+    ) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
-            [DOCKER_CLI, *args], env=self.env(), input=input.decode() if input else None,
-            capture_output=capture, text=True, timeout=timeout, check=False,
+            [DOCKER_CLI, *args],
+            env=self.env(),
+            input=input.decode() if input else None,
+            capture_output=capture,
+            text=True,
+            timeout=timeout,
+            check=False,
         )
         if check and proc.returncode != 0:
             raise ApiServerError(f"docker {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -440,7 +489,7 @@ class WheelServer:
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
 
@@ -498,7 +547,7 @@ class Cluster:
 
     def logs(self, name: str, lines: int = 40) -> str:
         if name in ("kube-apiserver", "etcd") and self.api is not None:
-            return self.api._logs and _tail(self.api._logs[name], lines) or ""
+            return (self.api._logs and _tail(self.api._logs[name], lines)) or ""
         return self._procs.tail(name, lines) if self._procs else ""
 
     def start(self) -> None:
@@ -544,48 +593,93 @@ class Cluster:
         assert self._procs is not None and self.api is not None
         etcd_port, peer_port, port = free_ports(3)
         etcd_url = f"http://127.0.0.1:{etcd_port}"
-        self._procs.spawn("crd-etcd", [
-            self.crd_etcd_bin, "--name=crd", f"--data-dir={self.tmp / 'crd-etcd'}",
-            f"--listen-client-urls={etcd_url}", f"--advertise-client-urls={etcd_url}",
-            f"--listen-peer-urls=http://127.0.0.1:{peer_port}", f"--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}",
-            f"--initial-cluster=crd=http://127.0.0.1:{peer_port}", "--unsafe-no-fsync",
-        ])
-        _wait("etcd 3.5", lambda: self._procs.check() or _http_ok(etcd_url + "/health"), self.ready_timeout,
-              on_timeout=lambda: self._procs.tail("crd-etcd"))
+        self._procs.spawn(
+            "crd-etcd",
+            [
+                self.crd_etcd_bin,
+                "--name=crd",
+                f"--data-dir={self.tmp / 'crd-etcd'}",
+                f"--listen-client-urls={etcd_url}",
+                f"--advertise-client-urls={etcd_url}",
+                f"--listen-peer-urls=http://127.0.0.1:{peer_port}",
+                f"--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}",
+                f"--initial-cluster=crd=http://127.0.0.1:{peer_port}",
+                "--unsafe-no-fsync",
+            ],
+        )
+        _wait(
+            "etcd 3.5",
+            lambda: self._procs.check() or _http_ok(etcd_url + "/health"),
+            self.ready_timeout,
+            on_timeout=lambda: self._procs.tail("crd-etcd"),
+        )
         admin = self.api.kubeconfig
         self.crd_server_url = f"https://127.0.0.1:{port}"
-        self._procs.spawn("crd-server", [
-            self.crd_server_bin, f"--etcd-servers={etcd_url}", f"--secure-port={port}", "--bind-address=127.0.0.1",
-            f"--cert-dir={self.tmp / 'crd-certs'}",
-            f"--authentication-kubeconfig={admin}", f"--authorization-kubeconfig={admin}", f"--kubeconfig={admin}",
-            # These need informers (and APIs) that a 1.20 core server lacks: they would wait forever.
-            "--disable-admission-plugins=MutatingAdmissionPolicy,ValidatingAdmissionPolicy",
-            "--enable-priority-and-fairness=false",
-        ])
+        self._procs.spawn(
+            "crd-server",
+            [
+                self.crd_server_bin,
+                f"--etcd-servers={etcd_url}",
+                f"--secure-port={port}",
+                "--bind-address=127.0.0.1",
+                f"--cert-dir={self.tmp / 'crd-certs'}",
+                f"--authentication-kubeconfig={admin}",
+                f"--authorization-kubeconfig={admin}",
+                f"--kubeconfig={admin}",
+                # These need informers (and APIs) that a 1.20 core server lacks: they would wait forever.
+                "--disable-admission-plugins=MutatingAdmissionPolicy,ValidatingAdmissionPolicy",
+                "--enable-priority-and-fairness=false",
+            ],
+        )
         self.crd_kubeconfig = self.tmp / "kubeconfig-crd-server"
         config = json.loads(admin.read_text())
         config["clusters"][0]["cluster"]["server"] = self.crd_server_url
         self.crd_kubeconfig.write_text(json.dumps(config))
         self.crd_kubeconfig.chmod(0o600)
         token = self.api.token
-        _wait("CRD server", lambda: self._procs.check() or _http_ok(self.crd_server_url + "/readyz", token),
-              self.ready_timeout, on_timeout=lambda: self._procs.tail("crd-server"))
+        _wait(
+            "CRD server",
+            lambda: self._procs.check() or _http_ok(self.crd_server_url + "/readyz", token),
+            self.ready_timeout,
+            on_timeout=lambda: self._procs.tail("crd-server"),
+        )
 
     def _aggregate(self) -> None:
         """Route group kubetune.io of the 1.20 apiserver to the CRD server."""
         assert self.api is not None
         port = int(self.crd_server_url.rsplit(":", 1)[1])
         objects = [
-            {"apiVersion": "v1", "kind": "Service",
-             "metadata": {"name": "kubetune-crd-server", "namespace": "kube-system"},
-             "spec": {"type": "ExternalName", "externalName": "localhost", "ports": [{"port": port, "protocol": "TCP"}]}},
-            {"apiVersion": "apiregistration.k8s.io/v1", "kind": "APIService",
-             "metadata": {"name": f"{AGGREGATED_VERSION}.{AGGREGATED_GROUP}"},
-             "spec": {"group": AGGREGATED_GROUP, "version": AGGREGATED_VERSION, "groupPriorityMinimum": 1000,
-                      "versionPriority": 15, "insecureSkipTLSVerify": True,
-                      "service": {"namespace": "kube-system", "name": "kubetune-crd-server", "port": port}}},
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": "kubetune-crd-server", "namespace": "kube-system"},
+                "spec": {
+                    "type": "ExternalName",
+                    "externalName": "localhost",
+                    "ports": [{"port": port, "protocol": "TCP"}],
+                },
+            },
+            {
+                "apiVersion": "apiregistration.k8s.io/v1",
+                "kind": "APIService",
+                "metadata": {"name": f"{AGGREGATED_VERSION}.{AGGREGATED_GROUP}"},
+                "spec": {
+                    "group": AGGREGATED_GROUP,
+                    "version": AGGREGATED_VERSION,
+                    "groupPriorityMinimum": 1000,
+                    "versionPriority": 15,
+                    "insecureSkipTLSVerify": True,
+                    "service": {"namespace": "kube-system", "name": "kubetune-crd-server", "port": port},
+                },
+            },
         ]
-        kubectl(self.api.kubeconfig, "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}))
+        kubectl(
+            self.api.kubeconfig,
+            "apply",
+            "-f",
+            "-",
+            input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}),
+        )
 
     def crd_server_request(self, method: str, path: str, body: Any = None) -> tuple[int, dict[str, Any]]:
         """One request to the CRD server itself (kubectl cannot: the standalone server serves no
@@ -605,7 +699,10 @@ class Cluster:
             name = doc["metadata"]["name"]
             code, existing = self.crd_server_request("GET", f"{collection}/{name}")
             if code == 200:
-                doc = {**doc, "metadata": {**doc["metadata"], "resourceVersion": existing["metadata"]["resourceVersion"]}}
+                doc = {
+                    **doc,
+                    "metadata": {**doc["metadata"], "resourceVersion": existing["metadata"]["resourceVersion"]},
+                }
                 code, answer = self.crd_server_request("PUT", f"{collection}/{name}", doc)
             else:
                 code, answer = self.crd_server_request("POST", collection, doc)
@@ -624,8 +721,9 @@ class Cluster:
         assert self.api is not None
 
         def available() -> bool:
-            status = kubectl(self.api.kubeconfig, "get", "apiservice", f"{AGGREGATED_VERSION}.{AGGREGATED_GROUP}",
-                             "-o", "json").stdout
+            status = kubectl(
+                self.api.kubeconfig, "get", "apiservice", f"{AGGREGATED_VERSION}.{AGGREGATED_GROUP}", "-o", "json"
+            ).stdout
             conds = {c["type"]: c for c in json.loads(status).get("status", {}).get("conditions", [])}
             if conds.get("Available", {}).get("status") != "True":
                 raise ApiServerError(f"APIService not Available: {conds.get('Available')}")
@@ -643,17 +741,33 @@ class Cluster:
         assert self._procs is not None and self.api is not None and self.api.tmpdir is not None
         admin = self.api.kubeconfig
         serving_cert = self.api.tmpdir / "certs" / "apiserver.crt"
-        self._procs.spawn("kube-controller-manager", [
-            self.bins["kube-controller-manager"], f"--kubeconfig={admin}", "--controllers=*", "--leader-elect=false",
-            f"--service-account-private-key-file={self.api.tmpdir / 'sa.key'}", f"--root-ca-file={serving_cert}",
-            "--use-service-account-credentials=false", "--feature-gates=TTLAfterFinished=true",
-            "--port=0", "--secure-port=0",
-            # Tests delete namespaces and jobs constantly: collect garbage promptly.
-            "--concurrent-gc-syncs=5",
-        ])
-        self._procs.spawn("kube-scheduler", [
-            self.bins["kube-scheduler"], f"--kubeconfig={admin}", "--leader-elect=false", "--port=0", "--secure-port=0",
-        ])
+        self._procs.spawn(
+            "kube-controller-manager",
+            [
+                self.bins["kube-controller-manager"],
+                f"--kubeconfig={admin}",
+                "--controllers=*",
+                "--leader-elect=false",
+                f"--service-account-private-key-file={self.api.tmpdir / 'sa.key'}",
+                f"--root-ca-file={serving_cert}",
+                "--use-service-account-credentials=false",
+                "--feature-gates=TTLAfterFinished=true",
+                "--port=0",
+                "--secure-port=0",
+                # Tests delete namespaces and jobs constantly: collect garbage promptly.
+                "--concurrent-gc-syncs=5",
+            ],
+        )
+        self._procs.spawn(
+            "kube-scheduler",
+            [
+                self.bins["kube-scheduler"],
+                f"--kubeconfig={admin}",
+                "--leader-elect=false",
+                "--port=0",
+                "--secure-port=0",
+            ],
+        )
 
     def _start_kubelet(self) -> None:
         assert self._procs is not None and self.api is not None
@@ -661,24 +775,40 @@ class Cluster:
         root = self.tmp / "kubelet"
         root.mkdir()
         (self.kubelet_port,) = free_ports(1)
-        self._procs.spawn("kubelet", [
-            self.bins["kubelet"], f"--kubeconfig={self.api.kubeconfig}",
-            "--container-runtime=docker", f"--docker-endpoint={self.docker.host}",
-            f"--container-runtime-endpoint=unix://{self.tmp / 'dockershim.sock'}",
-            f"--experimental-dockershim-root-directory={self.tmp / 'dockershim'}",
-            f"--root-dir={root}", f"--cert-dir={self.tmp / 'kubelet-pki'}",
-            f"--volume-plugin-dir={self.tmp / 'volume-plugins'}",
-            f"--hostname-override={NODE_NAME}", "--address=127.0.0.1",
-            f"--port={self.kubelet_port}", "--read-only-port=0", "--healthz-port=0",
-            "--fail-swap-on=false", "--cgroup-driver=cgroupfs", "--cgroups-per-qos=false",
-            "--enforce-node-allocatable=", "--eviction-hard=",
-            # Leave the host alone: no iptables chains, no hairpin set-up, no kernel tunables.
-            "--make-iptables-util-chains=false", "--hairpin-mode=none",
-            # Never garbage-collect the images the tests built.
-            "--image-gc-high-threshold=100", "--image-gc-low-threshold=99",
-            f"--pod-infra-container-image={PAUSE_IMAGE}", "--serialize-image-pulls=false",
-            "--node-status-update-frequency=2s", "--sync-frequency=5s",
-        ])
+        self._procs.spawn(
+            "kubelet",
+            [
+                self.bins["kubelet"],
+                f"--kubeconfig={self.api.kubeconfig}",
+                "--container-runtime=docker",
+                f"--docker-endpoint={self.docker.host}",
+                f"--container-runtime-endpoint=unix://{self.tmp / 'dockershim.sock'}",
+                f"--experimental-dockershim-root-directory={self.tmp / 'dockershim'}",
+                f"--root-dir={root}",
+                f"--cert-dir={self.tmp / 'kubelet-pki'}",
+                f"--volume-plugin-dir={self.tmp / 'volume-plugins'}",
+                f"--hostname-override={NODE_NAME}",
+                "--address=127.0.0.1",
+                f"--port={self.kubelet_port}",
+                "--read-only-port=0",
+                "--healthz-port=0",
+                "--fail-swap-on=false",
+                "--cgroup-driver=cgroupfs",
+                "--cgroups-per-qos=false",
+                "--enforce-node-allocatable=",
+                "--eviction-hard=",
+                # Leave the host alone: no iptables chains, no hairpin set-up, no kernel tunables.
+                "--make-iptables-util-chains=false",
+                "--hairpin-mode=none",
+                # Never garbage-collect the images the tests built.
+                "--image-gc-high-threshold=100",
+                "--image-gc-low-threshold=99",
+                f"--pod-infra-container-image={PAUSE_IMAGE}",
+                "--serialize-image-pulls=false",
+                "--node-status-update-frequency=2s",
+                "--sync-frequency=5s",
+            ],
+        )
         admin = self.api.kubeconfig
 
         def node_ready() -> bool:
@@ -687,16 +817,25 @@ class Cluster:
             conds = {c["type"]: c["status"] for c in node.get("status", {}).get("conditions", [])}
             return conds.get("Ready") == "True"
 
-        _wait(f"node {NODE_NAME}", node_ready, self.ready_timeout, interval=0.5,
-              on_timeout=lambda: self._procs.tail("kubelet"))
+        _wait(
+            f"node {NODE_NAME}",
+            node_ready,
+            self.ready_timeout,
+            interval=0.5,
+            on_timeout=lambda: self._procs.tail("kubelet"),
+        )
 
         # The default ServiceAccount of `default` proves the token controller runs.
         def default_sa() -> bool:
             sa = json.loads(kubectl(admin, "get", "serviceaccount", "default", "-n", "default", "-o", "json").stdout)
             return bool(sa.get("secrets"))
 
-        _wait("ServiceAccount tokens", default_sa, self.ready_timeout,
-              on_timeout=lambda: self._procs.tail("kube-controller-manager"))
+        _wait(
+            "ServiceAccount tokens",
+            default_sa,
+            self.ready_timeout,
+            on_timeout=lambda: self._procs.tail("kube-controller-manager"),
+        )
 
     def stop(self) -> None:
         if self._procs is not None:
@@ -765,8 +904,9 @@ def import_bases(docker: Dockerd) -> None:
         docker.import_rootfs(tarball, name, [*BASE_ENV, f"LABEL {marker}"])
 
 
-def build_image(docker: Dockerd, dockerfile: str, tag: str, build_args: dict[str, str] | None = None,
-                log: Path | None = None) -> float:
+def build_image(
+    docker: Dockerd, dockerfile: str, tag: str, build_args: dict[str, str] | None = None, log: Path | None = None
+) -> float:
     """``docker build --network=host`` of a committed Dockerfile with the repository as context;
     returns the seconds it took. The log goes to ``log`` (raises with its tail on failure)."""
     args = ["build", "--network=host", "-f", str(REPO / dockerfile), "-t", tag]
@@ -777,5 +917,7 @@ def build_image(docker: Dockerd, dockerfile: str, tag: str, build_args: dict[str
     if log is not None:
         log.write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
-        raise ApiServerError(f"docker build -f {dockerfile} failed:\n" + textwrap.indent((proc.stdout + proc.stderr)[-4000:], "  "))
+        raise ApiServerError(
+            f"docker build -f {dockerfile} failed:\n" + textwrap.indent((proc.stdout + proc.stderr)[-4000:], "  ")
+        )
     return time.monotonic() - start

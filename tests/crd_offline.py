@@ -91,7 +91,9 @@ def _cel(schema: dict[str, Any], data: Any, old: Any, path: str, out: list[Schem
         except Exception:  # an evaluation error rejects the object, as in the API server
             ok = False
         if not ok:
-            out.append(SchemaError(path + rule.get("fieldPath", "") if rule.get("fieldPath") else path, rule["message"]))
+            out.append(
+                SchemaError(path + rule.get("fieldPath", "") if rule.get("fieldPath") else path, rule["message"])
+            )
     if isinstance(data, dict):
         props = schema.get("properties", {})
         extra = schema.get("additionalProperties")

@@ -96,9 +96,7 @@ def find_binaries() -> tuple[Path, Path]:
         apiserver, etcd = Path(assets) / "kube-apiserver", Path(assets) / "etcd"
         missing = [str(p) for p in (apiserver, etcd) if not os.access(p, os.X_OK)]
         if missing:
-            raise BinariesMissing(
-                f"KUBEBUILDER_ASSETS={assets} is set but lacks executable {', '.join(missing)}"
-            )
+            raise BinariesMissing(f"KUBEBUILDER_ASSETS={assets} is set but lacks executable {', '.join(missing)}")
         return apiserver, etcd
     bindir = cache_dir() / "bin"
     apiserver, etcd = bindir / "kube-apiserver", bindir / "etcd"
@@ -114,9 +112,7 @@ def find_binaries() -> tuple[Path, Path]:
 @functools.cache
 def _help_text(binary: str) -> str:
     """The binary's --help output (to probe which flags this version supports)."""
-    proc = subprocess.run(
-        [binary, "--help"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=30
-    )
+    proc = subprocess.run([binary, "--help"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=30)
     return proc.stdout
 
 
@@ -160,8 +156,7 @@ def _generate_rsa_key(path: Path) -> None:
             from cryptography.hazmat.primitives.asymmetric import rsa
         except ImportError as exc:  # pragma: no cover - depends on the machine
             raise ApiServerError(
-                "need either the openssl CLI or the python 'cryptography' package to create "
-                "the service-account key"
+                "need either the openssl CLI or the python 'cryptography' package to create the service-account key"
             ) from exc
         key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         path.write_bytes(
@@ -191,7 +186,12 @@ def _insecure_ssl_context() -> ssl.SSLContext:
 
 
 def api_request(
-    base_url: str, token: str, method: str, path: str, body: Any = None, content_type: str = "application/json",
+    base_url: str,
+    token: str,
+    method: str,
+    path: str,
+    body: Any = None,
+    content_type: str = "application/json",
     timeout: float = 30.0,
 ) -> tuple[int, dict[str, Any]]:
     """One JSON call to an API server with a bearer token: (HTTP status, decoded body). Error
@@ -301,7 +301,9 @@ class ApiServer:
         token = self.service_account_token(namespace, name)
         assert self.tmpdir is not None
         path = self.tmpdir / f"kubeconfig-sa-{namespace}-{name}"
-        path.write_text(json.dumps(self._kubeconfig_dict(service_account_username(namespace, name), token, namespace), indent=2))
+        path.write_text(
+            json.dumps(self._kubeconfig_dict(service_account_username(namespace, name), token, namespace), indent=2)
+        )
         path.chmod(0o600)
         return path
 
@@ -384,12 +386,10 @@ class ApiServer:
                 if probe():
                     return
                 last = "not ready"
-            except Exception as exc:  # noqa: BLE001 - report the last probe error on timeout
+            except Exception as exc:
                 last = f"{type(exc).__name__}: {exc}"
             if time.monotonic() > deadline:
-                raise self._fail(
-                    f"{what} not ready after {self.ready_timeout:g} s (last probe: {last})"
-                )
+                raise self._fail(f"{what} not ready after {self.ready_timeout:g} s (last probe: {last})")
             time.sleep(0.2)
 
     def _get(self, path: str, token: str | None = None, timeout: float = 2.0) -> tuple[int, bytes]:
@@ -493,9 +493,7 @@ class ApiServer:
         return {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [
-                {"name": "kubetune", "cluster": {"server": self.url, "insecure-skip-tls-verify": True}}
-            ],
+            "clusters": [{"name": "kubetune", "cluster": {"server": self.url, "insecure-skip-tls-verify": True}}],
             "users": [{"name": user, "user": {"token": token}}],
             "contexts": [
                 {
@@ -543,9 +541,7 @@ def kubectl(
         f"--cache-dir={kubeconfig.parent / 'kubectl-cache'}",
         *args,
     ]
-    proc = subprocess.run(
-        argv, input=input, capture_output=True, text=True, timeout=timeout, check=False
-    )
+    proc = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout, check=False)
     if check and proc.returncode != 0:
         raise KubectlError(proc.returncode, argv, proc.stdout, proc.stderr)
     return proc
@@ -566,7 +562,14 @@ def _yaml_to_objects(kubeconfig: Path, text: str) -> list[dict[str, Any]]:
         import yaml  # type: ignore[import-untyped]
     except ImportError:
         out = kubectl(
-            kubeconfig, "create", "--dry-run=client", "--validate=false", "-o", "json", "-f", "-",
+            kubeconfig,
+            "create",
+            "--dry-run=client",
+            "--validate=false",
+            "-o",
+            "json",
+            "-f",
+            "-",
             input=text,
         ).stdout
         obj = json.loads(out)

@@ -34,12 +34,21 @@ from pathlib import Path
 import pytest
 
 MARKER_ENV = "KUBETUNE_PYTEST_SESSION"
-WATCHED_BASENAMES = frozenset({
-    "etcd", "kube-apiserver",
-    # the cluster tier (tests/cluster_harness.py)
-    "apiextensions-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet",
-    "dockerd", "containerd", "containerd-shim", "containerd-shim-runc-v2",
-})
+WATCHED_BASENAMES = frozenset(
+    {
+        "etcd",
+        "kube-apiserver",
+        # the cluster tier (tests/cluster_harness.py)
+        "apiextensions-apiserver",
+        "kube-controller-manager",
+        "kube-scheduler",
+        "kubelet",
+        "dockerd",
+        "containerd",
+        "containerd-shim",
+        "containerd-shim-runc-v2",
+    }
+)
 WATCHED_SUBSTRINGS = ("moto_server", "ThreadedMotoServer")
 # A process being stopped right now gets this long to go away (env override for self-tests).
 GRACE_SECONDS = float(os.environ.get("KUBETUNE_LEAKCHECK_GRACE", "3"))
@@ -157,8 +166,7 @@ def leaked(state: _State) -> dict[int, list[str]]:
     return {
         pid: argv
         for pid, argv in watched_processes().items()
-        if pid not in state.baseline
-        and (_has_marker(pid, state.token) or _descends_from(pid, state.pid))
+        if pid not in state.baseline and (_has_marker(pid, state.token) or _descends_from(pid, state.pid))
     }
 
 
@@ -166,9 +174,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     # A new token per session, also in a nested pytest: its children are then its own.
     token = secrets.token_hex(8)
     os.environ[MARKER_ENV] = token
-    session.config.stash[_STATE_KEY] = _State(
-        token=token, pid=os.getpid(), baseline=set(watched_processes())
-    )
+    session.config.stash[_STATE_KEY] = _State(token=token, pid=os.getpid(), baseline=set(watched_processes()))
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

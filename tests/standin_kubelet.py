@@ -57,9 +57,10 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import kubernetes
 
@@ -79,15 +80,15 @@ class UnsupportedPodSpec(ValueError):
 
 def now() -> str:
     """The current time as Kubernetes writes it (RFC 3339, seconds, UTC)."""
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _time(value: str | dt.datetime | None) -> str | None:
     if value is None or isinstance(value, str):
         return value
     if value.tzinfo is None:
-        value = value.replace(tzinfo=dt.timezone.utc)
-    return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        value = value.replace(tzinfo=dt.UTC)
+    return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def expand(value: str, env: Mapping[str, str]) -> str:
@@ -245,8 +246,11 @@ class StandinKubelet:
         meta = pod["metadata"]
         return self._json(
             self.core.patch_namespaced_pod_status(
-                meta["name"], meta["namespace"], {"status": status},
-                _content_type=_MERGE, _preload_content=False,
+                meta["name"],
+                meta["namespace"],
+                {"status": status},
+                _content_type=_MERGE,
+                _preload_content=False,
             )
         )
 
@@ -292,9 +296,7 @@ class StandinKubelet:
             },
             "spec": spec,
         }
-        return self._json(
-            self.core.create_namespaced_pod(meta["namespace"], pod, _preload_content=False)
-        )
+        return self._json(self.core.create_namespaced_pod(meta["namespace"], pod, _preload_content=False))
 
     def set_job_status(
         self,
@@ -325,14 +327,16 @@ class StandinKubelet:
         if conditions is not None:
             stamp = now()
             status["conditions"] = [
-                {"status": "True", "lastProbeTime": stamp, "lastTransitionTime": stamp, **c}
-                for c in conditions
+                {"status": "True", "lastProbeTime": stamp, "lastTransitionTime": stamp, **c} for c in conditions
             ]
         meta = job["metadata"]
         return self._json(
             self.batch.patch_namespaced_job_status(
-                meta["name"], meta["namespace"], {"status": status},
-                _content_type=_MERGE, _preload_content=False,
+                meta["name"],
+                meta["namespace"],
+                {"status": status},
+                _content_type=_MERGE,
+                _preload_content=False,
             )
         )
 
@@ -371,7 +375,12 @@ class StandinKubelet:
                     {"type": "PodScheduled", "status": "True", "lastTransitionTime": stamp},
                     {"type": "Initialized", "status": "True", "lastTransitionTime": stamp},
                     {"type": "Ready", "status": "False", "reason": "ContainersNotReady", "lastTransitionTime": stamp},
-                    {"type": "ContainersReady", "status": "False", "reason": "ContainersNotReady", "lastTransitionTime": stamp},
+                    {
+                        "type": "ContainersReady",
+                        "status": "False",
+                        "reason": "ContainersNotReady",
+                        "lastTransitionTime": stamp,
+                    },
                 ],
                 "containerStatuses": self._container_statuses(pod, state, state, ready=False),
                 "hostIP": "127.0.0.1",
@@ -481,9 +490,7 @@ class StandinKubelet:
 
     def _secret_data(self, ref: Obj, namespace: str) -> dict[str, str]:
         try:
-            secret = self._json(
-                self.core.read_namespaced_secret(ref["name"], namespace, _preload_content=False)
-            )
+            secret = self._json(self.core.read_namespaced_secret(ref["name"], namespace, _preload_content=False))
         except kubernetes.client.ApiException as exc:
             if exc.status == 404 and ref.get("optional"):
                 return {}
@@ -494,9 +501,7 @@ class StandinKubelet:
 
     def _configmap_data(self, ref: Obj, namespace: str) -> dict[str, str]:
         try:
-            cm = self._json(
-                self.core.read_namespaced_config_map(ref["name"], namespace, _preload_content=False)
-            )
+            cm = self._json(self.core.read_namespaced_config_map(ref["name"], namespace, _preload_content=False))
         except kubernetes.client.ApiException as exc:
             if exc.status == 404 and ref.get("optional"):
                 return {}
@@ -582,7 +587,7 @@ class StandinKubelet:
             return f"{prefix}={StandinKubelet.rewrite_path(rest, mounts)}"
         for mount_path in sorted(mounts, key=len, reverse=True):
             if value == mount_path or value.startswith(mount_path.rstrip("/") + "/"):
-                return str(mounts[mount_path]) + value[len(mount_path.rstrip("/")):]
+                return str(mounts[mount_path]) + value[len(mount_path.rstrip("/")) :]
         return value
 
     def run_container(
@@ -619,8 +624,7 @@ class StandinKubelet:
         command = list(container.get("command") or [])
         if not command:
             raise UnsupportedPodSpec(
-                f"container {container['name']} has no command: the stand-in cannot run an "
-                "image's entrypoint"
+                f"container {container['name']} has no command: the stand-in cannot run an image's entrypoint"
             )
         cenv = self._container_env(pod, container)
         mounts = self.materialize_volumes(pod, container)
@@ -654,8 +658,13 @@ class StandinKubelet:
             if self._shut_down:
                 raise RuntimeError("the stand-in kubelet was shut down (kill_running(shutdown=True))")
             proc = subprocess.Popen(
-                argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True,
+                argv,
+                env=env,
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
             self.running[name] = proc
         try:
@@ -673,11 +682,7 @@ class StandinKubelet:
         if code < 0:  # killed by a signal: a container runtime reports 128 + signal
             code = 128 - code
         message = term_path.read_bytes()[:MAX_TERMINATION_MESSAGE].decode(errors="replace")
-        if (
-            not message
-            and code != 0
-            and container.get("terminationMessagePolicy") == "FallbackToLogsOnError"
-        ):
+        if not message and code != 0 and container.get("terminationMessagePolicy") == "FallbackToLogsOnError":
             message = _tail(log_path, FALLBACK_LOG_LINES, FALLBACK_LOG_BYTES)
         return code, message
 
@@ -715,10 +720,16 @@ class StandinKubelet:
             if code == 0:
                 stamp = now()
                 self.set_job_status(
-                    job, active=0, succeeded=1, completion_time=stamp,
+                    job,
+                    active=0,
+                    succeeded=1,
+                    completion_time=stamp,
                     conditions=[
-                        {"type": "SuccessCriteriaMet", "reason": "CompletionsReached",
-                         "message": "Reached expected number of succeeded pods"},
+                        {
+                            "type": "SuccessCriteriaMet",
+                            "reason": "CompletionsReached",
+                            "message": "Reached expected number of succeeded pods",
+                        },
                         {"type": "Complete"},
                     ],
                 )
@@ -728,7 +739,9 @@ class StandinKubelet:
             if failed > backoff_limit:
                 message = "Job has reached the specified backoff limit"
                 self.set_job_status(
-                    job, active=0, failed=failed,
+                    job,
+                    active=0,
+                    failed=failed,
                     conditions=[
                         {"type": "FailureTarget", "reason": "BackoffLimitExceeded", "message": message},
                         {"type": "Failed", "reason": "BackoffLimitExceeded", "message": message},

@@ -10,7 +10,6 @@ from functools import cache
 from pathlib import Path
 
 import pytest
-
 from kubetune.api.reference import anchor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,6 +82,8 @@ def test_reliability_names_tests_that_exist() -> None:
                 continue
             assert current and (ROOT / current).is_file(), f"{current} does not exist"
             if function:
-                assert re.search(rf"^(async )?def {function}\(", (ROOT / current).read_text(), re.M), f"{current}::{function}"
+                assert re.search(rf"^(async )?def {function}\(", (ROOT / current).read_text(), re.M), (
+                    f"{current}::{function}"
+                )
                 named += 1
     assert named > 60

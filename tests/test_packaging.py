@@ -83,13 +83,21 @@ def test_constraints_pin_every_dependency_inside_its_range() -> None:
             continue
         name = canonicalize_name(req.name)
         assert name in pins, f"{req.name} is not in constraints.txt: run make lock"
-        assert req.specifier.contains(pins[name], prereleases=True), f"{req.name}=={pins[name]} is outside {req.specifier}"
+        assert req.specifier.contains(pins[name], prereleases=True), (
+            f"{req.name}=={pins[name]} is outside {req.specifier}"
+        )
     assert not any("+" in v for v in pins.values())  # no local labels: the CPU and CUDA torch both satisfy it
 
 
 def test_floors_exclude_known_vulnerable_releases() -> None:
     from packaging.requirements import Requirement
-    floors = {"torch": "2.6", "aiohttp": "3.12.14", "jinja2": "3.1.6", "urllib3": "2.5"}  # CVE-2025-32434, -53643, -27516, -50181
+
+    floors = {
+        "torch": "2.6",
+        "aiohttp": "3.12.14",
+        "jinja2": "3.1.6",
+        "urllib3": "2.5",
+    }  # CVE-2025-32434, -53643, -27516, -50181
     declared = {Requirement(r).name.lower(): Requirement(r).specifier for r in _requirements()}
     for name, floor in floors.items():
         assert name in declared, name
@@ -105,7 +113,7 @@ def _below(version: str) -> str:
 
 
 def test_ci_and_images_install_with_the_constraints() -> None:
-    assert "install -c constraints.txt -e \".[dev]\"" in (ROOT / "Makefile").read_text()
+    assert 'install -c constraints.txt -e ".[dev]"' in (ROOT / "Makefile").read_text()
     for dockerfile in ("operator/Dockerfile", "trainer/Dockerfile"):
         text = (ROOT / dockerfile).read_text()
         assert "COPY pyproject.toml constraints.txt ./" in text and "pip install -c constraints.txt" in text, dockerfile

@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 
 import click
-
 from kubetune.api.manifest import ManifestError, iter_jobs
 
 
@@ -20,7 +19,11 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--markdown", is_flag=True, help="Print the API reference in Markdown instead (what docs/api.md holds): every field with its type, default, description and validation.")
+@click.option(
+    "--markdown",
+    is_flag=True,
+    help="Print the API reference in Markdown instead (what docs/api.md holds): every field with its type, default, description and validation.",
+)
 def crd(markdown: bool) -> None:
     """Print the FineTuneJob CustomResourceDefinition (what crds/ holds)."""
     if markdown:
@@ -36,9 +39,23 @@ def crd(markdown: bool) -> None:
 @main.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("-q", "--quiet", is_flag=True, help="Print problems only.")
-@click.option("--data", "check_data", is_flag=True, help="Also check each job's dataset files, as the cluster's validation Job does (one streaming pass; no model is loaded).")
-@click.option("--tokens", is_flag=True, help="With --data: also tokenise every example with the model's tokenizer for token statistics (slower; only tokenizer files are fetched, and code shipped with a model is never run).")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False, writable=True), help="With --data: write the dataset report (data-report.json: counts, duplicates, train/validation overlap, PII findings, estimates) here; with several jobs, one JSON object per job name.")
+@click.option(
+    "--data",
+    "check_data",
+    is_flag=True,
+    help="Also check each job's dataset files, as the cluster's validation Job does (one streaming pass; no model is loaded).",
+)
+@click.option(
+    "--tokens",
+    is_flag=True,
+    help="With --data: also tokenise every example with the model's tokenizer for token statistics (slower; only tokenizer files are fetched, and code shipped with a model is never run).",
+)
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False, writable=True),
+    help="With --data: write the dataset report (data-report.json: counts, duplicates, train/validation overlap, PII findings, estimates) here; with several jobs, one JSON object per job name.",
+)
 def validate(files: tuple[str, ...], quiet: bool, check_data: bool, tokens: bool, report_path: str | None) -> None:
     """Validate FineTuneJob manifests (multi-document YAML allowed).
 
@@ -86,7 +103,9 @@ def _validate_data(job: object, tokens: bool, reports: dict[str, object] | None 
         return False
     spec = job.spec  # type: ignore[attr-defined]
     try:
-        report = data.check(spec.dataset, extra_keys=data.extra_keys_for(spec), record_check=data.record_check_for(spec))
+        report = data.check(
+            spec.dataset, extra_keys=data.extra_keys_for(spec), record_check=data.record_check_for(spec)
+        )
     except data.DataError as err:
         click.echo(str(err))
         return False
@@ -108,8 +127,12 @@ def _validate_data(job: object, tokens: bool, reports: dict[str, object] | None 
             click.echo(f"  (no token statistics: {err})")
         if tokenizer is not None:
             try:
-                report = data.validate(spec.dataset, tokenizer=tokenizer, extra_keys=data.extra_keys_for(spec),
-                                       record_check=data.record_check_for(spec))
+                report = data.validate(
+                    spec.dataset,
+                    tokenizer=tokenizer,
+                    extra_keys=data.extra_keys_for(spec),
+                    record_check=data.record_check_for(spec),
+                )
             except data.DataError as err:
                 click.echo(str(err))
                 return False
@@ -171,13 +194,25 @@ def verify(uri: str) -> None:
             click.echo(f"{uri}/{prefix}: NOT verified: {reason}")
             sys.exit(1)
         count = len(storage.read_manifest(store, prefix)["files"])
-        click.echo(f"{uri}/{prefix}: verified {count} files of the merged model (sha256 and size match {prefix}/manifest.json)")
+        click.echo(
+            f"{uri}/{prefix}: verified {count} files of the merged model (sha256 and size match {prefix}/manifest.json)"
+        )
 
 
 @main.command("report")
 @click.argument("output")
-@click.option("-o", "--out", "dest", type=click.Path(dir_okay=False, writable=True), help="Write the page here (default: OUTPUT's report.html for a local output, else ./<name>-report.html).")
-@click.option("--render", is_flag=True, help="Render the page again from report-data.json with this kubetune (instead of copying report.html).")
+@click.option(
+    "-o",
+    "--out",
+    "dest",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Write the page here (default: OUTPUT's report.html for a local output, else ./<name>-report.html).",
+)
+@click.option(
+    "--render",
+    is_flag=True,
+    help="Render the page again from report-data.json with this kubetune (instead of copying report.html).",
+)
 @click.option("--open", "open_browser", is_flag=True, help="Open the page in the default browser.")
 def report_cmd(output: str, dest: str | None, render: bool, open_browser: bool) -> None:
     """Write or open the run's report.html (OUTPUT: the job's output directory or URL).
@@ -193,7 +228,10 @@ def report_cmd(output: str, dest: str | None, render: bool, open_browser: bool) 
         from kubetune.trainer import storage
         from kubetune.trainer.report import DATA_FILE, REPORT_FILE
     except ImportError as err:
-        click.echo(f"kubetune report needs the trainer's libraries ({err.name} is missing): pip install 'kubetune[trainer]'", err=True)
+        click.echo(
+            f"kubetune report needs the trainer's libraries ({err.name} is missing): pip install 'kubetune[trainer]'",
+            err=True,
+        )
         sys.exit(1)
     local = "://" not in output or output.startswith("file://")
     uri = output if "://" in output else Path(output).resolve().as_uri()
@@ -206,7 +244,10 @@ def report_cmd(output: str, dest: str | None, render: bool, open_browser: bool) 
         else:
             page = store.read_bytes(REPORT_FILE)
     except (storage.StorageError, FileNotFoundError, ValueError) as err:
-        click.echo(f"error: {output} holds no report ({REPORT_FILE} or {DATA_FILE}): {err}; is it a finished job's output?", err=True)
+        click.echo(
+            f"error: {output} holds no report ({REPORT_FILE} or {DATA_FILE}): {err}; is it a finished job's output?",
+            err=True,
+        )
         sys.exit(1)
     if dest is None:
         if local and not render:
@@ -226,9 +267,18 @@ def report_cmd(output: str, dest: str | None, render: bool, open_browser: bool) 
 @main.command("run")
 @click.argument("manifest", type=click.Path(dir_okay=False, exists=True))
 @click.option("--output", help="Output URI (default: file://./kubetune-output/<name>/).")
-@click.option("--metrics-port", type=int, default=-1, show_default=True, help="Serve Prometheus metrics on this port (0: any free port, -1: off).")
-@click.option("--overwrite", is_flag=True,
-              help="Replace a finished result at the output (spec.output.overwrite: true); without it a finished output is reported, not retrained.")
+@click.option(
+    "--metrics-port",
+    type=int,
+    default=-1,
+    show_default=True,
+    help="Serve Prometheus metrics on this port (0: any free port, -1: off).",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace a finished result at the output (spec.output.overwrite: true); without it a finished output is reported, not retrained.",
+)
 def run_cmd(manifest: str, output: str | None, metrics_port: int, overwrite: bool) -> None:
     """Run a FineTuneJob locally: the same trainer as in the pod, with a progress bar."""
     from kubetune.api.manifest import ManifestError, load_job
@@ -245,8 +295,10 @@ def run_cmd(manifest: str, output: str | None, metrics_port: int, overwrite: boo
     sys.exit(run_locally(job, output, metrics_port))
 
 
-_LOCAL_ONLY = ("Generation is transformers' generate, one request at a time: right for the demo model and small "
-               "models on a laptop. Production serving belongs to vLLM or KServe (spec.serving).")
+_LOCAL_ONLY = (
+    "Generation is transformers' generate, one request at a time: right for the demo model and small "
+    "models on a laptop. Production serving belongs to vLLM or KServe (spec.serving)."
+)
 
 
 def _open_pool(outputs: tuple[str, ...], device: str) -> object:
@@ -255,11 +307,13 @@ def _open_pool(outputs: tuple[str, ...], device: str) -> object:
         from kubetune.trainer import quiet
 
         quiet.install()  # before the ML libraries are imported (bitsandbytes logs at import)
-        from transformers.utils import logging as hf_logging
-
         from kubetune.trainer import inference, storage
+        from transformers.utils import logging as hf_logging
     except ImportError as err:
-        click.echo(f"this command needs the trainer's libraries ({err.name} is missing): pip install 'kubetune[trainer]'", err=True)
+        click.echo(
+            f"this command needs the trainer's libraries ({err.name} is missing): pip install 'kubetune[trainer]'",
+            err=True,
+        )
         sys.exit(1)
     hf_logging.disable_progress_bar()  # the answers go to the terminal; no "Loading weights" bars
     try:
@@ -276,14 +330,31 @@ def _open_pool(outputs: tuple[str, ...], device: str) -> object:
 @click.argument("output")
 @click.option("-p", "--prompt", help="Ask once, print the answer and exit (default: an interactive chat).")
 @click.option("-s", "--system", help="A system message put before the conversation.")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True, help="Most new tokens per answer.")
+@click.option(
+    "--max-tokens", type=click.IntRange(min=1), default=256, show_default=True, help="Most new tokens per answer."
+)
 @click.option("--temperature", type=click.FloatRange(0, 2), default=0.7, show_default=True, help="0 answers greedily.")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True, help="Nucleus sampling mass.")
+@click.option(
+    "--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True, help="Nucleus sampling mass."
+)
 @click.option("--seed", type=int, help="Seed the sampler for repeatable answers.")
-@click.option("--compare", is_flag=True, help="Also answer with the base model (the adapter disabled, or manifest baseModel for merged outputs).")
+@click.option(
+    "--compare",
+    is_flag=True,
+    help="Also answer with the base model (the adapter disabled, or manifest baseModel for merged outputs).",
+)
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, … (auto: cuda when available).")
-def chat_cmd(output: str, prompt: str | None, system: str | None, max_tokens: int, temperature: float,
-             top_p: float, seed: int | None, compare: bool, device: str) -> None:
+def chat_cmd(
+    output: str,
+    prompt: str | None,
+    system: str | None,
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+    compare: bool,
+    device: str,
+) -> None:
     """Chat with a finished output (OUTPUT: its directory or URL, the one holding manifest.json).
 
     The output is verified against its manifest.json before anything loads, and the chat template
@@ -296,7 +367,7 @@ def chat_cmd(output: str, prompt: str | None, system: str | None, max_tokens: in
     tuned = next(m for m in pool.models.values() if m.output is not None)  # type: ignore[attr-defined]
     try:
         models = [tuned, pool.base_of(tuned)] if compare else [tuned]  # type: ignore[attr-defined]
-    except Exception as err:  # noqa: BLE001 - the base of a merged output may be unavailable here
+    except Exception as err:
         click.echo(f"error: --compare needs the base model {tuned.output.base}: {err}", err=True)
         sys.exit(1)
     start = [{"role": "system", "content": system}] if system else []
@@ -340,7 +411,12 @@ def chat_cmd(output: str, prompt: str | None, system: str | None, max_tokens: in
 
 @main.command("serve", epilog=_LOCAL_ONLY)
 @click.argument("outputs", nargs=-1, required=True)
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface; there is no authentication).")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on (0.0.0.0: every interface; there is no authentication).",
+)
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port to listen on.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, … (auto: cuda when available).")
 def serve_cmd(outputs: tuple[str, ...], host: str, port: int, device: str) -> None:
@@ -353,8 +429,11 @@ def serve_cmd(outputs: tuple[str, ...], host: str, port: int, device: str) -> No
     try:
         from kubetune.trainer import server
     except ImportError as err:
-        click.echo(f"kubetune serve needs aiohttp and the trainer's libraries ({err.name} is missing): "
-                   "pip install 'kubetune[trainer]'", err=True)
+        click.echo(
+            f"kubetune serve needs aiohttp and the trainer's libraries ({err.name} is missing): "
+            "pip install 'kubetune[trainer]'",
+            err=True,
+        )
         sys.exit(1)
     pool = _open_pool(outputs, device)
     try:
@@ -365,12 +444,36 @@ def serve_cmd(outputs: tuple[str, ...], host: str, port: int, device: str) -> No
 
 
 @main.command("api")
-@click.option("--local/--cluster", "local", default=True, show_default=True, help="--local (the embedded default): files and jobs on this machine, jobs run by the trainer in a worker process. --cluster: uploads in object storage and jobs as FineTuneJobs, configured by KUBETUNE_API_* variables (kubetune.gateway.server).")
-@click.option("--dir", "directory", type=click.Path(file_okay=False), default="kubetune-api", show_default=True, help="Where --local keeps files, jobs, outputs and its state (it survives restarts).")
+@click.option(
+    "--local/--cluster",
+    "local",
+    default=True,
+    show_default=True,
+    help="--local (the embedded default): files and jobs on this machine, jobs run by the trainer in a worker process. --cluster: uploads in object storage and jobs as FineTuneJobs, configured by KUBETUNE_API_* variables (kubetune.gateway.server).",
+)
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False),
+    default="kubetune-api",
+    show_default=True,
+    help="Where --local keeps files, jobs, outputs and its state (it survives restarts).",
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port to listen on.")
-@click.option("--keys", "keys_file", type=click.Path(dir_okay=False, exists=True), help="--local: an access file of API keys, each with its namespace (kubetune.gateway.auth); without it every caller is the one local tenant.")
-@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True, help="--local: jobs trained at the same time.")
+@click.option(
+    "--keys",
+    "keys_file",
+    type=click.Path(dir_okay=False, exists=True),
+    help="--local: an access file of API keys, each with its namespace (kubetune.gateway.auth); without it every caller is the one local tenant.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="--local: jobs trained at the same time.",
+)
 def api_cmd(local: bool, directory: str, host: str, port: int, keys_file: str | None, workers: int) -> None:
     """Serve OpenAI's fine-tuning API (files, fine_tuning.jobs, models) under /v1.
 
@@ -378,14 +481,15 @@ def api_cmd(local: bool, directory: str, host: str, port: int, keys_file: str | 
     """
     try:
         import uvicorn
-
         from kubetune.gateway import metrics
         from kubetune.gateway.app import create_app
         from kubetune.gateway.auth import AccessFile, AccessFileError, Authenticator, RequestMethodMiddleware
         from kubetune.gateway.backend import Tenant
         from kubetune.gateway.local import LocalBackend
     except ImportError as err:
-        click.echo(f"kubetune api needs its libraries ({err.name} is missing): pip install 'kubetune[gateway]'", err=True)
+        click.echo(
+            f"kubetune api needs its libraries ({err.name} is missing): pip install 'kubetune[gateway]'", err=True
+        )
         sys.exit(1)
     if not local:
         from kubetune.gateway.server import ConfigError, kube_app
@@ -401,13 +505,15 @@ def api_cmd(local: bool, directory: str, host: str, port: int, keys_file: str | 
     if keys_file:
         try:
             access = AccessFile(keys_file)
-            access.config  # read now: a broken file is reported before serving
+            _ = access.config  # read now: a broken file is reported before serving
         except AccessFileError as err:
             click.echo(str(err), err=True)
             sys.exit(1)
         authenticator = Authenticator(access)
     else:
-        authenticator = Authenticator(anonymous=Tenant(namespace="default", organization_id="org-local", key_id="local"))
+        authenticator = Authenticator(
+            anonymous=Tenant(namespace="default", organization_id="org-local", key_id="local")
+        )
     app = create_app(LocalBackend(directory, max_workers=workers), authenticator)
     metrics.install(app)  # /metrics: requests by route and status, latency (as --cluster has)
     app.add_middleware(RequestMethodMiddleware)
@@ -416,9 +522,17 @@ def api_cmd(local: bool, directory: str, host: str, port: int, keys_file: str | 
 
 
 @main.command("operator")
-@click.option("-n", "--namespace", "namespaces", multiple=True, help="Watch this namespace (repeatable). Default: KUBETUNE_NAMESPACES, else the whole cluster.")
+@click.option(
+    "-n",
+    "--namespace",
+    "namespaces",
+    multiple=True,
+    help="Watch this namespace (repeatable). Default: KUBETUNE_NAMESPACES, else the whole cluster.",
+)
 @click.option("-A", "--all-namespaces", is_flag=True, help="Watch the whole cluster.")
-@click.option("--peering/--standalone", default=None, help="kopf peering for a standby replica (default: KUBETUNE_PEERING).")
+@click.option(
+    "--peering/--standalone", default=None, help="kopf peering for a standby replica (default: KUBETUNE_PEERING)."
+)
 def operator_cmd(namespaces: tuple[str, ...], all_namespaces: bool, peering: bool | None) -> None:
     """Run the kubetune operator (needs the [operator] extra and cluster access)."""
     if namespaces and all_namespaces:

@@ -10,11 +10,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from kubetune.api.contract import PERMANENT_EXIT_CODE, PREEMPTED_EXIT_CODE
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
-
-from kubetune.api.contract import PERMANENT_EXIT_CODE, PREEMPTED_EXIT_CODE
 
 
 def run_locally(job: Any, output: str | None, metrics_port: int) -> int:
@@ -49,13 +48,17 @@ def run_locally(job: Any, output: str | None, metrics_port: int) -> int:
 
     def on_progress(p: dict[str, Any]) -> None:
         loss = f"{p['loss']:.4f}" if p.get("loss") is not None else "–"
-        progress.update(task, completed=p["step"], total=p["total"], loss=loss, tps=f"{p['tokens_per_s']:.0f}", visible=True)
+        progress.update(
+            task, completed=p["step"], total=p["total"], loss=loss, tps=f"{p['tokens_per_s']:.0f}", visible=True
+        )
 
     opts = Options(output=output, on_progress=on_progress, on_status=lambda m: console.print(f"[dim]• {m}[/dim]"))
     if metrics_port >= 0:
         server = opts.metrics.serve(metrics_port, "127.0.0.1")
         console.print(f"metrics: http://127.0.0.1:{server.server_port}/metrics")  # type: ignore[attr-defined]
-    console.print(f"[bold]{job.metadata.name}[/bold]: {job.spec.method.adaptation} on {job.spec.model.source} → {output}")
+    console.print(
+        f"[bold]{job.metadata.name}[/bold]: {job.spec.method.adaptation} on {job.spec.model.source} → {output}"
+    )
     try:
         with progress:
             summary = run(job, opts)
@@ -77,10 +80,12 @@ def run_locally(job: Any, output: str | None, metrics_port: int) -> int:
         table.add_row("perplexity", f"{m['perplexity']:.2f}")
         table.add_row("token accuracy", f"{m['tokenAccuracy']:.1%}")
     # dpo, orpo, kto: held-out preference accuracy; grpo: mean grader reward (base, then tuned)
-    for key, label, fmt in (("basePreferenceAccuracy", "base model preference accuracy", "{:.1%}"),
-                            ("preferenceAccuracy", "tuned model preference accuracy", "{:.1%}"),
-                            ("baseMeanReward", "base model mean reward", "{:.3f}"),
-                            ("meanReward", "tuned model mean reward", "{:.3f}")):
+    for key, label, fmt in (
+        ("basePreferenceAccuracy", "base model preference accuracy", "{:.1%}"),
+        ("preferenceAccuracy", "tuned model preference accuracy", "{:.1%}"),
+        ("baseMeanReward", "base model mean reward", "{:.3f}"),
+        ("meanReward", "tuned model mean reward", "{:.3f}"),
+    ):
         if key in m:
             table.add_row(label, fmt.format(m[key]))
     table.add_row("steps", str(summary["steps"]))
@@ -88,15 +93,24 @@ def run_locally(job: Any, output: str | None, metrics_port: int) -> int:
     table.add_row("adapter", summary["adapter"]["uri"])
     table.add_row("manifest", summary["adapter"]["manifestUri"])
     gen = m.get("generation") or {}
-    for name in (gen.get("tuned") or {}):
+    for name in gen.get("tuned") or {}:
         base = (gen.get("base") or {}).get(name)
-        table.add_row(f"{name} (samples, base → tuned)", (f"{base:.3f} → " if base is not None else "") + f"{gen['tuned'][name]:.3f}")
+        table.add_row(
+            f"{name} (samples, base → tuned)",
+            (f"{base:.3f} → " if base is not None else "") + f"{gen['tuned'][name]:.3f}",
+        )
     if (judge := gen.get("judge")) and judge.get("winRate") is not None:
-        table.add_row("judge: tuned win rate", f"{judge['winRate']:.1%} ({judge['tunedWins']} won, {judge['baseWins']} lost, {judge['ties']} ties)")
+        table.add_row(
+            "judge: tuned win rate",
+            f"{judge['winRate']:.1%} ({judge['tunedWins']} won, {judge['baseWins']} lost, {judge['ties']} ties)",
+        )
     data = summary.get("dataReport") or {}
     if data:
-        table.add_row("data: duplicates / overlap / PII", f"{data.get('duplicates', 0)} / {data.get('overlap', 0)} / "
-                      f"{data.get('piiFindings', 0)} ({data.get('piiPolicy', '')})")
+        table.add_row(
+            "data: duplicates / overlap / PII",
+            f"{data.get('duplicates', 0)} / {data.get('overlap', 0)} / "
+            f"{data.get('piiFindings', 0)} ({data.get('piiPolicy', '')})",
+        )
     table.add_row("wall time", f"{summary['durationSeconds']:.1f} s")
     if summary.get("reportUri"):
         table.add_row("report", summary["reportUri"])

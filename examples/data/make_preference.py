@@ -23,18 +23,41 @@ HERE = Path(__file__).resolve().parent
 SYSTEM = "You are Northwind Outfitters' support assistant."
 
 POLICIES = [
-    ("How long do I have to return {p}?", "You can return the {p} within 30 days for a full refund.",
-     "You can return the {p} within 9 days for store credit only."),
-    ("Is shipping free for {p}?", "Shipping is free on orders over $50, so the {p} ships free.",
-     "Shipping costs $25 on every order, even for the {p}, sorry."),
-    ("Is there a warranty on the {p}?", "The {p} has a 2-year warranty against defects.",
-     "The {p} has no warranty; defects are on you."),
-    ("Can I exchange the {p} for another size?", "Yes, exchanges for the {p} are free within 30 days.",
-     "No, the {p} cannot be exchanged; buy a new one."),
+    (
+        "How long do I have to return {p}?",
+        "You can return the {p} within 30 days for a full refund.",
+        "You can return the {p} within 9 days for store credit only.",
+    ),
+    (
+        "Is shipping free for {p}?",
+        "Shipping is free on orders over $50, so the {p} ships free.",
+        "Shipping costs $25 on every order, even for the {p}, sorry.",
+    ),
+    (
+        "Is there a warranty on the {p}?",
+        "The {p} has a 2-year warranty against defects.",
+        "The {p} has no warranty; defects are on you.",
+    ),
+    (
+        "Can I exchange the {p} for another size?",
+        "Yes, exchanges for the {p} are free within 30 days.",
+        "No, the {p} cannot be exchanged; buy a new one.",
+    ),
 ]
 """(question, the shop's policy stated politely, a wrong and curt answer of about the same length:
 the demo model cannot prefer one by length alone)."""
-PRODUCTS = ["backpack", "boots", "jacket", "tent", "poles", "rain shell", "fleece", "sleeping bag", "headlamp", "gloves"]
+PRODUCTS = [
+    "backpack",
+    "boots",
+    "jacket",
+    "tent",
+    "poles",
+    "rain shell",
+    "fleece",
+    "sleeping bag",
+    "headlamp",
+    "gloves",
+]
 
 
 def pairs(r: random.Random, n: int) -> list[tuple[str, str, str]]:

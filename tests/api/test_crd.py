@@ -5,11 +5,11 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
-
 from kubetune.api.crd import MUTABLE_AFTER_START, crd, crd_yaml
 
 CRD_FILE = Path("crds/finetunejobs.kubetune.io.yaml")
@@ -50,9 +50,7 @@ def test_structural() -> None:
             assert {"type": "null"} not in node["anyOf"], path
         assert "additionalProperties" not in node or isinstance(node["additionalProperties"], dict), path
         assert (
-            "type" in node
-            or node.get("x-kubernetes-int-or-string")
-            or node.get("x-kubernetes-preserve-unknown-fields")
+            "type" in node or node.get("x-kubernetes-int-or-string") or node.get("x-kubernetes-preserve-unknown-fields")
         ), f"{path}: structural schemas need a type"
         assert "default" not in node, f"{path}: defaults live in code, not in the CRD"
         assert "$defs" not in text, path
@@ -130,10 +128,16 @@ def test_cel_rules_sit_on_typed_nodes() -> None:
 
 def test_untyped_rule_check_catches_the_learning_rate_bug() -> None:
     """The check above fails on the shape of the bug it guards against (learningRate, 2026-12)."""
-    bad = {"type": "object", "properties": {
-        "learningRate": {"x-kubernetes-preserve-unknown-fields": True, "x-kubernetes-validations": [{"rule": "self > 0"}]},
-        "batchSize": {"x-kubernetes-int-or-string": True, "x-kubernetes-validations": [{"rule": "self != 0"}]},
-    }}
+    bad = {
+        "type": "object",
+        "properties": {
+            "learningRate": {
+                "x-kubernetes-preserve-unknown-fields": True,
+                "x-kubernetes-validations": [{"rule": "self > 0"}],
+            },
+            "batchSize": {"x-kubernetes-int-or-string": True, "x-kubernetes-validations": [{"rule": "self != 0"}]},
+        },
+    }
     assert untyped_rule_nodes(bad) == ["learningRate"]
 
 

@@ -54,8 +54,12 @@ def test_quickstart_is_small() -> None:
 
 def test_cpu_host_memory_grows_with_batch_sequence_and_model() -> None:
     base = estimate_job(job("quickstart.yaml", model={"source": "builtin://small-llama"}).spec).host_memory_gib
-    bigger = job("quickstart.yaml", model={"source": "builtin://small-llama"},
-                 hyperparameters={"batchSize": 64}, dataset={"maxSeqLength": 2048})
+    bigger = job(
+        "quickstart.yaml",
+        model={"source": "builtin://small-llama"},
+        hyperparameters={"batchSize": 64},
+        dataset={"maxSeqLength": 2048},
+    )
     assert 2 <= base <= 4
     assert estimate_job(bigger.spec).host_memory_gib > base
     full_7b = job("quickstart.yaml", model={"source": "hf://mistralai/Mistral-7B-v0.1"}, method={"adaptation": "full"})
@@ -64,7 +68,9 @@ def test_cpu_host_memory_grows_with_batch_sequence_and_model() -> None:
 
 
 def test_small_lora_on_one_gpu() -> None:
-    ftj = job("lora.yaml", model={"source": "hf://Qwen/Qwen2.5-0.5B-Instruct"}, resources={"gpus": 1, "gpuType": "NVIDIA-L4"})
+    ftj = job(
+        "lora.yaml", model={"source": "hf://Qwen/Qwen2.5-0.5B-Instruct"}, resources={"gpus": 1, "gpuType": "NVIDIA-L4"}
+    )
     sizing = estimate_job(ftj.spec)
     assert sizing.parameters == 500_000_000
     assert sizing.gpu_memory_gib is not None and 1 < sizing.gpu_memory_gib < 10
@@ -82,6 +88,7 @@ def test_methods_order_full_above_lora_above_qlora() -> None:
 def test_the_estimate_grows_with_batch_and_sequence_and_shrinks_with_checkpointing() -> None:
     def est(**kw: Any) -> float:
         return estimate_gpu_memory_gib(7_000_000_000, "lora", **{"seq_length": 2048, "batch_size": 1, **kw})
+
     assert est(batch_size=8) > est() and est(seq_length=8192) > est()
     assert est(gradient_checkpointing=True) < est(gradient_checkpointing=False)
 
@@ -96,8 +103,13 @@ def test_more_gpus_do_not_shrink_the_estimate_per_gpu() -> None:
 
 def test_a_70b_teacher_adds_at_least_its_bf16_weights() -> None:
     alone = estimate_job(job("lora.yaml", model={"source": "hf://meta-llama/Llama-3.2-1B"}).spec)
-    taught = estimate_job(job("lora.yaml", model={"source": "hf://meta-llama/Llama-3.2-1B"},
-                              method={"adaptation": "lora", "objectives": distillation("hf://meta-llama/Llama-3.1-70B-Instruct")}).spec)
+    taught = estimate_job(
+        job(
+            "lora.yaml",
+            model={"source": "hf://meta-llama/Llama-3.2-1B"},
+            method={"adaptation": "lora", "objectives": distillation("hf://meta-llama/Llama-3.1-70B-Instruct")},
+        ).spec
+    )
     assert taught.teacher_parameters == 70_000_000_000
     assert alone.gpu_memory_gib is not None and taught.gpu_memory_gib is not None
     assert taught.gpu_memory_gib - alone.gpu_memory_gib >= 70e9 * 2 / GIB
@@ -105,12 +117,24 @@ def test_a_70b_teacher_adds_at_least_its_bf16_weights() -> None:
 
 
 def test_an_attention_guidance_teacher_counts_and_an_unknown_teacher_counts_as_the_student() -> None:
-    guided = job("attention-guidance.yaml", method={"adaptation": "lora", "objectives": [
-        {"type": "attentionGuidance", "attentionGuidance": {"guide": "teacher", "teacher": {"source": "hf://org/teacher-7B"}}}]})
+    guided = job(
+        "attention-guidance.yaml",
+        method={
+            "adaptation": "lora",
+            "objectives": [
+                {
+                    "type": "attentionGuidance",
+                    "attentionGuidance": {"guide": "teacher", "teacher": {"source": "hf://org/teacher-7B"}},
+                }
+            ],
+        },
+    )
     assert estimate_job(guided.spec).teacher_parameters == 7_000_000_000
     unnamed = job("distillation.yaml")  # teacher s3://models/llama-8b-support/merged: 8B from its name
     assert estimate_job(unnamed.spec).teacher_parameters == 8_000_000_000
-    anonymous = job("distillation.yaml", method={"adaptation": "full", "objectives": distillation("s3://models/teacher/merged")})
+    anonymous = job(
+        "distillation.yaml", method={"adaptation": "full", "objectives": distillation("s3://models/teacher/merged")}
+    )
     assert estimate_job(anonymous.spec).teacher_parameters == 1_000_000_000
 
 
@@ -176,13 +200,19 @@ def test_gpu_table_is_consistent() -> None:
 
 
 def test_70b_full_fine_tune_on_one_h100_warns() -> None:
-    ftj = job("full.yaml", model={"source": "hf://meta-llama/Llama-3.1-70B"},
-              resources={"gpus": 1, "gpuType": "NVIDIA-H100-80GB-HBM3"})
+    ftj = job(
+        "full.yaml",
+        model={"source": "hf://meta-llama/Llama-3.1-70B"},
+        resources={"gpus": 1, "gpuType": "NVIDIA-H100-80GB-HBM3"},
+    )
     warning = memory_warning(ftj.spec)
     assert warning is not None
     reason, message = warning
     assert reason == Reason.INSUFFICIENT_GPU_MEMORY
-    assert message.startswith("estimated ") and "GiB per GPU exceeds the 79.6 GiB of NVIDIA-H100-80GB-HBM3: use " in message
+    assert (
+        message.startswith("estimated ")
+        and "GiB per GPU exceeds the 79.6 GiB of NVIDIA-H100-80GB-HBM3: use " in message
+    )
     assert "adaptation lora or qlora" in message and "gradientCheckpointing: true" in message
     assert "more GPUs do not lower it" in message
 
@@ -195,8 +225,13 @@ def test_no_gpu_type_warns_only_above_the_largest_gpu() -> None:
 
 
 def test_qlora_70b_fits_an_h100_and_lora_7b_does_not_fit_a_t4() -> None:
-    qlora = job("qlora.yaml", model={"source": "hf://meta-llama/Llama-3.1-70B"}, dataset={"maxSeqLength": 512},
-                hyperparameters={"gradientCheckpointing": True}, resources={"gpuType": "NVIDIA-H100-80GB-HBM3"})
+    qlora = job(
+        "qlora.yaml",
+        model={"source": "hf://meta-llama/Llama-3.1-70B"},
+        dataset={"maxSeqLength": 512},
+        hyperparameters={"gradientCheckpointing": True},
+        resources={"gpuType": "NVIDIA-H100-80GB-HBM3"},
+    )
     assert memory_warning(qlora.spec) is None
     t4 = job("lora.yaml", resources={"gpuType": "Tesla-T4"})
     warning = memory_warning(t4.spec)
@@ -231,9 +266,12 @@ def test_full_preference_training_counts_the_frozen_reference_and_peft_does_not(
     assert dpo.gpu_memory_gib is not None and full.gpu_memory_gib is not None
     assert dpo.gpu_memory_gib - full.gpu_memory_gib >= 1e9 * 2 / GIB
     grader = {"name": "g", "type": "regex", "pattern": "x"}
-    for method in ({"adaptation": "lora", "type": "dpo"}, {"adaptation": "full", "type": "orpo"},
-                   {"adaptation": "full", "type": "dpo", "dpo": {"referenceFree": True}},
-                   {"adaptation": "full", "type": "grpo", "grpo": {"beta": 0, "graders": [grader]}}):
+    for method in (
+        {"adaptation": "lora", "type": "dpo"},
+        {"adaptation": "full", "type": "orpo"},
+        {"adaptation": "full", "type": "dpo", "dpo": {"referenceFree": True}},
+        {"adaptation": "full", "type": "grpo", "grpo": {"beta": 0, "graders": [grader]}},
+    ):
         assert estimate_job(job("lora.yaml", model=model, method=method).spec).teacher_parameters == 0, method
     grpo = {"adaptation": "full", "type": "grpo", "grpo": {"graders": [grader]}}
     assert estimate_job(job("lora.yaml", model=model, method=grpo).spec).teacher_parameters == 1_000_000_000

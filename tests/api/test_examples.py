@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from kubetune.api import Adaptation, Objective
 from kubetune.api.enums import ServingEngine
 from kubetune.api.manifest import is_finetunejob, load_documents
+
 from tests.crd_offline import validate as crd_validate
 
 EXAMPLES = sorted(Path("examples").rglob("*.yaml"))
@@ -19,12 +19,7 @@ CRD = yaml.safe_load(Path("crds/finetunejobs.kubetune.io.yaml").read_text())
 
 
 def jobs() -> list[tuple[str, dict]]:
-    return [
-        (doc.where, doc.data)
-        for path in EXAMPLES
-        for doc in load_documents(path)
-        if is_finetunejob(doc.data)
-    ]
+    return [(doc.where, doc.data) for path in EXAMPLES for doc in load_documents(path) if is_finetunejob(doc.data)]
 
 
 def test_kubetune_validate_accepts_every_example() -> None:

@@ -22,16 +22,21 @@ from typing import Any
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from kubetune.api.manifest import ManifestError, load_documents
 from kubetune.api.resource import json_problems, parse_manifest
+
 from tests.api.test_invalid_manifests import CANONICAL
 from tests.crd_offline import validate as crd_validate
 
 CRD = yaml.safe_load(Path("crds/finetunejobs.kubetune.io.yaml").read_text())
 SCHEMA = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
-EXAMPLES = [CANONICAL, *(yaml.load(p.read_text(), Loader=__import__("kubetune.api.manifest", fromlist=["Loader"]).Loader)
-                         for p in sorted(Path("examples").glob("*.yaml"))[:6])]
+EXAMPLES = [
+    CANONICAL,
+    *(
+        yaml.load(p.read_text(), Loader=__import__("kubetune.api.manifest", fromlist=["Loader"]).Loader)
+        for p in sorted(Path("examples").glob("*.yaml"))[:6]
+    ),
+]
 FUZZ = settings(max_examples=2000, derandomize=True, deadline=None, suppress_health_check=list(HealthCheck))
 
 
@@ -62,8 +67,24 @@ def near(node: dict[str, Any]) -> st.SearchStrategy[Any]:
     if node.get("type") == "number":
         opts += [0, 0.5, 1, 2e-4, -1.0, 1e308]
     if node.get("type") == "string":
-        opts += ["", "a", "s3://b/k", "hf://org/m", "pvc://claim/p", "Team_A", "team-a", "q_proj", "lorax",
-                 "a/b", "x" * 64, "\u00e9", "kubernetes.io/os", "-bad-", "NoSchedule", "Exists"]
+        opts += [
+            "",
+            "a",
+            "s3://b/k",
+            "hf://org/m",
+            "pvc://claim/p",
+            "Team_A",
+            "team-a",
+            "q_proj",
+            "lorax",
+            "a/b",
+            "x" * 64,
+            "\u00e9",
+            "kubernetes.io/os",
+            "-bad-",
+            "NoSchedule",
+            "Exists",
+        ]
     if node.get("type") == "array":
         opts += [[], ["q_proj"], [{}], [{"type": "distillation"}]]
     if node.get("type") == "object":
@@ -71,11 +92,19 @@ def near(node: dict[str, Any]) -> st.SearchStrategy[Any]:
     return st.sampled_from(opts) if opts else st.nothing()
 
 
-JSON_SCALARS = (st.none() | st.booleans() | st.integers(min_value=-(2**66), max_value=2**66)
-                | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=20))
-JSON_VALUES = st.recursive(JSON_SCALARS, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=10), c, max_size=3),
-                           max_leaves=8)
-KEYS = st.sampled_from(["learning_rate", "trust_remote_code", "batch_size", "learningrate", "epochs", "extra", "x-y", ""])
+JSON_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**66), max_value=2**66)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=20)
+)
+JSON_VALUES = st.recursive(
+    JSON_SCALARS, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=10), c, max_size=3), max_leaves=8
+)
+KEYS = st.sampled_from(
+    ["learning_rate", "trust_remote_code", "batch_size", "learningrate", "epochs", "extra", "x-y", ""]
+)
 
 
 def put(obj: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
@@ -140,11 +169,42 @@ def test_models_agree_with_the_crd(obj: dict[str, Any]) -> None:
     assert (job is not None) == crd_ok, (problems, crd_errors)
 
 
-YAML_PIECES = st.sampled_from([
-    "a: 1\n", "b: [1, 2]\n", "- x\n", "&a [1]\n", "*a\n", "c: *a\n", "? x\n", ": y\n", "!!str ", "!!binary ", "!!python/name:os ",
-    "'q", '"\\ud800"', "{", "}", "[", "]", "<<: *a\n", "k: &k {x: 1}\n", "d: 2024-01-01\n", "e: .inf\n", "f: 1e999\n",
-    "---\n", "...\n", "%YAML 1.1\n", "  ", "\t", "\x00", "#c\n", "g: 99999999999999999999999\n", "h: 0x1F\n", "i: 12:30\n",
-])
+YAML_PIECES = st.sampled_from(
+    [
+        "a: 1\n",
+        "b: [1, 2]\n",
+        "- x\n",
+        "&a [1]\n",
+        "*a\n",
+        "c: *a\n",
+        "? x\n",
+        ": y\n",
+        "!!str ",
+        "!!binary ",
+        "!!python/name:os ",
+        "'q",
+        '"\\ud800"',
+        "{",
+        "}",
+        "[",
+        "]",
+        "<<: *a\n",
+        "k: &k {x: 1}\n",
+        "d: 2024-01-01\n",
+        "e: .inf\n",
+        "f: 1e999\n",
+        "---\n",
+        "...\n",
+        "%YAML 1.1\n",
+        "  ",
+        "\t",
+        "\x00",
+        "#c\n",
+        "g: 99999999999999999999999\n",
+        "h: 0x1F\n",
+        "i: 12:30\n",
+    ]
+)
 
 
 @FUZZ

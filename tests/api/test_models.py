@@ -6,11 +6,11 @@ import typing
 from typing import Any
 
 import pytest
-from pydantic import BaseModel
-
 from kubetune.api import FineTuneJobSpec, FineTuneJobStatus, parse_manifest
 from kubetune.api.enums import Adaptation
 from kubetune.api.spec import LoraConfig, QLoraConfig
+from pydantic import BaseModel
+
 from tests.api.test_invalid_manifests import CANONICAL, mutate
 
 
@@ -58,7 +58,9 @@ def test_canonical_manifests(changes: dict[str, Any]) -> None:
 
 
 def test_qlora_defaults_are_nf4_double_quant() -> None:
-    job, _ = parse_manifest(mutate(CANONICAL, {"spec.method": {"adaptation": "qlora", "qlora": {"r": 64, "alpha": 16}}}))
+    job, _ = parse_manifest(
+        mutate(CANONICAL, {"spec.method": {"adaptation": "qlora", "qlora": {"r": 64, "alpha": 16}}})
+    )
     assert job is not None
     block = job.spec.method.config()
     assert isinstance(block, QLoraConfig)

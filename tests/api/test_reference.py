@@ -10,6 +10,7 @@ from pathlib import Path
 
 from kubetune.api.crd import crd
 from kubetune.api.reference import anchor, markdown
+
 from tests.api.test_crd import walk
 
 API_MD = Path("docs/api.md")

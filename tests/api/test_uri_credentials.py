@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 import yaml
-
 from kubetune.api import parse_manifest
 from kubetune.api.types import CREDENTIALS_IN_URI, cel_string, has_credentials
+
 from tests.api.test_invalid_manifests import CANONICAL
 from tests.crd_offline import validate as crd_validate
 
@@ -72,8 +72,14 @@ def _with_train(uri: str) -> dict[str, Any]:
     return manifest
 
 
-@pytest.mark.parametrize("uri", [u for u in REFUSED + ACCEPTED if u.split("://")[0] in ("s3", "gs", "gcs", "file", "pvc", "http", "https")
-                                 or "://" not in u])
+@pytest.mark.parametrize(
+    "uri",
+    [
+        u
+        for u in REFUSED + ACCEPTED
+        if u.split("://")[0] in ("s3", "gs", "gcs", "file", "pvc", "http", "https") or "://" not in u
+    ],
+)
 def test_models_and_crd_agree(uri: str) -> None:
     """dataset.train takes every data scheme: the models and the offline CRD answer alike."""
     manifest = _with_train(uri)

@@ -16,15 +16,36 @@ from typing import Any
 Pod = dict[str, Any]
 
 BASELINE_CAPABILITIES = frozenset(
-    {"AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD", "NET_BIND_SERVICE",
-     "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT"}
+    {
+        "AUDIT_WRITE",
+        "CHOWN",
+        "DAC_OVERRIDE",
+        "FOWNER",
+        "FSETID",
+        "KILL",
+        "MKNOD",
+        "NET_BIND_SERVICE",
+        "SETFCAP",
+        "SETGID",
+        "SETPCAP",
+        "SETUID",
+        "SYS_CHROOT",
+    }
 )
 RESTRICTED_CAPABILITIES = frozenset({"NET_BIND_SERVICE"})
 SAFE_SYSCTLS = frozenset(
-    {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.ip_unprivileged_port_start",
-     "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
-     "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl",
-     "net.ipv4.tcp_keepalive_probes"}
+    {
+        "kernel.shm_rmid_forced",
+        "net.ipv4.ip_local_port_range",
+        "net.ipv4.ip_unprivileged_port_start",
+        "net.ipv4.tcp_syncookies",
+        "net.ipv4.ping_group_range",
+        "net.ipv4.ip_local_reserved_ports",
+        "net.ipv4.tcp_keepalive_time",
+        "net.ipv4.tcp_fin_timeout",
+        "net.ipv4.tcp_keepalive_intvl",
+        "net.ipv4.tcp_keepalive_probes",
+    }
 )
 SELINUX_TYPES = frozenset({"", "container_t", "container_init_t", "container_kvm_t"})
 RESTRICTED_VOLUMES = frozenset(
@@ -48,7 +69,9 @@ def _ctx(c: dict[str, Any]) -> dict[str, Any]:
 
 def host_process(pod: Pod, meta: dict[str, Any]) -> list[str]:
     where = [("pod", pod.get("securityContext") or {})] + [(n, _ctx(c)) for n, c in containers(pod)]
-    return [f"{n}: windowsOptions.hostProcess" for n, ctx in where if (ctx.get("windowsOptions") or {}).get("hostProcess")]
+    return [
+        f"{n}: windowsOptions.hostProcess" for n, ctx in where if (ctx.get("windowsOptions") or {}).get("hostProcess")
+    ]
 
 
 def host_namespaces(pod: Pod, meta: dict[str, Any]) -> list[str]:
@@ -60,8 +83,12 @@ def privileged(pod: Pod, meta: dict[str, Any]) -> list[str]:
 
 
 def capabilities_baseline(pod: Pod, meta: dict[str, Any]) -> list[str]:
-    return [f"{n}: adds {cap}" for n, c in containers(pod)
-            for cap in (_ctx(c).get("capabilities") or {}).get("add") or [] if cap not in BASELINE_CAPABILITIES]
+    return [
+        f"{n}: adds {cap}"
+        for n, c in containers(pod)
+        for cap in (_ctx(c).get("capabilities") or {}).get("add") or []
+        if cap not in BASELINE_CAPABILITIES
+    ]
 
 
 def host_path(pod: Pod, meta: dict[str, Any]) -> list[str]:
@@ -69,15 +96,23 @@ def host_path(pod: Pod, meta: dict[str, Any]) -> list[str]:
 
 
 def host_ports(pod: Pod, meta: dict[str, Any]) -> list[str]:
-    return [f"{n}: hostPort {p['hostPort']}" for n, c in containers(pod) for p in c.get("ports") or [] if p.get("hostPort")]
+    return [
+        f"{n}: hostPort {p['hostPort']}" for n, c in containers(pod) for p in c.get("ports") or [] if p.get("hostPort")
+    ]
 
 
 def apparmor(pod: Pod, meta: dict[str, Any]) -> list[str]:
-    bad = [f"annotation {k}={v}" for k, v in (meta.get("annotations") or {}).items()
-           if k.startswith(APPARMOR_ANNOTATION) and v != "runtime/default" and not str(v).startswith("localhost/")]
+    bad = [
+        f"annotation {k}={v}"
+        for k, v in (meta.get("annotations") or {}).items()
+        if k.startswith(APPARMOR_ANNOTATION) and v != "runtime/default" and not str(v).startswith("localhost/")
+    ]
     where = [("pod", pod.get("securityContext") or {})] + [(n, _ctx(c)) for n, c in containers(pod)]
-    bad += [f"{n}: appArmorProfile {ctx['appArmorProfile'].get('type')}" for n, ctx in where
-            if ctx.get("appArmorProfile") and ctx["appArmorProfile"].get("type") not in ("RuntimeDefault", "Localhost")]
+    bad += [
+        f"{n}: appArmorProfile {ctx['appArmorProfile'].get('type')}"
+        for n, ctx in where
+        if ctx.get("appArmorProfile") and ctx["appArmorProfile"].get("type") not in ("RuntimeDefault", "Localhost")
+    ]
     return bad
 
 
@@ -92,16 +127,26 @@ def selinux(pod: Pod, meta: dict[str, Any]) -> list[str]:
 
 
 def proc_mount(pod: Pod, meta: dict[str, Any]) -> list[str]:
-    return [f"{n}: procMount {_ctx(c)['procMount']}" for n, c in containers(pod) if _ctx(c).get("procMount", "Default") != "Default"]
+    return [
+        f"{n}: procMount {_ctx(c)['procMount']}"
+        for n, c in containers(pod)
+        if _ctx(c).get("procMount", "Default") != "Default"
+    ]
 
 
 def seccomp_baseline(pod: Pod, meta: dict[str, Any]) -> list[str]:
     where = [("pod", pod.get("securityContext") or {})] + [(n, _ctx(c)) for n, c in containers(pod)]
-    return [f"{n}: seccomp Unconfined" for n, ctx in where if (ctx.get("seccompProfile") or {}).get("type") == "Unconfined"]
+    return [
+        f"{n}: seccomp Unconfined" for n, ctx in where if (ctx.get("seccompProfile") or {}).get("type") == "Unconfined"
+    ]
 
 
 def sysctls(pod: Pod, meta: dict[str, Any]) -> list[str]:
-    return [f"sysctl {s.get('name')}" for s in (pod.get("securityContext") or {}).get("sysctls") or [] if s.get("name") not in SAFE_SYSCTLS]
+    return [
+        f"sysctl {s.get('name')}"
+        for s in (pod.get("securityContext") or {}).get("sysctls") or []
+        if s.get("name") not in SAFE_SYSCTLS
+    ]
 
 
 # ---------------------------------------------------------------------------- restricted
@@ -116,7 +161,11 @@ def volume_types(pod: Pod, meta: dict[str, Any]) -> list[str]:
 
 
 def privilege_escalation(pod: Pod, meta: dict[str, Any]) -> list[str]:
-    return [f"{n}: allowPrivilegeEscalation is not false" for n, c in containers(pod) if _ctx(c).get("allowPrivilegeEscalation") is not False]
+    return [
+        f"{n}: allowPrivilegeEscalation is not false"
+        for n, c in containers(pod)
+        if _ctx(c).get("allowPrivilegeEscalation") is not False
+    ]
 
 
 def run_as_non_root(pod: Pod, meta: dict[str, Any]) -> list[str]:
@@ -156,10 +205,26 @@ def capabilities_restricted(pod: Pod, meta: dict[str, Any]) -> list[str]:
 
 
 BASELINE: tuple[Callable[[Pod, dict[str, Any]], list[str]], ...] = (
-    host_process, host_namespaces, privileged, capabilities_baseline, host_path, host_ports, apparmor, selinux,
-    proc_mount, seccomp_baseline, sysctls,
+    host_process,
+    host_namespaces,
+    privileged,
+    capabilities_baseline,
+    host_path,
+    host_ports,
+    apparmor,
+    selinux,
+    proc_mount,
+    seccomp_baseline,
+    sysctls,
 )
-RESTRICTED = BASELINE + (volume_types, privilege_escalation, run_as_non_root, run_as_user, seccomp_restricted, capabilities_restricted)
+RESTRICTED = BASELINE + (
+    volume_types,
+    privilege_escalation,
+    run_as_non_root,
+    run_as_user,
+    seccomp_restricted,
+    capabilities_restricted,
+)
 
 
 def restricted_violations(template: dict[str, Any]) -> list[str]:

@@ -27,7 +27,10 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "cluster-wide": {"watch": {"scope": "Cluster"}, "peering": {"enabled": True}},
     "namespaced": {"watch": {"scope": "Namespaced", "namespaces": WATCHED}},
     "monitoring": {
-        "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}, "podMonitor": {"enabled": True}},
+        "metrics": {
+            "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}},
+            "podMonitor": {"enabled": True},
+        },
         "dashboards": {"enabled": True},
     },
     "network-policy": {
@@ -48,12 +51,16 @@ def chart() -> helm_python.Chart:
     return helm_python.Chart.load(CHART)
 
 
-def render_files(values: dict[str, Any] | None = None, *, name: str = RELEASE, namespace: str = NAMESPACE) -> dict[str, str]:
+def render_files(
+    values: dict[str, Any] | None = None, *, name: str = RELEASE, namespace: str = NAMESPACE
+) -> dict[str, str]:
     """Template path → rendered text, as `helm template NAME -n NAMESPACE` prints them."""
     return chart().render(values or {}, name=name, namespace=namespace, is_install=True)
 
 
-def render(values: dict[str, Any] | None = None, *, name: str = RELEASE, namespace: str = NAMESPACE) -> list[dict[str, Any]]:
+def render(
+    values: dict[str, Any] | None = None, *, name: str = RELEASE, namespace: str = NAMESPACE
+) -> list[dict[str, Any]]:
     """Every object the chart renders with `values` (NOTES.txt and empty documents left out)."""
     return [
         doc

@@ -70,7 +70,17 @@ def test_fixture_status_is_one_the_operator_can_write(path: Path) -> None:
 def test_every_phase_and_health_is_covered() -> None:
     cases = [load(p) for p in FIXTURES]
     phases = {(c["object"].get("status") or {}).get("phase") for c in cases}
-    assert phases >= {None, "Pending", "Validating", "Queued", "Running", "Succeeded", "Failed", "Cancelled", "Suspended"}
+    assert phases >= {
+        None,
+        "Pending",
+        "Validating",
+        "Queued",
+        "Running",
+        "Succeeded",
+        "Failed",
+        "Cancelled",
+        "Suspended",
+    }
     assert {c["expected"]["status"] for c in cases} == {"Progressing", "Healthy", "Degraded", "Suspended"}
 
 
@@ -82,7 +92,12 @@ def test_serving_health_is_covered() -> None:
     for case in served:
         ready = (case["object"]["status"].get("serving") or {}).get("ready") is True
         assert (case["expected"]["status"] == "Healthy") == ready
-    failures = {c["reason"] for case in served for c in case["object"]["status"]["conditions"] if case["expected"]["status"] == "Degraded"}
+    failures = {
+        c["reason"]
+        for case in served
+        for c in case["object"]["status"]["conditions"]
+        if case["expected"]["status"] == "Degraded"
+    }
     assert {"ServingFailed", "ServingCRDMissing"} <= failures
 
 

@@ -33,5 +33,7 @@ def test_rendered_crd_is_the_repo_crd_plus_the_keep_annotation() -> None:
 
 
 def test_crd_is_optional() -> None:
-    assert "kubetune/templates/crd.yaml" not in {k for k, v in render_files({"crds": {"install": False}}).items() if v.strip()}
+    assert "kubetune/templates/crd.yaml" not in {
+        k for k, v in render_files({"crds": {"install": False}}).items() if v.strip()
+    }
     assert not [o for o in render({"crds": {"install": False}}) if o["kind"] == "CustomResourceDefinition"]

@@ -27,11 +27,21 @@ from tests.chart.render import CHART, ROOT, one, scenario
 DASHBOARD_FILE = CHART / "dashboards" / "kubetune.json"
 DASHBOARD = json.loads(DASHBOARD_FILE.read_text())
 METRIC = re.compile(r"\bkubetune_[a-z0-9_]+\b")
-SUFFIXES = {"counter": ("_total", "_created"), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count", "_created"),
-            "summary": ("_sum", "_count", "_created", ""), "info": ("_info",)}
+SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "gauge": ("",),
+    "histogram": ("_bucket", "_sum", "_count", "_created"),
+    "summary": ("_sum", "_count", "_created", ""),
+    "info": ("_info",),
+}
 # Grafana fills these in before Prometheus sees the query.
-VARIABLES = {"$__rate_interval": "5m", "$namespace": ".*", "$finetunejob": ".*", "$gpu_price_per_hour": "2.5",
-             "$grid_carbon_kg_per_kwh": "0.4"}
+VARIABLES = {
+    "$__rate_interval": "5m",
+    "$namespace": ".*",
+    "$finetunejob": ".*",
+    "$gpu_price_per_hour": "2.5",
+    "$grid_carbon_kg_per_kwh": "0.4",
+}
 
 
 def exported(registry: CollectorRegistry) -> set[str]:
@@ -53,7 +63,9 @@ def test_every_metric_exists_in_the_code() -> None:
     trainer, operator = exported(TrainerMetrics().registry), exported(OperatorMetrics().registry)
     used = {name for expr in expressions() for name in METRIC.findall(expr)}
     assert len(used) >= 15
-    unknown = sorted(name for name in used if name not in (trainer if name.startswith("kubetune_trainer_") else operator))
+    unknown = sorted(
+        name for name in used if name not in (trainer if name.startswith("kubetune_trainer_") else operator)
+    )
     assert unknown == [], f"not exported by kubetune: {unknown}"
     # The variables' queries too.
     for var in DASHBOARD["templating"]["list"]:
@@ -64,9 +76,16 @@ def test_every_metric_exists_in_the_code() -> None:
 
 def test_the_panels_the_issue_asks_for() -> None:
     everything = " ".join(expressions())
-    for series in ("kubetune_operator_finetunejobs", "kubetune_trainer_train_loss", "kubetune_trainer_eval_loss",
-                   "kubetune_trainer_tokens_per_second", "kubetune_trainer_gpu_memory_bytes", "kubetune_trainer_eta_seconds",
-                   "kubetune_trainer_gpu_energy_joules_total", "kubetune_trainer_start_timestamp_seconds"):
+    for series in (
+        "kubetune_operator_finetunejobs",
+        "kubetune_trainer_train_loss",
+        "kubetune_trainer_eval_loss",
+        "kubetune_trainer_tokens_per_second",
+        "kubetune_trainer_gpu_memory_bytes",
+        "kubetune_trainer_eta_seconds",
+        "kubetune_trainer_gpu_energy_joules_total",
+        "kubetune_trainer_start_timestamp_seconds",
+    ):
         assert series in everything, series
     by_title = {p["title"]: p for p in panels()}
     assert by_title["FineTuneJobs by phase"]["targets"][0]["expr"] == "sum by (phase) (kubetune_operator_finetunejobs)"
@@ -81,7 +100,9 @@ def test_expressions_are_valid_promql(tmp_path: Path) -> None:
         rules.append({"record": f"kubetune:dashboard:expr{i}", "expr": expr})
     path = tmp_path / "rules.yaml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
-    promtool = subprocess.run(["bash", str(ROOT / "hack" / "get-promtool.sh")], capture_output=True, text=True, check=True).stdout.strip()
+    promtool = subprocess.run(
+        ["bash", str(ROOT / "hack" / "get-promtool.sh")], capture_output=True, text=True, check=True
+    ).stdout.strip()
     check = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, check=False)
     assert check.returncode == 0, check.stdout + check.stderr
 

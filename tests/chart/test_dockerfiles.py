@@ -14,11 +14,11 @@ import copy
 import json
 import re
 import shlex
+import tomllib
 from fnmatch import fnmatch
 from typing import Any
 
 import pytest
-import tomllib
 from dockerfile_parse import DockerfileParser
 from kubetune.api import parse_manifest
 from kubetune.api.manifest import load_documents
@@ -38,7 +38,7 @@ def parse(component: str) -> DockerfileParser:
 def final_stage(df: DockerfileParser) -> list[dict[str, Any]]:
     """Instructions after the last FROM: what the image actually runs with."""
     starts = [i for i, ins in enumerate(df.structure) if ins["instruction"] == "FROM"]
-    return df.structure[starts[-1]:]
+    return df.structure[starts[-1] :]
 
 
 def instruction(df: DockerfileParser, name: str) -> str:
@@ -75,21 +75,27 @@ def test_trainer_entrypoint_is_what_the_operator_runs() -> None:
     single = trainer_job_for("quickstart.yaml")["spec"]["template"]["spec"]["containers"][0]["command"]
     assert single[:3] == entrypoint
     multi = trainer_job_for("multi-gpu.yaml")["spec"]["template"]["spec"]["containers"][0]["command"]
-    assert multi[0] == "torchrun" and multi[multi.index("-m"):][:2] == ["-m", "kubetune.trainer"]
+    assert multi[0] == "torchrun" and multi[multi.index("-m") :][:2] == ["-m", "kubetune.trainer"]
     # torchrun comes with torch: torch must be installed into the venv that PATH finds first.
     venv_bin = df.envs["PATH"].split(":")[0]
     assert venv_bin == "/opt/kubetune/bin"
     runs = " ".join(ins["value"] for ins in df.structure if ins["instruction"] == "RUN")
     assert f'{venv_bin}/pip install "torch==' in runs
-    assert any(ins["instruction"] == "COPY" and ins["value"].startswith("--from=build /opt/kubetune") for ins in final_stage(df))
+    assert any(
+        ins["instruction"] == "COPY" and ins["value"].startswith("--from=build /opt/kubetune")
+        for ins in final_stage(df)
+    )
 
 
-@pytest.mark.parametrize(("component", "extra", "base"), [
-    # Pinned by digest, the tag beside it (issue 16): a re-pushed tag cannot change the image.
-    # The operator image also runs `kubetune api` (the chart's gateway Deployment).
-    ("operator", "operator,gateway", r"^python:3\.11\.\d+-slim-[a-z]+@sha256:[0-9a-f]{64}$"),
-    ("trainer", "trainer", r"^nvidia/cuda:\d+\.\d+\.\d+-(cudnn-)?runtime-ubuntu\d+\.\d+@sha256:[0-9a-f]{64}$"),
-])
+@pytest.mark.parametrize(
+    ("component", "extra", "base"),
+    [
+        # Pinned by digest, the tag beside it (issue 16): a re-pushed tag cannot change the image.
+        # The operator image also runs `kubetune api` (the chart's gateway Deployment).
+        ("operator", "operator,gateway", r"^python:3\.11\.\d+-slim-[a-z]+@sha256:[0-9a-f]{64}$"),
+        ("trainer", "trainer", r"^nvidia/cuda:\d+\.\d+\.\d+-(cudnn-)?runtime-ubuntu\d+\.\d+@sha256:[0-9a-f]{64}$"),
+    ],
+)
 def test_base_user_and_extras(component: str, extra: str, base: str) -> None:
     df = parse(component)
     assert df.parent_images and all(re.match(base, image) for image in df.parent_images), df.parent_images
@@ -140,22 +146,41 @@ def ignored(path: str, patterns: list[str]) -> bool:
     return result
 
 
-@pytest.mark.parametrize("path", [
-    ".venv/lib/python3.11/site-packages/torch/__init__.py", ".git/config", "tests/chart/test_render.py",
-    "kubetune-output/quickstart/manifest.json", "operator/kubetune/operator/__pycache__/handlers.cpython-311.pyc",
-    ".mypy_cache/3.11/x.json", ".pytest_cache/v/cache", "benchmarks/RESULTS.md", "charts/kubetune/values.yaml",
-    "trainer/kubetune/trainer/methods/.ruff_cache/CACHEDIR.TAG",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        ".venv/lib/python3.11/site-packages/torch/__init__.py",
+        ".git/config",
+        "tests/chart/test_render.py",
+        "kubetune-output/quickstart/manifest.json",
+        "operator/kubetune/operator/__pycache__/handlers.cpython-311.pyc",
+        ".mypy_cache/3.11/x.json",
+        ".pytest_cache/v/cache",
+        "benchmarks/RESULTS.md",
+        "charts/kubetune/values.yaml",
+        "trainer/kubetune/trainer/methods/.ruff_cache/CACHEDIR.TAG",
+    ],
+)
 def test_dockerignore_excludes(path: str) -> None:
     assert ignored(path, dockerignore())
 
 
 def test_dockerignore_keeps_what_the_images_copy() -> None:
     patterns = dockerignore()
-    copied = {src for component in ("operator", "trainer") for ins in parse(component).structure
-              if ins["instruction"] == "COPY" and not ins["value"].startswith("--from")
-              for src in shlex.split(ins["value"])[:-1]}
+    copied = {
+        src
+        for component in ("operator", "trainer")
+        for ins in parse(component).structure
+        if ins["instruction"] == "COPY" and not ins["value"].startswith("--from")
+        for src in shlex.split(ins["value"])[:-1]
+    }
     assert copied == {"pyproject.toml", "constraints.txt", "README.md", "api", "operator", "trainer"}
-    for path in ("pyproject.toml", "README.md", "api/kubetune/api/spec.py", "operator/kubetune/operator/handlers.py",
-                 "trainer/kubetune/trainer/run.py", "api/kubetune/cli.py"):
+    for path in (
+        "pyproject.toml",
+        "README.md",
+        "api/kubetune/api/spec.py",
+        "operator/kubetune/operator/handlers.py",
+        "trainer/kubetune/trainer/run.py",
+        "api/kubetune/cli.py",
+    ):
         assert not ignored(path, patterns), path

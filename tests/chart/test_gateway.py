@@ -17,13 +17,20 @@ from tests.chart.pss import restricted_violations
 from tests.chart.render import CHART, NAMESPACE, ROOT, WATCHED, of_kind, one, render, scenario
 from tests.manifests import assert_valid
 
-ENABLED = {"gateway": {"enabled": True, "storage": {"uri": "s3://models/kubetune-api", "credentialsSecret": "kubetune-s3"},
-                       "auth": {"secretName": "kubetune-api-access"}}}
+ENABLED = {
+    "gateway": {
+        "enabled": True,
+        "storage": {"uri": "s3://models/kubetune-api", "credentialsSecret": "kubetune-s3"},
+        "auth": {"secretName": "kubetune-api-access"},
+    }
+}
 USAGE = json.loads((ROOT / "tests" / "data" / "gateway-api-usage.json").read_text())
 
 
 def gateway_objects(values: dict[str, Any]) -> list[dict[str, Any]]:
-    return [o for o in render(values) if (o["metadata"].get("labels") or {}).get("app.kubernetes.io/component") == "gateway"]
+    return [
+        o for o in render(values) if (o["metadata"].get("labels") or {}).get("app.kubernetes.io/component") == "gateway"
+    ]
 
 
 def merged(*parts: dict[str, Any]) -> dict[str, Any]:
@@ -43,11 +50,17 @@ def test_off_by_default() -> None:
         assert [o["metadata"]["name"] for o in scenario(name) if "gateway" in o["metadata"]["name"]] == [], name
 
 
-@pytest.mark.parametrize("values, missing", [
-    ({"gateway": {"enabled": True, "auth": {"secretName": "x"}}}, "/gateway/storage/uri"),
-    ({"gateway": {"enabled": True, "storage": {"uri": "s3://b/p"}}}, "/gateway/auth/secretName"),
-    ({"gateway": {"enabled": True, "storage": {"uri": "not a url"}, "auth": {"secretName": "x"}}}, "/gateway/storage/uri"),
-])
+@pytest.mark.parametrize(
+    "values, missing",
+    [
+        ({"gateway": {"enabled": True, "auth": {"secretName": "x"}}}, "/gateway/storage/uri"),
+        ({"gateway": {"enabled": True, "storage": {"uri": "s3://b/p"}}}, "/gateway/auth/secretName"),
+        (
+            {"gateway": {"enabled": True, "storage": {"uri": "not a url"}, "auth": {"secretName": "x"}}},
+            "/gateway/storage/uri",
+        ),
+    ],
+)
 def test_enabling_needs_storage_and_a_way_to_authenticate(values: dict[str, Any], missing: str) -> None:
     with pytest.raises(Exception) as err:
         render(values)
@@ -56,8 +69,14 @@ def test_enabling_needs_storage_and_a_way_to_authenticate(values: dict[str, Any]
 
 def test_objects_are_valid_restricted_and_lint_clean() -> None:
     objs = gateway_objects(merged(ENABLED, {"gateway": {"serviceMonitor": {"enabled": True}}}))
-    assert sorted(o["kind"] for o in objs) == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ServiceAccount",
-                                               "ServiceMonitor"]
+    assert sorted(o["kind"] for o in objs) == [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Deployment",
+        "Service",
+        "ServiceAccount",
+        "ServiceMonitor",
+    ]
     for obj in objs:
         if obj["kind"] != "ServiceMonitor":
             assert_valid(obj, "gateway")
@@ -84,12 +103,16 @@ def test_the_service_and_monitor_reach_the_pods_port() -> None:
     assert all(service["metadata"]["labels"][k] == v for k, v in monitor["spec"]["selector"]["matchLabels"].items())
     assert monitor["spec"]["endpoints"][0]["path"] == "/metrics" and monitor["spec"]["endpoints"][0]["port"] == "http"
     # the operator's Deployment and Service never select the gateway's pods, nor the reverse
-    operator = next(o for o in render(ENABLED) if o["kind"] == "Deployment" and not o["metadata"]["name"].endswith("-gateway"))
+    operator = next(
+        o for o in render(ENABLED) if o["kind"] == "Deployment" and not o["metadata"]["name"].endswith("-gateway")
+    )
     assert operator["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "operator"
 
 
 def granted(role: dict[str, Any]) -> set[tuple[str, str, str]]:
-    return {(v, g, r) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+    return {
+        (v, g, r) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]
+    }
 
 
 def test_rbac_is_the_measured_usage_in_the_watch_scope() -> None:
@@ -126,8 +149,18 @@ def test_the_environment_is_what_the_server_reads(tmp_path: Path) -> None:
     builds from exactly that environment (the access file swapped for a local copy)."""
     from kubetune.gateway import auth, server
 
-    objs = gateway_objects(merged(ENABLED, {"gateway": {"gpus": 2, "checkpointEverySteps": 50,
-                                                        "env": [{"name": "AWS_ENDPOINT_URL", "value": "http://minio:9000"}]}}))
+    objs = gateway_objects(
+        merged(
+            ENABLED,
+            {
+                "gateway": {
+                    "gpus": 2,
+                    "checkpointEverySteps": 50,
+                    "env": [{"name": "AWS_ENDPOINT_URL", "value": "http://minio:9000"}],
+                }
+            },
+        )
+    )
     pod = deployment(objs)["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
@@ -141,7 +174,9 @@ def test_the_environment_is_what_the_server_reads(tmp_path: Path) -> None:
     volume = next(v for v in pod["volumes"] if v["name"] == "access")
     assert volume["secret"]["secretName"] == "kubetune-api-access"
     assert volume["secret"]["items"] == [{"key": auth.ACCESS_FILE_KEY, "path": auth.ACCESS_FILE_KEY}]
-    assert env["KUBETUNE_API_ACCESS_FILE"] == f"{mount['mountPath']}/{auth.ACCESS_FILE_KEY}" and mount["readOnly"] is True
+    assert (
+        env["KUBETUNE_API_ACCESS_FILE"] == f"{mount['mountPath']}/{auth.ACCESS_FILE_KEY}" and mount["readOnly"] is True
+    )
     local = tmp_path / "access.yaml"
     local.write_text("keys:\n  - {name: a, key: 0123456789abcdefXYZ, namespace: team-a}\n")
     app = server.kube_app({**env, "KUBETUNE_API_ACCESS_FILE": str(local)}, client=object())
@@ -149,23 +184,38 @@ def test_the_environment_is_what_the_server_reads(tmp_path: Path) -> None:
 
 
 def test_network_policy_with_networkpolicy_enabled() -> None:
-    values = merged(ENABLED, {"networkPolicy": {"enabled": True, "apiServer": {"cidrs": ["10.0.0.1/32"], "ports": [443]}},
-                              "gateway": {"networkPolicy": {"egressCidrs": ["52.216.0.0/15"], "egressPorts": [443, 80],
-                                                            "ingressFrom": [{"namespaceSelector": {"matchLabels": {"team": "ml"}}}]}}})
+    values = merged(
+        ENABLED,
+        {
+            "networkPolicy": {"enabled": True, "apiServer": {"cidrs": ["10.0.0.1/32"], "ports": [443]}},
+            "gateway": {
+                "networkPolicy": {
+                    "egressCidrs": ["52.216.0.0/15"],
+                    "egressPorts": [443, 80],
+                    "ingressFrom": [{"namespaceSelector": {"matchLabels": {"team": "ml"}}}],
+                }
+            },
+        },
+    )
     objs = gateway_objects(values)
     policy = one(objs, "NetworkPolicy")
     assert_valid(policy, "gateway")
     pod_labels = deployment(objs)["spec"]["template"]["metadata"]["labels"]
     assert all(pod_labels[k] == v for k, v in policy["spec"]["podSelector"]["matchLabels"].items())
-    assert policy["spec"]["ingress"] == [{"ports": [{"protocol": "TCP", "port": 8080}],
-                                          "from": [{"namespaceSelector": {"matchLabels": {"team": "ml"}}}]}]
+    assert policy["spec"]["ingress"] == [
+        {"ports": [{"protocol": "TCP", "port": 8080}], "from": [{"namespaceSelector": {"matchLabels": {"team": "ml"}}}]}
+    ]
     egress = policy["spec"]["egress"]
     assert {"ports": [{"protocol": "TCP", "port": 443}], "to": [{"ipBlock": {"cidr": "10.0.0.1/32"}}]} in egress
-    assert {"ports": [{"protocol": "TCP", "port": 443}, {"protocol": "TCP", "port": 80}],
-            "to": [{"ipBlock": {"cidr": "52.216.0.0/15"}}]} in egress
+    assert {
+        "ports": [{"protocol": "TCP", "port": 443}, {"protocol": "TCP", "port": 80}],
+        "to": [{"ipBlock": {"cidr": "52.216.0.0/15"}}],
+    } in egress
     assert any(p.get("port") == 53 for rule in egress for p in rule["ports"])
     # the operator's own policy does not select the gateway's pods
-    operator_policy = next(o for o in render(values) if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "kt-kubetune")
+    operator_policy = next(
+        o for o in render(values) if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "kt-kubetune"
+    )
     selector = operator_policy["spec"]["podSelector"]["matchLabels"]
     assert not all(pod_labels.get(k) == v for k, v in selector.items())
     assert of_kind(gateway_objects(ENABLED), "NetworkPolicy") == []

@@ -82,36 +82,73 @@ NEGATIVE: dict[str, tuple[Mutation, str]] = {
     "host PID": (lambda t: t["spec"].update(hostPID=True), "host_namespaces"),
     "host IPC": (lambda t: t["spec"].update(hostIPC=True), "host_namespaces"),
     "privileged": (lambda t: container(t)["securityContext"].update(privileged=True), "privileged"),
-    "host process": (lambda t: t["spec"]["securityContext"].update(windowsOptions={"hostProcess": True}), "host_process"),
-    "adds SYS_ADMIN": (lambda t: container(t)["securityContext"]["capabilities"].update(add=["SYS_ADMIN"]), "capabilities_baseline"),
-    "adds CHOWN (baseline only)": (lambda t: container(t)["securityContext"]["capabilities"].update(add=["CHOWN"]), "capabilities_restricted"),
+    "host process": (
+        lambda t: t["spec"]["securityContext"].update(windowsOptions={"hostProcess": True}),
+        "host_process",
+    ),
+    "adds SYS_ADMIN": (
+        lambda t: container(t)["securityContext"]["capabilities"].update(add=["SYS_ADMIN"]),
+        "capabilities_baseline",
+    ),
+    "adds CHOWN (baseline only)": (
+        lambda t: container(t)["securityContext"]["capabilities"].update(add=["CHOWN"]),
+        "capabilities_restricted",
+    ),
     "keeps capabilities": (lambda t: container(t)["securityContext"].pop("capabilities"), "capabilities_restricted"),
     "hostPath volume": (lambda t: t["spec"]["volumes"].append({"name": "h", "hostPath": {"path": "/"}}), "host_path"),
-    "nfs volume": (lambda t: t["spec"]["volumes"].append({"name": "n", "nfs": {"server": "s", "path": "/"}}), "volume_types"),
+    "nfs volume": (
+        lambda t: t["spec"]["volumes"].append({"name": "n", "nfs": {"server": "s", "path": "/"}}),
+        "volume_types",
+    ),
     "host port": (lambda t: container(t)["ports"][0].update(hostPort=8080), "host_ports"),
     "AppArmor unconfined annotation": (
-        lambda t: t["metadata"].setdefault("annotations", {}).update({"container.apparmor.security.beta.kubernetes.io/operator": "unconfined"}),
+        lambda t: (
+            t["metadata"]
+            .setdefault("annotations", {})
+            .update({"container.apparmor.security.beta.kubernetes.io/operator": "unconfined"})
+        ),
         "apparmor",
     ),
-    "AppArmor unconfined field": (lambda t: container(t)["securityContext"].update(appArmorProfile={"type": "Unconfined"}), "apparmor"),
+    "AppArmor unconfined field": (
+        lambda t: container(t)["securityContext"].update(appArmorProfile={"type": "Unconfined"}),
+        "apparmor",
+    ),
     "SELinux custom type": (lambda t: t["spec"]["securityContext"].update(seLinuxOptions={"type": "spc_t"}), "selinux"),
     "SELinux user": (lambda t: container(t)["securityContext"].update(seLinuxOptions={"user": "system_u"}), "selinux"),
     "unmasked /proc": (lambda t: container(t)["securityContext"].update(procMount="Unmasked"), "proc_mount"),
-    "unsafe sysctl": (lambda t: t["spec"]["securityContext"].update(sysctls=[{"name": "kernel.msgmax", "value": "1"}]), "sysctls"),
-    "privilege escalation allowed": (lambda t: container(t)["securityContext"].update(allowPrivilegeEscalation=True), "privilege_escalation"),
-    "privilege escalation unset": (lambda t: container(t)["securityContext"].pop("allowPrivilegeEscalation"), "privilege_escalation"),
+    "unsafe sysctl": (
+        lambda t: t["spec"]["securityContext"].update(sysctls=[{"name": "kernel.msgmax", "value": "1"}]),
+        "sysctls",
+    ),
+    "privilege escalation allowed": (
+        lambda t: container(t)["securityContext"].update(allowPrivilegeEscalation=True),
+        "privilege_escalation",
+    ),
+    "privilege escalation unset": (
+        lambda t: container(t)["securityContext"].pop("allowPrivilegeEscalation"),
+        "privilege_escalation",
+    ),
     "runAsNonRoot unset": (
-        lambda t: (t["spec"]["securityContext"].pop("runAsNonRoot"), container(t)["securityContext"].pop("runAsNonRoot")),
+        lambda t: (
+            t["spec"]["securityContext"].pop("runAsNonRoot"),
+            container(t)["securityContext"].pop("runAsNonRoot"),
+        ),
         "run_as_non_root",
     ),
-    "container overrides runAsNonRoot": (lambda t: container(t)["securityContext"].update(runAsNonRoot=False), "run_as_non_root"),
+    "container overrides runAsNonRoot": (
+        lambda t: container(t)["securityContext"].update(runAsNonRoot=False),
+        "run_as_non_root",
+    ),
     "root uid": (lambda t: container(t)["securityContext"].update(runAsUser=0), "run_as_user"),
     "seccomp unset": (lambda t: t["spec"]["securityContext"].pop("seccompProfile"), "seccomp_restricted"),
     "seccomp unconfined in a container": (
         lambda t: container(t)["securityContext"].update(seccompProfile={"type": "Unconfined"}),
         "seccomp_baseline",
     ),
-    "bad init container": (lambda t: t["spec"].setdefault("initContainers", []).append({"name": "init", "image": "busybox"}), "privilege_escalation"),
+    "bad init container": (
+        lambda t: t["spec"].setdefault("initContainers", []).append({"name": "init", "image": "busybox"}),
+        "privilege_escalation",
+    ),
 }
 
 

@@ -40,8 +40,11 @@ def operator_roles(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for binding in of_kind(objs, "RoleBinding") + of_kind(objs, "ClusterRoleBinding"):
         if {"kind": "ServiceAccount", "name": SA, "namespace": NAMESPACE} in binding["subjects"]:
             bound.add((binding["roleRef"]["kind"], binding["metadata"].get("namespace"), binding["roleRef"]["name"]))
-    roles = [r for r in of_kind(objs, "Role") + of_kind(objs, "ClusterRole")
-             if (r["kind"], r["metadata"].get("namespace"), r["metadata"]["name"]) in bound]
+    roles = [
+        r
+        for r in of_kind(objs, "Role") + of_kind(objs, "ClusterRole")
+        if (r["kind"], r["metadata"].get("namespace"), r["metadata"]["name"]) in bound
+    ]
     assert len(roles) == len(bound), "a binding points at a role the chart does not ship"
     return roles
 
@@ -52,8 +55,11 @@ CASES: dict[str, dict[str, Any]] = {
     "namespaced": {"watch": {"scope": "Namespaced", "namespaces": WATCHED}},
     "namespaced+peering": {"watch": {"scope": "Namespaced", "namespaces": WATCHED}, "peering": {"enabled": True}},
     "cluster+serving": {"watch": {"scope": "Cluster"}, "serving": {"enabled": True}},
-    "namespaced+peering+serving": {"watch": {"scope": "Namespaced", "namespaces": WATCHED}, "peering": {"enabled": True},
-                                   "serving": {"enabled": True}},
+    "namespaced+peering+serving": {
+        "watch": {"scope": "Namespaced", "namespaces": WATCHED},
+        "peering": {"enabled": True},
+        "serving": {"enabled": True},
+    },
 }
 
 
@@ -82,7 +88,9 @@ def test_usage_file_has_the_agreed_shape() -> None:
 FORBIDDEN_VERBS = {"escalate", "bind", "impersonate", "*"}
 
 
-@pytest.mark.parametrize("name", sorted(SCENARIOS) + ["cluster+peering", "cluster+serving", "namespaced+peering+serving"])
+@pytest.mark.parametrize(
+    "name", sorted(SCENARIOS) + ["cluster+peering", "cluster+serving", "namespaced+peering+serving"]
+)
 def test_no_role_grants_what_it_must_never(name: str) -> None:
     objs = scenario(name) if name in SCENARIOS else render(CASES[name])
     serving = "serving" in CASES.get(name, {})
@@ -111,19 +119,31 @@ def test_people_get_finetunejobs_through_the_built_in_roles() -> None:
     assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
     assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
     assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
-    assert granted(edit["rules"]) == {(v, "kubetune.io", "finetunejobs") for v in
-                                      ("create", "delete", "deletecollection", "get", "list", "patch", "update", "watch")}
-    assert granted(view["rules"]) == {(v, "kubetune.io", r) for v in ("get", "list", "watch") for r in ("finetunejobs", "finetunejobs/status")}
-    assert not [r for r in of_kind(render({"rbac": {"aggregateToDefaultRoles": False}}), "ClusterRole") if "aggregate" in str(r["metadata"]["labels"])]
+    assert granted(edit["rules"]) == {
+        (v, "kubetune.io", "finetunejobs")
+        for v in ("create", "delete", "deletecollection", "get", "list", "patch", "update", "watch")
+    }
+    assert granted(view["rules"]) == {
+        (v, "kubetune.io", r) for v in ("get", "list", "watch") for r in ("finetunejobs", "finetunejobs/status")
+    }
+    assert not [
+        r
+        for r in of_kind(render({"rbac": {"aggregateToDefaultRoles": False}}), "ClusterRole")
+        if "aggregate" in str(r["metadata"]["labels"])
+    ]
 
 
 def test_operator_role_is_bound_to_the_deployments_account() -> None:
     objs = scenario("defaults")
     deployment = one(objs, "Deployment")
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == SA
-    assert one(objs, "ClusterRoleBinding")["subjects"] == [{"kind": "ServiceAccount", "name": SA, "namespace": NAMESPACE}]
+    assert one(objs, "ClusterRoleBinding")["subjects"] == [
+        {"kind": "ServiceAccount", "name": SA, "namespace": NAMESPACE}
+    ]
 
 
 def test_rules_file_is_generated_from_the_usage() -> None:
-    run = subprocess.run([sys.executable, str(ROOT / "hack" / "chart_rbac.py"), "--check"], capture_output=True, text=True, check=False)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "hack" / "chart_rbac.py"), "--check"], capture_output=True, text=True, check=False
+    )
     assert run.returncode == 0, run.stderr

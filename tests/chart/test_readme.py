@@ -26,7 +26,9 @@ def rows() -> dict[str, list[str]]:
 
 
 def test_chart_readme_is_fresh() -> None:
-    run = subprocess.run([sys.executable, str(ROOT / "hack" / "chart_readme.py"), "--check"], capture_output=True, text=True, check=False)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "hack" / "chart_readme.py"), "--check"], capture_output=True, text=True, check=False
+    )
     assert run.returncode == 0, run.stderr
 
 

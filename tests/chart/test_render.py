@@ -20,7 +20,19 @@ from kubetune.operator import __main__ as operator_main
 from kubetune.operator.settings import ENV_PREFIX, OperatorSettings
 
 from tests.chart.pss import restricted_violations
-from tests.chart.render import CHART, DIGEST, NAMESPACE, SCENARIOS, WATCHED, chart, env_of, of_kind, one, render, scenario
+from tests.chart.render import (
+    CHART,
+    DIGEST,
+    NAMESPACE,
+    SCENARIOS,
+    WATCHED,
+    chart,
+    env_of,
+    of_kind,
+    one,
+    render,
+    scenario,
+)
 from tests.manifests import assert_valid
 
 # Kinds from CRDs that kubernetes-validate has no schema for: checked by `structural` instead.
@@ -43,7 +55,9 @@ def structural(obj: dict[str, Any]) -> None:
         assert ("namespace" in meta) == (obj["kind"] == "KopfPeering")
 
 
-@pytest.mark.parametrize("values", [{}] + [v for v in SCENARIOS.values() if v], ids=["defaults"] + [k for k, v in SCENARIOS.items() if v])
+@pytest.mark.parametrize(
+    "values", [{}] + [v for v in SCENARIOS.values() if v], ids=["defaults"] + [k for k, v in SCENARIOS.items() if v]
+)
 def test_lint_is_clean(values: dict[str, Any]) -> None:
     report = helm_python.lint(CHART, values, strict=True, kube_version="v1.30.0", namespace=NAMESPACE)
     assert report["errors"] == []
@@ -73,8 +87,12 @@ def test_operator_deployment_shape() -> None:
     spec, pod = deployment["spec"], deployment["spec"]["template"]["spec"]
     assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
     assert pod["enableServiceLinks"] is False
-    assert pod["securityContext"] == {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000,
-                                      "seccompProfile": {"type": "RuntimeDefault"}}
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 1000,
+        "runAsGroup": 1000,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
     (container,) = pod["containers"]
     assert container["command"] == ["python", "-m", "kubetune.operator"]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
@@ -99,8 +117,14 @@ def test_images_by_tag_and_by_digest() -> None:
     pinned = one(scenario("digest"), "Deployment")
     assert pinned["spec"]["template"]["spec"]["containers"][0]["image"] == f"ghcr.io/kubetune/operator@{DIGEST}"
     assert env_of(pinned)["KUBETUNE_TRAINER_IMAGE"] == f"ghcr.io/kubetune/trainer@{DIGEST}"
-    tagged = one(render({"image": {"tag": "0.2.0-rc.1", "repository": "registry.example.com:5000/ml/kubetune-operator"}}), "Deployment")
-    assert tagged["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.example.com:5000/ml/kubetune-operator:0.2.0-rc.1"
+    tagged = one(
+        render({"image": {"tag": "0.2.0-rc.1", "repository": "registry.example.com:5000/ml/kubetune-operator"}}),
+        "Deployment",
+    )
+    assert (
+        tagged["spec"]["template"]["spec"]["containers"][0]["image"]
+        == "registry.example.com:5000/ml/kubetune-operator:0.2.0-rc.1"
+    )
 
 
 def test_default_env_reads_back_as_the_operator_defaults() -> None:
@@ -130,45 +154,88 @@ def test_custom_values_reach_the_operator_settings() -> None:
             "metricsPort": 9191,
             "terminationGracePeriodSeconds": 600,
             "allowedOutputPrefixes": ["s3://models/", "gs://ml-artifacts/team-a/"],
-            "volumes": {"tmpSizeLimit": "1Gi", "scratchSizeLimit": "1Ti", "hfCacheSizeLimit": "10Gi",
-                        "cacheSizeLimit": "500Gi", "sharedMemoryDefault": "16Gi"},
+            "volumes": {
+                "tmpSizeLimit": "1Gi",
+                "scratchSizeLimit": "1Ti",
+                "hfCacheSizeLimit": "10Gi",
+                "cacheSizeLimit": "500Gi",
+                "sharedMemoryDefault": "16Gi",
+            },
             "validation": {"cpu": "500m", "memory": "2Gi", "deadlineSeconds": 7200000},
         },
         "cost": {"gpuPricePerHourUSD": 3.1, "gpuWatts": 350, "gridCarbonKgPerKWh": 0.05},
     }
     env = env_of(one(render(values), "Deployment"))
     assert OperatorSettings.from_env(env) == OperatorSettings(
-        trainer_image="registry.example.com/trainer:1.2.3", image_pull_policy="Always", trainer_service_account="ml-trainer",
-        termination_grace_period_seconds=600, gpu_price_per_hour_usd=3.1, gpu_watts=350.0, grid_carbon_kg_per_kwh=0.05,
-        metrics_scrape_interval_seconds=12.5, metrics_port=9191, validation_cpu="500m", validation_memory="2Gi",
-        validation_deadline_seconds=7200000, tmp_size_limit="1Gi", scratch_size_limit="1Ti", hf_cache_size_limit="10Gi",
-        cache_size_limit="500Gi", shared_memory_default="16Gi", allowed_output_prefix="s3://models/,gs://ml-artifacts/team-a/",
-        kueue=False, namespaces=tuple(WATCHED), peering=True, max_job_recreations=0, operator_metrics_port=8123,
+        trainer_image="registry.example.com/trainer:1.2.3",
+        image_pull_policy="Always",
+        trainer_service_account="ml-trainer",
+        termination_grace_period_seconds=600,
+        gpu_price_per_hour_usd=3.1,
+        gpu_watts=350.0,
+        grid_carbon_kg_per_kwh=0.05,
+        metrics_scrape_interval_seconds=12.5,
+        metrics_port=9191,
+        validation_cpu="500m",
+        validation_memory="2Gi",
+        validation_deadline_seconds=7200000,
+        tmp_size_limit="1Gi",
+        scratch_size_limit="1Ti",
+        hf_cache_size_limit="10Gi",
+        cache_size_limit="500Gi",
+        shared_memory_default="16Gi",
+        allowed_output_prefix="s3://models/,gs://ml-artifacts/team-a/",
+        kueue=False,
+        namespaces=tuple(WATCHED),
+        peering=True,
+        max_job_recreations=0,
+        operator_metrics_port=8123,
     )
 
 
 def test_trainer_service_account_lands_where_jobs_run() -> None:
     def accounts(values: dict[str, Any]) -> list[tuple[str, bool]]:
-        return [(sa["metadata"]["namespace"], sa["automountServiceAccountToken"])
-                for sa in of_kind(render(values), "ServiceAccount") if sa["metadata"]["name"] == "kubetune-trainer"]
+        return [
+            (sa["metadata"]["namespace"], sa["automountServiceAccountToken"])
+            for sa in of_kind(render(values), "ServiceAccount")
+            if sa["metadata"]["name"] == "kubetune-trainer"
+        ]
 
     assert accounts({}) == [(NAMESPACE, False)]
     assert accounts(SCENARIOS["namespaced"]) == [(ns, False) for ns in WATCHED]
-    assert accounts({"trainer": {"serviceAccount": {"namespaces": ["ml", "research"]}}}) == [("ml", False), ("research", False)]
+    assert accounts({"trainer": {"serviceAccount": {"namespaces": ["ml", "research"]}}}) == [
+        ("ml", False),
+        ("research", False),
+    ]
     assert accounts({"trainer": {"serviceAccount": {"create": False}}}) == []
 
 
 def test_optional_objects_follow_their_switches() -> None:
     kinds = lambda objs: sorted({o["kind"] for o in objs})
-    assert kinds(scenario("defaults")) == ["ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "Deployment", "ServiceAccount"]
+    assert kinds(scenario("defaults")) == [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "CustomResourceDefinition",
+        "Deployment",
+        "ServiceAccount",
+    ]
     monitoring = scenario("monitoring")
     assert {"Service", "ServiceMonitor", "PodMonitor", "ConfigMap"} <= set(kinds(monitoring))
     pod_monitor = one(monitoring, "PodMonitor")
-    assert pod_monitor["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/managed-by": "kubetune-operator", "kubetune.io/role": "train"}
+    assert pod_monitor["spec"]["selector"]["matchLabels"] == {
+        "app.kubernetes.io/managed-by": "kubetune-operator",
+        "kubetune.io/role": "train",
+    }
     assert pod_monitor["spec"]["namespaceSelector"] == {"any": True}
     assert one(monitoring, "ServiceMonitor")["metadata"]["labels"]["release"] == "prom"
-    nothing = render({"rbac": {"create": False, "aggregateToDefaultRoles": False}, "crds": {"install": False},
-                      "serviceAccount": {"create": False}, "trainer": {"serviceAccount": {"create": False}}})
+    nothing = render(
+        {
+            "rbac": {"create": False, "aggregateToDefaultRoles": False},
+            "crds": {"install": False},
+            "serviceAccount": {"create": False},
+            "trainer": {"serviceAccount": {"create": False}},
+        }
+    )
     assert kinds(nothing) == ["Deployment"]
 
 
@@ -187,11 +254,19 @@ def test_peering_objects_match_the_operator() -> None:
 def test_network_policies() -> None:
     objs = scenario("network-policy")
     policies = {(p["metadata"]["namespace"], p["metadata"]["name"]): p["spec"] for p in of_kind(objs, "NetworkPolicy")}
-    assert set(policies) == {(NAMESPACE, "kt-kubetune"), ("team-a", "kt-kubetune-trainer"), ("team-b", "kt-kubetune-trainer")}
+    assert set(policies) == {
+        (NAMESPACE, "kt-kubetune"),
+        ("team-a", "kt-kubetune-trainer"),
+        ("team-b", "kt-kubetune-trainer"),
+    }
     operator = policies[(NAMESPACE, "kt-kubetune")]
     assert operator["policyTypes"] == ["Ingress", "Egress"]
-    assert operator["ingress"] == [{"ports": [{"protocol": "TCP", "port": 8000}],
-                                    "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]}]
+    assert operator["ingress"] == [
+        {
+            "ports": [{"protocol": "TCP", "port": 8000}],
+            "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+        }
+    ]
     dns, api, scrape = operator["egress"]
     assert {"protocol": "UDP", "port": 53} in dns["ports"]
     assert api == {"ports": [{"protocol": "TCP", "port": 443}], "to": [{"ipBlock": {"cidr": "10.0.0.1/32"}}]}
@@ -199,7 +274,10 @@ def test_network_policies() -> None:
     assert scrape["to"][0]["namespaceSelector"]["matchExpressions"][0]["values"] == WATCHED
     trainer = policies[("team-a", "kt-kubetune-trainer")]
     assert trainer["podSelector"] == {"matchLabels": {"app.kubernetes.io/managed-by": "kubetune-operator"}}
-    assert trainer["egress"][-1] == {"ports": [{"protocol": "TCP", "port": 443}], "to": [{"ipBlock": {"cidr": "52.216.0.0/15"}}]}
+    assert trainer["egress"][-1] == {
+        "ports": [{"protocol": "TCP", "port": 443}],
+        "to": [{"ipBlock": {"cidr": "52.216.0.0/15"}}],
+    }
     operator_peer = trainer["ingress"][0]["from"][0]
     assert operator_peer["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": NAMESPACE}}
     assert operator_peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "operator"
@@ -219,8 +297,14 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
     "string for a number": ({"cost": {"gpuWatts": "700"}}, "/cost/gpuWatts"),
     "bad quantity": ({"trainer": {"volumes": {"scratchSizeLimit": "lots"}}}, "/trainer/volumes/scratchSizeLimit"),
     "bad duration": ({"metrics": {"podMonitor": {"interval": "30"}}}, "/metrics/podMonitor/interval"),
-    "bad CIDR": ({"networkPolicy": {"trainer": {"egressCidrs": ["s3.amazonaws.com"]}}}, "/networkPolicy/trainer/egressCidrs/0"),
-    "prefix with a comma": ({"trainer": {"allowedOutputPrefixes": ["s3://a/,s3://b/"]}}, "/trainer/allowedOutputPrefixes/0"),
+    "bad CIDR": (
+        {"networkPolicy": {"trainer": {"egressCidrs": ["s3.amazonaws.com"]}}},
+        "/networkPolicy/trainer/egressCidrs/0",
+    ),
+    "prefix with a comma": (
+        {"trainer": {"allowedOutputPrefixes": ["s3://a/,s3://b/"]}},
+        "/trainer/allowedOutputPrefixes/0",
+    ),
     "bool as string": ({"peering": {"enabled": "yes"}}, "/peering/enabled"),
 }
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from typing import Any
 
-import tomllib
 import yaml
 
 from tests.chart.render import CHART, ROOT, chart
@@ -23,7 +23,9 @@ SCHEMA = json.loads((CHART / "values.schema.json").read_text())
 
 
 def test_generated_files_are_fresh() -> None:
-    run = subprocess.run([sys.executable, str(ROOT / "hack" / "chart_schema.py"), "--check"], capture_output=True, text=True, check=False)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "hack" / "chart_schema.py"), "--check"], capture_output=True, text=True, check=False
+    )
     assert run.returncode == 0, run.stderr
 
 

@@ -141,12 +141,21 @@ def images(docker_daemon: Dockerd, tmp_path_factory: pytest.TempPathFactory) -> 
     if wheels is None:
         _missing("no local torch wheel (pip's find-links, e.g. /opt/wheels) to build the trainer image with")
     logs = tmp_path_factory.mktemp("image-builds")
-    seconds = {"operator": build_image(docker_daemon, "operator/Dockerfile", OPERATOR_IMAGE, {"PYTHON_IMAGE": OPERATOR_BASE},
-                                       log=logs / "operator.log")}
+    seconds = {
+        "operator": build_image(
+            docker_daemon,
+            "operator/Dockerfile",
+            OPERATOR_IMAGE,
+            {"PYTHON_IMAGE": OPERATOR_BASE},
+            log=logs / "operator.log",
+        )
+    }
     torch = sorted(wheels.glob("torch-*.whl"))[-1].name.split("-")[1]  # e.g. 2.13.0+cpu
     with WheelServer(wheels) as server:
         seconds["trainer"] = build_image(
-            docker_daemon, "trainer/Dockerfile", TRAINER_IMAGE,
+            docker_daemon,
+            "trainer/Dockerfile",
+            TRAINER_IMAGE,
             {"BASE_IMAGE": TRAINER_BASE, "TORCH_VERSION": torch, "PIP_FIND_LINKS": server.url},
             log=logs / "trainer.log",
         )
@@ -167,14 +176,18 @@ def cluster_namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Itera
     name = f"c-{base}-{secrets.token_hex(3)}"
     admin = cluster.kubeconfig
     kubectl(admin, "create", "namespace", name)
-    sa = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": TRAINER_SERVICE_ACCOUNT, "namespace": name},
-          "automountServiceAccountToken": False}
+    sa = {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {"name": TRAINER_SERVICE_ACCOUNT, "namespace": name},
+        "automountServiceAccountToken": False,
+    }
     kubectl(admin, "apply", "-f", "-", input=json.dumps(sa))
     yield name
     kubectl(admin, "delete", "namespace", name, "--wait=false", check=False)
 
 
-def wait_for(what: str, probe, timeout: float, interval: float = 0.5, diagnose=None):  # noqa: ANN001, ANN201
+def wait_for(what: str, probe, timeout: float, interval: float = 0.5, diagnose=None):
     """Poll ``probe()`` until it returns a truthy value (returned) or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
     last: object = None

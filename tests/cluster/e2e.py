@@ -67,16 +67,26 @@ class OperatorPod:
         return out.stdout + out.stderr
 
     def check(self) -> None:
-        pod = json.loads(kubectl(self.cluster.kubeconfig, "get", "pod", self.name, "-n", self.namespace, "-o", "json").stdout)
+        pod = json.loads(
+            kubectl(self.cluster.kubeconfig, "get", "pod", self.name, "-n", self.namespace, "-o", "json").stdout
+        )
         for status in pod["status"].get("containerStatuses") or []:
             if status.get("restartCount") or "terminated" in (status.get("state") or {}):
-                previous = kubectl(self.cluster.kubeconfig, "logs", "-n", self.namespace, self.name, "--previous", check=False)
+                previous = kubectl(
+                    self.cluster.kubeconfig, "logs", "-n", self.namespace, self.name, "--previous", check=False
+                )
                 raise AssertionError(f"the operator pod {self.name} crashed: {status}\n{previous.stdout}{self.log()}")
 
 
 @contextmanager
-def install_operator(cluster: Cluster, images: BuiltImages, namespace: str, *, scrape_interval: float = 1.0,
-                     release_namespace: str | None = None) -> Iterator[OperatorPod]:
+def install_operator(
+    cluster: Cluster,
+    images: BuiltImages,
+    namespace: str,
+    *,
+    scrape_interval: float = 1.0,
+    release_namespace: str | None = None,
+) -> Iterator[OperatorPod]:
     """The chart's operator, running as a pod in ``release_namespace`` and watching ``namespace``.
     The Deployment is deleted on exit (the namespace too when it was made here), and the pod's
     log is part of any failure message."""
@@ -97,8 +107,10 @@ def install_operator(cluster: Cluster, images: BuiltImages, namespace: str, *, s
     pod |= {"hostNetwork": True, "dnsPolicy": "ClusterFirstWithHostNet"}
     api_port = cluster.api.url.rsplit(":", 1)[1]
     (container,) = pod["containers"]
-    container["env"] += [{"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"},
-                         {"name": "KUBERNETES_SERVICE_PORT", "value": api_port}]
+    container["env"] += [
+        {"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"},
+        {"name": "KUBERNETES_SERVICE_PORT", "value": api_port},
+    ]
     kubectl(admin, "create", "namespace", release_ns, check=False)
     apply(admin, objs)
     name = deployment["metadata"]["name"]
@@ -108,18 +120,41 @@ def install_operator(cluster: Cluster, images: BuiltImages, namespace: str, *, s
         (pod_name,) = [p["metadata"]["name"] for p in pods if p["metadata"]["name"].startswith(name)]
         operator = OperatorPod(cluster, release_ns, pod_name)
         # kopf is up once it logs; a crash at start-up shows here, not as a 10-minute timeout.
-        wait_for("the operator to start", lambda: operator.check() or "has finished" in operator.log(), 90,
-                 diagnose=operator.log)  # kopf: "Initial authentication has finished." after logging in
+        wait_for(
+            "the operator to start",
+            lambda: operator.check() or "has finished" in operator.log(),
+            90,
+            diagnose=operator.log,
+        )  # kopf: "Initial authentication has finished." after logging in
         yield operator
     finally:
-        kubectl(admin, "delete", "deployment", name, "-n", release_ns, "--wait=true", "--timeout=60s", check=False, timeout=90)
+        kubectl(
+            admin,
+            "delete",
+            "deployment",
+            name,
+            "-n",
+            release_ns,
+            "--wait=true",
+            "--timeout=60s",
+            check=False,
+            timeout=90,
+        )
         if release_namespace is None:
             kubectl(admin, "delete", "namespace", release_ns, "--wait=false", check=False)
 
 
 def operator_log(cluster: Cluster, namespace: str, lines: int = 80) -> str:
-    out = kubectl(cluster.kubeconfig, "logs", "-n", f"{namespace}-kt", "-l", "app.kubernetes.io/name=kubetune",
-                  f"--tail={lines}", check=False)
+    out = kubectl(
+        cluster.kubeconfig,
+        "logs",
+        "-n",
+        f"{namespace}-kt",
+        "-l",
+        "app.kubernetes.io/name=kubetune",
+        f"--tail={lines}",
+        check=False,
+    )
     return f"--- operator pod log ---\n{out.stdout}{out.stderr}"
 
 
@@ -135,12 +170,18 @@ def pod_logs(cluster: Cluster, namespace: str, lines: int = 40) -> str:
 
 def explain(cluster: Cluster, namespace: str) -> str:
     """Everything a failed test should print: objects, events, operator and pod logs, kubelet tail."""
-    return diagnostics(cluster.kubeconfig, namespace, operator_log(cluster, namespace), pod_logs(cluster, namespace),
-                       f"--- kubelet ---\n{cluster.logs('kubelet', 20)}")
+    return diagnostics(
+        cluster.kubeconfig,
+        namespace,
+        operator_log(cluster, namespace),
+        pod_logs(cluster, namespace),
+        f"--- kubelet ---\n{cluster.logs('kubelet', 20)}",
+    )
 
 
-def quickstart_on_s3(cluster: Cluster, namespace: str, s3: str, name: str = "quickstart",
-                     overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def quickstart_on_s3(
+    cluster: Cluster, namespace: str, s3: str, name: str = "quickstart", overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The quickstart manifest with its data uploaded to s3://kubetune-demo/<namespace>/data/, its
     output under s3://kubetune-demo/<namespace>/<name> (emptied), and the credentials Secret."""
     client = s3_client(s3)
@@ -148,14 +189,19 @@ def quickstart_on_s3(cluster: Cluster, namespace: str, s3: str, name: str = "qui
     prepare_output(s3, f"s3://{BUCKET}/{prefix}")
     for f in ("support-chat.jsonl", "support-chat-eval.jsonl"):
         client.upload_file(str(DATA / f), BUCKET, f"{namespace}/data/{f}")
-    apply_secret(cluster.kubeconfig, namespace, DEFAULT_CREDENTIALS_SECRET, {**MOTO_CREDENTIALS, "AWS_ENDPOINT_URL": s3})
-    doc = quickstart_manifest(DEFAULT_CREDENTIALS_SECRET, {
-        "metadata.name": name,
-        "spec.dataset.train": f"s3://{BUCKET}/{namespace}/data/support-chat.jsonl",
-        "spec.dataset.validation": f"s3://{BUCKET}/{namespace}/data/support-chat-eval.jsonl",
-        "spec.output.uri": f"s3://{BUCKET}/{prefix}",
-        **(overrides or {}),
-    })
+    apply_secret(
+        cluster.kubeconfig, namespace, DEFAULT_CREDENTIALS_SECRET, {**MOTO_CREDENTIALS, "AWS_ENDPOINT_URL": s3}
+    )
+    doc = quickstart_manifest(
+        DEFAULT_CREDENTIALS_SECRET,
+        {
+            "metadata.name": name,
+            "spec.dataset.train": f"s3://{BUCKET}/{namespace}/data/support-chat.jsonl",
+            "spec.dataset.validation": f"s3://{BUCKET}/{namespace}/data/support-chat-eval.jsonl",
+            "spec.output.uri": f"s3://{BUCKET}/{prefix}",
+            **(overrides or {}),
+        },
+    )
     return doc
 
 
@@ -176,8 +222,15 @@ def job_pods(cluster: Cluster, namespace: str, job: str) -> list[dict[str, Any]]
     return sorted(json.loads(out)["items"], key=lambda p: p["metadata"]["creationTimestamp"])
 
 
-def watch_phases(cluster: Cluster, namespace: str, name: str, timeout: float, until: tuple[str, ...] = TERMINAL,
-                 on_status: Any = None, operator: OperatorPod | None = None) -> tuple[dict[str, Any], list[str]]:
+def watch_phases(
+    cluster: Cluster,
+    namespace: str,
+    name: str,
+    timeout: float,
+    until: tuple[str, ...] = TERMINAL,
+    on_status: Any = None,
+    operator: OperatorPod | None = None,
+) -> tuple[dict[str, Any], list[str]]:
     """Poll the FineTuneJob until its phase is in ``until``; returns (object, distinct phases seen).
     With ``operator``, a crashed operator pod fails at once."""
     phases: list[str] = []
@@ -195,8 +248,13 @@ def watch_phases(cluster: Cluster, namespace: str, name: str, timeout: float, un
         seen["obj"] = obj
         return phase in until
 
-    wait_for(f"FineTuneJob {name} to reach {'/'.join(until)}", probe, timeout, interval=1.0,
-             diagnose=lambda: f"phases seen: {phases}\n{explain(cluster, namespace)}")
+    wait_for(
+        f"FineTuneJob {name} to reach {'/'.join(until)}",
+        probe,
+        timeout,
+        interval=1.0,
+        diagnose=lambda: f"phases seen: {phases}\n{explain(cluster, namespace)}",
+    )
     return seen["obj"], phases
 
 
@@ -212,8 +270,11 @@ def committed_checkpoints(s3: str, output_uri: str) -> list[int]:
     """Steps whose checkpoint manifest (the commit marker) is in the bucket."""
     bucket, _, prefix = output_uri.removeprefix("s3://").partition("/")
     out = s3_client(s3).list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/checkpoints/")
-    return sorted(int(k["Key"].split("/step-")[1].split("/")[0]) for k in out.get("Contents", [])
-                  if k["Key"].endswith("/manifest.json") and "/step-" in k["Key"])
+    return sorted(
+        int(k["Key"].split("/step-")[1].split("/")[0])
+        for k in out.get("Contents", [])
+        if k["Key"].endswith("/manifest.json") and "/step-" in k["Key"]
+    )
 
 
 def sleep_past_backoff(seconds: float = 15.0) -> None:

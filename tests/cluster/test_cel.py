@@ -17,11 +17,10 @@ from typing import Any
 
 import pytest
 import yaml
-
 from hypothesis import HealthCheck, given, settings
-
 from kubetune.api.manifest import load_documents
 from kubetune.api.resource import json_problems, parse_manifest
+
 from tests.api.test_fuzz_manifests import mutated
 from tests.api.test_invalid_manifests import CANONICAL, CASES, mutate
 from tests.cluster.conftest import CRD_FILE, REPO
@@ -32,7 +31,9 @@ CEL = "x-kubernetes-validations"
 FTJ_PATH = "/apis/kubetune.io/v1alpha1/namespaces/{ns}/finetunejobs"
 
 
-def request(cluster: Cluster, method: str, path: str, body: Any = None, content_type: str = "application/json") -> tuple[int, dict[str, Any]]:
+def request(
+    cluster: Cluster, method: str, path: str, body: Any = None, content_type: str = "application/json"
+) -> tuple[int, dict[str, Any]]:
     """A request through the 1.20 apiserver (aggregated to the CRD server for kubetune.io)."""
     assert cluster.api is not None
     return api_request(cluster.api.url, cluster.api.token, method, path, body, content_type)
@@ -62,7 +63,9 @@ def rules(node: Any) -> int:
 def test_committed_crd_is_established_with_every_rule(cluster: Cluster) -> None:
     code, version = cluster.crd_server_request("GET", "/version")
     assert code == 200 and (version["major"], version["minor"]) == ("1", "36"), version
-    code, stored = cluster.crd_server_request("GET", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/finetunejobs.kubetune.io")
+    code, stored = cluster.crd_server_request(
+        "GET", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/finetunejobs.kubetune.io"
+    )
     assert code == 200
     conds = {c["type"]: c["status"] for c in stored["status"]["conditions"]}
     assert conds["Established"] == "True" and conds["NamesAccepted"] == "True", conds
@@ -77,11 +80,16 @@ def test_a_rule_on_an_untyped_node_is_refused(cluster: Cluster) -> None:
     """The bug this tier exists for: the CRD server refuses the shape our first CRD had."""
     crd = yaml.safe_load(CRD_FILE.read_text())
     crd["metadata"]["name"] = "oldfinetunejobs.kubetune.io"
-    crd["spec"]["names"] = {"kind": "OldFineTuneJob", "listKind": "OldFineTuneJobList", "plural": "oldfinetunejobs",
-                            "singular": "oldfinetunejob"}
+    crd["spec"]["names"] = {
+        "kind": "OldFineTuneJob",
+        "listKind": "OldFineTuneJobList",
+        "plural": "oldfinetunejobs",
+        "singular": "oldfinetunejob",
+    }
     hp = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["hyperparameters"]
     hp["properties"]["learningRate"] = {
-        "description": "a number or auto", "x-kubernetes-preserve-unknown-fields": True,
+        "description": "a number or auto",
+        "x-kubernetes-preserve-unknown-fields": True,
         CEL: [{"rule": "type(self) == string ? self == 'auto' : self > 0", "message": "must be > 0 or auto"}],
     }
     with pytest.raises(CrdRefused) as refused:
@@ -109,13 +117,19 @@ def test_every_example_is_accepted(cluster: Cluster, cluster_namespace: str) -> 
 
 
 @pytest.mark.parametrize(("changes", "path"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_invalid_manifest_is_refused_by_the_server_at_path(cluster: Cluster, changes: dict[str, Any], path: str) -> None:
+def test_invalid_manifest_is_refused_by_the_server_at_path(
+    cluster: Cluster, changes: dict[str, Any], path: str
+) -> None:
     """Each case of the models' table, refused by the API server itself (schema, strict field
     validation or CEL) with a cause at the models' wire path or below it."""
     code, status = create(cluster, "default", mutate(CANONICAL, changes))
     assert code in (400, 422), (code, status.get("message"))  # 400: an unknown field (strict decoding)
     fields = causes(status)
-    assert any(f == path or f.startswith(path + ".") or f.startswith(path + "[") for f in fields), (path, fields, status.get("message"))
+    assert any(f == path or f.startswith(path + ".") or f.startswith(path + "[") for f in fields), (
+        path,
+        fields,
+        status.get("message"),
+    )
 
 
 def test_canonical_manifest_is_accepted(cluster: Cluster) -> None:
@@ -125,8 +139,11 @@ def test_canonical_manifest_is_accepted(cluster: Cluster) -> None:
 
 def test_cel_rules_are_what_refuses(cluster: Cluster) -> None:
     """Cross-field cases no schema keyword can express come back with the CEL rule's own message."""
-    code, status = create(cluster, "default", mutate(CANONICAL, {"spec.dataset.validation": "s3://d/v.jsonl",
-                                                                 "spec.dataset.validationSplit": 0.1}))
+    code, status = create(
+        cluster,
+        "default",
+        mutate(CANONICAL, {"spec.dataset.validation": "s3://d/v.jsonl", "spec.dataset.validationSplit": 0.1}),
+    )
     assert code == 422 and "set either validation (a separate file) or validationSplit" in status["message"], status
 
 
@@ -138,26 +155,42 @@ def _started(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
     code, created = create(cluster, namespace, obj, dry_run=False)
     assert code == 201, created
     status_path = f"{FTJ_PATH.format(ns=namespace)}/{name}/status"
-    code, patched = request(cluster, "PATCH", status_path, {"status": {"phase": "Running", "startTime": "2026-12-02T10:00:00Z"}},
-                            "application/merge-patch+json")
+    code, patched = request(
+        cluster,
+        "PATCH",
+        status_path,
+        {"status": {"phase": "Running", "startTime": "2026-12-02T10:00:00Z"}},
+        "application/merge-patch+json",
+    )
     assert code == 200 and patched["status"]["startTime"] == "2026-12-02T10:00:00Z", patched
     return patched
 
 
-@pytest.mark.parametrize(("patch", "allowed"), [
-    ({"spec": {"model": {"source": "hf://mistralai/Mistral-7B-v0.3"}}}, False),
-    ({"spec": {"hyperparameters": {"learningRate": 1e-4}}}, False),
-    ({"spec": {"method": {"lora": {"r": 32}}}}, False),
-    ({"spec": {"resources": {"gpus": 4}}}, False),
-    ({"spec": {"suspend": True}}, True),
-    ({"spec": {"scheduling": {"priorityClassName": "high"}}}, True),
-], ids=["model", "learning-rate", "lora-rank", "resources", "suspend", "scheduling"])
-def test_spec_is_frozen_once_started(cluster: Cluster, cluster_namespace: str, patch: dict[str, Any], allowed: bool) -> None:
+@pytest.mark.parametrize(
+    ("patch", "allowed"),
+    [
+        ({"spec": {"model": {"source": "hf://mistralai/Mistral-7B-v0.3"}}}, False),
+        ({"spec": {"hyperparameters": {"learningRate": 1e-4}}}, False),
+        ({"spec": {"method": {"lora": {"r": 32}}}}, False),
+        ({"spec": {"resources": {"gpus": 4}}}, False),
+        ({"spec": {"suspend": True}}, True),
+        ({"spec": {"scheduling": {"priorityClassName": "high"}}}, True),
+    ],
+    ids=["model", "learning-rate", "lora-rank", "resources", "suspend", "scheduling"],
+)
+def test_spec_is_frozen_once_started(
+    cluster: Cluster, cluster_namespace: str, patch: dict[str, Any], allowed: bool
+) -> None:
     """The root transition rule (oldSelf), which cel-python cannot run, enforced by the server."""
     name = "frozen-" + "-".join(sorted(patch["spec"])).lower()
     _started(cluster, cluster_namespace, name)
-    code, answer = request(cluster, "PATCH", f"{FTJ_PATH.format(ns=cluster_namespace)}/{name}", copy.deepcopy(patch),
-                           "application/merge-patch+json")
+    code, answer = request(
+        cluster,
+        "PATCH",
+        f"{FTJ_PATH.format(ns=cluster_namespace)}/{name}",
+        copy.deepcopy(patch),
+        "application/merge-patch+json",
+    )
     if allowed:
         assert code == 200, answer
     else:
@@ -169,8 +202,13 @@ def test_spec_is_editable_before_start(cluster: Cluster, cluster_namespace: str)
     obj = mutate(CANONICAL, {"metadata.name": "not-started"})
     code, _ = create(cluster, cluster_namespace, obj, dry_run=False)
     assert code == 201
-    code, answer = request(cluster, "PATCH", f"{FTJ_PATH.format(ns=cluster_namespace)}/not-started",
-                           {"spec": {"model": {"source": "hf://mistralai/Mistral-7B-v0.3"}}}, "application/merge-patch+json")
+    code, answer = request(
+        cluster,
+        "PATCH",
+        f"{FTJ_PATH.format(ns=cluster_namespace)}/not-started",
+        {"spec": {"model": {"source": "hf://mistralai/Mistral-7B-v0.3"}}},
+        "application/merge-patch+json",
+    )
     assert code == 200 and answer["spec"]["model"]["source"].endswith("v0.3"), answer
 
 

@@ -35,8 +35,9 @@ from tests.k8s_harness import kubectl
 from tests.real.e2e import parse_table, s3_client, verify_output
 
 
-def test_quickstart_in_real_pods(cluster: Cluster, images: BuiltImages, cluster_namespace: str, s3_server: str,
-                                 tmp_path: Path) -> None:
+def test_quickstart_in_real_pods(
+    cluster: Cluster, images: BuiltImages, cluster_namespace: str, s3_server: str, tmp_path: Path
+) -> None:
     ns, admin = cluster_namespace, cluster.kubeconfig
     doc = quickstart_on_s3(cluster, ns, s3_server)
     rows: list[dict[str, str]] = []
@@ -49,7 +50,9 @@ def test_quickstart_in_real_pods(cluster: Cluster, images: BuiltImages, cluster_
 
     with install_operator(cluster, images, ns) as operator:
         submit(cluster, ns, doc, tmp_path)
-        final, phases = watch_phases(cluster, ns, "quickstart", timeout=600, on_status=capture_running, operator=operator)
+        final, phases = watch_phases(
+            cluster, ns, "quickstart", timeout=600, on_status=capture_running, operator=operator
+        )
         operator_log = operator.log()
     status = final["status"]
     assert status["phase"] == "Succeeded", explain(cluster, ns)
@@ -72,8 +75,9 @@ def test_quickstart_in_real_pods(cluster: Cluster, images: BuiltImages, cluster_
     assert "Handler 'children' succeeded" in operator_log, operator_log[-2000:]
 
 
-def test_permanent_failure_fails_at_once_without_retries(cluster: Cluster, images: BuiltImages, cluster_namespace: str,
-                                                         s3_server: str, tmp_path: Path) -> None:
+def test_permanent_failure_fails_at_once_without_retries(
+    cluster: Cluster, images: BuiltImages, cluster_namespace: str, s3_server: str, tmp_path: Path
+) -> None:
     """A dataset the trainer refuses (a conversation with no assistant turn at line 3) and no
     prevalidation: the trainer pod exits with the permanent code, and the FineTuneJob fails at
     once with the trainer's reason and FILE:LINE message, without using its retries.
@@ -88,7 +92,9 @@ def test_permanent_failure_fails_at_once_without_retries(cluster: Cluster, image
     ns = cluster_namespace
     doc = quickstart_on_s3(cluster, ns, s3_server, name="bad-data", overrides={"spec.dataset.prevalidate": False})
     good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
-    bad = "\n".join([good] * 2 + [json.dumps({"messages": [{"role": "user", "content": "only a question"}]})] + [good] * 60)
+    bad = "\n".join(
+        [good] * 2 + [json.dumps({"messages": [{"role": "user", "content": "only a question"}]})] + [good] * 60
+    )
     s3_client(s3_server).put_object(Bucket="kubetune-demo", Key=f"{ns}/data/bad.jsonl", Body=bad.encode())
     doc["spec"]["dataset"]["train"] = f"s3://kubetune-demo/{ns}/data/bad.jsonl"
     with install_operator(cluster, images, ns, scrape_interval=1.0) as operator:
@@ -96,8 +102,14 @@ def test_permanent_failure_fails_at_once_without_retries(cluster: Cluster, image
         final, phases = watch_phases(cluster, ns, "bad-data", timeout=300, operator=operator)
         sleep_past_backoff()  # the Job controller's later retries come after 10 s, 20 s, ...
         # A replacement still being stopped (deletionTimestamp set) is gone a moment later.
-        pods = wait_for("the replacement pod to be stopped", lambda: [
-            p for p in job_pods(cluster, ns, "bad-data-train") if not p["metadata"].get("deletionTimestamp")] or None, 60)
+        pods = wait_for(
+            "the replacement pod to be stopped",
+            lambda: (
+                [p for p in job_pods(cluster, ns, "bad-data-train") if not p["metadata"].get("deletionTimestamp")]
+                or None
+            ),
+            60,
+        )
         job = json.loads(kubectl(cluster.kubeconfig, "get", "job", "bad-data-train", "-n", ns, "-o", "json").stdout)
     status = final["status"]
     assert status["phase"] == "Failed", (phases, explain(cluster, ns))
@@ -115,20 +127,33 @@ def test_permanent_failure_fails_at_once_without_retries(cluster: Cluster, image
         assert replacement["status"]["phase"] == "Failed", replacement["status"]
 
 
-def test_killed_pod_is_replaced_and_resumes(cluster: Cluster, images: BuiltImages, cluster_namespace: str,
-                                            s3_server: str, tmp_path: Path) -> None:
+def test_killed_pod_is_replaced_and_resumes(
+    cluster: Cluster, images: BuiltImages, cluster_namespace: str, s3_server: str, tmp_path: Path
+) -> None:
     """The trainer container is SIGKILLed after a checkpoint was committed; the real Job
     controller starts a new pod, which resumes from that checkpoint and finishes."""
     ns, admin = cluster_namespace, cluster.kubeconfig
-    doc = quickstart_on_s3(cluster, ns, s3_server, name="killed", overrides={
-        "spec.hyperparameters.epochs": 3, "spec.checkpointing": {"everySteps": 5, "keep": 2},
-        "spec.dataset.prevalidate": False,
-    })
+    doc = quickstart_on_s3(
+        cluster,
+        ns,
+        s3_server,
+        name="killed",
+        overrides={
+            "spec.hyperparameters.epochs": 3,
+            "spec.checkpointing": {"everySteps": 5, "keep": 2},
+            "spec.dataset.prevalidate": False,
+        },
+    )
     output = doc["spec"]["output"]["uri"]
     with install_operator(cluster, images, ns) as operator:
         submit(cluster, ns, doc, tmp_path)
-        wait_for("a committed checkpoint", lambda: committed_checkpoints(s3_server, output), 300, interval=0.5,
-                 diagnose=lambda: explain(cluster, ns))
+        wait_for(
+            "a committed checkpoint",
+            lambda: committed_checkpoints(s3_server, output),
+            300,
+            interval=0.5,
+            diagnose=lambda: explain(cluster, ns),
+        )
         (first,) = job_pods(cluster, ns, "killed-train")
         cluster.docker.docker("kill", "--signal=KILL", container_of(cluster, first))
         resumed_from = max(committed_checkpoints(s3_server, output))
@@ -141,20 +166,28 @@ def test_killed_pod_is_replaced_and_resumes(cluster: Cluster, images: BuiltImage
     killed = pods[0]["status"]["containerStatuses"][0]["state"]["terminated"]
     assert killed["exitCode"] == 137 and pods[0]["status"]["phase"] == "Failed", killed
     assert pods[1]["status"]["phase"] == "Succeeded"
-    resumed = [int(line.rsplit(" ", 1)[1]) for line in second_log.splitlines() if "resuming from checkpoint step" in line]
+    resumed = [
+        int(line.rsplit(" ", 1)[1]) for line in second_log.splitlines() if "resuming from checkpoint step" in line
+    ]
     assert resumed and resumed[0] >= resumed_from, second_log[-2000:]
     assert status["retries"] == 1, status
     verified = verify_output(output, s3_server)
     assert verified.returncode == 0, verified.stdout + verified.stderr
 
 
-def test_deleting_the_finetunejob_collects_job_and_pods(cluster: Cluster, images: BuiltImages, cluster_namespace: str,
-                                                        s3_server: str, tmp_path: Path) -> None:
+def test_deleting_the_finetunejob_collects_job_and_pods(
+    cluster: Cluster, images: BuiltImages, cluster_namespace: str, s3_server: str, tmp_path: Path
+) -> None:
     """ownerReferences across the aggregation boundary: the Job (1.20) is owned by the FineTuneJob
     (1.36 CRD server); the real garbage collector removes the Job, then its pods."""
     ns, admin = cluster_namespace, cluster.kubeconfig
-    doc = quickstart_on_s3(cluster, ns, s3_server, name="deleted", overrides={
-        "spec.hyperparameters.epochs": 5, "spec.dataset.prevalidate": False})
+    doc = quickstart_on_s3(
+        cluster,
+        ns,
+        s3_server,
+        name="deleted",
+        overrides={"spec.hyperparameters.epochs": 5, "spec.dataset.prevalidate": False},
+    )
     with install_operator(cluster, images, ns) as operator:
         submit(cluster, ns, doc, tmp_path)
         watch_phases(cluster, ns, "deleted", timeout=300, until=("Running",), operator=operator)
@@ -170,7 +203,13 @@ def test_deleting_the_finetunejob_collects_job_and_pods(cluster: Cluster, images
                 marks.setdefault("job", time.monotonic() - started)
             return not jobs and not job_pods(cluster, ns, "deleted-train")
 
-        wait_for("the Job and its pods to be garbage-collected", gone, 180, interval=1.0, diagnose=lambda: explain(cluster, ns))
+        wait_for(
+            "the Job and its pods to be garbage-collected",
+            gone,
+            180,
+            interval=1.0,
+            diagnose=lambda: explain(cluster, ns),
+        )
         seconds = time.monotonic() - started
         # The operator does not bring it back: a deleted FineTuneJob is not a lost Job.
         time.sleep(3)

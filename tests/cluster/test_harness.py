@@ -21,8 +21,17 @@ def test_dockerd_runs_containers_and_stop_leaves_nothing(tmp_path: Path) -> None
         daemon.import_rootfs(base_image_tarball(), "kubetune.local/test-base:1")
         # What the kubelet asks of every pod sandbox (oom_score_adj -998) and raised rlimits: runc
         # alone fails on both in this sandbox; the runtime shim clamps and drops them.
-        out = daemon.docker("run", "--rm", "--network=host", "--oom-score-adj=-998", "--ulimit", "nofile=4096:4096",
-                            "kubetune.local/test-base:1", "cat", "/proc/self/oom_score_adj").stdout
+        out = daemon.docker(
+            "run",
+            "--rm",
+            "--network=host",
+            "--oom-score-adj=-998",
+            "--ulimit",
+            "nofile=4096:4096",
+            "kubetune.local/test-base:1",
+            "cat",
+            "/proc/self/oom_score_adj",
+        ).stdout
         assert out.strip() == "0"
         daemon.docker("run", "-d", "--name", "sleeper", "kubetune.local/test-base:1", "sleep", "600")
         info = daemon.docker("info", "--format", "{{.DefaultRuntime}} {{.DockerRootDir}}").stdout.split()

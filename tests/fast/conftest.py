@@ -1,4 +1,5 @@
 """Fixtures for the fast tier: kopf against the kmock-based emulator (tests/kmock_harness.py)."""
+
 from __future__ import annotations
 
 from collections.abc import AsyncIterator

@@ -1,5 +1,6 @@
 """What the fast-tier operator tests share: the FineTuneJob under test, paths, and stand-ins
 for the Job controller and kubelet that write what those would write."""
+
 from __future__ import annotations
 
 import json
@@ -15,26 +16,30 @@ from kubetune.operator.settings import OperatorSettings
 from tests.kmock_harness import KubeEmulator, fetch
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-FTJ = 'kubetune.io/v1alpha1/finetunejobs'
-JOBS = 'batch/v1/jobs'
-NS = 'default'
-NAME = 'support-bot'
-JOB = 'support-bot-train'
+FTJ = "kubetune.io/v1alpha1/finetunejobs"
+JOBS = "batch/v1/jobs"
+NS = "default"
+NAME = "support-bot"
+JOB = "support-bot-train"
 SETTINGS = OperatorSettings(metrics_scrape_interval_seconds=0.3)
 
 
 def ftj_path(name: str | None = None, sub: str | None = None) -> str:
-    return f'/apis/kubetune.io/v1alpha1/namespaces/{NS}/finetunejobs' + (f'/{name}' if name else '') + (f'/{sub}' if sub else '')
+    return (
+        f"/apis/kubetune.io/v1alpha1/namespaces/{NS}/finetunejobs"
+        + (f"/{name}" if name else "")
+        + (f"/{sub}" if sub else "")
+    )
 
 
 def job_path(name: str | None = None) -> str:
-    return f'/apis/batch/v1/namespaces/{NS}/jobs' + (f'/{name}' if name else '')
+    return f"/apis/batch/v1/namespaces/{NS}/jobs" + (f"/{name}" if name else "")
 
 
 def manifest(prevalidate: bool = False, **spec_changes: Any) -> dict[str, Any]:
-    obj = load_manifest_yaml((ROOT / 'examples' / 'lora.yaml').read_text())
-    obj['spec']['dataset']['prevalidate'] = prevalidate
-    obj['spec'].update(spec_changes)
+    obj = load_manifest_yaml((ROOT / "examples" / "lora.yaml").read_text())
+    obj["spec"]["dataset"]["prevalidate"] = prevalidate
+    obj["spec"].update(spec_changes)
     return obj
 
 
@@ -51,39 +56,63 @@ async def delete(api: aiohttp.ClientSession, path: str) -> None:
 
 
 async def events(api: aiohttp.ClientSession) -> list[dict[str, Any]]:
-    listing = await fetch(api, f'/api/v1/namespaces/{NS}/events')
+    listing = await fetch(api, f"/api/v1/namespaces/{NS}/events")
     assert listing is not None
-    return listing['items']
+    return listing["items"]
 
 
 def condition(st: dict[str, Any], ctype: str) -> dict[str, Any] | None:
-    return next((c for c in st.get('conditions', []) if c['type'] == ctype), None)
+    return next((c for c in st.get("conditions", []) if c["type"] == ctype), None)
 
 
 def pod_labels(job: str) -> dict[str, str]:
     """The labels the Job controller gives a pod: the template's (kubetune's, see
     builders.labels) and job-name."""
-    return {'app.kubernetes.io/managed-by': 'kubetune-operator', 'job-name': job, 'batch.kubernetes.io/job-name': job}
+    return {"app.kubernetes.io/managed-by": "kubetune-operator", "job-name": job, "batch.kubernetes.io/job-name": job}
 
 
 async def controller_ref(api: aiohttp.ClientSession, job: str) -> list[dict[str, Any]]:
     """The controller reference the Job controller puts on the pods it creates (the operator
     reads only pods the Job controls)."""
     obj = await fetch(api, job_path(job))
-    uid = (obj or {}).get('metadata', {}).get('uid', 'no-such-job')
-    return [{'apiVersion': 'batch/v1', 'kind': 'Job', 'name': job, 'uid': uid, 'controller': True, 'blockOwnerDeletion': True}]
+    uid = (obj or {}).get("metadata", {}).get("uid", "no-such-job")
+    return [
+        {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "name": job,
+            "uid": uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
 
 
 async def start_running(api: aiohttp.ClientSession, job: str = JOB) -> None:
     """Stand in for the Job controller: one active pod, a start time."""
-    pod = {'apiVersion': 'v1', 'kind': 'Pod', 'metadata': {'name': f'{job}-run01', 'labels': pod_labels(job),
-                                                          'ownerReferences': await controller_ref(api, job)},
-           'spec': {'containers': [{'name': 'trainer', 'image': 'trainer'}]}}
-    await create(api, f'/api/v1/namespaces/{NS}/pods', pod)
-    await merge_patch(api, f'/api/v1/namespaces/{NS}/pods/{job}-run01/status', {'status': {
-        'phase': 'Running', 'startTime': '2026-01-01T00:00:00Z',
-        'containerStatuses': [{'name': 'trainer', 'state': {'running': {'startedAt': '2026-01-01T00:00:00Z'}}}]}})
-    await merge_patch(api, job_path(job) + '/status', {'status': {'startTime': '2026-01-01T00:00:00Z', 'active': 1}})
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": f"{job}-run01",
+            "labels": pod_labels(job),
+            "ownerReferences": await controller_ref(api, job),
+        },
+        "spec": {"containers": [{"name": "trainer", "image": "trainer"}]},
+    }
+    await create(api, f"/api/v1/namespaces/{NS}/pods", pod)
+    await merge_patch(
+        api,
+        f"/api/v1/namespaces/{NS}/pods/{job}-run01/status",
+        {
+            "status": {
+                "phase": "Running",
+                "startTime": "2026-01-01T00:00:00Z",
+                "containerStatuses": [{"name": "trainer", "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}}}],
+            }
+        },
+    )
+    await merge_patch(api, job_path(job) + "/status", {"status": {"startTime": "2026-01-01T00:00:00Z", "active": 1}})
 
 
 async def create(api: aiohttp.ClientSession, path: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -93,35 +122,62 @@ async def create(api: aiohttp.ClientSession, path: str, body: dict[str, Any]) ->
 
 
 async def merge_patch(api: aiohttp.ClientSession, path: str, body: dict[str, Any]) -> None:
-    async with api.patch(path, data=json.dumps(body), headers={'Content-Type': 'application/merge-patch+json'}) as resp:
+    async with api.patch(path, data=json.dumps(body), headers={"Content-Type": "application/merge-patch+json"}) as resp:
         assert resp.status == 200, await resp.text()
 
 
 def status(kube: KubeEmulator, name: str = NAME) -> dict[str, Any]:
     obj = kube.read_object(FTJ, NS, name) or {}
-    return obj.get('status') or {}
+    return obj.get("status") or {}
 
 
 async def posted(api: aiohttp.ClientSession, reason: str, kind: str | None = None) -> bool:
-    events = await fetch(api, f'/api/v1/namespaces/{NS}/events')  # kopf posts events asynchronously
+    events = await fetch(api, f"/api/v1/namespaces/{NS}/events")  # kopf posts events asynchronously
     assert events is not None
-    return any(e['reason'] == reason and kind in (None, e['type']) for e in events['items'])
+    return any(e["reason"] == reason and kind in (None, e["type"]) for e in events["items"])
 
 
 def failed_reason(st: dict[str, Any]) -> str | None:
-    return next((c['reason'] for c in st.get('conditions', []) if c['type'] == 'Failed' and c['status'] == 'True'), None)
+    return next(
+        (c["reason"] for c in st.get("conditions", []) if c["type"] == "Failed" and c["status"] == "True"), None
+    )
 
 
 async def finish(api: aiohttp.ClientSession, job: str, condition: str, message: str | None = None) -> None:
     """Stand in for the Job controller and kubelet: one pod with a termination message, then the Job's condition."""
-    pod = {'apiVersion': 'v1', 'kind': 'Pod', 'metadata': {'name': f'{job}-abcde', 'labels': pod_labels(job),
-                                                          'ownerReferences': await controller_ref(api, job)},
-           'spec': {'containers': [{'name': 'trainer', 'image': 'trainer'}]}}
-    await create(api, f'/api/v1/namespaces/{NS}/pods', pod)
-    terminated = {'exitCode': 0 if condition == 'Complete' else 42, 'startedAt': '2026-01-01T00:00:00Z',
-                  'finishedAt': '2026-01-01T00:10:00Z', **({'message': message} if message else {})}
-    await merge_patch(api, f'/api/v1/namespaces/{NS}/pods/{job}-abcde/status', {'status': {
-        'phase': 'Succeeded' if condition == 'Complete' else 'Failed',
-        'containerStatuses': [{'name': 'trainer', 'state': {'terminated': terminated}}]}})
-    await merge_patch(api, job_path(job) + '/status', {'status': {
-        'conditions': [{'type': condition, 'status': 'True', 'lastTransitionTime': '2026-01-01T00:10:00Z'}]}})
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": f"{job}-abcde",
+            "labels": pod_labels(job),
+            "ownerReferences": await controller_ref(api, job),
+        },
+        "spec": {"containers": [{"name": "trainer", "image": "trainer"}]},
+    }
+    await create(api, f"/api/v1/namespaces/{NS}/pods", pod)
+    terminated = {
+        "exitCode": 0 if condition == "Complete" else 42,
+        "startedAt": "2026-01-01T00:00:00Z",
+        "finishedAt": "2026-01-01T00:10:00Z",
+        **({"message": message} if message else {}),
+    }
+    await merge_patch(
+        api,
+        f"/api/v1/namespaces/{NS}/pods/{job}-abcde/status",
+        {
+            "status": {
+                "phase": "Succeeded" if condition == "Complete" else "Failed",
+                "containerStatuses": [{"name": "trainer", "state": {"terminated": terminated}}],
+            }
+        },
+    )
+    await merge_patch(
+        api,
+        job_path(job) + "/status",
+        {
+            "status": {
+                "conditions": [{"type": condition, "status": "True", "lastTransitionTime": "2026-01-01T00:10:00Z"}]
+            }
+        },
+    )

@@ -5,6 +5,7 @@ It runs the real handlers (kubetune.operator.handlers.register) against the emul
 in the cluster-wide kopf peering `kubetune` with the given priority, and a short peering lifetime
 so that a killed leader's record expires in seconds rather than a minute.
 """
+
 from __future__ import annotations
 
 import sys
@@ -31,8 +32,14 @@ def main(url: str, priority: int, identity: str) -> None:
         settings.peering.lifetime = PEERING_LIFETIME_SECONDS
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage()
 
-    kopf.run(registry=registry, clusterwide=True, standalone=False, peering_name=PEERING_NAME,
-             priority=priority, identity=identity)
+    kopf.run(
+        registry=registry,
+        clusterwide=True,
+        standalone=False,
+        peering_name=PEERING_NAME,
+        priority=priority,
+        identity=identity,
+    )
 
 
 if __name__ == "__main__":

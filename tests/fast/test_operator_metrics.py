@@ -1,6 +1,7 @@
 """The operator's own /metrics (operator/kubetune/operator/metrics.py), served while it runs:
 FineTuneJobs by phase follow the watch, transitions and reconcile time are counted, and a failed
 API request shows up by verb, resource and code."""
+
 from __future__ import annotations
 
 import socket
@@ -25,8 +26,11 @@ async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], flo
     async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}/metrics") as resp:
         assert resp.status == 200
         text = await resp.text()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def by_phase(samples: dict, phase: str) -> float:
@@ -42,12 +46,16 @@ async def test_operator_metrics_are_served(kube: KubeEmulator, api: aiohttp.Clie
         bad = manifest(method={"adaptation": "lora", "lora": {"r": 0}})
         bad["metadata"]["name"] = "broken"
         await create(api, ftj_path(), bad)
-        await wait_until(lambda: status(kube).get("jobName") == JOB and status(kube, "broken").get("phase") == "Failed",
-                         timeout=15, message="one Pending, one Failed")
+        await wait_until(
+            lambda: status(kube).get("jobName") == JOB and status(kube, "broken").get("phase") == "Failed",
+            timeout=15,
+            message="one Pending, one Failed",
+        )
 
         async def counted() -> bool:
             now = await scrape(port)
             return by_phase(now, "Pending") == 1 and by_phase(now, "Failed") == 1
+
         await wait_until(counted, message="the per-phase gauge")
         after = await scrape(port)
         assert by_phase(after, "Running") == 0
@@ -62,6 +70,7 @@ async def test_operator_metrics_are_served(kube: KubeEmulator, api: aiohttp.Clie
 
         async def forgotten() -> bool:
             return by_phase(await scrape(port), "Failed") == 0
+
         await wait_until(forgotten, message="a deleted FineTuneJob leaves the gauge")
     with pytest.raises(aiohttp.ClientConnectionError):  # the server stops with the operator
         await scrape(port)

@@ -1,6 +1,7 @@
 """RELIABILITY O12: two operator replicas in one kopf peering with distinct priorities. While
 both live, only the leader acts; when the leader is killed (SIGKILL: no goodbye), the standby
 takes over once the leader's peering record expires — and every FineTuneJob still gets one Job."""
+
 from __future__ import annotations
 
 import asyncio
@@ -27,8 +28,13 @@ ROOT = Path(__file__).resolve().parents[2]
 @contextlib.contextmanager
 def replica(url: str, priority: int, identity: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "tests.fast.peer_operator", url, str(priority), identity],
-                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.fast.peer_operator", url, str(priority), identity],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         yield proc
     finally:
@@ -53,30 +59,42 @@ def job_posts(kube: KubeEmulator) -> list[int]:
 
 
 async def test_o12_standby_takes_over_when_the_leader_is_killed(
-        kube: KubeEmulator, api: aiohttp.ClientSession, tmp_path: Path) -> None:
-    await create(api, "/apis/kopf.dev/v1/clusterkopfpeerings",
-                 {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": PEERING_NAME}})
+    kube: KubeEmulator, api: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    await create(
+        api,
+        "/apis/kopf.dev/v1/clusterkopfpeerings",
+        {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": PEERING_NAME}},
+    )
     url = kube.base_url
     try:
-        with replica(url, 100, "leader", tmp_path / "leader.log") as leader, \
-                replica(url, 10, "standby", tmp_path / "standby.log"):
-            await wait_until(lambda: {"leader", "standby"} <= set(peers(kube)), timeout=30,
-                             message="both replicas in the peering")
+        with (
+            replica(url, 100, "leader", tmp_path / "leader.log") as leader,
+            replica(url, 10, "standby", tmp_path / "standby.log"),
+        ):
+            await wait_until(
+                lambda: {"leader", "standby"} <= set(peers(kube)), timeout=30, message="both replicas in the peering"
+            )
             await create(api, ftj_path(), named("before"))
-            await wait_until(lambda: kube.read_object(JOBS, NS, "before-train") is not None, timeout=20,
-                             message="the leader's Job")
+            await wait_until(
+                lambda: kube.read_object(JOBS, NS, "before-train") is not None, timeout=20, message="the leader's Job"
+            )
             await asyncio.sleep(1.5)  # the standby sees the FineTuneJob too, and must stay paused
             killed_at = len(kube.requests)
             os.killpg(leader.pid, signal.SIGKILL)
             assert leader.wait(10) == -signal.SIGKILL  # no goodbye: its peering record must expire
             await create(api, ftj_path(), named("after"))
-            await wait_until(lambda: kube.read_object(JOBS, NS, "after-train") is not None, timeout=30,
-                             message="the standby's Job after the leader died")
+            await wait_until(
+                lambda: kube.read_object(JOBS, NS, "after-train") is not None,
+                timeout=30,
+                message="the standby's Job after the leader died",
+            )
             assert set(peers(kube)) == {"standby"}  # the standby swept the expired record
             # `after` and the resumed `before` are handled in either order after the takeover; on a
             # loaded machine the Job for `after` can exist before the standby re-posts `before`'s
-            await wait_until(lambda: len(job_posts(kube)) >= 3, timeout=30,
-                             message="the standby resuming `before` after taking over")
+            await wait_until(
+                lambda: len(job_posts(kube)) >= 3, timeout=30, message="the standby resuming `before` after taking over"
+            )
     except Exception:
         for name in ("leader", "standby"):
             print(f"--- {name}.log ---\n" + (tmp_path / f"{name}.log").read_text()[-4000:])

@@ -8,12 +8,11 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import requests
-
 from kubetune.gateway.app import UploadLimits, create_app
 from kubetune.gateway.auth import AccessConfig, ApiKey, Authenticator
 from kubetune.gateway.backend import Tenant
@@ -46,11 +45,22 @@ def serving(app) -> Iterator[str]:
 
 
 @contextmanager
-def local_api(root: Path, *, keys: dict | None = None, limits: UploadLimits = UploadLimits(),
-              max_workers: int = 0) -> Iterator[str]:
+def local_api(
+    root: Path, *, keys: dict | None = None, limits: UploadLimits = UploadLimits(), max_workers: int = 0
+) -> Iterator[str]:
     backend = LocalBackend(root, max_workers=max_workers, poll_seconds=0.1)
-    auth = Authenticator(anonymous=TENANT) if not keys else Authenticator(AccessConfig(keys=[
-        ApiKey(name=t.key_id, key=k, namespace=t.namespace, organization=t.organization_id) for k, t in keys.items()]))
+    auth = (
+        Authenticator(anonymous=TENANT)
+        if not keys
+        else Authenticator(
+            AccessConfig(
+                keys=[
+                    ApiKey(name=t.key_id, key=k, namespace=t.namespace, organization=t.organization_id)
+                    for k, t in keys.items()
+                ]
+            )
+        )
+    )
     with serving(create_app(backend, auth, limits=limits)) as url:
         yield url
 
@@ -66,7 +76,7 @@ def subset(n: int = 20) -> bytes:
 def wait_for(fn, timeout: float = 20.0):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if (value := fn()):
+        if value := fn():
             return value
         time.sleep(0.05)
     raise AssertionError("condition not reached")
@@ -128,11 +138,21 @@ def test_job_request_errors_name_the_field(tmp_path: Path) -> None:
     with local_api(tmp_path) as url:
         file_id = upload(url, subset(20)).json()["id"]
         cases = [
-            ({"model": "builtin://tiny-llama", "training_file": file_id, "foo": 1}, "foo", "Unrecognized request argument"),
-            ({"model": "builtin://tiny-llama", "training_file": file_id, "hyperparameters": {"n_epochs": 0}},
-             "hyperparameters.n_epochs", "between 1 and 50"),
-            ({"model": "builtin://tiny-llama", "training_file": file_id, "method": {"type": "reinforcement"}},
-             "method.type", "graders"),
+            (
+                {"model": "builtin://tiny-llama", "training_file": file_id, "foo": 1},
+                "foo",
+                "Unrecognized request argument",
+            ),
+            (
+                {"model": "builtin://tiny-llama", "training_file": file_id, "hyperparameters": {"n_epochs": 0}},
+                "hyperparameters.n_epochs",
+                "between 1 and 50",
+            ),
+            (
+                {"model": "builtin://tiny-llama", "training_file": file_id, "method": {"type": "reinforcement"}},
+                "method.type",
+                "graders",
+            ),
             ({"model": "builtin://tiny-llama", "training_file": "file-missing"}, "training_file", "no such file"),
             ({"model": "gpt-4o-mini", "training_file": file_id}, "model", "not available"),
             ({"model": "builtin://tiny-llama", "training_file": file_id, "suffix": "x" * 65}, "suffix", "64"),
@@ -143,7 +163,9 @@ def test_job_request_errors_name_the_field(tmp_path: Path) -> None:
             assert r.status_code == 400, (body, r.text)
             err = error_of(r)
             assert err["param"] == param and words in err["message"], (body, err)
-        r = requests.post(f"{url}/fine_tuning/jobs", data=b"{not json", headers={"content-type": "application/json"}, timeout=10)
+        r = requests.post(
+            f"{url}/fine_tuning/jobs", data=b"{not json", headers={"content-type": "application/json"}, timeout=10
+        )
         assert r.status_code == 400
         assert requests.get(f"{url}/fine_tuning/jobs", timeout=10).json()["data"] == []
         r = requests.get(f"{url}/no/such/route", timeout=10)
@@ -155,11 +177,16 @@ def test_malformed_file_fails_the_job_naming_the_line(tmp_path: Path) -> None:
     lines[3] = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]})
     with local_api(tmp_path) as url:
         file_id = upload(url, ("\n".join(lines) + "\n").encode(), name="bad.jsonl").json()["id"]
-        job = requests.post(f"{url}/fine_tuning/jobs", json={"model": "builtin://tiny-llama", "training_file": file_id},
-                            timeout=10).json()
+        job = requests.post(
+            f"{url}/fine_tuning/jobs", json={"model": "builtin://tiny-llama", "training_file": file_id}, timeout=10
+        ).json()
         assert job["status"] == "validating_files" and job["error"] is None
-        failed = wait_for(lambda: (j := requests.get(f"{url}/fine_tuning/jobs/{job['id']}", timeout=10).json())["status"]
-                          == "failed" and j)
+        failed = wait_for(
+            lambda: (
+                (j := requests.get(f"{url}/fine_tuning/jobs/{job['id']}", timeout=10).json())["status"] == "failed"
+                and j
+            )
+        )
         assert failed["error"]["param"] == "training_file:4" and failed["error"]["code"] == "InvalidData"
         assert f"{file_id} (bad.jsonl):4" in failed["error"]["message"] and "robot" in failed["error"]["message"]
         assert str(tmp_path) not in failed["error"]["message"]
@@ -172,14 +199,24 @@ def test_malformed_file_fails_the_job_naming_the_line(tmp_path: Path) -> None:
 def test_pause_resume_cancel_and_metadata_filter_on_queued_jobs(tmp_path: Path) -> None:
     with local_api(tmp_path) as url:
         file_id = upload(url, subset(20)).json()["id"]
-        create = lambda meta: requests.post(f"{url}/fine_tuning/jobs", timeout=10, json={  # noqa: E731
-            "model": "builtin://tiny-llama", "training_file": file_id, "metadata": meta}).json()
+        create = lambda meta: requests.post(
+            f"{url}/fine_tuning/jobs",
+            timeout=10,
+            json={
+                "model": "builtin://tiny-llama",
+                "training_file": file_id,
+                "metadata": meta,
+            },
+        ).json()
         a, b = create({"team": "a"}), create({"team": "b"})
-        get = lambda j: requests.get(f"{url}/fine_tuning/jobs/{j['id']}", timeout=10).json()  # noqa: E731
+        get = lambda j: requests.get(f"{url}/fine_tuning/jobs/{j['id']}", timeout=10).json()
         wait_for(lambda: get(a)["status"] == "queued" and get(b)["status"] == "queued")
         listed = requests.get(f"{url}/fine_tuning/jobs", params={"metadata[team]": "b"}, timeout=10).json()
         assert [j["id"] for j in listed["data"]] == [b["id"]]
-        assert [j["id"] for j in requests.get(f"{url}/fine_tuning/jobs", timeout=10).json()["data"]] == [b["id"], a["id"]]
+        assert [j["id"] for j in requests.get(f"{url}/fine_tuning/jobs", timeout=10).json()["data"]] == [
+            b["id"],
+            a["id"],
+        ]
         paused = requests.post(f"{url}/fine_tuning/jobs/{a['id']}/pause", timeout=10).json()
         assert paused["status"] == "queued"
         again = requests.post(f"{url}/fine_tuning/jobs/{a['id']}/pause", timeout=10)
@@ -188,14 +225,21 @@ def test_pause_resume_cancel_and_metadata_filter_on_queued_jobs(tmp_path: Path) 
         assert not_paused.status_code == 400 and error_of(not_paused)["code"] == "job_not_paused"
         resumed = requests.post(f"{url}/fine_tuning/jobs/{a['id']}/resume", timeout=10).json()
         assert resumed["status"] == "queued"
-        messages = [e["message"] for e in requests.get(f"{url}/fine_tuning/jobs/{a['id']}/events", timeout=10).json()["data"]]
+        messages = [
+            e["message"] for e in requests.get(f"{url}/fine_tuning/jobs/{a['id']}/events", timeout=10).json()["data"]
+        ]
         assert "resumed" in messages[0] and "paused" in messages[1]
         cancelled = requests.post(f"{url}/fine_tuning/jobs/{b['id']}/cancel", timeout=10).json()
         assert cancelled["status"] == "cancelled" and cancelled["finished_at"] is not None
         twice = requests.post(f"{url}/fine_tuning/jobs/{b['id']}/cancel", timeout=10)
         assert twice.status_code == 400 and error_of(twice)["code"] == "job_not_cancellable"
         assert requests.get(f"{url}/fine_tuning/jobs/{b['id']}/checkpoints", timeout=10).json() == {
-            "object": "list", "data": [], "has_more": False, "first_id": None, "last_id": None}
+            "object": "list",
+            "data": [],
+            "has_more": False,
+            "first_id": None,
+            "last_id": None,
+        }
         models = [m["id"] for m in requests.get(f"{url}/models", timeout=10).json()["data"]]
         assert "builtin://tiny-llama" in models and not [m for m in models if m.startswith("ft:")]
         assert requests.get(f"{url}/models/builtin://tiny-llama", timeout=10).json()["owned_by"] == "kubetune"
@@ -214,18 +258,27 @@ def test_keys_are_required_when_configured(tmp_path: Path) -> None:
         assert r.status_code == 401 and error_of(r)["code"] == "invalid_api_key"
         r = requests.get(f"{url}/files", headers={"Authorization": "Bearer wrong"}, timeout=10)
         assert r.status_code == 401
-        assert requests.get(f"{url}/files", headers={"Authorization": "Bearer " + "k" * 20}, timeout=10).status_code == 200
+        assert (
+            requests.get(f"{url}/files", headers={"Authorization": "Bearer " + "k" * 20}, timeout=10).status_code == 200
+        )
 
 
 def test_openapi_document_lists_every_endpoint(tmp_path: Path) -> None:
     with local_api(tmp_path) as url:
         doc = requests.get(url.removesuffix("/v1") + "/openapi.json", timeout=10).json()
     assert {p: sorted(m) for p, m in doc["paths"].items()} == {
-        "/v1/files": ["get", "post"], "/v1/files/{file_id}": ["delete", "get"], "/v1/files/{file_id}/content": ["get"],
-        "/v1/fine_tuning/jobs": ["get", "post"], "/v1/fine_tuning/jobs/{job_id}": ["get"],
-        "/v1/fine_tuning/jobs/{job_id}/cancel": ["post"], "/v1/fine_tuning/jobs/{job_id}/pause": ["post"],
-        "/v1/fine_tuning/jobs/{job_id}/resume": ["post"], "/v1/fine_tuning/jobs/{job_id}/events": ["get"],
-        "/v1/fine_tuning/jobs/{job_id}/checkpoints": ["get"], "/v1/models": ["get"], "/v1/models/{model_id}": ["get"],
+        "/v1/files": ["get", "post"],
+        "/v1/files/{file_id}": ["delete", "get"],
+        "/v1/files/{file_id}/content": ["get"],
+        "/v1/fine_tuning/jobs": ["get", "post"],
+        "/v1/fine_tuning/jobs/{job_id}": ["get"],
+        "/v1/fine_tuning/jobs/{job_id}/cancel": ["post"],
+        "/v1/fine_tuning/jobs/{job_id}/pause": ["post"],
+        "/v1/fine_tuning/jobs/{job_id}/resume": ["post"],
+        "/v1/fine_tuning/jobs/{job_id}/events": ["get"],
+        "/v1/fine_tuning/jobs/{job_id}/checkpoints": ["get"],
+        "/v1/models": ["get"],
+        "/v1/models/{model_id}": ["get"],
         "/v1/chat/completions": ["post"],
     }
 
@@ -235,7 +288,9 @@ def test_import_stays_torch_free() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, kubetune.gateway.app, kubetune.gateway.local, kubetune.gateway.translate;"
-            "bad=[m for m in ('torch','transformers','peft','kopf') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
+    code = (
+        "import sys, kubetune.gateway.app, kubetune.gateway.local, kubetune.gateway.translate;"
+        "bad=[m for m in ('torch','transformers','peft','kopf') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr

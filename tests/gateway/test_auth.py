@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from kubetune.gateway.auth import AccessFile, AccessFileError, Authenticator, TokenReviewer, bearer, parse_access
 from kubetune.gateway.backend import Forbidden, Tenant, Unauthorized
 
@@ -73,20 +72,33 @@ def test_keys_are_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> 
     assert len(calls) == 2
 
 
-@pytest.mark.parametrize("text, where", [
-    ("keys:\n  - name: a\n    namespace: team-a\n", "<f>:2: keys[0]: set exactly one of `key`"),
-    ("keys:\n  - name: a\n    key: short\n    namespace: team-a\n", "<f>:3: keys[0].key"),
-    ("keys:\n  - name: a\n    key: 0123456789abcdefXYZ\n    namespace: Team_A\n", "<f>:4: keys[0].namespace"),
-    ("keys:\n  - name: a\n    key: 0123456789abcdefXYZ\n    namespace: a\n  - name: a\n    key: 0123456789abcdefXYZ2\n    namespace: b\n",
-     "keys[1].name: 'a' is used twice"),
-    ("keys:\n  - name: a\n    key: 0123456789abcdefXYZ\n    namespace: a\n  - name: b\n    key: 0123456789abcdefXYZ\n    namespace: b\n",
-     "keys[1]: the same key as keys[0]"),
-    ("keys:\n  - name: a\n    key: 0123456789abcdefXYZ\n    namespace: a\n    namespaces: [b]\n", "<f>:5: keys[0].namespaces: Extra inputs"),
-    ("keys: [\n", "<f>:2: invalid YAML"),
-    ("keys:\n  - name: a\n    name: b\n", "duplicate key 'name'"),
-    ("webhooks:\n  - namespace: a\n    url: ftp://x\n    secret: whsec_abc\n", "<f>:3: webhooks[0].url"),
-    ("webhooks:\n  - namespace: a\n    url: https://x.example\n    secret: nope\n", "<f>:4: webhooks[0].secret: must be `whsec_`"),
-])
+@pytest.mark.parametrize(
+    "text, where",
+    [
+        ("keys:\n  - name: a\n    namespace: team-a\n", "<f>:2: keys[0]: set exactly one of `key`"),
+        ("keys:\n  - name: a\n    key: short\n    namespace: team-a\n", "<f>:3: keys[0].key"),
+        ("keys:\n  - name: a\n    key: 0123456789abcdefXYZ\n    namespace: Team_A\n", "<f>:4: keys[0].namespace"),
+        (
+            "keys:\n  - name: a\n    key: 0123456789abcdefXYZ\n    namespace: a\n  - name: a\n    key: 0123456789abcdefXYZ2\n    namespace: b\n",
+            "keys[1].name: 'a' is used twice",
+        ),
+        (
+            "keys:\n  - name: a\n    key: 0123456789abcdefXYZ\n    namespace: a\n  - name: b\n    key: 0123456789abcdefXYZ\n    namespace: b\n",
+            "keys[1]: the same key as keys[0]",
+        ),
+        (
+            "keys:\n  - name: a\n    key: 0123456789abcdefXYZ\n    namespace: a\n    namespaces: [b]\n",
+            "<f>:5: keys[0].namespaces: Extra inputs",
+        ),
+        ("keys: [\n", "<f>:2: invalid YAML"),
+        ("keys:\n  - name: a\n    name: b\n", "duplicate key 'name'"),
+        ("webhooks:\n  - namespace: a\n    url: ftp://x\n    secret: whsec_abc\n", "<f>:3: webhooks[0].url"),
+        (
+            "webhooks:\n  - namespace: a\n    url: https://x.example\n    secret: nope\n",
+            "<f>:4: webhooks[0].secret: must be `whsec_`",
+        ),
+    ],
+)
 def test_a_bad_access_file_names_the_line_and_the_field(text: str, where: str) -> None:
     with pytest.raises(AccessFileError) as err:
         parse_access(text, "<f>")
@@ -143,18 +155,26 @@ class FakeReviewer(TokenReviewer):
 
     def _access_review(self, review, namespace, verb):  # type: ignore[override]
         self.calls.append(("access", review.user, namespace, verb))
-        return (review.user, namespace, verb) in self.allowed, "" if (review.user, namespace, verb) in self.allowed else "no RBAC"
+        return (review.user, namespace, verb) in self.allowed, "" if (
+            review.user,
+            namespace,
+            verb,
+        ) in self.allowed else "no RBAC"
 
 
 async def test_kubernetes_tokens_namespace_from_project_header_or_service_account() -> None:
     sa = "system:serviceaccount:team-c:trainer-bot"
-    reviewer = FakeReviewer({"tok-sa": sa, "tok-user": "alice"},
-                            {(sa, "team-c", "list"), (sa, "team-c", "create"), ("alice", "team-d", "list")})
+    reviewer = FakeReviewer(
+        {"tok-sa": sa, "tok-user": "alice"},
+        {(sa, "team-c", "list"), (sa, "team-c", "create"), ("alice", "team-d", "list")},
+    )
     auth = Authenticator(parse_access(ACCESS), tokens=reviewer)
     assert await auth(headers(KEY_A)) == Tenant("team-a", "org-alpha", "team-a-ci")  # keys first, no review
     assert reviewer.calls == []
     assert await auth(headers("tok-sa"), "POST") == Tenant("team-c", "org-team-c", sa)
-    assert await auth({**headers("tok-user"), "OpenAI-Project": "team-d"}, "GET") == Tenant("team-d", "org-team-d", "alice")
+    assert await auth({**headers("tok-user"), "OpenAI-Project": "team-d"}, "GET") == Tenant(
+        "team-d", "org-team-d", "alice"
+    )
     with pytest.raises(Forbidden, match="may not create finetunejobs.kubetune.io in namespace 'team-d'"):
         await auth({**headers("tok-user"), "OpenAI-Project": "team-d"}, "POST")
     with pytest.raises(Forbidden, match="OpenAI-Project"):

@@ -25,7 +25,6 @@ KEY = "key-a-0123456789abcdef"
 async def test_no_operation_answers_a_server_error(tmp_path: Path) -> None:
     import uvicorn
     from kubernetes import client as k8s
-
     from kubetune.gateway.kube import KubeBackend
     from kubetune.gateway.server import kube_app
 
@@ -35,8 +34,14 @@ async def test_no_operation_answers_a_server_error(tmp_path: Path) -> None:
     async with serve() as kube:
         configuration = k8s.Configuration()
         configuration.host = kube.base_url
-        app = kube_app({"KUBETUNE_API_STORAGE": f"file://{tmp_path}/store", "KUBETUNE_API_ACCESS_FILE": str(access),
-                        "KUBETUNE_API_GPUS": "0"}, client=KubeBackend.client_for(configuration))
+        app = kube_app(
+            {
+                "KUBETUNE_API_STORAGE": f"file://{tmp_path}/store",
+                "KUBETUNE_API_ACCESS_FILE": str(access),
+                "KUBETUNE_API_GPUS": "0",
+            },
+            client=KubeBackend.client_for(configuration),
+        )
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
@@ -55,10 +60,15 @@ async def test_no_operation_answers_a_server_error(tmp_path: Path) -> None:
 
 def fuzz(base: str) -> dict[str, set[int]]:
     auth = {"Authorization": f"Bearer {KEY}"}
-    file_id = requests.post(f"{base}/v1/files", files={"file": ("t.jsonl", DATA)}, data={"purpose": "fine-tune"},
-                            headers=auth, timeout=10).json()["id"]
-    job = requests.post(f"{base}/v1/fine_tuning/jobs", json={"model": "builtin://tiny-llama", "training_file": file_id},
-                        headers=auth, timeout=10)
+    file_id = requests.post(
+        f"{base}/v1/files", files={"file": ("t.jsonl", DATA)}, data={"purpose": "fine-tune"}, headers=auth, timeout=10
+    ).json()["id"]
+    job = requests.post(
+        f"{base}/v1/fine_tuning/jobs",
+        json={"model": "builtin://tiny-llama", "training_file": file_id},
+        headers=auth,
+        timeout=10,
+    )
     assert job.status_code == 200, job.text
     schema = schemathesis.openapi.from_dict(requests.get(f"{base}/openapi.json", timeout=10).json())
     seen: dict[str, set[int]] = {}

@@ -17,8 +17,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import openai
 import pytest
@@ -39,9 +39,22 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[openai.OpenA
     root = tmp_path_factory.mktemp("kubetune-api")
     port = _free_port()
     log = open(root / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-c", "from kubetune.cli import main; main()", "api", "--local",
-                             "--dir", str(root / "state"), "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from kubetune.cli import main; main()",
+            "api",
+            "--local",
+            "--dir",
+            str(root / "state"),
+            "--port",
+            str(port),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "OMP_NUM_THREADS": "2"},
+    )
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="local", max_retries=0, timeout=30)
     try:
         deadline = time.time() + 60
@@ -67,7 +80,7 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[openai.OpenA
 def until(fn: Callable[[], object], timeout: float, what: str):
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if (value := fn()):
+        if value := fn():
             return value
         time.sleep(0.3)
     raise AssertionError(f"timed out waiting for {what}")
@@ -81,8 +94,13 @@ def test_files_job_events_checkpoints_models(api) -> None:
     client, state = api
     uploaded = client.files.create(file=("support-chat.jsonl", quickstart(40)), purpose="fine-tune")
     assert uploaded.bytes == len(quickstart(40)) and uploaded.purpose == "fine-tune"
-    job = client.fine_tuning.jobs.create(model="builtin://tiny-llama", training_file=uploaded.id,
-                                         hyperparameters={"n_epochs": 1}, suffix="support", metadata={"run": "a"})
+    job = client.fine_tuning.jobs.create(
+        model="builtin://tiny-llama",
+        training_file=uploaded.id,
+        hyperparameters={"n_epochs": 1},
+        suffix="support",
+        metadata={"run": "a"},
+    )
     assert job.status == "validating_files" and job.hyperparameters.n_epochs == 1
     seen: list[str] = []
 
@@ -126,8 +144,12 @@ def test_files_job_events_checkpoints_models(api) -> None:
     assert [j.id for j in client.fine_tuning.jobs.list(metadata={"run": "a"})] == [job.id]
 
     # and use it: chat completions answered by kubetune serve over the job's output, streamed or not
-    ask = dict(model=final.fine_tuned_model, messages=[{"role": "user", "content": "Can I return my gloves?"}],
-               max_tokens=6, temperature=0)
+    ask = dict(
+        model=final.fine_tuned_model,
+        messages=[{"role": "user", "content": "Can I return my gloves?"}],
+        max_tokens=6,
+        temperature=0,
+    )
     reply = client.with_options(timeout=300).chat.completions.create(**ask)
     assert reply.model == final.fine_tuned_model and reply.usage.completion_tokens >= 1
     text = reply.choices[0].message.content
@@ -139,14 +161,17 @@ def test_files_job_events_checkpoints_models(api) -> None:
 def test_pause_resume_cancel_a_running_job(api) -> None:
     client, state = api
     uploaded = client.files.create(file=("small.jsonl", quickstart(20)), purpose="fine-tune")
-    job = client.fine_tuning.jobs.create(model="builtin://tiny-llama", training_file=uploaded.id,
-                                         hyperparameters={"n_epochs": 3, "batch_size": 2})
-    step = lambda: max((e.data["step"] for e in client.fine_tuning.jobs.list_events(job.id, limit=100)  # noqa: E731
-                        if e.type == "metrics"), default=0)
+    job = client.fine_tuning.jobs.create(
+        model="builtin://tiny-llama", training_file=uploaded.id, hyperparameters={"n_epochs": 3, "batch_size": 2}
+    )
+    step = lambda: max(
+        (e.data["step"] for e in client.fine_tuning.jobs.list_events(job.id, limit=100) if e.type == "metrics"),
+        default=0,
+    )
     until(lambda: step() >= 2, 180, "training steps")
     paused = client.fine_tuning.jobs.pause(job.id)
     assert paused.status == "queued"  # the client's enum has no paused (translate.PAUSED_STATUS)
-    messages = lambda: [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]  # noqa: E731
+    messages = lambda: [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
     until(lambda: any("paused after writing a checkpoint" in m for m in messages()), 120, "the pause")
     at_pause = step()
     checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job.id))
@@ -177,8 +202,11 @@ def test_malformed_file_fails_with_the_line(api) -> None:
     lines[11] = json.dumps({"messages": [{"role": "user", "content": "Where is my order?"}]})  # no assistant turn
     uploaded = client.files.create(file=("broken.jsonl", ("\n".join(lines) + "\n").encode()), purpose="fine-tune")
     job = client.fine_tuning.jobs.create(model="builtin://tiny-llama", training_file=uploaded.id)
-    final = until(lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in ("failed", "succeeded") and j,
-                  60, "validation")
+    final = until(
+        lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in ("failed", "succeeded") and j,
+        60,
+        "validation",
+    )
     assert final.status == "failed"
     assert final.error.param == "training_file:12" and final.error.code == "InvalidData"
     assert f"{uploaded.id} (broken.jsonl):12" in final.error.message

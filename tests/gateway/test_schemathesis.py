@@ -22,9 +22,12 @@ def test_no_operation_answers_a_server_error(tmp_path: Path) -> None:
     started = time.time()
     with local_api(tmp_path) as url:
         # some real objects, so generated ids sometimes hit and paths go past the 404s
-        file_id = requests.post(f"{url}/files", files={"file": ("t.jsonl", subset(20))}, data={"purpose": "fine-tune"},
-                                timeout=10).json()["id"]
-        requests.post(f"{url}/fine_tuning/jobs", json={"model": "builtin://tiny-llama", "training_file": file_id}, timeout=10)
+        file_id = requests.post(
+            f"{url}/files", files={"file": ("t.jsonl", subset(20))}, data={"purpose": "fine-tune"}, timeout=10
+        ).json()["id"]
+        requests.post(
+            f"{url}/fine_tuning/jobs", json={"model": "builtin://tiny-llama", "training_file": file_id}, timeout=10
+        )
         doc = requests.get(url.removesuffix("/v1") + "/openapi.json", timeout=10).json()
         schema = schemathesis.openapi.from_dict(doc)
         base = url.removesuffix("/v1")
@@ -34,8 +37,7 @@ def test_no_operation_answers_a_server_error(tmp_path: Path) -> None:
         for operation in operations:
             codes = seen.setdefault(f"{operation.method.upper()} {operation.path}", set())
 
-            @settings(max_examples=EXAMPLES, deadline=None, database=None,
-                      suppress_health_check=list(HealthCheck))
+            @settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
             @given(case=operation.as_strategy())
             def check(case) -> None:
                 response = case.call(base_url=base, timeout=10)

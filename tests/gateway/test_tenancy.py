@@ -10,8 +10,8 @@ from pathlib import Path
 
 import openai
 import pytest
-
 from kubetune.gateway.backend import Tenant
+
 from tests.gateway.test_app import local_api, subset, wait_for
 
 KEY_A, KEY_B = "a-key-" + "a" * 20, "b-key-" + "b" * 20
@@ -32,19 +32,27 @@ def test_a_key_sees_only_its_own_namespace(tmp_path: Path) -> None:
         assert [j.id for j in a.fine_tuning.jobs.list()] == []
         assert [j.id for j in a.fine_tuning.jobs.list(metadata={"team": "b"})] == []
         # read, download, delete, train on, cancel, pause, events, checkpoints: not found
-        for call in (lambda: a.files.retrieve(b_file.id), lambda: a.files.content(b_file.id),
-                     lambda: a.files.delete(b_file.id), lambda: a.fine_tuning.jobs.retrieve(b_job.id),
-                     lambda: a.fine_tuning.jobs.cancel(b_job.id), lambda: a.fine_tuning.jobs.pause(b_job.id),
-                     lambda: a.fine_tuning.jobs.resume(b_job.id), lambda: a.fine_tuning.jobs.list_events(b_job.id),
-                     lambda: a.fine_tuning.jobs.checkpoints.list(b_job.id)):
+        for call in (
+            lambda: a.files.retrieve(b_file.id),
+            lambda: a.files.content(b_file.id),
+            lambda: a.files.delete(b_file.id),
+            lambda: a.fine_tuning.jobs.retrieve(b_job.id),
+            lambda: a.fine_tuning.jobs.cancel(b_job.id),
+            lambda: a.fine_tuning.jobs.pause(b_job.id),
+            lambda: a.fine_tuning.jobs.resume(b_job.id),
+            lambda: a.fine_tuning.jobs.list_events(b_job.id),
+            lambda: a.fine_tuning.jobs.checkpoints.list(b_job.id),
+        ):
             with pytest.raises(openai.NotFoundError):
                 call()
         with pytest.raises(openai.BadRequestError) as err:
             a.fine_tuning.jobs.create(model="builtin://tiny-llama", training_file=b_file.id)
         assert err.value.body["param"] == "training_file"
         with pytest.raises(openai.NotFoundError) as err:  # B's tuned-model name is no way in either
-            a.chat.completions.create(model=f"ft:tiny-llama:org-b::{b_job.id.removeprefix('ftjob-')}",
-                                      messages=[{"role": "user", "content": "hi"}])
+            a.chat.completions.create(
+                model=f"ft:tiny-llama:org-b::{b_job.id.removeprefix('ftjob-')}",
+                messages=[{"role": "user", "content": "hi"}],
+            )
         assert err.value.body["code"] == "model_not_found"
         # a paging cursor from the other tenant is no way in either
         with pytest.raises(openai.BadRequestError):

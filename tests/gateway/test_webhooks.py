@@ -13,20 +13,33 @@ from typing import Any
 import aiohttp.web
 import pytest
 import pytest_asyncio
-from standardwebhooks.webhooks import Webhook, WebhookVerificationError
-
 from kubetune.gateway.webhooks import (
-    Delivery, Dispatcher, Endpoint, FileLedger, MemoryLedger, WebhookConfig, WebhookError, WebhookSender,
-    endpoint_for, event_id, new_secret, sign,
+    Delivery,
+    Dispatcher,
+    Endpoint,
+    FileLedger,
+    MemoryLedger,
+    WebhookConfig,
+    WebhookError,
+    WebhookSender,
+    endpoint_for,
+    event_id,
+    new_secret,
+    sign,
 )
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 SECRET = new_secret()
 
 
 def test_signature_matches_the_specs_test_vector() -> None:
     """The vector published with the Standard Webhooks spec and its reference libraries."""
-    assert sign("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330,
-                '{"test": 2432232314}') == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+    assert (
+        sign(
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, '{"test": 2432232314}'
+        )
+        == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+    )
 
 
 class Receiver:
@@ -74,7 +87,13 @@ async def receiver() -> AsyncIterator[Receiver]:
 def delivery(url: str, status: str = "succeeded", job: str = "ftjob-abc", secret: str = SECRET) -> Delivery:
     from kubetune.gateway.webhooks import EVENTS
 
-    return Delivery(key=f"team-a/{job}", job_id=job, event_type=EVENTS[status], endpoint=Endpoint(url, secret), created_at=1_700_000_000)
+    return Delivery(
+        key=f"team-a/{job}",
+        job_id=job,
+        event_type=EVENTS[status],
+        endpoint=Endpoint(url, secret),
+        created_at=1_700_000_000,
+    )
 
 
 async def test_a_500_is_retried_with_backoff_and_the_delivery_verifies(receiver: Receiver) -> None:
@@ -91,12 +110,18 @@ async def test_a_500_is_retried_with_backoff_and_the_delivery_verifies(receiver:
         await sender.aclose()
     assert outcome == "delivered" and outcomes == ["delivered"]
     assert [r["verified"] for r in receiver.received] == [True, True, True]
-    assert {r["id"] for r in receiver.received} == {event_id("ftjob-abc", "fine_tuning.job.succeeded")}  # one event, 3 tries
-    assert receiver.received[-1]["payload"] == {"id": event_id("ftjob-abc", "fine_tuning.job.succeeded"), "object": "event",
-                                                "created_at": 1_700_000_000, "type": "fine_tuning.job.succeeded",
-                                                "data": {"id": "ftjob-abc"}}
+    assert {r["id"] for r in receiver.received} == {
+        event_id("ftjob-abc", "fine_tuning.job.succeeded")
+    }  # one event, 3 tries
+    assert receiver.received[-1]["payload"] == {
+        "id": event_id("ftjob-abc", "fine_tuning.job.succeeded"),
+        "object": "event",
+        "created_at": 1_700_000_000,
+        "type": "fine_tuning.job.succeeded",
+        "data": {"id": "ftjob-abc"},
+    }
     gaps = [b - a for a, b in zip(receiver.times, receiver.times[1:])]
-    assert 0.08 <= gaps[0] and gaps[1] >= 0.16 and gaps[1] > gaps[0] * 1.2  # 0.1 s then 0.2 s, ±20 % jitter
+    assert gaps[0] >= 0.08 and gaps[1] >= 0.16 and gaps[1] > gaps[0] * 1.2  # 0.1 s then 0.2 s, ±20 % jitter
 
 
 async def test_retry_after_is_honoured_and_a_4xx_is_not_retried(receiver: Receiver) -> None:
@@ -149,8 +174,10 @@ async def test_dispatcher_delivers_each_transition_once_and_never_blocks(receive
         await dispatcher.aclose()
     assert [r["payload"]["data"]["id"] for r in receiver.received if r["verified"]] == ["ftjob-1", "ftjob-1", "ftjob-3"]
     assert receiver.received[0]["payload"]["created_at"] == 1_700_000_100
-    assert ledger.entries == {("team-a/ftjob-1", "fine_tuning.job.succeeded"): "delivered",
-                              ("team-a/ftjob-3", "fine_tuning.job.failed"): "delivered"}
+    assert ledger.entries == {
+        ("team-a/ftjob-1", "fine_tuning.job.succeeded"): "delivered",
+        ("team-a/ftjob-3", "fine_tuning.job.failed"): "delivered",
+    }
 
 
 async def test_a_pending_claim_left_by_a_stopped_process_is_resumed_once(receiver: Receiver, tmp_path: Path) -> None:
@@ -165,12 +192,15 @@ async def test_a_pending_claim_left_by_a_stopped_process_is_resumed_once(receive
     finally:
         await resumed.aclose()
     assert len(receiver.received) == 1
-    assert FileLedger(tmp_path / "ledger.json").entries == {("team-a/ftjob-9", "fine_tuning.job.succeeded"): "delivered"}
+    assert FileLedger(tmp_path / "ledger.json").entries == {
+        ("team-a/ftjob-9", "fine_tuning.job.succeeded"): "delivered"
+    }
 
 
 def test_endpoint_from_namespace_config_and_job_metadata() -> None:
-    config = WebhookConfig(namespace="team-a", url="https://hooks.example.com/a", secret=SECRET,
-                           events=["fine_tuning.job.failed"])
+    config = WebhookConfig(
+        namespace="team-a", url="https://hooks.example.com/a", secret=SECRET, events=["fine_tuning.job.failed"]
+    )
     assert endpoint_for(config, None) == Endpoint("https://hooks.example.com/a", SECRET, ("fine_tuning.job.failed",))
     assert endpoint_for(config, {"webhook_url": "https://other.example/x"}).url == "https://other.example/x"
     assert endpoint_for(None, {"team": "x"}) is None

@@ -8,12 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from kubetune.gateway.auth import REQUEST_METHOD, Authenticator, RequestMethodMiddleware, TokenReviewer
 from kubetune.gateway.backend import Forbidden, Tenant
 from kubetune.gateway.metrics import GatewayMetrics, MetricsMiddleware
 from kubetune.gateway.webhooks import Delivery, Endpoint
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -58,22 +57,38 @@ async def recorded() -> tuple[GatewayMetrics, str]:
 
 async def test_exposition_counts_by_route_template() -> None:
     _, text = await recorded()
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
     route = Route.path
     assert samples[("kubetune_api_requests_total", (("code", "200"), ("method", "GET"), ("route", route)))] == 2
     assert samples[("kubetune_api_requests_total", (("code", "404"), ("method", "GET"), ("route", route)))] == 1
     assert samples[("kubetune_api_request_duration_seconds_count", (("method", "GET"), ("route", route)))] == 3
     assert samples[("kubetune_api_requests_in_flight", ())] == 0
-    assert samples[("kubetune_api_webhook_deliveries_total", (("event", "fine_tuning.job.succeeded"), ("outcome", "delivered")))] == 1
+    assert (
+        samples[
+            (
+                "kubetune_api_webhook_deliveries_total",
+                (("event", "fine_tuning.job.succeeded"), ("outcome", "delivered")),
+            )
+        ]
+        == 1
+    )
     assert samples[("kubetune_api_webhook_attempts_total", (("result", "HTTP 500"),))] == 1
     assert "ftjob-1" not in text
 
 
 async def test_promtool_check_metrics_is_silent() -> None:
     _, text = await recorded()
-    promtool = subprocess.run(["bash", str(ROOT / "hack" / "get-promtool.sh")], capture_output=True, text=True, check=True).stdout.strip()
+    promtool = subprocess.run(
+        ["bash", str(ROOT / "hack" / "get-promtool.sh")], capture_output=True, text=True, check=True
+    ).stdout.strip()
     check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, check=False)
-    assert check.returncode == 0 and check.stdout.strip() == "" and check.stderr.strip() == "", check.stdout + check.stderr
+    assert check.returncode == 0 and check.stdout.strip() == "" and check.stderr.strip() == "", (
+        check.stdout + check.stderr
+    )
 
 
 class Reviewer(TokenReviewer):

@@ -1,6 +1,7 @@
 """A stand-in trainer for the elastic rendezvous test: joins the process group torchrun set up
 (gloo on CPU), runs `steps` all-reduces one per 0.2 s and appends one line per step to
 OUT/rank-R.log with the restart count, so the test can see who restarted and who finished."""
+
 from __future__ import annotations
 
 import os

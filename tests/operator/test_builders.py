@@ -33,8 +33,8 @@ from kubetune.operator.builders import (
     child_name,
     headless_service,
     label_value,
-    podgroup,
     pod_resources,
+    podgroup,
     trainer_job,
     validation_job,
 )
@@ -69,11 +69,13 @@ EXTRA_VOLUMES = [
 CASE_CHANGES: dict[str, Callable[[dict[str, Any]], None]] = {
     "pod-overrides-train": lambda spec: (
         spec["podOverrides"]["volumes"].extend(EXTRA_VOLUMES),
-        spec["podOverrides"]["volumeMounts"].extend([
-            {"name": "client-cert", "mountPath": "/etc/ssl/client", "readOnly": True},
-            {"name": "compile-cache", "mountPath": "/var/cache/compile"},
-            {"name": "shared-datasets", "mountPath": "/datasets", "readOnly": True, "subPath": "support"},
-        ]),
+        spec["podOverrides"]["volumeMounts"].extend(
+            [
+                {"name": "client-cert", "mountPath": "/etc/ssl/client", "readOnly": True},
+                {"name": "compile-cache", "mountPath": "/var/cache/compile"},
+                {"name": "shared-datasets", "mountPath": "/datasets", "readOnly": True, "subPath": "support"},
+            ]
+        ),
         spec.setdefault("resources", {}).update(nodes=2),
     ),
 }
@@ -213,7 +215,10 @@ def test_spec_configmap_parses_back_into_the_same_job() -> None:
             back = parse(json.loads(cm["data"][volume["configMap"]["items"][0]["key"]]))
             assert back.spec == ftj.spec
             assert (back.metadata.name, back.metadata.namespace, back.metadata.uid) == (
-                ftj.metadata.name, ftj.metadata.namespace, UID)
+                ftj.metadata.name,
+                ftj.metadata.namespace,
+                UID,
+            )
             container = job["spec"]["template"]["spec"]["containers"][0]
             assert "/etc/kubetune/spec.json" in container["command"]
 
@@ -253,7 +258,16 @@ def test_o10_credentials_only_through_secret_key_refs(monkeypatch: pytest.Monkey
 
 # --------------------------------------------------------------------- pod security (PSS)
 
-RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"}
+RESTRICTED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
 
 
 @pytest.mark.parametrize(("name", "template"), list(pod_templates()), ids=[n for n, _ in pod_templates()])
@@ -291,8 +305,12 @@ def test_multi_node_rendezvous_points_at_index_zero_of_the_service() -> None:
     assert pod["subdomain"] == svc["metadata"]["name"]
     assert env["MASTER_ADDR"]["value"] == f"{name}-0.{svc['metadata']['name']}"
     assert svc["spec"]["selector"] == {"batch.kubernetes.io/job-name": name}
-    assert env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"].endswith("['batch.kubernetes.io/job-completion-index']")
-    assert job["spec"]["template"]["metadata"]["annotations"]["scheduling.k8s.io/group-name"] == group["metadata"]["name"]
+    assert env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"].endswith(
+        "['batch.kubernetes.io/job-completion-index']"
+    )
+    assert (
+        job["spec"]["template"]["metadata"]["annotations"]["scheduling.k8s.io/group-name"] == group["metadata"]["name"]
+    )
     assert group["spec"]["minMember"] == 2 and group["spec"]["minResources"] == {"nvidia.com/gpu": "16"}
 
 
@@ -320,25 +338,33 @@ def test_suspend_and_cpu_only_and_pvc_sources() -> None:
     assert pod["containers"][0]["command"][:2] == ["python", "-m"]
     assert "nvidia.com/gpu" not in json.dumps(pod["containers"][0]["resources"])
     assert "dshm" not in {v["name"] for v in pod["volumes"]}
-    claims = {v["persistentVolumeClaim"]["claimName"]: v["persistentVolumeClaim"]["readOnly"]
-              for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    claims = {
+        v["persistentVolumeClaim"]["claimName"]: v["persistentVolumeClaim"]["readOnly"]
+        for v in pod["volumes"]
+        if "persistentVolumeClaim" in v
+    }
     assert claims == {"models": True, "outputs": False}
     mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
     assert {"/mnt/pvc/models", "/mnt/pvc/outputs"} <= mounts
     validate = validation_job(ftj, UID, SETTINGS)
-    assert all(v["persistentVolumeClaim"]["readOnly"] for v in validate["spec"]["template"]["spec"]["volumes"]
-               if "persistentVolumeClaim" in v)
+    assert all(
+        v["persistentVolumeClaim"]["readOnly"]
+        for v in validate["spec"]["template"]["spec"]["volumes"]
+        if "persistentVolumeClaim" in v
+    )
 
 
 def test_settings_from_env_reads_kubetune_variables() -> None:
-    settings = OperatorSettings.from_env({
-        "KUBETUNE_TRAINER_IMAGE": "registry.local/trainer@sha256:abc",
-        "KUBETUNE_GPU_PRICE_PER_HOUR_USD": "3.5",
-        "KUBETUNE_KUEUE": "false",
-        "KUBETUNE_NAMESPACES": "team-a, team-b",
-        "KUBETUNE_ALLOWED_OUTPUT_PREFIX": "",
-        "UNRELATED": "x",
-    })
+    settings = OperatorSettings.from_env(
+        {
+            "KUBETUNE_TRAINER_IMAGE": "registry.local/trainer@sha256:abc",
+            "KUBETUNE_GPU_PRICE_PER_HOUR_USD": "3.5",
+            "KUBETUNE_KUEUE": "false",
+            "KUBETUNE_NAMESPACES": "team-a, team-b",
+            "KUBETUNE_ALLOWED_OUTPUT_PREFIX": "",
+            "UNRELATED": "x",
+        }
+    )
     assert settings.trainer_image == "registry.local/trainer@sha256:abc"
     assert settings.gpu_price_per_hour_usd == 3.5 and settings.kueue is False
     assert settings.namespaces == ("team-a", "team-b") and settings.allowed_output_prefix is None
@@ -367,8 +393,9 @@ def test_host_network_setting() -> None:
         pod = job["spec"]["template"]["spec"]
         assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet"
         check_schema(job)
-    assert OperatorSettings.from_env({"KUBETUNE_HOST_NETWORK": "true", "KUBETUNE_HEALTH_PORT": "18080"}) == OperatorSettings(
-        host_network=True, health_port=18080)
+    assert OperatorSettings.from_env(
+        {"KUBETUNE_HOST_NETWORK": "true", "KUBETUNE_HEALTH_PORT": "18080"}
+    ) == OperatorSettings(host_network=True, health_port=18080)
 
 
 # ------------------------------------------------------------------ spec.podOverrides
@@ -393,10 +420,17 @@ def test_pod_overrides_reach_the_trainer_and_the_validation_pods() -> None:
         assert pod["runtimeClassName"] == "nvidia"
         assert pod["imagePullSecrets"] == [{"name": "registry-example-com"}]
         env = pod["containers"][0]["env"]
-        assert [e["name"] for e in env[-len(overrides.env):]] == [e.name for e in overrides.env]
+        assert [e["name"] for e in env[-len(overrides.env) :]] == [e.name for e in overrides.env]
         assert env[0]["name"] == "KUBETUNE_TERMINATION_PATH"
-        assert pod["volumes"][-1] == {"name": "company-ca", "configMap": {"name": "company-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]}}
-        assert pod["containers"][0]["volumeMounts"][-1] == {"name": "company-ca", "mountPath": "/etc/ssl/company", "readOnly": True}
+        assert pod["volumes"][-1] == {
+            "name": "company-ca",
+            "configMap": {"name": "company-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]},
+        }
+        assert pod["containers"][0]["volumeMounts"][-1] == {
+            "name": "company-ca",
+            "mountPath": "/etc/ssl/company",
+            "readOnly": True,
+        }
     plain = trainer_job(parse(manifest("lora.yaml")), UID, SETTINGS)["spec"]["template"]["spec"]
     assert plain["serviceAccountName"] == SETTINGS.trainer_service_account
     assert not {"runtimeClassName", "imagePullSecrets"} & set(plain)
@@ -408,8 +442,18 @@ def test_every_name_kubetune_uses_is_refused_in_pod_overrides() -> None:
     by the CRD, or a user could shadow it."""
     crd = yaml.safe_load((Path(__file__).resolve().parents[2] / "crds" / "finetunejobs.kubetune.io.yaml").read_text())
     settings = OperatorSettings(allowed_output_prefix="s3://models/")
-    env, volumes, paths, keys = set(), set(), set(), {"batch.kubernetes.io/job-name", "batch.kubernetes.io/controller-uid",
-                                                      "job-name", "controller-uid", "batch.kubernetes.io/job-completion-index"}
+    env, volumes, paths, keys = (
+        set(),
+        set(),
+        set(),
+        {
+            "batch.kubernetes.io/job-name",
+            "batch.kubernetes.io/controller-uid",
+            "job-name",
+            "controller-uid",
+            "batch.kubernetes.io/job-completion-index",
+        },
+    )
     pvc = manifest("multi-node-volcano.yaml", model={"source": "pvc://models/base"})
     for ftj in (parse(pvc), parse(manifest("lora.yaml"))):
         for job in (trainer_job(ftj, UID, settings), validation_job(ftj, UID, settings)):
@@ -419,12 +463,17 @@ def test_every_name_kubetune_uses_is_refused_in_pod_overrides() -> None:
             volumes |= {v["name"] for v in template["spec"]["volumes"]}
             paths |= {m["mountPath"] for m in template["spec"]["containers"][0]["volumeMounts"]}
     paths.add(builders.DEFAULT_TERMINATION_PATH)
-    assert {"NODE_RANK", "KUBETUNE_ALLOWED_OUTPUT_PREFIX", "HF_TOKEN"} <= env and "pvc-0" in volumes and "/mnt/pvc/models" in paths
+    assert (
+        {"NODE_RANK", "KUBETUNE_ALLOWED_OUTPUT_PREFIX", "HF_TOKEN"} <= env
+        and "pvc-0" in volumes
+        and "/mnt/pvc/models" in paths
+    )
     tries = (
         [{"env": [{"name": n, "value": "x"}]} for n in env]
         + [{"volumes": [{"name": n, "emptyDir": {}}]} for n in volumes]
         + [{"volumes": [{"name": "v", "emptyDir": {}}], "volumeMounts": [{"name": "v", "mountPath": p}]} for p in paths]
-        + [{"labels": {k: "x"}} for k in keys] + [{"annotations": {k: "x"}} for k in keys]
+        + [{"labels": {k: "x"}} for k in keys]
+        + [{"annotations": {k: "x"}} for k in keys]
     )
     for overrides in tries:
         data = manifest("multi-node-volcano.yaml", podOverrides=overrides)  # it has a credentialsSecret
@@ -434,8 +483,9 @@ def test_every_name_kubetune_uses_is_refused_in_pod_overrides() -> None:
 
 
 def test_pod_overrides_are_not_searched_for_pvc_uris() -> None:
-    data = manifest("lora.yaml", podOverrides={"env": [{"name": "NOTE", "value": "pvc://scratch/x"}],
-                                               "labels": {"source": "pvc"}})
+    data = manifest(
+        "lora.yaml", podOverrides={"env": [{"name": "NOTE", "value": "pvc://scratch/x"}], "labels": {"source": "pvc"}}
+    )
     pod = trainer_job(parse(data), UID, SETTINGS)["spec"]["template"]["spec"]
     assert not any("persistentVolumeClaim" in v for v in pod["volumes"])
 
@@ -452,7 +502,9 @@ def test_credentials_come_from_the_secret_or_from_pod_overrides_not_both() -> No
 
 def test_spec_digest_ignores_what_may_change_after_start() -> None:
     ftj = parse(manifest("lora.yaml"))
-    suspended = parse(manifest("lora.yaml") | {"spec": {**manifest("lora.yaml")["spec"], "suspend": True, "cancel": True}})
+    suspended = parse(
+        manifest("lora.yaml") | {"spec": {**manifest("lora.yaml")["spec"], "suspend": True, "cancel": True}}
+    )
     edited = manifest("lora.yaml")
     edited["spec"]["hyperparameters"] = {**edited["spec"].get("hyperparameters", {}), "epochs": 7}
     assert builders.spec_configmap_name(suspended) == builders.spec_configmap_name(ftj)
@@ -465,9 +517,18 @@ def test_the_judge_key_reaches_only_the_training_pod_through_a_secret_key_ref() 
 
     ftj = parse(manifest("lora.yaml"))
     ftj.spec.evaluation.judge = ftj.spec.evaluation.model_validate(
-        {"judge": {"url": "https://api.example.com/v1", "model": "gpt-4o-mini", "apiKeySecret": "judge-key"}}).judge
+        {"judge": {"url": "https://api.example.com/v1", "model": "gpt-4o-mini", "apiKeySecret": "judge-key"}}
+    ).judge
     train_env = trainer_job(ftj, UID, SETTINGS)["spec"]["template"]["spec"]["containers"][0]["env"]
-    assert {"name": JUDGE_API_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": "judge-key", "key": "api-key"}}} in train_env
+    assert {
+        "name": JUDGE_API_KEY_ENV,
+        "valueFrom": {"secretKeyRef": {"name": "judge-key", "key": "api-key"}},
+    } in train_env
     check_env = validation_job(ftj, UID, SETTINGS)["spec"]["template"]["spec"]["containers"][0]["env"]
     assert all(e["name"] != JUDGE_API_KEY_ENV for e in check_env)
-    assert all(e["name"] != JUDGE_API_KEY_ENV for e in trainer_job(parse(manifest("lora.yaml")), UID, SETTINGS)["spec"]["template"]["spec"]["containers"][0]["env"])
+    assert all(
+        e["name"] != JUDGE_API_KEY_ENV
+        for e in trainer_job(parse(manifest("lora.yaml")), UID, SETTINGS)["spec"]["template"]["spec"]["containers"][0][
+            "env"
+        ]
+    )

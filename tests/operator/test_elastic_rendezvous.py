@@ -6,6 +6,7 @@ its worker and finish together with the replacement (the gap a static rendezvous
 A stand-in for the Job controller (processes, not pods) because the cluster tier cannot run it:
 Indexed Jobs do not exist at 1.20, and two pods with the host network would need a pod network
 for `<job>-0.<service>` to resolve."""
+
 from __future__ import annotations
 
 import contextlib
@@ -60,7 +61,9 @@ def pod_command(tmp: Path, port: int) -> tuple[list[str], dict[str, str]]:
 def start(command: list[str], pod_env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **pod_env}
     with log.open("ab") as out:
-        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def kill_pod(pod: subprocess.Popen[bytes]) -> None:

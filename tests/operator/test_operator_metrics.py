@@ -28,22 +28,38 @@ def recorded() -> OperatorMetrics:
 
 def test_exposition_has_every_series() -> None:
     text = recorded().exposition()
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
     for phase in Phase:
         assert ("kubetune_operator_finetunejobs", (("phase", phase.value),)) in samples
     assert samples[("kubetune_operator_finetunejobs", (("phase", "Running"),))] == 2
     assert samples[("kubetune_operator_transitions_total", (("from", "Pending"), ("to", "Running")))] == 1
     assert samples[("kubetune_operator_transitions_total", (("from", "None"), ("to", "Pending")))] == 1
     assert samples[("kubetune_operator_reconcile_duration_seconds_count", ())] == 1
-    assert samples[("kubetune_operator_api_errors_total", (("code", "500"), ("resource", "finetunejobs/status"), ("verb", "patch")))] == 1
+    assert (
+        samples[
+            (
+                "kubetune_operator_api_errors_total",
+                (("code", "500"), ("resource", "finetunejobs/status"), ("verb", "patch")),
+            )
+        ]
+        == 1
+    )
     assert samples[("kubetune_operator_scrape_failures_total", ())] == 1
 
 
 def test_promtool_check_metrics_is_silent() -> None:
     text = recorded().exposition()
-    promtool = subprocess.run(["bash", str(ROOT / "hack" / "get-promtool.sh")], capture_output=True, text=True, check=True).stdout.strip()
+    promtool = subprocess.run(
+        ["bash", str(ROOT / "hack" / "get-promtool.sh")], capture_output=True, text=True, check=True
+    ).stdout.strip()
     check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, check=False)
-    assert check.returncode == 0 and check.stdout.strip() == "" and check.stderr.strip() == "", check.stdout + check.stderr
+    assert check.returncode == 0 and check.stdout.strip() == "" and check.stderr.strip() == "", (
+        check.stdout + check.stderr
+    )
 
 
 def test_serve_answers_metrics() -> None:

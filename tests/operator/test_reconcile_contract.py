@@ -64,34 +64,70 @@ def test_the_summary_drops_checkpoints_the_trainer_pruned() -> None:
 
 def test_effective_merges_the_trainer_resolved_values_with_the_operator_ones() -> None:
     summary = copy.deepcopy(SUCCESS_SUMMARY)
-    summary["effective"] = {"epochs": 3, "learningRate": 2e-4, "batchSize": 16, "gradientAccumulation": 1, "precision": "bf16",
-                            "maxSeqLength": 2048, "validationSplit": 0.1, "checkpointEverySteps": 200, "newKnob": 7}
+    summary["effective"] = {
+        "epochs": 3,
+        "learningRate": 2e-4,
+        "batchSize": 16,
+        "gradientAccumulation": 1,
+        "precision": "bf16",
+        "maxSeqLength": 2048,
+        "validationSplit": 0.1,
+        "checkpointEverySteps": 200,
+        "newKnob": 7,
+    }
     done = pod("p", phase="Succeeded", finished="2025-03-01T11:00:00Z", message=json.dumps(summary))
-    obj = ftj({"phase": "Running", "effective": {"image": "trainer:1", "gpus": 2, "nodes": 1, "estimatedGPUMemoryGiB": 9.5, "batchSize": 1}})
+    obj = ftj(
+        {
+            "phase": "Running",
+            "effective": {"image": "trainer:1", "gpus": 2, "nodes": 1, "estimatedGPUMemoryGiB": 9.5, "batchSize": 1},
+        }
+    )
     status = check(observe(obj, COMPLETE, [done], None, PRICES, NOW))
-    assert status["effective"] == {"image": "trainer:1", "gpus": 2, "nodes": 1, "estimatedGPUMemoryGiB": 9.5, "epochs": 3,
-                                   "learningRate": 2e-4, "batchSize": 16, "gradientAccumulation": 1, "precision": "bf16",
-                                   "maxSeqLength": 2048, "validationSplit": 0.1, "checkpointEverySteps": 200}
+    assert status["effective"] == {
+        "image": "trainer:1",
+        "gpus": 2,
+        "nodes": 1,
+        "estimatedGPUMemoryGiB": 9.5,
+        "epochs": 3,
+        "learningRate": 2e-4,
+        "batchSize": 16,
+        "gradientAccumulation": 1,
+        "precision": "bf16",
+        "maxSeqLength": 2048,
+        "validationSplit": 0.1,
+        "checkpointEverySteps": 200,
+    }
 
 
 def test_the_effective_info_metric_fills_effective_while_running() -> None:
-    text = ('# TYPE kubetune_trainer_effective_info gauge\n'
-            'kubetune_trainer_effective_info{batch_size="4",learning_rate="0.0003",precision="fp32",epochs="x",bogus="1"} 1.0\n')
+    text = (
+        "# TYPE kubetune_trainer_effective_info gauge\n"
+        'kubetune_trainer_effective_info{batch_size="4",learning_rate="0.0003",precision="fp32",epochs="x",bogus="1"} 1.0\n'
+    )
     status = check(observe(ftj(), RUNNING, [pod("p")], parse_metrics(text), PRICES, NOW))
     assert status["effective"] == {"batchSize": 4, "gpus": 2, "learningRate": 3e-4, "precision": "fp32"}
 
 
 def failed_with(summary: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    last = pod("demo-train-last", phase="Failed", finished="2025-03-01T11:50:00Z", exit_code=PERMANENT_EXIT_CODE,
-               message=json.dumps(summary))
+    last = pod(
+        "demo-train-last",
+        phase="Failed",
+        finished="2025-03-01T11:50:00Z",
+        exit_code=PERMANENT_EXIT_CODE,
+        message=json.dumps(summary),
+    )
     j = failed_job("PodFailurePolicy", "exit code 3", 1)
     old = running_status()
     return old, j, check(observe(ftj(old), j, [last], None, PRICES, NOW))
 
 
 def test_a_failure_is_one_structured_error() -> None:
-    summary = {"status": "failed", "reason": "InvalidData", "message": f"train.jsonl:17: no assistant turn (key {CANARY})",
-               "param": "s3://bucket/data/train.jsonl:17"}
+    summary = {
+        "status": "failed",
+        "reason": "InvalidData",
+        "message": f"train.jsonl:17: no assistant turn (key {CANARY})",
+        "param": "s3://bucket/data/train.jsonl:17",
+    }
     old, j, status = failed_with(summary)
     error = status["error"]
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
@@ -101,12 +137,18 @@ def test_a_failure_is_one_structured_error() -> None:
     assert observe(ftj(status), j, [], None, PRICES, NOW)["error"] == error
     # not failed (any more): no error
     assert "error" not in running_status()
-    assert "error" not in check(observe(ftj({**running_status(), "error": error}), RUNNING, [pod("p")], None, PRICES, NOW))
+    assert "error" not in check(
+        observe(ftj({**running_status(), "error": error}), RUNNING, [pod("p")], None, PRICES, NOW)
+    )
 
 
 def test_a_failure_without_a_summary_has_no_param() -> None:
     last = pod("p", phase="Failed", finished="2025-03-01T11:50:00Z", exit_code=1, message="")
-    status = check(observe(ftj(running_status()), failed_job("BackoffLimitExceeded", "backoff limit", 4), [last], None, PRICES, NOW))
+    status = check(
+        observe(
+            ftj(running_status()), failed_job("BackoffLimitExceeded", "backoff limit", 4), [last], None, PRICES, NOW
+        )
+    )
     assert status["error"]["code"] == "BackoffLimitExceeded" and "param" not in status["error"]
 
 
@@ -115,7 +157,9 @@ def test_error_info_is_redacted_and_bounded() -> None:
     assert out["code"] == "InvalidSpec" and len(out["message"].encode()) <= 1024
     assert out["param"] == "spec.output.uri ***"
     assert error_info("InvalidSpec", "m") == {"code": "InvalidSpec", "message": "m"}
-    assert error_info("InvalidSpec", "m", "  ")["message"] == "m" and "param" not in error_info("InvalidSpec", "m", "  ")
+    assert error_info("InvalidSpec", "m", "  ")["message"] == "m" and "param" not in error_info(
+        "InvalidSpec", "m", "  "
+    )
 
 
 def test_parse_termination_reads_the_contract_and_ignores_unknown_keys() -> None:

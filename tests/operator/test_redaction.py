@@ -25,32 +25,76 @@ KEY_ID = "AKIAIOSFODNN7EXAMPLE"
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
 SECRET_PARTS = ("wJalrXUtnFEMI", "K7MDENG", "bPxRfiCYEXAMPLEKEY")
 PEM_BODY = "MIIEvQIBADANBgkqhkiG9w0BAQEFAASCBKcwggSjAgEAAoIBAQC7VJTUt9Us8cKjCANARYPEM"
-SA_JSON = json.dumps({
-    "type": "service_account",
-    "project_id": "demo-project",
-    "private_key_id": "0123456789abcdef0123456789abcdef01234567",
-    "private_key": f"-----BEGIN PRIVATE KEY-----\n{PEM_BODY}\nAAAA\n-----END PRIVATE KEY-----\n",
-    "client_email": "trainer@demo-project.iam.gserviceaccount.com",
-})
+SA_JSON = json.dumps(
+    {
+        "type": "service_account",
+        "project_id": "demo-project",
+        "private_key_id": "0123456789abcdef0123456789abcdef01234567",
+        "private_key": f"-----BEGIN PRIVATE KEY-----\n{PEM_BODY}\nAAAA\n-----END PRIVATE KEY-----\n",
+        "client_email": "trainer@demo-project.iam.gserviceaccount.com",
+    }
+)
 
 # (id, text, secrets that must vanish, readable parts that must stay)
 FORMS: list[tuple[str, str, tuple[str, ...], tuple[str, ...]]] = [
-    ("userinfo-secret-with-slash", f"s3://{KEY_ID}:{SECRET}@bucket/path/model", (KEY_ID, *SECRET_PARTS), ("s3://", "@bucket/path/model")),
-    ("userinfo-secret-with-plus", f"s3://{KEY_ID}:abc+CANARY/def=@bucket/path", (KEY_ID, "abc+CANARY", "CANARY"), ("@bucket/path",)),
-    ("gs-userinfo-with-slash", "upload to gs://user:pa/ssCANARY@b/out failed", ("pa/ssCANARY", "ssCANARY", "user:"), ("gs://", "@b/out failed")),
-    ("https-userinfo", "GET https://alice:CANARYpw@data.example.com/train.jsonl: 403", ("CANARYpw", "alice"), ("@data.example.com/train.jsonl: 403",)),
+    (
+        "userinfo-secret-with-slash",
+        f"s3://{KEY_ID}:{SECRET}@bucket/path/model",
+        (KEY_ID, *SECRET_PARTS),
+        ("s3://", "@bucket/path/model"),
+    ),
+    (
+        "userinfo-secret-with-plus",
+        f"s3://{KEY_ID}:abc+CANARY/def=@bucket/path",
+        (KEY_ID, "abc+CANARY", "CANARY"),
+        ("@bucket/path",),
+    ),
+    (
+        "gs-userinfo-with-slash",
+        "upload to gs://user:pa/ssCANARY@b/out failed",
+        ("pa/ssCANARY", "ssCANARY", "user:"),
+        ("gs://", "@b/out failed"),
+    ),
+    (
+        "https-userinfo",
+        "GET https://alice:CANARYpw@data.example.com/train.jsonl: 403",
+        ("CANARYpw", "alice"),
+        ("@data.example.com/train.jsonl: 403",),
+    ),
     ("user-only-token", "s3://TOKENCANARY12345@bucket/path", ("TOKENCANARY12345",), ("@bucket/path",)),
-    ("hf-token-userinfo", "hf://hf_CANARYabcdefghijklmnopqrstuv@org/name", ("hf_CANARYabcdefghijklmnopqrstuv",), ("@org/name",)),
+    (
+        "hf-token-userinfo",
+        "hf://hf_CANARYabcdefghijklmnopqrstuv@org/name",
+        ("hf_CANARYabcdefghijklmnopqrstuv",),
+        ("@org/name",),
+    ),
     (
         "aws-presigned-query",
-        (f"https://bucket.s3.amazonaws.com/out/a.bin?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential={KEY_ID}%2F20250301"
-         "&X-Amz-Signature=CANARYdeadbeef0123&X-Amz-Security-Token=FQoGCANARYsession"),
+        (
+            f"https://bucket.s3.amazonaws.com/out/a.bin?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential={KEY_ID}%2F20250301"
+            "&X-Amz-Signature=CANARYdeadbeef0123&X-Amz-Security-Token=FQoGCANARYsession"
+        ),
         (KEY_ID, "CANARYdeadbeef0123", "FQoGCANARYsession"),
         ("bucket.s3.amazonaws.com/out/a.bin",),
     ),
-    ("gcs-signed-query", "https://storage.googleapis.com/b/o?X-Goog-Signature=CANARYgoog00&X-Goog-Date=1", ("CANARYgoog00",), ("storage.googleapis.com/b/o",)),
-    ("azure-sas", "https://acct.blob.core.windows.net/c/o?sv=2021&sig=CANARYsas%2Bx", ("CANARYsas",), ("acct.blob.core.windows.net/c/o",)),
-    ("legacy-signed-query", "https://b.s3.amazonaws.com/k?AWSAccessKeyId=ID&Signature=CANARYsig&Expires=1", ("CANARYsig",), ("b.s3.amazonaws.com/k",)),
+    (
+        "gcs-signed-query",
+        "https://storage.googleapis.com/b/o?X-Goog-Signature=CANARYgoog00&X-Goog-Date=1",
+        ("CANARYgoog00",),
+        ("storage.googleapis.com/b/o",),
+    ),
+    (
+        "azure-sas",
+        "https://acct.blob.core.windows.net/c/o?sv=2021&sig=CANARYsas%2Bx",
+        ("CANARYsas",),
+        ("acct.blob.core.windows.net/c/o",),
+    ),
+    (
+        "legacy-signed-query",
+        "https://b.s3.amazonaws.com/k?AWSAccessKeyId=ID&Signature=CANARYsig&Expires=1",
+        ("CANARYsig",),
+        ("b.s3.amazonaws.com/k",),
+    ),
     ("aws-key-id", f"The AWS Access Key Id you provided ({KEY_ID}) does not exist", (KEY_ID,), ("does not exist",)),
     ("aws-temporary-key-id", "key ASIACANARY0EXAMPLE12 expired", ("ASIACANARY0EXAMPLE12",), ("expired",)),
     ("secret-key-assignment", f"aws_secret_access_key = {SECRET} in profile", SECRET_PARTS, ("in profile",)),
@@ -60,15 +104,40 @@ FORMS: list[tuple[str, str, tuple[str, ...], tuple[str, ...]]] = [
     ("password-assignment", "password=CANARYhunter2 user=bob", ("CANARYhunter2",), ("user=bob",)),
     ("bearer", "Authorization: Bearer CANARYtoken.abc.def", ("CANARYtoken",), ("Authorization",)),
     ("basic-auth", "Authorization: Basic dXNlcjpDQU5BUllwdw==", ("dXNlcjpDQU5BUllwdw",), ("Authorization",)),
-    ("hf-token", "401 for hf_CANARYabcdefghijklmnopqrstuvwx on org/name", ("hf_CANARYabcdefghijklmnopqrstuvwx",), ("on org/name",)),
-    ("github-token", "token ghp_CANARY0123456789abcdefghijklmnopqrstuv", ("ghp_CANARY0123456789abcdefghijklmnopqrstuv",), ()),
+    (
+        "hf-token",
+        "401 for hf_CANARYabcdefghijklmnopqrstuvwx on org/name",
+        ("hf_CANARYabcdefghijklmnopqrstuvwx",),
+        ("on org/name",),
+    ),
+    (
+        "github-token",
+        "token ghp_CANARY0123456789abcdefghijklmnopqrstuv",
+        ("ghp_CANARY0123456789abcdefghijklmnopqrstuv",),
+        (),
+    ),
     ("google-api-key", "key AIzaSyCANARY0123456789abcdefghijklmnopq", ("AIzaSyCANARY0123456789abcdefghijklmnopq",), ()),
     ("google-oauth-token", "ya29.CANARYa0AfH6SMBx0123456789", ("CANARYa0AfH6SMBx0123456789",), ()),
-    ("jwt", "token eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJDQU5BUlkifQ.CANARYsignature", ("eyJzdWIiOiJDQU5BUlkifQ", "CANARYsignature"), ()),
-    ("service-account-json", SA_JSON, (PEM_BODY, "0123456789abcdef0123456789abcdef01234567"), ("demo-project", "client_email")),
+    (
+        "jwt",
+        "token eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJDQU5BUlkifQ.CANARYsignature",
+        ("eyJzdWIiOiJDQU5BUlkifQ", "CANARYsignature"),
+        (),
+    ),
+    (
+        "service-account-json",
+        SA_JSON,
+        (PEM_BODY, "0123456789abcdef0123456789abcdef01234567"),
+        ("demo-project", "client_email"),
+    ),
     ("service-account-json-in-message", f"could not load credentials {SA_JSON!r}: bad", (PEM_BODY,), ("demo-project",)),
     ("pem-truncated", f'"private_key": "-----BEGIN PRIVATE KEY-----\\n{PEM_BODY}', (PEM_BODY,), ("private_key",)),
-    ("pem-rsa-multiline", f"-----BEGIN RSA PRIVATE KEY-----\n{PEM_BODY}\n-----END RSA PRIVATE KEY-----\ntail", (PEM_BODY,), ("tail",)),
+    (
+        "pem-rsa-multiline",
+        f"-----BEGIN RSA PRIVATE KEY-----\n{PEM_BODY}\n-----END RSA PRIVATE KEY-----\ntail",
+        (PEM_BODY,),
+        ("tail",),
+    ),
 ]
 
 
@@ -82,16 +151,19 @@ def test_every_credential_form_is_redacted(text: str, secrets: tuple[str, ...], 
     assert redact(clean) == clean  # stable: status written twice does not churn
 
 
-@pytest.mark.parametrize("text", [
-    "hf://mistralai/Mistral-7B-v0.1@main",
-    "s3://bucket/models/llama@v2/adapter",
-    "plain text file..txt",
-    "example 3 has 5000 tokens: more than maxSeqLength 4096",
-    "credentialsSecret: s3-creds",
-    "Job demo-train failed (BackoffLimitExceeded)",
-    "file:///data/train.jsonl line 3: unknown role 'robot'",
-    "https://data.example.com:8443/train.jsonl",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "hf://mistralai/Mistral-7B-v0.1@main",
+        "s3://bucket/models/llama@v2/adapter",
+        "plain text file..txt",
+        "example 3 has 5000 tokens: more than maxSeqLength 4096",
+        "credentialsSecret: s3-creds",
+        "Job demo-train failed (BackoffLimitExceeded)",
+        "file:///data/train.jsonl line 3: unknown role 'robot'",
+        "https://data.example.com:8443/train.jsonl",
+    ],
+)
 def test_ordinary_text_is_kept(text: str) -> None:
     assert redact(text) == text
 
@@ -119,12 +191,17 @@ def clean_filters() -> Iterator[None]:
 
 
 def _body() -> dict:
-    return {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
-            "metadata": {"name": "demo", "namespace": "ns", "uid": "uid-1"}}
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "demo", "namespace": "ns", "uid": "uid-1"},
+    }
 
 
 def test_filter_rewrites_message_args_and_traceback() -> None:
-    record = logging.LogRecord("kubetune.x", logging.ERROR, __file__, 1, "upload to %s failed", (f"s3://{KEY_ID}:{SECRET}@b/p",), None)
+    record = logging.LogRecord(
+        "kubetune.x", logging.ERROR, __file__, 1, "upload to %s failed", (f"s3://{KEY_ID}:{SECRET}@b/p",), None
+    )
     try:
         raise RuntimeError(f"HTTP 403 for s3://{KEY_ID}:{SECRET}@b/p")
     except RuntimeError:

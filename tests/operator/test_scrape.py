@@ -18,7 +18,7 @@ import time
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -29,11 +29,13 @@ from kubetune.operator.reconcile import Prices, controlled_by_job, observe, owne
 from kubetune.operator.scrape import SCRAPE_MAX_BYTES, ScrapeRefused, metrics_url, scrape
 
 MiB = 1 << 20
-PAGE = (b"# HELP kubetune_trainer_step Optimizer steps done.\n# TYPE kubetune_trainer_step gauge\nkubetune_trainer_step 12.0\n"
-        b"process_cpu_seconds_total 3.5\nkubetune_trainer_train_loss 1.25\n")
+PAGE = (
+    b"# HELP kubetune_trainer_step Optimizer steps done.\n# TYPE kubetune_trainer_step gauge\nkubetune_trainer_step 12.0\n"
+    b"process_cpu_seconds_total 3.5\nkubetune_trainer_train_loss 1.25\n"
+)
 FILLER = (b"kubetune_trainer_filler 1\n" * 4096)[: 64 * 1024]  # 64 KiB, reused: the server allocates nothing per chunk
 JOB_UID = "job-uid"
-NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
+NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
 
 
 @dataclass
@@ -75,7 +77,10 @@ async def serve(behaviour: Behaviour, host: str = "127.0.0.1") -> AsyncIterator[
 
 def page(body: bytes = PAGE, headers: str = "") -> Behaviour:
     async def behaviour(writer: asyncio.StreamWriter, server: Server) -> None:
-        writer.write(f"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n{headers}\r\n".encode() + body)
+        writer.write(
+            f"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n{headers}\r\n".encode()
+            + body
+        )
         await writer.drain()
         server.sent += len(body)
         server.finished = True
@@ -85,8 +90,13 @@ def page(body: bytes = PAGE, headers: str = "") -> Behaviour:
 
 def huge(total: int = 200 * MiB, *, framing: str) -> Behaviour:
     """A page of `total` bytes made on the fly; `framing`: length (announced), chunked or close."""
+
     async def behaviour(writer: asyncio.StreamWriter, server: Server) -> None:
-        head = {"length": f"Content-Length: {total}\r\n", "chunked": "Transfer-Encoding: chunked\r\n", "close": "Connection: close\r\n"}
+        head = {
+            "length": f"Content-Length: {total}\r\n",
+            "chunked": "Transfer-Encoding: chunked\r\n",
+            "close": "Connection: close\r\n",
+        }
         writer.write(f"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n{head[framing]}\r\n".encode())
         while server.sent < total:
             if framing == "chunked":
@@ -125,16 +135,46 @@ def slow_headers(every: float = 0.1) -> Behaviour:
     return behaviour
 
 
-def pod(port_ip: str = "127.0.0.1", *, owner: str | None = JOB_UID, controller: bool = True, phase: str = "Running",
-        message: str | None = None, name: str = "demo-train-abcde") -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": name, "namespace": "team-a", "labels": {"job-name": "demo-train", "batch.kubernetes.io/job-name": "demo-train"}}
+def pod(
+    port_ip: str = "127.0.0.1",
+    *,
+    owner: str | None = JOB_UID,
+    controller: bool = True,
+    phase: str = "Running",
+    message: str | None = None,
+    name: str = "demo-train-abcde",
+) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": name,
+        "namespace": "team-a",
+        "labels": {"job-name": "demo-train", "batch.kubernetes.io/job-name": "demo-train"},
+    }
     if owner is not None:
-        meta["ownerReferences"] = [{"apiVersion": "batch/v1", "kind": "Job", "name": "demo-train", "uid": owner,
-                                    "controller": controller, "blockOwnerDeletion": True}]
+        meta["ownerReferences"] = [
+            {
+                "apiVersion": "batch/v1",
+                "kind": "Job",
+                "name": "demo-train",
+                "uid": owner,
+                "controller": controller,
+                "blockOwnerDeletion": True,
+            }
+        ]
     status: dict[str, Any] = {"phase": phase, "podIP": port_ip}
     if message is not None:
-        status["containerStatuses"] = [{"name": "trainer", "state": {"terminated": {
-            "exitCode": 0, "message": message, "startedAt": "2025-03-01T10:00:00Z", "finishedAt": "2025-03-01T11:00:00Z"}}}]
+        status["containerStatuses"] = [
+            {
+                "name": "trainer",
+                "state": {
+                    "terminated": {
+                        "exitCode": 0,
+                        "message": message,
+                        "startedAt": "2025-03-01T10:00:00Z",
+                        "finishedAt": "2025-03-01T11:00:00Z",
+                    }
+                },
+            }
+        ]
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "status": status}
 
 
@@ -185,7 +225,10 @@ async def test_the_memory_check_sees_a_whole_page_read() -> None:
     """The measurement above is sensitive: `resp.text()` (the old scrape) of an 8 MiB page peaks above 8 MiB."""
     async with serve(huge(8 * MiB, framing="close")) as server:
         with peak_traced() as peak:
-            async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{server.port}/metrics") as resp:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"http://127.0.0.1:{server.port}/metrics") as resp,
+            ):
                 text = await resp.text()
         assert len(text) == 8 * MiB
     assert peak[0] > 8 * MiB
@@ -210,8 +253,11 @@ async def test_a_slow_loris_is_cut_off(behaviour: Behaviour, monkeypatch: pytest
 
 async def test_redirects_are_not_followed() -> None:
     async with serve(page()) as target:
+
         async def redirect(writer: asyncio.StreamWriter, server: Server) -> None:
-            writer.write(f"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:{target.port}/metrics\r\nContent-Length: 0\r\n\r\n".encode())
+            writer.write(
+                f"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:{target.port}/metrics\r\nContent-Length: 0\r\n\r\n".encode()
+            )
             await writer.drain()
 
         async with serve(redirect) as server:
@@ -222,7 +268,9 @@ async def test_redirects_are_not_followed() -> None:
 async def test_a_compressed_page_is_refused() -> None:
     import gzip
 
-    bomb = gzip.compress(b"kubetune_trainer_step 1\n" + b"\0" * (16 * MiB), 1)  # tens of KiB that would inflate to 16 MiB
+    bomb = gzip.compress(
+        b"kubetune_trainer_step 1\n" + b"\0" * (16 * MiB), 1
+    )  # tens of KiB that would inflate to 16 MiB
     async with serve(page(bomb, "Content-Encoding: gzip\r\n")) as server:
         with peak_traced() as peak:
             assert await scrape([pod()], server.port) is None
@@ -252,26 +300,33 @@ def _ipv6_loopback() -> bool:
 
 
 # Outside CI only: CI machines have IPv6 loopback, and there an IPv6 scrape must be proven, not skipped.
-@pytest.mark.skipif(not _ipv6_loopback() and not os.environ.get("CI"),
-                    reason="this machine has no IPv6 loopback to serve a pod on (CI runs it)")
+@pytest.mark.skipif(
+    not _ipv6_loopback() and not os.environ.get("CI"),
+    reason="this machine has no IPv6 loopback to serve a pod on (CI runs it)",
+)
 async def test_an_ipv6_pod_is_scraped() -> None:
     async with serve(page(), host="::1") as server:
         assert await scrape([pod("::1")], server.port) == {"step": 12.0, "train_loss": 1.25}
         assert await scrape([pod("0:0:0:0:0:0:0:1")], server.port) == {"step": 12.0, "train_loss": 1.25}
 
 
-@pytest.mark.parametrize(("ip", "url"), [
-    ("10.1.2.3", "http://10.1.2.3:9090/metrics"),
-    ("fd00::1:2", "http://[fd00::1:2]:9090/metrics"),
-    ("2001:DB8:0:0::7", "http://[2001:db8::7]:9090/metrics"),
-    ("", None),
-    (None, None),
-])
+@pytest.mark.parametrize(
+    ("ip", "url"),
+    [
+        ("10.1.2.3", "http://10.1.2.3:9090/metrics"),
+        ("fd00::1:2", "http://[fd00::1:2]:9090/metrics"),
+        ("2001:DB8:0:0::7", "http://[2001:db8::7]:9090/metrics"),
+        ("", None),
+        (None, None),
+    ],
+)
 def test_metrics_url(ip: str | None, url: str | None) -> None:
     assert metrics_url({"status": {"podIP": ip}}, 9090) == url
 
 
-@pytest.mark.parametrize("ip", ["metadata.google.internal", "127.0.0.1:80", "10.0.0.1/metrics?", "fe80::1%eth0", "[::1]", " 10.0.0.1", 17])
+@pytest.mark.parametrize(
+    "ip", ["metadata.google.internal", "127.0.0.1:80", "10.0.0.1/metrics?", "fe80::1%eth0", "[::1]", " 10.0.0.1", 17]
+)
 def test_pod_ips_that_are_not_ip_literals_are_refused(ip: Any) -> None:
     with pytest.raises(ScrapeRefused):
         metrics_url({"status": {"podIP": ip}}, 9090)
@@ -314,7 +369,10 @@ async def test_forged_pods_are_not_scraped() -> None:
         assert await scrape(FORGED, server.port, owner_uid=JOB_UID) is None
         assert await scrape(owned_pods(FORGED, {"metadata": {"uid": JOB_UID}}), server.port) is None
         assert server.requests == 0
-        assert await scrape([*FORGED, pod(name="real")], server.port, owner_uid=JOB_UID) == {"step": 12.0, "train_loss": 1.25}
+        assert await scrape([*FORGED, pod(name="real")], server.port, owner_uid=JOB_UID) == {
+            "step": 12.0,
+            "train_loss": 1.25,
+        }
         assert server.requests == 1
 
 
@@ -322,24 +380,46 @@ def test_a_forged_pods_termination_message_is_not_read() -> None:
     """A forged pod claims the adapter is in another bucket: with the owned-pod filter the
     status shows the real pod's adapter only."""
     out = "s3://bucket/runs/demo"
-    ftj = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
-           "metadata": {"name": "demo", "namespace": "team-a", "uid": "1234", "generation": 1},
-           "spec": {"model": {"source": "hf://Qwen/Qwen2.5-0.5B"}, "dataset": {"train": "s3://bucket/data/train.jsonl"},
-                    "method": {"adaptation": "lora"}, "output": {"uri": out}},
-           "status": {"phase": "Running", "jobName": "demo-train"}}
-    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "demo-train", "namespace": "team-a", "uid": JOB_UID},
-           "spec": {}, "status": {"succeeded": 1, "conditions": [
-               {"type": "Complete", "status": "True", "lastTransitionTime": "2025-03-01T11:00:00Z"}]}}
+    ftj = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "demo", "namespace": "team-a", "uid": "1234", "generation": 1},
+        "spec": {
+            "model": {"source": "hf://Qwen/Qwen2.5-0.5B"},
+            "dataset": {"train": "s3://bucket/data/train.jsonl"},
+            "method": {"adaptation": "lora"},
+            "output": {"uri": out},
+        },
+        "status": {"phase": "Running", "jobName": "demo-train"},
+    }
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "demo-train", "namespace": "team-a", "uid": JOB_UID},
+        "spec": {},
+        "status": {
+            "succeeded": 1,
+            "conditions": [{"type": "Complete", "status": "True", "lastTransitionTime": "2025-03-01T11:00:00Z"}],
+        },
+    }
     real = {"status": "succeeded", "steps": 10, "adapter": {"uri": f"{out}/adapter", "sha256": "a" * 64, "bytes": 10}}
-    forged = {"status": "succeeded", "steps": 10, "adapter": {"uri": "s3://attacker/adapter", "sha256": "b" * 64, "bytes": 10}}
+    forged = {
+        "status": "succeeded",
+        "steps": 10,
+        "adapter": {"uri": "s3://attacker/adapter", "sha256": "b" * 64, "bytes": 10},
+    }
     later = "2025-03-01T11:30:00Z"  # the newest summary would win if the forged pod were read
-    forged_pods = [pod(owner=None, phase="Succeeded", name="forged", message=json.dumps(forged)),
-                   pod(owner="another-uid", phase="Succeeded", name="forged2", message=json.dumps(forged))]
+    forged_pods = [
+        pod(owner=None, phase="Succeeded", name="forged", message=json.dumps(forged)),
+        pod(owner="another-uid", phase="Succeeded", name="forged2", message=json.dumps(forged)),
+    ]
     for p in forged_pods:
         p["status"]["containerStatuses"][0]["state"]["terminated"]["finishedAt"] = later
     pods = [pod(phase="Succeeded", name="real", message=json.dumps(real)), *forged_pods]
     prices = Prices(gpu_price_per_hour_usd=1.0, grid_carbon_kg_per_kwh=0.4)
-    assert observe(ftj, job, pods, None, prices, NOW)["adapter"]["uri"] == "s3://attacker/adapter"  # unfiltered: the hole
+    assert (
+        observe(ftj, job, pods, None, prices, NOW)["adapter"]["uri"] == "s3://attacker/adapter"
+    )  # unfiltered: the hole
     status = observe(ftj, job, owned_pods(pods, job), None, prices, NOW)
     assert status["adapter"]["uri"] == f"{out}/adapter"
     assert "attacker" not in json.dumps(status)

@@ -80,7 +80,7 @@ def kserve_errors(obj: dict[str, Any]) -> list[str]:
     found += _openapi(schema, data)
     if obj["kind"] == serving.LLMISVC[2]:  # adapters are schemaless upstream (a recursive type): each is a model spec
         model = schema["properties"]["spec"]["properties"]["model"]
-        for adapter in ((obj["spec"]["model"].get("lora") or {}).get("adapters") or []):
+        for adapter in (obj["spec"]["model"].get("lora") or {}).get("adapters") or []:
             _unknown_fields(model, adapter, ".spec.model.lora.adapters[]", found)
             found += _openapi(model, adapter)
     return [str(e) for e in found]
@@ -158,8 +158,16 @@ def test_vllm_deployment_fetches_then_serves_under_restricted_pss() -> None:
     pod = deployment["spec"]["template"]["spec"]
     (fetch,) = pod["initContainers"]  # an hf:// base: vLLM pulls it itself
     assert fetch["image"] == SETTINGS.trainer_image
-    assert fetch["command"] == ["python", "-m", "kubetune.trainer", "fetch", "--uri", "s3://models/out/adapter",
-                                "--dest", "/models/support-bot-vllm"]
+    assert fetch["command"] == [
+        "python",
+        "-m",
+        "kubetune.trainer",
+        "fetch",
+        "--uri",
+        "s3://models/out/adapter",
+        "--dest",
+        "/models/support-bot-vllm",
+    ]
     assert {e["valueFrom"]["secretKeyRef"]["name"] for e in fetch["env"] if "valueFrom" in e} == {"s3-credentials"}
     (server,) = pod["containers"]
     assert server["image"] == SETTINGS.serving_vllm_image
@@ -205,7 +213,9 @@ def test_kserve_kind_from_discovery() -> None:
     llm = {"resources": [{"name": "llminferenceservices"}, {"name": "llminferenceservices/status"}]}
     isvc = {"resources": [{"name": "inferenceservices"}]}
     assert serving.kserve_kind({"v1alpha1": llm, "v1beta1": isvc}) == serving.LLMISVC
-    assert serving.kserve_kind({"v1alpha1": {"resources": [{"name": "inferencegraphs"}]}, "v1beta1": isvc}) == serving.ISVC
+    assert (
+        serving.kserve_kind({"v1alpha1": {"resources": [{"name": "inferencegraphs"}]}, "v1beta1": isvc}) == serving.ISVC
+    )
     assert serving.kserve_kind({"v1alpha1": None, "v1beta1": None}) is None
 
 
@@ -213,9 +223,21 @@ def test_kserve_kind_from_discovery() -> None:
 
 
 def test_kserve_readiness_reads_the_ready_condition() -> None:
-    obj = {"kind": "LLMInferenceService", "metadata": {"name": "x"}, "status": {"conditions": [
-        {"type": "PresetsCombined", "status": "True"},
-        {"type": "Ready", "status": "False", "reason": "MinimumReplicasUnavailable", "message": "0/1 replicas ready"}]}}
+    obj = {
+        "kind": "LLMInferenceService",
+        "metadata": {"name": "x"},
+        "status": {
+            "conditions": [
+                {"type": "PresetsCombined", "status": "True"},
+                {
+                    "type": "Ready",
+                    "status": "False",
+                    "reason": "MinimumReplicasUnavailable",
+                    "message": "0/1 replicas ready",
+                },
+            ]
+        },
+    }
     assert serving.readiness(obj) == (False, "0/1 replicas ready")
     obj["status"]["conditions"][1] = {"type": "Ready", "status": "True"}
     obj["status"]["url"] = "http://x.ml.example.com"
@@ -224,18 +246,30 @@ def test_kserve_readiness_reads_the_ready_condition() -> None:
     isvc = {"kind": "InferenceService", "status": {"url": "http://y.ml.example.com/"}}
     assert serving.url_of(isvc) == "http://y.ml.example.com/openai/v1"
     assert serving.readiness({"kind": "InferenceService", "metadata": {"name": "y"}, "status": {}}) == (
-        False, "InferenceService y is not Ready yet")
+        False,
+        "InferenceService y is not Ready yet",
+    )
     assert serving.readiness(None)[0] is False
 
 
 def test_deployment_readiness_counts_available_replicas() -> None:
-    obj = {"kind": "Deployment", "spec": {"replicas": 2}, "status": {"availableReplicas": 1, "conditions": [
-        {"type": "Available", "status": "False", "message": "Deployment does not have minimum availability."}]}}
+    obj = {
+        "kind": "Deployment",
+        "spec": {"replicas": 2},
+        "status": {
+            "availableReplicas": 1,
+            "conditions": [
+                {"type": "Available", "status": "False", "message": "Deployment does not have minimum availability."}
+            ],
+        },
+    }
     ready, why = serving.readiness(obj)
     assert not ready and why.startswith("1 of 2 vLLM replicas available: Deployment does not have minimum")
     obj["status"] = {"availableReplicas": 2, "conditions": [{"type": "Available", "status": "True"}]}
     assert serving.readiness(obj) == (True, None)
-    assert serving.readiness({"kind": "Deployment", "spec": {"replicas": 0}, "status": {}})[1].startswith("spec.serving.vllm.replicas is 0")
+    assert serving.readiness({"kind": "Deployment", "spec": {"replicas": 0}, "status": {}})[1].startswith(
+        "spec.serving.vllm.replicas is 0"
+    )
 
 
 # ------------------------------------------------------------------------------ vllmEndpoint
@@ -261,11 +295,20 @@ async def vllm_server() -> Any:
         if request.headers.get("Authorization") != "Bearer sekret":
             return web.json_response({"error": "Unauthorized"}, status=401)
         if body["lora_name"] == "loaded":
-            return web.json_response({"error": {"message": "The lora adapter 'loaded' has already been loaded.",
-                                                "type": "InvalidUserInput", "code": 400}}, status=400)
+            return web.json_response(
+                {
+                    "error": {
+                        "message": "The lora adapter 'loaded' has already been loaded.",
+                        "type": "InvalidUserInput",
+                        "code": 400,
+                    }
+                },
+                status=400,
+            )
         if body["lora_name"] == "bad":
-            return web.json_response({"error": {"message": "No adapter found for /nope", "type": "NotFoundError",
-                                                "code": 400}}, status=400)
+            return web.json_response(
+                {"error": {"message": "No adapter found for /nope", "type": "NotFoundError", "code": 400}}, status=400
+            )
         return web.Response(text=f"Success: LoRA adapter '{body['lora_name']}' added successfully.")
 
     app = web.Application()
@@ -296,7 +339,9 @@ async def test_register_adapter_connection_refused_is_retriable() -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     with pytest.raises(serving.EndpointUnreachable, match="no answer"):
-        await serving.register_adapter(f"http://127.0.0.1:{port}/v1/load_lora_adapter", {"lora_name": "m", "lora_path": "/a"}, None)
+        await serving.register_adapter(
+            f"http://127.0.0.1:{port}/v1/load_lora_adapter", {"lora_name": "m", "lora_path": "/a"}, None
+        )
 
 
 def test_a_result_on_a_pvc_is_copied_from_the_claim_mounted_read_only() -> None:
@@ -306,7 +351,12 @@ def test_a_result_on_a_pvc_is_copied_from_the_claim_mounted_read_only() -> None:
     pod = deployment["spec"]["template"]["spec"]
     assert {"name": "output", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}} in pod["volumes"]
     fetch = pod["initContainers"][0]
-    assert fetch["command"][-4:] == ["--uri", "pvc://models/adapters/run1/adapter", "--dest", "/models/support-bot-vllm"]
+    assert fetch["command"][-4:] == [
+        "--uri",
+        "pvc://models/adapters/run1/adapter",
+        "--dest",
+        "/models/support-bot-vllm",
+    ]
     assert {"name": "KUBETUNE_PVC_ROOT", "value": "/mnt/pvc"} in fetch["env"]  # where the trainer reads pvc:// from
     assert {"name": "output", "mountPath": "/mnt/pvc/models", "readOnly": True} in fetch["volumeMounts"]
     with pytest.raises(serving.ServingError, match="spec.output.uri"):
@@ -319,8 +369,16 @@ def test_a_base_not_on_the_hub_is_fetched_by_a_second_init_container() -> None:
     fetch, base = pod["initContainers"]
     assert fetch["command"][-4:] == ["--uri", "s3://models/out/adapter", "--dest", "/models/support-bot-vllm"]
     assert base["name"] == "fetch-base" and base["image"] == SETTINGS.trainer_image
-    assert base["command"] == ["python", "-m", "kubetune.trainer", "fetch", "--model",
-                               "s3://models/base/qwen2.5-1.5b-instruct", "--dest", "/models/base"]
+    assert base["command"] == [
+        "python",
+        "-m",
+        "kubetune.trainer",
+        "fetch",
+        "--model",
+        "s3://models/base/qwen2.5-1.5b-instruct",
+        "--dest",
+        "/models/base",
+    ]
     assert base["env"] == fetch["env"] and base["securityContext"] == fetch["securityContext"]
     command = pod["containers"][0]["command"]
     assert command[:5] == ["vllm", "serve", "/models/base", "--served-model-name", "qwen2.5-1.5b-instruct"]
@@ -338,15 +396,23 @@ def test_a_base_on_another_pvc_is_mounted_for_the_base_fetch_only() -> None:
     assert {"name": "model", "mountPath": "/mnt/pvc/bases", "readOnly": True} in base["volumeMounts"]
     assert all(m["name"] != "model" for m in fetch["volumeMounts"])
     # the same claim for both: one volume
-    same = serving.vllm_deployment(ftj("vllm.yaml", "pvc://models/bases/qwen"), UID,
-                                   {"adapter": {"uri": "pvc://models/run1/adapter"}}, SETTINGS)
-    assert [v["name"] for v in same["spec"]["template"]["spec"]["volumes"] if "persistentVolumeClaim" in v] == ["output"]
+    same = serving.vllm_deployment(
+        ftj("vllm.yaml", "pvc://models/bases/qwen"), UID, {"adapter": {"uri": "pvc://models/run1/adapter"}}, SETTINGS
+    )
+    assert [v["name"] for v in same["spec"]["template"]["spec"]["volumes"] if "persistentVolumeClaim" in v] == [
+        "output"
+    ]
     assert not pss.restricted_violations(same["spec"]["template"])
 
 
-@pytest.mark.parametrize("source, says", [("builtin://tiny-llama", "vLLM does not serve"),
-                                          ("/models/qwen", "a path on the trainer's disk"),
-                                          ("file:///models/qwen", "a path on the trainer's disk")])
+@pytest.mark.parametrize(
+    "source, says",
+    [
+        ("builtin://tiny-llama", "vLLM does not serve"),
+        ("/models/qwen", "a path on the trainer's disk"),
+        ("file:///models/qwen", "a path on the trainer's disk"),
+    ],
+)
 def test_a_base_no_serving_pod_can_read_is_refused(source: str, says: str) -> None:
     with pytest.raises(serving.ServingError, match=f"spec.model.source is .*{says}"):
         serving.vllm_deployment(ftj("vllm.yaml", source), UID, STATUS, SETTINGS)

@@ -40,7 +40,9 @@ def gib(quantity: str) -> int:
 def test_quickstart_asks_for_one_cpu_and_at_most_two_gib() -> None:
     resources = pod_resources(job("quickstart.yaml"))
     assert resources["requests"]["cpu"] == "1"
-    assert gib(resources["requests"]["memory"]) <= 2 and resources["limits"]["memory"] == resources["requests"]["memory"]
+    assert (
+        gib(resources["requests"]["memory"]) <= 2 and resources["limits"]["memory"] == resources["requests"]["memory"]
+    )
     assert "nvidia.com/gpu" not in resources["requests"]
 
 
@@ -54,8 +56,18 @@ def test_gpu_pods_ask_for_four_cpus_per_gpu_and_memory_to_load_the_weights() -> 
 
 def test_a_teacher_raises_the_request_by_its_weights() -> None:
     alone = job("distillation.yaml", method={"adaptation": "full"})
-    taught = job("distillation.yaml", method={"adaptation": "full", "objectives": [
-        {"type": "distillation", "distillation": {"teacher": {"source": "hf://meta-llama/Llama-3.1-70B-Instruct"}}}]})
+    taught = job(
+        "distillation.yaml",
+        method={
+            "adaptation": "full",
+            "objectives": [
+                {
+                    "type": "distillation",
+                    "distillation": {"teacher": {"source": "hf://meta-llama/Llama-3.1-70B-Instruct"}},
+                }
+            ],
+        },
+    )
     extra = gib(pod_resources(taught)["requests"]["memory"]) - gib(pod_resources(alone)["requests"]["memory"])
     assert extra >= 2 * 70e9 * 2 / GIB  # a bf16 copy per process, 2 GPUs
 
@@ -65,7 +77,9 @@ def test_explicit_cpu_and_memory_win() -> None:
     assert pod_resources(ftj)["requests"] == {"cpu": "3", "memory": "7Gi"}
     container = trainer_job(ftj, "uid", SETTINGS)["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"] == {"memory": "7Gi"}
-    big = job("full.yaml", model={"source": "hf://meta-llama/Llama-3.1-70B"}, resources={"memory": "900Gi", "cpu": "32"})
+    big = job(
+        "full.yaml", model={"source": "hf://meta-llama/Llama-3.1-70B"}, resources={"memory": "900Gi", "cpu": "32"}
+    )
     assert pod_resources(big)["requests"]["memory"] == "900Gi" and pod_resources(big)["requests"]["cpu"] == "32"
 
 

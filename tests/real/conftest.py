@@ -26,9 +26,7 @@ REAL_DIR = Path(__file__).resolve().parent
 REPO = REAL_DIR.parents[1]
 CRD_DIR = REPO / "crds"
 
-SKIP_REASON = (
-    "real apiserver tier skipped: KUBETUNE_SKIP_REAL=1 and no binaries; run hack/build-apiserver.sh"
-)
+SKIP_REASON = "real apiserver tier skipped: KUBETUNE_SKIP_REAL=1 and no binaries; run hack/build-apiserver.sh"
 _skipped: list[str] = []
 
 
@@ -42,9 +40,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if Path(item.path).resolve().is_relative_to(REAL_DIR):
             item.add_marker(pytest.mark.real)
             # The test apiserver's certificate is self-signed: verification is off on purpose.
-            item.add_marker(
-                pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
-            )
+            item.add_marker(pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning"))
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -63,7 +63,11 @@ REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "examples" / "quickstart.yaml"
 DEMO_BUCKET = "kubetune-demo"
 DEFAULT_CREDENTIALS_SECRET = "kubetune-demo-s3"
-MOTO_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+MOTO_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 TERMINAL = ("Succeeded", "Failed", "Cancelled")
 
 
@@ -184,8 +188,13 @@ class OperatorProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                self.argv, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=self.log_path.parent, start_new_session=True,
+                self.argv,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.log_path.parent,
+                start_new_session=True,
             )
 
     def alive(self) -> bool:
@@ -234,8 +243,13 @@ class JobRunner(threading.Thread):
     """
 
     def __init__(
-        self, kubelet: StandinKubelet, namespace: str, *, cwd: Path | str | None = None,
-        timeout: float = 600.0, poll: float = 0.2,
+        self,
+        kubelet: StandinKubelet,
+        namespace: str,
+        *,
+        cwd: Path | str | None = None,
+        timeout: float = 600.0,
+        poll: float = 0.2,
     ) -> None:
         super().__init__(name=f"standin-jobs-{namespace}", daemon=True)
         self.kubelet, self.namespace, self.cwd = kubelet, namespace, cwd
@@ -251,7 +265,7 @@ class JobRunner(threading.Thread):
                 listing = json.loads(
                     self.kubelet.batch.list_namespaced_job(self.namespace, _preload_content=False).data
                 )
-            except Exception as exc:  # noqa: BLE001 - keep serving; the test sees `errors`
+            except Exception as exc:
                 self.errors.append(f"listing Jobs: {type(exc).__name__}: {exc}")
                 self._halt.wait(1.0)
                 continue
@@ -266,7 +280,7 @@ class JobRunner(threading.Thread):
                 self.started.append(name)
                 try:
                     self.runs[name] = self.kubelet.run_job(name, self.namespace, cwd=self.cwd, timeout=self.timeout)
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     if not self._halt.is_set():
                         self.errors.append(f"Job {name}: {type(exc).__name__}: {exc}")
             self._halt.wait(self.poll)
@@ -305,11 +319,18 @@ def diagnostics(kubeconfig: Path | str, namespace: str, *parts: str) -> str:
     for what in ("finetunejobs", "jobs", "pods"):
         got = kubectl(kubeconfig, "get", what, "-n", namespace, "-o", "json", check=False)
         if what == "finetunejobs" and got.returncode == 0:
-            items = [{"name": i["metadata"]["name"], "status": i.get("status")} for i in json.loads(got.stdout)["items"]]
+            items = [
+                {"name": i["metadata"]["name"], "status": i.get("status")} for i in json.loads(got.stdout)["items"]
+            ]
             out.append(f"--- {what} ---\n{json.dumps(items, indent=1)[-6000:]}")
         elif got.returncode == 0:
-            names = [(i["metadata"]["name"], (i.get("status") or {}).get("phase") or (i.get("status") or {}).get("conditions"))
-                     for i in json.loads(got.stdout)["items"]]
+            names = [
+                (
+                    i["metadata"]["name"],
+                    (i.get("status") or {}).get("phase") or (i.get("status") or {}).get("conditions"),
+                )
+                for i in json.loads(got.stdout)["items"]
+            ]
             out.append(f"--- {what} --- {names}")
     events = kubectl(kubeconfig, "get", "events", "-n", namespace, check=False)
     out.append(f"--- events ---\n{events.stdout[-3000:]}")
@@ -328,8 +349,11 @@ def s3_client(s3_endpoint: str) -> Any:
     import boto3
 
     return boto3.client(
-        "s3", endpoint_url=s3_endpoint, region_name=MOTO_CREDENTIALS["AWS_DEFAULT_REGION"],
-        aws_access_key_id="testing", aws_secret_access_key="testing",
+        "s3",
+        endpoint_url=s3_endpoint,
+        region_name=MOTO_CREDENTIALS["AWS_DEFAULT_REGION"],
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
     )
 
 
@@ -446,7 +470,9 @@ def run_quickstart(
         trace.manifest = QUICKSTART  # the file, byte for byte
     else:
         trace.manifest = work / "quickstart.yaml"
-        trace.manifest.write_text(f"# {QUICKSTART.name}, changed by tests/real/e2e.py\n" + yaml.safe_dump(doc, sort_keys=False))
+        trace.manifest.write_text(
+            f"# {QUICKSTART.name}, changed by tests/real/e2e.py\n" + yaml.safe_dump(doc, sort_keys=False)
+        )
     output_uri = doc["spec"]["output"]["uri"]
     prepare_output(s3, output_uri)
     if credentials_secret:
@@ -460,10 +486,13 @@ def run_quickstart(
         **(operator_settings or {}),
     }
     trace.operator_log = work / "operator.log"
-    operator = OperatorProcess(operator_kubeconfig, [namespace], trace.operator_log, settings=settings,
-                               log_level=operator_log_level)
+    operator = OperatorProcess(
+        operator_kubeconfig, [namespace], trace.operator_log, settings=settings, log_level=operator_log_level
+    )
     kubelet = StandinKubelet(
-        admin, log_dir=work / "pods", drop_env_prefixes=("AWS_",) if credentials_secret else (),
+        admin,
+        log_dir=work / "pods",
+        drop_env_prefixes=("AWS_",) if credentials_secret else (),
     )
     runner = JobRunner(kubelet, namespace, cwd=REPO, timeout=timeout)
 
@@ -507,7 +536,11 @@ def run_quickstart(
             if trace.running_status is None:
                 raise fail(f"never saw {name} Running with 0 < progress.percent < 100 (phases: {trace.phases})")
             row = next((r for r in trace.table if r.get("NAME") == name), None)
-            if row is None or not re.fullmatch(r"\d+(\.\d+)?", row.get("PROGRESS", "")) or not 0 < float(row["PROGRESS"]) < 100:
+            if (
+                row is None
+                or not re.fullmatch(r"\d+(\.\d+)?", row.get("PROGRESS", ""))
+                or not 0 < float(row["PROGRESS"]) < 100
+            ):
                 raise fail(f"kubectl get ftj showed no progress while Running: {trace.table}")
         return status
     finally:

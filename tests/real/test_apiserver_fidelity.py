@@ -26,15 +26,33 @@ STALE = "\n(a kube-apiserver built without kube-openapi#230: rebuild it with `ma
 
 def test_nested_empty_string_is_a_string(apiserver: ApiServer, namespace: str) -> None:
     doc = quickstart_manifest(None, {"spec.method.lora.targetModules": ["all-linear", ""]})
-    created = kubectl(apiserver.kubeconfig, "create", "-n", namespace, "-o", "json", "-f", "-",
-                      input=json.dumps(doc), check=False)
+    created = kubectl(
+        apiserver.kubeconfig, "create", "-n", namespace, "-o", "json", "-f", "-", input=json.dumps(doc), check=False
+    )
     assert created.returncode == 0, created.stderr + STALE
     assert json.loads(created.stdout)["spec"]["method"]["lora"]["targetModules"] == ["all-linear", ""]
 
-    condition = {"type": "Running", "status": "False", "reason": "TrainingSucceeded", "message": "",
-                 "lastTransitionTime": "2024-05-01T12:00:00Z"}
-    patched = kubectl(apiserver.kubeconfig, "patch", "ftj", "quickstart", "-n", namespace, "--subresource=status",
-                      "--type=merge", "-p", json.dumps({"status": {"conditions": [condition]}}), "-o", "json",
-                      check=False)
+    condition = {
+        "type": "Running",
+        "status": "False",
+        "reason": "TrainingSucceeded",
+        "message": "",
+        "lastTransitionTime": "2024-05-01T12:00:00Z",
+    }
+    patched = kubectl(
+        apiserver.kubeconfig,
+        "patch",
+        "ftj",
+        "quickstart",
+        "-n",
+        namespace,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps({"status": {"conditions": [condition]}}),
+        "-o",
+        "json",
+        check=False,
+    )
     assert patched.returncode == 0, patched.stderr + STALE
     assert json.loads(patched.stdout)["status"]["conditions"] == [condition]

@@ -48,12 +48,18 @@ def allowed(kubeconfig: Path, verb: str, group: str, resource: str, namespace: s
     attributes = {"verb": verb, "group": group, "resource": base, "subresource": sub}
     if namespace:
         attributes["namespace"] = namespace
-    review = {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview", "spec": {"resourceAttributes": attributes}}
+    review = {
+        "apiVersion": "authorization.k8s.io/v1",
+        "kind": "SelfSubjectAccessReview",
+        "spec": {"resourceAttributes": attributes},
+    }
     out = kubectl(kubeconfig, "create", "-o", "json", "-f", "-", input=json.dumps(review)).stdout
     return bool(json.loads(out)["status"].get("allowed"))
 
 
-def test_quickstart_runs_under_the_charts_role(apiserver: ApiServer, namespace: str, s3_server: str, tmp_path: Path) -> None:
+def test_quickstart_runs_under_the_charts_role(
+    apiserver: ApiServer, namespace: str, s3_server: str, tmp_path: Path
+) -> None:
     assert RELEASE_NAMESPACE == NAMESPACE and (CHART / "Chart.yaml").exists()
     admin = apiserver.kubeconfig
     objs = rendered(namespace)
@@ -70,15 +76,24 @@ def test_quickstart_runs_under_the_charts_role(apiserver: ApiServer, namespace: 
 
     operator = apiserver.service_account_kubeconfig(RELEASE_NAMESPACE, OPERATOR_SA)
     # What the Role grants, the apiserver grants; what it does not, the apiserver refuses.
-    granted = [(v, g, r) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]]
+    granted = [
+        (v, g, r) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]
+    ]
     assert len(granted) >= 10
     assert [t for t in granted if not allowed(operator, *t, namespace)] == []
     refused = [
-        ("get", "", "secrets", namespace), ("list", "", "secrets", namespace), ("create", "", "pods", namespace),
-        ("delete", "", "pods", namespace), ("delete", "", "configmaps", namespace), ("create", "batch", "jobs", "default"),
-        ("list", "kubetune.io", "finetunejobs", None), ("create", "rbac.authorization.k8s.io", "rolebindings", namespace),
-        ("escalate", "rbac.authorization.k8s.io", "roles", namespace), ("impersonate", "", "serviceaccounts", namespace),
-        ("list", "", "namespaces", None), ("list", "apiextensions.k8s.io", "customresourcedefinitions", None),
+        ("get", "", "secrets", namespace),
+        ("list", "", "secrets", namespace),
+        ("create", "", "pods", namespace),
+        ("delete", "", "pods", namespace),
+        ("delete", "", "configmaps", namespace),
+        ("create", "batch", "jobs", "default"),
+        ("list", "kubetune.io", "finetunejobs", None),
+        ("create", "rbac.authorization.k8s.io", "rolebindings", namespace),
+        ("escalate", "rbac.authorization.k8s.io", "roles", namespace),
+        ("impersonate", "", "serviceaccounts", namespace),
+        ("list", "", "namespaces", None),
+        ("list", "apiextensions.k8s.io", "customresourcedefinitions", None),
     ]
     assert [t for t in refused if allowed(operator, *t)] == []
 
@@ -90,8 +105,9 @@ def test_quickstart_runs_under_the_charts_role(apiserver: ApiServer, namespace: 
         env.pop(key)
 
     trace = QuickstartTrace()
-    status = run_quickstart(apiserver, namespace, kubeconfig=operator, s3=s3_server, operator_settings=env,
-                            work_dir=tmp_path, trace=trace)
+    status = run_quickstart(
+        apiserver, namespace, kubeconfig=operator, s3=s3_server, operator_settings=env, work_dir=tmp_path, trace=trace
+    )
     assert status["phase"] == "Succeeded"
     assert status["adapter"]["uri"] == "s3://kubetune-demo/quickstart/adapter"
     log = trace.operator_log.read_text(errors="replace") if trace.operator_log else ""

@@ -64,8 +64,9 @@ def test_quickstart_end_to_end(apiserver: ApiServer, namespace: str, s3_server: 
     port given to both through ``KUBETUNE_METRICS_PORT``.
     """
     trace = QuickstartTrace()
-    status = run_quickstart(apiserver, namespace, s3=s3_server, work_dir=tmp_path, trace=trace,
-                            overrides={"spec.hyperparameters.epochs": 1})
+    status = run_quickstart(
+        apiserver, namespace, s3=s3_server, work_dir=tmp_path, trace=trace, overrides={"spec.hyperparameters.epochs": 1}
+    )
     admin = apiserver.kubeconfig
     ftj = get_json(admin, "ftj", "quickstart", "-n", namespace)
     uid = ftj["metadata"]["uid"]
@@ -76,7 +77,9 @@ def test_quickstart_end_to_end(apiserver: ApiServer, namespace: str, s3_server: 
     assert [p for p in trace.phases if p != "Pending"] == ["Validating", "Running", "Succeeded"], where()
     conditions = {c["type"]: c for c in status["conditions"]}
     assert conditions["DataValidated"]["status"] == "True", conditions
-    assert conditions["Succeeded"]["status"] == "True" and conditions["Succeeded"]["reason"] == "TrainingSucceeded", conditions
+    assert conditions["Succeeded"]["status"] == "True" and conditions["Succeeded"]["reason"] == "TrainingSucceeded", (
+        conditions
+    )
     assert status["observedGeneration"] == ftj["metadata"]["generation"]
 
     # Exactly the two Jobs, both the operator's, both run to completion by the stand-in.
@@ -125,8 +128,9 @@ def test_quickstart_end_to_end(apiserver: ApiServer, namespace: str, s3_server: 
     assert trace.operator_exit is not None
 
 
-def wait_for_status(admin: Any, namespace: str, name: str, operator: OperatorProcess, done: Any,
-                    timeout: float = 60) -> dict[str, Any]:
+def wait_for_status(
+    admin: Any, namespace: str, name: str, operator: OperatorProcess, done: Any, timeout: float = 60
+) -> dict[str, Any]:
     """Poll the FineTuneJob's status until `done(status)`; a dead operator or the timeout fails
     with the cluster's diagnostics."""
     deadline = time.monotonic() + timeout
@@ -149,17 +153,24 @@ def test_invalid_spec_fails_without_a_job(apiserver: ApiServer, namespace: str, 
     server the CEL rules refuse both at apply time: tests/cluster/test_cel.py.)
     """
     admin = apiserver.kubeconfig
-    doc = quickstart_manifest(None, {"metadata.name": "invalid", "spec.dataset.validationSplit": 0.1,
-                                     "spec.hyperparameters.batchSize": 0})
+    doc = quickstart_manifest(
+        None, {"metadata.name": "invalid", "spec.dataset.validationSplit": 0.1, "spec.hyperparameters.batchSize": 0}
+    )
     manifest = tmp_path / "invalid.yaml"
     manifest.write_text(json.dumps(doc))
     kubectl(admin, "apply", "--validate=false", "-n", namespace, "-f", str(manifest))
     stored = get_json(admin, "ftj", "invalid", "-n", namespace)["spec"]
-    assert (stored["dataset"]["validationSplit"], stored["hyperparameters"]["batchSize"]) == (0.1, 0)  # the server kept both
+    assert (stored["dataset"]["validationSplit"], stored["hyperparameters"]["batchSize"]) == (
+        0.1,
+        0,
+    )  # the server kept both
 
     ports = free_ports(2)
-    settings = {"KUBETUNE_METRICS_SCRAPE_INTERVAL_SECONDS": "0.5", "KUBETUNE_METRICS_PORT": str(ports[0]),
-                "KUBETUNE_OPERATOR_METRICS_PORT": str(ports[1])}
+    settings = {
+        "KUBETUNE_METRICS_SCRAPE_INTERVAL_SECONDS": "0.5",
+        "KUBETUNE_METRICS_PORT": str(ports[0]),
+        "KUBETUNE_OPERATOR_METRICS_PORT": str(ports[1]),
+    }
     with OperatorProcess(admin, [namespace], tmp_path / "operator.log", settings=settings) as operator:
         wait_for_status(admin, namespace, "invalid", operator, lambda status: status.get("phase") == "Failed")
         time.sleep(2)  # the timer keeps running: give it the chance to do something wrong
@@ -186,8 +197,12 @@ class JobWatch:
     def __init__(self, batch: Any, namespace: str) -> None:
         rv = batch.list_namespaced_job(namespace).metadata.resource_version
         self.resp = batch.list_namespaced_job(
-            namespace, watch=True, resource_version=rv, allow_watch_bookmarks=False,
-            timeout_seconds=300, _preload_content=False,
+            namespace,
+            watch=True,
+            resource_version=rv,
+            allow_watch_bookmarks=False,
+            timeout_seconds=300,
+            _preload_content=False,
         )
         self.added: dict[str, list[float]] = {}
         self.errors: list[str] = []
@@ -208,7 +223,7 @@ class JobWatch:
                         self.added.setdefault(event["object"]["metadata"]["name"], []).append(now)
                     elif event["type"] == "ERROR":
                         self.errors.append(str(event["object"]))
-        except Exception as exc:  # noqa: BLE001 - a close() from the test ends the stream this way
+        except Exception as exc:
             if not self._closed.is_set():
                 self.errors.append(f"{type(exc).__name__}: {exc}")
 
@@ -225,8 +240,9 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 
 
 @pytest.mark.slow
-def test_job_creation_latency(apiserver: ApiServer, namespace: str, tmp_path: Path,
-                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_job_creation_latency(
+    apiserver: ApiServer, namespace: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Time from a FineTuneJob's create request returning to its trainer Job arriving on a
     client-side watch (creationTimestamp has 1 s resolution, hence client-side clocks), with
     prevalidate off so the trainer Job is the first child. Two rounds of 100 CRs each against
@@ -252,20 +268,25 @@ def test_job_creation_latency(apiserver: ApiServer, namespace: str, tmp_path: Pa
     watch = JobWatch(batch, namespace)
     ports = free_ports(2)
     # A long scrape interval: the observe timer of 200 objects would only add noise here.
-    settings = {"KUBETUNE_METRICS_SCRAPE_INTERVAL_SECONDS": "600", "KUBETUNE_METRICS_PORT": str(ports[0]),
-                "KUBETUNE_OPERATOR_METRICS_PORT": str(ports[1])}
+    settings = {
+        "KUBETUNE_METRICS_SCRAPE_INTERVAL_SECONDS": "600",
+        "KUBETUNE_METRICS_PORT": str(ports[0]),
+        "KUBETUNE_OPERATOR_METRICS_PORT": str(ports[1]),
+    }
     rounds = {mode: [f"{mode}-{i:03d}" for i in range(LATENCY_CRS)] for mode in ("paced", "burst")}
     created: dict[str, float] = {}
     lines = []
     try:
         with OperatorProcess(admin, [namespace], tmp_path / "operator.log", settings=settings) as operator:
+
             def wait_for(jobs: list[str], timeout: float) -> None:
                 deadline = time.monotonic() + timeout
                 while not all(j in watch.added for j in jobs):
                     operator.check()
                     missing = [j for j in jobs if j not in watch.added]
                     assert not watch.errors and time.monotonic() < deadline, (
-                        f"no Job for {missing[:5]}... watch errors {watch.errors}\n{operator.tail()}")
+                        f"no Job for {missing[:5]}... watch errors {watch.errors}\n{operator.tail()}"
+                    )
                     time.sleep(0.05)
 
             # Warm-up (not measured): the operator is up and watching once this Job appears.
@@ -284,8 +305,10 @@ def test_job_creation_latency(apiserver: ApiServer, namespace: str, tmp_path: Pa
                 latencies = sorted(watch.added[f"{n}-train"][0] - created[n] for n in names)
                 p50, p99 = statistics.median(latencies), _percentile(latencies, 0.99)
                 assert math.isfinite(p99)
-                lines.append(f"{mode}: {LATENCY_CRS} CRs in {submit:.1f} s, min {latencies[0] * 1000:.0f} ms, "
-                             f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms")
+                lines.append(
+                    f"{mode}: {LATENCY_CRS} CRs in {submit:.1f} s, min {latencies[0] * 1000:.0f} ms, "
+                    f"p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, max {latencies[-1] * 1000:.0f} ms"
+                )
             time.sleep(1)  # let a duplicate, if any, show up
             operator.check()
     finally:
@@ -305,7 +328,9 @@ def test_job_creation_latency(apiserver: ApiServer, namespace: str, tmp_path: Pa
     assert len(jobs) == len(every)
 
 
-def test_a_finetunejob_with_huge_annotations_still_gets_its_status(apiserver: ApiServer, namespace: str, tmp_path: Path) -> None:
+def test_a_finetunejob_with_huge_annotations_still_gets_its_status(
+    apiserver: ApiServer, namespace: str, tmp_path: Path
+) -> None:
     """Issue 14: ~250 KB of the user's own annotations (the limit is 256 KiB in all) left no room
     for kopf's bookkeeping annotations, so every patch was refused and the job never got a status.
     kopf's bookkeeping now lives in status.kopf; the object's annotations stay the user's."""
@@ -316,8 +341,11 @@ def test_a_finetunejob_with_huge_annotations_still_gets_its_status(apiserver: Ap
     manifest.write_text(json.dumps(doc))
     kubectl(admin, "create", "-n", namespace, "-f", str(manifest))  # create: apply would add 250 KB more
     ports = free_ports(2)
-    settings = {"KUBETUNE_METRICS_SCRAPE_INTERVAL_SECONDS": "0.5", "KUBETUNE_METRICS_PORT": str(ports[0]),
-                "KUBETUNE_OPERATOR_METRICS_PORT": str(ports[1])}
+    settings = {
+        "KUBETUNE_METRICS_SCRAPE_INTERVAL_SECONDS": "0.5",
+        "KUBETUNE_METRICS_PORT": str(ports[0]),
+        "KUBETUNE_OPERATOR_METRICS_PORT": str(ports[1]),
+    }
     with OperatorProcess(admin, [namespace], tmp_path / "operator.log", settings=settings) as operator:
         status = wait_for_status(admin, namespace, "annotated", operator, lambda status: bool(status.get("jobName")))
         obj = get_json(admin, "ftj", "annotated", "-n", namespace)

@@ -10,7 +10,9 @@ import pytest
 from tests.k8s_harness import ApiServer, BinariesMissing, find_binaries
 
 
-def test_assets_dir_is_used_and_nothing_is_built(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, apiserver: ApiServer) -> None:
+def test_assets_dir_is_used_and_nothing_is_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, apiserver: ApiServer
+) -> None:
     real_apiserver, real_etcd = find_binaries()  # whatever the session uses
     assets = tmp_path / "assets"
     assets.mkdir()

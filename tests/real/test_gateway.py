@@ -25,14 +25,22 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
 from tests.chart.render import render
 from tests.k8s_harness import OPERATOR_SERVICE_ACCOUNT, ApiServer, free_ports, kubectl
 from tests.real.e2e import (
-    MOTO_CREDENTIALS, REPO, JobRunner, OperatorProcess, apply_secret, diagnostics, get_json, kubetune_binary, s3_client,
+    MOTO_CREDENTIALS,
+    REPO,
+    JobRunner,
+    OperatorProcess,
+    apply_secret,
+    diagnostics,
+    get_json,
+    kubetune_binary,
+    s3_client,
     tail,
 )
 from tests.standin_kubelet import StandinKubelet
@@ -48,9 +56,9 @@ class Hooks(http.server.BaseHTTPRequestHandler):
     """A webhook receiver: verifies each delivery with the Standard Webhooks reference library."""
 
     secret = ""
-    received: list[dict[str, Any]] = []
+    received: ClassVar[list[dict[str, Any]]] = []
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+    def do_POST(self) -> None:
         from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
         body = self.rfile.read(int(self.headers.get("Content-Length", "0"))).decode()
@@ -66,22 +74,35 @@ class Hooks(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_openai_client_against_kubetune_api_on_the_cluster(apiserver: ApiServer, namespace: str, s3_server: str,
-                                                            tmp_path: Path) -> None:
+def test_openai_client_against_kubetune_api_on_the_cluster(
+    apiserver: ApiServer, namespace: str, s3_server: str, tmp_path: Path
+) -> None:
     import openai
-
     from kubetune.gateway.webhooks import new_secret
 
     admin = apiserver.kubeconfig
     sa_namespace, sa_name = OPERATOR_SERVICE_ACCOUNT
     other = f"{namespace[:56]}-other"  # key B's namespace, which the gateway may use too
     kubectl(admin, "create", "namespace", other)
-    chart = render({"watch": {"scope": "Namespaced", "namespaces": [namespace, other]},
-                    "gateway": {"enabled": True, "storage": {"uri": f"s3://{BUCKET}/gateway", "credentialsSecret": SECRET_NAME},
-                                "auth": {"secretName": "unused", "kubernetesTokens": True},
-                                "serviceAccount": {"name": sa_name}}}, name="kubetune", namespace=sa_namespace)
-    rbac = [o for o in chart if o["kind"] in ("Role", "RoleBinding", "ClusterRoleBinding")
-            and o["metadata"]["labels"].get("app.kubernetes.io/component") == "gateway"]
+    chart = render(
+        {
+            "watch": {"scope": "Namespaced", "namespaces": [namespace, other]},
+            "gateway": {
+                "enabled": True,
+                "storage": {"uri": f"s3://{BUCKET}/gateway", "credentialsSecret": SECRET_NAME},
+                "auth": {"secretName": "unused", "kubernetesTokens": True},
+                "serviceAccount": {"name": sa_name},
+            },
+        },
+        name="kubetune",
+        namespace=sa_namespace,
+    )
+    rbac = [
+        o
+        for o in chart
+        if o["kind"] in ("Role", "RoleBinding", "ClusterRoleBinding")
+        and o["metadata"]["labels"].get("app.kubernetes.io/component") == "gateway"
+    ]
     assert sorted(o["kind"] for o in rbac) == ["ClusterRoleBinding", "Role", "Role", "RoleBinding", "RoleBinding"]
     kubectl(admin, "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": rbac}))
     gateway_kubeconfig = apiserver.service_account_kubeconfig(sa_namespace, sa_name)
@@ -100,26 +121,50 @@ def test_openai_client_against_kubetune_api_on_the_cluster(apiserver: ApiServer,
         f"keys:\n  - {{name: a, key: {KEY_A}, namespace: {namespace}, organization: org-real}}\n"
         f"  - {{name: b, key: {KEY_B}, namespace: {other}}}\n"
         f"webhooks:\n  - namespace: {namespace}\n    url: http://127.0.0.1:{hooks.server_port}/hook\n"
-        f"    secret: {Hooks.secret}\n")
+        f"    secret: {Hooks.secret}\n"
+    )
     port, trainer_port, operator_port = free_ports(3)
     env = {k: v for k, v in os.environ.items() if not k.startswith("KUBETUNE_API")}  # KUBETUNE_API_URL too
-    env.update(KUBECONFIG=str(gateway_kubeconfig), KUBETUNE_API_KUBERNETES_TOKENS="true", PYTHONWARNINGS="ignore:Unverified HTTPS request", AWS_ENDPOINT_URL=s3_server,
-               KUBETUNE_API_STORAGE=f"s3://{BUCKET}/gateway", KUBETUNE_API_CREDENTIALS_SECRET=SECRET_NAME,
-               KUBETUNE_API_GPUS="0", KUBETUNE_API_CHECKPOINT_EVERY_STEPS="2", KUBETUNE_API_ACCESS_FILE=str(access),
-               KUBETUNE_API_WEBHOOK_POLL_SECONDS="0.5", **MOTO_CREDENTIALS)
+    env.update(
+        KUBECONFIG=str(gateway_kubeconfig),
+        KUBETUNE_API_KUBERNETES_TOKENS="true",
+        PYTHONWARNINGS="ignore:Unverified HTTPS request",
+        AWS_ENDPOINT_URL=s3_server,
+        KUBETUNE_API_STORAGE=f"s3://{BUCKET}/gateway",
+        KUBETUNE_API_CREDENTIALS_SECRET=SECRET_NAME,
+        KUBETUNE_API_GPUS="0",
+        KUBETUNE_API_CHECKPOINT_EVERY_STEPS="2",
+        KUBETUNE_API_ACCESS_FILE=str(access),
+        KUBETUNE_API_WEBHOOK_POLL_SECONDS="0.5",
+        **MOTO_CREDENTIALS,
+    )
     gateway_log = tmp_path / "gateway.log"
     with open(gateway_log, "wb") as log:
-        gateway = subprocess.Popen([kubetune_binary(), "api", "--cluster", "--host", "127.0.0.1", "--port", str(port)],
-                                   env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
-    operator = OperatorProcess(admin, [namespace], tmp_path / "operator.log", settings={
-        "KUBETUNE_METRICS_SCRAPE_INTERVAL_SECONDS": "0.5", "KUBETUNE_METRICS_PORT": str(trainer_port),
-        "KUBETUNE_OPERATOR_METRICS_PORT": str(operator_port)})
+        gateway = subprocess.Popen(
+            [kubetune_binary(), "api", "--cluster", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+        )
+    operator = OperatorProcess(
+        admin,
+        [namespace],
+        tmp_path / "operator.log",
+        settings={
+            "KUBETUNE_METRICS_SCRAPE_INTERVAL_SECONDS": "0.5",
+            "KUBETUNE_METRICS_PORT": str(trainer_port),
+            "KUBETUNE_OPERATOR_METRICS_PORT": str(operator_port),
+        },
+    )
     kubelet = StandinKubelet(admin, log_dir=tmp_path / "pods", drop_env_prefixes=("AWS_",))
     runner = JobRunner(kubelet, namespace, cwd=REPO, timeout=300)
 
     def fail(message: str) -> AssertionError:
-        return AssertionError(f"{message}\n--- gateway log ---\n{tail(gateway_log)}\n" +
-                              diagnostics(admin, namespace, *runner.errors, operator.tail(), runner.pod_logs()))
+        return AssertionError(
+            f"{message}\n--- gateway log ---\n{tail(gateway_log)}\n"
+            + diagnostics(admin, namespace, *runner.errors, operator.tail(), runner.pod_logs())
+        )
 
     try:
         operator.start()
@@ -139,8 +184,12 @@ def test_openai_client_against_kubetune_api_on_the_cluster(apiserver: ApiServer,
         lines = DATA.read_text().splitlines(keepends=True)[:24]
         upload = a.files.create(file=("support.jsonl", "".join(lines).encode()), purpose="fine-tune")
         assert upload.bytes == len("".join(lines).encode()) and upload.filename == "support.jsonl"
-        job = a.fine_tuning.jobs.create(model="builtin://tiny-llama", training_file=upload.id, suffix="support",
-                                        hyperparameters={"n_epochs": 1, "batch_size": 4})
+        job = a.fine_tuning.jobs.create(
+            model="builtin://tiny-llama",
+            training_file=upload.id,
+            suffix="support",
+            hyperparameters={"n_epochs": 1, "batch_size": 4},
+        )
         assert job.status == "validating_files" and job.organization_id == "org-real"
         ftj = get_json(admin, "ftj", job.id, "-n", namespace)
         assert ftj["metadata"]["labels"]["openai.kubetune.io/job-id"] == job.id
@@ -180,8 +229,10 @@ def test_openai_client_against_kubetune_api_on_the_cluster(apiserver: ApiServer,
         assert any(e.type == "metrics" and e.data.get("step") for e in events)
         checkpoints = a.fine_tuning.jobs.checkpoints.list(job.id).data
         assert checkpoints and checkpoints[0].step_number >= checkpoints[-1].step_number > 0
-        assert all(c.fine_tuning_job_id == job.id and c.fine_tuned_model_checkpoint.startswith(job.fine_tuned_model)
-                   for c in checkpoints)
+        assert all(
+            c.fine_tuning_job_id == job.id and c.fine_tuned_model_checkpoint.startswith(job.fine_tuned_model)
+            for c in checkpoints
+        )
         assert job.fine_tuned_model in [m.id for m in a.models.list().data]
         assert a.models.retrieve(job.fine_tuned_model).owned_by == "org-real"
         assert b.models.list().data == []
@@ -194,7 +245,8 @@ def test_openai_client_against_kubetune_api_on_the_cluster(apiserver: ApiServer,
             time.sleep(0.2)
         time.sleep(1.5)  # a few more polls: still once
         assert [(h["verified"], h["payload"]["type"], h["payload"]["data"]) for h in Hooks.received] == [
-            (True, "fine_tuning.job.succeeded", {"id": job.id})]
+            (True, "fine_tuning.job.succeeded", {"id": job.id})
+        ]
         annotations = get_json(admin, "ftj", job.id, "-n", namespace)["metadata"]["annotations"]
         assert annotations["openai.kubetune.io/webhook-succeeded"] == "delivered"
 
@@ -220,7 +272,11 @@ def test_openai_client_against_kubetune_api_on_the_cluster(apiserver: ApiServer,
             openai.OpenAI(base_url=base_url, api_key=token, project="kube-system").fine_tuning.jobs.list()
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=base_url, api_key="not-a-token-nor-a-key", max_retries=0).files.list()
-        denied = [line for line in gateway_log.read_text(errors="replace").splitlines() if "orbidden" in line or " 403" in line]
+        denied = [
+            line
+            for line in gateway_log.read_text(errors="replace").splitlines()
+            if "orbidden" in line or " 403" in line
+        ]
         assert denied == [], "\n".join(denied[:20])
     finally:
         runner.stop()

@@ -45,9 +45,26 @@ def test_leak_check_fails_the_session(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "KUBETUNE_LEAKCHECK_GRACE": "0.2"}
     env.pop(MARKER_ENV, None)
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.leakcheck",
-         "--rootdir", str(tmp_path), "-c", os.devnull, str(tmp_path / "test_leaky.py")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "tests.leakcheck",
+            "--rootdir",
+            str(tmp_path),
+            "-c",
+            os.devnull,
+            str(tmp_path / "test_leaky.py"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     leaked_pid = int(pidfile.read_text()) if pidfile.exists() else None
     try:

@@ -26,11 +26,11 @@ from typing import Any
 
 import pytest
 import yaml
+from kubetune.api import GROUP, PLURAL, VERSION, FineTuneJobSpec, FineTuneJobStatus
 from kubetune.api.manifest import load_yaml as load_manifest_yaml
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from kubetune.api import GROUP, PLURAL, VERSION, FineTuneJobSpec, FineTuneJobStatus
 from tests.api.test_invalid_manifests import CANONICAL, CASES, mutate
 from tests.crd_offline import validate as crd_offline_validate
 from tests.k8s_harness import ApiServer, _strip_key, api_request, kubectl
@@ -52,7 +52,10 @@ def _ssl() -> ssl.SSLContext:
 
 
 def request(
-    api: ApiServer, method: str, path: str, body: Any = None,
+    api: ApiServer,
+    method: str,
+    path: str,
+    body: Any = None,
     content_type: str = "application/json",
 ) -> tuple[int, dict[str, Any]]:
     """One HTTP call to the apiserver with the admin token; (status code, JSON body)."""
@@ -225,8 +228,16 @@ def test_apply_crds_and_examples(apiserver: ApiServer, namespace: str, tmp_path:
         assert failed.returncode != 0 and f'unknown field "{CEL}"' in failed.stderr
         # Without client-side validation the server accepts the file, and silently drops the
         # rules (1.20's JSON decoding ignores unknown fields) -- hence the stripped install.
-        dry = kubectl(apiserver.kubeconfig, "apply", "--dry-run=server", "--validate=false", "-o", "json",
-                      "-f", str(CRD_FILE.parent))
+        dry = kubectl(
+            apiserver.kubeconfig,
+            "apply",
+            "--dry-run=server",
+            "--validate=false",
+            "-o",
+            "json",
+            "-f",
+            str(CRD_FILE.parent),
+        )
         assert CEL in json.dumps(crd["spec"]) and CEL not in json.dumps(json.loads(dry.stdout)["spec"])
 
     # Every example, with the real command. Examples without metadata.namespace go to the test
@@ -261,19 +272,57 @@ def test_apply_crds_and_examples(apiserver: ApiServer, namespace: str, tmp_path:
             assert row["PHASE"] == row["PROGRESS"] == row["LOSS"] == ""  # no status yet
 
     # The status columns read the right status fields.
-    status = {"phase": "Running", "progress": {"percent": 42.5, "etaSeconds": 3900, "eta": "1h05m"}, "jobName": "support-bot-train",
-              "reason": "TrainingStarted", "metrics": {"trainLoss": 1.25, "evalLoss": 1.5, "baseEvalLoss": 2.25},
-              "serving": {"engine": "vllm", "url": "http://sb.ns.svc:8000/v1", "ready": False}}
-    kubectl(apiserver.kubeconfig, "patch", "ftj", "support-bot", "-n", namespace,
-            "--subresource=status", "--type=merge", "-p", json.dumps({"status": status}))
+    status = {
+        "phase": "Running",
+        "progress": {"percent": 42.5, "etaSeconds": 3900, "eta": "1h05m"},
+        "jobName": "support-bot-train",
+        "reason": "TrainingStarted",
+        "metrics": {"trainLoss": 1.25, "evalLoss": 1.5, "baseEvalLoss": 2.25},
+        "serving": {"engine": "vllm", "url": "http://sb.ns.svc:8000/v1", "ready": False},
+    }
+    kubectl(
+        apiserver.kubeconfig,
+        "patch",
+        "ftj",
+        "support-bot",
+        "-n",
+        namespace,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps({"status": status}),
+    )
     wide = kubectl(apiserver.kubeconfig, "get", "ftj", "-n", namespace, "-o", "wide").stdout
     assert wide.split("\n")[0].split() == [
-        "NAME", "PHASE", "METHOD", "MODEL", "PROGRESS", "LOSS", "ETA", "EVAL", "BASE", "REASON", "JOB", "SERVING", "AGE"]
+        "NAME",
+        "PHASE",
+        "METHOD",
+        "MODEL",
+        "PROGRESS",
+        "LOSS",
+        "ETA",
+        "EVAL",
+        "BASE",
+        "REASON",
+        "JOB",
+        "SERVING",
+        "AGE",
+    ]
     row = next(r for r in parse_table(wide) if r["NAME"] == "support-bot")
-    assert {k: row[k] for k in ("PHASE", "METHOD", "PROGRESS", "LOSS", "ETA", "EVAL", "BASE", "REASON", "JOB", "SERVING")} == {
-        "PHASE": "Running", "METHOD": "lora", "PROGRESS": "42.5", "LOSS": "1.25", "ETA": "1h05m",
-        "EVAL": "1.5", "BASE": "2.25", "REASON": "TrainingStarted", "JOB": "support-bot-train",
-        "SERVING": "http://sb.ns.svc:8000/v1"}
+    assert {
+        k: row[k] for k in ("PHASE", "METHOD", "PROGRESS", "LOSS", "ETA", "EVAL", "BASE", "REASON", "JOB", "SERVING")
+    } == {
+        "PHASE": "Running",
+        "METHOD": "lora",
+        "PROGRESS": "42.5",
+        "LOSS": "1.25",
+        "ETA": "1h05m",
+        "EVAL": "1.5",
+        "BASE": "2.25",
+        "REASON": "TrainingStarted",
+        "JOB": "support-bot-train",
+        "SERVING": "http://sb.ns.svc:8000/v1",
+    }
 
 
 def test_explain(apiserver: ApiServer) -> None:
@@ -299,8 +348,17 @@ def test_invalid_manifest_rejected_by_kubectl_apply(apiserver: ApiServer, namesp
     _, changes, path = next(c for c in CASES if c[0] == case_id)
     obj = manifest_named(case_id, changes)
     # --validate=false: kubectl's own client-side checks stay out; the server decides.
-    run = kubectl(apiserver.kubeconfig, "apply", "--validate=false", "-n", namespace, "-f", "-",
-                  input=json.dumps(obj), check=False)
+    run = kubectl(
+        apiserver.kubeconfig,
+        "apply",
+        "--validate=false",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        input=json.dumps(obj),
+        check=False,
+    )
     assert run.returncode != 0
     assert f'FineTuneJob "{case_id}" is invalid: {path}: ' in run.stderr, run.stderr
     assert get_json(apiserver, "ftj", "-n", namespace)["items"] == []
@@ -343,9 +401,20 @@ def test_status_round_trip(apiserver: ApiServer, namespace: str) -> None:
     created = get_json(apiserver, "ftj", "full-status", "-n", namespace)
     assert "status" not in created and created["metadata"]["generation"] == 1
 
-    patched = kubectl(apiserver.kubeconfig, "patch", "ftj", "full-status", "-n", namespace,
-                      "--subresource=status", "--type=merge", "-p", json.dumps({"status": wire}),
-                      "-o", "json")
+    patched = kubectl(
+        apiserver.kubeconfig,
+        "patch",
+        "ftj",
+        "full-status",
+        "-n",
+        namespace,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps({"status": wire}),
+        "-o",
+        "json",
+    )
     assert json.loads(patched.stdout)["status"] == wire
     got = get_json(apiserver, "ftj", "full-status", "-n", namespace)
     assert got["status"] == wire
@@ -354,23 +423,35 @@ def test_status_round_trip(apiserver: ApiServer, namespace: str) -> None:
 
     # The main endpoint ignores status (and the status endpoint ignores everything else).
     bogus = {"phase": "Failed", "retries": 99, "jobName": "overwritten"}
-    code, _ = request(apiserver, "PATCH", ftj_path(namespace, "full-status"),
-                      {"metadata": {"labels": {"touched": "yes"}}, "status": bogus},
-                      content_type="application/merge-patch+json")
+    code, _ = request(
+        apiserver,
+        "PATCH",
+        ftj_path(namespace, "full-status"),
+        {"metadata": {"labels": {"touched": "yes"}}, "status": bogus},
+        content_type="application/merge-patch+json",
+    )
     assert code == 200
     got = get_json(apiserver, "ftj", "full-status", "-n", namespace)
     assert got["metadata"]["labels"] == {"touched": "yes"} and got["status"] == wire
-    code, _ = request(apiserver, "PATCH", ftj_path(namespace, "full-status", "status"),
-                      {"metadata": {"labels": {"touched": "via-status"}}, "spec": {"suspend": True}},
-                      content_type="application/merge-patch+json")
+    code, _ = request(
+        apiserver,
+        "PATCH",
+        ftj_path(namespace, "full-status", "status"),
+        {"metadata": {"labels": {"touched": "via-status"}}, "spec": {"suspend": True}},
+        content_type="application/merge-patch+json",
+    )
     assert code == 200
     got = get_json(apiserver, "ftj", "full-status", "-n", namespace)
     assert got["metadata"]["labels"] == {"touched": "yes"} and "suspend" not in got["spec"]
 
     # A status field unknown to the schema is pruned: what the round trip above would catch.
-    code, body = request(apiserver, "PATCH", ftj_path(namespace, "full-status", "status"),
-                         {"status": {"notInSchema": 1, "progress": {"alsoNot": 2}}},
-                         content_type="application/merge-patch+json")
+    code, body = request(
+        apiserver,
+        "PATCH",
+        ftj_path(namespace, "full-status", "status"),
+        {"status": {"notInSchema": 1, "progress": {"alsoNot": 2}}},
+        content_type="application/merge-patch+json",
+    )
     assert code == 200 and body["status"] == wire
 
 
@@ -387,8 +468,11 @@ def test_watch_from_resource_version(apiserver: ApiServer, namespace: str) -> No
     conn = http.client.HTTPSConnection(url.hostname or "127.0.0.1", url.port, context=_ssl(), timeout=10)
     events: list[tuple[str, str]] = []
     try:
-        conn.request("GET", ftj_path(namespace) + f"?watch=1&resourceVersion={rv}&timeoutSeconds=5",
-                     headers={"Authorization": f"Bearer {apiserver.token}"})
+        conn.request(
+            "GET",
+            ftj_path(namespace) + f"?watch=1&resourceVersion={rv}&timeoutSeconds=5",
+            headers={"Authorization": f"Bearer {apiserver.token}"},
+        )
         resp = conn.getresponse()
         assert resp.status == 200
         while len(events) < 3:

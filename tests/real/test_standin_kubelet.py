@@ -51,7 +51,10 @@ def job_manifest(name: str, exit_code: int) -> dict[str, Any]:
                                 {"name": "GREETING", "value": "hello"},
                                 {"name": "EXIT_CODE", "value": str(exit_code)},
                                 {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-                                {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                                {
+                                    "name": "POD_NAMESPACE",
+                                    "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+                                },
                                 {"name": "API_TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}},
                             ],
                         }
@@ -80,12 +83,9 @@ def secret(apiserver: ApiServer, namespace: str) -> None:
 
 
 @pytest.mark.parametrize("exit_code", [0, 3])
-def test_run_job(
-    apiserver: ApiServer, namespace: str, kubelet: StandinKubelet, secret: None, exit_code: int
-) -> None:
+def test_run_job(apiserver: ApiServer, namespace: str, kubelet: StandinKubelet, secret: None, exit_code: int) -> None:
     name = f"train-{exit_code}"
-    kubectl(apiserver.kubeconfig, "apply", "-n", namespace, "-f", "-",
-            input=json.dumps(job_manifest(name, exit_code)))
+    kubectl(apiserver.kubeconfig, "apply", "-n", namespace, "-f", "-", input=json.dumps(job_manifest(name, exit_code)))
     # No kube-controller-manager in this tier: the Job alone makes no Pod.
     assert get(apiserver, "pods", "-n", namespace)["items"] == []
 
@@ -153,7 +153,10 @@ def test_steps_and_intermediate_states(apiserver: ApiServer, namespace: str, kub
     manifest = job_manifest("steps", 0)
     manifest["spec"]["template"]["spec"]["containers"][0]["env"] = [{"name": "X", "value": "1"}]
     manifest["spec"]["template"]["spec"]["containers"][0]["command"] = [
-        sys.executable, "-c", "import sys; print('boom', file=sys.stderr); sys.exit(7)"]
+        sys.executable,
+        "-c",
+        "import sys; print('boom', file=sys.stderr); sys.exit(7)",
+    ]
     manifest["spec"]["template"]["spec"]["containers"][0]["args"] = []
     manifest["spec"]["template"]["spec"]["containers"][0]["terminationMessagePolicy"] = "FallbackToLogsOnError"
     kubectl(apiserver.kubeconfig, "apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))

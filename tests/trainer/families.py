@@ -14,8 +14,14 @@ from typing import Any
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, FFN, POSITIONS = 32, 2, 4, 2, 64, 256
 
-_LLAMA_LIKE = dict(hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                   num_key_value_heads=KV_HEADS, max_position_embeddings=POSITIONS)
+_LLAMA_LIKE = dict(
+    hidden_size=HIDDEN,
+    intermediate_size=FFN,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=HEADS,
+    num_key_value_heads=KV_HEADS,
+    max_position_embeddings=POSITIONS,
+)
 
 FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     # name: (transformers config class, its keyword arguments)
@@ -27,13 +33,43 @@ FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
     "gemma3": ("Gemma3TextConfig", {**_LLAMA_LIKE, "head_dim": HIDDEN // HEADS, "sliding_window": 64}),
     "phi3": ("Phi3Config", {**_LLAMA_LIKE, "original_max_position_embeddings": POSITIONS}),
     "gpt2": ("GPT2Config", dict(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_inner=FFN, n_positions=POSITIONS)),
-    "gpt_neox": ("GPTNeoXConfig", dict(hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
-                                       num_attention_heads=HEADS, max_position_embeddings=POSITIONS)),
-    "falcon": ("FalconConfig", dict(hidden_size=HIDDEN, ffn_hidden_size=FFN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                                    num_kv_heads=KV_HEADS, new_decoder_architecture=True, max_position_embeddings=POSITIONS)),
-    "opt": ("OPTConfig", dict(hidden_size=HIDDEN, ffn_dim=FFN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                              word_embed_proj_dim=HIDDEN, max_position_embeddings=POSITIONS)),
-    "mixtral": ("MixtralConfig", {**_LLAMA_LIKE, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None}),
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        dict(
+            hidden_size=HIDDEN,
+            intermediate_size=FFN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            max_position_embeddings=POSITIONS,
+        ),
+    ),
+    "falcon": (
+        "FalconConfig",
+        dict(
+            hidden_size=HIDDEN,
+            ffn_hidden_size=FFN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            num_kv_heads=KV_HEADS,
+            new_decoder_architecture=True,
+            max_position_embeddings=POSITIONS,
+        ),
+    ),
+    "opt": (
+        "OPTConfig",
+        dict(
+            hidden_size=HIDDEN,
+            ffn_dim=FFN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=HEADS,
+            word_embed_proj_dim=HIDDEN,
+            max_position_embeddings=POSITIONS,
+        ),
+    ),
+    "mixtral": (
+        "MixtralConfig",
+        {**_LLAMA_LIKE, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None},
+    ),
 }
 """The twelve families of issue 15 (Gemma 3 as its text-only model, what AutoModelForCausalLM builds)."""
 
@@ -52,9 +88,8 @@ def config(family: str, tokenizer: Any) -> Any:
 def build(family: str, directory: Path, seed: int = 0) -> Path:
     """Write the family's tiny model (safetensors) and the byte tokenizer into `directory`."""
     import torch
-    from transformers import AutoModelForCausalLM
-
     from kubetune.trainer import builtin
+    from transformers import AutoModelForCausalLM
 
     tok = builtin.byte_tokenizer()
     with torch.random.fork_rng(devices=[]):

@@ -21,8 +21,13 @@ def job(tmp: Path, source: str, name: str = "t", **spec: Any) -> Any:
         train.write_text("".join(DATA.read_text().splitlines(keepends=True)[:48]))
     body: dict[str, Any] = {
         "model": {"source": source},
-        "dataset": {"train": str(train), "validationSplit": 0.1, "maxSeqLength": 256, "overlength": "truncate",
-                    "minExamples": 8},
+        "dataset": {
+            "train": str(train),
+            "validationSplit": 0.1,
+            "maxSeqLength": 256,
+            "overlength": "truncate",
+            "minExamples": 8,
+        },
         "method": {"adaptation": "full"},
         "hyperparameters": {"epochs": 1, "batchSize": 4, "maxSteps": 10, "seed": 7},
         "evaluation": {"samples": 0, "compareBase": False},
@@ -32,8 +37,11 @@ def job(tmp: Path, source: str, name: str = "t", **spec: Any) -> Any:
     for key, value in spec.items():
         body[key] = {**body.get(key, {}), **value} if isinstance(value, dict) else value
     path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
-                                    "metadata": {"name": name}, "spec": body}))
+    path.write_text(
+        yaml.safe_dump(
+            {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": body}
+        )
+    )
     return load_job(str(path))
 
 

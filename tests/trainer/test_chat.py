@@ -19,15 +19,26 @@ pytestmark = pytest.mark.slow
 QUESTION = "Can you help me?"
 
 
-def train_output(tmp: Path, name: str, answer: str, *, adaptation: str = "lora", fmt: str = "adapter",
-                 steps: int = 12, seed: int = 7, **extra: Any) -> Path:
+def train_output(
+    tmp: Path,
+    name: str,
+    answer: str,
+    *,
+    adaptation: str = "lora",
+    fmt: str = "adapter",
+    steps: int = 12,
+    seed: int = 7,
+    **extra: Any,
+) -> Path:
     """Train `builtin://tiny-llama` to answer `answer` to anything; returns the output directory."""
     from kubetune.api.manifest import load_job
     from kubetune.trainer.run import Options, run
 
     data = tmp / f"{name}.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"{QUESTION} #{i}"}, {"role": "assistant", "content": answer}]}
-            for i in range(24)]
+    rows = [
+        {"messages": [{"role": "user", "content": f"{QUESTION} #{i}"}, {"role": "assistant", "content": answer}]}
+        for i in range(24)
+    ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     block = {"r": 8, "alpha": 16, "dropout": 0.0, "targetModules": ["all-linear"]}
     spec = {
@@ -40,8 +51,11 @@ def train_output(tmp: Path, name: str, answer: str, *, adaptation: str = "lora",
         **extra,
     }
     manifest = tmp / f"{name}.yaml"
-    manifest.write_text(yaml.safe_dump({"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
-                                        "metadata": {"name": name}, "spec": spec}))
+    manifest.write_text(
+        yaml.safe_dump(
+            {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": spec}
+        )
+    )
     run(load_job(str(manifest)), Options(output=(tmp / name).as_uri(), scratch=tmp / f"{name}-scratch"))
     return tmp / name
 
@@ -52,7 +66,9 @@ def outputs(tmp_path_factory: pytest.TempPathFactory, builtin_cache: Path) -> di
     return {
         "lora": train_output(tmp, "yes", "yes yes yes"),
         # spec.serving makes the trainer also commit <output>/merged/ (engines refuse DoRA adapters).
-        "dora": train_output(tmp, "dora", "yes yes yes", adaptation="dora", serving={"engine": "vllm", "vllm": {"gpus": 1}}),
+        "dora": train_output(
+            tmp, "dora", "yes yes yes", adaptation="dora", serving={"engine": "vllm", "vllm": {"gpus": 1}}
+        ),
         "dora-export": train_output(tmp, "dora-export", "yes yes yes", adaptation="dora", fmt="merged"),
     }
 
@@ -71,8 +87,19 @@ def test_one_shot_chat_answers_with_what_the_job_taught(outputs: dict[str, Path]
 
 
 def test_compare_prints_tuned_and_base_answers_labelled(outputs: dict[str, Path]) -> None:
-    result = _cli("chat", str(outputs["lora"]), "--prompt", QUESTION, "--compare", "--temperature", "0",
-                  "--max-tokens", "12", "--system", "Be brief.")
+    result = _cli(
+        "chat",
+        str(outputs["lora"]),
+        "--prompt",
+        QUESTION,
+        "--compare",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "12",
+        "--system",
+        "Be brief.",
+    )
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert "[tuned: ft:tiny-llama:yes]" in out and "[base: tiny-llama]" in out
@@ -82,7 +109,9 @@ def test_compare_prints_tuned_and_base_answers_labelled(outputs: dict[str, Path]
 
 
 def test_compare_on_a_merged_output_loads_the_base_from_the_manifest(outputs: dict[str, Path]) -> None:
-    result = _cli("chat", str(outputs["dora-export"]), "-p", QUESTION, "--compare", "--temperature", "0", "--max-tokens", "12")
+    result = _cli(
+        "chat", str(outputs["dora-export"]), "-p", QUESTION, "--compare", "--temperature", "0", "--max-tokens", "12"
+    )
     assert result.exit_code == 0, result.output
     assert "[tuned: ft:tiny-llama:dora-export]" in result.stdout and "[base: tiny-llama]" in result.stdout
     assert "yes yes yes" in result.stdout.split("[base:")[0]
@@ -91,8 +120,11 @@ def test_compare_on_a_merged_output_loads_the_base_from_the_manifest(outputs: di
 def test_interactive_chat_streams_resets_and_exits(outputs: dict[str, Path]) -> None:
     from kubetune.cli import main
 
-    result = CliRunner().invoke(main, ["chat", str(outputs["lora"]), "--temperature", "0", "--max-tokens", "12"],
-                                input=f"{QUESTION}\n/reset\n{QUESTION}\n/exit\nnever read\n")
+    result = CliRunner().invoke(
+        main,
+        ["chat", str(outputs["lora"]), "--temperature", "0", "--max-tokens", "12"],
+        input=f"{QUESTION}\n/reset\n{QUESTION}\n/exit\nnever read\n",
+    )
     assert result.exit_code == 0, result.output
     assert result.stdout.count("yes yes yes") == 2
     assert "conversation forgotten" in result.stderr
@@ -104,12 +136,17 @@ def test_sampling_is_repeatable_with_a_seed(outputs: dict[str, Path]) -> None:
     assert first.exit_code == 0 and first.stdout == second.stdout
 
 
-@pytest.mark.parametrize("make, expected", [
-    ("missing", "no such directory"),
-    ("empty", "has no manifest.json"),
-    ("corrupt", "does not verify against its manifest.json"),
-])
-def test_a_missing_or_corrupt_output_is_a_clear_error(outputs: dict[str, Path], tmp_path: Path, make: str, expected: str) -> None:
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        ("missing", "no such directory"),
+        ("empty", "has no manifest.json"),
+        ("corrupt", "does not verify against its manifest.json"),
+    ],
+)
+def test_a_missing_or_corrupt_output_is_a_clear_error(
+    outputs: dict[str, Path], tmp_path: Path, make: str, expected: str
+) -> None:
     import shutil
 
     target = tmp_path / "out"
@@ -140,7 +177,6 @@ def test_the_adapter_directory_itself_is_accepted(outputs: dict[str, Path]) -> N
 def test_dora_merged_export_gives_the_same_logits_as_the_adapter(outputs: dict[str, Path]) -> None:
     """Acceptance: the merged export of a DoRA job serves the logits of the adapter applied."""
     import torch
-
     from kubetune.trainer.inference import ModelPool, open_output
 
     adapter = open_output(str(outputs["dora"]))
@@ -159,10 +195,11 @@ def test_dora_merged_export_gives_the_same_logits_as_the_adapter(outputs: dict[s
     torch.testing.assert_close(pool.logits(pool.get("ft:tiny-llama:dora-export"), ids), a, atol=1e-4, rtol=1e-4)
 
 
-def test_remote_outputs_are_downloaded_verified(outputs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_remote_outputs_are_downloaded_verified(
+    outputs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Any fsspec URL: memory:// stands in for object storage."""
     import fsspec
-
     from kubetune.trainer.inference import open_output
 
     fs = fsspec.filesystem("memory")

@@ -7,7 +7,6 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-
 from kubetune.trainer import chunked
 
 VOCAB = 301
@@ -17,8 +16,17 @@ def tiny(seed: int = 0, vocab: int = VOCAB, tie: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=tie, use_cache=False)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=tie,
+        use_cache=False,
+    )
     return LlamaForCausalLM(config).float()
 
 
@@ -40,7 +48,9 @@ def reference_sum(model, inputs) -> tuple[torch.Tensor, int]:
     """Σ CE over label positions from the model's full logits (what transformers' loss does)."""
     logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits.float()
     target = inputs["labels"][:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum")
+    loss = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum"
+    )
     return loss, int((target != -100).sum())
 
 
@@ -90,7 +100,9 @@ def test_num_items_normalises_like_the_models_loss():
 def test_lora_with_a_wrapped_head_takes_the_checkpointed_path_and_matches():
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(tiny(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"], lora_dropout=0.0))
+    model = get_peft_model(
+        tiny(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"], lora_dropout=0.0)
+    )
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)  # non-zero B: the head's adapter changes the logits
@@ -135,7 +147,9 @@ def test_sequence_logprobs_equal_the_full_log_softmax_with_gradients():
     (expected * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
     expected_grads = grads(model)
     model.zero_grad(set_to_none=True)
-    ours = chunked.sequence_logprobs(model, {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}, labels, chunk=6)
+    ours = chunked.sequence_logprobs(
+        model, {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}, labels, chunk=6
+    )
     assert ours.shape == (3,)
     assert torch.allclose(ours, expected.detach(), rtol=1e-5), (ours, expected)
     (ours * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
@@ -160,7 +174,9 @@ def test_distillation_kl_from_hidden_equals_the_logits_path(reverse):
     student.zero_grad(set_to_none=True)
     with torch.no_grad():
         t_hidden = chunked.forward_hidden(teacher, model_inputs)
-    kl, ce = kl_from_hidden(chunked.forward_hidden(student, model_inputs), t_hidden, inputs["labels"], 2.0, reverse, vocab, chunk=4)
+    kl, ce = kl_from_hidden(
+        chunked.forward_hidden(student, model_inputs), t_hidden, inputs["labels"], 2.0, reverse, vocab, chunk=4
+    )
     assert float(expected.detach()) > 1e-3  # the two models really differ
     assert torch.allclose(kl, expected, rtol=1e-5), (kl, expected)
     assert ce == pytest.approx(expected_ce, rel=1e-5)
@@ -172,8 +188,10 @@ def test_evaluate_equals_the_full_logits_evaluation(monkeypatch):
     from kubetune.trainer import data, run
 
     model = tiny()
-    examples = [data.Example(input_ids=list(range(3 + i, 20 + 2 * i)), labels=[-100] * 4 + list(range(7 + i, 20 + 2 * i)))
-                for i in range(5)]
+    examples = [
+        data.Example(input_ids=list(range(3 + i, 20 + 2 * i)), labels=[-100] * 4 + list(range(7 + i, 20 + 2 * i)))
+        for i in range(5)
+    ]
     collate = data.Collator(0)
     ours = run.evaluate(model, examples, collate, 2)
     monkeypatch.setattr(chunked, "supports_hidden", lambda m: False)
@@ -185,9 +203,8 @@ def test_evaluate_equals_the_full_logits_evaluation(monkeypatch):
 
 def test_trainer_step_matches_the_plain_trainer(tmp_path):
     """One optimizer step of ChunkedTrainer = transformers.Trainer on the model's own loss."""
-    from transformers import Trainer, TrainingArguments
-
     from kubetune.trainer.objectives import ChunkedTrainer
+    from transformers import Trainer, TrainingArguments
 
     rows = [{k: v[i] for k, v in batch(b=4).items()} for i in range(4)]
 
@@ -197,9 +214,20 @@ def test_trainer_step_matches_the_plain_trainer(tmp_path):
     results = []
     for cls in (Trainer, ChunkedTrainer):
         model = tiny()
-        args = TrainingArguments(output_dir=str(tmp_path / cls.__name__), max_steps=2, per_device_train_batch_size=2,
-                                 gradient_accumulation_steps=2, learning_rate=1e-2, report_to=[], use_cpu=True,
-                                 logging_steps=1, save_strategy="no", disable_tqdm=True, seed=3, data_seed=3)
+        args = TrainingArguments(
+            output_dir=str(tmp_path / cls.__name__),
+            max_steps=2,
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            learning_rate=1e-2,
+            report_to=[],
+            use_cpu=True,
+            logging_steps=1,
+            save_strategy="no",
+            disable_tqdm=True,
+            seed=3,
+            data_seed=3,
+        )
         trainer = cls(model=model, args=args, train_dataset=rows, data_collator=collate)
         trainer.train()
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

@@ -15,10 +15,9 @@ import sys
 from pathlib import Path
 
 import fsspec
-from fsspec.implementations.memory import MemoryFileSystem
 import pytest
 import torch
-
+from fsspec.implementations.memory import MemoryFileSystem
 from kubetune.api.spec import Dataset
 from kubetune.trainer import builtin, data
 from kubetune.trainer.data import DataError, DataProblem, Record
@@ -96,7 +95,7 @@ def test_ten_megabyte_line_is_reported_not_loaded(tmp_path):
 
 
 def test_missing_key(tmp_path):
-    path = write(tmp_path, [GOOD, chat(("user", "Hi")) .replace('"content": "Hi"', '"text": "Hi"')])
+    path = write(tmp_path, [GOOD, chat(("user", "Hi")).replace('"content": "Hi"', '"text": "Hi"')])
     records, problems = data.read_records(str(path), "chat")
     assert_at(problems[0], path, 2, "unknown key 'text'")
     assert any(p.line == 2 and "missing key 'messages[0].content'" in p.message for p in problems)
@@ -165,7 +164,12 @@ def test_wrong_field_types(tmp_path):
     records, problems = data.read_records(str(path), "chat")
     assert_at(problems[0], path, 1, "messages: expected an array, got an object")
     # an array is content parts (OpenAI's form): each must be a {"type": "text", "text": ...} object
-    assert_at(problems[1], path, 2, 'messages[0].content[0]: expected a content part such as {"type": "text", "text": "..."}, got a string')
+    assert_at(
+        problems[1],
+        path,
+        2,
+        'messages[0].content[0]: expected a content part such as {"type": "text", "text": "..."}, got a string',
+    )
 
 
 def test_blank_lines_and_crlf_are_fine(tmp_path):
@@ -266,7 +270,9 @@ def test_other_format_checks(tmp_path):
     for fmt, line, fragment in cases:
         path = write(tmp_path, [line])
         assert_at(only_problem(path, fmt), path, 1, fragment)
-    path = write(tmp_path, ['{"instruction": "Do", "output": "ok"}', '{"instruction": "Do", "input": "", "output": "ok"}'])
+    path = write(
+        tmp_path, ['{"instruction": "Do", "output": "ok"}', '{"instruction": "Do", "input": "", "output": "ok"}']
+    )
     assert data.read_records(str(path), "instruction")[1] == []
 
 
@@ -279,10 +285,21 @@ def trained_text(tok, example) -> str:
 
 
 def test_chat_loss_only_on_weighted_assistant_turns(tok):
-    rec = Record("f", 1, {"messages": [
-        SYSTEM, {"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1", "weight": 0},
-        {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"},
-        {"role": "user", "content": "Q3"}, {"role": "assistant", "content": "A3", "weight": 1}]})
+    rec = Record(
+        "f",
+        1,
+        {
+            "messages": [
+                SYSTEM,
+                {"role": "user", "content": "Q1"},
+                {"role": "assistant", "content": "A1", "weight": 0},
+                {"role": "user", "content": "Q2"},
+                {"role": "assistant", "content": "A2"},
+                {"role": "user", "content": "Q3"},
+                {"role": "assistant", "content": "A3", "weight": 1},
+            ]
+        },
+    )
     ex = data.encode_example(rec, "chat", tok, 512, "truncate")
     assert tok.decode(ex.input_ids).startswith("<|im_start|>system\nBe kind.<|im_end|>")
     assert trained_text(tok, ex) == "A2<|im_end|>A3<|im_end|>"  # end-of-turn trained, newline not
@@ -298,8 +315,18 @@ def test_chat_without_template_uses_chatml_fallback(tok):
 def test_chat_template_that_is_not_prefix_stable_uses_offsets(tok):
     odd = builtin.byte_tokenizer()  # marks the end of a whole conversation: renderings of prefixes differ
     odd.chat_template = builtin.CHAT_TEMPLATE + "{% if not add_generation_prompt %}<|endoftext|>{% endif %}"
-    rec = Record("f", 1, {"messages": [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
-                                       {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]})
+    rec = Record(
+        "f",
+        1,
+        {
+            "messages": [
+                {"role": "user", "content": "Q1"},
+                {"role": "assistant", "content": "A1"},
+                {"role": "user", "content": "Q2"},
+                {"role": "assistant", "content": "A2"},
+            ]
+        },
+    )
     ex = data.encode_full(rec, "chat", odd)
     assert tok.decode(ex.input_ids).endswith("A2<|im_end|>\n<|endoftext|>")
     assert trained_text(tok, ex) == "A1<|im_end|>A2<|im_end|>"
@@ -313,13 +340,25 @@ def test_chat_template_refusal_names_the_line(tok):
     assert str(e.value).startswith("t.jsonl:7: the chat template rejected this conversation: roles must alternate")
 
 
-@pytest.mark.parametrize("fmt, record, prompt, target", [
-    ("promptCompletion", {"prompt": "2+2=", "completion": " 4"}, "2+2=", " 4<|im_end|>"),
-    ("instruction", {"instruction": "Add.", "input": "2, 2", "output": "4"},
-     "### Instruction:\nAdd.\n\n### Input:\n2, 2\n\n### Response:\n", "4<|im_end|>"),
-    ("instruction", {"instruction": "Say hi.", "output": "hi"}, "### Instruction:\nSay hi.\n\n### Response:\n", "hi<|im_end|>"),
-    ("text", {"text": "Tents keep you dry."}, "", "Tents keep you dry.<|im_end|>"),
-])
+@pytest.mark.parametrize(
+    "fmt, record, prompt, target",
+    [
+        ("promptCompletion", {"prompt": "2+2=", "completion": " 4"}, "2+2=", " 4<|im_end|>"),
+        (
+            "instruction",
+            {"instruction": "Add.", "input": "2, 2", "output": "4"},
+            "### Instruction:\nAdd.\n\n### Input:\n2, 2\n\n### Response:\n",
+            "4<|im_end|>",
+        ),
+        (
+            "instruction",
+            {"instruction": "Say hi.", "output": "hi"},
+            "### Instruction:\nSay hi.\n\n### Response:\n",
+            "hi<|im_end|>",
+        ),
+        ("text", {"text": "Tents keep you dry."}, "", "Tents keep you dry.<|im_end|>"),
+    ],
+)
 def test_prompt_tokens_are_masked(tok, fmt, record, prompt, target):
     ex = data.encode_example(Record("f", 1, record), fmt, tok, 512, "truncate")
     assert tok.decode(ex.input_ids) == prompt + target
@@ -414,16 +453,19 @@ def test_packed_logits_equal_unpacked(tok, attn):
     worst = leak = 0.0
     for i, (b, start) in zip(order, rows):
         n = len(examples[i].input_ids)
-        worst = max(worst, (logits[b, start:start + n] - alone[i]).abs().max().item())
+        worst = max(worst, (logits[b, start : start + n] - alone[i]).abs().max().item())
         worst = max(worst, (padded[i, :n] - alone[i]).abs().max().item())
-        leak = max(leak, (leaky[b, start:start + n] - alone[i]).abs().max().item())
+        leak = max(leak, (leaky[b, start : start + n] - alone[i]).abs().max().item())
     assert worst < 1e-5
     assert leak > 1e-3  # documents why prepare_model_for_packing exists; fails once transformers changes
 
     with torch.no_grad():  # and the summed loss over label tokens is the same
+
         def loss_sum(logits, labels):
-            return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
-                                                     ignore_index=-100, reduction="sum")
+            return torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
+            )
+
         packed_loss = loss_sum(logits, batch["labels"])
         single = sum(loss_sum(a[None], torch.tensor([e.labels])) for a, e in zip(alone, examples))
     assert torch.allclose(packed_loss, single, rtol=1e-5)
@@ -497,26 +539,48 @@ def test_validate_support_data_with_tokenizer(tok):
 
 def test_assistant_first_conversation_is_refused_before_training(tmp_path, tok):
     """It passed the validation Job, then crashed the trainer (exit 1, retried on GPUs)."""
-    path = write(tmp_path, [GOOD, chat(("assistant", "Hello!"), ("user", "hi"), ("assistant", "ok")),
-                            chat(SYSTEM, ("assistant", "Hi"))])
+    path = write(
+        tmp_path,
+        [GOOD, chat(("assistant", "Hello!"), ("user", "hi"), ("assistant", "ok")), chat(SYSTEM, ("assistant", "Hi"))],
+    )
     records, problems = data.read_records(str(path), "chat")
     assert [(p.line, p.message) for p in problems] == [
-        (2, "messages[0]: the conversation starts with 'assistant'; it must start with a user message (after an optional system message)"),
-        (3, "messages[1]: the conversation starts with 'assistant'; it must start with a user message (after an optional system message)"),
+        (
+            2,
+            "messages[0]: the conversation starts with 'assistant'; it must start with a user message (after an optional system message)",
+        ),
+        (
+            3,
+            "messages[1]: the conversation starts with 'assistant'; it must start with a user message (after an optional system message)",
+        ),
     ]
     assert [r.line for r in records] == [1] and data.encode_full(records[0], "chat", tok).input_ids
 
 
 def test_lone_surrogate_is_refused_with_its_line(tmp_path):
-    path = write(tmp_path, [GOOD, '{"messages": [{"role": "user", "content": "bad \\ud800 text"}, {"role": "assistant", "content": "ok"}]}'])
+    path = write(
+        tmp_path,
+        [
+            GOOD,
+            '{"messages": [{"role": "user", "content": "bad \\ud800 text"}, {"role": "assistant", "content": "ok"}]}',
+        ],
+    )
     assert_at(only_problem(path), path, 2, "unpaired surrogate '\\ud800' at character 5")
     assert "fix the \\u escape" in only_problem(path).message
 
 
 def test_one_bad_line_never_stops_the_report(tmp_path):
     """A huge number or deep nesting used to end the read with "check the storage credentials"."""
-    path = write(tmp_path, [GOOD, '{"messages": [], "n": ' + "9" * 5000 + "}", GOOD,
-                            '{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}", GOOD])
+    path = write(
+        tmp_path,
+        [
+            GOOD,
+            '{"messages": [], "n": ' + "9" * 5000 + "}",
+            GOOD,
+            '{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}",
+            GOOD,
+        ],
+    )
     records, problems = data.read_records(str(path), "chat")
     assert [r.line for r in records] == [1, 3, 5]
     assert [p.line for p in problems] == [2, 4]
@@ -538,7 +602,9 @@ def test_decompression_is_capped(tmp_path, suffix):
     assert records == [] and len(problems) == 1, problems  # stopped inside the endless first line
     assert problems[0].line == 0 and "decompresses to more than 100× its compressed size" in problems[0].message
     ok = tmp_path / f"ok.jsonl{suffix}"
-    ok.write_bytes(gzip.compress((GOOD + "\n").encode() * 50) if suffix == ".gz" else bz2.compress((GOOD + "\n").encode() * 50))
+    ok.write_bytes(
+        gzip.compress((GOOD + "\n").encode() * 50) if suffix == ".gz" else bz2.compress((GOOD + "\n").encode() * 50)
+    )
     assert len(data.read_records(str(ok), "chat")[0]) == 50  # ordinary compressed data reads
 
 
@@ -550,10 +616,16 @@ def test_storage_errors_are_told_apart_from_content(tmp_path):
     assert content[0].line == 2 and "invalid JSON" in content[0].message and "credentials" not in content[0].message
 
 
-@pytest.mark.parametrize(("weight", "ok"), [(0, True), (1, True), (0.0, True), (1.0, True), (True, False), ("1", False), (0.5, False)])
+@pytest.mark.parametrize(
+    ("weight", "ok"), [(0, True), (1, True), (0.0, True), (1.0, True), (True, False), ("1", False), (0.5, False)]
+)
 def test_weight_accepts_integral_numbers(tmp_path, weight, ok):
-    line = chat(("user", "q"), {"role": "assistant", "content": "a", "weight": 1}, ("user", "q2"),
-                {"role": "assistant", "content": "b", "weight": weight})
+    line = chat(
+        ("user", "q"),
+        {"role": "assistant", "content": "a", "weight": 1},
+        ("user", "q2"),
+        {"role": "assistant", "content": "b", "weight": weight},
+    )
     records, problems = data.read_records(str(write(tmp_path, [line])), "chat")
     assert bool(records) == ok, problems
 
@@ -581,8 +653,12 @@ def test_chat_templates_render_in_a_sandbox(tmp_path, tok):
     import copy
 
     evil = copy.deepcopy(tok)
-    evil.chat_template = "{{ ''.__class__.__mro__[1].__subclasses__() }}{% for m in messages %}{{ m.content }}{% endfor %}"
-    record = Record("train.jsonl", 7, {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+    evil.chat_template = (
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}{% for m in messages %}{{ m.content }}{% endfor %}"
+    )
+    record = Record(
+        "train.jsonl", 7, {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    )
     with pytest.raises(DataError) as refused:
         data.encode_full(record, "chat", evil)
     assert str(refused.value).startswith("train.jsonl:7: the chat template rejected this conversation")
@@ -594,7 +670,9 @@ def test_packing_attention_choice_per_device(monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "flash_attn" else real(name, *a)
+    )
     assert data.packing_attention("cuda") == "flash_attention_2"
     assert data.packing_attention("cpu") == "sdpa"
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else real(name, *a))
@@ -604,9 +682,8 @@ def test_packing_attention_choice_per_device(monkeypatch):
 def test_packed_chunked_loss_equals_examples_alone(tok):
     """The trainer's packed path end to end on this device's choice: the chunked loss of packed
     rows (position ids, no mask) equals the summed losses of each example run alone."""
-    from transformers import AutoModelForCausalLM
-
     from kubetune.trainer import chunked
+    from transformers import AutoModelForCausalLM
 
     attn = data.packing_attention("cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModelForCausalLM.from_pretrained(builtin.ensure("tiny-llama"), attn_implementation=attn).eval()

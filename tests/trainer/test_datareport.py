@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 import yaml
 from click.testing import CliRunner
-
 from kubetune.api.manifest import load_job
 from kubetune.cli import main as cli
 from kubetune.trainer import data, datareport
@@ -29,12 +28,19 @@ PII = {  # kind -> (text planted, line in train.jsonl)
 
 
 def _words(rng: random.Random, n: int) -> str:
-    return " ".join("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9))) for _ in range(n))
+    return " ".join(
+        "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9))) for _ in range(n)
+    )
 
 
 def _chat(user: str, answer: str) -> dict[str, Any]:
-    return {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user},
-                         {"role": "assistant", "content": answer}]}
+    return {
+        "messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": answer},
+        ]
+    }
 
 
 def _near(example: dict[str, Any]) -> dict[str, Any]:
@@ -63,13 +69,28 @@ def write_dataset(tmp: Path, planted: bool) -> tuple[Path, Path]:
 
 def job_file(tmp: Path, train: Path, validation: Path, pii: str = "warn") -> Path:
     path = tmp / "job.yaml"
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "pii"},
-        "spec": {"model": {"source": "builtin://tiny-llama"},
-                 "dataset": {"train": str(train), "validation": str(validation), "maxSeqLength": 1024, "pii": pii, "minExamples": 10},
-                 "method": {"adaptation": "lora"}, "hyperparameters": {"epochs": 2},
-                 "output": {"uri": (tmp / "out").as_uri()}},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kubetune.io/v1alpha1",
+                "kind": "FineTuneJob",
+                "metadata": {"name": "pii"},
+                "spec": {
+                    "model": {"source": "builtin://tiny-llama"},
+                    "dataset": {
+                        "train": str(train),
+                        "validation": str(validation),
+                        "maxSeqLength": 1024,
+                        "pii": pii,
+                        "minExamples": 10,
+                    },
+                    "method": {"adaptation": "lora"},
+                    "hyperparameters": {"epochs": 2},
+                    "output": {"uri": (tmp / "out").as_uri()},
+                },
+            }
+        )
+    )
     return path
 
 
@@ -135,8 +156,14 @@ def test_redact_replaces_each_finding_and_keeps_the_rest(tmp_path: Path) -> None
     new_train, _, scan, warnings = datareport.enforce("redact", "chat", report.train, report.validation)
     assert scan.total == len(PII) and scan.redacted == len(PII) and "redacted 6" in warnings[0]
     by_line = {r.line: r.data["messages"][1]["content"] for r in new_train}
-    placeholders = {"email": "<EMAIL>", "phone": "<PHONE>", "creditCard": "<CREDIT_CARD>", "iban": "<IBAN>",
-                    "ipAddress": "<IP_ADDRESS>", "secret": "<SECRET>"}
+    placeholders = {
+        "email": "<EMAIL>",
+        "phone": "<PHONE>",
+        "creditCard": "<CREDIT_CARD>",
+        "iban": "<IBAN>",
+        "ipAddress": "<IP_ADDRESS>",
+        "secret": "<SECRET>",
+    }
     for kind, (text, line) in PII.items():
         before, _, after = text.partition(" ")  # the first word stays
         assert by_line[line].startswith(before) and placeholders[kind] in by_line[line], (kind, by_line[line])
@@ -149,20 +176,41 @@ def test_warn_and_the_validation_summary(tmp_path: Path) -> None:
     summary = validate_only(load_job(job_file(tmp_path, train, validation))).wire()
     assert summary["status"] == "validated"
     assert summary["dataReport"] | {} == {
-        "examples": 69, "validationExamples": 12, "tokens": summary["dataReport"]["tokens"], "overMaxSeqLength": 0,
-        "duplicates": 2, "nearDuplicates": 1, "overlap": 1, "nearOverlap": 1, "piiFindings": 6, "piiPolicy": "warn",
+        "examples": 69,
+        "validationExamples": 12,
+        "tokens": summary["dataReport"]["tokens"],
+        "overMaxSeqLength": 0,
+        "duplicates": 2,
+        "nearDuplicates": 1,
+        "overlap": 1,
+        "nearOverlap": 1,
+        "piiFindings": 6,
+        "piiPolicy": "warn",
         "estimatedTrainingTokens": summary["dataReport"]["estimatedTrainingTokens"],
-        "estimatedGPUHours": summary["dataReport"]["estimatedGPUHours"], "estimatedUSD": summary["dataReport"]["estimatedUSD"]}
+        "estimatedGPUHours": summary["dataReport"]["estimatedGPUHours"],
+        "estimatedUSD": summary["dataReport"]["estimatedUSD"],
+    }
     assert any("6 possible PII" in w and f"{train}:61" in w for w in summary["warnings"])
     out = tmp_path / "report.json"
-    result = CliRunner().invoke(cli, ["validate", "--data", str(job_file(tmp_path, train, validation)), "--report", str(out)])
+    result = CliRunner().invoke(
+        cli, ["validate", "--data", str(job_file(tmp_path, train, validation)), "--report", str(out)]
+    )
     assert result.exit_code == 0, result.output
     assert "duplicates: 2 exact, 1 near; train/validation overlap: 1 exact, 1 near" in result.output
     assert json.loads(out.read_text())["pii"]["total"] == 6
 
 
-@pytest.mark.parametrize("text", ["version 1.2.3 on 2024-01-05", "order 12345 costs 1,000 dollars", "card 4111 1111 1111 1112",
-                                  "IBAN DE89 3704 0044 0532 0130 01", "localhost 127.0.0.1", "see you at 10:30"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "version 1.2.3 on 2024-01-05",
+        "order 12345 costs 1,000 dollars",
+        "card 4111 1111 1111 1112",
+        "IBAN DE89 3704 0044 0532 0130 01",
+        "localhost 127.0.0.1",
+        "see you at 10:30",
+    ],
+)
 def test_near_misses_are_not_findings(text: str) -> None:
     assert datareport.scan_text(text) == []
 
@@ -173,5 +221,7 @@ def test_past_the_near_limit_only_exact_duplicates_are_counted(tmp_path: Path, m
     train, validation = write_dataset(tmp_path, planted=True)
     report = datareport.stream(load_job(job_file(tmp_path, train, validation)).spec)
     assert report["duplicates"]["nearChecked"] == 50
-    assert report["duplicates"]["exact"] == 2 and report["duplicates"]["near"] == 0  # line 69's near copy is past the limit
+    assert (
+        report["duplicates"]["exact"] == 2 and report["duplicates"]["near"] == 0
+    )  # line 69's near copy is past the limit
     assert report["overlap"]["exact"] == 1 and report["pii"]["total"] == len(PII)

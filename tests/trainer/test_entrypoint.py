@@ -7,7 +7,6 @@ import stat
 from pathlib import Path
 
 import pytest
-
 from kubetune.trainer.__main__ import gcs_credentials_from_env
 
 
@@ -36,7 +35,6 @@ def _validate_only(tmp_path: Path, manifest: dict) -> tuple[int, dict]:
     import json
 
     import yaml
-
     from kubetune.trainer.__main__ import main
 
     spec, term = tmp_path / "job.yaml", tmp_path / "termination"
@@ -46,8 +44,13 @@ def _validate_only(tmp_path: Path, manifest: dict) -> tuple[int, dict]:
 
 
 def _manifest(tmp_path: Path, **spec: object) -> dict:
-    body = {"model": {"source": "builtin://tiny-llama"}, "dataset": {"train": str(tmp_path / "train.jsonl")},
-            "method": {"adaptation": "lora"}, "output": {"uri": (tmp_path / "out").as_uri()}, **spec}
+    body = {
+        "model": {"source": "builtin://tiny-llama"},
+        "dataset": {"train": str(tmp_path / "train.jsonl")},
+        "method": {"adaptation": "lora"},
+        "output": {"uri": (tmp_path / "out").as_uri()},
+        **spec,
+    }
     return {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "t"}, "spec": body}
 
 
@@ -64,14 +67,18 @@ def test_a_spec_error_names_the_field_in_the_summary(tmp_path: Path) -> None:
 def test_a_data_error_names_the_file_and_line_in_the_summary(tmp_path: Path) -> None:
     from kubetune.api.contract import PERMANENT_EXIT_CODE
 
-    (tmp_path / "train.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
-                                          '{"messages": oops}\n')
+    (tmp_path / "train.jsonl").write_text(
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+        '{"messages": oops}\n'
+    )
     code, summary = _validate_only(tmp_path, _manifest(tmp_path))
     assert code == PERMANENT_EXIT_CODE and summary["reason"] == "InvalidData"
     assert summary["param"] == f"{tmp_path / 'train.jsonl'}:2"
 
 
-def test_a_missing_credentials_secret_is_named_before_any_storage_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_missing_credentials_secret_is_named_before_any_storage_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The operator passes the Secret's name beside its optional keys; none arriving means the
     Secret is missing (optional keys would otherwise fail much later, as a storage error)."""
     from kubetune.api.contract import CREDENTIALS_SECRET_ENV, PERMANENT_EXIT_CODE

@@ -16,18 +16,20 @@ import re
 import shutil
 import subprocess
 import threading
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 import yaml
-
 from kubetune.api.contract import JUDGE_API_KEY_ENV
 from kubetune.api.manifest import load_job
 from kubetune.api.spec import Judge
-from kubetune.trainer import evaluation, run as run_module
+from kubetune.trainer import evaluation
+from kubetune.trainer import run as run_module
 from kubetune.trainer.report import PLOT_PIXELS
+
 from tests.trainer.test_datareport import PII, write_dataset
 
 
@@ -41,7 +43,7 @@ class Stub:
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 stub.requests.append(body)
                 stub.auth.append(self.headers.get("Authorization"))
@@ -49,8 +51,18 @@ class Stub:
                     self.send_response(404)
                     self.end_headers()
                     return
-                reply = {"id": "x", "object": "chat.completion", "model": body["model"],
-                         "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": stub.verdict(body)}}]}
+                reply = {
+                    "id": "x",
+                    "object": "chat.completion",
+                    "model": body["model"],
+                    "choices": [
+                        {
+                            "index": 0,
+                            "finish_reason": "stop",
+                            "message": {"role": "assistant", "content": stub.verdict(body)},
+                        }
+                    ],
+                }
                 raw = json.dumps(reply).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -117,11 +129,15 @@ def test_a_fair_judge_finds_the_better_answer_in_either_position(stub: Any) -> N
     assert (score["tunedWins"], score["baseWins"], score["winRate"]) == (0, 4, 0.0)
 
 
-def test_the_api_key_comes_from_the_secret_env_and_bad_verdicts_count_as_failed(stub: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_api_key_comes_from_the_secret_env_and_bad_verdicts_count_as_failed(
+    stub: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     replies = iter(['{"winner": "B"}', "B", "I cannot decide", '{"winner": "B"}'] + ['{"winner": "tie"}'] * 4)
     s = stub(lambda body: next(replies))
     monkeypatch.setenv(JUDGE_API_KEY_ENV, "sk-test-123")
-    score, verdicts = evaluation.judge_samples(Judge(url=s.url, model="m", api_key_secret="judge"), SAMPLES, BASE, TUNED)
+    score, verdicts = evaluation.judge_samples(
+        Judge(url=s.url, model="m", api_key_secret="judge"), SAMPLES, BASE, TUNED
+    )
     assert set(s.auth) == {"Bearer sk-test-123"}
     # 0: B (tuned, base shown first), B (base, tuned shown first): a tie. 1: unreadable, failed at once.
     # 2: B (tuned), tie: tuned. 3: tie, tie.
@@ -129,8 +145,15 @@ def test_the_api_key_comes_from_the_secret_env_and_bad_verdicts_count_as_failed(
     assert (score["tunedWins"], score["ties"], score["failed"], score["winRate"]) == (1, 2, 1, pytest.approx(2 / 3))
 
 
-@pytest.mark.parametrize("text,verdict", [('{"winner": "B"}', "B"), ('```json\n{"winner": "tie"}\n```', "tie"),
-                                          ("Answer A is better.", "A"), ("This is a tie.", "tie")])
+@pytest.mark.parametrize(
+    "text,verdict",
+    [
+        ('{"winner": "B"}', "B"),
+        ('```json\n{"winner": "tie"}\n```', "tie"),
+        ("Answer A is better.", "A"),
+        ("This is a tie.", "tie"),
+    ],
+)
 def test_parse_verdict(text: str, verdict: str) -> None:
     assert evaluation.parse_verdict(text) == verdict
 
@@ -151,17 +174,31 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
     judge = Stub(lambda body: '{"winner": "A"}')
     spec = {
         "model": {"source": "builtin://tiny-llama"},
-        "dataset": {"train": str(train), "validation": str(validation), "maxSeqLength": 256, "pii": "redact", "minExamples": 10},
+        "dataset": {
+            "train": str(train),
+            "validation": str(validation),
+            "maxSeqLength": 256,
+            "pii": "redact",
+            "minExamples": 10,
+        },
         "method": {"adaptation": "lora", "lora": {"r": 4, "alpha": 8, "targetModules": ["all-linear"]}},
         "hyperparameters": {"epochs": 1, "learningRate": 3e-3, "batchSize": 8, "maxSteps": 6, "seed": 7},
-        "evaluation": {"samples": 8, "maxNewTokens": 8, "metrics": ["exactMatch", "rougeL", "bleu", "chrf", "jsonValid"],
-                       "judge": {"url": judge.url, "model": "biased-judge"}},
+        "evaluation": {
+            "samples": 8,
+            "maxNewTokens": 8,
+            "metrics": ["exactMatch", "rougeL", "bleu", "chrf", "jsonValid"],
+            "judge": {"url": judge.url, "model": "biased-judge"},
+        },
         "resources": {"gpus": 0},
         "output": {"uri": (tmp / "out").as_uri()},
         "checkpointing": {"everySteps": 100, "keep": 1},
     }
     path = tmp / "job.yaml"
-    path.write_text(yaml.safe_dump({"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "evalrun"}, "spec": spec}))
+    path.write_text(
+        yaml.safe_dump(
+            {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "evalrun"}, "spec": spec}
+        )
+    )
     encoded: list[Any] = []
     original = run_module._encode
 
@@ -177,7 +214,15 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
     finally:
         run_module._encode = original  # type: ignore[assignment]
         judge.close()
-    yield {"summary": summary, "out": tmp / "out", "encoded": encoded, "train": train, "judge": judge, "tmp": tmp, "metrics": opts.metrics}
+    yield {
+        "summary": summary,
+        "out": tmp / "out",
+        "encoded": encoded,
+        "train": train,
+        "judge": judge,
+        "tmp": tmp,
+        "metrics": opts.metrics,
+    }
 
 
 @pytest.mark.slow
@@ -185,26 +230,45 @@ def test_samples_metrics_and_manifest(finished: dict[str, Any]) -> None:
     out, summary = finished["out"], finished["summary"]
     rows = [json.loads(line) for line in (out / "eval" / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 8
-    assert all(isinstance(r["base"], str) and isinstance(r["tuned"], str) and r["prompt"] and r["reference"] for r in rows)
+    assert all(
+        isinstance(r["base"], str) and isinstance(r["tuned"], str) and r["prompt"] and r["reference"] for r in rows
+    )
     assert rows[0]["source"].endswith("validation.jsonl:1")
     gen = summary["metrics"]["generation"]
-    assert gen["samples"] == 8 and set(gen["base"]) == set(gen["tuned"]) == {"exactMatch", "rougeL", "bleu", "chrf", "jsonValid"}
+    assert gen["samples"] == 8 and set(gen["base"]) == set(gen["tuned"]) == {
+        "exactMatch",
+        "rougeL",
+        "bleu",
+        "chrf",
+        "jsonValid",
+    }
     for who in ("base", "tuned"):  # the summary's means are the means of the rows' scores
         for name, value in gen[who].items():
             assert value == pytest.approx(sum(r["scores"][who][name] for r in rows) / 8, abs=1e-6)
     judge = {k: gen["judge"].get(k, 0) for k in ("tunedWins", "baseWins", "ties", "failed", "winRate", "model")}
     assert judge == {"tunedWins": 0, "baseWins": 0, "ties": 8, "failed": 0, "winRate": 0.5, "model": "biased-judge"}
     assert len(finished["judge"].requests) == 16
-    from prometheus_client.parser import text_string_to_metric_families
     from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
 
-    series = {(s.labels["model"], s.labels["metric"]): s.value
-              for fam in text_string_to_metric_families(generate_latest(finished["metrics"].registry).decode())
-              for s in fam.samples if s.name == "kubetune_trainer_generation_score_ratio"}
-    assert series == {**{("base", k): v for k, v in gen["base"].items()}, **{("tuned", k): v for k, v in gen["tuned"].items()},
-                      ("tuned", "judgeWinRate"): 0.5}
+    series = {
+        (s.labels["model"], s.labels["metric"]): s.value
+        for fam in text_string_to_metric_families(generate_latest(finished["metrics"].registry).decode())
+        for s in fam.samples
+        if s.name == "kubetune_trainer_generation_score_ratio"
+    }
+    assert series == {
+        **{("base", k): v for k, v in gen["base"].items()},
+        **{("tuned", k): v for k, v in gen["tuned"].items()},
+        ("tuned", "judgeWinRate"): 0.5,
+    }
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["dataPolicy"] == {"pii": "redact", "findings": 6, "redactedExamples": 6, "byKind": {k: 1 for k in PII}}
+    assert manifest["dataPolicy"] == {
+        "pii": "redact",
+        "findings": 6,
+        "redactedExamples": 6,
+        "byKind": {k: 1 for k in PII},
+    }
     for name in ("report.html", "data-report.json", "eval/samples.jsonl", "report-data.json"):
         import hashlib
 
@@ -215,7 +279,9 @@ def test_samples_metrics_and_manifest(finished: dict[str, Any]) -> None:
 
 @pytest.mark.slow
 def test_the_redacted_data_is_what_trains(finished: dict[str, Any]) -> None:
-    trained = {r.line: r.data["messages"][1]["content"] for r in finished["encoded"] if r.file == str(finished["train"])}
+    trained = {
+        r.line: r.data["messages"][1]["content"] for r in finished["encoded"] if r.file == str(finished["train"])
+    }
     for text, line in PII.values():
         assert text not in trained[line] and "<" in trained[line]
     from kubetune.trainer import datareport
@@ -233,8 +299,16 @@ def _chromium() -> str:
 
 
 def _browser(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-extensions",
-           f"--user-data-dir={tmp / 'chromium-profile'}", *args]
+    cmd = [
+        _chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-extensions",
+        f"--user-data-dir={tmp / 'chromium-profile'}",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
@@ -262,9 +336,14 @@ def check_report_in_chromium(out: Path, tmp: Path, samples: int) -> str:
 
     # The browser: every image loaded at its natural size (a script added to a copy records it).
     probe = tmp / "probe.html"
-    probe.write_text(page.replace("</body>", "<script>addEventListener('load', () => { for (const i of document.images) "
-                                             "i.setAttribute('data-natural', i.naturalWidth + 'x' + i.naturalHeight); "
-                                             "document.body.setAttribute('data-loaded', 'yes'); });</script></body>"))
+    probe.write_text(
+        page.replace(
+            "</body>",
+            "<script>addEventListener('load', () => { for (const i of document.images) "
+            "i.setAttribute('data-natural', i.naturalWidth + 'x' + i.naturalHeight); "
+            "document.body.setAttribute('data-loaded', 'yes'); });</script></body>",
+        )
+    )
     dom = _browser(tmp, "--virtual-time-budget=10000", "--dump-dom", probe.as_uri())
     assert dom.returncode == 0 and 'data-loaded="yes"' in dom.stdout, dom.stderr[-2000:]
     sizes = dict(re.findall(r'<img id="(plot-[a-z]+)"[^>]*data-natural="(\d+x\d+)"', dom.stdout))
@@ -277,13 +356,18 @@ def check_report_in_chromium(out: Path, tmp: Path, samples: int) -> str:
     ab = re.search(r'<table id="ab">(.*?)</table>', dom.stdout, re.S).group(1)  # type: ignore[union-attr]
     for name, value in m["generation"]["tuned"].items():
         base = m["generation"]["base"][name]
-        assert re.search(rf"<th>{name}</th><td class=\"num\">{base:.4g}</td><td class=\"num\">{value:.4g}</td>", ab), (name, ab)
+        assert re.search(rf"<th>{name}</th><td class=\"num\">{base:.4g}</td><td class=\"num\">{value:.4g}</td>", ab), (
+            name,
+            ab,
+        )
     table = re.search(r'<table id="samples"[^>]*>(.*?)</table>', dom.stdout, re.S).group(1)  # type: ignore[union-attr]
     assert table.count("<tr>") == samples + 1  # the header and the samples
 
     # A screenshot, kept as the test's artifact.
     shot = tmp / "report.png"
-    taken = _browser(tmp, "--hide-scrollbars", "--window-size=1200,2400", f"--screenshot={shot}", (out / "report.html").as_uri())
+    taken = _browser(
+        tmp, "--hide-scrollbars", "--window-size=1200,2400", f"--screenshot={shot}", (out / "report.html").as_uri()
+    )
     assert taken.returncode == 0 and shot.is_file(), taken.stderr[-2000:]
     image = Image.open(shot)
     assert image.size == (1200, 2400) and _not_blank(image)
@@ -306,7 +390,6 @@ def test_report_renders_in_chromium(finished: dict[str, Any]) -> None:
 @pytest.mark.slow
 def test_kubetune_report_writes_and_renders(finished: dict[str, Any], tmp_path: Path) -> None:
     from click.testing import CliRunner
-
     from kubetune.cli import main as cli
 
     out = finished["out"]

@@ -16,21 +16,33 @@ equal each example's logits alone on every allowed family; not on OPT, BLOOM, MP
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
 import yaml
-
 from kubetune.api.spec import DoraConfig, IA3Config, LoraConfig, QLoraConfig
 from kubetune.trainer.methods import families as fam_facts
 from kubetune.trainer.methods import targets
+
 from tests.trainer import families
 
 pytestmark = pytest.mark.slow
 
-METHODS = ["full", "layers", "transfer", "gradualUnfreeze", "lora", "dora", "ia3", "prefixTuning", "promptTuning", "qlora"]
+METHODS = [
+    "full",
+    "layers",
+    "transfer",
+    "gradualUnfreeze",
+    "lora",
+    "dora",
+    "ia3",
+    "prefixTuning",
+    "promptTuning",
+    "qlora",
+]
 PEFT_METHODS = {"lora", "dora", "ia3", "qlora"}
 
 # Per family: what the default targets resolve to (lora/dora, ia3, qlora = all-linear written out).
@@ -45,9 +57,21 @@ DEFAULT_TARGETS: dict[str, tuple[list[str], list[str], list[str]]] = {
     "gemma3": (["q_proj", "v_proj"], ["q_proj", "v_proj", "down_proj"], LLAMA_LINEAR),
     "phi3": (["down_proj", "gate_up_proj", "o_proj", "qkv_proj"],) * 3,
     "gpt2": (["c_attn"], ["c_attn", "mlp.c_proj"], ["c_attn", "c_fc", "c_proj"]),
-    "gpt_neox": (["query_key_value"], ["query_key_value", "dense_4h_to_h"], ["dense", "dense_4h_to_h", "dense_h_to_4h", "query_key_value"]),
-    "falcon": (["query_key_value"], ["query_key_value", "dense_4h_to_h"], ["dense", "dense_4h_to_h", "dense_h_to_4h", "query_key_value"]),
-    "opt": (["q_proj", "v_proj"], ["q_proj", "k_proj", "fc2"], ["fc1", "fc2", "k_proj", "out_proj", "q_proj", "v_proj"]),
+    "gpt_neox": (
+        ["query_key_value"],
+        ["query_key_value", "dense_4h_to_h"],
+        ["dense", "dense_4h_to_h", "dense_h_to_4h", "query_key_value"],
+    ),
+    "falcon": (
+        ["query_key_value"],
+        ["query_key_value", "dense_4h_to_h"],
+        ["dense", "dense_4h_to_h", "dense_h_to_4h", "query_key_value"],
+    ),
+    "opt": (
+        ["q_proj", "v_proj"],
+        ["q_proj", "k_proj", "fc2"],
+        ["fc1", "fc2", "k_proj", "out_proj", "q_proj", "v_proj"],
+    ),
     # peft's Mixtral IA3 entry names w2, the v4 expert layer: transformers 5 fuses the experts, so k/v only
     "mixtral": (["q_proj", "v_proj"], ["k_proj", "v_proj"], ["k_proj", "o_proj", "q_proj", "v_proj"]),
 }
@@ -55,7 +79,9 @@ DEFAULT_TARGETS: dict[str, tuple[list[str], list[str], list[str]]] = {
 # The outcome of each cell: None trains; a string is the start of the refusal.
 EXPECTED: dict[tuple[str, str], str | None] = {(f, m): None for f in families.FAMILIES for m in METHODS}
 # transformers' 4-bit conversion skips FalconLinear: refused after load, before base evaluation
-EXPECTED[("falcon", "qlora")] = "spec.method.adaptation: qlora: transformers converted none of this falcon model's layers"
+EXPECTED[("falcon", "qlora")] = (
+    "spec.method.adaptation: qlora: transformers converted none of this falcon model's layers"
+)
 
 
 # ------------------------------------------------------------------------------------ fixtures
@@ -91,14 +117,17 @@ def family_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def chat_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Eight short conversations: two steps of batch 4, one held out."""
     path = tmp_path_factory.mktemp("family-data") / "chat.jsonl"
-    rows = [{"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": f"{w} {w}."}]}
-            for w in ["red", "blue", "green", "gold", "pink", "gray", "teal", "plum", "lime"]]
+    rows = [
+        {"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": f"{w} {w}."}]}
+        for w in ["red", "blue", "green", "gold", "pink", "gray", "teal", "plum", "lime"]
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
-def job(tmp: Path, model_dir: Path, data_path: Path, adaptation: str, block: dict[str, Any] | None = None,
-        **dataset: Any) -> Any:
+def job(
+    tmp: Path, model_dir: Path, data_path: Path, adaptation: str, block: dict[str, Any] | None = None, **dataset: Any
+) -> Any:
     from kubetune.api.manifest import load_job
 
     method: dict[str, Any] = {"adaptation": adaptation}
@@ -118,7 +147,11 @@ def job(tmp: Path, model_dir: Path, data_path: Path, adaptation: str, block: dic
         "output": {"uri": (tmp / "out").as_uri()},
     }
     path = tmp / "job.yaml"
-    path.write_text(yaml.safe_dump({"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "fam"}, "spec": spec}))
+    path.write_text(
+        yaml.safe_dump(
+            {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "fam"}, "spec": spec}
+        )
+    )
     return load_job(str(path))
 
 
@@ -146,7 +179,7 @@ def test_family_method(family: str, method: str, family_dirs: dict[str, Path], c
     summary = run_job(j, tmp_path)
     assert summary["status"] == "succeeded" and summary["steps"] == 2
     assert torch.isfinite(torch.tensor(summary["metrics"]["trainLoss"]))
-    assert 0 < summary["trainableParameters"]
+    assert summary["trainableParameters"] > 0
     result = tmp_path / "out" / "adapter"
     if method in PEFT_METHODS:
         lora, ia3, qlora = DEFAULT_TARGETS[family]
@@ -180,8 +213,10 @@ def test_default_targets_are_peft_tables_kept_to_the_model(family: str, family_d
     model = skeleton(family_dirs, family)
     model_type = model.config.model_type
     leaves = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    for block, table, got in [("lora", c.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, targets.resolve("lora", LoraConfig(), model)),
-                              ("ia3", c.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING, targets.resolve("ia3", IA3Config(), model))]:
+    for block, table, got in [
+        ("lora", c.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, targets.resolve("lora", LoraConfig(), model)),
+        ("ia3", c.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING, targets.resolve("ia3", IA3Config(), model)),
+    ]:
         peft_names = [t for t in table.get(model_type, []) if t.rsplit(".", 1)[-1] in leaves]
         assert list(got.modules) == (peft_names or targets._all_linear(model)), block
         assert got.matched and all(any(m.endswith("." + t) for t in got.modules) for m in got.matched)
@@ -196,14 +231,17 @@ def test_default_targets_are_peft_tables_kept_to_the_model(family: str, family_d
     assert head_name not in targets.resolve("lora", LoraConfig(target_modules=["all-linear"]), model).matched
 
 
-def test_llama_names_on_gpt2_are_refused_before_any_weight_loads(family_dirs: dict[str, Path], chat_data: Path,
-                                                                  tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_llama_names_on_gpt2_are_refused_before_any_weight_loads(
+    family_dirs: dict[str, Path],
+    chat_data: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """Why: `[q_proj, v_proj]` on GPT-2 was a 56-line NoMatchingPeftModuleError after model load and
     base evaluation, exit 1 (retried on GPUs). Now: refused from config.json, naming the field and
     GPT-2's names, with the permanent exit code and no traceback."""
     import transformers
-
     from kubetune.api.contract import PERMANENT_EXIT_CODE
     from kubetune.trainer import __main__ as entry
     from kubetune.trainer import run as run_mod
@@ -216,7 +254,9 @@ def test_llama_names_on_gpt2_are_refused_before_any_weight_loads(family_dirs: di
     with pytest.raises(run_mod.UserError) as err:
         run_job(j, tmp_path)
     assert err.value.param == "spec.method.lora.targetModules" and err.value.reason == "InvalidSpec"
-    assert str(err.value).startswith("spec.method.lora.targetModules: q_proj, v_proj match no layer of this gpt2 model.")
+    assert str(err.value).startswith(
+        "spec.method.lora.targetModules: q_proj, v_proj match no layer of this gpt2 model."
+    )
     assert "Its candidates: c_attn, c_fc, c_proj, lm_head, wpe, wte" in str(err.value)
     assert "family default (c_attn)" in str(err.value)
 
@@ -234,13 +274,19 @@ def test_partial_match_is_refused(family_dirs: dict[str, Path]) -> None:
     """Why: Phi-3 IA3 with Llama's names silently trained down_proj alone."""
     model = skeleton(family_dirs, "phi3")
     with pytest.raises(targets.TargetError) as err:
-        targets.resolve("ia3", IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]), model)
+        targets.resolve(
+            "ia3", IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]), model
+        )
     assert err.value.param == "spec.method.ia3.targetModules"
-    assert str(err.value).startswith("spec.method.ia3.targetModules: k_proj, v_proj match no layer of this phi3 model; only down_proj matches.")
+    assert str(err.value).startswith(
+        "spec.method.ia3.targetModules: k_proj, v_proj match no layer of this phi3 model; only down_proj matches."
+    )
     assert "Its candidates: down_proj, gate_up_proj, lm_head, o_proj, qkv_proj" in str(err.value)
     # a module that exists but cannot be wrapped, all-linear mixed with names, feedforward outside the targets
     gpt2 = skeleton(family_dirs, "gpt2")
-    with pytest.raises(targets.TargetError, match=r"mlp matches no layer of this gpt2 model \(it names GPT2MLP modules"):
+    with pytest.raises(
+        targets.TargetError, match=r"mlp matches no layer of this gpt2 model \(it names GPT2MLP modules"
+    ):
         targets.resolve("lora", LoraConfig(target_modules=["mlp"]), gpt2)
     with pytest.raises(targets.TargetError, match="all-linear stands alone"):
         targets.resolve("lora", LoraConfig(target_modules=["all-linear", "c_attn"]), gpt2)
@@ -266,15 +312,21 @@ def test_mixtral_all_linear_adapts_fused_experts(family_dirs: dict[str, Path], c
     with pytest.raises(targets.TargetError, match="spec.method.dora.targetModules: mixtral's mixture-of-experts"):
         targets.resolve("dora", DoraConfig(target_modules=["all-linear"]), model)
     # a named expert parameter is a target too
-    assert targets.resolve("lora", LoraConfig(target_modules=["q_proj", "experts.down_proj"], dropout=0), model).parameters == ("experts.down_proj",)
+    assert targets.resolve(
+        "lora", LoraConfig(target_modules=["q_proj", "experts.down_proj"], dropout=0), model
+    ).parameters == ("experts.down_proj",)
 
     # trains end to end, and the adapter loads in plain peft with the experts adapted
-    summary = run_job(job(tmp_path, family_dirs["mixtral"], chat_data, "lora", {"r": 4, "targetModules": ["all-linear"]}), tmp_path)
+    summary = run_job(
+        job(tmp_path, family_dirs["mixtral"], chat_data, "lora", {"r": 4, "targetModules": ["all-linear"]}), tmp_path
+    )
     assert summary["effective"]["targetParameters"] == ["experts.down_proj", "experts.gate_up_proj", "gate.weight"]
     assert summary["effective"]["loraDropout"] == 0.0
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["hyperparameters"]["targetModules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
-    loaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(family_dirs["mixtral"]), tmp_path / "out" / "adapter")
+    loaded = peft.PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(family_dirs["mixtral"]), tmp_path / "out" / "adapter"
+    )
     trained = {n for n, _ in loaded.named_parameters() if "lora_B" in n}
     assert any(".experts.lora_B" in n for n in trained) and any(".gate.lora_B" in n for n in trained)
     assert any(float(p.abs().max()) > 0 for n, p in loaded.named_parameters() if ".experts.lora_B" in n)
@@ -286,8 +338,14 @@ def test_effective_targets_cross_the_metrics_labels() -> None:
     from kubetune.trainer.metrics import TrainerMetrics
 
     metrics = TrainerMetrics()
-    metrics.set_effective({"learningRate": 2e-4, "targetModules": ["q_proj", "v_proj"], "loraDropout": 0.05,
-                           "targetParameters": ["x" * 40, "y" * 40]})  # too long for a label: left to the summary
+    metrics.set_effective(
+        {
+            "learningRate": 2e-4,
+            "targetModules": ["q_proj", "v_proj"],
+            "loraDropout": 0.05,
+            "targetParameters": ["x" * 40, "y" * 40],
+        }
+    )  # too long for a label: left to the summary
     labels = next(s.labels for s in metrics.effective.collect()[0].samples)
     assert labels["target_modules"] == "q_proj,v_proj" and "target_parameters" not in labels
     parsed = ResolvedHyperparameters.model_validate(labels)
@@ -299,25 +357,26 @@ def test_effective_targets_cross_the_metrics_labels() -> None:
 
 def packed_vs_alone(model_dir: Path | None, model: Any = None) -> float:
     """Largest logit difference between three examples packed in one row and each alone."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from kubetune.trainer import data
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if model is None:
         config = AutoConfig.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=data.packing_attention("cpu", config))
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, attn_implementation=data.packing_attention("cpu", config)
+        )
     model.eval()
     data.prepare_model_for_packing(model)
     g = torch.Generator().manual_seed(0)
     examples = [torch.randint(10, 200, (n,), generator=g).tolist() for n in (7, 12, 5)]
-    ids = torch.tensor([sum(examples, [])])
-    positions = torch.tensor([sum([list(range(len(e))) for e in examples], [])])
+    ids = torch.tensor([[t for e in examples for t in e]])
+    positions = torch.tensor([[i for e in examples for i in range(len(e))]])
     worst, start = 0.0, 0
     with torch.no_grad():
         packed = model(input_ids=ids, position_ids=positions).logits[0]
         for e in examples:
             alone = model(input_ids=torch.tensor([e])).logits[0]
-            worst = max(worst, (packed[start:start + len(e)] - alone).abs().max().item())
+            worst = max(worst, (packed[start : start + len(e)] - alone).abs().max().item())
             start += len(e)
     return worst
 
@@ -331,23 +390,28 @@ def test_packing_allowed_families_keep_examples_apart(family: str, family_dirs: 
     assert packed_vs_alone(family_dirs[family]) < 1e-5
 
 
-def test_packing_refused_where_examples_attend_to_each_other(family_dirs: dict[str, Path], chat_data: Path,
-                                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_packing_refused_where_examples_attend_to_each_other(
+    family_dirs: dict[str, Path], chat_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Why: packing let examples attend to each other on OPT (logits off by 0.37), BLOOM and MPT.
     They are off the allow-list, and a packed run on them is refused before the model loads."""
     import transformers
+    from kubetune.trainer import run as run_mod
     from transformers import AutoConfig, AutoModelForCausalLM, BloomConfig, MptConfig
 
-    from kubetune.trainer import run as run_mod
-
     assert packed_vs_alone(family_dirs["opt"]) > 0.05
-    for cfg in (BloomConfig(vocab_size=300, hidden_size=32, n_layer=2, n_head=4), MptConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=4)):
+    for cfg in (
+        BloomConfig(vocab_size=300, hidden_size=32, n_layer=2, n_head=4),
+        MptConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=4),
+    ):
         torch.manual_seed(0)
         assert packed_vs_alone(None, AutoModelForCausalLM.from_config(cfg)) > 1e-3
         with pytest.raises(ValueError, match=f"model type '{cfg.model_type}' does not keep packed examples apart"):
             fam_facts.check_packing(cfg)
-    assert set(fam_facts.packing_families()) == {"llama", *(AutoConfig.from_pretrained(family_dirs[f]).model_type
-                                                            for f in families.FAMILIES if f != "opt")}
+    assert set(fam_facts.packing_families()) == {
+        "llama",
+        *(AutoConfig.from_pretrained(family_dirs[f]).model_type for f in families.FAMILIES if f != "opt"),
+    }
 
     def no_load(*a: Any, **k: Any) -> Any:
         raise AssertionError("model weights were loaded before packing was checked")

@@ -15,13 +15,15 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from kubetune.api.contract import PERMANENT_EXIT_CODE
 from kubetune.trainer import fetch, storage
 from kubetune.trainer.__main__ import main
 
-ADAPTER_FILES = {"adapter_config.json": b'{"peft_type": "LORA", "r": 8}', "adapter_model.safetensors": b"\x00" * 64,
-                 "tokenizer_config.json": b"{}"}
+ADAPTER_FILES = {
+    "adapter_config.json": b'{"peft_type": "LORA", "r": 8}',
+    "adapter_model.safetensors": b"\x00" * 64,
+    "tokenizer_config.json": b"{}",
+}
 MERGED_FILES = {"config.json": b'{"model_type": "llama"}', "model.safetensors": b"\x01" * 128, "tokenizer.json": b"{}"}
 
 
@@ -49,8 +51,12 @@ def contents(root: Path) -> dict[str, bytes]:
 def test_adapter_fetch_places_the_verified_files_directly_in_dest(tmp_path: Path) -> None:
     out = committed(tmp_path)
     dest = tmp_path / "models" / "bot"
-    proc = subprocess.run([sys.executable, "-m", "kubetune.trainer", "fetch", "--uri", f"{out.as_uri()}/adapter",
-                           "--dest", str(dest)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kubetune.trainer", "fetch", "--uri", f"{out.as_uri()}/adapter", "--dest", str(dest)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert contents(dest) == ADAPTER_FILES  # adapter_config.json at DEST/, no adapter/ level, no manifest
     assert "3 files verified" in proc.stdout
@@ -79,7 +85,9 @@ def test_merged_fetch_uses_merged_manifest(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("which", ["adapter", "merged"])
-def test_a_tampered_file_is_a_permanent_error_naming_it(tmp_path: Path, which: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_tampered_file_is_a_permanent_error_naming_it(
+    tmp_path: Path, which: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = committed(tmp_path, merged=True)
     name = "adapter_model.safetensors" if which == "adapter" else "model.safetensors"
     target = out / which / name
@@ -105,7 +113,10 @@ def test_a_missing_file_or_manifest_is_a_permanent_error(tmp_path: Path, capsys:
 
 
 def test_a_bad_uri_is_a_permanent_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["fetch", "--uri", "nosuchproto://bucket/out/adapter", "--dest", str(tmp_path / "d")]) == PERMANENT_EXIT_CODE
+    assert (
+        main(["fetch", "--uri", "nosuchproto://bucket/out/adapter", "--dest", str(tmp_path / "d")])
+        == PERMANENT_EXIT_CODE
+    )
     assert "nosuchproto://bucket/out/adapter" in capsys.readouterr().err
 
 
@@ -135,7 +146,9 @@ def test_model_fetch_copies_a_local_directory(tmp_path: Path) -> None:
     assert sorted(p.name for p in dest.parent.iterdir()) == ["base"]
 
 
-def test_model_fetch_downloads_a_store_and_checks_it_as_the_trainer_does(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_model_fetch_downloads_a_store_and_checks_it_as_the_trainer_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     uri = f"memory://kubetune-{uuid.uuid4().hex[:8]}/base"
     storage.upload_dir(write(tmp_path / "local", MERGED_FILES), storage.Store(uri, backoff=0), "", {})
     dest = tmp_path / "models" / "base"

@@ -6,10 +6,9 @@ import sys
 import types
 
 import pytest
-from prometheus_client import generate_latest
-
 from kubetune.trainer import callbacks
 from kubetune.trainer.metrics import TrainerMetrics
+from prometheus_client import generate_latest
 
 
 def fake_nvml(total_energy: bool) -> types.ModuleType:
@@ -19,12 +18,14 @@ def fake_nvml(total_energy: bool) -> types.ModuleType:
     nvml.nvmlDeviceGetHandleByIndex = lambda i: i
     nvml.nvmlDeviceGetPowerUsage = lambda h: 250_000  # mW
     if total_energy:
+
         def energy(h: int) -> float:
             state["mj"] += 500_000.0  # 500 J per call and device
             return state["mj"]
 
         nvml.nvmlDeviceGetTotalEnergyConsumption = energy
     else:
+
         def missing(h: int) -> float:
             raise RuntimeError("not supported on this GPU")
 

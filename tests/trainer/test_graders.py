@@ -8,10 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
-
-from kubetune.api.spec import Dataset, GRPOConfig, Grader
-from kubetune.trainer import data, graders, prefdata, textmetrics
 from kubetune.api.enums import TrainingType
+from kubetune.api.spec import Dataset, Grader, GRPOConfig
+from kubetune.trainer import data, graders, prefdata, textmetrics
 
 
 def scorer(**spec: object) -> graders.Scorer:
@@ -29,7 +28,12 @@ def test_string_check_operations_and_templates() -> None:
     assert like({"output_text": "It is Paris."}, item) == 1.0 and like({"output_text": "It is PARIS."}, item) == 0.0
     ilike = scorer(type="stringCheck", reference="{{item.answer}}", operation="ilike")
     assert ilike({"output_text": "It is PARIS."}, item) == 1.0
-    quoted = scorer(type="stringCheck", input="answer: {{ sample.output_text }}", reference="answer: {{item.answer}}", operation="eq")
+    quoted = scorer(
+        type="stringCheck",
+        input="answer: {{ sample.output_text }}",
+        reference="answer: {{item.answer}}",
+        operation="eq",
+    )
     assert quoted({"output_text": "Paris"}, item) == 1.0
 
 
@@ -64,10 +68,13 @@ def test_invalid_json_schema_is_refused_with_the_field() -> None:
 
 
 def test_multi_is_the_weighted_mean() -> None:
-    m = scorer(type="multi", graders=[
-        {"name": "exact", "type": "stringCheck", "reference": "{{item.a}}", "operation": "eq", "weight": 3},
-        {"name": "digits", "type": "regex", "pattern": r"^\d+$", "weight": 1},
-    ])
+    m = scorer(
+        type="multi",
+        graders=[
+            {"name": "exact", "type": "stringCheck", "reference": "{{item.a}}", "operation": "eq", "weight": 3},
+            {"name": "digits", "type": "regex", "pattern": r"^\d+$", "weight": 1},
+        ],
+    )
     assert m({"output_text": "7"}, {"a": "7"}) == pytest.approx(1.0)
     assert m({"output_text": "8"}, {"a": "7"}) == pytest.approx(0.25)
     assert m({"output_text": "x"}, {"a": "x"}) == pytest.approx(0.75)
@@ -117,7 +124,9 @@ def test_python_grader_file_problems_name_the_field(tmp_path: Path) -> None:
 
 def test_unknown_template_variable_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown template variable"):
-        Grader.model_validate({"name": "g", "type": "stringCheck", "reference": "{{reference.answer}}", "operation": "eq"})
+        Grader.model_validate(
+            {"name": "g", "type": "stringCheck", "reference": "{{reference.answer}}", "operation": "eq"}
+        )
 
 
 def test_reward_function_feeds_trl_columns() -> None:
@@ -143,12 +152,15 @@ def test_openai_and_trl_pairs_are_read_and_normalised(tmp_path: Path) -> None:
     msgs = [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "Hi?"}]
     good = [{"role": "assistant", "content": "Hello!"}]
     bad = [{"role": "assistant", "content": "Go away."}]
-    train = _write(tmp_path / "p.jsonl", [
-        {"input": {"messages": msgs}, "preferred_output": good, "non_preferred_output": bad},
-        {"prompt": "2+2=", "chosen": "4", "rejected": "5"},
-        {"prompt": msgs, "chosen": good, "rejected": bad},
-        {"prompt": "1+1=", "chosen": "2", "rejected": "3"},
-    ])
+    train = _write(
+        tmp_path / "p.jsonl",
+        [
+            {"input": {"messages": msgs}, "preferred_output": good, "non_preferred_output": bad},
+            {"prompt": "2+2=", "chosen": "4", "rejected": "5"},
+            {"prompt": msgs, "chosen": good, "rejected": bad},
+            {"prompt": "1+1=", "chosen": "2", "rejected": "3"},
+        ],
+    )
     report = _validate(train, prefdata.check_pair)
     rows = [prefdata.row(r.data, TrainingType.DPO) for r in report.train + report.validation]
     assert len(rows) == 4
@@ -159,17 +171,26 @@ def test_openai_and_trl_pairs_are_read_and_normalised(tmp_path: Path) -> None:
 
 def test_preference_problems_are_reported_with_file_and_line(tmp_path: Path) -> None:
     msgs = [{"role": "user", "content": "Hi?"}]
-    train = _write(tmp_path / "bad.jsonl", [
-        {"prompt": "q", "chosen": "a"},                                                        # 1 missing side
-        {"prompt": "q", "chosen": "same", "rejected": " same "},                               # 2 identical
-        {"prompt": "q", "chosen": "", "rejected": "b"},                                        # 3 empty completion
-        {"input": {"messages": msgs}, "preferred_output": [{"role": "assistant", "content": "x"}]},  # 4 missing side
-        {"input": {"messages": msgs}, "preferred_output": [{"role": "user", "content": "x"}],
-         "non_preferred_output": [{"role": "assistant", "content": "y"}]},                     # 5 wrong role
-        {"prompt": "q", "chosen": "a", "rejected": "b", "score": 1},                           # 6 unknown key
-        "not json",                                                                            # 7
-        {"prompt": "q", "chosen": "a", "rejected": "b"},                                       # 8 fine
-    ])
+    train = _write(
+        tmp_path / "bad.jsonl",
+        [
+            {"prompt": "q", "chosen": "a"},  # 1 missing side
+            {"prompt": "q", "chosen": "same", "rejected": " same "},  # 2 identical
+            {"prompt": "q", "chosen": "", "rejected": "b"},  # 3 empty completion
+            {
+                "input": {"messages": msgs},
+                "preferred_output": [{"role": "assistant", "content": "x"}],
+            },  # 4 missing side
+            {
+                "input": {"messages": msgs},
+                "preferred_output": [{"role": "user", "content": "x"}],
+                "non_preferred_output": [{"role": "assistant", "content": "y"}],
+            },  # 5 wrong role
+            {"prompt": "q", "chosen": "a", "rejected": "b", "score": 1},  # 6 unknown key
+            "not json",  # 7
+            {"prompt": "q", "chosen": "a", "rejected": "b"},  # 8 fine
+        ],
+    )
     with pytest.raises(data.DataError) as err:
         _validate(train, prefdata.check_pair)
     found = {(p.line, p.message.split(";")[0].split(":")[0]) for p in err.value.problems}
@@ -186,29 +207,39 @@ def test_preference_problems_are_reported_with_file_and_line(tmp_path: Path) -> 
 
 
 def test_kto_and_grpo_records(tmp_path: Path) -> None:
-    kto = _write(tmp_path / "k.jsonl", [
-        {"prompt": "q", "completion": "a", "label": True},
-        {"prompt": "q", "completion": "b", "label": "yes"},
-        {"prompt": "q", "completion": " ", "label": False},
-    ])
+    kto = _write(
+        tmp_path / "k.jsonl",
+        [
+            {"prompt": "q", "completion": "a", "label": True},
+            {"prompt": "q", "completion": "b", "label": "yes"},
+            {"prompt": "q", "completion": " ", "label": False},
+        ],
+    )
     with pytest.raises(data.DataError) as err:
         _validate(kto, prefdata.check_kto)
     lines = {p.line: p.message for p in err.value.problems}
     assert sorted(lines) == [2, 3] and "expected true or false" in lines[2] and "empty completion" in lines[3]
 
-    cfg = GRPOConfig.model_validate({"graders": [{"name": "g", "type": "stringCheck", "reference": "{{item.answer}}", "operation": "eq"}]})
+    cfg = GRPOConfig.model_validate(
+        {"graders": [{"name": "g", "type": "stringCheck", "reference": "{{item.answer}}", "operation": "eq"}]}
+    )
     check = prefdata.grpo_checker(cfg.item_fields())
-    grpo = _write(tmp_path / "g.jsonl", [
-        {"prompt": [{"role": "user", "content": "1+1?"}], "answer": "2"},
-        {"prompt": "1+2?"},
-        {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}], "answer": "4"},
-        {"messages": [{"role": "user", "content": "2+3?"}], "answer": "5", "difficulty": 1},
-    ])
+    grpo = _write(
+        tmp_path / "g.jsonl",
+        [
+            {"prompt": [{"role": "user", "content": "1+1?"}], "answer": "2"},
+            {"prompt": "1+2?"},
+            {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}], "answer": "4"},
+            {"messages": [{"role": "user", "content": "2+3?"}], "answer": "5", "difficulty": 1},
+        ],
+    )
     with pytest.raises(data.DataError) as err:
         _validate(grpo, check)
     lines = {p.line: p.message for p in err.value.problems}
     assert sorted(lines) == [2, 3]
     assert "missing key 'answer', which a grader reads" in lines[2]
     assert "last message must be a user message" in lines[3]
-    row = prefdata.row({"messages": [{"role": "user", "content": "2+3?"}], "answer": "5", "difficulty": 1}, TrainingType.GRPO)
+    row = prefdata.row(
+        {"messages": [{"role": "user", "content": "2+3?"}], "answer": "5", "difficulty": 1}, TrainingType.GRPO
+    )
     assert row == {"prompt": [{"role": "user", "content": "2+3?"}], "answer": "5", "difficulty": 1}

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from kubetune.api.memory import GIB, Workload, breakdown, largest_batch
 
 PROBE = Path(__file__).resolve().parents[2] / "benchmarks" / "memory_probe.py"
@@ -35,18 +34,31 @@ GRID = [
 def workload(c: dict) -> Workload:
     """What the probe ran, as the memory model sees a CPU run (fp32 weights and activations)."""
     return Workload(
-        parameters=c["parameters"], trainable=c["trainable"], hidden=c["hidden"], layers=c["layers"], vocab=c["vocab"],
-        seq_length=c["seq"], batch_size=c["batch"], intermediate=c["intermediate"], weight_dtype="fp32", compute_bytes=4,
-        gradient_checkpointing=bool(c.get("checkpointing")), chunked_logits=c["chunked"], head_trains=c["head_trains"],
-        label_share=0.75, gpu=False,  # the probe masks the first quarter of every row
+        parameters=c["parameters"],
+        trainable=c["trainable"],
+        hidden=c["hidden"],
+        layers=c["layers"],
+        vocab=c["vocab"],
+        seq_length=c["seq"],
+        batch_size=c["batch"],
+        intermediate=c["intermediate"],
+        weight_dtype="fp32",
+        compute_bytes=4,
+        gradient_checkpointing=bool(c.get("checkpointing")),
+        chunked_logits=c["chunked"],
+        head_trains=c["head_trains"],
+        label_share=0.75,
+        gpu=False,  # the probe masks the first quarter of every row
     )
 
 
 def probe(configs: list[dict]) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(PROBE), json.dumps(configs)], capture_output=True, text=True, timeout=900, env=env)
+    proc = subprocess.run(
+        [sys.executable, str(PROBE), json.dumps(configs)], capture_output=True, text=True, timeout=900, env=env
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(line[len("PROBE "):]) for line in proc.stdout.splitlines() if line.startswith("PROBE ")]
+    return [json.loads(line[len("PROBE ") :]) for line in proc.stdout.splitlines() if line.startswith("PROBE ")]
 
 
 def test_predicted_peak_within_25_percent_of_the_measured_cpu_peak():
@@ -56,8 +68,18 @@ def test_predicted_peak_within_25_percent_of_the_measured_cpu_peak():
     for c in results:
         measured = c["peak"] - c["base"]
         predicted = breakdown(workload(c)).total
-        report.append((c["vocab"], c["seq"], c["batch"], c["adaptation"], c["chunked"], measured >> 20, int(predicted) >> 20,
-                       round(predicted / measured, 2)))
+        report.append(
+            (
+                c["vocab"],
+                c["seq"],
+                c["batch"],
+                c["adaptation"],
+                c["chunked"],
+                measured >> 20,
+                int(predicted) >> 20,
+                round(predicted / measured, 2),
+            )
+        )
     bad = [r for r in report if not (1 - TOLERANCE <= r[-1] <= 1 + TOLERANCE)]
     assert not bad, f"(vocab, seq, batch, adaptation, chunked, measured MiB, predicted MiB, ratio): {report}"
     # Chunking is what the model says it is: at 128k the unchunked row costs more than the
@@ -67,8 +89,15 @@ def test_predicted_peak_within_25_percent_of_the_measured_cpu_peak():
 
 
 def test_the_logits_term_follows_chunking_vocab_and_batch():
-    base = Workload(parameters=8_000_000_000, trainable=80_000_000, hidden=4096, layers=32, vocab=128_256, seq_length=2048,
-                    intermediate=14336)
+    base = Workload(
+        parameters=8_000_000_000,
+        trainable=80_000_000,
+        hidden=4096,
+        layers=32,
+        vocab=128_256,
+        seq_length=2048,
+        intermediate=14336,
+    )
     unchunked = breakdown(Workload(**{**base.__dict__, "chunked_logits": False})).logits
     assert unchunked == 2048 * 128_256 * 12  # three fp32 copies: logits, log-softmax, gradient
     chunked_one = breakdown(base).logits
@@ -97,14 +126,22 @@ def test_auto_batch_size_reads_the_vocabulary(monkeypatch):
     """The trainer's `auto` asks the same model with the loaded model's shapes: a 128k
     vocabulary must not get a larger batch than a 32k one, and the answer fits the card."""
     import torch
-
     from kubetune.api import parse_manifest
     from kubetune.trainer import hparams
 
-    doc = {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "m"},
-           "spec": {"model": {"source": "hf://meta-llama/Llama-3.1-8B"}, "dataset": {"train": "s3://b/t.jsonl", "maxSeqLength": 4096},
-                    "method": {"adaptation": "lora"}, "hyperparameters": {"batchSize": "auto", "gradientCheckpointing": False},
-                    "output": {"uri": "s3://b/out"}, "resources": {"gpus": 1}}}
+    doc = {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
+        "metadata": {"name": "m"},
+        "spec": {
+            "model": {"source": "hf://meta-llama/Llama-3.1-8B"},
+            "dataset": {"train": "s3://b/t.jsonl", "maxSeqLength": 4096},
+            "method": {"adaptation": "lora"},
+            "hyperparameters": {"batchSize": "auto", "gradientCheckpointing": False},
+            "output": {"uri": "s3://b/out"},
+            "resources": {"gpus": 1},
+        },
+    }
     job, problems = parse_manifest(doc)
     assert job is not None, problems
 
@@ -116,8 +153,9 @@ def test_auto_batch_size_reads_the_vocabulary(monkeypatch):
     small = hparams.batch_size(job.spec, 8_000_000_000, 4096, 32, vocab=32000, intermediate=14336)
     big = hparams.batch_size(job.spec, 8_000_000_000, 4096, 32, vocab=128_256, intermediate=14336)
     assert 1 <= big <= small
-    from kubetune.api.estimate import gpu_workload
     from dataclasses import replace
+
+    from kubetune.api.estimate import gpu_workload
 
     w = gpu_workload(8_000_000_000, "lora", 4096, 1, False, 4096, 32, 128_256, intermediate_size=14336)
     assert breakdown(replace(w, batch_size=big)).total <= 80 * GIB * 0.9

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
-from kubetune.api.manifest import load_yaml as load_manifest_yaml
 from kubetune.api import Adaptation, Objective, Optimizer
 from kubetune.api.enums import TrainingType
+from kubetune.api.manifest import load_yaml as load_manifest_yaml
 from kubetune.cli import main
 from kubetune.trainer import storage
 
@@ -54,25 +53,30 @@ def test_method_example_runs(path: Path, tmp_path: Path, builtin_cache: Path, mo
 def test_spans_guide_end_to_end(tmp_path: Path, builtin_cache: Path) -> None:
     """The spans guide's evidence masks flow from the records through the collator to the loss."""
     import yaml
-
     from kubetune.api.manifest import load_job
     from kubetune.trainer.run import Options, run
 
     rows = []
     for i in range(60):
         question = f"Where is order {1000 + i}? It shipped on Monday."
-        rows.append({
-            "messages": [
-                {"role": "user", "content": question},
-                {"role": "assistant", "content": f"Order {1000 + i} is on its way."},
-            ],
-            "evidence": [[0, 16]],  # "Where is order N" in the last user message
-        })
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": question},
+                    {"role": "assistant", "content": f"Order {1000 + i} is on its way."},
+                ],
+                "evidence": [[0, 16]],  # "Where is order N" in the last user message
+            }
+        )
     data = tmp_path / "spans.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     job = load_manifest_yaml((ROOT / "examples" / "methods" / "attentionGuidance.yaml").read_text())
     job["spec"]["dataset"] = {"train": str(data), "validationSplit": 0.2, "maxSeqLength": 128}
-    job["spec"]["method"]["objectives"][0]["attentionGuidance"] = {"guide": "spans", "spansField": "evidence", "weight": 0.5}
+    job["spec"]["method"]["objectives"][0]["attentionGuidance"] = {
+        "guide": "spans",
+        "spansField": "evidence",
+        "weight": 0.5,
+    }
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     opts = Options(output=(tmp_path / "out").as_uri())
     summary = run(load_job(str(tmp_path / "job.yaml")), opts)

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
-
 from kubetune.api import Adaptation
 from kubetune.api.enums import LayerModule, PromptInit
 from kubetune.api.spec import (
@@ -33,6 +33,7 @@ from kubetune.api.spec import (
     TransferConfig,
 )
 from kubetune.trainer import methods
+
 from tests.fixtures.models import load_tiny, tiny_model_dir  # noqa: F401
 
 ALL_LINEAR = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -86,7 +87,9 @@ def base_view(model: Any) -> dict[str, torch.Tensor]:
 
 
 def linears(model: Any, leaf_names: set[str]) -> list[Any]:
-    return [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in leaf_names]
+    return [
+        m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in leaf_names
+    ]
 
 
 def numel_under(model: Any, *prefixes: str) -> int:
@@ -101,8 +104,18 @@ def write_model(directory: Path, tokenizer_dir: Path, arch: str = "llama", **ove
     cfg = AutoConfig.from_pretrained(tokenizer_dir)
     cls: type[Any]
     if arch == "olmo":
-        keep = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "pad_token_id")
-        cfg, cls = OlmoConfig(**{k: getattr(cfg, k) for k in keep}, eos_token_id=None, bos_token_id=None), OlmoForCausalLM
+        keep = (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "pad_token_id",
+        )
+        cfg, cls = (
+            OlmoConfig(**{k: getattr(cfg, k) for k in keep}, eos_token_id=None, bos_token_id=None),
+            OlmoForCausalLM,
+        )
     else:
         cls = LlamaForCausalLM
     for k, v in overrides.items():
@@ -175,7 +188,11 @@ def dora_count(model: Any, r: int, names: set[str]) -> int:
 
 def ia3_count(model: Any, targets: set[str], feedforward: set[str]) -> int:
     """One scale per output unit of k/v, one per input unit of the feed-forward targets."""
-    return sum(m.in_features if n.rsplit(".", 1)[-1] in feedforward else m.out_features for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets)
+    return sum(
+        m.in_features if n.rsplit(".", 1)[-1] in feedforward else m.out_features
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets
+    )
 
 
 def prefix_count(model: Any, k: int) -> int:
@@ -211,28 +228,177 @@ class Case:
 QV = {"q_proj", "v_proj"}
 CASES = [
     Case("full", Adaptation.FULL, None, everything, lambda m: sum(p.numel() for p in m.parameters()), lr=3e-3),
-    Case("layers-last-block", Adaptation.LAYERS, LayersConfig(), under("model.layers.1."), lambda m: numel_under(m, "model.layers.1."), lr=3e-3),
+    Case(
+        "layers-last-block",
+        Adaptation.LAYERS,
+        LayersConfig(),
+        under("model.layers.1."),
+        lambda m: numel_under(m, "model.layers.1."),
+        lr=3e-3,
+    ),
     # layers.1 must not match layers.10 / layers.11
-    Case("layers-index-1-of-12", Adaptation.LAYERS, LayersConfig(indices=[1]), under("model.layers.1."), lambda m: numel_under(m, "model.layers.1."), model="deep", lr=3e-3),
+    Case(
+        "layers-index-1-of-12",
+        Adaptation.LAYERS,
+        LayersConfig(indices=[1]),
+        under("model.layers.1."),
+        lambda m: numel_under(m, "model.layers.1."),
+        model="deep",
+        lr=3e-3,
+    ),
     # negative index: -2 of 2 blocks is block 0; kinds: attention only
-    Case("layers-negative-attention", Adaptation.LAYERS, LayersConfig(indices=[-2], modules=[LayerModule.ATTENTION]), under("model.layers.0.self_attn."), lambda m: numel_under(m, "model.layers.0.self_attn."), lr=3e-3),
-    Case("layers-norm-embeddings-head", Adaptation.LAYERS, LayersConfig(indices=[0], modules=[LayerModule.NORM, LayerModule.EMBEDDINGS, LayerModule.HEAD]), under("model.layers.0.input_layernorm.", "model.layers.0.post_attention_layernorm.", "model.embed_tokens.", "lm_head."), lambda m: numel_under(m, "model.layers.0.input_layernorm.", "model.layers.0.post_attention_layernorm.", "model.embed_tokens.", "lm_head."), lr=3e-3),
+    Case(
+        "layers-negative-attention",
+        Adaptation.LAYERS,
+        LayersConfig(indices=[-2], modules=[LayerModule.ATTENTION]),
+        under("model.layers.0.self_attn."),
+        lambda m: numel_under(m, "model.layers.0.self_attn."),
+        lr=3e-3,
+    ),
+    Case(
+        "layers-norm-embeddings-head",
+        Adaptation.LAYERS,
+        LayersConfig(indices=[0], modules=[LayerModule.NORM, LayerModule.EMBEDDINGS, LayerModule.HEAD]),
+        under(
+            "model.layers.0.input_layernorm.",
+            "model.layers.0.post_attention_layernorm.",
+            "model.embed_tokens.",
+            "lm_head.",
+        ),
+        lambda m: numel_under(
+            m,
+            "model.layers.0.input_layernorm.",
+            "model.layers.0.post_attention_layernorm.",
+            "model.embed_tokens.",
+            "lm_head.",
+        ),
+        lr=3e-3,
+    ),
     # tied embeddings: "head" is embed_tokens (one tensor, two state-dict keys)
-    Case("layers-tied-head", Adaptation.LAYERS, LayersConfig(modules=[LayerModule.HEAD]), under("model.embed_tokens.", "lm_head."), lambda m: m.get_input_embeddings().weight.numel(), model="tied", lr=3e-3),
-    Case("transfer-head", Adaptation.TRANSFER, TransferConfig(), under("lm_head.", "model.norm."), lambda m: m.lm_head.weight.numel() + m.model.norm.weight.numel(), lr=3e-3),
-    Case("transfer-top-1", Adaptation.TRANSFER, TransferConfig(top_layers=1), under("lm_head.", "model.norm.", "model.layers.1."), lambda m: m.lm_head.weight.numel() + m.model.norm.weight.numel() + sum(p.numel() for p in m.model.layers[1].parameters()), lr=3e-3),
+    Case(
+        "layers-tied-head",
+        Adaptation.LAYERS,
+        LayersConfig(modules=[LayerModule.HEAD]),
+        under("model.embed_tokens.", "lm_head."),
+        lambda m: m.get_input_embeddings().weight.numel(),
+        model="tied",
+        lr=3e-3,
+    ),
+    Case(
+        "transfer-head",
+        Adaptation.TRANSFER,
+        TransferConfig(),
+        under("lm_head.", "model.norm."),
+        lambda m: m.lm_head.weight.numel() + m.model.norm.weight.numel(),
+        lr=3e-3,
+    ),
+    Case(
+        "transfer-top-1",
+        Adaptation.TRANSFER,
+        TransferConfig(top_layers=1),
+        under("lm_head.", "model.norm.", "model.layers.1."),
+        lambda m: (
+            m.lm_head.weight.numel()
+            + m.model.norm.weight.numel()
+            + sum(p.numel() for p in m.model.layers[1].parameters())
+        ),
+        lr=3e-3,
+    ),
     # tied embeddings: the probe's head is untied from the (frozen) input embeddings
-    Case("transfer-tied", Adaptation.TRANSFER, TransferConfig(), under("lm_head.", "model.norm."), lambda m: m.lm_head.weight.numel() + m.model.norm.weight.numel(), model="tied", lr=3e-3),
+    Case(
+        "transfer-tied",
+        Adaptation.TRANSFER,
+        TransferConfig(),
+        under("lm_head.", "model.norm."),
+        lambda m: m.lm_head.weight.numel() + m.model.norm.weight.numel(),
+        model="tied",
+        lr=3e-3,
+    ),
     # stage 0 of the schedule (no Trainer callbacks here): head + final norm
-    Case("gradual-unfreeze-stage-0", Adaptation.GRADUAL_UNFREEZE, GradualUnfreezeConfig(steps_per_stage=2, discriminative_factor=2.6), under("lm_head.", "model.norm."), lambda m: m.lm_head.weight.numel() + m.model.norm.weight.numel(), lr=3e-3),
-    Case("lora-qv", Adaptation.LORA, LoraConfig(r=4, alpha=8, dropout=0.0), nothing, lambda m: lora_count(m, 4, QV), steps=60, at_init="equal", mergeable=True),
-    Case("lora-all-linear", Adaptation.LORA, LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["all-linear"]), nothing, lambda m: lora_count(m, 4, ALL_LINEAR), at_init="equal", mergeable=True),
-    Case("qlora", Adaptation.QLORA, QLoraConfig(r=4, alpha=8, dropout=0.0), nothing, lambda m: lora_count(m, 4, ALL_LINEAR), lr=3e-2),
-    Case("dora", Adaptation.DORA, DoraConfig(r=4, alpha=8, dropout=0.0), nothing, lambda m: dora_count(m, 4, QV), steps=60, at_init="close", mergeable=True),
-    Case("ia3", Adaptation.IA3, IA3Config(), nothing, lambda m: ia3_count(m, {"k_proj", "v_proj", "down_proj"}, {"down_proj"}), steps=60, lr=0.3, at_init="equal", mergeable=True),
-    Case("prefix-tuning", Adaptation.PREFIX_TUNING, PrefixTuningConfig(num_virtual_tokens=8), nothing, lambda m: prefix_count(m, 8), steps=40, lr=0.3),
-    Case("prefix-tuning-projection", Adaptation.PREFIX_TUNING, PrefixTuningConfig(num_virtual_tokens=8, projection=True), nothing, lambda m: prefix_projection_count(m, 8), steps=40, lr=3e-2),
-    Case("prompt-tuning", Adaptation.PROMPT_TUNING, PromptTuningConfig(num_virtual_tokens=8), nothing, lambda m: 8 * m.config.hidden_size, model="scaled", steps=40, lr=3e-2),
+    Case(
+        "gradual-unfreeze-stage-0",
+        Adaptation.GRADUAL_UNFREEZE,
+        GradualUnfreezeConfig(steps_per_stage=2, discriminative_factor=2.6),
+        under("lm_head.", "model.norm."),
+        lambda m: m.lm_head.weight.numel() + m.model.norm.weight.numel(),
+        lr=3e-3,
+    ),
+    Case(
+        "lora-qv",
+        Adaptation.LORA,
+        LoraConfig(r=4, alpha=8, dropout=0.0),
+        nothing,
+        lambda m: lora_count(m, 4, QV),
+        steps=60,
+        at_init="equal",
+        mergeable=True,
+    ),
+    Case(
+        "lora-all-linear",
+        Adaptation.LORA,
+        LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["all-linear"]),
+        nothing,
+        lambda m: lora_count(m, 4, ALL_LINEAR),
+        at_init="equal",
+        mergeable=True,
+    ),
+    Case(
+        "qlora",
+        Adaptation.QLORA,
+        QLoraConfig(r=4, alpha=8, dropout=0.0),
+        nothing,
+        lambda m: lora_count(m, 4, ALL_LINEAR),
+        lr=3e-2,
+    ),
+    Case(
+        "dora",
+        Adaptation.DORA,
+        DoraConfig(r=4, alpha=8, dropout=0.0),
+        nothing,
+        lambda m: dora_count(m, 4, QV),
+        steps=60,
+        at_init="close",
+        mergeable=True,
+    ),
+    Case(
+        "ia3",
+        Adaptation.IA3,
+        IA3Config(),
+        nothing,
+        lambda m: ia3_count(m, {"k_proj", "v_proj", "down_proj"}, {"down_proj"}),
+        steps=60,
+        lr=0.3,
+        at_init="equal",
+        mergeable=True,
+    ),
+    Case(
+        "prefix-tuning",
+        Adaptation.PREFIX_TUNING,
+        PrefixTuningConfig(num_virtual_tokens=8),
+        nothing,
+        lambda m: prefix_count(m, 8),
+        steps=40,
+        lr=0.3,
+    ),
+    Case(
+        "prefix-tuning-projection",
+        Adaptation.PREFIX_TUNING,
+        PrefixTuningConfig(num_virtual_tokens=8, projection=True),
+        nothing,
+        lambda m: prefix_projection_count(m, 8),
+        steps=40,
+        lr=3e-2,
+    ),
+    Case(
+        "prompt-tuning",
+        Adaptation.PROMPT_TUNING,
+        PromptTuningConfig(num_virtual_tokens=8),
+        nothing,
+        lambda m: 8 * m.config.hidden_size,
+        model="scaled",
+        steps=40,
+        lr=3e-2,
+    ),
 ]
 
 
@@ -342,7 +508,9 @@ def test_layers_errors_name_the_field(model_dirs: dict[str, Path]) -> None:
         methods.build(Adaptation.LAYERS, LayersConfig(indices=[2])).apply(load_tiny(model_dirs["tiny"]), None)
     # OLMo's layer norms have no parameters: asking for norms alone selects nothing.
     with pytest.raises(ValueError, match=r"spec\.method\.layers"):
-        methods.build(Adaptation.LAYERS, LayersConfig(indices=[0], modules=[LayerModule.NORM])).apply(load_tiny(model_dirs["olmo"]), None)
+        methods.build(Adaptation.LAYERS, LayersConfig(indices=[0], modules=[LayerModule.NORM])).apply(
+            load_tiny(model_dirs["olmo"]), None
+        )
 
 
 @pytest.mark.parametrize(
@@ -369,26 +537,34 @@ def test_block_parts_are_named_across_families(name: str, expected: str) -> None
 
 
 def test_learned_positions_count_as_embeddings() -> None:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     from kubetune.trainer.methods import _groups
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=32))
     kinds = {n: _groups.kind(n, model) for n, _ in model.named_parameters() if _groups.block_index(n) is None}
-    assert kinds == {"transformer.wte.weight": "embeddings+head", "transformer.wpe.weight": "embeddings", "transformer.ln_f.weight": "final_norm", "transformer.ln_f.bias": "final_norm"}
+    assert kinds == {
+        "transformer.wte.weight": "embeddings+head",
+        "transformer.wpe.weight": "embeddings",
+        "transformer.ln_f.weight": "final_norm",
+        "transformer.ln_f.bias": "final_norm",
+    }
 
 
 # ------------------------------------------------------------------------------ transfer
 
 
 @pytest.mark.parametrize(("model_kind", "top"), [("tiny", 0), ("tiny", 1), ("tied", 0)])
-def test_transfer_backbone_is_frozen_in_eval_mode(model_dirs: dict[str, Path], model_kind: str, top: int, tmp_path: Path) -> None:
+def test_transfer_backbone_is_frozen_in_eval_mode(
+    model_dirs: dict[str, Path], model_kind: str, top: int, tmp_path: Path
+) -> None:
     # Attention dropout on, so a backbone that ran in train mode would not reproduce its features.
     model = load_tiny(model_dirs[model_kind], attention_dropout=0.5)
     n = model.config.num_hidden_layers
     backbone_out = model.model.layers[n - top - 1]  # the last frozen block
     captured: list[torch.Tensor] = []
-    backbone_out.register_forward_hook(lambda mod, args, out: captured.append((out[0] if isinstance(out, tuple) else out).detach().clone()))
+    backbone_out.register_forward_hook(
+        lambda mod, args, out: captured.append((out[0] if isinstance(out, tuple) else out).detach().clone())
+    )
     batch = toy_batch()
 
     model.eval()
@@ -433,7 +609,13 @@ def run_trainer(model: Any, method: Any, tmp: Path, lr: float, recorder: Any, **
         **args,
     )
     opt = torch.optim.AdamW(method.param_groups(lr, 0.0), lr=lr)
-    trainer = Trainer(model=model, args=targs, train_dataset=dataset, optimizers=(opt, None), callbacks=[*method.callbacks(), recorder])
+    trainer = Trainer(
+        model=model,
+        args=targs,
+        train_dataset=dataset,
+        optimizers=(opt, None),
+        callbacks=[*method.callbacks(), recorder],
+    )
     trainer.train()
     return trainer
 
@@ -481,7 +663,9 @@ class Recorder:
 
 def test_gradual_unfreeze_through_the_trainer(model_dirs: dict[str, Path], tmp_path: Path) -> None:
     model = load_tiny(model_dirs["tiny"])
-    method: Any = methods.build(Adaptation.GRADUAL_UNFREEZE, GradualUnfreezeConfig(steps_per_stage=2, discriminative_factor=2.6))
+    method: Any = methods.build(
+        Adaptation.GRADUAL_UNFREEZE, GradualUnfreezeConfig(steps_per_stage=2, discriminative_factor=2.6)
+    )
     model = method.apply(model, None)
     n = model.config.num_hidden_layers
     names = {id(p): k for k, p in model.named_parameters()}
@@ -538,20 +722,25 @@ def test_gradual_unfreeze_one_stage_per_epoch(model_dirs: dict[str, Path], tmp_p
 
 
 def test_prefix_tuning_logits_have_the_input_length(model_dirs: dict[str, Path]) -> None:
-    model = methods.build(Adaptation.PREFIX_TUNING, PrefixTuningConfig(num_virtual_tokens=8)).apply(load_tiny(model_dirs["tiny"]), None)
+    model = methods.build(Adaptation.PREFIX_TUNING, PrefixTuningConfig(num_virtual_tokens=8)).apply(
+        load_tiny(model_dirs["tiny"]), None
+    )
     batch = toy_batch()
     model.eval()
     with torch.no_grad():
         out = model(**batch)
     # The prefix lives in the attention cache, not the sequence.
     assert out.logits.shape[:2] == batch["input_ids"].shape
-    generated = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=3, do_sample=False)
+    generated = model.generate(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=3, do_sample=False
+    )
     assert generated.shape == (4, batch["input_ids"].shape[1] + 3)
 
 
 @pytest.mark.parametrize("adaptation", [Adaptation.PREFIX_TUNING, Adaptation.PROMPT_TUNING])
-def test_prompt_learning_generation_matches_the_forward(adaptation: Adaptation, model_dirs: dict[str, Path],
-                                                        tokenizer: Any) -> None:
+def test_prompt_learning_generation_matches_the_forward(
+    adaptation: Adaptation, model_dirs: dict[str, Path], tokenizer: Any
+) -> None:
     """peft 0.21 reads the KV cache as `past_key_values`, transformers 5.24's generate passes it as
     `cache`: prefix tuning then generated from the base model (its prefix dropped) and prompt tuning
     prepended its virtual tokens again at every step (tokens after the first off by 0.03-0.07).
@@ -559,7 +748,9 @@ def test_prompt_learning_generation_matches_the_forward(adaptation: Adaptation, 
     forward's on the same sequence, and differ from the base's."""
     from kubetune.trainer.methods import prefix_tuning
 
-    config = (PrefixTuningConfig if adaptation == Adaptation.PREFIX_TUNING else PromptTuningConfig)(num_virtual_tokens=4)
+    config = (PrefixTuningConfig if adaptation == Adaptation.PREFIX_TUNING else PromptTuningConfig)(
+        num_virtual_tokens=4
+    )
     model = methods.build(adaptation, config).apply(load_tiny(model_dirs["tiny"]), tokenizer)
     with torch.no_grad():
         for p in model.prompt_encoder.parameters():
@@ -568,8 +759,13 @@ def test_prompt_learning_generation_matches_the_forward(adaptation: Adaptation, 
     ids = toy_batch()["input_ids"][:1]
     with torch.no_grad():
         out = prefix_tuning.fix_generation(model).generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
-            output_logits=True, return_dict_in_generate=True)
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=3,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
         forward = model(input_ids=out.sequences[:, :-1]).logits[0, -3:]
         with model.disable_adapter():
             base = model(input_ids=ids).logits[0, -1]
@@ -604,14 +800,20 @@ def test_prompt_tuning_sample_vocab(model_dirs: dict[str, Path], tokenizer: Any)
 
     def collate(rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         ids = torch.tensor([r["input_ids"] for r in rows])
-        return {"input_ids": ids, "labels": torch.tensor([r["labels"] for r in rows]), "attention_mask": torch.ones_like(ids)}
+        return {
+            "input_ids": ids,
+            "labels": torch.tensor([r["labels"] for r in rows]),
+            "attention_mask": torch.ones_like(ids),
+        }
 
     labels = batch["labels"].clone()
     labels[:, 0] = -100
     with torch.no_grad():
         reference = float(model(**{**batch, "labels": labels}).loss)
     assert evaluate(model, examples, collate, batch_size=4)["loss"] == pytest.approx(reference, rel=1e-5)
-    generated = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=3, do_sample=False)
+    generated = model.generate(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=3, do_sample=False
+    )
     assert generated.shape == (4, length + 3)
 
 

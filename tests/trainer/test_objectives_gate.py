@@ -16,13 +16,13 @@ from typing import Any
 
 import pytest
 import torch
-
 from kubetune.api.enums import Objective
 from kubetune.api.spec import AttentionGuidanceConfig
 from kubetune.trainer import data
 from kubetune.trainer.builtin import byte_tokenizer
 from kubetune.trainer.objectives import ObjectiveTrainer
 from kubetune.trainer.objectives import attention_guidance as ag
+
 from tests.fixtures.models import load_tiny, tiny_model_dir  # noqa: F401
 
 
@@ -69,7 +69,9 @@ def test_eager_capture_equals_the_models_own_attention_weights(tiny_model_dir: P
     batch = padded_batch()
     with torch.no_grad():
         ours = ag.attention_probs(model, batch)
-        theirs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_attentions=True).attentions
+        theirs = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_attentions=True
+        ).attentions
     mask = batch["attention_mask"].bool()[:, None, :, None]
     for layer, a in ours.items():
         assert torch.allclose(a * mask, theirs[layer] * mask, atol=1e-6)
@@ -131,7 +133,9 @@ def test_previous_token_guide_trains_only_the_guided_head(tiny_model_dir: Path) 
         opt.step()
     with torch.no_grad():
         end = prev_mass(ag.attention_probs(model, batch, layers=[1])[1], mask)
-    print(f"previous-token mass, layer 1: start {start.tolist()}, end {end.tolist()}; guidedMass {metrics['guidedMass']:.3f}")
+    print(
+        f"previous-token mass, layer 1: start {start.tolist()}, end {end.tolist()}; guidedMass {metrics['guidedMass']:.3f}"
+    )
     assert end[0] >= 0.9 and metrics["guidedMass"] >= 0.9  # the guided head
     assert start[0] < 0.5
     # An unguided head of the same layer in the other kv group stays put. (Head 1 shares head 0's
@@ -140,17 +144,33 @@ def test_previous_token_guide_trains_only_the_guided_head(tiny_model_dir: Path) 
 
 
 def _sft_run(model_dir: Path, out: Path, with_term: bool) -> tuple[list[float], dict[str, torch.Tensor]]:
-    from transformers import TrainingArguments
-
     from kubetune.trainer.objectives import ChunkedTrainer
+    from transformers import TrainingArguments
 
     model = load_tiny(model_dir)
     rows = [padded_batch(seed=s) for s in range(2)]
-    train = [{"input_ids": r["input_ids"][i][r["attention_mask"][i].bool()].tolist(),
-              "labels": r["labels"][i][r["attention_mask"][i].bool()].tolist()} for r in rows for i in range(3)]
-    args = TrainingArguments(output_dir=str(out), report_to=[], use_cpu=True, logging_steps=1, save_strategy="no",
-                             seed=7, max_steps=4, per_device_train_batch_size=3, learning_rate=1e-3,
-                             disable_tqdm=True, remove_unused_columns=False, dataloader_num_workers=0)
+    train = [
+        {
+            "input_ids": r["input_ids"][i][r["attention_mask"][i].bool()].tolist(),
+            "labels": r["labels"][i][r["attention_mask"][i].bool()].tolist(),
+        }
+        for r in rows
+        for i in range(3)
+    ]
+    args = TrainingArguments(
+        output_dir=str(out),
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+        seed=7,
+        max_steps=4,
+        per_device_train_batch_size=3,
+        learning_rate=1e-3,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
     common = dict(model=model, args=args, train_dataset=train, data_collator=data.Collator(pad_token_id=3))
     if with_term:
         term = ag.AttentionGuidance(AttentionGuidanceConfig(guide="diagonal", layers=[-1], weight=0.0), ctx())
@@ -198,8 +218,14 @@ def test_spans_map_characters_to_tokens_and_guide_is_a_distribution(tiny_model_d
     mask = ag.span_token_mask(rec, "promptCompletion", tok)
     assert len(mask) == len(ex.input_ids)
     assert tok.decode([t for t, m in zip(ex.input_ids, mask) if m]) == "the key is 42."
-    chat = data.Record("f.jsonl", 4, {"messages": [{"role": "user", "content": "see: blue sky"},
-                                                  {"role": "assistant", "content": "blue"}], "spans": [[5, 9]]})
+    chat = data.Record(
+        "f.jsonl",
+        4,
+        {
+            "messages": [{"role": "user", "content": "see: blue sky"}, {"role": "assistant", "content": "blue"}],
+            "spans": [[5, 9]],
+        },
+    )
     chat_ex = data.encode_full(chat, "chat", tok)
     chat_mask = ag.span_token_mask(chat, "chat", tok)
     assert tok.decode([t for t, m in zip(chat_ex.input_ids, chat_mask) if m]) == "blue"
@@ -228,7 +254,9 @@ def test_spans_map_characters_to_tokens_and_guide_is_a_distribution(tiny_model_d
 def test_teacher_guide_with_own_weights_is_the_attention_entropy(tiny_model_dir: Path) -> None:
     tok = byte_tokenizer()
     model = load_tiny(tiny_model_dir)
-    config = AttentionGuidanceConfig(guide="teacher", teacher={"source": "builtin://tiny-llama"}, layers=[-1], weight=1.0)
+    config = AttentionGuidanceConfig(
+        guide="teacher", teacher={"source": "builtin://tiny-llama"}, layers=[-1], weight=1.0
+    )
     term = ag.AttentionGuidance(config, ctx(load_model=lambda source: (load_tiny(tiny_model_dir), tok)))
     term.prepare(model)
     batch = padded_batch()

@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 import torch
-
 from kubetune.api import Adaptation, Objective
 from kubetune.api.enums import GradientEstimator, PromptInit
 from kubetune.api.spec import LoraConfig, PromptTuningConfig, ReweightingConfig
@@ -24,6 +23,7 @@ from kubetune.trainer import data, methods
 from kubetune.trainer.objectives import Context, IncompatibleError, ObjectiveTrainer
 from kubetune.trainer.objectives import reweighting as rw
 from kubetune.trainer.objectives.reweighting import Reweighting
+
 from tests.fixtures.models import load_tiny, tiny_model_dir  # noqa: F401
 
 PAD = 3  # the byte tokenizer's <|pad|>
@@ -36,12 +36,20 @@ def examples(n: int, length: int, seed: int) -> list[data.Example]:
 
 
 def context(validation: list[data.Example], max_steps: int = 10) -> Context:
-    return Context(spec=None, tokenizer=None, model_dir=Path("."), validation=validation,
-                   collate=data.Collator(PAD), max_steps=lambda: max_steps)
+    return Context(
+        spec=None,
+        tokenizer=None,
+        model_dir=Path("."),
+        validation=validation,
+        collate=data.Collator(PAD),
+        max_steps=lambda: max_steps,
+    )
 
 
 def term(validation: list[data.Example], estimator: str = "auto", max_steps: int = 10, **kw: Any) -> Reweighting:
-    cfg = ReweightingConfig(estimator=GradientEstimator(estimator), validation_batch_size=kw.pop("validation_batch_size", 4), **kw)
+    cfg = ReweightingConfig(
+        estimator=GradientEstimator(estimator), validation_batch_size=kw.pop("validation_batch_size", 4), **kw
+    )
     return Reweighting(cfg, context(validation, max_steps))
 
 
@@ -69,8 +77,16 @@ def float64_llama(monkeypatch: pytest.MonkeyPatch) -> None:
     def rms_norm(self: Any, x: torch.Tensor) -> torch.Tensor:
         return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
 
-    def eager(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any,
-              scaling: float, dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def eager(
+        module: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Any,
+        scaling: float,
+        dropout: float = 0.0,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         k = ml.repeat_kv(key, module.num_key_value_groups)
         v = ml.repeat_kv(value, module.num_key_value_groups)
         w = torch.matmul(query, k.transpose(2, 3)) * scaling
@@ -97,7 +113,9 @@ def test_estimators_agree_float64(tiny_model_dir: Path, float64_llama: None, ada
     torch.manual_seed(0)
     model = load_tiny(tiny_model_dir, attn_implementation="eager")
     if adaptation == "promptTuning":  # logits carry 4 extra leading (virtual) positions
-        model = methods.build(Adaptation.PROMPT_TUNING, PromptTuningConfig(num_virtual_tokens=4, init=PromptInit.RANDOM)).apply(model, None)
+        model = methods.build(
+            Adaptation.PROMPT_TUNING, PromptTuningConfig(num_virtual_tokens=4, init=PromptInit.RANDOM)
+        ).apply(model, None)
     model = model.double()
     model.train()  # the estimate must switch dropout off itself and restore the mode
     validation = examples(8, 12, seed=7)
@@ -107,14 +125,20 @@ def test_estimators_agree_float64(tiny_model_dir: Path, float64_llama: None, ada
     scale = float(s["vmap"].abs().max())
     vj = float((s["vmap"] - s["jvp"]).abs().max())
     vf = float((s["vmap"] - s["finiteDifference"]).abs().max())
-    print(f"\nfloat64 {adaptation} |s|max {scale:.3g}: |vmap−jvp| {vj:.2e}, |vmap−fd| {vf:.2e} "
-          f"(h = {rw.finite_difference_step(torch.float64):.2e})")
+    print(
+        f"\nfloat64 {adaptation} |s|max {scale:.3g}: |vmap−jvp| {vj:.2e}, |vmap−fd| {vf:.2e} "
+        f"(h = {rw.finite_difference_step(torch.float64):.2e})"
+    )
     assert scale > 0 and s["vmap"].dtype == torch.float64
     assert vj <= 1e-6 and vj <= 1e-6 * scale
     assert vf <= 1e-6 and vf <= 1e-6 * scale
     # the per-row loop (left padding, packing) is the same estimate
-    loop = rw.loop_scores(model, {n: p.detach() for n, p in rw.trainable(model).items()},
-                          term(validation).validation_gradient(model, rw.trainable(model), batch["input_ids"].device), batch)
+    loop = rw.loop_scores(
+        model,
+        {n: p.detach() for n, p in rw.trainable(model).items()},
+        term(validation).validation_gradient(model, rw.trainable(model), batch["input_ids"].device),
+        batch,
+    )
     assert float((loop - s["vmap"]).abs().max()) <= 1e-6 * scale
 
 
@@ -122,7 +146,8 @@ def test_estimators_agree_float32_with_lora_and_sdpa(tiny_model_dir: Path) -> No
     # The real setting: float32, LoRA, sdpa for vmap (jvp switches to eager in prepare).
     torch.manual_seed(0)
     model = methods.build(Adaptation.LORA, LoraConfig(r=4, alpha=8, dropout=0.1, target_modules=["all-linear"])).apply(
-        load_tiny(tiny_model_dir), None)
+        load_tiny(tiny_model_dir), None
+    )
     torch.manual_seed(0)
     for n, p in model.named_parameters():
         if "lora_B" in n:
@@ -141,8 +166,10 @@ def test_estimators_agree_float32_with_lora_and_sdpa(tiny_model_dir: Path) -> No
     fd_term.prepare(model)
     fd = fd_term.scores(model, batch, torch.float32)
     scale = float(vmap.abs().max())
-    print(f"\nfloat32 LoRA |s|max {scale:.3g}: |vmap−jvp| {float((vmap - jvp).abs().max()):.2e}, "
-          f"|vmap−fd| {float((vmap - fd).abs().max()):.2e} (h = {rw.finite_difference_step(torch.float32):.2e})")
+    print(
+        f"\nfloat32 LoRA |s|max {scale:.3g}: |vmap−jvp| {float((vmap - jvp).abs().max()):.2e}, "
+        f"|vmap−fd| {float((vmap - fd).abs().max()):.2e} (h = {rw.finite_difference_step(torch.float32):.2e})"
+    )
     assert float((vmap - jvp).abs().max()) <= 1e-5 * max(scale, 1)
     assert float((vmap - fd).abs().max()) <= 1e-2 * scale
 
@@ -153,11 +180,14 @@ def test_left_padding_and_packing_use_the_row_loop(tiny_model_dir: Path) -> None
     right = padded_batch()
     # the same rows, left-padded: vmap cannot trace the mask builder, so rows go one at a time
     n = right["attention_mask"].sum(1)
-    left = {k: torch.full_like(v, PAD if k == "input_ids" else (0 if k == "attention_mask" else -100)) for k, v in right.items()}
+    left = {
+        k: torch.full_like(v, PAD if k == "input_ids" else (0 if k == "attention_mask" else -100))
+        for k, v in right.items()
+    }
     for b in range(4):
         w = right["input_ids"].shape[1]
         for k in left:
-            left[k][b, w - n[b]:] = right[k][b, : n[b]]
+            left[k][b, w - n[b] :] = right[k][b, : n[b]]
         left["labels"][b, w - n[b]] = -100  # a row's first token is never a target, as on the right
     s_right = term(validation, "vmap").scores(model, right)
     s_left = term(validation, "vmap").scores(model, left)
@@ -260,26 +290,52 @@ def test_clean_examples_get_most_weight(tiny_model_dir: Path, tmp_path: Path) ->
     clean_keys = {k for e in clean for k in rw.example_keys(data.Collator(PAD)([e]))}
     torch.manual_seed(0)
     model = load_tiny(tiny_model_dir)
-    ctx = Context(spec=None, tokenizer=tokenizer, model_dir=tiny_model_dir, validation=validation,
-                  collate=data.Collator(PAD), max_steps=lambda: trainer.state.max_steps)
+    ctx = Context(
+        spec=None,
+        tokenizer=tokenizer,
+        model_dir=tiny_model_dir,
+        validation=validation,
+        collate=data.Collator(PAD),
+        max_steps=lambda: trainer.state.max_steps,
+    )
     t = Reweighting(ReweightingConfig(validation_batch_size=8, warmup_ratio=0.1), ctx)
     t.prepare(model)
     assert t.estimator == "vmap"
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=8,
-                             learning_rate=3e-3, lr_scheduler_type="constant", seed=0, report_to=[],
-                             save_strategy="no", logging_strategy="no", disable_tqdm=True, use_cpu=True,
-                             remove_unused_columns=False, dataloader_num_workers=0)
-    trainer = ObjectiveTrainer(model=model, args=args, train_dataset=clean + noisy, data_collator=data.Collator(PAD),
-                               terms=[(Objective.REWEIGHTING, t)])
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=steps,
+        per_device_train_batch_size=8,
+        learning_rate=3e-3,
+        lr_scheduler_type="constant",
+        seed=0,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+    )
+    trainer = ObjectiveTrainer(
+        model=model,
+        args=args,
+        train_dataset=clean + noisy,
+        data_collator=data.Collator(PAD),
+        terms=[(Objective.REWEIGHTING, t)],
+    )
     trainer.train()
     after = [s for s in t.history if not s.warmup]
     assert len(t.history) == steps and len(after) == steps - int(0.1 * steps)
     shares = [sum(w for k, w in zip(s.keys, s.weights) if k in clean_keys) for s in after]
-    raw = [sum(w for k, w in zip(s.keys, rw.alignment_weights(torch.tensor(s.scores)).tolist()) if k in clean_keys)
-           for s in after]
+    raw = [
+        sum(w for k, w in zip(s.keys, rw.alignment_weights(torch.tensor(s.scores)).tolist()) if k in clean_keys)
+        for s in after
+    ]
     mean_share = sum(shares) / len(shares)
-    print(f"\nclean share of weight after warmup: {mean_share:.3f} (min {min(shares):.3f}); "
-          f"per-step (unsmoothed) {sum(raw) / len(raw):.3f}; clean share of examples 0.5")
+    print(
+        f"\nclean share of weight after warmup: {mean_share:.3f} (min {min(shares):.3f}); "
+        f"per-step (unsmoothed) {sum(raw) / len(raw):.3f}; clean share of examples 0.5"
+    )
     assert mean_share >= 0.8
 
 
@@ -288,16 +344,21 @@ def test_clean_examples_get_most_weight(tiny_model_dir: Path, tmp_path: Path) ->
 
 def qlora_pair(model_dir: Path) -> tuple[Any, Any]:
     """A 4-bit QLoRA model and the same weights dequantised to float32, with equal LoRA tensors."""
+    from kubetune.trainer.methods.lora import lora_config
+    from kubetune.trainer.methods.targets import Targets
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from kubetune.trainer.methods.lora import lora_config
-    from kubetune.trainer.methods.targets import Targets
-
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    cfg = lora_config(LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["all-linear"]), Targets(modules=("all-linear",)))
-    load = lambda: AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quant, dtype=torch.float32,  # noqa: E731
-                                                        use_safetensors=True)
+    cfg = lora_config(
+        LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["all-linear"]), Targets(modules=("all-linear",))
+    )
+    load = lambda: AutoModelForCausalLM.from_pretrained(
+        model_dir,
+        quantization_config=quant,
+        dtype=torch.float32,
+        use_safetensors=True,
+    )
     q = get_peft_model(prepare_model_for_kbit_training(load(), use_gradient_checkpointing=False), cfg)
     torch.manual_seed(0)
     for n, p in q.named_parameters():
@@ -345,8 +406,9 @@ def test_cost_per_step_is_printed(tiny_model_dir: Path) -> None:
     runs: list[tuple[Any, Any, Any, list[float]]] = []
     for estimator in configs:
         torch.manual_seed(0)
-        model = methods.build(Adaptation.LORA, LoraConfig(r=8, alpha=16, dropout=0.0, target_modules=["all-linear"])).apply(
-            load_tiny(tiny_model_dir), None)
+        model = methods.build(
+            Adaptation.LORA, LoraConfig(r=8, alpha=16, dropout=0.0, target_modules=["all-linear"])
+        ).apply(load_tiny(tiny_model_dir), None)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         t = None
         if estimator:

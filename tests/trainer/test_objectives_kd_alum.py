@@ -16,14 +16,13 @@ from typing import Any
 
 import pytest
 import torch
-
 from kubetune.api.spec import AdversarialConfig, DistillationConfig, ModelSource
 from kubetune.trainer import builtin
 from kubetune.trainer.objectives import Context, IncompatibleError, ObjectiveTrainer
 from kubetune.trainer.objectives.adversarial import Adversarial
 from kubetune.trainer.objectives.distillation import Distillation, kl_at_labels
-from tests.fixtures.models import load_tiny, tiny_model_dir  # noqa: F401
 
+from tests.fixtures.models import load_tiny, tiny_model_dir  # noqa: F401
 
 # ------------------------------------------------------------------------------ helpers
 
@@ -49,7 +48,9 @@ def context(directory: Path, load: Any = load_frozen) -> Context:
 
 
 def kd(student_dir: Path, teacher_dir: Path, **config: Any) -> Distillation:
-    return Distillation(DistillationConfig(teacher=ModelSource(source=str(teacher_dir)), **config), context(student_dir))
+    return Distillation(
+        DistillationConfig(teacher=ModelSource(source=str(teacher_dir)), **config), context(student_dir)
+    )
 
 
 def alum(directory: Path, **config: Any) -> Adversarial:
@@ -99,7 +100,9 @@ def args(out: Path, steps: int = 4) -> Any:
 def objective_trainer(model: Any, out: Path, terms: list, steps: int = 4) -> ObjectiveTrainer:
     from transformers import default_data_collator
 
-    return ObjectiveTrainer(model=model, args=args(out, steps), train_dataset=dataset(), data_collator=default_data_collator, terms=terms)
+    return ObjectiveTrainer(
+        model=model, args=args(out, steps), train_dataset=dataset(), data_collator=default_data_collator, terms=terms
+    )
 
 
 def snapshot(model: Any) -> dict[str, torch.Tensor]:
@@ -140,7 +143,9 @@ def test_self_distillation_is_exactly_zero(tiny_model_dir: Path, direction: str)
     assert metrics["kdTeacherCe"] == pytest.approx(out.loss.item(), rel=1e-5)
 
 
-def test_teacher_bit_identical_without_grads_after_training(tiny_model_dir: Path, other_dir: Path, tmp_path: Path) -> None:
+def test_teacher_bit_identical_without_grads_after_training(
+    tiny_model_dir: Path, other_dir: Path, tmp_path: Path
+) -> None:
     term = kd(tiny_model_dir, other_dir, alpha=0.5)
     student = load_tiny(tiny_model_dir)
     term.prepare(student)
@@ -155,16 +160,22 @@ def test_teacher_bit_identical_without_grads_after_training(tiny_model_dir: Path
 
 
 def test_alpha_zero_equals_plain_sft(tiny_model_dir: Path, other_dir: Path, tmp_path: Path) -> None:
-    from transformers import Trainer, default_data_collator
-
     from kubetune.trainer.objectives import ChunkedTrainer
+    from transformers import Trainer, default_data_collator
 
     # Plain SFT is what run.py trains with no objective: ChunkedTrainer (the model's loss from
     # chunked logits); it equals transformers' own loss up to float rounding.
     reference = load_tiny(tiny_model_dir)
-    plain = ChunkedTrainer(model=reference, args=args(tmp_path / "plain"), train_dataset=dataset(), data_collator=default_data_collator)
+    plain = ChunkedTrainer(
+        model=reference, args=args(tmp_path / "plain"), train_dataset=dataset(), data_collator=default_data_collator
+    )
     plain.train()
-    hf = Trainer(model=load_tiny(tiny_model_dir), args=args(tmp_path / "hf"), train_dataset=dataset(), data_collator=default_data_collator)
+    hf = Trainer(
+        model=load_tiny(tiny_model_dir),
+        args=args(tmp_path / "hf"),
+        train_dataset=dataset(),
+        data_collator=default_data_collator,
+    )
     hf.train()
     term = kd(tiny_model_dir, other_dir, alpha=0.0)
     student = load_tiny(tiny_model_dir)
@@ -199,7 +210,9 @@ def test_different_special_tokens_rejected(tiny_model_dir: Path) -> None:
         tok.eos_token = "<|endoftext|>"
         return model, tok
 
-    term = Distillation(DistillationConfig(teacher=ModelSource(source=str(tiny_model_dir))), context(tiny_model_dir, load))
+    term = Distillation(
+        DistillationConfig(teacher=ModelSource(source=str(tiny_model_dir))), context(tiny_model_dir, load)
+    )
     with pytest.raises(IncompatibleError, match=r"distillation\.teacher.*eos_token id student 2 vs teacher 0"):
         term.prepare(load_tiny(tiny_model_dir))
 
@@ -259,7 +272,9 @@ def test_alum_alpha_zero_gradients_equal_ce(tiny_model_dir: Path, tmp_path: Path
 
     # Control: with α > 0 the term does change the gradients.
     model.zero_grad(set_to_none=True)
-    active = objective_trainer(model, tmp_path, [("adversarial", alum(tiny_model_dir, alpha=1.0, epsilon=1e-2, sigma=1e-3, step_size=1e-1))])
+    active = objective_trainer(
+        model, tmp_path, [("adversarial", alum(tiny_model_dir, alpha=1.0, epsilon=1e-2, sigma=1e-3, step_size=1e-1))]
+    )
     active.compute_loss(model, inputs).backward()
     assert active.last_metrics["adversarialKl"] > 0
     assert any(not torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), reference.parameters()))
@@ -298,7 +313,9 @@ def test_adversarial_delta_beats_random_sign_delta(tiny_model_dir: Path) -> None
 def test_lora_base_unchanged_under_alum(tiny_model_dir: Path, tmp_path: Path) -> None:
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(load_tiny(tiny_model_dir), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(
+        load_tiny(tiny_model_dir), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    )
     term = alum(tiny_model_dir, epsilon=1e-3, sigma=1e-4, step_size=1e-2)
     term.prepare(model)
     before = snapshot(model)

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from kubetune.api import Objective, Optimizer
 from kubetune.trainer import objectives, optimizers
+
 from tests.fixtures.models import load_tiny, tiny_model_dir  # noqa: F401
 
 
@@ -88,6 +88,8 @@ def test_adamw_uses_the_fused_kernel_and_updates_like_the_loop(tiny_model_dir: P
     loop.step()
     for n, p in model.named_parameters():
         if n in fused:
-            assert fused[n] == pytest.approx(float((p.detach() - before[n]).norm() / (1e-2 * before[n].norm())), rel=1e-4), n
+            assert fused[n] == pytest.approx(
+                float((p.detach() - before[n]).norm() / (1e-2 * before[n].norm())), rel=1e-4
+            ), n
     assert optimizers._fusable([{"params": [torch.zeros(2, dtype=torch.long)]}]) is None
     assert optimizers._fusable([{"params": []}]) is None

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from kubetune.trainer import builtin, data, provenance, sources
+
 from tests.fixtures.models import builtin_cache, tiny_model_dir  # noqa: F401
 from tests.trainer.issue15b import resave, run_job
 
@@ -51,17 +51,32 @@ def test_the_chat_template_is_saved_and_the_eos_is_trained(tiny_model_dir: Path,
     from transformers import AutoTokenizer
 
     tok = plain_tokenizer()
-    base = resave(tiny_model_dir, tmp_path / "plain", tokenizer=tok, vocab_size=len(tok), pad_token_id=None,
-                  eos_token_id=tok.eos_token_id)
-    summary, out = run_job(tmp_path, str(base), method=LORA, hyperparameters={"maxSteps": 3, "learningRate": 1e-2},
-                           dataset={"maxSeqLength": 512})
+    base = resave(
+        tiny_model_dir,
+        tmp_path / "plain",
+        tokenizer=tok,
+        vocab_size=len(tok),
+        pad_token_id=None,
+        eos_token_id=tok.eos_token_id,
+    )
+    summary, out = run_job(
+        tmp_path,
+        str(base),
+        method=LORA,
+        hyperparameters={"maxSteps": 3, "learningRate": 1e-2},
+        dataset={"maxSeqLength": 512},
+    )
     saved = AutoTokenizer.from_pretrained(out / "adapter")
     assert saved.chat_template == builtin.EOS_CHAT_TEMPLATE
     messages = [{"role": "user", "content": "Can I return gloves?"}, {"role": "assistant", "content": "Yes."}]
     assert saved.apply_chat_template(messages, tokenize=False) == (
-        "<|im_start|>user\nCan I return gloves?<|im_end|>\n<|im_start|>assistant\nYes.<|endoftext|>\n")
-    record = data.Record("x.jsonl", 1, {"messages": messages + [{"role": "user", "content": "Thanks"},
-                                                                {"role": "assistant", "content": "Welcome."}]})
+        "<|im_start|>user\nCan I return gloves?<|im_end|>\n<|im_start|>assistant\nYes.<|endoftext|>\n"
+    )
+    record = data.Record(
+        "x.jsonl",
+        1,
+        {"messages": messages + [{"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "Welcome."}]},
+    )
     assert trained_eos(saved, record) == (2, 2)  # every assistant turn is taught to stop
     # a tokenizer with ChatML's special tokens and no template gets ChatML, whose <|im_end|> is its EOS
     chatml = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -81,8 +96,13 @@ def test_adapter_config_names_the_source_and_the_manifest_its_provenance(builtin
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    summary, out = run_job(tmp_path, "builtin://tiny-llama", method=LORA,
-                           hyperparameters={"maxSteps": 3, "learningRate": 1e-2}, dataset={"maxSeqLength": 512})
+    summary, out = run_job(
+        tmp_path,
+        "builtin://tiny-llama",
+        method=LORA,
+        hyperparameters={"maxSteps": 3, "learningRate": 1e-2},
+        dataset={"maxSeqLength": 512},
+    )
     adapter = out / "adapter"
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "builtin://tiny-llama"  # not the download cache
@@ -97,13 +117,20 @@ def test_adapter_config_names_the_source_and_the_manifest_its_provenance(builtin
     files = sorted(p for p in base_dir.iterdir() if p.name == "config.json" or p.suffix == ".safetensors")
     lines = "".join(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.name}\n" for p in files)
     assert manifest["base"] == {
-        "source": "builtin://tiny-llama", "name": "builtin://tiny-llama",
+        "source": "builtin://tiny-llama",
+        "name": "builtin://tiny-llama",
         "sha256": hashlib.sha256(lines.encode()).hexdigest(),
         "digestOf": "config.json and *.safetensors: sha256 of their sha256sum lines (sorted by path)",
     }
     train = tmp_path / "train.jsonl"
-    assert manifest["datasets"] == [{"role": "train", "uri": str(train), "sha256": hashlib.sha256(train.read_bytes()).hexdigest(),
-                                     "bytes": train.stat().st_size}]
+    assert manifest["datasets"] == [
+        {
+            "role": "train",
+            "uri": str(train),
+            "sha256": hashlib.sha256(train.read_bytes()).hexdigest(),
+            "bytes": train.stat().st_size,
+        }
+    ]
     versions = manifest["versions"]
     assert (versions["transformers"], versions["peft"]) == (transformers.__version__, peft.__version__)
     assert versions["torch"] == torch.__version__ and "python" in versions

@@ -18,11 +18,10 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize("adaptation", ["lora", "qlora"])
 def test_merged_export_loads_as_a_plain_model(tmp_path: Path, builtin_cache: Path, adaptation: str) -> None:
     import torch
-    from transformers import AutoModelForCausalLM
-
     from kubetune.api.manifest import Loader, load_job
     from kubetune.trainer import storage
     from kubetune.trainer.run import Options, run
+    from transformers import AutoModelForCausalLM
 
     doc = yaml.load((ROOT / "examples" / "methods" / f"{adaptation}.yaml").read_text(), Loader=Loader)
     doc["spec"]["output"]["format"] = "merged"
@@ -41,7 +40,10 @@ def test_merged_export_loads_as_a_plain_model(tmp_path: Path, builtin_cache: Pat
 def test_validate_data_checks_without_a_model_and_tokens_on_request(builtin_cache: Path) -> None:
     plain = subprocess.run(
         [sys.executable, "-m", "kubetune.cli", "validate", "--data", "examples/quickstart.yaml"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert plain.returncode == 0, plain.stdout + plain.stderr
     assert "examples/quickstart.yaml: ok" in plain.stdout
@@ -49,7 +51,10 @@ def test_validate_data_checks_without_a_model_and_tokens_on_request(builtin_cach
     assert "tokens per example" not in plain.stdout  # one streaming pass, no tokenizer
     tokens = subprocess.run(
         [sys.executable, "-m", "kubetune.cli", "validate", "--data", "--tokens", "examples/quickstart.yaml"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert tokens.returncode == 0, tokens.stdout + tokens.stderr
     assert "tokens per example: min" in tokens.stdout and "trained tokens" in tokens.stdout
@@ -64,7 +69,10 @@ def test_validate_data_with_bad_data_and_an_unreachable_tokenizer(tmp_path: Path
     env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1"}
     run = subprocess.run(
         [sys.executable, "-m", "kubetune.cli", "validate", "--data", "--tokens", str(tmp_path / "job.yaml")],
-        capture_output=True, text=True, timeout=300, env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert run.returncode == 1
     assert f"{bad}:1: " in run.stdout and "robot" in run.stdout
@@ -72,10 +80,16 @@ def test_validate_data_with_bad_data_and_an_unreachable_tokenizer(tmp_path: Path
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n')
     run = subprocess.run(
         [sys.executable, "-m", "kubetune.cli", "validate", "--data", "--tokens", str(tmp_path / "job.yaml")],
-        capture_output=True, text=True, timeout=300, env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "(no token statistics: spec.model.source hf://mistralai/Mistral-7B-v0.1: the Hugging Face Hub is unreachable" in run.stdout
+    assert (
+        "(no token statistics: spec.model.source hf://mistralai/Mistral-7B-v0.1: the Hugging Face Hub is unreachable"
+        in run.stdout
+    )
 
 
 def test_validate_data_refuses_a_model_directory_that_is_not_there(tmp_path: Path) -> None:
@@ -85,14 +99,23 @@ def test_validate_data_refuses_a_model_directory_that_is_not_there(tmp_path: Pat
     doc = load_manifest_yaml((ROOT / "examples" / "quickstart.yaml").read_text())
     for key in ("train", "validation"):
         doc["spec"]["dataset"][key] = str(ROOT / doc["spec"]["dataset"][key])
-    for source, code in ((str(tmp_path / "no-such-model"), 1), (f"file://{tmp_path}/no-such-model", 1),
-                         ("pvc://models/no-such-model", 0)):
+    for source, code in (
+        (str(tmp_path / "no-such-model"), 1),
+        (f"file://{tmp_path}/no-such-model", 1),
+        ("pvc://models/no-such-model", 0),
+    ):
         doc["spec"]["model"]["source"] = source
         (tmp_path / "job.yaml").write_text(yaml.safe_dump(doc))
-        run = subprocess.run([sys.executable, "-m", "kubetune.cli", "validate", "--data", str(tmp_path / "job.yaml")],
-                             capture_output=True, text=True, timeout=300)
+        run = subprocess.run(
+            [sys.executable, "-m", "kubetune.cli", "validate", "--data", str(tmp_path / "job.yaml")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert run.returncode == code, (source, run.stdout + run.stderr)
-        assert ("spec.model.source: " in run.stdout and "no such directory here" in run.stdout) == (code == 1), run.stdout
+        assert ("spec.model.source: " in run.stdout and "no such directory here" in run.stdout) == (code == 1), (
+            run.stdout
+        )
         assert "Traceback" not in run.stdout + run.stderr
 
 
@@ -110,18 +133,25 @@ def test_validation_never_runs_code_shipped_with_the_model(tmp_path: Path, built
     config["auto_map"] = {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}
     (model / "tokenizer_config.json").write_text(json.dumps(config))
     data_file = tmp_path / "train.jsonl"
-    data_file.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n')
+    data_file.write_text(
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+    )
     doc = load_manifest_yaml((ROOT / "examples" / "quickstart.yaml").read_text())
     doc["spec"]["model"] = {"source": str(model), "trustRemoteCode": True}
     doc["spec"]["dataset"] = {"train": str(data_file), "minExamples": 1}
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(doc))
     run = subprocess.run(
         [sys.executable, "-m", "kubetune.cli", "validate", "--data", "--tokens", str(tmp_path / "job.yaml")],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert not sentinel.exists()
-    assert "needs code shipped with the model (tokenization_evil.py, tokenizer_config.json: auto_map); validation never runs it" in run.stdout
+    assert (
+        "needs code shipped with the model (tokenization_evil.py, tokenizer_config.json: auto_map); validation never runs it"
+        in run.stdout
+    )
 
 
 def test_validation_job_imports_no_ml_stack(tmp_path: Path) -> None:
@@ -133,17 +163,44 @@ def test_validation_job_imports_no_ml_stack(tmp_path: Path) -> None:
     env = {**__import__("os").environ, "PYTHONPATH": f"{fake}:{ROOT / 'api'}:{ROOT / 'trainer'}:{ROOT / 'operator'}"}
     term = tmp_path / "term"
     run = subprocess.run(
-        [sys.executable, "-m", "kubetune.trainer", "--spec", "examples/quickstart.yaml", "--validate-only",
-         "--metrics-port", "-1", "--termination-path", str(term)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env,
+        [
+            sys.executable,
+            "-m",
+            "kubetune.trainer",
+            "--spec",
+            "examples/quickstart.yaml",
+            "--validate-only",
+            "--metrics-port",
+            "-1",
+            "--termination-path",
+            str(term),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert run.returncode == 0, run.stdout + run.stderr
     summary = json.loads(term.read_text())
     report = summary.pop("dataReport")  # the dataset report's counts, for .status.dataReport
-    assert summary == {"status": "validated", "examples": 300, "validationExamples": 40,
-                       "warnings": ["only 300 training examples; 500 or more usually train better (few examples are easily memorised)"]}
-    assert {k: report[k] for k in ("examples", "validationExamples", "duplicates", "overMaxSeqLength",
-                                   "piiFindings", "piiPolicy")} == {
-        "examples": 300, "validationExamples": 40, "duplicates": 0, "overMaxSeqLength": 0,
-        "piiFindings": 0, "piiPolicy": "warn"}
+    assert summary == {
+        "status": "validated",
+        "examples": 300,
+        "validationExamples": 40,
+        "warnings": [
+            "only 300 training examples; 500 or more usually train better (few examples are easily memorised)"
+        ],
+    }
+    assert {
+        k: report[k]
+        for k in ("examples", "validationExamples", "duplicates", "overMaxSeqLength", "piiFindings", "piiPolicy")
+    } == {
+        "examples": 300,
+        "validationExamples": 40,
+        "duplicates": 0,
+        "overMaxSeqLength": 0,
+        "piiFindings": 0,
+        "piiPolicy": "warn",
+    }
     assert report["tokens"] > 300 and report["estimatedTrainingTokens"] > report["tokens"]

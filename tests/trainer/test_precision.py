@@ -44,11 +44,17 @@ def test_bf16_checkpoint_full_fine_tune_keeps_fp32_master_weights(tiny_model_dir
     assert share >= 0.95, f"only {share:.1%} of the bf16 checkpoint's weights changed"
     assert share == pytest.approx(runs["fp32"][0], abs=0.01)
     assert effective["learningRate"] == 2e-5
-    assert (effective["weightsDtype"], effective["computeDtype"]) == ("float32", "float32")  # CPU: precision auto is fp32
+    assert (effective["weightsDtype"], effective["computeDtype"]) == (
+        "float32",
+        "float32",
+    )  # CPU: precision auto is fp32
     assert (recorded["weightsDtype"], recorded["computeDtype"]) == ("float32", "float32")
     # asked for explicitly: bf16 weights trained in place, which is what loses the small updates
     pure_share, pure_effective, pure_recorded = runs["pure"]
     assert pure_share < 0.5 * share
     assert (pure_effective["precision"], pure_effective["weightsDtype"], pure_effective["computeDtype"]) == (
-        "pureBf16", "bfloat16", "bfloat16")
+        "pureBf16",
+        "bfloat16",
+        "bfloat16",
+    )
     assert pure_recorded["weightsDtype"] == "bfloat16"

@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 import yaml
-
 from kubetune.api import parse_manifest
 from kubetune.trainer import methods, preference, storage
 from kubetune.trainer.run import _SCHEDULERS, Options, run
+
 from tests.fixtures.models import load_tiny
 from tests.trainer.test_run import _final_adapter, env, trainer_cmd
 
@@ -28,10 +28,16 @@ DPO_EVAL = ROOT / "examples" / "data" / "support-dpo-eval.jsonl"
 pytestmark = pytest.mark.slow
 
 PAIRS = [
-    {"prompt": [{"role": "user", "content": "Return window?"}], "chosen": [{"role": "assistant", "content": "30 days, full refund."}],
-     "rejected": [{"role": "assistant", "content": "No returns."}]},
-    {"prompt": [{"role": "user", "content": "Free shipping?"}], "chosen": [{"role": "assistant", "content": "Over $50."}],
-     "rejected": [{"role": "assistant", "content": "Never, pay up."}]},
+    {
+        "prompt": [{"role": "user", "content": "Return window?"}],
+        "chosen": [{"role": "assistant", "content": "30 days, full refund."}],
+        "rejected": [{"role": "assistant", "content": "No returns."}],
+    },
+    {
+        "prompt": [{"role": "user", "content": "Free shipping?"}],
+        "chosen": [{"role": "assistant", "content": "Over $50."}],
+        "rejected": [{"role": "assistant", "content": "Never, pay up."}],
+    },
 ]
 
 
@@ -39,7 +45,11 @@ def job_body(tmp: Path, method: dict[str, Any], **spec: Any) -> dict[str, Any]:
     body: dict[str, Any] = {
         "model": {"source": "builtin://tiny-llama"},
         "dataset": {"train": str(DPO_DATA), "validation": str(DPO_EVAL), "maxSeqLength": 256},
-        "method": {"adaptation": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "targetModules": ["all-linear"]}, **method},
+        "method": {
+            "adaptation": "lora",
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "targetModules": ["all-linear"]},
+            **method,
+        },
         "hyperparameters": {"learningRate": 3e-3, "batchSize": 4, "maxSteps": 6, "seed": 7, "warmupRatio": 0},
         "output": {"uri": (tmp / "out").as_uri()},
         "checkpointing": {"everySteps": 100, "keep": 1},
@@ -59,7 +69,9 @@ def parse(body: dict[str, Any]) -> Any:
 EFFECTIVE = {"batchSize": 2, "epochs": 1, "learningRate": 1e-2, "gradientAccumulation": 1, "precision": "fp32"}
 
 
-def dpo_trainer(tiny_model_dir: Path, tmp: Path, method: dict[str, Any], adaptation: str = "lora", max_steps: int = 3) -> tuple[Any, Any]:
+def dpo_trainer(
+    tiny_model_dir: Path, tmp: Path, method: dict[str, Any], adaptation: str = "lora", max_steps: int = 3
+) -> tuple[Any, Any]:
     import torch
     from transformers import AutoTokenizer
 
@@ -117,7 +129,9 @@ def test_reference_free_dpo_uses_a_uniform_reference(tiny_model_dir: Path, tmp_p
     import torch
 
     beta = 0.2
-    trainer, model = dpo_trainer(tiny_model_dir, tmp_path, {"type": "dpo", "dpo": {"beta": beta, "referenceFree": True}})
+    trainer, model = dpo_trainer(
+        tiny_model_dir, tmp_path, {"type": "dpo", "dpo": {"beta": beta, "referenceFree": True}}
+    )
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
     model.eval()
     with torch.no_grad():
@@ -150,7 +164,9 @@ def test_training_leaves_base_and_reference_untouched(tiny_model_dir: Path, tmp_
             assert torch.equal(model(input_ids=probe).logits, ref_before)
         assert not torch.allclose(model(input_ids=probe).logits, ref_before)
 
-    trainer, model = dpo_trainer(tiny_model_dir, tmp_path / "full", {"type": "dpo", "dpo": {"beta": 0.1}}, adaptation="full")
+    trainer, model = dpo_trainer(
+        tiny_model_dir, tmp_path / "full", {"type": "dpo", "dpo": {"beta": 0.1}}, adaptation="full"
+    )
     ref = trainer.ref_model
     assert ref is not None and ref is not model
     frozen = {n: p.detach().clone() for n, p in ref.named_parameters()}
@@ -181,7 +197,8 @@ def test_grpo_string_check_raises_mean_reward(tmp_path: Path, builtin_cache: Pat
     val.write_text("".join(json.dumps(x) + "\n" for x in rows[:4]))
     grader = {"name": "letter", "type": "stringCheck", "reference": "{{item.answer}}", "operation": "like"}
     body = job_body(
-        tmp_path, {"type": "grpo", "grpo": {"numGenerations": 8, "maxCompletionLength": 16, "beta": 0.0, "graders": [grader]}},
+        tmp_path,
+        {"type": "grpo", "grpo": {"numGenerations": 8, "maxCompletionLength": 16, "beta": 0.0, "graders": [grader]}},
         dataset={"train": str(train), "validation": str(val), "minExamples": 1},
         hyperparameters={"maxSteps": 16, "batchSize": 16, "learningRate": 1e-1},
     )
@@ -197,8 +214,13 @@ def test_dpo_resume_after_kill_is_identical(tmp_path: Path) -> None:
 
     def spec_file(d: Path) -> Path:
         d.mkdir()
-        body = job_body(d, {"type": "dpo", "dpo": {"beta": 0.1}}, hyperparameters={"maxSteps": 8},
-                        checkpointing={"everySteps": 4, "keep": 5}, evaluation={"compareBase": False})
+        body = job_body(
+            d,
+            {"type": "dpo", "dpo": {"beta": 0.1}},
+            hyperparameters={"maxSteps": 8},
+            checkpointing={"everySteps": 4, "keep": 5},
+            evaluation={"compareBase": False},
+        )
         path = d / "job.yaml"
         path.write_text(yaml.safe_dump(body))
         return path
@@ -210,7 +232,9 @@ def test_dpo_resume_after_kill_is_identical(tmp_path: Path) -> None:
 
     killed = tmp_path / "killed"
     spec = spec_file(killed)
-    proc = subprocess.Popen(trainer_cmd(spec, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(killed))
+    proc = subprocess.Popen(
+        trainer_cmd(spec, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(killed)
+    )
     store = storage.Store((killed / "out").as_uri())
     deadline = time.time() + 300
     while time.time() < deadline and 4 not in storage.list_checkpoints(store):

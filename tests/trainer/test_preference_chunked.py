@@ -51,7 +51,7 @@ class _LargestTensor:
     """The largest tensor any op produced while active (a TorchDispatchMode), to show that no
     [batch, seq, vocab] logits exist."""
 
-    def __enter__(self) -> "_LargestTensor":
+    def __enter__(self) -> _LargestTensor:
         import torch
         from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -59,7 +59,7 @@ class _LargestTensor:
         self.numel = 0
 
         class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 out = func(*args, **(kwargs or {}))
                 for t in out if isinstance(out, (tuple, list)) else (out,):
                     if isinstance(t, torch.Tensor):
@@ -82,8 +82,9 @@ def _head_calls(model: Any) -> tuple[list[tuple[int, ...]], Any]:
 
 
 @pytest.mark.parametrize("labels", ["tokens", "shifted", "head adapter"])
-def test_orpo_chunked_forward_equals_trl_full_logits(tiny_model_dir: Path, tmp_path: Path, labels: str,
-                                                    monkeypatch: Any) -> None:
+def test_orpo_chunked_forward_equals_trl_full_logits(
+    tiny_model_dir: Path, tmp_path: Path, labels: str, monkeypatch: Any
+) -> None:
     """Loss, adapter gradients and every logged number (log-probs, rewards, NLL, log-odds, mean
     logits) of the chunked ORPO forward equal TRL's concatenated_forward from the full logits; the
     head only ever sees CHUNK rows and no tensor the size of the logits exists. "shifted": answer
@@ -197,21 +198,28 @@ def test_dpo_scores_through_trls_fused_head_with_unchunked_gradients(tiny_model_
 def test_kto_scores_through_trls_fused_head(tiny_model_dir: Path, tmp_path: Path) -> None:
     """TRL 1.16's KTOTrainer scores completions and its KL pairs with the fused LM head: the head
     module is never called in the loss (policy, reference and KL forwards)."""
-    from tests.trainer.test_preference import EFFECTIVE, job_body, parse
+    import torch
     from kubetune.trainer import methods, preference
     from kubetune.trainer.run import _SCHEDULERS
-    from tests.fixtures.models import load_tiny
     from transformers import AutoTokenizer
-    import torch
+
+    from tests.fixtures.models import load_tiny
+    from tests.trainer.test_preference import EFFECTIVE, job_body, parse
 
     spec = parse(job_body(tmp_path, {"type": "kto", "kto": {"beta": 0.1}}, hyperparameters={"maxSteps": 1})).spec
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = methods.build(spec.method.adaptation, spec.method.config()).apply(load_tiny(tiny_model_dir), tok)
     args = preference.training_args(spec, EFFECTIVE, tmp_path / "run", True, _SCHEDULERS)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    rows = [{"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}], "label": good}
-            for q, a, good in [("Return window?", "30 days.", True), ("Return window?", "No.", False),
-                               ("Free shipping?", "Over $50.", True), ("Free shipping?", "Never.", False)]]
+    rows = [
+        {"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}], "label": good}
+        for q, a, good in [
+            ("Return window?", "30 days.", True),
+            ("Return window?", "No.", False),
+            ("Free shipping?", "Over $50.", True),
+            ("Free shipping?", "Never.", False),
+        ]
+    ]
     trainer = preference.build_trainer(spec, model, tok, rows, args, [], opt, [])
     _perturb(model)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
@@ -228,9 +236,9 @@ def test_kto_scores_through_trls_fused_head(tiny_model_dir: Path, tmp_path: Path
 def test_heldout_mean_completion_logp_is_chunked_and_equal(tiny_model_dir: Path, monkeypatch: Any) -> None:
     """The held-out preference accuracy's mean completion log-prob comes from chunked logits and
     equals the full-logits computation."""
+    from kubetune.trainer import chunked, preference
     from transformers import AutoTokenizer
 
-    from kubetune.trainer import chunked, preference
     from tests.fixtures.models import load_tiny
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -248,10 +256,10 @@ def test_kto_refuses_an_adapter_on_the_lm_head(tiny_model_dir: Path, tmp_path: P
     """TRL's fused head would ignore a LoRA on lm_head for KTO without a word (DPOTrainer raises,
     KTOTrainer does not): build_trainer refuses it; ORPO's chunked forward applies it."""
     import torch
-    from transformers import AutoTokenizer
-
     from kubetune.trainer import methods, preference
     from kubetune.trainer.run import _SCHEDULERS
+    from transformers import AutoTokenizer
+
     from tests.fixtures.models import load_tiny
     from tests.trainer.test_preference import EFFECTIVE, job_body, parse
 

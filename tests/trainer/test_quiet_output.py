@@ -24,7 +24,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from kubetune.trainer import storage
 from kubetune.trainer.callbacks import Preemption
 
@@ -33,7 +32,9 @@ slow = pytest.mark.slow  # trains the tiny model (the pod run is shared by five 
 DATA = ROOT / "examples" / "data" / "support-chat.jsonl"
 
 _OURS = re.compile(r"\b(?:DEBUG|INFO|WARNING|ERROR) kubetune[\w.]*: ")
-_NOISE = re.compile(r"\w*Warning\b|warnings\.warn|\bWARNING\b|[Dd]eprecat|gemm_4bit_forward|Loading weights|Writing model shards")
+_NOISE = re.compile(
+    r"\w*Warning\b|warnings\.warn|\bWARNING\b|[Dd]eprecat|gemm_4bit_forward|Loading weights|Writing model shards"
+)
 
 
 def library_noise(text: str) -> list[str]:
@@ -41,8 +42,11 @@ def library_noise(text: str) -> list[str]:
     their source lines), deprecation notices, logging WARNING records of loggers not ours, the
     bitsandbytes kernels line, transformers' weight-loading bars. Our own log records and the
     summary (one JSON line, with its `warnings` field) are not noise."""
-    return [line for line in text.splitlines()
-            if _NOISE.search(line) and not _OURS.search(line) and not line.startswith('{"status":')]
+    return [
+        line
+        for line in text.splitlines()
+        if _NOISE.search(line) and not _OURS.search(line) and not line.startswith('{"status":')
+    ]
 
 
 def test_library_noise_recognises_what_it_must() -> None:
@@ -73,8 +77,11 @@ def _manifest(tmp: Path, name: str, **spec: Any) -> Path:
     for key, value in spec.items():
         body[key] = {**body.get(key, {}), **value}
     path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
-                                    "metadata": {"name": name}, "spec": body}))
+    path.write_text(
+        yaml.safe_dump(
+            {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": body}
+        )
+    )
     return path
 
 
@@ -86,12 +93,29 @@ def pod_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     scratch_root = tmp / "tmpdir"
     scratch_root.mkdir()
     spec = _manifest(tmp, "quiet")
-    env = {**os.environ, "TMPDIR": str(scratch_root), "PYTHONUNBUFFERED": "1",
-           "KUBETUNE_CACHE": str(tmp_path_factory.getbasetemp() / "shared-cache")}
+    env = {
+        **os.environ,
+        "TMPDIR": str(scratch_root),
+        "PYTHONUNBUFFERED": "1",
+        "KUBETUNE_CACHE": str(tmp_path_factory.getbasetemp() / "shared-cache"),
+    }
     proc = subprocess.run(
-        [sys.executable, "-m", "kubetune.trainer", "--spec", str(spec), "--metrics-port", "-1",
-         "--termination-path", str(tmp / "termination")],
-        capture_output=True, text=True, env=env, timeout=600, preexec_fn=lambda: os.umask(0o022),
+        [
+            sys.executable,
+            "-m",
+            "kubetune.trainer",
+            "--spec",
+            str(spec),
+            "--metrics-port",
+            "-1",
+            "--termination-path",
+            str(tmp / "termination"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        preexec_fn=lambda: os.umask(0o022),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"tmp": tmp, "out": tmp / "out", "scratch_root": scratch_root, "log": proc.stdout + proc.stderr}
@@ -104,8 +128,10 @@ def test_pod_log_has_no_library_warnings(pod_run: dict[str, Any]) -> None:
 
 @slow
 def test_pod_log_has_one_line_per_step(pod_run: dict[str, Any]) -> None:
-    lines = re.findall(r"INFO kubetune\.trainer\.steps: step (\d+)/(\d+) loss (\d+\.\d{4}) lr (\S+) tokens/s ([\d,]+)\n",
-                       pod_run["log"])
+    lines = re.findall(
+        r"INFO kubetune\.trainer\.steps: step (\d+)/(\d+) loss (\d+\.\d{4}) lr (\S+) tokens/s ([\d,]+)\n",
+        pod_run["log"],
+    )
     assert [(int(s), int(t)) for s, t, *_ in lines] == [(1, 3), (2, 3), (3, 3)]
     losses = json.loads((pod_run["out"] / "adapter" / "training_log.json").read_text())["losses"]
     assert [float(loss) for _, _, loss, _, _ in lines] == [round(loss, 4) for _, loss in losses]
@@ -117,7 +143,7 @@ def test_pod_log_has_one_line_per_step(pod_run: dict[str, Any]) -> None:
 def test_the_trained_share_is_of_the_adapted_model(pod_run: dict[str, Any]) -> None:
     """The status line counts the adapter in the total (LoRA on every linear layer of the 107k-parameter
     tiny model adds more than that: "131,072 of 107,328" before)."""
-    (trainable, total), = re.findall(r"training: ([\d,]+) of ([\d,]+) parameters", pod_run["log"])
+    ((trainable, total),) = re.findall(r"training: ([\d,]+) of ([\d,]+) parameters", pod_run["log"])
     assert 0 < int(trainable.replace(",", "")) < int(total.replace(",", ""))
 
 
@@ -138,8 +164,7 @@ def test_outputs_are_world_readable_like_a_normal_tool_writes_them(pod_run: dict
     out = pod_run["out"]
     modes = {str(p.relative_to(out)): stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*")]}
     assert modes["manifest.json"] == 0o644 and modes["checkpoints/step-2/manifest.json"] == 0o644
-    wrong = {path: oct(mode) for path, mode in modes.items()
-             if mode != (0o755 if (out / path).is_dir() else 0o644)}
+    wrong = {path: oct(mode) for path, mode in modes.items() if mode != (0o755 if (out / path).is_dir() else 0o644)}
     assert wrong == {}
 
 
@@ -177,8 +202,13 @@ def test_ctrl_c_saves_a_checkpoint_then_stops(tmp_path: Path) -> None:
         if progress["step"] == 1:
             os.kill(os.getpid(), signal.SIGINT)  # what a terminal's Ctrl-C sends
 
-    job = _job(tmp_path, "ctrlc", hyperparameters={"maxSteps": 6}, checkpointing={"everySteps": 100},
-               evaluation={"samples": 0, "compareBase": False})
+    job = _job(
+        tmp_path,
+        "ctrlc",
+        hyperparameters={"maxSteps": 6},
+        checkpointing={"everySteps": 100},
+        evaluation={"samples": 0, "compareBase": False},
+    )
     unhandled: list[int] = []  # a SIGINT the run did not take would land here, not abort the test session
 
     def outside(signum: int, frame: Any) -> None:
@@ -216,7 +246,9 @@ def test_a_second_ctrl_c_interrupts_at_once() -> None:
 
 
 @slow
-def test_a_failed_run_removes_its_scratch_and_a_given_scratch_is_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_run_removes_its_scratch_and_a_given_scratch_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from kubetune.trainer.run import Options, run
 
     root = tmp_path / "tmpdir"
@@ -239,7 +271,9 @@ def test_a_failed_run_removes_its_scratch_and_a_given_scratch_is_kept(tmp_path: 
     assert (mine / "run").is_dir()  # the caller's directory: left for the caller
 
 
-def test_local_run_shows_no_step_bar_before_the_first_step(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_local_run_shows_no_step_bar_before_the_first_step(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`kubetune run` in a terminal: status lines while validating and loading, the bar from step 1
     (it used to show `step 0/None` from the start)."""
     from kubetune.api.manifest import load_job
@@ -254,8 +288,13 @@ def test_local_run_shows_no_step_bar_before_the_first_step(monkeypatch: pytest.M
         time.sleep(1.2)  # a few refreshes of the live display (2 per second)
         opts.on_progress({"step": 1, "total": 3, "loss": 2.5, "tokens_per_s": 10.0, "eta": 1.0})
         time.sleep(0.6)
-        return {"metrics": {}, "steps": 1, "trainableParameters": 1, "durationSeconds": 1.0,
-                "adapter": {"uri": "file:///x/adapter", "manifestUri": "file:///x/manifest.json"}}
+        return {
+            "metrics": {},
+            "steps": 1,
+            "trainableParameters": 1,
+            "durationSeconds": 1.0,
+            "adapter": {"uri": "file:///x/adapter", "manifestUri": "file:///x/manifest.json"},
+        }
 
     monkeypatch.setattr(run_module, "run", fake_run)
     assert run_locally(load_job(str(ROOT / "examples" / "quickstart.yaml")), "file:///x", -1) == 0

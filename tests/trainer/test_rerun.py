@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from kubetune.api.contract import PERMANENT_EXIT_CODE
 from kubetune.api.crd import training_digest
 from kubetune.api.manifest import load_job
@@ -30,7 +29,13 @@ def spec_file(tmp: Path, out: str, name: str = "rr", **blocks: Any) -> Path:
         small.write_text("".join(DATA.read_text().splitlines(keepends=True)[:40]))
     body: dict[str, Any] = {
         "model": {"source": "builtin://tiny-llama"},
-        "dataset": {"train": str(small), "validationSplit": 0.1, "maxSeqLength": 128, "overlength": "truncate", "minExamples": 10},
+        "dataset": {
+            "train": str(small),
+            "validationSplit": 0.1,
+            "maxSeqLength": 128,
+            "overlength": "truncate",
+            "minExamples": 10,
+        },
         "method": {"adaptation": "lora", "lora": {"r": 4, "alpha": 8, "targetModules": ["all-linear"]}},
         "hyperparameters": {"epochs": 1, "learningRate": 3e-3, "batchSize": 4, "maxSteps": 4, "seed": 7},
         "output": {"uri": out},
@@ -40,7 +45,11 @@ def spec_file(tmp: Path, out: str, name: str = "rr", **blocks: Any) -> Path:
     for key, value in blocks.items():
         body[key] = {**body.get(key, {}), **value}
     path = tmp / f"{name}-{uuid.uuid4().hex[:6]}.yaml"
-    path.write_text(yaml.safe_dump({"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": body}))
+    path.write_text(
+        yaml.safe_dump(
+            {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": body}
+        )
+    )
     return path
 
 
@@ -50,15 +59,15 @@ def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def train(spec: Path, tmp: Path, progress: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    opts = run_mod.Options(scratch=tmp / f"scratch-{uuid.uuid4().hex[:6]}",
-                           on_progress=(progress.append if progress is not None else None))
+    opts = run_mod.Options(
+        scratch=tmp / f"scratch-{uuid.uuid4().hex[:6]}", on_progress=(progress.append if progress is not None else None)
+    )
     return run_mod.run(load_job(str(spec)), opts)
 
 
 def forbid_loading(monkeypatch: pytest.MonkeyPatch, data_too: bool = True) -> None:
     """Fail the test if the model is fetched or loaded (and, with `data_too`, the data read)."""
     import transformers
-
     from kubetune.trainer import sources
 
     def boom(*a: Any, **k: Any) -> Any:
@@ -86,11 +95,20 @@ def losses(out: Path) -> list[list[float]]:
 def test_overwrite_stays_out_of_the_wire_form_and_the_training_digest_ignores_output() -> None:
     from kubetune.api.spec import FineTuneJobSpec
 
-    base = {"model": {"source": "builtin://tiny-llama"}, "dataset": {"train": "d.jsonl"}, "method": {"adaptation": "lora"},
-            "output": {"uri": "s3://b/a"}}
+    base = {
+        "model": {"source": "builtin://tiny-llama"},
+        "dataset": {"train": "d.jsonl"},
+        "method": {"adaptation": "lora"},
+        "output": {"uri": "s3://b/a"},
+    }
     spec = FineTuneJobSpec.model_validate(base)
     assert "overwrite" not in spec.wire()["output"]  # at its default: spec digests of existing jobs unchanged
-    assert FineTuneJobSpec.model_validate({**base, "output": {"uri": "s3://b/a", "overwrite": True}}).wire()["output"]["overwrite"] is True
+    assert (
+        FineTuneJobSpec.model_validate({**base, "output": {"uri": "s3://b/a", "overwrite": True}}).wire()["output"][
+            "overwrite"
+        ]
+        is True
+    )
     moved = FineTuneJobSpec.model_validate({**base, "output": {"uri": "s3://b/other"}, "evaluation": {"samples": 0}})
     assert training_digest(moved.wire()) == training_digest(spec.wire())
     faster = FineTuneJobSpec.model_validate({**base, "hyperparameters": {"learningRate": 1e-3}})
@@ -118,9 +136,8 @@ def test_a_finished_output_is_reported_and_overwrite_retrains(tmp_path: Path, mo
     assert err.value.param == "spec.output.uri" and "spec.output.overwrite: true" in str(err.value)
 
     # through the CLI: --overwrite sets spec.output.overwrite, and the result is trained again
-    from click.testing import CliRunner
-
     import kubetune.localrun
+    from click.testing import CliRunner
     from kubetune.cli import main
 
     seen = []
@@ -130,7 +147,9 @@ def test_a_finished_output_is_reported_and_overwrite_retrains(tmp_path: Path, mo
     replaced = run_mod.run(seen[0], run_mod.Options(scratch=tmp_path / "scratch-overwrite"))
     assert replaced["status"] == "succeeded" and replaced["effective"]["learningRate"] == 1e-3
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["hyperparameters"]["learningRate"] == 1e-3 and (out / "manifest.json").read_bytes() != manifest_bytes
+    assert (
+        manifest["hyperparameters"]["learningRate"] == 1e-3 and (out / "manifest.json").read_bytes() != manifest_bytes
+    )
     assert storage.verify(storage.Store(out.as_uri()), "")[0]
 
 
@@ -186,8 +205,10 @@ def test_a_checkpoint_of_another_spec_is_refused(tmp_path: Path, monkeypatch: py
     store = storage.Store(out.as_uri())
     store.rm("manifest.json")  # as if the pod died before its commit: only the checkpoint stands
     assert storage.list_checkpoints(store) == [2]
-    for change in ({"method": {"lora": {"r": 8, "alpha": 16, "targetModules": ["all-linear"]}}},
-                   {"hyperparameters": {"maxSteps": 2, "learningRate": 1e-4}}):
+    for change in (
+        {"method": {"lora": {"r": 8, "alpha": 16, "targetModules": ["all-linear"]}}},
+        {"hyperparameters": {"maxSteps": 2, "learningRate": 1e-4}},
+    ):
         with monkeypatch.context() as m:
             forbid_loading(m)
             with pytest.raises(run_mod.UserError) as err:
@@ -205,8 +226,13 @@ def _main(spec: Path, tmp: Path) -> tuple[int, dict[str, Any]]:
     return code, json.loads((tmp / "termination").read_text())
 
 
-def test_bad_credentials_fail_before_anything_loads(tmp_path: Path, s3_bucket: str, s3_faults,  # noqa: F811
-                                                    monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_bad_credentials_fail_before_anything_loads(
+    tmp_path: Path,
+    s3_bucket: str,
+    s3_faults,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys,
+) -> None:
     """Why: 'bad credentials fail after the model loads'."""
     forbid_loading(monkeypatch)
     spec = spec_file(tmp_path, f"{s3_bucket}/job")
@@ -218,8 +244,12 @@ def test_bad_credentials_fail_before_anything_loads(tmp_path: Path, s3_bucket: s
     assert "Traceback" not in capsys.readouterr().err
 
 
-def test_a_missing_bucket_fails_before_anything_loads(tmp_path: Path, s3_bucket: str, s3_faults,  # noqa: F811
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_missing_bucket_fails_before_anything_loads(
+    tmp_path: Path,
+    s3_bucket: str,
+    s3_faults,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Why: 'a missing bucket fails at the first checkpoint or after the whole run, losing the result'."""
     forbid_loading(monkeypatch, data_too=False)
     bucket = f"no-such-bucket-{uuid.uuid4().hex[:8]}"
@@ -233,11 +263,18 @@ def test_a_missing_bucket_fails_before_anything_loads(tmp_path: Path, s3_bucket:
     code, summary = _main(spec, tmp_path)
     assert code == PERMANENT_EXIT_CODE and summary["param"] == "spec.dataset.train"
     assert summary["message"].startswith(f"spec.dataset.train: s3://{bucket}/train.jsonl does not exist")
-    assert s3_faults.count("PutObject", bucket=s3_bucket.removeprefix("s3://")) == 0  # refused before anything is written
+    assert (
+        s3_faults.count("PutObject", bucket=s3_bucket.removeprefix("s3://")) == 0
+    )  # refused before anything is written
 
 
-def test_a_failing_store_is_retriable_and_said_clearly(tmp_path: Path, s3_bucket: str, s3_faults,  # noqa: F811
-                                                       monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_a_failing_store_is_retriable_and_said_clearly(
+    tmp_path: Path,
+    s3_bucket: str,
+    s3_faults,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys,
+) -> None:
     forbid_loading(monkeypatch, data_too=False)
     monkeypatch.setattr(storage.Store, "__init__", _no_backoff(storage.Store.__init__))
     with s3_faults.inject("503", op="PutObject", times=1000):

@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from kubetune.api.contract import PERMANENT_EXIT_CODE, PREEMPTED_EXIT_CODE
 from kubetune.trainer import storage
 
@@ -29,7 +28,10 @@ def manifest(tmp: Path, name: str = "t", **spec: Any) -> Path:
     body = {
         "model": {"source": "builtin://tiny-llama"},
         "dataset": {"train": str(DATA), "validationSplit": 0.1, "maxSeqLength": 256, "overlength": "truncate"},
-        "method": {"adaptation": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.05, "targetModules": ["all-linear"]}},
+        "method": {
+            "adaptation": "lora",
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.05, "targetModules": ["all-linear"]},
+        },
         "hyperparameters": {"epochs": 1, "learningRate": 3e-3, "batchSize": 4, "maxSteps": 12, "seed": 7},
         "output": {"uri": (tmp / "out").as_uri()},
         "checkpointing": {"everySteps": 4, "keep": 2},
@@ -37,12 +39,27 @@ def manifest(tmp: Path, name: str = "t", **spec: Any) -> Path:
     for key, value in spec.items():
         body[key] = {**body.get(key, {}), **value} if isinstance(value, dict) else value
     path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump({"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": body}))
+    path.write_text(
+        yaml.safe_dump(
+            {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": body}
+        )
+    )
     return path
 
 
 def trainer_cmd(spec: Path, tmp: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "kubetune.trainer", "--spec", str(spec), "--metrics-port", "0", "--termination-path", str(tmp / "termination"), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "kubetune.trainer",
+        "--spec",
+        str(spec),
+        "--metrics-port",
+        "0",
+        "--termination-path",
+        str(tmp / "termination"),
+        *extra,
+    ]
 
 
 def env(tmp: Path) -> dict[str, str]:
@@ -126,7 +143,9 @@ def test_resume_after_kill_is_identical(tmp_path: Path) -> None:
     killed = tmp_path / "killed"
     killed.mkdir()
     spec = manifest(killed, hyperparameters={"maxSteps": 12}, checkpointing={"everySteps": 4, "keep": 5})
-    proc = subprocess.Popen(trainer_cmd(spec, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(killed))
+    proc = subprocess.Popen(
+        trainer_cmd(spec, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(killed)
+    )
     store = storage.Store((killed / "out").as_uri())
     deadline = time.time() + 300
     while time.time() < deadline and 4 not in storage.list_checkpoints(store):
@@ -151,8 +170,12 @@ def test_resume_after_kill_is_identical(tmp_path: Path) -> None:
 def test_sigterm_checkpoints_and_exits_retriable(tmp_path: Path, s3_bucket: str) -> None:
     """T3: SIGTERM mid-training → a checkpoint committed to S3 and the retriable preemption code."""
     out = f"{s3_bucket}/sigterm"
-    spec = manifest(tmp_path, hyperparameters={"maxSteps": 400}, checkpointing={"everySteps": 1000, "keep": 2}, output={"uri": out})
-    proc = subprocess.Popen(trainer_cmd(spec, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(tmp_path))
+    spec = manifest(
+        tmp_path, hyperparameters={"maxSteps": 400}, checkpointing={"everySteps": 1000, "keep": 2}, output={"uri": out}
+    )
+    proc = subprocess.Popen(
+        trainer_cmd(spec, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(tmp_path)
+    )
     port = _metrics_port(proc)
     deadline = time.time() + 300
     while time.time() < deadline and _scrape(port).get("kubetune_trainer_step", 0) < 3:
@@ -191,7 +214,9 @@ def test_metrics_endpoint_during_a_run(tmp_path: Path) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
     spec = manifest(tmp_path, hyperparameters={"maxSteps": 60}, checkpointing={"everySteps": 5, "keep": 1})
-    proc = subprocess.Popen(trainer_cmd(spec, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(tmp_path))
+    proc = subprocess.Popen(
+        trainer_cmd(spec, tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(tmp_path)
+    )
     port = _metrics_port(proc)
     text = ""
     deadline = time.time() + 300
@@ -208,11 +233,21 @@ def test_metrics_endpoint_during_a_run(tmp_path: Path) -> None:
     proc.wait(timeout=60)
     families = {f.name for f in text_string_to_metric_families(text)}
     for name in (
-        "kubetune_trainer_step", "kubetune_trainer_total_steps", "kubetune_trainer_epoch", "kubetune_trainer_train_loss",
-        "kubetune_trainer_eval_loss", "kubetune_trainer_learning_rate", "kubetune_trainer_tokens_per_second",
-        "kubetune_trainer_samples_per_second", "kubetune_trainer_progress_ratio", "kubetune_trainer_eta_seconds",
-        "kubetune_trainer_last_checkpoint_step", "kubetune_trainer_last_checkpoint_timestamp_seconds",
-        "kubetune_trainer_gpu_memory_bytes", "kubetune_trainer_gpu_power_watts", "kubetune_trainer_gpu_energy_joules",
+        "kubetune_trainer_step",
+        "kubetune_trainer_total_steps",
+        "kubetune_trainer_epoch",
+        "kubetune_trainer_train_loss",
+        "kubetune_trainer_eval_loss",
+        "kubetune_trainer_learning_rate",
+        "kubetune_trainer_tokens_per_second",
+        "kubetune_trainer_samples_per_second",
+        "kubetune_trainer_progress_ratio",
+        "kubetune_trainer_eta_seconds",
+        "kubetune_trainer_last_checkpoint_step",
+        "kubetune_trainer_last_checkpoint_timestamp_seconds",
+        "kubetune_trainer_gpu_memory_bytes",
+        "kubetune_trainer_gpu_power_watts",
+        "kubetune_trainer_gpu_energy_joules",
         "kubetune_trainer_base_eval_loss",
     ):
         assert name in families, name
@@ -220,9 +255,13 @@ def test_metrics_endpoint_during_a_run(tmp_path: Path) -> None:
     assert values["kubetune_trainer_total_steps"] == 60
     assert 0 < values["kubetune_trainer_progress_ratio"] <= 1
     assert values["kubetune_trainer_tokens_per_second"] > 0
-    promtool = subprocess.run(["bash", str(ROOT / "hack" / "get-promtool.sh")], capture_output=True, text=True, check=True).stdout.strip()
+    promtool = subprocess.run(
+        ["bash", str(ROOT / "hack" / "get-promtool.sh")], capture_output=True, text=True, check=True
+    ).stdout.strip()
     check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
-    assert check.returncode == 0 and check.stdout.strip() == "" and check.stderr.strip() == "", check.stdout + check.stderr
+    assert check.returncode == 0 and check.stdout.strip() == "" and check.stderr.strip() == "", (
+        check.stdout + check.stderr
+    )
 
 
 def test_quickstart_demo(tmp_path: Path) -> None:
@@ -230,18 +269,28 @@ def test_quickstart_demo(tmp_path: Path) -> None:
     out = (tmp_path / "quickstart").as_uri()
     run = subprocess.run(
         [sys.executable, "-m", "kubetune.cli", "run", "examples/quickstart.yaml", "--output", out],
-        cwd=ROOT, capture_output=True, text=True, env=env(tmp_path), timeout=600,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env(tmp_path),
+        timeout=600,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     from tests.trainer.test_quiet_output import library_noise
 
     assert library_noise(run.stdout + run.stderr) == []  # issue 15: `make demo` prints no library warnings
-    rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in run.stdout.splitlines() if line.count("│") >= 3}
+    rows = {
+        line.split("│")[1].strip(): line.split("│")[2].strip()
+        for line in run.stdout.splitlines()
+        if line.count("│") >= 3
+    }
     assert float(rows["tuned model eval loss"]) < float(rows["base model eval loss"])
     # evaluation.samples: 8 (issue 21): the samples, base vs tuned scores, and report.html in a browser.
     local = tmp_path / "quickstart"
     samples = [json.loads(line) for line in (local / "eval" / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 8 and all(isinstance(r["base"], str) and isinstance(r["tuned"], str) and r["tuned"] for r in samples)
+    assert len(samples) == 8 and all(
+        isinstance(r["base"], str) and isinstance(r["tuned"], str) and r["tuned"] for r in samples
+    )
     assert "rougeL (samples, base → tuned)" in rows and "→" in rows["rougeL (samples, base → tuned)"]
     assert f"report: {out.rstrip('/')}/report.html" in run.stdout
     from tests.trainer.test_evaluation import check_report_in_chromium
@@ -259,9 +308,26 @@ def use_the_quickstart_output(out: str, tmp_path: Path) -> None:
     import openai
 
     chat = subprocess.run(
-        [sys.executable, "-m", "kubetune.cli", "chat", out, "--prompt", "I was charged twice", "--compare",
-         "--temperature", "0", "--max-tokens", "24", "--device", "cpu"],
-        capture_output=True, text=True, env=env(tmp_path), timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "kubetune.cli",
+            "chat",
+            out,
+            "--prompt",
+            "I was charged twice",
+            "--compare",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "24",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env=env(tmp_path),
+        timeout=300,
     )
     assert chat.returncode == 0, chat.stderr[-3000:]
     from tests.trainer.test_quiet_output import library_noise
@@ -271,8 +337,12 @@ def use_the_quickstart_output(out: str, tmp_path: Path) -> None:
     tuned, base = chat.stdout.split("[base: tiny-llama]")
     assert tuned.split("]", 1)[1].strip() and base.strip()  # both answered
 
-    proc = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "serve", out, "--port", "0", "--device", "cpu"],
-                            stderr=subprocess.PIPE, text=True, env={**env(tmp_path), "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kubetune.cli", "serve", out, "--port", "0", "--device", "cpu"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**env(tmp_path), "PYTHONUNBUFFERED": "1"},
+    )
     try:
         url = next((line.split(" on ", 1)[1].split()[0] for line in proc.stderr if line.startswith("serving ")), None)  # type: ignore[union-attr]
         assert url is not None, "kubetune serve never said where it listens"
@@ -280,11 +350,14 @@ def use_the_quickstart_output(out: str, tmp_path: Path) -> None:
             models = {m.id: m for m in client.models.list()}
             assert "ft:tiny-llama:quickstart" in models
             messages = [{"role": "user", "content": "How do I reset my password?"}]
-            plain = client.chat.completions.create(model="ft:tiny-llama:quickstart", messages=messages, temperature=0, max_tokens=24)
+            plain = client.chat.completions.create(
+                model="ft:tiny-llama:quickstart", messages=messages, temperature=0, max_tokens=24
+            )
             text = plain.choices[0].message.content
             assert text and plain.usage.completion_tokens > 0
-            stream = client.chat.completions.create(model="ft:tiny-llama:quickstart", messages=messages, temperature=0,
-                                                    max_tokens=24, stream=True)
+            stream = client.chat.completions.create(
+                model="ft:tiny-llama:quickstart", messages=messages, temperature=0, max_tokens=24, stream=True
+            )
             assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
     finally:
         proc.terminate()
@@ -295,7 +368,9 @@ def use_the_quickstart_output(out: str, tmp_path: Path) -> None:
 def test_torchrun_two_processes(tmp_path: Path) -> None:
     """Under torchrun (2 CPU processes, gloo) global rank 0 alone checkpoints, commits and writes
     the termination message; local rank 0 alone serves metrics."""
-    spec = manifest(tmp_path, hyperparameters={"maxSteps": 4, "batchSize": 2}, checkpointing={"everySteps": 2, "keep": 1})
+    spec = manifest(
+        tmp_path, hyperparameters={"maxSteps": 4, "batchSize": 2}, checkpointing={"everySteps": 2, "keep": 1}
+    )
     torchrun = str(Path(sys.executable).parent / "torchrun")
     cmd = [torchrun, "--standalone", "--nproc-per-node", "2", *trainer_cmd(spec, tmp_path)[1:]]
     run = subprocess.run(cmd, capture_output=True, text=True, env=env(tmp_path), timeout=600)

@@ -12,8 +12,9 @@ import json
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -36,7 +37,6 @@ def pool(tmp_path_factory: pytest.TempPathFactory, builtin_cache: Path) -> Any:
 @pytest.fixture(scope="module")
 def base_url(pool: Any) -> Iterator[str]:
     from aiohttp import web
-
     from kubetune.trainer.server import make_app
 
     loop = asyncio.new_event_loop()
@@ -127,7 +127,9 @@ def test_sampling_parameters_n_seed_and_stop(client: Any) -> None:
 def test_text_completions_plain_and_streamed(client: Any) -> None:
     plain = client.completions.create(model="ft:tiny-llama:no", prompt="hello", max_tokens=8, temperature=0)
     assert plain.object == "text_completion" and plain.usage.completion_tokens == 8
-    streamed = client.completions.create(model="ft:tiny-llama:no", prompt="hello", max_tokens=8, temperature=0, stream=True)
+    streamed = client.completions.create(
+        model="ft:tiny-llama:no", prompt="hello", max_tokens=8, temperature=0, stream=True
+    )
     assert "".join(c.choices[0].text for c in streamed) == plain.choices[0].text
 
 
@@ -151,8 +153,10 @@ def test_bad_requests_are_openai_shaped_400s(client: Any, base_url: str) -> None
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="ft:tiny-llama:yes", messages=[])
     assert err.value.body["param"] == "messages"
-    status, body = _raw(f"{base_url}/chat/completions", json.dumps(
-        {"model": "ft:tiny-llama:yes", "messages": [{"role": "robot", "content": "hi"}]}).encode())
+    status, body = _raw(
+        f"{base_url}/chat/completions",
+        json.dumps({"model": "ft:tiny-llama:yes", "messages": [{"role": "robot", "content": "hi"}]}).encode(),
+    )
     assert status == 400 and body["error"]["param"] == "messages[0].role" and "'user'" in body["error"]["message"]
     status, body = _raw(f"{base_url}/chat/completions", b"{not json")
     assert status == 400 and body["error"]["message"] == "the request body is not valid JSON"
@@ -171,7 +175,6 @@ def _raw(url: str, data: bytes) -> tuple[int, dict[str, Any]]:
 
 def test_serve_cli_refuses_a_corrupt_output_clearly(tmp_path: Path) -> None:
     from click.testing import CliRunner
-
     from kubetune.cli import main
 
     (tmp_path / "manifest.json").write_text("{not json")
@@ -187,8 +190,12 @@ def test_serve_command_end_to_end(pool: Any, builtin_cache: Path) -> None:
     import sys
 
     outputs = [str(m.output.path.parent) for m in pool.models.values() if m.output is not None]
-    proc = subprocess.Popen([sys.executable, "-m", "kubetune.cli", "serve", *outputs, "--port", "0", "--device", "cpu"],
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kubetune.cli", "serve", *outputs, "--port", "0", "--device", "cpu"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         url = None
         for line in proc.stderr:  # type: ignore[union-attr]

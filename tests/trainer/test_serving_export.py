@@ -40,14 +40,15 @@ def _run(path: Path, out: Path) -> tuple[Any, dict[str, Any]]:
 
 
 @pytest.mark.parametrize("adaptation, engine", [("dora", "vllm"), ("ia3", "kserve")])
-def test_adapter_engines_cannot_load_gets_a_verified_merged_model(tmp_path: Path, builtin_cache: Path, adaptation: str, engine: str) -> None:
+def test_adapter_engines_cannot_load_gets_a_verified_merged_model(
+    tmp_path: Path, builtin_cache: Path, adaptation: str, engine: str
+) -> None:
     import torch
     from click.testing import CliRunner
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from kubetune.cli import main as cli
     from kubetune.trainer import sources, storage
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "out"
     job, summary = _run(_job(tmp_path, adaptation, serving={"engine": engine}), out)
@@ -76,7 +77,9 @@ def test_adapter_engines_cannot_load_gets_a_verified_merged_model(tmp_path: Path
     ids = tok("How do I reset my password?", return_tensors="pt").input_ids
     with torch.no_grad():
         want, got = reference(input_ids=ids).logits, merged(input_ids=ids).logits
-    base_logits = AutoModelForCausalLM.from_pretrained(sources.resolve_model(job.spec.model), use_safetensors=True)(input_ids=ids).logits
+    base_logits = AutoModelForCausalLM.from_pretrained(sources.resolve_model(job.spec.model), use_safetensors=True)(
+        input_ids=ids
+    ).logits
     assert not torch.allclose(want, base_logits, atol=1e-4)  # the adapter did change the model
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 

@@ -8,9 +8,8 @@ import pickle
 import shutil
 from pathlib import Path
 
-import pytest
-
 import numpy as np
+import pytest
 from kubetune.api.estimate import BUILTIN_PARAMETERS, BUILTIN_SHAPES
 from kubetune.api.spec import ModelSource
 from kubetune.trainer.builtin import BUILTIN_MODELS, byte_tokenizer
@@ -22,6 +21,7 @@ from kubetune.trainer.sources import (
     resolve_model,
 )
 from kubetune.trainer.storage import PermanentStorageError, Store, build_files_map, upload_dir
+
 from tests.fixtures.s3 import s3_bucket, s3_client, s3_faults, s3_server  # noqa: F401
 
 
@@ -66,7 +66,7 @@ def test_builtin_parameter_counts_are_the_operators(name: str, tmp_path: Path, m
     total = 0
     for f in directory.glob("*.safetensors"):
         with safe_open(str(f), "np") as st:
-            total += sum(int(np.prod(st.get_slice(k).get_shape())) for k in st.keys())
+            total += sum(int(np.prod(st.get_slice(k).get_shape())) for k in st.keys())  # noqa: SIM118 -- safe_open has no __iter__
     assert BUILTIN_PARAMETERS[f"builtin://{name}"] == total
 
 
@@ -92,7 +92,7 @@ def test_local_path_file_uri_and_pvc(tiny_dir: Path, tmp_path: Path, monkeypatch
 # ---------------------------------------------------------------------------------- s3 sources
 
 
-def test_s3_download_is_verified_and_cached(tiny_dir: Path, s3_bucket: str, s3_faults, tmp_path: Path) -> None:  # noqa: F811
+def test_s3_download_is_verified_and_cached(tiny_dir: Path, s3_bucket: str, s3_faults, tmp_path: Path) -> None:
     uri = f"{s3_bucket}/models/tiny"
     upload_dir(tiny_dir, Store(uri), "", {"kind": "model mirror"})
     cache = tmp_path / "cache"
@@ -107,7 +107,7 @@ def test_s3_download_is_verified_and_cached(tiny_dir: Path, s3_bucket: str, s3_f
     assert s3_faults.requests == []  # the second resolve never touched S3
 
 
-def test_s3_plain_mirror_without_manifest(tiny_dir: Path, s3_bucket: str, tmp_path: Path) -> None:  # noqa: F811
+def test_s3_plain_mirror_without_manifest(tiny_dir: Path, s3_bucket: str, tmp_path: Path) -> None:
     uri = f"{s3_bucket}/mirror/tiny"
     store = Store(uri)
     for rel in build_files_map(tiny_dir):
@@ -118,7 +118,9 @@ def test_s3_plain_mirror_without_manifest(tiny_dir: Path, s3_bucket: str, tmp_pa
     assert not (path / "pytorch_model.bin").exists()
 
 
-def test_s3_corrupt_download_is_refused_and_not_cached(tiny_dir: Path, s3_bucket: str, s3_client, tmp_path: Path) -> None:  # noqa: F811
+def test_s3_corrupt_download_is_refused_and_not_cached(
+    tiny_dir: Path, s3_bucket: str, s3_client, tmp_path: Path
+) -> None:
     uri = f"{s3_bucket}/models/tiny"
     upload_dir(tiny_dir, Store(uri), "", {})
     bucket = s3_bucket.removeprefix("s3://")
@@ -130,7 +132,7 @@ def test_s3_corrupt_download_is_refused_and_not_cached(tiny_dir: Path, s3_bucket
     assert not list((tmp_path / "cache" / "remote").iterdir())
 
 
-def test_s3_missing_model(s3_bucket: str, tmp_path: Path) -> None:  # noqa: F811
+def test_s3_missing_model(s3_bucket: str, tmp_path: Path) -> None:
     with pytest.raises(ModelSourceError, match="nothing there"):
         resolve_model(f"{s3_bucket}/nope", cache_dir=tmp_path)
 

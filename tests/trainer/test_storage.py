@@ -16,7 +16,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from kubetune.trainer import storage
 from kubetune.trainer.storage import (
     CommitConflict,
@@ -36,6 +35,7 @@ from kubetune.trainer.storage import (
     upload_dir,
     verify,
 )
+
 from tests.fixtures.s3 import s3_bucket, s3_client, s3_faults, s3_server  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,7 +57,7 @@ def same_tree(a: Path, b: Path) -> bool:
 
 
 @pytest.fixture
-def s3_store(s3_bucket: str) -> Store:  # noqa: F811
+def s3_store(s3_bucket: str) -> Store:
     return Store(f"{s3_bucket}/run", retries=3, backoff=0)
 
 
@@ -101,7 +101,7 @@ def test_upload_dir_writes_manifest_last_and_verifies(any_store: Store, tmp_path
     assert verify(any_store, "y")[0] is False
 
 
-def test_commit_checkpoint_is_idempotent_for_a_committed_step(s3_store: Store, tmp_path: Path, s3_faults) -> None:  # noqa: F811
+def test_commit_checkpoint_is_idempotent_for_a_committed_step(s3_store: Store, tmp_path: Path, s3_faults) -> None:
     uri = commit_checkpoint(s3_store, make_checkpoint(tmp_path, 5), 5, {"loss": 1.5})
     assert uri == f"{s3_store.uri}/checkpoints/step-5"
     s3_faults.clear()
@@ -137,13 +137,18 @@ _DIE_MID_UPLOAD = textwrap.dedent(
 )
 
 
-def test_t2_process_dies_mid_checkpoint_upload(s3_store: Store, s3_client, tmp_path: Path) -> None:  # noqa: F811
+def test_t2_process_dies_mid_checkpoint_upload(s3_store: Store, s3_client, tmp_path: Path) -> None:
     first = make_checkpoint(tmp_path, 10)
     commit_checkpoint(s3_store, first, 10)
     second = make_checkpoint(tmp_path, 20)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "trainer"), str(REPO / "api"), str(REPO)])}
-    proc = subprocess.run([sys.executable, "-c", _DIE_MID_UPLOAD, s3_store.uri, str(second)], env=env,
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", _DIE_MID_UPLOAD, s3_store.uri, str(second)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 137, proc.stderr
     # The process got as far as part 1 of a multipart upload, and some files are there ...
     bucket = s3_store.root.split("/")[0]
@@ -163,7 +168,7 @@ def test_t2_process_dies_mid_checkpoint_upload(s3_store: Store, s3_client, tmp_p
 
 
 @pytest.mark.parametrize("kind", ["503", "500", "reset"])
-def test_t4_transient_errors_are_retried(kind: str, s3_store: Store, s3_faults, tmp_path: Path) -> None:  # noqa: F811
+def test_t4_transient_errors_are_retried(kind: str, s3_store: Store, s3_faults, tmp_path: Path) -> None:
     local = make_checkpoint(tmp_path, 1)
     with s3_faults.inject(kind, op="PutObject", times=2) as put_fault:
         commit_checkpoint(s3_store, local, 1, parallel=1)
@@ -177,7 +182,10 @@ def test_t4_transient_errors_are_retried(kind: str, s3_store: Store, s3_faults, 
 
 @pytest.mark.parametrize("kind", ["503", "reset"])
 def test_t4_persistent_failure_gives_a_clear_error_and_nothing_partial(
-    kind: str, s3_store: Store, s3_faults, tmp_path: Path  # noqa: F811
+    kind: str,
+    s3_store: Store,
+    s3_faults,
+    tmp_path: Path,
 ) -> None:
     with s3_faults.inject(kind, op="PutObject", key="sub/trainer_state.json", times=10_000):
         with pytest.raises(StorageError) as err:
@@ -191,7 +199,7 @@ def test_t4_persistent_failure_gives_a_clear_error_and_nothing_partial(
     assert verify(s3_store, "checkpoints/step-3") == (False, "no manifest.json: the directory was never committed")
 
 
-def test_t4_lost_response_on_the_manifest_is_not_a_conflict(s3_store: Store, s3_faults, tmp_path: Path) -> None:  # noqa: F811
+def test_t4_lost_response_on_the_manifest_is_not_a_conflict(s3_store: Store, s3_faults, tmp_path: Path) -> None:
     # The manifest PUT reaches S3 but its answer is lost: the retry gets 412 for our own bytes.
     with s3_faults.inject("lost", op="PutObject", key="manifest.json", times=1) as fault:
         commit_checkpoint(s3_store, make_checkpoint(tmp_path, 4), 4)
@@ -199,7 +207,7 @@ def test_t4_lost_response_on_the_manifest_is_not_a_conflict(s3_store: Store, s3_
     assert list_checkpoints(s3_store) == [4]
 
 
-def test_t4_access_denied_is_permanent_and_not_retried(s3_bucket: str, s3_faults, caplog) -> None:  # noqa: F811
+def test_t4_access_denied_is_permanent_and_not_retried(s3_bucket: str, s3_faults, caplog) -> None:
     canary = "CANARY-s3cr3t-value-1234"
     store = Store(f"{s3_bucket}/run", {"key": "AKIAEXAMPLECANARY", "secret": canary}, retries=3, backoff=0)
     with s3_faults.inject("503", op="PutObject", times=1), s3_faults.inject("403", op="PutObject", times=100):
@@ -210,7 +218,7 @@ def test_t4_access_denied_is_permanent_and_not_retried(s3_bucket: str, s3_faults
     assert canary not in str(err.value) and canary not in caplog.text
 
 
-def test_t4_missing_bucket_is_permanent(s3_server, s3_faults) -> None:  # noqa: F811
+def test_t4_missing_bucket_is_permanent(s3_server, s3_faults) -> None:
     store = Store(f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/run", retries=3, backoff=0)
     with pytest.raises(PermanentStorageError, match="bucket does not exist"):
         store.put_bytes("x", b"1")
@@ -220,7 +228,7 @@ def test_t4_missing_bucket_is_permanent(s3_server, s3_faults) -> None:  # noqa: 
 # ------------------------------------------------------------------------- T5: bit rot
 
 
-def _tamper(s3_client, store: Store, key: str, how: str) -> None:  # noqa: F811
+def _tamper(s3_client, store: Store, key: str, how: str) -> None:
     bucket, _, prefix = store.root.partition("/")
     full = f"{prefix}/{key}"
     data = bytearray(s3_client.get_object(Bucket=bucket, Key=full)["Body"].read())
@@ -232,7 +240,7 @@ def _tamper(s3_client, store: Store, key: str, how: str) -> None:  # noqa: F811
 
 
 @pytest.mark.parametrize("how", ["flip", "truncate"])
-def test_t5_corrupt_checkpoint_is_skipped(how: str, s3_store: Store, s3_client, tmp_path: Path, caplog) -> None:  # noqa: F811
+def test_t5_corrupt_checkpoint_is_skipped(how: str, s3_store: Store, s3_client, tmp_path: Path, caplog) -> None:
     first = make_checkpoint(tmp_path, 10)
     commit_checkpoint(s3_store, first, 10)
     commit_checkpoint(s3_store, make_checkpoint(tmp_path, 20), 20)
@@ -252,7 +260,7 @@ def test_t5_corrupt_checkpoint_is_skipped(how: str, s3_store: Store, s3_client, 
     assert [p.name for p in cache.iterdir()] == ["step-10"]
 
 
-def test_t5_nothing_valid_returns_falsy_with_the_skipped(s3_store: Store, s3_client, tmp_path: Path) -> None:  # noqa: F811
+def test_t5_nothing_valid_returns_falsy_with_the_skipped(s3_store: Store, s3_client, tmp_path: Path) -> None:
     commit_checkpoint(s3_store, make_checkpoint(tmp_path, 1), 1)
     _tamper(s3_client, s3_store, "checkpoints/step-1/optimizer.pt", "flip")
     found = latest_valid_checkpoint(s3_store, tmp_path / "cache")
@@ -270,7 +278,7 @@ def test_t6_second_put_if_absent_loses(any_store: Store) -> None:
     assert any_store.read_bytes("out/manifest.json") == b'{"writer": 1}'
 
 
-def test_t6_second_result_commit_fails_before_touching_the_first(s3_store: Store, s3_faults, tmp_path: Path) -> None:  # noqa: F811
+def test_t6_second_result_commit_fails_before_touching_the_first(s3_store: Store, s3_faults, tmp_path: Path) -> None:
     a = make_checkpoint(tmp_path / "a", 1)
     manifest = commit_result(s3_store, a, {"baseModel": "builtin://tiny-llama", "method": "lora"})
     assert set(manifest["files"]) == {f"adapter/{k}" for k in build_files_map(a)}
@@ -307,15 +315,20 @@ def _tree(root: Path) -> set[str]:
 
 
 @pytest.mark.parametrize("key", ["../x", "/abs", "a//b", "a/../../b"])
-def test_t8_store_writes_nothing_outside(key: str, tmp_path: Path, s3_store: Store, s3_faults) -> None:  # noqa: F811
+def test_t8_store_writes_nothing_outside(key: str, tmp_path: Path, s3_store: Store, s3_faults) -> None:
     local = Store(str(tmp_path / "out"))
     local.put_bytes("ok", b"1")
     before = _tree(tmp_path)
     s3_faults.clear()
     for store in (local, s3_store):
-        for call in (lambda: store.put_bytes(key, b"evil"), lambda: store.put_if_absent(key, b"evil"),
-                     lambda: store.put_file(tmp_path / "out" / "ok", key), lambda: store.rm(key, recursive=True),
-                     lambda: store.read_bytes(key), lambda: store.get_file(key, tmp_path / "dl")):
+        for call in (
+            lambda: store.put_bytes(key, b"evil"),
+            lambda: store.put_if_absent(key, b"evil"),
+            lambda: store.put_file(tmp_path / "out" / "ok", key),
+            lambda: store.rm(key, recursive=True),
+            lambda: store.read_bytes(key),
+            lambda: store.get_file(key, tmp_path / "dl"),
+        ):
             with pytest.raises(PermanentStorageError, match="refusing object key"):
                 call()
     assert _tree(tmp_path) == before
@@ -341,8 +354,15 @@ def test_t8_output_outside_allowed_prefix(monkeypatch: pytest.MonkeyPatch, tmp_p
     (tmp_path / "allowed").mkdir()
     (tmp_path / "outside").mkdir()
     (tmp_path / "allowed" / "link").symlink_to(tmp_path / "outside")
-    for uri in ["s3://team-a/runs-evil/x", "s3://team-a/runs/../other", "s3://team-b/runs/x", "gs://team-a/runs/x",
-                f"{tmp_path}/outside/job", f"{tmp_path}/allowed/link/job", f"{tmp_path}/allowed/../outside"]:
+    for uri in [
+        "s3://team-a/runs-evil/x",
+        "s3://team-a/runs/../other",
+        "s3://team-b/runs/x",
+        "gs://team-a/runs/x",
+        f"{tmp_path}/outside/job",
+        f"{tmp_path}/allowed/link/job",
+        f"{tmp_path}/allowed/../outside",
+    ]:
         with pytest.raises(PermanentStorageError, match="spec.output.uri"):
             check_within(uri)
         with pytest.raises(PermanentStorageError):
@@ -374,7 +394,9 @@ def test_prune_keeps_the_newest_committed(s3_store: Store, tmp_path: Path, monke
     s3_store.put_bytes("checkpoints/notes/readme.txt", b"not ours")
     calls: list[str] = []
     real_rm = Store.rm
-    monkeypatch.setattr(Store, "rm", lambda self, key, recursive=False: (calls.append(key), real_rm(self, key, recursive))[1])
+    monkeypatch.setattr(
+        Store, "rm", lambda self, key, recursive=False: (calls.append(key), real_rm(self, key, recursive))[1]
+    )
 
     assert prune_checkpoints(s3_store, keep=2) == [10, 15, 20, 30]
     assert list_checkpoints(s3_store) == [40, 50]

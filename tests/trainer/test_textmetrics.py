@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from kubetune.trainer import textmetrics as tm
 
 
@@ -35,8 +34,17 @@ def test_fuzzy_match_is_normalised_indel_similarity() -> None:
     assert tm.fuzzy_match("same", "same") == 1.0
 
 
-@pytest.mark.parametrize("text,ok", [('{"a": 1}', 1.0), ("[1, 2]", 1.0), ('```json\n{"a": [1]}\n```', 1.0),
-                                     ("42", 0.0), ('{"a": 1', 0.0), ("not json", 0.0)])
+@pytest.mark.parametrize(
+    "text,ok",
+    [
+        ('{"a": 1}', 1.0),
+        ("[1, 2]", 1.0),
+        ('```json\n{"a": [1]}\n```', 1.0),
+        ("42", 0.0),
+        ('{"a": 1', 0.0),
+        ("not json", 0.0),
+    ],
+)
 def test_json_valid_wants_an_object_or_array(text: str, ok: float) -> None:
     assert tm.json_valid(text) == ok
 

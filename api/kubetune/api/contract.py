@@ -15,11 +15,17 @@ import math
 from collections.abc import Mapping
 from typing import Any, Optional
 
-from pydantic import Field, ValidationError
-
 from kubetune.api._base import WireModel
 from kubetune.api.enums import StrEnum
-from kubetune.api.status import CHECKPOINTS_MAX, AdapterRef, CheckpointRef, DataReportSummary, Metrics, ResolvedHyperparameters
+from kubetune.api.status import (
+    CHECKPOINTS_MAX,
+    AdapterRef,
+    CheckpointRef,
+    DataReportSummary,
+    Metrics,
+    ResolvedHyperparameters,
+)
+from pydantic import Field, ValidationError
 
 PERMANENT_EXIT_CODE = 3
 """Exit code for errors that retrying cannot fix: bad spec, bad data, incompatible teacher,
@@ -98,18 +104,31 @@ class TrainerMetric(StrEnum):
     @property
     def key(self) -> str:
         """The sample name without the common prefix: the operator's key for it."""
-        return self.value[len(TRAINER_METRICS_PREFIX):]
+        return self.value[len(TRAINER_METRICS_PREFIX) :]
 
 
 OBJECTIVE_LABEL = "name"
 GENERATION_LABELS = ("model", "metric")
 
-OPERATOR_READS = frozenset({
-    TrainerMetric.STEP, TrainerMetric.TOTAL_STEPS, TrainerMetric.EPOCH, TrainerMetric.PROGRESS, TrainerMetric.ETA,
-    TrainerMetric.TRAIN_LOSS, TrainerMetric.EVAL_LOSS, TrainerMetric.BASE_EVAL_LOSS, TrainerMetric.TOKEN_ACCURACY,
-    TrainerMetric.TOKENS_PER_SECOND, TrainerMetric.OBJECTIVE, TrainerMetric.LAST_CHECKPOINT_STEP,
-    TrainerMetric.LAST_CHECKPOINT_TIME, TrainerMetric.GPU_ENERGY, TrainerMetric.EFFECTIVE,
-})
+OPERATOR_READS = frozenset(
+    {
+        TrainerMetric.STEP,
+        TrainerMetric.TOTAL_STEPS,
+        TrainerMetric.EPOCH,
+        TrainerMetric.PROGRESS,
+        TrainerMetric.ETA,
+        TrainerMetric.TRAIN_LOSS,
+        TrainerMetric.EVAL_LOSS,
+        TrainerMetric.BASE_EVAL_LOSS,
+        TrainerMetric.TOKEN_ACCURACY,
+        TrainerMetric.TOKENS_PER_SECOND,
+        TrainerMetric.OBJECTIVE,
+        TrainerMetric.LAST_CHECKPOINT_STEP,
+        TrainerMetric.LAST_CHECKPOINT_TIME,
+        TrainerMetric.GPU_ENERGY,
+        TrainerMetric.EFFECTIVE,
+    }
+)
 """The series the operator maps to `.status` (progress, metrics, checkpoints, cost, effective)."""
 
 
@@ -127,7 +146,9 @@ class SummaryStatus(StrEnum):
 class SummaryMetrics(Metrics):
     """The final numbers; `energyKWh` goes to status.cost, the rest to status.metrics."""
 
-    energy_kwh: Optional[float] = Field(default=None, ge=0, alias="energyKWh", description="GPU energy from NVML, summed over the pod's GPUs.")
+    energy_kwh: Optional[float] = Field(
+        default=None, ge=0, alias="energyKWh", description="GPU energy from NVML, summed over the pod's GPUs."
+    )
 
 
 class TrainerSummary(WireModel):
@@ -140,15 +161,28 @@ class TrainerSummary(WireModel):
     status: SummaryStatus = Field(description="succeeded, failed, preempted, or validated (the data-validation Job).")
     role: Optional[str] = Field(default=None, description="`worker` in the summary of a torchrun rank other than 0.")
     rank: Optional[int] = Field(default=None, ge=0, description="Global rank of a worker.")
-    reason: Optional[str] = Field(default=None, max_length=128, description="CamelCase reason of a failure: InvalidData, InvalidSpec, StorageError, …")
+    reason: Optional[str] = Field(
+        default=None,
+        max_length=128,
+        description="CamelCase reason of a failure: InvalidData, InvalidSpec, StorageError, …",
+    )
     message: Optional[str] = Field(default=None, description="What went wrong and what to do.")
-    param: Optional[str] = Field(default=None, max_length=1024, description="The spec field or file:line a user error is about, when known.")
+    param: Optional[str] = Field(
+        default=None, max_length=1024, description="The spec field or file:line a user error is about, when known."
+    )
     steps: Optional[int] = Field(default=None, ge=0, description="Optimizer steps done.")
     metrics: Optional[SummaryMetrics] = Field(default=None, description="Final training and evaluation numbers.")
     adapter: Optional[AdapterRef] = Field(default=None, description="The committed result.")
-    checkpoints: Optional[list[CheckpointRef]] = Field(default=None, description="The committed checkpoints the trainer keeps after pruning, oldest first (the newest when trimmed).")
-    checkpoint_corrupt: Optional[list[str]] = Field(default=None, description="Checkpoints skipped on resume, each `step N: why`.")
-    effective: Optional[ResolvedHyperparameters] = Field(default=None, description="The hyperparameters resolved from `auto` and the defaults.")
+    checkpoints: Optional[list[CheckpointRef]] = Field(
+        default=None,
+        description="The committed checkpoints the trainer keeps after pruning, oldest first (the newest when trimmed).",
+    )
+    checkpoint_corrupt: Optional[list[str]] = Field(
+        default=None, description="Checkpoints skipped on resume, each `step N: why`."
+    )
+    effective: Optional[ResolvedHyperparameters] = Field(
+        default=None, description="The hyperparameters resolved from `auto` and the defaults."
+    )
     trainable_parameters: Optional[int] = Field(default=None, ge=0)
     duration_seconds: Optional[float] = Field(default=None, ge=0)
     checkpoint_stall_seconds: Optional[float] = Field(default=None, ge=0)
@@ -156,8 +190,12 @@ class TrainerSummary(WireModel):
     examples: Optional[int] = Field(default=None, ge=0, description="Training examples (validation Job).")
     validation_examples: Optional[int] = Field(default=None, ge=0, description="Held-out examples (validation Job).")
     warnings: Optional[list[str]] = Field(default=None, description="Data warnings (validation Job).")
-    data_report: Optional[DataReportSummary] = Field(default=None, description="The dataset report's summary (status.dataReport).")
-    report_uri: Optional[str] = Field(default=None, max_length=2048, description="Location of report.html in the output.")
+    data_report: Optional[DataReportSummary] = Field(
+        default=None, description="The dataset report's summary (status.dataReport)."
+    )
+    report_uri: Optional[str] = Field(
+        default=None, max_length=2048, description="Location of report.html in the output."
+    )
 
     def wire(self) -> dict[str, Any]:
         """camelCase, without unset fields, empty defaults (an empty `objectives`) nor
@@ -189,7 +227,6 @@ class TrainerSummary(WireModel):
         except (ValueError, TypeError, RecursionError):  # garbage, odd types, deeply nested JSON
             return None
         return None
-
 
 
 def file_param(file: str, line: int = 0) -> str:
@@ -237,9 +274,9 @@ def _prune(data: Any, locs: list[tuple[Any, ...]]) -> Any:
     for loc in locs:
         parent = data
         for part in loc[:-1]:
-            if isinstance(parent, Mapping) and part in parent:
-                parent = parent[part]
-            elif isinstance(parent, list) and isinstance(part, int) and 0 <= part < len(parent):
+            if (isinstance(parent, Mapping) and part in parent) or (
+                isinstance(parent, list) and isinstance(part, int) and 0 <= part < len(parent)
+            ):
                 parent = parent[part]
             else:
                 parent = None
@@ -260,8 +297,16 @@ def _sweep(value: Any) -> Any:
     return value
 
 
-_LEAST_IMPORTANT = ("duration_seconds", "seconds_per_step", "checkpoint_stall_seconds", "trainable_parameters",
-                    "warnings", "checkpoint_corrupt", "report_uri", "data_report")
+_LEAST_IMPORTANT = (
+    "duration_seconds",
+    "seconds_per_step",
+    "checkpoint_stall_seconds",
+    "trainable_parameters",
+    "warnings",
+    "checkpoint_corrupt",
+    "report_uri",
+    "data_report",
+)
 
 
 def bounded_summary(summary: TrainerSummary) -> str:

@@ -15,7 +15,6 @@ import json
 from typing import Any
 
 import yaml
-
 from kubetune.api._base import CEL_KEY
 from kubetune.api.resource import API_VERSION, GROUP, KIND, PLURAL, SHORT_NAMES, SINGULAR, VERSION
 from kubetune.api.spec import FineTuneJobSpec
@@ -36,6 +35,7 @@ def spec_digest(spec_wire: dict[str, Any]) -> str:
     ConfigMap holding a started spec after it and compares it to tell an edited spec."""
     text = json.dumps(frozen_spec(spec_wire), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()
+
 
 # The spec blocks that decide the training trajectory: a checkpoint written under one of them is
 # resumed only by a run with the same (output, evaluation, resources, scheduling and the like do
@@ -62,14 +62,48 @@ PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Lifecycle phase"},
     {"name": "Method", "type": "string", "jsonPath": ".spec.method.adaptation", "description": "Adaptation method"},
     {"name": "Model", "type": "string", "jsonPath": ".spec.model.source", "description": "Base model"},
-    {"name": "Progress", "type": "number", "jsonPath": ".status.progress.percent", "description": "Percent of steps done"},
-    {"name": "Loss", "type": "number", "jsonPath": ".status.metrics.trainLoss", "description": "Latest training loss (4 decimals)"},
+    {
+        "name": "Progress",
+        "type": "number",
+        "jsonPath": ".status.progress.percent",
+        "description": "Percent of steps done",
+    },
+    {
+        "name": "Loss",
+        "type": "number",
+        "jsonPath": ".status.metrics.trainLoss",
+        "description": "Latest training loss (4 decimals)",
+    },
     {"name": "ETA", "type": "string", "jsonPath": ".status.progress.eta", "description": "Estimated time left"},
-    {"name": "Eval", "type": "number", "jsonPath": ".status.metrics.evalLoss", "description": "Held-out loss", "priority": 1},
-    {"name": "Base", "type": "number", "jsonPath": ".status.metrics.baseEvalLoss", "description": "Base model held-out loss", "priority": 1},
-    {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "description": "Why the job is in its phase", "priority": 1},
+    {
+        "name": "Eval",
+        "type": "number",
+        "jsonPath": ".status.metrics.evalLoss",
+        "description": "Held-out loss",
+        "priority": 1,
+    },
+    {
+        "name": "Base",
+        "type": "number",
+        "jsonPath": ".status.metrics.baseEvalLoss",
+        "description": "Base model held-out loss",
+        "priority": 1,
+    },
+    {
+        "name": "Reason",
+        "type": "string",
+        "jsonPath": ".status.reason",
+        "description": "Why the job is in its phase",
+        "priority": 1,
+    },
     {"name": "Job", "type": "string", "jsonPath": ".status.jobName", "description": "Trainer Job", "priority": 1},
-    {"name": "Serving", "type": "string", "jsonPath": ".status.serving.url", "description": "Endpoint serving the tuned model (spec.serving)", "priority": 1},
+    {
+        "name": "Serving",
+        "type": "string",
+        "jsonPath": ".status.serving.url",
+        "description": "Endpoint serving the tuned model (spec.serving)",
+        "priority": 1,
+    },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

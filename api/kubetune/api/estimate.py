@@ -75,9 +75,8 @@ def parameters_from_name(source: str) -> int | None:
     name carries no size."""
     if source in BUILTIN_PARAMETERS:
         return BUILTIN_PARAMETERS[source]
-    match = None
-    for match in _SIZE.finditer(source.split("@")[0]):
-        pass
+    matches = list(_SIZE.finditer(source.split("@")[0]))
+    match = matches[-1] if matches else None
     if match is None:
         return None
     scale = 1e9 if match.group(2).lower() == "b" else 1e6
@@ -147,25 +146,49 @@ def estimate_gpu_memory_gib(
     """Estimated peak GPU memory per GPU in GiB (bf16 compute, AdamW, chunked logits), from the
     memory model (`kubetune.api.memory`); a frozen bf16 teacher of `teacher_parameters` adds its
     weights, its forward pass and one chunk of its logits."""
-    workload = gpu_workload(parameters, adaptation, seq_length, batch_size, gradient_checkpointing, hidden_size, layers,
-                            vocab_size, teacher_parameters)
+    workload = gpu_workload(
+        parameters,
+        adaptation,
+        seq_length,
+        batch_size,
+        gradient_checkpointing,
+        hidden_size,
+        layers,
+        vocab_size,
+        teacher_parameters,
+    )
     return round(breakdown(workload).total / GIB, 1)
 
 
-def _cpu_host_bytes(parameters: int, shape: Shape, adaptation: Adaptation, tokens: int, seq_length: int,
-                    gradient_checkpointing: bool, teacher_parameters: int) -> float:
+def _cpu_host_bytes(
+    parameters: int,
+    shape: Shape,
+    adaptation: Adaptation,
+    tokens: int,
+    seq_length: int,
+    gradient_checkpointing: bool,
+    teacher_parameters: int,
+) -> float:
     """Peak host memory of a CPU-only run from the memory model: fp32 everywhere (precision auto
     is fp32 on CPU), chunked logits, the same component formulas as on a GPU."""
     frozen_base = adaptation in FROZEN_BASE
     workload = Workload(
         parameters=parameters,
         trainable=int(parameters * _ADAPTER_SHARE) if frozen_base else parameters,
-        hidden=shape.hidden, layers=shape.layers, vocab=shape.vocab, seq_length=seq_length,
-        batch_size=max(1, tokens // max(seq_length, 1)), weight_dtype="fp32", compute_bytes=4,
-        gradient_checkpointing=gradient_checkpointing, chunked_logits=True, head_trains=not frozen_base,
+        hidden=shape.hidden,
+        layers=shape.layers,
+        vocab=shape.vocab,
+        seq_length=seq_length,
+        batch_size=max(1, tokens // max(seq_length, 1)),
+        weight_dtype="fp32",
+        compute_bytes=4,
+        gradient_checkpointing=gradient_checkpointing,
+        chunked_logits=True,
+        head_trains=not frozen_base,
         teacher_parameters=teacher_parameters,
         teacher_hidden=guess_shape(teacher_parameters).hidden if teacher_parameters else 0,
-        teacher_weight_dtype="fp32", gpu=False,
+        teacher_weight_dtype="fp32",
+        gpu=False,
     )
     return breakdown(workload).total
 
@@ -218,17 +241,35 @@ def estimate_job(spec: FineTuneJobSpec) -> Sizing:
     if params is not None:
         shape = guess_shape(params, source)
         gpu = estimate_gpu_memory_gib(
-            params, adaptation, seq_length=seq, batch_size=batch, gradient_checkpointing=hp.gradient_checkpointing,
-            hidden_size=shape.hidden, layers=shape.layers, vocab_size=shape.vocab, teacher_parameters=teacher_params,
+            params,
+            adaptation,
+            seq_length=seq,
+            batch_size=batch,
+            gradient_checkpointing=hp.gradient_checkpointing,
+            hidden_size=shape.hidden,
+            layers=shape.layers,
+            vocab_size=shape.vocab,
+            teacher_parameters=teacher_params,
         )
     if res.gpus == 0:
         cpu_batch = hp.batch_size if isinstance(hp.batch_size, int) else 8  # the trainer's CPU default
         if params is None:
-            host = _HOST_CPU_UNKNOWN_GIB + sum(ceil(t * 4 * 1.25 / GIB) if t else _HOST_UNKNOWN_MODEL_GIB
-                                               for t in teacher_sizes)
+            host = _HOST_CPU_UNKNOWN_GIB + sum(
+                ceil(t * 4 * 1.25 / GIB) if t else _HOST_UNKNOWN_MODEL_GIB for t in teacher_sizes
+            )
         else:
-            need = _cpu_host_bytes(params, guess_shape(params, source), adaptation, seq * cpu_batch, seq,
-                                   hp.gradient_checkpointing, teacher_params) / GIB
+            need = (
+                _cpu_host_bytes(
+                    params,
+                    guess_shape(params, source),
+                    adaptation,
+                    seq * cpu_batch,
+                    seq,
+                    hp.gradient_checkpointing,
+                    teacher_params,
+                )
+                / GIB
+            )
             host = max(_HOST_FLOOR_GIB, ceil((need + _HOST_CPU_BASE_GIB) * 1.25))
     else:
         # Each local process holds a bf16 copy of the weights (the teachers' too) on the host
@@ -276,6 +317,8 @@ def memory_warning(spec: FineTuneJobSpec) -> tuple[Reason, str] | None:
         remedies.append(f"a gpuType with more memory ({largest.label})")
     remedies = remedies or ["a smaller model"]
     use = ", ".join(remedies[:-1]) + (" or " if len(remedies) > 1 else "") + remedies[-1]
-    message = (f"estimated {estimate:g} GiB per GPU exceeds the {capacity:g} GiB of {gpu_name}: use {use} "
-               "(each GPU holds a whole replica, so more GPUs do not lower it)")
+    message = (
+        f"estimated {estimate:g} GiB per GPU exceeds the {capacity:g} GiB of {gpu_name}: use {use} "
+        "(each GPU holds a whole replica, so more GPUs do not lower it)"
+    )
     return Reason.INSUFFICIENT_GPU_MEMORY, message

@@ -66,7 +66,7 @@ def _key(name: str) -> str:
         changed = False
         for prefix in _PREFIXES:
             if key.startswith(prefix):
-                key, changed = key[len(prefix):], True
+                key, changed = key[len(prefix) :], True
     # AMD's labeller appends the form factor (AMD_Instinct_MI300X_OAM); the memory is the same.
     return re.sub(r"-(oam|sxm|pcie)$", "", key) if key.startswith("mi") else key
 

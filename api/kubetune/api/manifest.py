@@ -8,14 +8,13 @@ to `kubetune validate` as to the API server.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
-
 from kubetune.api.resource import GROUP, KIND, FineTuneJob, Problem, parse_manifest
-
 
 MAX_MANIFEST_BYTES = 3 * 1024 * 1024
 """A manifest file larger than this is refused unread: the API server refuses request bodies
@@ -55,12 +54,18 @@ class Loader(yaml.SafeLoader):
                 continue  # `<<: *defaults`: merged keys may be overridden, as in kubectl
             if not isinstance(key_node, yaml.ScalarNode):
                 raise yaml.constructor.ConstructorError(
-                    "while reading a mapping", node.start_mark, "a key must be a plain string, not a list or mapping",
-                    key_node.start_mark)
+                    "while reading a mapping",
+                    node.start_mark,
+                    "a key must be a plain string, not a list or mapping",
+                    key_node.start_mark,
+                )
             if key_node.value in seen:
                 raise yaml.constructor.ConstructorError(
-                    "while reading a mapping", node.start_mark,
-                    f"duplicate key {key_node.value!r} (first on line {seen[key_node.value]}): keep one", key_node.start_mark)
+                    "while reading a mapping",
+                    node.start_mark,
+                    f"duplicate key {key_node.value!r} (first on line {seen[key_node.value]}): keep one",
+                    key_node.start_mark,
+                )
             seen[key_node.value] = key_node.start_mark.line + 1
         self.flatten_mapping(node)
         mapping: dict[Any, Any] = {}
@@ -74,7 +79,11 @@ class Loader(yaml.SafeLoader):
 # YAML 1.1 resolvers kubectl's reader does not share are dropped (it sends those scalars as
 # strings): timestamps (`2024-01-01`), the value key (`=`) and base-60 numbers (`12:30:00`).
 Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_CORE + t for t in ("timestamp", "value", "int", "float"))]
+    first: [
+        (tag, regexp)
+        for tag, regexp in resolvers
+        if tag not in (_CORE + t for t in ("timestamp", "value", "int", "float"))
+    ]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 Loader.add_implicit_resolver(
@@ -118,8 +127,10 @@ def _check_nodes(root: yaml.Node, name: str) -> None:
         if depth > MAX_DEPTH:
             raise ManifestError(f"{where(node)}: nested deeper than {MAX_DEPTH} levels")
         if node.tag not in _ALLOWED_TAGS:
-            raise ManifestError(f"{where(node)}: the YAML tag {node.tag.replace(_CORE, '!!')} is not allowed in a manifest "
-                                "(only strings, numbers, booleans, null, lists and mappings reach the API server)")
+            raise ManifestError(
+                f"{where(node)}: the YAML tag {node.tag.replace(_CORE, '!!')} is not allowed in a manifest "
+                "(only strings, numbers, booleans, null, lists and mappings reach the API server)"
+            )
         children: list[yaml.Node] = []
         if isinstance(node, yaml.SequenceNode):
             children = list(node.value)
@@ -131,8 +142,10 @@ def _check_nodes(root: yaml.Node, name: str) -> None:
             total += visit(child, depth + 1)
             height = max(height, heights[id(child)] + 1)
             if total > MAX_NODES:
-                raise ManifestError(f"{where(node)}: more than {MAX_NODES:,} values once aliases are expanded "
-                                    "(an alias bomb?); write the document out")
+                raise ManifestError(
+                    f"{where(node)}: more than {MAX_NODES:,} values once aliases are expanded "
+                    "(an alias bomb?); write the document out"
+                )
         active.discard(key)
         sizes[key], heights[key] = total, height
         return total
@@ -180,8 +193,10 @@ def load_documents(path: str | Path, text: str | None = None) -> list[Document]:
     except OSError as err:
         raise ManifestError(f"{name}: cannot read ({err.strerror})") from None
     if len(text) > MAX_MANIFEST_BYTES:
-        raise ManifestError(f"{name}: {len(text):,} characters; a manifest is at most {MAX_MANIFEST_BYTES:,} bytes "
-                            "(the API server's request limit)")
+        raise ManifestError(
+            f"{name}: {len(text):,} characters; a manifest is at most {MAX_MANIFEST_BYTES:,} bytes "
+            "(the API server's request limit)"
+        )
     try:
         nodes = list(yaml.compose_all(text, Loader=Loader))
         for node in nodes:

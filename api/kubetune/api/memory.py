@@ -115,8 +115,11 @@ def breakdown(w: Workload) -> Breakdown:
     if w.teacher_parameters:
         th = w.teacher_hidden or w.hidden
         rows = min(int(tokens * w.label_share) or 1, chunk_rows(w.vocab)) if w.chunked_logits else tokens
-        teacher = (w.teacher_parameters * WEIGHT_BYTES[w.teacher_weight_dtype] + tokens * th * 12 * w.compute_bytes
-                   + rows * w.vocab * 8)
+        teacher = (
+            w.teacher_parameters * WEIGHT_BYTES[w.teacher_weight_dtype]
+            + tokens * th * 12 * w.compute_bytes
+            + rows * w.vocab * 8
+        )
     reference = frozen_copy = 0.0
     if w.reference_copy:
         frozen_copy = w.parameters * WEIGHT_BYTES["bf16" if w.gpu else "fp32"]

@@ -21,8 +21,6 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Optional
 
-from pydantic import AfterValidator, Field, ValidationInfo, WithJsonSchema, field_validator, model_validator
-
 from kubetune.api._base import CEL_KEY, WireModel, cel, rules
 from kubetune.api.types import (
     ABSOLUTE_PATH,
@@ -39,12 +37,17 @@ from kubetune.api.types import (
     is_qualified_name,
     path_type,
 )
+from pydantic import AfterValidator, Field, ValidationInfo, WithJsonSchema, field_validator, model_validator
 
 # ------------------------------------------------------------------ what kubetune keeps for itself
 
 RESERVED_KEYS = (
-    "app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/managed-by",
-    "job-name", "controller-uid", "scheduling.k8s.io/group-name",
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/managed-by",
+    "job-name",
+    "controller-uid",
+    "scheduling.k8s.io/group-name",
 )
 """Pod label and annotation keys set by kubetune, the Job controller or for Volcano."""
 RESERVED_KEY_PREFIX = "^(([^/]*[.])?kubetune[.]io|batch[.]kubernetes[.]io|kueue[.]x-k8s[.]io|prometheus[.]io)/"
@@ -53,16 +56,33 @@ spec.scheduling's job: a queue label on the pods would make Kueue manage them a 
 the Prometheus scrape annotations kubetune sets on trainer pods."""
 
 CREDENTIAL_KEYS = (
-    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_REGION",
-    "AWS_DEFAULT_REGION", "GOOGLE_APPLICATION_CREDENTIALS_JSON", "HF_TOKEN",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_ENDPOINT_URL",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "GOOGLE_APPLICATION_CREDENTIALS_JSON",
+    "HF_TOKEN",
 )
 """Keys a credentials Secret (spec.output.credentialsSecret) may hold; each becomes a variable."""
 
 RESERVED_ENV = (
-    "HOME", "TMPDIR", "HF_HOME",
-    "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE",
-    "LOCAL_WORLD_SIZE", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE",
-    "CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES",
+    "HOME",
+    "TMPDIR",
+    "HF_HOME",
+    "NNODES",
+    "NODE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE",
+    "CUDA_VISIBLE_DEVICES",
+    "NVIDIA_VISIBLE_DEVICES",
 )
 """Variables the trainer's paths and torchrun's rendezvous depend on, and the GPU selection (with
 the NVIDIA runtime, NVIDIA_VISIBLE_DEVICES=all would expose every GPU of the node to the pod)."""
@@ -76,8 +96,14 @@ RESERVED_VOLUME_PATTERN = "^(pvc-[0-9]+|kubetune-.*)$"
 """Volume names kubetune uses: the ones above, pvc-N for pvc:// URIs, and kubetune-* for later."""
 
 RESERVED_PATHS = (
-    "/etc/kubetune", "/tmp", "/scratch", "/cache/huggingface", "/cache/kubetune", "/dev/shm",
-    "/dev/termination-log", "/mnt/pvc",
+    "/etc/kubetune",
+    "/tmp",
+    "/scratch",
+    "/cache/huggingface",
+    "/cache/kubetune",
+    "/dev/shm",
+    "/dev/termination-log",
+    "/mnt/pvc",
 )
 """Container paths kubetune mounts or writes; a mount may be neither one of them, nor inside, nor above one."""
 
@@ -102,9 +128,11 @@ def is_reserved_path(path: str) -> bool:
     return any(path == r or path.startswith(r + "/") or r.startswith(path + "/") for r in RESERVED_PATHS)
 
 
-_RESERVED_KEYS_TEXT = ("kubetune.io/* (and *.kubetune.io/*), batch.kubernetes.io/*, kueue.x-k8s.io/*, prometheus.io/*, "
-                       "app.kubernetes.io/name, /instance and /managed-by, job-name, controller-uid and "
-                       "scheduling.k8s.io/group-name")
+_RESERVED_KEYS_TEXT = (
+    "kubetune.io/* (and *.kubetune.io/*), batch.kubernetes.io/*, kueue.x-k8s.io/*, prometheus.io/*, "
+    "app.kubernetes.io/name, /instance and /managed-by, job-name, controller-uid and "
+    "scheduling.k8s.io/group-name"
+)
 _KEYS_HELP = f"is set by kubetune, the Job controller or Kueue; these keys cannot be set here: {_RESERVED_KEYS_TEXT}"
 RESERVED_KEYS_RULE = cel(
     f"self.all(k, !(k in {_cel_list(RESERVED_KEYS)}) && !k.matches({cel_string(RESERVED_KEY_PREFIX)}))",
@@ -141,15 +169,19 @@ def _check_unique(items: list[Any], attr: str, wire: str) -> list[Any]:
 
 _ENV_RESERVED_HELP = (
     "is set by kubetune or could change what code runs; these variables cannot be set here: "
-    + ", ".join(RESERVED_ENV) + ", and names starting with " + ", ".join(RESERVED_ENV_PREFIXES)
+    + ", ".join(RESERVED_ENV)
+    + ", and names starting with "
+    + ", ".join(RESERVED_ENV_PREFIXES)
 )
 _env_name = re.compile(ENV_NAME)
 
 
 def _check_env_name(value: str) -> str:
     if len(value) > 253 or not _env_name.match(value):
-        raise ValueError(f"{value!r} is not a variable name: use at most 253 letters, digits, '-', '_' or '.', "
-                         "not starting with a digit")
+        raise ValueError(
+            f"{value!r} is not a variable name: use at most 253 letters, digits, '-', '_' or '.', "
+            "not starting with a digit"
+        )
     if is_reserved_env(value):
         raise ValueError(f"{value!r} {_ENV_RESERVED_HELP}")
     return value
@@ -158,14 +190,20 @@ def _check_env_name(value: str) -> str:
 EnvName = Annotated[
     str,
     AfterValidator(_check_env_name),
-    WithJsonSchema({
-        "type": "string", "maxLength": 253, "pattern": ENV_NAME,
-        CEL_KEY: [cel(
-            f"!(self in {_cel_list(RESERVED_ENV)}) && "
-            + " && ".join(f"!self.startsWith({cel_string(p)})" for p in RESERVED_ENV_PREFIXES),
-            f"the name {_ENV_RESERVED_HELP}",
-        )],
-    }),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "maxLength": 253,
+            "pattern": ENV_NAME,
+            CEL_KEY: [
+                cel(
+                    f"!(self in {_cel_list(RESERVED_ENV)}) && "
+                    + " && ".join(f"!self.startsWith({cel_string(p)})" for p in RESERVED_ENV_PREFIXES),
+                    f"the name {_ENV_RESERVED_HELP}",
+                )
+            ],
+        }
+    ),
 ]
 
 KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"
@@ -173,8 +211,10 @@ FIELD_PATH = (
     r"^(metadata[.](name|namespace|uid)|metadata[.](labels|annotations)\['" + QUALIFIED_NAME[1:-1] + r"'\]"
     r"|spec[.](nodeName|serviceAccountName)|status[.](hostIP|hostIPs|podIP|podIPs))$"
 )
-_FIELD_PATHS = ("metadata.name, metadata.namespace, metadata.uid, metadata.labels['<key>'], metadata.annotations['<key>'], "
-                "spec.nodeName, spec.serviceAccountName, status.hostIP, status.hostIPs, status.podIP or status.podIPs")
+_FIELD_PATHS = (
+    "metadata.name, metadata.namespace, metadata.uid, metadata.labels['<key>'], metadata.annotations['<key>'], "
+    "spec.nodeName, spec.serviceAccountName, status.hostIP, status.hostIPs, status.podIP or status.podIPs"
+)
 _field_path = re.compile(FIELD_PATH)
 
 
@@ -192,10 +232,15 @@ FieldPath = Annotated[
 class KeySelector(WireModel):
     """One key of a Secret or ConfigMap in the job's namespace."""
 
-    name: str = Field(max_length=253, pattern=DNS_SUBDOMAIN, description="Name of the Secret or ConfigMap, in the job's namespace.")
-    key: str = Field(max_length=253, pattern=KEY_PATTERN, description="The key whose value becomes the variable's value.")
+    name: str = Field(
+        max_length=253, pattern=DNS_SUBDOMAIN, description="Name of the Secret or ConfigMap, in the job's namespace."
+    )
+    key: str = Field(
+        max_length=253, pattern=KEY_PATTERN, description="The key whose value becomes the variable's value."
+    )
     optional: Optional[bool] = Field(
-        default=None, description="Start the pod even when the object or the key is missing (the variable is then unset). Default false."
+        default=None,
+        description="Start the pod even when the object or the key is missing (the variable is then unset). Default false.",
     )
 
 
@@ -212,20 +257,25 @@ class EnvVarSource(WireModel):
     """Where a variable's value comes from: exactly one of secretKeyRef, configMapKeyRef, fieldRef."""
 
     model_config = WireModel.model_config | {
-        "json_schema_extra": rules(cel(
-            "(has(self.secretKeyRef) ? 1 : 0) + (has(self.configMapKeyRef) ? 1 : 0) + (has(self.fieldRef) ? 1 : 0) == 1",
-            _ONE_SOURCE,
-        ))
+        "json_schema_extra": rules(
+            cel(
+                "(has(self.secretKeyRef) ? 1 : 0) + (has(self.configMapKeyRef) ? 1 : 0) + (has(self.fieldRef) ? 1 : 0) == 1",
+                _ONE_SOURCE,
+            )
+        )
     }
 
     secret_key_ref: Optional[KeySelector] = Field(
-        default=None, description="A key of a Secret: the value stays in the Secret (neither the operator nor the FineTuneJob sees it)."
+        default=None,
+        description="A key of a Secret: the value stays in the Secret (neither the operator nor the FineTuneJob sees it).",
     )
     config_map_key_ref: Optional[KeySelector] = Field(default=None, description="A key of a ConfigMap.")
-    field_ref: Optional[FieldSelector] = Field(default=None, description="A field of the pod, such as metadata.name or spec.nodeName.")
+    field_ref: Optional[FieldSelector] = Field(
+        default=None, description="A field of the pod, such as metadata.name or spec.nodeName."
+    )
 
     @model_validator(mode="after")
-    def _one_source(self) -> "EnvVarSource":
+    def _one_source(self) -> EnvVarSource:
         if sum(x is not None for x in (self.secret_key_ref, self.config_map_key_ref, self.field_ref)) != 1:
             raise ValueError(_ONE_SOURCE)
         return self
@@ -253,10 +303,12 @@ class EnvVar(WireModel):
             "stored in the FineTuneJob and its Job in clear text: put secrets in a Secret and use valueFrom.secretKeyRef."
         ),
     )
-    value_from: Optional[EnvVarSource] = Field(default=None, description="Take the value from a Secret, a ConfigMap or the pod itself.")
+    value_from: Optional[EnvVarSource] = Field(
+        default=None, description="Take the value from a Secret, a ConfigMap or the pod itself."
+    )
 
     @model_validator(mode="after")
-    def _value_or_value_from(self) -> "EnvVar":
+    def _value_or_value_from(self) -> EnvVar:
         if self.value is not None and self.value_from is not None:
             raise ValueError("set value or valueFrom, not both")
         return self
@@ -269,15 +321,30 @@ class KeyToPath(WireModel):
     """One key of a ConfigMap or Secret projected to a file."""
 
     key: str = Field(max_length=253, pattern=KEY_PATTERN, description="The key to project.")
-    path: RelativePath = Field(description="File path relative to the mount point, e.g. certs/ca.crt; no '..' segments.")
-    mode: Optional[int] = Field(default=None, ge=0, le=0o777, description="File mode bits, 0 to 511 (0777 in octal). Default: the volume's defaultMode.")
+    path: RelativePath = Field(
+        description="File path relative to the mount point, e.g. certs/ca.crt; no '..' segments."
+    )
+    mode: Optional[int] = Field(
+        default=None,
+        ge=0,
+        le=0o777,
+        description="File mode bits, 0 to 511 (0777 in octal). Default: the volume's defaultMode.",
+    )
 
 
 def _projected_fields(what: str) -> dict[str, Any]:
     return {
-        "items": Field(default_factory=list, max_length=64, description=f"Keys to project, each to its own path. Empty: every key of the {what}, as a file named like the key."),
-        "optional": Field(default=None, description=f"Start the pod even when the {what} (or a listed key) is missing. Default false."),
-        "default_mode": Field(default=None, ge=0, le=0o777, description="Mode bits of the files, 0 to 511 (0777 in octal). Default 0644."),
+        "items": Field(
+            default_factory=list,
+            max_length=64,
+            description=f"Keys to project, each to its own path. Empty: every key of the {what}, as a file named like the key.",
+        ),
+        "optional": Field(
+            default=None, description=f"Start the pod even when the {what} (or a listed key) is missing. Default false."
+        ),
+        "default_mode": Field(
+            default=None, ge=0, le=0o777, description="Mode bits of the files, 0 to 511 (0777 in octal). Default 0644."
+        ),
     }
 
 
@@ -313,16 +380,22 @@ class EmptyDirSource(WireModel):
     """A scratch directory that lives as long as the pod."""
 
     medium: Optional[str] = Field(
-        default=None, max_length=6, pattern="^(Memory)?$",
-        description='"" (the node\'s disk, the default) or Memory (tmpfs, counted against the pod\'s memory limit).',
+        default=None,
+        max_length=6,
+        pattern="^(Memory)?$",
+        description="\"\" (the node's disk, the default) or Memory (tmpfs, counted against the pod's memory limit).",
     )
-    size_limit: Optional[Quantity] = Field(default=None, description="Most the directory may hold, e.g. 10Gi; beyond it the pod is evicted.")
+    size_limit: Optional[Quantity] = Field(
+        default=None, description="Most the directory may hold, e.g. 10Gi; beyond it the pod is evicted."
+    )
 
 
 _VOLUME_SOURCES = ("persistentVolumeClaim", "configMap", "secret", "emptyDir")
 _ONE_VOLUME_SOURCE = "set exactly one of persistentVolumeClaim, configMap, secret and emptyDir"
-_VOLUME_NAME_HELP = ("is a volume of kubetune's own (spec, tmp, scratch, hf-cache, kubetune-cache, dshm, pvc-<N>, "
-                     "kubetune-*): choose another name")
+_VOLUME_NAME_HELP = (
+    "is a volume of kubetune's own (spec, tmp, scratch, hf-cache, kubetune-cache, dshm, pvc-<N>, "
+    "kubetune-*): choose another name"
+)
 
 
 def _check_volume_name(value: str) -> str:
@@ -335,11 +408,19 @@ VolumeName = Annotated[
     str,
     Field(max_length=63, pattern=DNS_LABEL),
     AfterValidator(_check_volume_name),
-    WithJsonSchema({
-        "type": "string", "maxLength": 63, "pattern": DNS_LABEL,
-        CEL_KEY: [cel(f"!(self in {_cel_list(RESERVED_VOLUMES)}) && !self.matches({cel_string(RESERVED_VOLUME_PATTERN)})",
-                      f"the name {_VOLUME_NAME_HELP}")],
-    }),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "maxLength": 63,
+            "pattern": DNS_LABEL,
+            CEL_KEY: [
+                cel(
+                    f"!(self in {_cel_list(RESERVED_VOLUMES)}) && !self.matches({cel_string(RESERVED_VOLUME_PATTERN)})",
+                    f"the name {_VOLUME_NAME_HELP}",
+                )
+            ],
+        }
+    ),
 ]
 
 
@@ -347,24 +428,35 @@ class Volume(WireModel):
     """A volume of the pods: a PersistentVolumeClaim, ConfigMap, Secret or emptyDir (no hostPath: restricted Pod Security)."""
 
     model_config = WireModel.model_config | {
-        "json_schema_extra": rules(cel(" + ".join(f"(has(self.{s}) ? 1 : 0)" for s in _VOLUME_SOURCES) + " == 1", _ONE_VOLUME_SOURCE))
+        "json_schema_extra": rules(
+            cel(" + ".join(f"(has(self.{s}) ? 1 : 0)" for s in _VOLUME_SOURCES) + " == 1", _ONE_VOLUME_SOURCE)
+        )
     }
 
-    name: VolumeName = Field(description="Volume name (a DNS label), referred to by volumeMounts[].name; kubetune's own names are refused.")
-    persistent_volume_claim: Optional[PersistentVolumeClaimSource] = Field(default=None, description="Mount a PersistentVolumeClaim.")
+    name: VolumeName = Field(
+        description="Volume name (a DNS label), referred to by volumeMounts[].name; kubetune's own names are refused."
+    )
+    persistent_volume_claim: Optional[PersistentVolumeClaimSource] = Field(
+        default=None, description="Mount a PersistentVolumeClaim."
+    )
     config_map: Optional[ConfigMapSource] = Field(default=None, description="Mount the keys of a ConfigMap as files.")
     secret: Optional[SecretSource] = Field(default=None, description="Mount the keys of a Secret as files.")
     empty_dir: Optional[EmptyDirSource] = Field(default=None, description="An empty directory for the pod's lifetime.")
 
     @model_validator(mode="after")
-    def _one_source(self) -> "Volume":
-        if sum(x is not None for x in (self.persistent_volume_claim, self.config_map, self.secret, self.empty_dir)) != 1:
+    def _one_source(self) -> Volume:
+        if (
+            sum(x is not None for x in (self.persistent_volume_claim, self.config_map, self.secret, self.empty_dir))
+            != 1
+        ):
             raise ValueError(_ONE_VOLUME_SOURCE)
         return self
 
 
-_PATH_HELP = ("is a path of kubetune's own (/etc/kubetune, /tmp, /scratch, /cache/huggingface, /cache/kubetune, "
-              "/dev/shm, /dev/termination-log, /mnt/pvc): mount neither at, inside nor above one")
+_PATH_HELP = (
+    "is a path of kubetune's own (/etc/kubetune, /tmp, /scratch, /cache/huggingface, /cache/kubetune, "
+    "/dev/shm, /dev/termination-log, /mnt/pvc): mount neither at, inside nor above one"
+)
 
 
 def _check_mount_path(value: str) -> str:
@@ -373,10 +465,17 @@ def _check_mount_path(value: str) -> str:
     return value
 
 
-MountPath = path_type(ABSOLUTE_PATH, "an absolute path", _check_mount_path, (cel(
-    f"{_cel_list(RESERVED_PATHS)}.all(r, self != r && !self.startsWith(r + '/') && !r.startsWith(self + '/'))",
-    f"the path {_PATH_HELP}",
-),))
+MountPath = path_type(
+    ABSOLUTE_PATH,
+    "an absolute path",
+    _check_mount_path,
+    (
+        cel(
+            f"{_cel_list(RESERVED_PATHS)}.all(r, self != r && !self.startsWith(r + '/') && !r.startsWith(self + '/'))",
+            f"the path {_PATH_HELP}",
+        ),
+    ),
+)
 
 
 class VolumeMount(WireModel):
@@ -390,8 +489,12 @@ class VolumeMount(WireModel):
             "nor inside or above one. A pvc:// URI needs no mount: kubetune mounts its claim under /mnt/pvc."
         )
     )
-    read_only: Optional[bool] = Field(default=None, description="Mount read-only. Default false (Secrets and ConfigMaps are read-only anyway).")
-    sub_path: Optional[RelativePath] = Field(default=None, description="Mount this directory or file of the volume instead of its root.")
+    read_only: Optional[bool] = Field(
+        default=None, description="Mount read-only. Default false (Secrets and ConfigMaps are read-only anyway)."
+    )
+    sub_path: Optional[RelativePath] = Field(
+        default=None, description="Mount this directory or file of the volume instead of its root."
+    )
 
 
 # ------------------------------------------------------------------------------- overrides
@@ -400,7 +503,9 @@ class VolumeMount(WireModel):
 class LocalObjectReference(WireModel):
     """An object in the job's namespace, by name."""
 
-    name: str = Field(max_length=253, pattern=DNS_SUBDOMAIN, description="Name of a Secret of type kubernetes.io/dockerconfigjson.")
+    name: str = Field(
+        max_length=253, pattern=DNS_SUBDOMAIN, description="Name of a Secret of type kubernetes.io/dockerconfigjson."
+    )
 
 
 _UNDECLARED = "a volumeMount names a volume that podOverrides.volumes does not declare"
@@ -410,11 +515,13 @@ class PodOverrides(WireModel):
     """Additions to the pods kubetune builds (trainer and data validation)."""
 
     model_config = WireModel.model_config | {
-        "json_schema_extra": rules(cel(
-            "!has(self.volumeMounts) || self.volumeMounts.all(m, has(self.volumes) && self.volumes.exists(v, v.name == m.name))",
-            _UNDECLARED,
-            ".volumeMounts",
-        ))
+        "json_schema_extra": rules(
+            cel(
+                "!has(self.volumeMounts) || self.volumeMounts.all(m, has(self.volumes) && self.volumes.exists(v, v.name == m.name))",
+                _UNDECLARED,
+                ".volumeMounts",
+            )
+        )
     }
 
     labels: dict[str, LabelValue] = Field(

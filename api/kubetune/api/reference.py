@@ -63,7 +63,9 @@ class _Writer:
     def __init__(self) -> None:
         self.sections: list[str] = []
 
-    def object(self, path: str, raw: dict[str, Any], node: dict[str, Any], defs: dict[str, Any], note: str = "") -> None:
+    def object(
+        self, path: str, raw: dict[str, Any], node: dict[str, Any], defs: dict[str, Any], note: str = ""
+    ) -> None:
         raw = _resolve(raw, defs)
         lines = [f"### {path}", ""]
         if node.get("description"):
@@ -73,7 +75,9 @@ class _Writer:
         rules = node.get(CEL_KEY, [])
         if rules:
             lines += ["Rules (CEL, checked by the API server and by `kubetune validate`):", ""]
-            lines += [f"- {' '.join(r.get('message', r['rule']).split())} — {_code(r['rule'], table=False)}" for r in rules]
+            lines += [
+                f"- {' '.join(r.get('message', r['rule']).split())} — {_code(r['rule'], table=False)}" for r in rules
+            ]
             lines.append("")
         required = set(node.get("required", []))
         lines += ["| field | type | default | description | validation |", "|---|---|---|---|---|"]

@@ -16,11 +16,10 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
 from kubetune.api._base import WireModel
 from kubetune.api.spec import FineTuneJobSpec
 from kubetune.api.status import FineTuneJobStatus
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 GROUP = "kubetune.io"
 VERSION = "v1alpha1"
@@ -165,11 +164,11 @@ def problems_from(err: ValidationError, root: type[BaseModel], prefix: tuple[Any
         path = _path(loc)
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = _unknown_field_message(root, tuple(e["loc"])) 
+            msg = _unknown_field_message(root, tuple(e["loc"]))
         elif e["type"] == "missing":
             msg = "required field is missing"
         elif msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
+            msg = msg[len("Value error, ") :]
         elif e["type"] == "literal_error" and path in ("apiVersion", "kind"):
             msg = f"must be {API_VERSION if path == 'apiVersion' else KIND}"
         out.append(Problem(path, msg))

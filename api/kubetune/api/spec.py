@@ -12,8 +12,6 @@ from __future__ import annotations
 import re
 from typing import Any, Optional
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
-
 from kubetune.api._base import CEL_KEY, WireModel, cel, rules
 from kubetune.api.enums import (
     Adaptation,
@@ -58,6 +56,7 @@ from kubetune.api.types import (
     TaintKey,
     check_label_keys,
 )
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 # --------------------------------------------------------------------------------------- model
 
@@ -92,8 +91,7 @@ class Dataset(WireModel):
         "json_schema_extra": rules(
             cel(
                 "!(has(self.validation) && has(self.validationSplit))",
-                "set either validation (a separate file) or validationSplit (a share of train), "
-                "not both",
+                "set either validation (a separate file) or validationSplit (a share of train), not both",
             )
         )
     }
@@ -131,8 +129,7 @@ class Dataset(WireModel):
     overlength: OverlengthPolicy = Field(
         default=OverlengthPolicy.TRUNCATE,
         description=(
-            "What to do with examples longer than maxSeqLength: truncate them, drop them, or "
-            "fail validation (error)."
+            "What to do with examples longer than maxSeqLength: truncate them, drop them, or fail validation (error)."
         ),
     )
     packing: bool = Field(
@@ -159,7 +156,9 @@ class Dataset(WireModel):
     )
     pii: PiiPolicy = Field(
         default=PiiPolicy.WARN,
-        exclude_if=lambda v: v == PiiPolicy.WARN,  # added after v0.1: at its default, out of the digest (see Evaluation)
+        exclude_if=lambda v: (
+            v == PiiPolicy.WARN
+        ),  # added after v0.1: at its default, out of the digest (see Evaluation)
         description=(
             "Personal data and secrets found in the examples (e-mail, phone, credit card, IBAN, IP address, API "
             "keys and tokens): allow (report only in data-report.json), warn (default: also a warning per finding), "
@@ -169,11 +168,9 @@ class Dataset(WireModel):
     )
 
     @model_validator(mode="after")
-    def _one_validation_source(self) -> "Dataset":
+    def _one_validation_source(self) -> Dataset:
         if self.validation is not None and self.validation_split is not None:
-            raise ValueError(
-                "set either validation (a separate file) or validationSplit (a share of train), not both"
-            )
+            raise ValueError("set either validation (a separate file) or validationSplit (a share of train), not both")
         return self
 
 
@@ -187,8 +184,7 @@ class LayersConfig(WireModel):
         default_factory=lambda: [-1],
         max_length=1024,
         description=(
-            "Transformer block indices to train; negative counts from the end (-1 is the last "
-            "block). Default [-1]."
+            "Transformer block indices to train; negative counts from the end (-1 is the last block). Default [-1]."
         ),
     )
     modules: list[LayerModule] = Field(
@@ -239,9 +235,13 @@ class LoraConfig(WireModel):
     """LoRA (Hu et al. 2021): h = W0·x + (alpha/r)·B·A·x with B = 0 at start."""
 
     r: int = Field(default=16, ge=1, le=4096, description="Rank of the update matrices (8–64 typical). Default 16.")
-    alpha: float = Field(default=32, gt=0, description="Scaling numerator: the update is scaled by alpha/r. Default 32.")
+    alpha: float = Field(
+        default=32, gt=0, description="Scaling numerator: the update is scaled by alpha/r. Default 32."
+    )
     dropout: float = Field(
-        default=0.05, ge=0, lt=1,
+        default=0.05,
+        ge=0,
+        lt=1,
         description="Dropout on the LoRA input. Default 0.05 (0 where fused mixture-of-experts weights are adapted: peft has no dropout there).",
     )
     target_modules: Optional[list[ShortString]] = Field(
@@ -270,7 +270,9 @@ class QLoraConfig(WireModel):
     r: int = Field(default=64, ge=1, le=4096, description="Rank of the update matrices. Default 64.")
     alpha: float = Field(default=16, gt=0, description="Scaling numerator (alpha/r). Default 16.")
     dropout: float = Field(
-        default=0.1, ge=0, lt=1,
+        default=0.1,
+        ge=0,
+        lt=1,
         description="Dropout on the LoRA input. Default 0.1 (0 where fused mixture-of-experts weights are adapted: peft has no dropout there).",
     )
     # The default stays a value (not None as in lora): all-linear fits every family, and the wire
@@ -285,8 +287,12 @@ class QLoraConfig(WireModel):
             "model loads. Default [all-linear]."
         ),
     )
-    quant_type: QuantType = Field(default=QuantType.NF4, description="4-bit data type: nf4 (NormalFloat) or fp4. Default nf4.")
-    double_quant: bool = Field(default=True, description="Quantise the quantisation constants too (saves ≈0.4 bit/parameter). Default true.")
+    quant_type: QuantType = Field(
+        default=QuantType.NF4, description="4-bit data type: nf4 (NormalFloat) or fp4. Default nf4."
+    )
+    double_quant: bool = Field(
+        default=True, description="Quantise the quantisation constants too (saves ≈0.4 bit/parameter). Default true."
+    )
     compute_dtype: ComputeDtype = Field(
         default=ComputeDtype.BFLOAT16,
         description="Data type of the matmuls on dequantised weights. Default bfloat16 (float32 on CPU).",
@@ -320,7 +326,9 @@ class IA3Config(WireModel):
 class PrefixTuningConfig(WireModel):
     """Prefix tuning (Li & Liang 2021, P-tuning v2): trained key/value prefixes in every layer."""
 
-    num_virtual_tokens: int = Field(default=20, ge=1, le=1024, description="Prefix length in virtual tokens. Default 20.")
+    num_virtual_tokens: int = Field(
+        default=20, ge=1, le=1024, description="Prefix length in virtual tokens. Default 20."
+    )
     projection: bool = Field(
         default=False,
         description="Reparametrise the prefixes through a small MLP during training (Li & Liang). Default false.",
@@ -340,7 +348,9 @@ class PromptTuningConfig(WireModel):
         )
     }
 
-    num_virtual_tokens: int = Field(default=20, ge=1, le=1024, description="Soft prompt length k (20–100 typical). Default 20.")
+    num_virtual_tokens: int = Field(
+        default=20, ge=1, le=1024, description="Soft prompt length k (20–100 typical). Default 20."
+    )
     init: PromptInit = Field(
         default=PromptInit.SAMPLE_VOCAB,
         description=(
@@ -348,10 +358,14 @@ class PromptTuningConfig(WireModel):
             "text (the embeddings of initText), or random. Default sampleVocab."
         ),
     )
-    init_text: Optional[str] = Field(default=None, max_length=4096, description="Text whose token embeddings initialise the prompt when init is text.")
+    init_text: Optional[str] = Field(
+        default=None,
+        max_length=4096,
+        description="Text whose token embeddings initialise the prompt when init is text.",
+    )
 
     @model_validator(mode="after")
-    def _text_needs_init_text(self) -> "PromptTuningConfig":
+    def _text_needs_init_text(self) -> PromptTuningConfig:
         if self.init == PromptInit.TEXT and not self.init_text:
             raise ValueError("init: text needs initText, the words the soft prompt starts from")
         return self
@@ -363,8 +377,12 @@ class PromptTuningConfig(WireModel):
 class DistillationConfig(WireModel):
     """Knowledge distillation (Hinton et al. 2015) from a frozen teacher."""
 
-    teacher: ModelSource = Field(description="The teacher model; it must share the student's tokenizer vocabulary and special tokens.")
-    temperature: float = Field(default=2.0, gt=0, le=100, description="Softmax temperature T for both models. Default 2.")
+    teacher: ModelSource = Field(
+        description="The teacher model; it must share the student's tokenizer vocabulary and special tokens."
+    )
+    temperature: float = Field(
+        default=2.0, gt=0, le=100, description="Softmax temperature T for both models. Default 2."
+    )
     alpha: float = Field(default=0.5, ge=0, le=1, description="Weight of the KD term: α·T²·KL + (1−α)·CE. Default 0.5.")
     direction: KLDirection = Field(
         default=KLDirection.FORWARD,
@@ -375,9 +393,21 @@ class DistillationConfig(WireModel):
 class ReweightingConfig(WireModel):
     """Instance reweighting by validation-gradient alignment (Ren et al. 2018, "IGBI")."""
 
-    validation_batch_size: int = Field(default=16, ge=1, le=1024, description="Clean validation examples per step for the reference gradient (8–32). Default 16.")
-    momentum: float = Field(default=0.9, ge=0, lt=1, description="Per-example moving average: w̄ ← m·w̄ + (1−m)·w. Default 0.9.")
-    warmup_ratio: float = Field(default=0.05, ge=0, le=0.5, description="Share of steps trained with uniform weights before reweighting starts. Default 0.05.")
+    validation_batch_size: int = Field(
+        default=16,
+        ge=1,
+        le=1024,
+        description="Clean validation examples per step for the reference gradient (8–32). Default 16.",
+    )
+    momentum: float = Field(
+        default=0.9, ge=0, lt=1, description="Per-example moving average: w̄ ← m·w̄ + (1−m)·w. Default 0.9."
+    )
+    warmup_ratio: float = Field(
+        default=0.05,
+        ge=0,
+        le=0.5,
+        description="Share of steps trained with uniform weights before reweighting starts. Default 0.05.",
+    )
     estimator: GradientEstimator = Field(
         default=GradientEstimator.AUTO,
         description=(
@@ -419,14 +449,27 @@ class AttentionGuidanceConfig(WireModel):
         )
     )
     teacher: Optional[ModelSource] = Field(default=None, description="The teacher model when guide is teacher.")
-    layers: list[int] = Field(default_factory=lambda: [-1], min_length=1, max_length=1024, description="Guided layer indices (negative from the end). Default [-1].")
-    heads: Optional[list[int]] = Field(default=None, max_length=1024, description="Guided head indices in each guided layer. Unset: all heads.")
-    weight: float = Field(default=0.5, ge=0, le=100, description="λ in loss = CE + λ·L_att (0.1–1 typical). Default 0.5.")
+    layers: list[int] = Field(
+        default_factory=lambda: [-1],
+        min_length=1,
+        max_length=1024,
+        description="Guided layer indices (negative from the end). Default [-1].",
+    )
+    heads: Optional[list[int]] = Field(
+        default=None, max_length=1024, description="Guided head indices in each guided layer. Unset: all heads."
+    )
+    weight: float = Field(
+        default=0.5, ge=0, le=100, description="λ in loss = CE + λ·L_att (0.1–1 typical). Default 0.5."
+    )
     width: float = Field(default=0.2, gt=0, le=1, description="Width g of the diagonal guide. Default 0.2.")
-    spans_field: str = Field(default="spans", max_length=253, description="Record field holding [start, end) character spans when guide is spans. Default spans.")
+    spans_field: str = Field(
+        default="spans",
+        max_length=253,
+        description="Record field holding [start, end) character spans when guide is spans. Default spans.",
+    )
 
     @model_validator(mode="after")
-    def _teacher_guide_needs_teacher(self) -> "AttentionGuidanceConfig":
+    def _teacher_guide_needs_teacher(self) -> AttentionGuidanceConfig:
         if self.guide == GuideSource.TEACHER and self.teacher is None:
             raise ValueError("guide: teacher needs a teacher model")
         return self
@@ -464,13 +507,17 @@ class ObjectiveTerm(WireModel):
     }
 
     type: Objective = Field(description="The term: distillation, reweighting, adversarial or attentionGuidance.")
-    distillation: Optional[DistillationConfig] = Field(default=None, description="Settings when type is distillation (a teacher is required).")
+    distillation: Optional[DistillationConfig] = Field(
+        default=None, description="Settings when type is distillation (a teacher is required)."
+    )
     reweighting: Optional[ReweightingConfig] = Field(default=None, description="Settings when type is reweighting.")
     adversarial: Optional[AdversarialConfig] = Field(default=None, description="Settings when type is adversarial.")
-    attention_guidance: Optional[AttentionGuidanceConfig] = Field(default=None, description="Settings when type is attentionGuidance.")
+    attention_guidance: Optional[AttentionGuidanceConfig] = Field(
+        default=None, description="Settings when type is attentionGuidance."
+    )
 
     @model_validator(mode="after")
-    def _block_matches_type(self) -> "ObjectiveTerm":
+    def _block_matches_type(self) -> ObjectiveTerm:
         for kind, block in _OBJECTIVE_BLOCKS.items():
             if getattr(self, _snake(block)) is not None and self.type != kind:
                 raise ValueError(f"the {block} block belongs to type: {block}")
@@ -505,7 +552,12 @@ class DPOConfig(WireModel):
         )
     }
 
-    beta: float = Field(default=0.1, gt=0, le=100, description="β: how far the policy may move from the reference (0.1–0.5 typical). Default 0.1.")
+    beta: float = Field(
+        default=0.1,
+        gt=0,
+        le=100,
+        description="β: how far the policy may move from the reference (0.1–0.5 typical). Default 0.1.",
+    )
     loss_type: DPOLoss = Field(
         default=DPOLoss.SIGMOID,
         description="sigmoid (the DPO paper), hinge (SLiC), ipo (Azar et al. 2023) or robust (Chowdhury et al. 2024). Default sigmoid.",
@@ -515,14 +567,18 @@ class DPOConfig(WireModel):
         description="Use a uniform reference (log π_ref = 0) instead of the frozen start model: no reference forward pass. Default false.",
     )
     label_smoothing: float = Field(
-        default=0.0, ge=0, lt=0.5,
+        default=0.0,
+        ge=0,
+        lt=0.5,
         description="Assumed share of flipped preference labels, in [0, 0.5) (conservative DPO; sigmoid and robust only). Default 0.",
     )
 
     @model_validator(mode="after")
-    def _smoothing_needs_loss(self) -> "DPOConfig":
+    def _smoothing_needs_loss(self) -> DPOConfig:
         if self.label_smoothing and self.loss_type not in (DPOLoss.SIGMOID, DPOLoss.ROBUST):
-            raise ValueError("labelSmoothing applies to lossType sigmoid or robust (conservative DPO); set it to 0 or change lossType")
+            raise ValueError(
+                "labelSmoothing applies to lossType sigmoid or robust (conservative DPO); set it to 0 or change lossType"
+            )
         return self
 
 
@@ -535,9 +591,15 @@ class ORPOConfig(WireModel):
 class KTOConfig(WireModel):
     """KTO (Ethayarajh et al. 2024): unpaired desirable/undesirable completions, prospect-theory loss."""
 
-    beta: float = Field(default=0.1, gt=0, le=100, description="β: how far the policy may move from the reference. Default 0.1.")
-    desirable_weight: float = Field(default=1.0, gt=0, le=100, description="λ_D, the weight of desirable examples' losses. Default 1.")
-    undesirable_weight: float = Field(default=1.0, gt=0, le=100, description="λ_U, the weight of undesirable examples' losses. Default 1.")
+    beta: float = Field(
+        default=0.1, gt=0, le=100, description="β: how far the policy may move from the reference. Default 0.1."
+    )
+    desirable_weight: float = Field(
+        default=1.0, gt=0, le=100, description="λ_D, the weight of desirable examples' losses. Default 1."
+    )
+    undesirable_weight: float = Field(
+        default=1.0, gt=0, le=100, description="λ_U, the weight of undesirable examples' losses. Default 1."
+    )
 
 
 TEMPLATE = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
@@ -582,8 +644,12 @@ def _grader_rules(*extra: dict[str, str]) -> dict[str, Any]:
         )
         for wire, owners in _GRADER_ONLY.items()
     ]
-    out.append(cel("self.type != 'python' || has(self.source) != has(self.file)",
-                   "type: python needs exactly one of source (the code) or file (a path in the pod, e.g. a mounted ConfigMap)"))
+    out.append(
+        cel(
+            "self.type != 'python' || has(self.source) != has(self.file)",
+            "type: python needs exactly one of source (the code) or file (a path in the pod, e.g. a mounted ConfigMap)",
+        )
+    )
     return rules(*out, *extra)
 
 
@@ -597,16 +663,26 @@ class SubGrader(WireModel):
         )
     }
 
-    name: str = Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9_\-]+$",
-                      description="Unique name; the reward metrics are reported under it (reward/<name>).")
-    type: GraderType = Field(description="stringCheck, textSimilarity, regex, jsonSchema or python (multi only at the top level).")
-    weight: float = Field(default=1.0, ge=0, le=1000, description="Weight of this grader's reward in the sum. Default 1.")
+    name: str = Field(
+        min_length=1,
+        max_length=63,
+        pattern=r"^[A-Za-z0-9_\-]+$",
+        description="Unique name; the reward metrics are reported under it (reward/<name>).",
+    )
+    type: GraderType = Field(
+        description="stringCheck, textSimilarity, regex, jsonSchema or python (multi only at the top level)."
+    )
+    weight: float = Field(
+        default=1.0, ge=0, le=1000, description="Weight of this grader's reward in the sum. Default 1."
+    )
     input: str = Field(
-        default="{{sample.output_text}}", max_length=4096,
+        default="{{sample.output_text}}",
+        max_length=4096,
         description="Template of the text graded: {{sample.output_text}} (the completion) and {{item.<field>}} (the record). Default {{sample.output_text}}.",
     )
     reference: Optional[str] = Field(
-        default=None, max_length=4096,
+        default=None,
+        max_length=4096,
         description="stringCheck and textSimilarity: template of the reference text, e.g. {{item.answer}}.",
     )
     operation: Optional[StringCheckOperation] = Field(
@@ -616,21 +692,33 @@ class SubGrader(WireModel):
     evaluation_metric: Optional[SimilarityMetric] = Field(
         default=None, description="textSimilarity: exact_match, bleu, rouge_l, chrf or fuzzy_match (all in [0, 1])."
     )
-    pattern: Optional[str] = Field(default=None, max_length=4096, description="regex: a Python regular expression; 1 when it matches the input (re.search), else 0.")
+    pattern: Optional[str] = Field(
+        default=None,
+        max_length=4096,
+        description="regex: a Python regular expression; 1 when it matches the input (re.search), else 0.",
+    )
     json_schema: Optional[dict[str, Any]] = Field(
         default=None,
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True, "type": "object"},
         description="jsonSchema: a JSON Schema (draft 2020-12); 1 when the input parses as JSON and validates, else 0.",
     )
     source: Optional[str] = Field(
-        default=None, max_length=65536,
+        default=None,
+        max_length=65536,
         description="python: code defining grade(sample, item) -> float; sample has output_text, item is the record. Runs in a subprocess of the trainer.",
     )
     file: Optional[str] = Field(
-        default=None, max_length=1024, pattern=r"^/",
+        default=None,
+        max_length=1024,
+        pattern=r"^/",
         description="python: absolute path in the trainer pod of a file defining grade(sample, item), e.g. a ConfigMap mounted through podOverrides.",
     )
-    timeout_seconds: float = Field(default=5.0, gt=0, le=300, description="python: time limit per call; a call that runs longer scores 0. Default 5.")
+    timeout_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="python: time limit per call; a call that runs longer scores 0. Default 5.",
+    )
 
     @field_validator("input", "reference")
     @classmethod
@@ -639,7 +727,9 @@ class SubGrader(WireModel):
             return value
         for var in template_variables(value):
             if not TEMPLATE_VARIABLE.match(var):
-                raise ValueError(f"unknown template variable {{{{{var}}}}}: use {{{{sample.output_text}}}} or {{{{item.<field>}}}}")
+                raise ValueError(
+                    f"unknown template variable {{{{{var}}}}}: use {{{{sample.output_text}}}} or {{{{item.<field>}}}}"
+                )
         return value
 
     @field_validator("pattern")
@@ -679,7 +769,7 @@ class SubGrader(WireModel):
         return value
 
     @model_validator(mode="after")
-    def _fields_match_type(self) -> "SubGrader":
+    def _fields_match_type(self) -> SubGrader:
         kind = str(self.type)
         for wire, attr in _GRADER_NEEDS.get(kind, ()):
             if getattr(self, attr) is None:
@@ -693,7 +783,9 @@ class SubGrader(WireModel):
             if getattr(self, attr) is not None and kind not in owners:
                 raise ValueError(f"{wire} belongs to type {' or '.join(owners)}; remove it or change type")
         if self.type == GraderType.PYTHON and (self.source is None) == (self.file is None):
-            raise ValueError("type: python needs exactly one of source (the code) or file (a path in the pod, e.g. a mounted ConfigMap)")
+            raise ValueError(
+                "type: python needs exactly one of source (the code) or file (a path in the pod, e.g. a mounted ConfigMap)"
+            )
         if self.type == GraderType.MULTI and type(self) is SubGrader:
             raise ValueError("a multi grader cannot contain another multi grader")
         return self
@@ -714,20 +806,31 @@ class Grader(SubGrader):
     model_config = WireModel.model_config | {
         "json_schema_extra": _grader_rules(
             cel("self.type != 'multi' || has(self.graders)", "type: multi needs graders", ".graders"),
-            cel("!has(self.graders) || self.type == 'multi'", "graders belongs to type multi; remove it or change type", ".graders"),
-            cel("!has(self.graders) || self.graders.all(g, self.graders.exists_one(h, h.name == g.name))",
-                "grader names must be unique", ".graders"),
+            cel(
+                "!has(self.graders) || self.type == 'multi'",
+                "graders belongs to type multi; remove it or change type",
+                ".graders",
+            ),
+            cel(
+                "!has(self.graders) || self.graders.all(g, self.graders.exists_one(h, h.name == g.name))",
+                "grader names must be unique",
+                ".graders",
+            ),
         )
     }
 
-    type: GraderType = Field(description="stringCheck, textSimilarity, regex, jsonSchema, python, or multi (a weighted sum of graders).")
+    type: GraderType = Field(
+        description="stringCheck, textSimilarity, regex, jsonSchema, python, or multi (a weighted sum of graders)."
+    )
     graders: Optional[list[SubGrader]] = Field(
-        default=None, min_length=1, max_length=16,
+        default=None,
+        min_length=1,
+        max_length=16,
         description="multi: the graders whose weighted rewards are summed (divided by the sum of their weights).",
     )
 
     @model_validator(mode="after")
-    def _multi(self) -> "Grader":
+    def _multi(self) -> Grader:
         if self.type == GraderType.MULTI and not self.graders:
             raise ValueError("type: multi needs graders")
         if self.graders is not None and self.type != GraderType.MULTI:
@@ -745,24 +848,37 @@ class Grader(SubGrader):
         return out
 
 
-
 class GRPOConfig(WireModel):
     """GRPO (Shao et al. 2024): G sampled completions per prompt, rewards from graders, group-normalised
     advantages, a clipped policy ratio and a KL penalty to the reference; no value model."""
 
     model_config = WireModel.model_config | {
         "json_schema_extra": rules(
-            cel("self.graders.all(g, self.graders.exists_one(h, h.name == g.name))", "grader names must be unique", ".graders"),
+            cel(
+                "self.graders.all(g, self.graders.exists_one(h, h.name == g.name))",
+                "grader names must be unique",
+                ".graders",
+            ),
         )
     }
 
-    num_generations: int = Field(default=4, ge=2, le=64, description="G, completions sampled per prompt (the group). Default 4.")
-    max_completion_length: int = Field(default=256, ge=1, le=32768, description="Longest sampled completion, in tokens. Default 256.")
+    num_generations: int = Field(
+        default=4, ge=2, le=64, description="G, completions sampled per prompt (the group). Default 4."
+    )
+    max_completion_length: int = Field(
+        default=256, ge=1, le=32768, description="Longest sampled completion, in tokens. Default 256."
+    )
     temperature: float = Field(default=1.0, gt=0, le=10, description="Sampling temperature. Default 1.")
-    beta: float = Field(default=0.04, ge=0, le=10, description="Weight of the KL penalty to the reference model (0: no reference model is kept). Default 0.04.")
+    beta: float = Field(
+        default=0.04,
+        ge=0,
+        le=10,
+        description="Weight of the KL penalty to the reference model (0: no reference model is kept). Default 0.04.",
+    )
     epsilon: float = Field(default=0.2, gt=0, lt=1, description="Clipping range of the policy ratio. Default 0.2.")
     graders: list[Grader] = Field(
-        min_length=1, max_length=16,
+        min_length=1,
+        max_length=16,
         description="The graders; the reward of a completion is their weighted sum. Each reward is reported as reward/<name>.",
     )
 
@@ -828,7 +944,10 @@ class Method(WireModel):
     model_config = WireModel.model_config | {
         "json_schema_extra": rules(
             *[
-                cel(f"!has(self.{b[0]}) || self.adaptation == '{b[0]}'", f"the {b[0]} block belongs to adaptation: {b[0]}; remove it or change adaptation")
+                cel(
+                    f"!has(self.{b[0]}) || self.adaptation == '{b[0]}'",
+                    f"the {b[0]} block belongs to adaptation: {b[0]}; remove it or change adaptation",
+                )
                 for b in _ADAPTATION_BLOCKS.values()
                 if b is not None
             ],
@@ -846,11 +965,18 @@ class Method(WireModel):
                 ".objectives",
             ),
             *[
-                cel(f"!has(self.{block}) || (has(self.type) && self.type == '{block}')",
-                    f"the {block} block belongs to type: {block}; remove it or change type", f".{block}")
+                cel(
+                    f"!has(self.{block}) || (has(self.type) && self.type == '{block}')",
+                    f"the {block} block belongs to type: {block}; remove it or change type",
+                    f".{block}",
+                )
                 for block, _ in _TYPE_BLOCKS.values()
             ],
-            cel("!has(self.type) || self.type != 'grpo' || has(self.grpo)", "type: grpo needs a grpo block with graders", ".type"),
+            cel(
+                "!has(self.type) || self.type != 'grpo' || has(self.grpo)",
+                "type: grpo needs a grpo block with graders",
+                ".type",
+            ),
             cel(
                 "!has(self.type) || self.type == 'supervised' || self.adaptation in ['full', 'lora', 'qlora', 'dora']",
                 _WRONG_ADAPTATION.format(type="dpo, orpo, kto or grpo"),
@@ -886,13 +1012,19 @@ class Method(WireModel):
     )
     layers: Optional[LayersConfig] = Field(default=None, description="Settings when adaptation is layers.")
     transfer: Optional[TransferConfig] = Field(default=None, description="Settings when adaptation is transfer.")
-    gradual_unfreeze: Optional[GradualUnfreezeConfig] = Field(default=None, description="Settings when adaptation is gradualUnfreeze.")
+    gradual_unfreeze: Optional[GradualUnfreezeConfig] = Field(
+        default=None, description="Settings when adaptation is gradualUnfreeze."
+    )
     lora: Optional[LoraConfig] = Field(default=None, description="Settings when adaptation is lora.")
     qlora: Optional[QLoraConfig] = Field(default=None, description="Settings when adaptation is qlora.")
     dora: Optional[DoraConfig] = Field(default=None, description="Settings when adaptation is dora.")
     ia3: Optional[IA3Config] = Field(default=None, description="Settings when adaptation is ia3.")
-    prefix_tuning: Optional[PrefixTuningConfig] = Field(default=None, description="Settings when adaptation is prefixTuning.")
-    prompt_tuning: Optional[PromptTuningConfig] = Field(default=None, description="Settings when adaptation is promptTuning.")
+    prefix_tuning: Optional[PrefixTuningConfig] = Field(
+        default=None, description="Settings when adaptation is prefixTuning."
+    )
+    prompt_tuning: Optional[PromptTuningConfig] = Field(
+        default=None, description="Settings when adaptation is promptTuning."
+    )
     objectives: list[ObjectiveTerm] = Field(
         default_factory=list,
         max_length=4,
@@ -910,7 +1042,7 @@ class Method(WireModel):
     )
 
     @model_validator(mode="after")
-    def _blocks_match(self) -> "Method":
+    def _blocks_match(self) -> Method:
         for kind, entry in _ADAPTATION_BLOCKS.items():
             if entry is not None and getattr(self, _snake(entry[0])) is not None and self.adaptation != kind:
                 raise ValueError(
@@ -986,7 +1118,9 @@ class Method(WireModel):
 class Hyperparameters(WireModel):
     """Training hyper-parameters; `auto` values are resolved by kubetune and shown in status.effective."""
 
-    epochs: AutoInt = Field(default="auto", description='Passes over the training data, or "auto" (3, as OpenAI\'s n_epochs). Default auto.')
+    epochs: AutoInt = Field(
+        default="auto", description='Passes over the training data, or "auto" (3, as OpenAI\'s n_epochs). Default auto.'
+    )
     learning_rate: Optional[PositiveNumber] = Field(
         default=None,
         description=(
@@ -995,14 +1129,27 @@ class Hyperparameters(WireModel):
             "gradualUnfreeze; 2e-5 for full and layers."
         ),
     )
-    batch_size: AutoInt = Field(default="auto", description='Examples per device per step, or "auto" (chosen from GPU memory, sequence length and method). Default auto.')
-    gradient_accumulation: int = Field(default=1, ge=1, le=4096, description="Steps whose gradients are summed before an optimizer step. Default 1.")
-    warmup_ratio: float = Field(default=0.03, ge=0, le=0.5, description="Share of steps with a linearly rising learning rate. Default 0.03.")
-    scheduler: Scheduler = Field(default=Scheduler.COSINE, description="Learning-rate schedule after warm-up. Default cosine.")
+    batch_size: AutoInt = Field(
+        default="auto",
+        description='Examples per device per step, or "auto" (chosen from GPU memory, sequence length and method). Default auto.',
+    )
+    gradient_accumulation: int = Field(
+        default=1, ge=1, le=4096, description="Steps whose gradients are summed before an optimizer step. Default 1."
+    )
+    warmup_ratio: float = Field(
+        default=0.03, ge=0, le=0.5, description="Share of steps with a linearly rising learning rate. Default 0.03."
+    )
+    scheduler: Scheduler = Field(
+        default=Scheduler.COSINE, description="Learning-rate schedule after warm-up. Default cosine."
+    )
     weight_decay: float = Field(default=0.0, ge=0, le=1, description="Decoupled weight decay (AdamW). Default 0.")
     max_grad_norm: float = Field(default=1.0, gt=0, description="Gradient clipping norm (QLoRA uses 0.3). Default 1.")
-    max_steps: Optional[int] = Field(default=None, ge=1, description="Stop after this many optimizer steps, overriding epochs.")
-    seed: int = Field(default=42, ge=0, le=2**31 - 1, description="Seed for data order, splits and initialisation. Default 42.")
+    max_steps: Optional[int] = Field(
+        default=None, ge=1, description="Stop after this many optimizer steps, overriding epochs."
+    )
+    seed: int = Field(
+        default=42, ge=0, le=2**31 - 1, description="Seed for data order, splits and initialisation. Default 42."
+    )
     precision: Precision = Field(
         default=Precision.AUTO,
         description=(
@@ -1014,7 +1161,10 @@ class Hyperparameters(WireModel):
             "Default auto."
         ),
     )
-    gradient_checkpointing: bool = Field(default=False, description="Recompute activations in the backward pass: less memory, ≈30% more compute. Default false.")
+    gradient_checkpointing: bool = Field(
+        default=False,
+        description="Recompute activations in the backward pass: less memory, ≈30% more compute. Default false.",
+    )
 
 
 # ------------------------------------------------------------------------------- resources
@@ -1023,7 +1173,9 @@ class Hyperparameters(WireModel):
 class Resources(WireModel):
     """What the trainer pods request."""
 
-    gpus: int = Field(default=1, ge=0, le=64, description="GPUs per node (one pod per node). 0 trains on CPU. Default 1.")
+    gpus: int = Field(
+        default=1, ge=0, le=64, description="GPUs per node (one pod per node). 0 trains on CPU. Default 1."
+    )
     gpu_type: Optional[str] = Field(
         default=None,
         min_length=1,
@@ -1031,11 +1183,25 @@ class Resources(WireModel):
         pattern=LABEL_VALUE,
         description="GPU product to schedule on, matched against the node label nvidia.com/gpu.product (e.g. NVIDIA-H100-80GB-HBM3).",
     )
-    gpu_resource: QualifiedName = Field(default="nvidia.com/gpu", description="Extended resource name of the GPU. Default nvidia.com/gpu.")
-    nodes: int = Field(default=1, ge=1, le=512, description="Nodes for distributed training (an Indexed Job with torchrun rendezvous). Default 1.")
-    cpu: Optional[Quantity] = Field(default=None, description="CPU request per pod, e.g. 8 or 7500m. Unset: chosen from the GPU count.")
-    memory: Optional[Quantity] = Field(default=None, description="Memory request and limit per pod, e.g. 64Gi. Unset: chosen from the model size.")
-    shared_memory: Optional[Quantity] = Field(default=None, description="Size of /dev/shm (a memory-backed emptyDir) for data loader workers and NCCL. Default 8Gi with GPUs.")
+    gpu_resource: QualifiedName = Field(
+        default="nvidia.com/gpu", description="Extended resource name of the GPU. Default nvidia.com/gpu."
+    )
+    nodes: int = Field(
+        default=1,
+        ge=1,
+        le=512,
+        description="Nodes for distributed training (an Indexed Job with torchrun rendezvous). Default 1.",
+    )
+    cpu: Optional[Quantity] = Field(
+        default=None, description="CPU request per pod, e.g. 8 or 7500m. Unset: chosen from the GPU count."
+    )
+    memory: Optional[Quantity] = Field(
+        default=None, description="Memory request and limit per pod, e.g. 64Gi. Unset: chosen from the model size."
+    )
+    shared_memory: Optional[Quantity] = Field(
+        default=None,
+        description="Size of /dev/shm (a memory-backed emptyDir) for data loader workers and NCCL. Default 8Gi with GPUs.",
+    )
 
 
 # ---------------------------------------------------------------------------------- output
@@ -1060,7 +1226,10 @@ class Output(WireModel):
             "Passed to the trainer through secretKeyRef only."
         ),
     )
-    format: OutputFormat = Field(default=OutputFormat.ADAPTER, description="adapter (PEFT weights only) or merged (full weights with the adapter folded in). Default adapter.")
+    format: OutputFormat = Field(
+        default=OutputFormat.ADAPTER,
+        description="adapter (PEFT weights only) or merged (full weights with the adapter folded in). Default adapter.",
+    )
     overwrite: bool = Field(
         default=False,
         exclude_if=lambda v: v is False,  # added after v0.1: at its default, out of the digest (see Evaluation)
@@ -1075,7 +1244,9 @@ class Output(WireModel):
 class Checkpointing(WireModel):
     """Periodic checkpoints for resuming after preemption or failure."""
 
-    every_steps: int = Field(default=200, ge=1, description="Write a checkpoint every N optimizer steps (and on SIGTERM). Default 200.")
+    every_steps: int = Field(
+        default=200, ge=1, description="Write a checkpoint every N optimizer steps (and on SIGTERM). Default 200."
+    )
     keep: int = Field(default=3, ge=1, le=100, description="Newest checkpoints kept in storage. Default 3.")
 
 
@@ -1090,16 +1261,22 @@ class Judge(WireModel):
     """An LLM that compares the base and the tuned answer to each sample prompt, pairwise."""
 
     url: str = Field(
-        max_length=2048, pattern=ENDPOINT_URL,
+        max_length=2048,
+        pattern=ENDPOINT_URL,
         description="Base URL of an OpenAI-compatible API, e.g. https://api.openai.com/v1 (POST {url}/chat/completions).",
     )
-    model: str = Field(min_length=1, max_length=253, description="The judge model name put in requests, e.g. gpt-4o-mini.")
+    model: str = Field(
+        min_length=1, max_length=253, description="The judge model name put in requests, e.g. gpt-4o-mini."
+    )
     api_key_secret: Optional[str] = Field(
-        default=None, max_length=253, pattern=DNS_SUBDOMAIN,
+        default=None,
+        max_length=253,
+        pattern=DNS_SUBDOMAIN,
         description="Secret in the job's namespace whose key api-key holds the API key (sent as a Bearer token); unset for an endpoint without one.",
     )
     criteria: Optional[str] = Field(
-        default=None, max_length=4096,
+        default=None,
+        max_length=4096,
         description="What a better answer is, for the judge's prompt. Unset: helpful, correct and faithful to the reference answer.",
     )
 
@@ -1109,8 +1286,10 @@ class Evaluation(WireModel):
 
     model_config = WireModel.model_config | {
         "json_schema_extra": rules(
-            cel("!has(self.metrics) || !self.metrics.exists(m, m == 'regex') || has(self.regex)",
-                "the regex metric needs evaluation.regex, the pattern answers must match"),
+            cel(
+                "!has(self.metrics) || !self.metrics.exists(m, m == 'regex') || has(self.regex)",
+                "the regex metric needs evaluation.regex, the pattern answers must match",
+            ),
         )
     }
 
@@ -1118,18 +1297,29 @@ class Evaluation(WireModel):
         default=True,
         description="Measure the base model's held-out loss before training and report it beside the tuned one. Default true.",
     )
-    every_steps: Optional[int] = Field(default=None, ge=1, description="Also evaluate every N steps. Unset: at the end of each epoch.")
+    every_steps: Optional[int] = Field(
+        default=None, ge=1, description="Also evaluate every N steps. Unset: at the end of each epoch."
+    )
     # Fields added after jobs already ran stay out of the wire form at their default (`exclude_if`), so
     # the spec digest of a job written before them is unchanged and an operator upgrade does not see
     # every running job as edited (reconcile.spec_changed).
     samples: int = Field(
-        default=4, ge=0, le=1000, exclude_if=lambda v: v == 4,
+        default=4,
+        ge=0,
+        le=1000,
+        exclude_if=lambda v: v == 4,
         description=(
             "Held-out prompts answered by the base and by the tuned model (greedy, same settings) and written to "
             "eval/samples.jsonl in the output (prompt, reference, base, tuned) for people to read. 0 turns it off. Default 4."
         ),
     )
-    max_new_tokens: int = Field(default=128, ge=1, le=8192, exclude_if=lambda v: v == 128, description="Longest generated answer per sample, in tokens. Default 128.")
+    max_new_tokens: int = Field(
+        default=128,
+        ge=1,
+        le=8192,
+        exclude_if=lambda v: v == 128,
+        description="Longest generated answer per sample, in tokens. Default 128.",
+    )
     metrics: list[EvalMetric] = Field(
         default_factory=lambda: list(DEFAULT_EVAL_METRICS),
         exclude_if=lambda v: list(v) == DEFAULT_EVAL_METRICS,
@@ -1141,7 +1331,8 @@ class Evaluation(WireModel):
         ),
     )
     regex: Optional[str] = Field(
-        default=None, max_length=4096,
+        default=None,
+        max_length=4096,
         description="The pattern (Python syntax) a whole answer must match, for the regex metric.",
     )
     judge: Optional[Judge] = Field(
@@ -1153,7 +1344,7 @@ class Evaluation(WireModel):
     )
 
     @model_validator(mode="after")
-    def _regex_needs_pattern(self) -> "Evaluation":
+    def _regex_needs_pattern(self) -> Evaluation:
         if EvalMetric.REGEX in self.metrics and not self.regex:
             raise ValueError("the regex metric needs evaluation.regex, the pattern answers must match")
         if self.regex:
@@ -1174,17 +1365,25 @@ class Toleration(WireModel):
 
     model_config = WireModel.model_config | {
         "json_schema_extra": rules(
-            cel("(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
-                "operator must be Exists when key is empty (it then tolerates every taint)"),
-            cel("!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
-                "value must be empty when operator is Exists", ".value"),
-            cel("!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
-                "tolerationSeconds needs effect: NoExecute", ".tolerationSeconds"),
+            cel(
+                "(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
+                "operator must be Exists when key is empty (it then tolerates every taint)",
+            ),
+            cel(
+                "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+                "value must be empty when operator is Exists",
+                ".value",
+            ),
+            cel(
+                "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+                "tolerationSeconds needs effect: NoExecute",
+                ".tolerationSeconds",
+            ),
         )
     }
 
     @model_validator(mode="after")
-    def _as_kubernetes_checks_it(self) -> "Toleration":
+    def _as_kubernetes_checks_it(self) -> Toleration:
         if not self.key and self.operator != "Exists":
             raise ValueError("operator must be Exists when key is empty (it then tolerates every taint)")
         if self.operator == "Exists" and self.value:
@@ -1193,11 +1392,21 @@ class Toleration(WireModel):
             raise ValueError("tolerationSeconds needs effect: NoExecute")
         return self
 
-    key: Optional[TaintKey] = Field(default=None, description="Taint key (a qualified name); empty with operator Exists matches every taint.")
-    operator: Optional[str] = Field(default=None, pattern="^(Exists|Equal)$", description="Exists or Equal (default Equal).")
+    key: Optional[TaintKey] = Field(
+        default=None, description="Taint key (a qualified name); empty with operator Exists matches every taint."
+    )
+    operator: Optional[str] = Field(
+        default=None, pattern="^(Exists|Equal)$", description="Exists or Equal (default Equal)."
+    )
     value: Optional[LabelValue] = Field(default=None, description="Taint value for operator Equal (a label value).")
-    effect: Optional[str] = Field(default=None, pattern="^(NoSchedule|PreferNoSchedule|NoExecute)$", description="NoSchedule, PreferNoSchedule or NoExecute; empty matches all.")
-    toleration_seconds: Optional[int] = Field(default=None, description="For NoExecute: how long the pod stays bound after the taint appears.")
+    effect: Optional[str] = Field(
+        default=None,
+        pattern="^(NoSchedule|PreferNoSchedule|NoExecute)$",
+        description="NoSchedule, PreferNoSchedule or NoExecute; empty matches all.",
+    )
+    toleration_seconds: Optional[int] = Field(
+        default=None, description="For NoExecute: how long the pod stays bound after the taint appears."
+    )
 
 
 class Scheduling(WireModel):
@@ -1213,7 +1422,7 @@ class Scheduling(WireModel):
     }
 
     @model_validator(mode="after")
-    def _workload_priority_needs_a_queue(self) -> "Scheduling":
+    def _workload_priority_needs_a_queue(self) -> Scheduling:
         if self.workload_priority_class_name is not None and self.queue_name is None:
             raise ValueError("workloadPriorityClassName is a Kueue priority: set queueName too")
         return self
@@ -1257,7 +1466,9 @@ class Scheduling(WireModel):
     def _label_keys(cls, value: dict[str, str]) -> dict[str, str]:
         return check_label_keys(value)
 
-    tolerations: list[Toleration] = Field(default_factory=list, max_length=64, description="Tolerations of the trainer pods (e.g. for tainted GPU nodes).")
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=64, description="Tolerations of the trainer pods (e.g. for tainted GPU nodes)."
+    )
     affinity: Optional[dict[str, Any]] = Field(
         default=None,
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True, "type": "object"},
@@ -1305,11 +1516,15 @@ class VllmServing(WireModel):
     an init container fetches the adapter from object storage into the pod first."""
 
     image: Optional[str] = Field(
-        default=None, max_length=1024, description="vLLM image. Unset: the operator's default (the chart's serving.vllmImage)."
+        default=None,
+        max_length=1024,
+        description="vLLM image. Unset: the operator's default (the chart's serving.vllmImage).",
     )
     gpus: int = Field(default=1, ge=0, le=64, description="GPUs of each vLLM pod. Default 1.")
     replicas: int = Field(default=1, ge=0, le=100, description="vLLM replicas. Default 1.")
-    max_lora_rank: Optional[int] = Field(default=None, ge=1, le=4096, description="--max-lora-rank. Unset: the adapter's rank.")
+    max_lora_rank: Optional[int] = Field(
+        default=None, ge=1, le=4096, description="--max-lora-rank. Unset: the adapter's rank."
+    )
     args: list[ShortString] = Field(
         default_factory=list, max_length=64, description="Extra arguments to `vllm serve`, e.g. --max-model-len=8192."
     )
@@ -1321,15 +1536,19 @@ class VllmEndpointServing(WireModel):
     readable by that server (a path on its volume, or a URI its resolver plugin fetches)."""
 
     url: str = Field(
-        max_length=2048, pattern=ENDPOINT_URL,
+        max_length=2048,
+        pattern=ENDPOINT_URL,
         description="Base URL of the vLLM server, e.g. http://vllm.serving.svc:8000 (no credentials in the URL).",
     )
     api_key_secret: Optional[str] = Field(
-        default=None, max_length=253, pattern=DNS_SUBDOMAIN,
+        default=None,
+        max_length=253,
+        pattern=DNS_SUBDOMAIN,
         description="Secret in the job's namespace whose key api-key holds the server's --api-key, if it has one.",
     )
     adapter_path: Optional[str] = Field(
-        default=None, max_length=2048,
+        default=None,
+        max_length=2048,
         description="The lora_path the server loads. Unset: the adapter's URI (status.adapter.uri).",
     )
 
@@ -1340,10 +1559,16 @@ class Serving(WireModel):
     model_config = WireModel.model_config | {
         "json_schema_extra": rules(
             *[
-                cel(f"!has(self.{block}) || self.engine == '{engine.value}'", f"the {block} block belongs to engine: {engine.value}")
+                cel(
+                    f"!has(self.{block}) || self.engine == '{engine.value}'",
+                    f"the {block} block belongs to engine: {engine.value}",
+                )
                 for engine, block in _SERVING_BLOCKS.items()
             ],
-            cel("self.engine != 'vllmEndpoint' || has(self.vllmEndpoint)", "engine: vllmEndpoint needs a vllmEndpoint block with the url"),
+            cel(
+                "self.engine != 'vllmEndpoint' || has(self.vllmEndpoint)",
+                "engine: vllmEndpoint needs a vllmEndpoint block with the url",
+            ),
         )
     }
 
@@ -1354,7 +1579,9 @@ class Serving(WireModel):
         )
     )
     model_name: Optional[str] = Field(
-        default=None, max_length=63, pattern=DNS_LABEL,
+        default=None,
+        max_length=63,
+        pattern=DNS_LABEL,
         description="The model name clients put in requests. Unset: the adapter's name (metadata.name and the suffix).",
     )
     retain: bool = Field(
@@ -1363,10 +1590,12 @@ class Serving(WireModel):
     )
     kserve: Optional[KServeServing] = Field(default=None, description="Settings when engine is kserve.")
     vllm: Optional[VllmServing] = Field(default=None, description="Settings when engine is vllm.")
-    vllm_endpoint: Optional[VllmEndpointServing] = Field(default=None, description="Settings when engine is vllmEndpoint.")
+    vllm_endpoint: Optional[VllmEndpointServing] = Field(
+        default=None, description="Settings when engine is vllmEndpoint."
+    )
 
     @model_validator(mode="after")
-    def _block_matches_engine(self) -> "Serving":
+    def _block_matches_engine(self) -> Serving:
         for engine, block in _SERVING_BLOCKS.items():
             if getattr(self, _snake(block)) is not None and self.engine != engine:
                 raise ValueError(f"the {block} block belongs to engine: {engine.value}")
@@ -1381,7 +1610,7 @@ def served_merged(adaptation: Adaptation) -> bool:
     return adaptation not in SERVABLE_AS_LORA and adaptation not in UNSERVABLE
 
 
-def serves_full_model(spec: "FineTuneJobSpec") -> bool:
+def serves_full_model(spec: FineTuneJobSpec) -> bool:
     """spec.serving serves a full model (status.adapter.mergedUri), not a LoRA adapter on the base:
     the adaptation needs merging, or output.format: merged already folded the adapter in."""
     return spec.output.format == OutputFormat.MERGED or served_merged(spec.method.adaptation)
@@ -1397,7 +1626,8 @@ _UNSERVABLE = (
 
 _CREDENTIALS_TWICE = (
     "podOverrides.env sets a variable that output.credentialsSecret already provides (one of "
-    + ", ".join(CREDENTIAL_KEYS) + "): drop it from env, or drop credentialsSecret and set every credential in env"
+    + ", ".join(CREDENTIAL_KEYS)
+    + "): drop it from env, or drop credentialsSecret and set every credential in env"
 )
 
 
@@ -1460,12 +1690,23 @@ class FineTuneJobSpec(WireModel):
     model: ModelSource = Field(description="The base model to fine-tune.")
     dataset: Dataset = Field(description="The training data.")
     method: Method = Field(description="Which parameters train, extra loss terms and the optimizer.")
-    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters, description="Training hyper-parameters; each may be left to kubetune.")
-    resources: Resources = Field(default_factory=Resources, description="GPUs, nodes, CPU and memory of the trainer pods.")
+    hyperparameters: Hyperparameters = Field(
+        default_factory=Hyperparameters, description="Training hyper-parameters; each may be left to kubetune."
+    )
+    resources: Resources = Field(
+        default_factory=Resources, description="GPUs, nodes, CPU and memory of the trainer pods."
+    )
     output: Output = Field(description="Where checkpoints and the adapter are written.")
-    checkpointing: Checkpointing = Field(default_factory=Checkpointing, description="How often to checkpoint and how many checkpoints to keep.")
-    evaluation: Evaluation = Field(default_factory=Evaluation, description="Held-out evaluation and the base-model comparison.")
-    scheduling: Scheduling = Field(default_factory=Scheduling, description="Kueue queue, priority class, Volcano and node placement. May change while suspended.")
+    checkpointing: Checkpointing = Field(
+        default_factory=Checkpointing, description="How often to checkpoint and how many checkpoints to keep."
+    )
+    evaluation: Evaluation = Field(
+        default_factory=Evaluation, description="Held-out evaluation and the base-model comparison."
+    )
+    scheduling: Scheduling = Field(
+        default_factory=Scheduling,
+        description="Kueue queue, priority class, Volcano and node placement. May change while suspended.",
+    )
     pod_overrides: Optional[PodOverrides] = Field(
         default=None,
         description=(
@@ -1485,7 +1726,10 @@ class FineTuneJobSpec(WireModel):
             "merged/ beside the adapter) and served as a full model. status.serving has the endpoint and the model name."
         ),
     )
-    suspend: bool = Field(default=False, description="Suspend the job: running pods are stopped (a checkpoint is written) and it resumes from that checkpoint when set back to false.")
+    suspend: bool = Field(
+        default=False,
+        description="Suspend the job: running pods are stopped (a checkpoint is written) and it resumes from that checkpoint when set back to false.",
+    )
     cancel: bool = Field(
         default=False,
         description=(
@@ -1493,11 +1737,24 @@ class FineTuneJobSpec(WireModel):
             "its pods write a checkpoint on SIGTERM, committed checkpoints are kept and the phase becomes Cancelled. "
             "Cannot be set back to false; delete the FineTuneJob to remove the record too."
         ),
-        json_schema_extra=rules(cel("self || !oldSelf", "cancel cannot be undone: create a new FineTuneJob to train again")),
+        json_schema_extra=rules(
+            cel("self || !oldSelf", "cancel cannot be undone: create a new FineTuneJob to train again")
+        ),
     )
-    active_deadline_seconds: Optional[int] = Field(default=None, ge=1, description="Fail the job when it runs longer than this, in seconds, across retries.")
-    max_retries: int = Field(default=3, ge=0, le=100, description="Retries after a retriable failure; each resumes from the last committed checkpoint. Default 3.")
-    image: Optional[str] = Field(default=None, max_length=1024, description="Trainer container image. Unset: the operator's default trainer image.")
+    active_deadline_seconds: Optional[int] = Field(
+        default=None, ge=1, description="Fail the job when it runs longer than this, in seconds, across retries."
+    )
+    max_retries: int = Field(
+        default=3,
+        ge=0,
+        le=100,
+        description="Retries after a retriable failure; each resumes from the last committed checkpoint. Default 3.",
+    )
+    image: Optional[str] = Field(
+        default=None,
+        max_length=1024,
+        description="Trainer container image. Unset: the operator's default trainer image.",
+    )
     suffix: Optional[str] = Field(
         default=None,
         max_length=40,
@@ -1522,7 +1779,7 @@ class FineTuneJobSpec(WireModel):
         return value
 
     @model_validator(mode="after")
-    def _mergeable(self) -> "FineTuneJobSpec":
+    def _mergeable(self) -> FineTuneJobSpec:
         if self.output.format == OutputFormat.MERGED and self.method.adaptation in (
             Adaptation.PREFIX_TUNING,
             Adaptation.PROMPT_TUNING,

@@ -11,9 +11,8 @@ import re
 from collections.abc import Callable
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import AfterValidator, Field, PlainValidator, WithJsonSchema
-
 from kubetune.api._base import CEL_KEY, cel
+from pydantic import AfterValidator, Field, PlainValidator, WithJsonSchema
 
 MODEL_SCHEMES = ("hf", "s3", "gs", "gcs", "file", "pvc", "builtin")
 DATA_SCHEMES = ("s3", "gs", "gcs", "file", "pvc", "http", "https")
@@ -41,8 +40,10 @@ CREDENTIALS_IN_URI = (
     r"|(hf|s3|gs|gcs|file|pvc|builtin)://[^/?#]*:"
     r"|https?://[^/?#\x5b][^/?#]*:[^/?#]*[^0-9/?#])"
 )
-CREDENTIALS_MESSAGE = ("must not carry credentials (user:password@ or token@ before the host): remove them and put "
-                       "credentials in a Secret named by spec.output.credentialsSecret")
+CREDENTIALS_MESSAGE = (
+    "must not carry credentials (user:password@ or token@ before the host): remove them and put "
+    "credentials in a Secret named by spec.output.credentialsSecret"
+)
 _credentials = re.compile(CREDENTIALS_IN_URI)
 
 
@@ -69,8 +70,15 @@ def _uri(schemes: tuple[str, ...], plain_paths: bool, what: str) -> Any:
     return Annotated[
         str,
         AfterValidator(check),
-        WithJsonSchema({"type": "string", "minLength": 1, "maxLength": 2048, "pattern": pattern,
-                        CEL_KEY: [cel(f"!self.matches({cel_string(CREDENTIALS_IN_URI)})", CREDENTIALS_MESSAGE)]}),
+        WithJsonSchema(
+            {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 2048,
+                "pattern": pattern,
+                CEL_KEY: [cel(f"!self.matches({cel_string(CREDENTIALS_IN_URI)})", CREDENTIALS_MESSAGE)],
+            }
+        ),
     ]
 
 
@@ -95,7 +103,7 @@ def _positive_int_or_auto(value: Any) -> Any:
     if value == "auto":
         return value
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"must be an integer ≥ 1 or \"auto\", got {value!r}")
+        raise ValueError(f'must be an integer ≥ 1 or "auto", got {value!r}')
     return value
 
 
@@ -116,6 +124,7 @@ AutoInt = Annotated[
     ),
 ]
 """An integer ≥ 1, or `auto` to let kubetune choose (the choice is recorded in status.effective)."""
+
 
 def _positive_number(value: Any) -> float:
     if value == "auto":
@@ -141,7 +150,9 @@ PositiveNumber = Annotated[
 ]
 """A number > 0; unset means kubetune chooses (the choice is recorded in status.effective)."""
 
-QUANTITY_PATTERN = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
 _quantity = re.compile(QUANTITY_PATTERN)
 
 
@@ -183,8 +194,10 @@ _NAME_63 = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
 QUALIFIED_NAME = rf"^({_DNS_LABEL_63}(\.{_DNS_LABEL_63})*/)?{_NAME_63}$"
 LABEL_VALUE = rf"^({_NAME_63})?$"
 _PREFIX_TOO_LONG = "^[^/]{254,}/"
-_QUALIFIED_HELP = ("a qualified name: an optional DNS prefix of at most 253 characters and '/', then at most 63 "
-                   "letters, digits, '-', '_' or '.', starting and ending with a letter or digit (e.g. nvidia.com/gpu)")
+_QUALIFIED_HELP = (
+    "a qualified name: an optional DNS prefix of at most 253 characters and '/', then at most 63 "
+    "letters, digits, '-', '_' or '.', starting and ending with a letter or digit (e.g. nvidia.com/gpu)"
+)
 _qualified = re.compile(QUALIFIED_NAME)
 
 
@@ -201,16 +214,32 @@ def _check_qualified(value: str) -> str:
 QualifiedName = Annotated[
     str,
     AfterValidator(_check_qualified),
-    WithJsonSchema({"type": "string", "maxLength": 317, "pattern": QUALIFIED_NAME,
-                    CEL_KEY: [cel(f"!self.matches({cel_string(_PREFIX_TOO_LONG)})", "the prefix before '/' is at most 253 characters")]}),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "maxLength": 317,
+            "pattern": QUALIFIED_NAME,
+            CEL_KEY: [
+                cel(f"!self.matches({cel_string(_PREFIX_TOO_LONG)})", "the prefix before '/' is at most 253 characters")
+            ],
+        }
+    ),
 ]
 """A Kubernetes qualified name (label key, taint key, extended resource name)."""
 
 TaintKey = Annotated[
     str,
     AfterValidator(lambda v: v if v == "" else _check_qualified(v)),
-    WithJsonSchema({"type": "string", "maxLength": 317, "pattern": f"^({QUALIFIED_NAME[1:-1]})?$",
-                    CEL_KEY: [cel(f"!self.matches({cel_string(_PREFIX_TOO_LONG)})", "the prefix before '/' is at most 253 characters")]}),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "maxLength": 317,
+            "pattern": f"^({QUALIFIED_NAME[1:-1]})?$",
+            CEL_KEY: [
+                cel(f"!self.matches({cel_string(_PREFIX_TOO_LONG)})", "the prefix before '/' is at most 253 characters")
+            ],
+        }
+    ),
 ]
 """A qualified name, or empty (a toleration with operator Exists and no key tolerates every taint)."""
 
@@ -230,6 +259,7 @@ def check_label_keys(labels: dict[str, str]) -> dict[str, str]:
         raise ValueError(f"{bad[0]!r} is not a valid label key: every key must be {_QUALIFIED_HELP}")
     return labels
 
+
 ShortString = Annotated[str, Field(max_length=253)]
 """A name-like string; bounded so CEL rules comparing it stay within the API server's cost budget."""
 
@@ -243,8 +273,9 @@ _DOT_SEGMENT = "(^|/)[.][.]?(/|$)"
 _PATH_CHARS = "letters, digits and - . _ @ + = , ~"
 
 
-def path_type(pattern: str, what: str, check: Callable[[str], str] | None = None,
-              rules: tuple[dict[str, str], ...] = ()) -> Any:
+def path_type(
+    pattern: str, what: str, check: Callable[[str], str] | None = None, rules: tuple[dict[str, str], ...] = ()
+) -> Any:
     """A bounded path string matching `pattern` without '.'/'..' segments; `check` and `rules`
     (its CEL twins) add what a particular field refuses."""
     compiled, dots = re.compile(pattern), re.compile(_DOT_SEGMENT)
@@ -261,9 +292,20 @@ def path_type(pattern: str, what: str, check: Callable[[str], str] | None = None
     return Annotated[
         str,
         AfterValidator(check_path),
-        WithJsonSchema({"type": "string", "maxLength": 1024, "pattern": pattern,
-                        CEL_KEY: [cel(f"!self.matches({cel_string(_DOT_SEGMENT)})",
-                                      "has a '.' or '..' segment; write the path without them"), *rules]}),
+        WithJsonSchema(
+            {
+                "type": "string",
+                "maxLength": 1024,
+                "pattern": pattern,
+                CEL_KEY: [
+                    cel(
+                        f"!self.matches({cel_string(_DOT_SEGMENT)})",
+                        "has a '.' or '..' segment; write the path without them",
+                    ),
+                    *rules,
+                ],
+            }
+        ),
     ]
 
 

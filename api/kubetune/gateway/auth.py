@@ -48,10 +48,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
-
 from kubetune.gateway.backend import Forbidden, Tenant, Unauthorized, Unavailable
 from kubetune.gateway.webhooks import WebhookConfig
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +62,16 @@ PROJECT_HEADER = "openai-project"
 GROUP, PLURAL = "kubetune.io", "finetunejobs"
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
-REQUEST_METHOD: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("kubetune_gateway_request_method", default=None)
+REQUEST_METHOD: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
+    "kubetune_gateway_request_method", default=None
+)
 """The HTTP method of the request being answered (set by `RequestMethodMiddleware`): a caller that
 passes only the headers still gets the right SubjectAccessReview verb."""
 
-_NO_KEY = ("You didn't provide an API key. You need to provide your API key in an Authorization header using "
-           "Bearer auth (i.e. Authorization: Bearer YOUR_KEY).")
+_NO_KEY = (
+    "You didn't provide an API key. You need to provide your API key in an Authorization header using "
+    "Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+)
 
 
 class AccessFileError(Exception):
@@ -83,16 +86,27 @@ class ApiKey(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
-                      description="A label for logs and audits (never the key).")
-    key: Optional[SecretStr] = Field(default=None, min_length=16, description="The key in plain text (at least 16 characters).")
+    name: str = Field(
+        min_length=1,
+        max_length=63,
+        pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$",
+        description="A label for logs and audits (never the key).",
+    )
+    key: Optional[SecretStr] = Field(
+        default=None, min_length=16, description="The key in plain text (at least 16 characters)."
+    )
     sha256: Optional[str] = Field(default=None, pattern=r"^[0-9a-f]{64}$", description="sha256 hex digest of the key.")
     namespace: str = Field(max_length=63, pattern=DNS_LABEL, description="The namespace this key acts in.")
-    organization: Optional[str] = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][-A-Za-z0-9_]*$",
-                                        description="organization_id of this key's jobs (default org-<namespace>).")
+    organization: Optional[str] = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9][-A-Za-z0-9_]*$",
+        description="organization_id of this key's jobs (default org-<namespace>).",
+    )
 
     @model_validator(mode="after")
-    def _one_secret(self) -> "ApiKey":
+    def _one_secret(self) -> ApiKey:
         if (self.key is None) == (self.sha256 is None):
             raise ValueError("set exactly one of `key` (the key in plain text) and `sha256` (its sha256 hex digest)")
         return self
@@ -104,7 +118,9 @@ class ApiKey(BaseModel):
         return hashlib.sha256(self.key.get_secret_value().encode()).digest()
 
     def tenant(self) -> Tenant:
-        return Tenant(namespace=self.namespace, organization_id=self.organization or f"org-{self.namespace}", key_id=self.name)
+        return Tenant(
+            namespace=self.namespace, organization_id=self.organization or f"org-{self.namespace}", key_id=self.name
+        )
 
 
 class AccessConfig(BaseModel):
@@ -113,10 +129,12 @@ class AccessConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     keys: list[ApiKey] = Field(default_factory=list, description="API keys, each acting in one namespace.")
-    webhooks: list[WebhookConfig] = Field(default_factory=list, description="Webhook endpoints, at most one per namespace.")
+    webhooks: list[WebhookConfig] = Field(
+        default_factory=list, description="Webhook endpoints, at most one per namespace."
+    )
 
     @model_validator(mode="after")
-    def _unique(self) -> "AccessConfig":
+    def _unique(self) -> AccessConfig:
         names = [k.name for k in self.keys]
         for i, name in enumerate(names):
             if name in names[:i]:
@@ -124,7 +142,9 @@ class AccessConfig(BaseModel):
         digests = [k.digest() for k in self.keys]
         for i, digest in enumerate(digests):
             if digest in digests[:i]:
-                raise ValueError(f"keys[{i}]: the same key as keys[{digests.index(digest)}]; a key maps to one namespace")
+                raise ValueError(
+                    f"keys[{i}]: the same key as keys[{digests.index(digest)}]; a key maps to one namespace"
+                )
         spaces = [w.namespace for w in self.webhooks]
         for i, ns in enumerate(spaces):
             if ns in spaces[:i]:
@@ -162,7 +182,9 @@ def parse_access(text: str, source: str = "<access file>") -> AccessConfig:
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         where = f"{source}:{mark.line + 1}" if mark else source
-        raise AccessFileError(f"{where}: invalid YAML: {' '.join(x for x in (err.context, err.problem) if x)}") from None
+        raise AccessFileError(
+            f"{where}: invalid YAML: {' '.join(x for x in (err.context, err.problem) if x)}"
+        ) from None
     except yaml.YAMLError as err:
         raise AccessFileError(f"{source}: invalid YAML: {err}") from None
     if data is None:
@@ -301,11 +323,17 @@ class TokenReviewer:
         from kubernetes import client
 
         spec = client.V1SubjectAccessReviewSpec(
-            user=review.user, groups=list(review.groups), uid=review.uid or None,
+            user=review.user,
+            groups=list(review.groups),
+            uid=review.uid or None,
             extra={k: list(v) for k, v in review.extra} or None,
-            resource_attributes=client.V1ResourceAttributes(group=GROUP, resource=PLURAL, namespace=namespace, verb=verb),
+            resource_attributes=client.V1ResourceAttributes(
+                group=GROUP, resource=PLURAL, namespace=namespace, verb=verb
+            ),
         )
-        result = client.AuthorizationV1Api(self.api_client).create_subject_access_review(client.V1SubjectAccessReview(spec=spec))
+        result = client.AuthorizationV1Api(self.api_client).create_subject_access_review(
+            client.V1SubjectAccessReview(spec=spec)
+        )
         status = result.status
         return bool(status and status.allowed), (status.reason or "") if status else ""
 
@@ -328,11 +356,16 @@ class TokenReviewer:
             sa = re.match(r"^system:serviceaccount:([^:]+):[^:]+$", review.user)
             if not namespace:
                 if sa is None:
-                    raise Forbidden(f"{review.user!r} is no ServiceAccount: say which namespace to act in with the "
-                                    "OpenAI-Project header (project=\"NAMESPACE\" in the openai client)", param="OpenAI-Project")
+                    raise Forbidden(
+                        f"{review.user!r} is no ServiceAccount: say which namespace to act in with the "
+                        'OpenAI-Project header (project="NAMESPACE" in the openai client)',
+                        param="OpenAI-Project",
+                    )
                 namespace = sa.group(1)
             if not re.match(DNS_LABEL, namespace) or len(namespace) > 63:
-                raise Forbidden(f"OpenAI-Project {namespace[:80]!r} is not a namespace name (a DNS label)", param="OpenAI-Project")
+                raise Forbidden(
+                    f"OpenAI-Project {namespace[:80]!r} is not a namespace name (a DNS label)", param="OpenAI-Project"
+                )
             verb = "list" if method.upper() in READ_METHODS else "create"
             key = (digest, namespace, verb)
             hit = self._cached(self._access, key)
@@ -343,17 +376,24 @@ class TokenReviewer:
                 allowed, reason = hit[1], hit[2]
         except ApiException as err:
             if err.status in (401, 403):
-                raise Unavailable("the gateway may not review tokens (its ServiceAccount needs create on tokenreviews "
-                                  "and subjectaccessreviews: the chart's system:auth-delegator binding)") from None
-            raise Unavailable(f"the Kubernetes API server did not answer the token review (HTTP {err.status})",
-                              retry_after=1) from None
+                raise Unavailable(
+                    "the gateway may not review tokens (its ServiceAccount needs create on tokenreviews "
+                    "and subjectaccessreviews: the chart's system:auth-delegator binding)"
+                ) from None
+            raise Unavailable(
+                f"the Kubernetes API server did not answer the token review (HTTP {err.status})", retry_after=1
+            ) from None
         except OSError as err:
-            raise Unavailable(f"the Kubernetes API server cannot be reached for the token review: {err}", retry_after=1) from None
+            raise Unavailable(
+                f"the Kubernetes API server cannot be reached for the token review: {err}", retry_after=1
+            ) from None
         if not allowed:
             because = f" ({reason})" if reason else ""
-            raise Forbidden(f"{review.user!r} may not {verb} finetunejobs.kubetune.io in namespace {namespace!r}{because}; "
-                            "ask for a RoleBinding there (the chart aggregates FineTuneJob rights into the edit and "
-                            "view roles)")
+            raise Forbidden(
+                f"{review.user!r} may not {verb} finetunejobs.kubetune.io in namespace {namespace!r}{because}; "
+                "ask for a RoleBinding there (the chart aggregates FineTuneJob rights into the edit and "
+                "view roles)"
+            )
         return Tenant(namespace=namespace, organization_id=f"org-{namespace}", key_id=review.user)
 
 
@@ -367,12 +407,19 @@ class Authenticator:
     alone, `anonymous`: a laptop's `kubetune api --local` without keys, where every request is that
     tenant whatever key the client sends (the openai client insists on sending one)."""
 
-    def __init__(self, access: Optional[AccessFile | AccessConfig] = None, *, tokens: Optional[TokenReviewer] = None,
-                 anonymous: Optional[Tenant] = None) -> None:
+    def __init__(
+        self,
+        access: Optional[AccessFile | AccessConfig] = None,
+        *,
+        tokens: Optional[TokenReviewer] = None,
+        anonymous: Optional[Tenant] = None,
+    ) -> None:
         if anonymous is not None and (access is not None or tokens is not None):
             raise ValueError("an anonymous tenant excludes keys and tokens: with keys, every caller needs one")
         if access is None and tokens is None and anonymous is None:
-            raise ValueError("no way to authenticate: give an access file, Kubernetes token reviews or an anonymous tenant")
+            raise ValueError(
+                "no way to authenticate: give an access file, Kubernetes token reviews or an anonymous tenant"
+            )
         self.access = access
         self.tokens = tokens
         self.anonymous = anonymous
@@ -405,8 +452,10 @@ class Authenticator:
         if tenant is None and self.tokens is not None:
             tenant = await self.tokens.tenant(key, headers, method)
         if tenant is None:
-            raise Unauthorized(f"Incorrect API key provided: {_masked(key)}. Ask your kubetune administrator for a key "
-                               "(the gateway's access file)" + (" or use a Kubernetes token" if self.tokens else "") + ".")
+            raise Unauthorized(
+                f"Incorrect API key provided: {_masked(key)}. Ask your kubetune administrator for a key "
+                "(the gateway's access file)" + (" or use a Kubernetes token" if self.tokens else "") + "."
+            )
         return tenant
 
     authenticate = __call__

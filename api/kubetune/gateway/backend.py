@@ -10,8 +10,9 @@ so 409 only for real conflicts, and `Retry-After` where a retry can help).
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import AsyncIterator, Optional, Protocol, Sequence, TypeVar, runtime_checkable
+from typing import Optional, Protocol, TypeVar, runtime_checkable
 
 from kubetune.gateway.objects import (
     Checkpoint,
@@ -48,8 +49,9 @@ class GatewayError(Exception):
     type: str = "server_error"
     default_code: Optional[str] = None
 
-    def __init__(self, message: str, param: Optional[str] = None, code: Optional[str] = None,
-                 retry_after: Optional[int] = None) -> None:
+    def __init__(
+        self, message: str, param: Optional[str] = None, code: Optional[str] = None, retry_after: Optional[int] = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
@@ -125,9 +127,13 @@ def paginate(items: Sequence[T], after: Optional[str], limit: int, key=lambda o:
         if after not in ids:
             raise Invalid(f"no object with id {after!r} in this list; pass an id from a previous page", param="after")
         start = ids.index(after) + 1
-    page = list(items[start:start + limit])
-    return ListPage(data=page, has_more=start + limit < len(items),
-                    first_id=key(page[0]) if page else None, last_id=key(page[-1]) if page else None)
+    page = list(items[start : start + limit])
+    return ListPage(
+        data=page,
+        has_more=start + limit < len(items),
+        first_id=key(page[0]) if page else None,
+        last_id=key(page[-1]) if page else None,
+    )
 
 
 # ------------------------------------------------------------------------------------ backend
@@ -141,14 +147,16 @@ class Backend(Protocol):
     until they pass, then `queued`, or `failed` with `error.param` naming the file line)."""
 
     # files
-    async def create_file(self, tenant: Tenant, filename: str, purpose: str,
-                          chunks: AsyncIterator[bytes]) -> FileObject:
+    async def create_file(
+        self, tenant: Tenant, filename: str, purpose: str, chunks: AsyncIterator[bytes]
+    ) -> FileObject:
         """Store an upload. `chunks` may raise a GatewayError midway (an upload limit): then
         nothing of it may be kept. The backend records size and sha256."""
         ...
 
-    async def list_files(self, tenant: Tenant, *, purpose: Optional[str], after: Optional[str], limit: int,
-                         order: str = "desc") -> ListPage: ...
+    async def list_files(
+        self, tenant: Tenant, *, purpose: Optional[str], after: Optional[str], limit: int, order: str = "desc"
+    ) -> ListPage: ...
 
     async def get_file(self, tenant: Tenant, file_id: str) -> FileObject: ...
 
@@ -161,8 +169,9 @@ class Backend(Protocol):
     # jobs
     async def create_job(self, tenant: Tenant, request: JobCreate) -> FineTuningJob: ...
 
-    async def list_jobs(self, tenant: Tenant, *, after: Optional[str], limit: int,
-                        metadata: dict[str, str]) -> ListPage:
+    async def list_jobs(
+        self, tenant: Tenant, *, after: Optional[str], limit: int, metadata: dict[str, str]
+    ) -> ListPage:
         """Jobs whose metadata has every pair of `metadata`."""
         ...
 
@@ -185,7 +194,24 @@ class Backend(Protocol):
 
 
 __all__ = [
-    "Backend", "Checkpoint", "Conflict", "Event", "FileDeleted", "FileObject", "FineTuningJob", "Forbidden",
-    "GatewayError", "Invalid", "JobCreate", "ListPage", "Model", "NotFound", "RateLimited", "Tenant", "TooLarge",
-    "Unauthorized", "Unavailable", "paginate",
+    "Backend",
+    "Checkpoint",
+    "Conflict",
+    "Event",
+    "FileDeleted",
+    "FileObject",
+    "FineTuningJob",
+    "Forbidden",
+    "GatewayError",
+    "Invalid",
+    "JobCreate",
+    "ListPage",
+    "Model",
+    "NotFound",
+    "RateLimited",
+    "Tenant",
+    "TooLarge",
+    "Unauthorized",
+    "Unavailable",
+    "paginate",
 ]

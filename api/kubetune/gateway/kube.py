@@ -36,16 +36,30 @@ import json
 import logging
 import re
 import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Mapping, Optional
+from typing import Any, Optional
 
 from kubetune.gateway import translate
 from kubetune.gateway.backend import (
-    Conflict, Forbidden, GatewayError, Invalid, NotFound, Tenant, Unavailable, paginate,
+    Conflict,
+    Forbidden,
+    GatewayError,
+    Invalid,
+    NotFound,
+    Tenant,
+    Unavailable,
+    paginate,
 )
 from kubetune.gateway.objects import Event, FileDeleted, FileObject, FineTuningJob, JobCreate, ListPage, Model
 from kubetune.gateway.webhooks import (
-    EVENTS, Dispatcher, LedgerState, WebhookConfig, WebhookError, WebhookSender, endpoint_for,
+    EVENTS,
+    Dispatcher,
+    LedgerState,
+    WebhookConfig,
+    WebhookError,
+    WebhookSender,
+    endpoint_for,
 )
 
 log = logging.getLogger(__name__)
@@ -82,7 +96,9 @@ class KubeSettings:
     def __post_init__(self) -> None:
         self.storage = self.storage.rstrip("/")
         if "://" not in self.storage:
-            raise ValueError(f"storage {self.storage!r} must be a URL with a scheme (s3://bucket/prefix, gs://…, file:///path)")
+            raise ValueError(
+                f"storage {self.storage!r} must be a URL with a scheme (s3://bucket/prefix, gs://…, file:///path)"
+            )
 
 
 GATEWAY_AGENT = "kubetune-gateway/"
@@ -121,9 +137,14 @@ def _rfc3339_unix(value: Any) -> int:
 class KubeBackend:
     """`Backend` on a Kubernetes cluster (see the module docstring)."""
 
-    def __init__(self, client: Any, settings: KubeSettings, *,
-                 webhooks: Optional[Callable[[], list[WebhookConfig]]] = None,
-                 sender: Optional[WebhookSender] = None) -> None:
+    def __init__(
+        self,
+        client: Any,
+        settings: KubeSettings,
+        *,
+        webhooks: Optional[Callable[[], list[WebhookConfig]]] = None,
+        sender: Optional[WebhookSender] = None,
+    ) -> None:
         import fsspec.core
 
         self.client = client
@@ -165,8 +186,9 @@ class KubeBackend:
                 return None
             raise self._error(what, err) from None
         except (HTTPError, OSError) as err:
-            raise Unavailable(f"the Kubernetes API server cannot be reached ({what}): {type(err).__name__}",
-                              retry_after=2) from None
+            raise Unavailable(
+                f"the Kubernetes API server cannot be reached ({what}): {type(err).__name__}", retry_after=2
+            ) from None
 
     @staticmethod
     def _error(what: str, err: Any) -> GatewayError:
@@ -174,8 +196,10 @@ class KubeBackend:
         with contextlib.suppress(ValueError, TypeError):
             message = json.loads(err.body or "{}").get("message", "")
         if err.status == 403:
-            return Forbidden(f"kubetune api may not {what}: {message or 'forbidden'}. The gateway's ServiceAccount needs "
-                             "the chart's gateway Role in this namespace (watch.namespaces, or watch.scope Cluster)")
+            return Forbidden(
+                f"kubetune api may not {what}: {message or 'forbidden'}. The gateway's ServiceAccount needs "
+                "the chart's gateway Role in this namespace (watch.namespaces, or watch.scope Cluster)"
+            )
         if err.status == 409:
             return Conflict(f"{what}: {message or 'conflict'}")
         if err.status in (400, 422):
@@ -193,7 +217,9 @@ class KubeBackend:
         """The URL the trainer reads a file from (the storage URL, not the filesystem's path)."""
         return f"{self.settings.storage}/{namespace}/files/{file_id}.jsonl"
 
-    async def create_file(self, tenant: Tenant, filename: str, purpose: str, chunks: AsyncIterator[bytes]) -> FileObject:
+    async def create_file(
+        self, tenant: Tenant, filename: str, purpose: str, chunks: AsyncIterator[bytes]
+    ) -> FileObject:
         file_id = translate.new_id("file")
         data_path = f"{self._files_dir(tenant.namespace)}/{file_id}.jsonl"
         digest, size = hashlib.sha256(), 0
@@ -213,8 +239,9 @@ class KubeBackend:
         obj = FileObject(id=file_id, bytes=size, created_at=int(time.time()), filename=filename, purpose=purpose)
         record = {**obj.model_dump(), "sha256": digest.hexdigest(), "uri": self.file_uri(tenant.namespace, file_id)}
         try:
-            await asyncio.to_thread(self.fs.pipe_file, f"{self._files_dir(tenant.namespace)}/{file_id}.json",
-                                    json.dumps(record).encode())
+            await asyncio.to_thread(
+                self.fs.pipe_file, f"{self._files_dir(tenant.namespace)}/{file_id}.json", json.dumps(record).encode()
+            )
         except OSError as err:
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(self.fs.rm, data_path)
@@ -226,7 +253,9 @@ class KubeBackend:
             self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
             return self.fs.open(path, "wb")
         except OSError as err:
-            raise Unavailable(f"object storage cannot be written ({self.settings.storage}): {err}", retry_after=2) from None
+            raise Unavailable(
+                f"object storage cannot be written ({self.settings.storage}): {err}", retry_after=2
+            ) from None
 
     async def _record(self, tenant: Tenant, file_id: str) -> dict[str, Any]:
         if not FILE_ID.match(file_id):
@@ -243,8 +272,9 @@ class KubeBackend:
     def _file_object(record: Mapping[str, Any]) -> FileObject:
         return FileObject.model_validate({k: v for k, v in record.items() if k in FileObject.model_fields})
 
-    async def list_files(self, tenant: Tenant, *, purpose: Optional[str], after: Optional[str], limit: int,
-                         order: str = "desc") -> ListPage:
+    async def list_files(
+        self, tenant: Tenant, *, purpose: Optional[str], after: Optional[str], limit: int, order: str = "desc"
+    ) -> ListPage:
         directory = self._files_dir(tenant.namespace)
 
         def read_all() -> list[dict[str, Any]]:
@@ -316,8 +346,11 @@ class KubeBackend:
             try:
                 record = await self._record(tenant, file_id)
             except NotFound:
-                raise Invalid(f"{param} {file_id!r}: no such file; upload it with files.create(purpose=\"fine-tune\")",
-                              param=param, code="invalid_file") from None
+                raise Invalid(
+                    f'{param} {file_id!r}: no such file; upload it with files.create(purpose="fine-tune")',
+                    param=param,
+                    code="invalid_file",
+                ) from None
             uri = self.file_uri(tenant.namespace, file_id)
             uris[param], files[uri], names[uri] = uri, param, f"{file_id} ({record.get('filename')})"
         job_id = translate.new_id("ftjob")
@@ -327,28 +360,50 @@ class KubeBackend:
             FILES_ANNOTATION: json.dumps({"files": files, "names": names}),
         }
         manifest = translate.to_manifest(
-            request, name=job_id, job_id=job_id, train_uri=uris["training_file"] or "",
-            validation_uri=uris["validation_file"], output_uri=f"{self.settings.storage}/{tenant.namespace}/jobs/{job_id}",
-            namespace=tenant.namespace, gpus=self.settings.gpus, checkpoint_every_steps=self.settings.checkpoint_every_steps,
-            annotations=annotations)
+            request,
+            name=job_id,
+            job_id=job_id,
+            train_uri=uris["training_file"] or "",
+            validation_uri=uris["validation_file"],
+            output_uri=f"{self.settings.storage}/{tenant.namespace}/jobs/{job_id}",
+            namespace=tenant.namespace,
+            gpus=self.settings.gpus,
+            checkpoint_every_steps=self.settings.checkpoint_every_steps,
+            annotations=annotations,
+        )
         if self.settings.credentials_secret:
             manifest["spec"]["output"]["credentialsSecret"] = self.settings.credentials_secret
         if self.settings.image:
             manifest["spec"]["image"] = self.settings.image
         translate.validate_manifest(manifest)
-        created = await self._call(f"create finetunejobs in namespace {tenant.namespace}",
-                                   self._custom().create_namespaced_custom_object, GROUP, VERSION, tenant.namespace,
-                                   PLURAL, manifest)
+        created = await self._call(
+            f"create finetunejobs in namespace {tenant.namespace}",
+            self._custom().create_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            tenant.namespace,
+            PLURAL,
+            manifest,
+        )
         if created is None:
-            raise Invalid(f"namespace {tenant.namespace!r} does not exist on this cluster; ask your kubetune administrator "
-                          "to create it (and the credentials Secret of its jobs)")
+            raise Invalid(
+                f"namespace {tenant.namespace!r} does not exist on this cluster; ask your kubetune administrator "
+                "to create it (and the credentials Secret of its jobs)"
+            )
         return self._job(created)
 
     async def _get(self, tenant: Tenant, job_id: str) -> dict[str, Any]:
         if not JOB_ID.match(job_id):
             raise NotFound(f"No such fine-tuning job: {job_id[:100]}", param="fine_tuning_job_id")
-        obj = await self._call(f"get finetunejobs in namespace {tenant.namespace}",
-                               self._custom().get_namespaced_custom_object, GROUP, VERSION, tenant.namespace, PLURAL, job_id)
+        obj = await self._call(
+            f"get finetunejobs in namespace {tenant.namespace}",
+            self._custom().get_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            tenant.namespace,
+            PLURAL,
+            job_id,
+        )
         labels = ((obj or {}).get("metadata") or {}).get("labels") or {}
         if obj is None or labels.get(JOB_ID_LABEL) != job_id or not self._ours(obj):
             raise NotFound(f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id")
@@ -364,15 +419,26 @@ class KubeBackend:
         try:
             JobCreate.model_validate_json((meta.get("annotations") or {}).get(REQUEST_ANNOTATION) or "")
         except ValueError:
-            log.warning("FineTuneJob %s/%s has the %s label but no valid %s annotation: not listed",
-                        meta.get("namespace"), meta.get("name"), JOB_ID_LABEL, REQUEST_ANNOTATION)
+            log.warning(
+                "FineTuneJob %s/%s has the %s label but no valid %s annotation: not listed",
+                meta.get("namespace"),
+                meta.get("name"),
+                JOB_ID_LABEL,
+                REQUEST_ANNOTATION,
+            )
             return False
         return True
 
     async def _list(self, namespace: str) -> list[dict[str, Any]]:
-        listing = await self._call(f"list finetunejobs in namespace {namespace}",
-                                   self._custom().list_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL,
-                                   label_selector=JOB_ID_LABEL)
+        listing = await self._call(
+            f"list finetunejobs in namespace {namespace}",
+            self._custom().list_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            label_selector=JOB_ID_LABEL,
+        )
         items = [o for o in (listing or {}).get("items") or [] if self._ours(o)]
         items.sort(key=lambda o: (o["metadata"].get("creationTimestamp") or "", o["metadata"]["name"]), reverse=True)
         return items
@@ -395,12 +461,20 @@ class KubeBackend:
         spec = obj.get("spec") or {}
         files, names = self._files(obj)
         return translate.openai_job(
-            job_id=meta["labels"][JOB_ID_LABEL], created_at=_rfc3339_unix(meta.get("creationTimestamp")),
-            request=self._request(obj), organization_id=(meta.get("annotations") or {}).get(ORGANIZATION_ANNOTATION, ""),
-            status=obj.get("status") or {}, suspend=bool(spec.get("suspend")), cancel=bool(spec.get("cancel")),
-            files=files, names=names)
+            job_id=meta["labels"][JOB_ID_LABEL],
+            created_at=_rfc3339_unix(meta.get("creationTimestamp")),
+            request=self._request(obj),
+            organization_id=(meta.get("annotations") or {}).get(ORGANIZATION_ANNOTATION, ""),
+            status=obj.get("status") or {},
+            suspend=bool(spec.get("suspend")),
+            cancel=bool(spec.get("cancel")),
+            files=files,
+            names=names,
+        )
 
-    async def list_jobs(self, tenant: Tenant, *, after: Optional[str], limit: int, metadata: dict[str, str]) -> ListPage:
+    async def list_jobs(
+        self, tenant: Tenant, *, after: Optional[str], limit: int, metadata: dict[str, str]
+    ) -> ListPage:
         jobs = [self._job(o) for o in await self._list(tenant.namespace)]
         if metadata:
             jobs = [j for j in jobs if all((j.metadata or {}).get(k) == v for k, v in metadata.items())]
@@ -410,9 +484,16 @@ class KubeBackend:
         return self._job(await self._get(tenant, job_id))
 
     async def _patch_spec(self, tenant: Tenant, job_id: str, spec: dict[str, Any], what: str) -> FineTuningJob:
-        patched = await self._call(f"patch finetunejobs in namespace {tenant.namespace} ({what})",
-                                   self._custom().patch_namespaced_custom_object, GROUP, VERSION, tenant.namespace,
-                                   PLURAL, job_id, {"spec": spec})
+        patched = await self._call(
+            f"patch finetunejobs in namespace {tenant.namespace} ({what})",
+            self._custom().patch_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            tenant.namespace,
+            PLURAL,
+            job_id,
+            {"spec": spec},
+        )
         if patched is None:
             raise NotFound(f"No such fine-tuning job: {job_id}", param="fine_tuning_job_id")
         return self._job(patched)
@@ -446,11 +527,20 @@ class KubeBackend:
     async def list_events(self, tenant: Tenant, job_id: str, *, after: Optional[str], limit: int) -> ListPage:
         obj = await self._get(tenant, job_id)
         uid = obj["metadata"].get("uid")
-        listing = await self._call(f"list events in namespace {tenant.namespace}", self._core().list_namespaced_event,
-                                   tenant.namespace, field_selector=f"involvedObject.uid={uid}")
+        listing = await self._call(
+            f"list events in namespace {tenant.namespace}",
+            self._core().list_namespaced_event,
+            tenant.namespace,
+            field_selector=f"involvedObject.uid={uid}",
+        )
         job = self._job(obj)
-        events: list[Event] = [Event(id=translate.stable_id("ftevent", job_id, "created"), created_at=job.created_at,
-                                     message=f"Created fine-tuning job: {job_id}")]
+        events: list[Event] = [
+            Event(
+                id=translate.stable_id("ftevent", job_id, "created"),
+                created_at=job.created_at,
+                message=f"Created fine-tuning job: {job_id}",
+            )
+        ]
         for ev in (listing or {}).get("items") or []:
             involved = ev.get("involvedObject") or {}
             if involved.get("uid") != uid:
@@ -459,37 +549,72 @@ class KubeBackend:
             level = "warn" if ev.get("type") == "Warning" else "info"
             if level == "warn" and reason in FAILURE_REASONS:
                 level = "error"
-            when = ev.get("eventTime") or ev.get("lastTimestamp") or ev.get("firstTimestamp") or \
-                (ev.get("metadata") or {}).get("creationTimestamp")
-            events.append(Event(id=translate.stable_id("ftevent", job_id, (ev.get("metadata") or {}).get("uid") or ev["metadata"]["name"]),
-                                created_at=_rfc3339_unix(when), level=level, message=str(ev.get("message") or reason),
-                                data={"reason": reason, "count": ev.get("count") or 1}))
+            when = (
+                ev.get("eventTime")
+                or ev.get("lastTimestamp")
+                or ev.get("firstTimestamp")
+                or (ev.get("metadata") or {}).get("creationTimestamp")
+            )
+            events.append(
+                Event(
+                    id=translate.stable_id(
+                        "ftevent", job_id, (ev.get("metadata") or {}).get("uid") or ev["metadata"]["name"]
+                    ),
+                    created_at=_rfc3339_unix(when),
+                    level=level,
+                    message=str(ev.get("message") or reason),
+                    data={"reason": reason, "count": ev.get("count") or 1},
+                )
+            )
         status = obj.get("status") or {}
         progress, metrics = status.get("progress") or {}, status.get("metrics") or {}
         if progress.get("step"):
-            data = {"step": progress["step"], "total_steps": progress.get("totalSteps"),
-                    "train_loss": metrics.get("trainLoss"), "valid_loss": metrics.get("evalLoss"),
-                    "valid_mean_token_accuracy": metrics.get("tokenAccuracy"), "epoch": progress.get("epoch")}
+            data = {
+                "step": progress["step"],
+                "total_steps": progress.get("totalSteps"),
+                "train_loss": metrics.get("trainLoss"),
+                "valid_loss": metrics.get("evalLoss"),
+                "valid_mean_token_accuracy": metrics.get("tokenAccuracy"),
+                "epoch": progress.get("epoch"),
+            }
             data = {k: v for k, v in data.items() if v is not None}
             loss = f", training loss={metrics['trainLoss']:.4f}" if metrics.get("trainLoss") is not None else ""
-            events.append(Event(id=translate.stable_id("ftevent", job_id, "metrics", progress["step"]),
-                                created_at=job.finished_at or int(time.time()), type="metrics", data=data,
-                                message=f"Step {progress['step']}/{progress.get('totalSteps') or '?'}{loss}"))
+            events.append(
+                Event(
+                    id=translate.stable_id("ftevent", job_id, "metrics", progress["step"]),
+                    created_at=job.finished_at or int(time.time()),
+                    type="metrics",
+                    data=data,
+                    message=f"Step {progress['step']}/{progress.get('totalSteps') or '?'}{loss}",
+                )
+            )
         # The end comes last, also after the operator's own event about it (posted a moment later).
         ended = max([job.finished_at or job.created_at] + [e.created_at for e in events if e.type != "metrics"])
         if job.status == "succeeded":
-            events.append(Event(id=translate.stable_id("ftevent", job_id, "succeeded"), created_at=ended,
-                                message="The job has successfully completed"))
+            events.append(
+                Event(
+                    id=translate.stable_id("ftevent", job_id, "succeeded"),
+                    created_at=ended,
+                    message="The job has successfully completed",
+                )
+            )
         elif job.status == "failed" and job.error is not None:
-            events.append(Event(id=translate.stable_id("ftevent", job_id, "failed"), created_at=ended,
-                                level="error", message=f"Job failed: {job.error.message}"))
+            events.append(
+                Event(
+                    id=translate.stable_id("ftevent", job_id, "failed"),
+                    created_at=ended,
+                    level="error",
+                    message=f"Job failed: {job.error.message}",
+                )
+            )
         elif job.status == "cancelled":
-            events.append(Event(id=translate.stable_id("ftevent", job_id, "cancelled"), created_at=ended,
-                                message="Job cancelled"))
+            events.append(
+                Event(id=translate.stable_id("ftevent", job_id, "cancelled"), created_at=ended, message="Job cancelled")
+            )
         # Newest first; within one second the creation is the oldest and the end the newest.
         first = translate.stable_id("ftevent", job_id, "created")
         last = {translate.stable_id("ftevent", job_id, s) for s in ("succeeded", "failed", "cancelled")}
-        rank = lambda e: 0 if e.id == first else 3 if e.id in last else 2 if e.type == "metrics" else 1  # noqa: E731
+        rank = lambda e: 0 if e.id == first else 3 if e.id in last else 2 if e.type == "metrics" else 1
         events.sort(key=lambda e: (e.created_at, rank(e)), reverse=True)
         return paginate(events, after, limit)
 
@@ -499,7 +624,9 @@ class KubeBackend:
         org = (obj["metadata"].get("annotations") or {}).get(ORGANIZATION_ANNOTATION, "")
         status = obj.get("status") or {}
         tuned = translate.fine_tuned_model(request.model, org, request.suffix, job_id)
-        checkpoints = translate.openai_checkpoints(job_id, tuned, status.get("checkpoints") or [], status.get("metrics"))
+        checkpoints = translate.openai_checkpoints(
+            job_id, tuned, status.get("checkpoints") or [], status.get("metrics")
+        )
         return paginate(checkpoints, after, limit)
 
     async def list_models(self, tenant: Tenant) -> list[Model]:
@@ -507,15 +634,21 @@ class KubeBackend:
         for obj in await self._list(tenant.namespace):
             job = self._job(obj)
             if job.status == "succeeded" and job.fine_tuned_model:
-                models.append(Model(id=job.fine_tuned_model, created=job.finished_at or job.created_at,
-                                    owned_by=job.organization_id))
+                models.append(
+                    Model(
+                        id=job.fine_tuned_model, created=job.finished_at or job.created_at, owned_by=job.organization_id
+                    )
+                )
         return models
 
     async def get_model(self, tenant: Tenant, model_id: str) -> Model:
         found = next((m for m in await self.list_models(tenant) if m.id == model_id), None)
         if found is None:
-            raise NotFound(f"The model {model_id[:200]!r} does not exist or you do not have access to it.", param="model",
-                           code="model_not_found")
+            raise NotFound(
+                f"The model {model_id[:200]!r} does not exist or you do not have access to it.",
+                param="model",
+                code="model_not_found",
+            )
         return found
 
     # ------------------------------------------------------------------------ webhooks
@@ -539,7 +672,7 @@ class KubeBackend:
                 await self.poll_webhooks()
             except asyncio.CancelledError:
                 raise
-            except Exception as err:  # noqa: BLE001 - an API outage must not end the poller
+            except Exception as err:
                 log.warning("webhook poll failed, trying again in %.0f s: %s", self.settings.webhook_poll_seconds, err)
             await asyncio.sleep(self.settings.webhook_poll_seconds)
 
@@ -582,8 +715,15 @@ class AnnotationLedger:
     async def _object(self, key: str) -> Optional[dict[str, Any]]:
         namespace, name = key.split("/", 1)
         b = self.backend
-        return await b._call(f"get finetunejobs in namespace {namespace}", b._custom().get_namespaced_custom_object,
-                             GROUP, VERSION, namespace, PLURAL, name)
+        return await b._call(
+            f"get finetunejobs in namespace {namespace}",
+            b._custom().get_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            name,
+        )
 
     async def _write(self, key: str, event_type: str, state: str, resource_version: Optional[str]) -> None:
         namespace, name = key.split("/", 1)
@@ -591,9 +731,16 @@ class AnnotationLedger:
         if resource_version:
             meta["resourceVersion"] = resource_version  # a precondition: 409 when someone wrote first
         b = self.backend
-        await b._call(f"patch finetunejobs in namespace {namespace} (webhook ledger)",
-                      b._custom().patch_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name,
-                      {"metadata": meta})
+        await b._call(
+            f"patch finetunejobs in namespace {namespace} (webhook ledger)",
+            b._custom().patch_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            name,
+            {"metadata": meta},
+        )
 
     async def claim(self, key: str, event_type: str) -> bool:
         obj = await self._object(key)

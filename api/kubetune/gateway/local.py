@@ -30,8 +30,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator, Optional
+from typing import Any, Optional
 
 from kubetune.gateway import translate
 from kubetune.gateway.backend import Invalid, NotFound, Tenant, Unavailable, paginate
@@ -83,8 +84,15 @@ def _rfc3339(t: float) -> str:
 class LocalBackend:
     """gateway.backend.Backend on one machine (see the module's docstring)."""
 
-    def __init__(self, root: str | Path, *, max_workers: int = 1, python: str = sys.executable,
-                 poll_seconds: float = 0.5, worker_env: Optional[dict[str, str]] = None) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        max_workers: int = 1,
+        python: str = sys.executable,
+        poll_seconds: float = 0.5,
+        worker_env: Optional[dict[str, str]] = None,
+    ) -> None:
         self.root = Path(root).resolve()
         (self.root / "files").mkdir(parents=True, exist_ok=True)
         (self.root / "jobs").mkdir(parents=True, exist_ok=True)
@@ -121,7 +129,7 @@ class LocalBackend:
             self._thread = None
         with self._lock:
             workers = dict(self._workers)
-        for job_id, proc in workers.items():
+        for proc in workers.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         for job_id, proc in workers.items():
@@ -135,8 +143,11 @@ class LocalBackend:
                 if row is not None and translate.phase_status(json.loads(row["status"]).get("phase")) == "running":
                     self._committed_checkpoints(job_id)
                     self._set_status(job_id, phase="Queued", pid=None)
-                    self._event(job_id, "The server stopped; the job is queued and resumes from its newest checkpoint "
-                                "when the server starts again")
+                    self._event(
+                        job_id,
+                        "The server stopped; the job is queued and resumes from its newest checkpoint "
+                        "when the server starts again",
+                    )
         self._workers.clear()
         self._stop_serving()
 
@@ -159,7 +170,9 @@ class LocalBackend:
                     pass
             self._drain_events(row["id"])
             self._set_status(row["id"], phase="Queued", pid=None)
-            self._event(row["id"], "The server restarted; the job is queued again and resumes from its newest checkpoint")
+            self._event(
+                row["id"], "The server restarted; the job is queued again and resumes from its newest checkpoint"
+            )
 
     def _is_our_worker(self, pid: int, job_id: str) -> bool:
         try:
@@ -177,7 +190,9 @@ class LocalBackend:
     def _file_path(self, namespace: str, file_id: str) -> Path:
         return self.root / "files" / namespace / f"{file_id}.jsonl"
 
-    async def create_file(self, tenant: Tenant, filename: str, purpose: str, chunks: AsyncIterator[bytes]) -> FileObject:
+    async def create_file(
+        self, tenant: Tenant, filename: str, purpose: str, chunks: AsyncIterator[bytes]
+    ) -> FileObject:
         file_id = translate.new_id("file")
         path = self._file_path(tenant.namespace, file_id)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -195,24 +210,34 @@ class LocalBackend:
             raise
         created = _now()
         with self._lock:
-            self._db.execute("INSERT INTO files VALUES (?,?,?,?,?,?,?,(SELECT COALESCE(MAX(seq),0)+1 FROM files))",
-                             (file_id, tenant.namespace, filename, purpose, size, digest.hexdigest(), created))
+            self._db.execute(
+                "INSERT INTO files VALUES (?,?,?,?,?,?,?,(SELECT COALESCE(MAX(seq),0)+1 FROM files))",
+                (file_id, tenant.namespace, filename, purpose, size, digest.hexdigest(), created),
+            )
         return FileObject(id=file_id, bytes=size, created_at=created, filename=filename, purpose=purpose)
 
     def _file_row(self, tenant: Tenant, file_id: str) -> sqlite3.Row:
         with self._lock:
-            row = self._db.execute("SELECT * FROM files WHERE id=? AND namespace=?", (file_id, tenant.namespace)).fetchone()
+            row = self._db.execute(
+                "SELECT * FROM files WHERE id=? AND namespace=?", (file_id, tenant.namespace)
+            ).fetchone()
         if row is None:
             raise NotFound(f"No such File object: {file_id}", param="file_id")
         return row
 
     @staticmethod
     def _file(row: sqlite3.Row) -> FileObject:
-        return FileObject(id=row["id"], bytes=row["bytes"], created_at=row["created_at"], filename=row["filename"],
-                          purpose=row["purpose"])
+        return FileObject(
+            id=row["id"],
+            bytes=row["bytes"],
+            created_at=row["created_at"],
+            filename=row["filename"],
+            purpose=row["purpose"],
+        )
 
-    async def list_files(self, tenant: Tenant, *, purpose: Optional[str], after: Optional[str], limit: int,
-                         order: str = "desc") -> ListPage:
+    async def list_files(
+        self, tenant: Tenant, *, purpose: Optional[str], after: Optional[str], limit: int, order: str = "desc"
+    ) -> ListPage:
         query = "SELECT * FROM files WHERE namespace=?" + (" AND purpose=?" if purpose else "")
         query += " ORDER BY seq " + ("ASC" if order == "asc" else "DESC")
         with self._lock:
@@ -224,7 +249,7 @@ class LocalBackend:
 
     async def file_content(self, tenant: Tenant, file_id: str) -> AsyncIterator[bytes]:
         path = self._file_path(tenant.namespace, self._file_row(tenant, file_id)["id"])
-        f = open(path, "rb")
+        f = open(path, "rb")  # noqa: SIM115 -- closed by the generator that streams it
 
         async def chunks() -> AsyncIterator[bytes]:
             with f:
@@ -264,8 +289,14 @@ class LocalBackend:
         train = next(p for p, f in files.items() if f == "training_file")
         validation = next((p for p, f in files.items() if f == "validation_file"), None)
         # Checked now, so a request the FineTuneJob API refuses is a 400 naming the field.
-        manifest = translate.to_manifest(request, name=job_id, job_id=job_id, train_uri=train, validation_uri=validation,
-                                         output_uri=(self._job_dir(job_id) / "output").as_uri())
+        manifest = translate.to_manifest(
+            request,
+            name=job_id,
+            job_id=job_id,
+            train_uri=train,
+            validation_uri=validation,
+            output_uri=(self._job_dir(job_id) / "output").as_uri(),
+        )
         translate.validate_manifest(manifest)
         created = _now()
         self._job_dir(job_id).mkdir(parents=True, exist_ok=True)
@@ -273,12 +304,26 @@ class LocalBackend:
             self._db.execute(
                 "INSERT INTO jobs (id, namespace, organization_id, created_at, seq, request, status, files, names) "
                 "VALUES (?,?,?,?,(SELECT COALESCE(MAX(seq),0)+1 FROM jobs),?,?,?,?)",
-                (job_id, tenant.namespace, tenant.organization_id, created, request.model_dump_json(exclude_unset=True),
-                 json.dumps({"phase": "Validating"}), json.dumps(files), json.dumps(names)))
+                (
+                    job_id,
+                    tenant.namespace,
+                    tenant.organization_id,
+                    created,
+                    request.model_dump_json(exclude_unset=True),
+                    json.dumps({"phase": "Validating"}),
+                    json.dumps(files),
+                    json.dumps(names),
+                ),
+            )
             self._event(job_id, f"Created fine-tuning job: {job_id}")
-            self._event(job_id, f"Validating training file: {request.training_file}"
-                        + (f" and validation file: {request.validation_file}" if request.validation_file else ""))
-            created_job = self._job(self._job_row(job_id))  # as created (validating_files): the lock keeps the supervisor out
+            self._event(
+                job_id,
+                f"Validating training file: {request.training_file}"
+                + (f" and validation file: {request.validation_file}" if request.validation_file else ""),
+            )
+            created_job = self._job(
+                self._job_row(job_id)
+            )  # as created (validating_files): the lock keeps the supervisor out
         self._wake.set()
         return created_job
 
@@ -286,7 +331,9 @@ class LocalBackend:
         with self._lock:
             if tenant is None:
                 return self._db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
-            return self._db.execute("SELECT * FROM jobs WHERE id=? AND namespace=?", (job_id, tenant.namespace)).fetchone()
+            return self._db.execute(
+                "SELECT * FROM jobs WHERE id=? AND namespace=?", (job_id, tenant.namespace)
+            ).fetchone()
 
     def _owned(self, tenant: Tenant, job_id: str) -> sqlite3.Row:
         row = self._job_row(job_id, tenant)
@@ -298,16 +345,28 @@ class LocalBackend:
         request = JobCreate.model_validate_json(row["request"])
         status = json.loads(row["status"])
         return translate.openai_job(
-            job_id=row["id"], created_at=row["created_at"], request=request, organization_id=row["organization_id"],
-            status=status, suspend=bool(row["suspend"]), cancel=bool(row["cancel"]),
-            files=json.loads(row["files"]), names=json.loads(row["names"]), trained_tokens=row["trained_tokens"])
+            job_id=row["id"],
+            created_at=row["created_at"],
+            request=request,
+            organization_id=row["organization_id"],
+            status=status,
+            suspend=bool(row["suspend"]),
+            cancel=bool(row["cancel"]),
+            files=json.loads(row["files"]),
+            names=json.loads(row["names"]),
+            trained_tokens=row["trained_tokens"],
+        )
 
     async def get_job(self, tenant: Tenant, job_id: str) -> FineTuningJob:
         return self._job(self._owned(tenant, job_id))
 
-    async def list_jobs(self, tenant: Tenant, *, after: Optional[str], limit: int, metadata: dict[str, str]) -> ListPage:
+    async def list_jobs(
+        self, tenant: Tenant, *, after: Optional[str], limit: int, metadata: dict[str, str]
+    ) -> ListPage:
         with self._lock:
-            rows = self._db.execute("SELECT * FROM jobs WHERE namespace=? ORDER BY seq DESC", (tenant.namespace,)).fetchall()
+            rows = self._db.execute(
+                "SELECT * FROM jobs WHERE namespace=? ORDER BY seq DESC", (tenant.namespace,)
+            ).fetchall()
         jobs = [self._job(r) for r in rows]
         if metadata:
             jobs = [j for j in jobs if all((j.metadata or {}).get(k) == v for k, v in metadata.items())]
@@ -353,8 +412,10 @@ class LocalBackend:
         with self._lock:
             row = self._owned(tenant, job_id)
             if not row["suspend"] or row["cancel"]:
-                raise Invalid(f"job {job_id} is not paused ({self._job(row).status}); only a paused job can be resumed",
-                              code="job_not_paused")
+                raise Invalid(
+                    f"job {job_id} is not paused ({self._job(row).status}); only a paused job can be resumed",
+                    code="job_not_paused",
+                )
             self._db.execute("UPDATE jobs SET suspend=0 WHERE id=?", (job_id,))
             if json.loads(row["status"]).get("phase") == "Suspended":
                 self._set_status(job_id, phase="Queued")
@@ -366,8 +427,17 @@ class LocalBackend:
         self._owned(tenant, job_id)
         with self._lock:
             rows = self._db.execute("SELECT * FROM events WHERE job_id=? ORDER BY seq DESC", (job_id,)).fetchall()
-        events = [Event(id=r["id"], created_at=r["created_at"], level=r["level"], message=r["message"],
-                        data=json.loads(r["data"]) if r["data"] else None, type=r["type"]) for r in rows]
+        events = [
+            Event(
+                id=r["id"],
+                created_at=r["created_at"],
+                level=r["level"],
+                message=r["message"],
+                data=json.loads(r["data"]) if r["data"] else None,
+                type=r["type"],
+            )
+            for r in rows
+        ]
         return paginate(events, after, limit)
 
     async def list_checkpoints(self, tenant: Tenant, job_id: str, *, after: Optional[str], limit: int) -> ListPage:
@@ -385,24 +455,36 @@ class LocalBackend:
         started = int(self.root.stat().st_ctime)
         models = [Model(id=f"builtin://{name}", created=started, owned_by="kubetune") for name in BUILTIN_MODELS]
         with self._lock:
-            rows = self._db.execute("SELECT * FROM jobs WHERE namespace=? ORDER BY seq DESC", (tenant.namespace,)).fetchall()
+            rows = self._db.execute(
+                "SELECT * FROM jobs WHERE namespace=? ORDER BY seq DESC", (tenant.namespace,)
+            ).fetchall()
         for row in rows:
             job = self._job(row)
             if job.status == "succeeded" and job.fine_tuned_model:
-                models.append(Model(id=job.fine_tuned_model, created=job.finished_at or job.created_at,
-                                    owned_by=row["organization_id"]))
+                models.append(
+                    Model(
+                        id=job.fine_tuned_model,
+                        created=job.finished_at or job.created_at,
+                        owned_by=row["organization_id"],
+                    )
+                )
         return models
 
     async def get_model(self, tenant: Tenant, model_id: str) -> Model:
         for model in await self.list_models(tenant):
             if model.id == model_id:
                 return model
-        raise NotFound(f"The model {model_id!r} does not exist or you do not have access to it.", param="model",
-                       code="model_not_found")
+        raise NotFound(
+            f"The model {model_id!r} does not exist or you do not have access to it.",
+            param="model",
+            code="model_not_found",
+        )
 
     # ----------------------------------------------------------------------------- chat completions
 
-    async def chat_completions(self, tenant: Tenant, body: dict[str, Any]) -> tuple[int, dict[str, str], AsyncIterator[bytes]]:
+    async def chat_completions(
+        self, tenant: Tenant, body: dict[str, Any]
+    ) -> tuple[int, dict[str, str], AsyncIterator[bytes]]:
         """`POST /v1/chat/completions` for the tenant's `ft:` models, answered by `kubetune serve` (the
         trainer's OpenAI-compatible server, its own process) over every succeeded job's output; this
         server only checks ownership, swaps the model id and streams the answer through."""
@@ -413,8 +495,12 @@ class LocalBackend:
             rows = self._db.execute("SELECT * FROM jobs WHERE namespace=?", (tenant.namespace,)).fetchall()
         job = next((j for j in map(self._job, rows) if j.status == "succeeded" and j.fine_tuned_model == model), None)
         if job is None:
-            raise NotFound(f"The model {model!r} does not exist or you do not have access to it; this server answers "
-                           "for the fine-tuned models of your succeeded jobs", param="model", code="model_not_found")
+            raise NotFound(
+                f"The model {model!r} does not exist or you do not have access to it; this server answers "
+                "for the fine-tuned models of your succeeded jobs",
+                param="model",
+                code="model_not_found",
+            )
         url, served = await self._serving(job.id)
         import aiohttp
 
@@ -423,7 +509,9 @@ class LocalBackend:
             resp = await session.post(f"{url}/v1/chat/completions", json={**body, "model": served})
         except aiohttp.ClientError as err:
             await session.close()
-            raise Unavailable(f"the model server did not answer ({type(err).__name__}); try again", retry_after=5) from None
+            raise Unavailable(
+                f"the model server did not answer ({type(err).__name__}); try again", retry_after=5
+            ) from None
 
         async def lines() -> AsyncIterator[bytes]:
             try:
@@ -443,8 +531,11 @@ class LocalBackend:
         async with self._serve_lock:
             with self._lock:
                 rows = self._db.execute("SELECT id, status FROM jobs ORDER BY seq").fetchall()
-            outputs = tuple(str(self._job_dir(r["id"]) / "output") for r in rows
-                            if json.loads(r["status"]).get("phase") == "Succeeded")
+            outputs = tuple(
+                str(self._job_dir(r["id"]) / "output")
+                for r in rows
+                if json.loads(r["status"]).get("phase") == "Succeeded"
+            )
             if self._serve is None or self._serve[0].poll() is not None or self._serve[2] != outputs:
                 self._stop_serving()
                 await asyncio.to_thread(self._start_serving, outputs)
@@ -465,9 +556,24 @@ class LocalBackend:
         log_path = self.root / "serve.log"
         env = dict(os.environ if self.worker_env is None else self.worker_env)
         with open(log_path, "ab") as logf:
-            proc = subprocess.Popen([self.python, "-c", "from kubetune.cli import main; main()", "serve", *outputs,
-                                     "--host", "127.0.0.1", "--port", str(port)], stdout=logf, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+            proc = subprocess.Popen(
+                [
+                    self.python,
+                    "-c",
+                    "from kubetune.cli import main; main()",
+                    "serve",
+                    *outputs,
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                ],
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
         url = f"http://127.0.0.1:{port}"
         deadline = time.time() + 600
         while time.time() < deadline:
@@ -497,15 +603,33 @@ class LocalBackend:
 
     # ----------------------------------------------------------------------------- bookkeeping
 
-    def _event(self, job_id: str, message: str, *, level: str = "info", data: Optional[dict] = None,
-               kind: str = "message", key: Any = None, created: Optional[float] = None) -> None:
+    def _event(
+        self,
+        job_id: str,
+        message: str,
+        *,
+        level: str = "info",
+        data: Optional[dict] = None,
+        kind: str = "message",
+        key: Any = None,
+        created: Optional[float] = None,
+    ) -> None:
         """Record an event; `key` makes it idempotent (the trainer's stream replayed after a restart)."""
         event_id = translate.stable_id("ftevent", job_id, key) if key is not None else translate.new_id("ftevent")
         with self._lock:
-            self._db.execute("INSERT OR IGNORE INTO events (id, job_id, created_at, level, message, data, type) "
-                             "VALUES (?,?,?,?,?,?,?)",
-                             (event_id, job_id, int(created or time.time()), level, message,
-                              json.dumps(data) if data is not None else None, kind))
+            self._db.execute(
+                "INSERT OR IGNORE INTO events (id, job_id, created_at, level, message, data, type) "
+                "VALUES (?,?,?,?,?,?,?)",
+                (
+                    event_id,
+                    job_id,
+                    int(created or time.time()),
+                    level,
+                    message,
+                    json.dumps(data) if data is not None else None,
+                    kind,
+                ),
+            )
 
     def _set_status(self, job_id: str, pid: Any = ..., **changes: Any) -> dict:
         with self._lock:
@@ -575,43 +699,81 @@ class LocalBackend:
     def _validated(self, row: sqlite3.Row, error: Any, report: dict, train: str, validation: Optional[str]) -> None:
         job_id = row["id"]
         if error is not None:
-            self._finish(job_id, "Failed", f"Job failed: {error.message}", level="error",
-                         error={"code": error.code, "message": error.message, "param": error.param})
+            self._finish(
+                job_id,
+                "Failed",
+                f"Job failed: {error.message}",
+                level="error",
+                error={"code": error.code, "message": error.message, "param": error.param},
+            )
             return
         for warning in report.get("warnings", []):
             self._event(job_id, f"Data warning: {warning}", level="warn")
-        self._event(job_id, f"Files validated: {report['examples']} training examples, "
-                    f"{report['validationExamples']} validation examples; moving job to queued state",
-                    data={"examples": report["examples"], "validation_examples": report["validationExamples"]})
+        self._event(
+            job_id,
+            f"Files validated: {report['examples']} training examples, "
+            f"{report['validationExamples']} validation examples; moving job to queued state",
+            data={"examples": report["examples"], "validation_examples": report["validationExamples"]},
+        )
         request = JobCreate.model_validate_json(row["request"])
         hp = request.effective_hyperparameters()
         batch = hp.batch_size if hp.batch_size != "auto" else CPU_BATCH_SIZE
         every = max(1, math.ceil(report["examples"] / batch))  # a checkpoint per epoch, as OpenAI keeps them
-        manifest = translate.to_manifest(request, name=job_id, job_id=job_id, train_uri=train, validation_uri=validation,
-                                         output_uri=(self._job_dir(job_id) / "output").as_uri(),
-                                         checkpoint_every_steps=every)
+        manifest = translate.to_manifest(
+            request,
+            name=job_id,
+            job_id=job_id,
+            train_uri=train,
+            validation_uri=validation,
+            output_uri=(self._job_dir(job_id) / "output").as_uri(),
+            checkpoint_every_steps=every,
+        )
         manifest["spec"]["checkpointing"]["keep"] = 100  # every epoch's checkpoint stays listed
         (self._job_dir(job_id) / "job.json").write_text(json.dumps(manifest, indent=2))
-        self._set_status(job_id, phase="Suspended" if row["suspend"] else "Queued",
-                         examples=report["examples"])
+        self._set_status(job_id, phase="Suspended" if row["suspend"] else "Queued", examples=report["examples"])
 
     def _launch(self, row: sqlite3.Row) -> None:
         job_id = row["id"]
         d = self._job_dir(job_id)
         (d / "summary.json").unlink(missing_ok=True)
-        cmd = [self.python, "-m", "kubetune.trainer", "--spec", str(d / "job.json"), "--metrics-port", "-1",
-               "--termination-path", str(d / "summary.json"), "--events", str(d / "events.jsonl")]
+        cmd = [
+            self.python,
+            "-m",
+            "kubetune.trainer",
+            "--spec",
+            str(d / "job.json"),
+            "--metrics-port",
+            "-1",
+            "--termination-path",
+            str(d / "summary.json"),
+            "--events",
+            str(d / "events.jsonl"),
+        ]
         env = dict(os.environ if self.worker_env is None else self.worker_env)
         env.setdefault("PYTHONUNBUFFERED", "1")
         with open(d / "worker.log", "ab") as logf:
-            proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                    cwd=str(d), start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=str(d),
+                start_new_session=True,
+            )
         with self._lock:
             self._workers[job_id] = proc
         first = not json.loads(row["status"]).get("startTime")
-        self._set_status(job_id, phase="Running", pid=proc.pid, tokensBefore=row["trained_tokens"] or 0,
-                         **({"startTime": _rfc3339(time.time())} if first else {}))
-        self._event(job_id, "Fine-tuning job started" if first else "Fine-tuning job restarted from its newest checkpoint")
+        self._set_status(
+            job_id,
+            phase="Running",
+            pid=proc.pid,
+            tokensBefore=row["trained_tokens"] or 0,
+            **({"startTime": _rfc3339(time.time())} if first else {}),
+        )
+        self._event(
+            job_id, "Fine-tuning job started" if first else "Fine-tuning job restarted from its newest checkpoint"
+        )
 
     def _drain_events(self, job_id: str) -> None:
         """The worker's new event lines → events, progress, checkpoints and trained tokens."""
@@ -643,12 +805,24 @@ class LocalBackend:
             if record.get("type") != "progress":
                 continue
             step, total = int(record.get("step") or 0), record.get("total")
-            metrics = {"step": step, "total_steps": total, "train_loss": record.get("loss"),
-                       "tokens_per_second": record.get("tokens_per_s"), "epoch": record.get("epoch")}
+            metrics = {
+                "step": step,
+                "total_steps": total,
+                "train_loss": record.get("loss"),
+                "tokens_per_second": record.get("tokens_per_s"),
+                "epoch": record.get("epoch"),
+            }
             loss = record.get("loss")
-            self._event(job_id, f"Step {step}/{total}: training loss={loss:.4f}" if isinstance(loss, (int, float))
-                        else f"Step {step}/{total}", data={k: v for k, v in metrics.items() if v is not None},
-                        kind="metrics", key=key, created=when)
+            self._event(
+                job_id,
+                f"Step {step}/{total}: training loss={loss:.4f}"
+                if isinstance(loss, (int, float))
+                else f"Step {step}/{total}",
+                data={k: v for k, v in metrics.items() if v is not None},
+                kind="metrics",
+                key=key,
+                created=when,
+            )
             if record.get("tokens") is not None:  # this worker's count, after those of earlier runs (resumes)
                 tokens = int(status.get("tokensBefore") or 0) + int(record["tokens"])
             progress = {"step": step, "totalSteps": total}
@@ -663,8 +837,10 @@ class LocalBackend:
                 self._event(job_id, f"Checkpoint created at step {int(ckpt)}", key=(key, "ckpt"), created=when)
         status["checkpoints"] = [checkpoints[s] for s in sorted(checkpoints)]
         with self._lock:
-            self._db.execute("UPDATE jobs SET status=?, events_offset=?, trained_tokens=? WHERE id=?",
-                             (json.dumps(status), offset + end, tokens, job_id))
+            self._db.execute(
+                "UPDATE jobs SET status=?, events_offset=?, trained_tokens=? WHERE id=?",
+                (json.dumps(status), offset + end, tokens, job_id),
+            )
 
     def _watch(self, job_id: str) -> None:
         proc = self._workers[job_id]
@@ -684,10 +860,16 @@ class LocalBackend:
             for ref in summary.get("checkpoints") or []:  # the committed ones, with their real URIs
                 ckpts[int(ref["step"])] = {**ckpts.get(int(ref["step"]), {}), **ref}
             steps = summary.get("steps")
-            self._finish(job_id, "Succeeded", "The job has successfully completed",
-                         effective=summary.get("effective"), metrics=summary.get("metrics"),
-                         adapter=summary.get("adapter"), checkpoints=[ckpts[s] for s in sorted(ckpts)],
-                         progress={"step": steps, "totalSteps": steps})
+            self._finish(
+                job_id,
+                "Succeeded",
+                "The job has successfully completed",
+                effective=summary.get("effective"),
+                metrics=summary.get("metrics"),
+                adapter=summary.get("adapter"),
+                checkpoints=[ckpts[s] for s in sorted(ckpts)],
+                progress={"step": steps, "totalSteps": steps},
+            )
             return
         if code in PREEMPTED_CODES or summary.get("status") == "preempted":
             if row["cancel"]:
@@ -703,24 +885,37 @@ class LocalBackend:
             self._finish(job_id, "Cancelled", "The job was cancelled")
             return
         if code == PERMANENT_EXIT_CODE:
-            error = {"code": summary.get("reason") or "PermanentError",
-                     "message": summary.get("message") or f"the trainer failed; see {self._job_dir(job_id) / 'worker.log'}",
-                     "param": summary.get("param")}
+            error = {
+                "code": summary.get("reason") or "PermanentError",
+                "message": summary.get("message") or f"the trainer failed; see {self._job_dir(job_id) / 'worker.log'}",
+                "param": summary.get("param"),
+            }
             shown = translate.job_error(error, json.loads(row["files"]), json.loads(row["names"]))
-            self._finish(job_id, "Failed", f"Job failed: {shown.message if shown else error['message']}", level="error",
-                         error=error)
+            self._finish(
+                job_id,
+                "Failed",
+                f"Job failed: {shown.message if shown else error['message']}",
+                level="error",
+                error=error,
+            )
             return
         if row["retries"] < MAX_RETRIES:
             with self._lock:
                 self._db.execute("UPDATE jobs SET retries=retries+1 WHERE id=?", (job_id,))
             self._set_status(job_id, phase="Queued", pid=None)
-            self._event(job_id, f"The worker exited with code {code}; retrying from the newest checkpoint "
-                        f"({row['retries'] + 1} of {MAX_RETRIES})", level="warn")
+            self._event(
+                job_id,
+                f"The worker exited with code {code}; retrying from the newest checkpoint "
+                f"({row['retries'] + 1} of {MAX_RETRIES})",
+                level="warn",
+            )
             return
-        error = {"code": summary.get("reason") or "BackoffLimitExceeded",
-                 "message": (summary.get("message") or f"the worker exited with code {code}")
-                 + f" ({MAX_RETRIES} retries); see {self._job_dir(job_id) / 'worker.log'}",
-                 "param": summary.get("param")}
+        error = {
+            "code": summary.get("reason") or "BackoffLimitExceeded",
+            "message": (summary.get("message") or f"the worker exited with code {code}")
+            + f" ({MAX_RETRIES} retries); see {self._job_dir(job_id) / 'worker.log'}",
+            "param": summary.get("param"),
+        }
         self._finish(job_id, "Failed", f"Job failed: {error['message']}", level="error", error=error)
 
     def _committed_checkpoints(self, job_id: str) -> None:
@@ -737,8 +932,11 @@ class LocalBackend:
                 if name.startswith("step-") and name[5:].isdigit() and (d / "manifest.json").is_file():
                     step = int(name[5:])
                     if step not in known:
-                        known[step] = {"step": step, "uri": d.as_uri(),
-                                       "time": _rfc3339((d / "manifest.json").stat().st_mtime)}
+                        known[step] = {
+                            "step": step,
+                            "uri": d.as_uri(),
+                            "time": _rfc3339((d / "manifest.json").stat().st_mtime),
+                        }
                         self._event(job_id, f"Checkpoint created at step {step}", key=("ckpt", step))
             status["checkpoints"] = [known[s] for s in sorted(known)]
             self._db.execute("UPDATE jobs SET status=? WHERE id=?", (json.dumps(status), job_id))
@@ -754,5 +952,5 @@ def _get_json(url: str) -> dict:
     """GET a JSON object from the local model server (OSError when it does not answer)."""
     import urllib.request
 
-    with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 - our own 127.0.0.1 server
+    with urllib.request.urlopen(url, timeout=10) as resp:
         return json.loads(resp.read())

@@ -9,7 +9,8 @@ Each app gets its own registry (`GatewayMetrics()`), so tests can run several si
 from __future__ import annotations
 
 import time
-from typing import Any, Awaitable, Callable, Optional
+from collections.abc import Awaitable, Callable
+from typing import Any, Optional
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -27,19 +28,33 @@ class GatewayMetrics:
     def __init__(self, registry: Optional[CollectorRegistry] = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.requests = Counter(
-            "kubetune_api_requests", "HTTP requests served by kubetune api, by method, route template and status code.",
-            ["method", "route", "code"], registry=self.registry)
+            "kubetune_api_requests",
+            "HTTP requests served by kubetune api, by method, route template and status code.",
+            ["method", "route", "code"],
+            registry=self.registry,
+        )
         self.latency = Histogram(
-            "kubetune_api_request_duration_seconds", "Time to answer a request (until the response started), by method and route template.",
-            ["method", "route"], buckets=LATENCY_BUCKETS, registry=self.registry)
+            "kubetune_api_request_duration_seconds",
+            "Time to answer a request (until the response started), by method and route template.",
+            ["method", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.in_flight = Gauge(
-            "kubetune_api_requests_in_flight", "Requests being answered now.", registry=self.registry)
+            "kubetune_api_requests_in_flight", "Requests being answered now.", registry=self.registry
+        )
         self.webhooks = Counter(
-            "kubetune_api_webhook_deliveries", "Webhook deliveries by event type and outcome (delivered, rejected, gave_up).",
-            ["event", "outcome"], registry=self.registry)
+            "kubetune_api_webhook_deliveries",
+            "Webhook deliveries by event type and outcome (delivered, rejected, gave_up).",
+            ["event", "outcome"],
+            registry=self.registry,
+        )
         self.webhook_attempts = Counter(
-            "kubetune_api_webhook_attempts", "Webhook delivery attempts by result (ok, or the failure: HTTP 500, ClientConnectorError, …).",
-            ["result"], registry=self.registry)
+            "kubetune_api_webhook_attempts",
+            "Webhook delivery attempts by result (ok, or the failure: HTTP 500, ClientConnectorError, …).",
+            ["result"],
+            registry=self.registry,
+        )
 
     def exposition(self) -> tuple[bytes, str]:
         """(body, content type) of the /metrics response."""
@@ -76,8 +91,13 @@ class MetricsMiddleware:
         method = scope.get("method", "GET")
         if scope.get("path") == self.metrics_path and method in ("GET", "HEAD"):
             body, content_type = self.metrics.exposition()
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())],
+                }
+            )
             await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
             return
         start = time.perf_counter()

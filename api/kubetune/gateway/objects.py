@@ -77,39 +77,42 @@ class Hyperparameters(_In):
 
     batch_size: Union[Auto, int] = Field(default="auto", description='Examples per step, or "auto".')
     learning_rate_multiplier: Union[Auto, float] = Field(
-        default="auto", description='Scales kubetune\'s default learning rate for the method, or "auto" (1).')
+        default="auto", description='Scales kubetune\'s default learning rate for the method, or "auto" (1).'
+    )
     n_epochs: Union[Auto, int] = Field(default="auto", description='Passes over the training data, or "auto" (3).')
 
     @field_validator("batch_size")
     @classmethod
     def _batch(cls, v: Any) -> Any:
         if v != "auto" and not 1 <= v <= 256:
-            raise ValueError("must be between 1 and 256, or \"auto\"")
+            raise ValueError('must be between 1 and 256, or "auto"')
         return v
 
     @field_validator("n_epochs")
     @classmethod
     def _epochs(cls, v: Any) -> Any:
         if v != "auto" and not 1 <= v <= 50:
-            raise ValueError("must be between 1 and 50, or \"auto\"")
+            raise ValueError('must be between 1 and 50, or "auto"')
         return v
 
     @field_validator("learning_rate_multiplier")
     @classmethod
     def _lr(cls, v: Any) -> Any:
         if v != "auto" and not 0 < v <= 10:
-            raise ValueError("must be greater than 0 and at most 10, or \"auto\"")
+            raise ValueError('must be greater than 0 and at most 10, or "auto"')
         return v
 
 
 class DpoHyperparameters(Hyperparameters):
-    beta: Union[Auto, float] = Field(default="auto", description='Weight of the penalty against the reference model, or "auto" (0.1).')
+    beta: Union[Auto, float] = Field(
+        default="auto", description='Weight of the penalty against the reference model, or "auto" (0.1).'
+    )
 
     @field_validator("beta")
     @classmethod
     def _beta(cls, v: Any) -> Any:
         if v != "auto" and not 0 < v <= 2:
-            raise ValueError("must be greater than 0 and at most 2, or \"auto\"")
+            raise ValueError('must be greater than 0 and at most 2, or "auto"')
         return v
 
 
@@ -128,7 +131,7 @@ class Method(_In):
     reinforcement: Optional[dict[str, Any]] = None
 
     @model_validator(mode="after")
-    def _block_matches_type(self) -> "Method":
+    def _block_matches_type(self) -> Method:
         for name in ("supervised", "dpo", "reinforcement"):
             if getattr(self, name) is not None and name != self.type:
                 raise ValueError(f"the {name} block belongs to type {name!r}, not {self.type!r}")
@@ -166,19 +169,29 @@ class JobCreate(_In):
     @classmethod
     def _integrations(cls, v: Optional[list]) -> Optional[list]:
         if v:
-            raise ValueError("integrations (Weights & Biases) are not offered by kubetune; leave it out and read "
-                             "the job's events and checkpoints, or the trainer's Prometheus metrics")
+            raise ValueError(
+                "integrations (Weights & Biases) are not offered by kubetune; leave it out and read "
+                "the job's events and checkpoints, or the trainer's Prometheus metrics"
+            )
         return v
 
     @model_validator(mode="after")
-    def _one_hyperparameter_home(self) -> "JobCreate":
+    def _one_hyperparameter_home(self) -> JobCreate:
         if self.hyperparameters is not None and self.method is not None and self.method.type != "supervised":
-            raise ValueError("hyperparameters (deprecated) apply to supervised jobs only; put them under "
-                             f"method.{self.method.type}.hyperparameters")
-        if (self.hyperparameters is not None and self.method is not None and self.method.supervised is not None
-                and "hyperparameters" in self.method.supervised.model_fields_set):
-            raise ValueError("hyperparameters given twice: keep method.supervised.hyperparameters and drop the "
-                             "deprecated top-level hyperparameters")
+            raise ValueError(
+                "hyperparameters (deprecated) apply to supervised jobs only; put them under "
+                f"method.{self.method.type}.hyperparameters"
+            )
+        if (
+            self.hyperparameters is not None
+            and self.method is not None
+            and self.method.supervised is not None
+            and "hyperparameters" in self.method.supervised.model_fields_set
+        ):
+            raise ValueError(
+                "hyperparameters given twice: keep method.supervised.hyperparameters and drop the "
+                "deprecated top-level hyperparameters"
+            )
         return self
 
     def method_type(self) -> str:

@@ -23,7 +23,8 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any, Optional
 
 log = logging.getLogger(__name__)
 TRUE = ("1", "true", "yes", "on")
@@ -57,11 +58,14 @@ def kube_app(env: Optional[Mapping[str, str]] = None, *, client: Any = None) -> 
     env = os.environ if env is None else env
     storage = env.get("KUBETUNE_API_STORAGE", "")
     if not storage:
-        raise ConfigError("KUBETUNE_API_STORAGE is not set: name the object-store prefix for uploads and job outputs "
-                          "(the chart's gateway.storage.uri, e.g. s3://models/kubetune-api)")
+        raise ConfigError(
+            "KUBETUNE_API_STORAGE is not set: name the object-store prefix for uploads and job outputs "
+            "(the chart's gateway.storage.uri, e.g. s3://models/kubetune-api)"
+        )
     try:
         settings = KubeSettings(
-            storage=storage, credentials_secret=env.get("KUBETUNE_API_CREDENTIALS_SECRET") or None,
+            storage=storage,
+            credentials_secret=env.get("KUBETUNE_API_CREDENTIALS_SECRET") or None,
             gpus=_int(env, "KUBETUNE_API_GPUS", 1) or 0,
             checkpoint_every_steps=_int(env, "KUBETUNE_API_CHECKPOINT_EVERY_STEPS", None) or None,
             webhook_poll_seconds=float(env.get("KUBETUNE_API_WEBHOOK_POLL_SECONDS") or 10),
@@ -71,8 +75,10 @@ def kube_app(env: Optional[Mapping[str, str]] = None, *, client: Any = None) -> 
     access_path = env.get("KUBETUNE_API_ACCESS_FILE") or None
     tokens = env.get("KUBETUNE_API_KUBERNETES_TOKENS", "").lower() in TRUE
     if access_path is None and not tokens:
-        raise ConfigError("no way to authenticate callers: set KUBETUNE_API_ACCESS_FILE (API keys; the chart mounts "
-                          "gateway.auth.secretName) or KUBETUNE_API_KUBERNETES_TOKENS=true")
+        raise ConfigError(
+            "no way to authenticate callers: set KUBETUNE_API_ACCESS_FILE (API keys; the chart mounts "
+            "gateway.auth.secretName) or KUBETUNE_API_KUBERNETES_TOKENS=true"
+        )
     try:
         access = AccessFile(access_path) if access_path else None
     except AccessFileError as err:

@@ -30,9 +30,10 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+from collections.abc import Mapping
 from datetime import datetime
 from types import SimpleNamespace
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 from urllib.parse import urlsplit
 
 from kubetune.api.types import MODEL_SCHEMES
@@ -85,29 +86,39 @@ def stable_id(prefix: str, *parts: Any) -> str:
 def model_source(model: str) -> str:
     """`spec.model.source` for the request's `model` (400 naming `model` when it is none)."""
     if model.startswith("ft:"):
-        raise Invalid(f"model {model!r}: continuing from a fine-tuned model is not offered; name its base model "
-                      "(builtin://tiny-llama, a Hugging Face id such as Qwen/Qwen2.5-0.5B-Instruct, or s3://… )",
-                      param="model", code="model_not_available")
+        raise Invalid(
+            f"model {model!r}: continuing from a fine-tuned model is not offered; name its base model "
+            "(builtin://tiny-llama, a Hugging Face id such as Qwen/Qwen2.5-0.5B-Instruct, or s3://… )",
+            param="model",
+            code="model_not_available",
+        )
     if "://" in model:
         scheme = model.split("://", 1)[0]
         if scheme not in MODEL_SCHEMES:
-            raise Invalid(f"model {model!r}: the scheme {scheme}:// is not a model source; use one of "
-                          + ", ".join(f"{s}://" for s in MODEL_SCHEMES), param="model", code="model_not_available")
+            raise Invalid(
+                f"model {model!r}: the scheme {scheme}:// is not a model source; use one of "
+                + ", ".join(f"{s}://" for s in MODEL_SCHEMES),
+                param="model",
+                code="model_not_available",
+            )
         return model
     if _HF_ID.match(model):
         return f"hf://{model}"
-    raise Invalid(f"model {model!r} is not available: name a Hugging Face id (org/name), builtin://tiny-llama, or a "
-                  "URI (hf://, s3://, gs://, file://, pvc://) of the base model to fine-tune",
-                  param="model", code="model_not_available")
+    raise Invalid(
+        f"model {model!r} is not available: name a Hugging Face id (org/name), builtin://tiny-llama, or a "
+        "URI (hf://, s3://, gs://, file://, pvc://) of the base model to fine-tune",
+        param="model",
+        code="model_not_available",
+    )
 
 
 def base_id(source: str) -> str:
     """The short name of a base model as model ids show it (tiny-llama, org/name, my-model): the
     same rule as `kubetune serve` (kubetune.trainer.inference.base_id, kept equal by a test)."""
     if source.startswith("builtin://"):
-        return source[len("builtin://"):].strip("/")
+        return source[len("builtin://") :].strip("/")
     if source.startswith("hf://"):
-        return source[len("hf://"):].strip("/").partition("@")[0]
+        return source[len("hf://") :].strip("/").partition("@")[0]
     path = urlsplit(source).path if "://" in source else source
     return path.rstrip("/").rsplit("/", 1)[-1] or source
 
@@ -124,9 +135,12 @@ def fine_tuned_model(model: str, organization_id: str, suffix: Optional[str], jo
 def check_request(request: JobCreate) -> None:
     """What the request models cannot say alone: the method kubetune cannot run."""
     if request.method_type() == "reinforcement":
-        raise Invalid("method.type reinforcement is not offered through this API: use supervised (chat examples) "
-                      "or dpo (preference pairs), or write a FineTuneJob with spec.method.type: grpo and its graders",
-                      param="method.type", code="unsupported_method")
+        raise Invalid(
+            "method.type reinforcement is not offered through this API: use supervised (chat examples) "
+            "or dpo (preference pairs), or write a FineTuneJob with spec.method.type: grpo and its graders",
+            param="method.type",
+            code="unsupported_method",
+        )
     model_source(request.model)
 
 
@@ -138,10 +152,20 @@ def learning_rate(multiplier: Any, method_type: str = "supervised") -> Optional[
     return float(multiplier) * base
 
 
-def to_manifest(request: JobCreate, *, name: str, job_id: str, train_uri: str, validation_uri: Optional[str],
-                output_uri: str, namespace: Optional[str] = None, gpus: int = 0,
-                checkpoint_every_steps: Optional[int] = None, labels: Mapping[str, str] = (),
-                annotations: Mapping[str, str] = ()) -> dict[str, Any]:
+def to_manifest(
+    request: JobCreate,
+    *,
+    name: str,
+    job_id: str,
+    train_uri: str,
+    validation_uri: Optional[str],
+    output_uri: str,
+    namespace: Optional[str] = None,
+    gpus: int = 0,
+    checkpoint_every_steps: Optional[int] = None,
+    labels: Mapping[str, str] = (),
+    annotations: Mapping[str, str] = (),
+) -> dict[str, Any]:
     """The FineTuneJob manifest for `request` (not yet validated; see `validate_manifest`)."""
     check_request(request)
     hp = request.effective_hyperparameters()
@@ -257,13 +281,14 @@ def error_param(param: Optional[str], files: Mapping[str, str]) -> Optional[str]
         for shown in (uri, uri.removeprefix("file://")):
             if param == shown:
                 return field
-            if param.startswith(shown + ":") and param[len(shown) + 1:].isdigit():
-                return f"{field}:{param[len(shown) + 1:]}"
+            if param.startswith(shown + ":") and param[len(shown) + 1 :].isdigit():
+                return f"{field}:{param[len(shown) + 1 :]}"
     return request_param(param) if param.startswith("spec.") else param
 
 
-def job_error(error: Optional[Mapping[str, Any]], files: Mapping[str, str],
-              names: Mapping[str, str] = ()) -> Optional[JobError]:
+def job_error(
+    error: Optional[Mapping[str, Any]], files: Mapping[str, str], names: Mapping[str, str] = ()
+) -> Optional[JobError]:
     """`status.error` ({code, message, param}) as the OpenAI job's `error`; data URIs in the message are
     replaced by what the user knows (`names`: URI → `file-… (train.jsonl)`)."""
     if not error:
@@ -274,8 +299,9 @@ def job_error(error: Optional[Mapping[str, Any]], files: Mapping[str, str],
         # the data layer shows a long path by its tail: "…" + the last 79 characters
         for form in (uri, path, "…" + uri[-79:], "…" + path[-79:]):
             message = message.replace(form, shown)
-    return JobError(code=str(error.get("code") or "Error"), message=message,
-                    param=error_param(error.get("param"), files))
+    return JobError(
+        code=str(error.get("code") or "Error"), message=message, param=error_param(error.get("param"), files)
+    )
 
 
 def unix(value: Any) -> Optional[int]:
@@ -294,8 +320,12 @@ def resolved_hyperparameters(request: JobCreate, effective: Optional[Mapping[str
     """The job's hyperparameters: what the trainer resolved once it did (status.effective: epochs,
     batchSize, learningRate), else what was asked (numbers or "auto")."""
     hp = request.effective_hyperparameters()
-    out = JobHyperparameters(batch_size=hp.batch_size, learning_rate_multiplier=hp.learning_rate_multiplier,
-                             n_epochs=hp.n_epochs, beta=getattr(hp, "beta", None))
+    out = JobHyperparameters(
+        batch_size=hp.batch_size,
+        learning_rate_multiplier=hp.learning_rate_multiplier,
+        n_epochs=hp.n_epochs,
+        beta=getattr(hp, "beta", None),
+    )
     if effective:
         if effective.get("epochs"):
             out.n_epochs = int(effective["epochs"])
@@ -307,11 +337,21 @@ def resolved_hyperparameters(request: JobCreate, effective: Optional[Mapping[str
     return out
 
 
-def openai_job(*, job_id: str, created_at: int, request: JobCreate, organization_id: str,
-               status: Mapping[str, Any], suspend: bool = False, cancel: bool = False,
-               files: Mapping[str, str] = (), names: Mapping[str, str] = (),
-               trained_tokens: Optional[int] = None, result_files: list[str] = (),
-               now: Optional[float] = None) -> FineTuningJob:
+def openai_job(
+    *,
+    job_id: str,
+    created_at: int,
+    request: JobCreate,
+    organization_id: str,
+    status: Mapping[str, Any],
+    suspend: bool = False,
+    cancel: bool = False,
+    files: Mapping[str, str] = (),
+    names: Mapping[str, str] = (),
+    trained_tokens: Optional[int] = None,
+    result_files: list[str] = (),
+    now: Optional[float] = None,
+) -> FineTuningJob:
     """The OpenAI job object for a FineTuneJob's `status` (its wire dict, camelCase)."""
     state = phase_status(status.get("phase"), suspend=suspend, cancel=cancel)
     hyper = resolved_hyperparameters(request, status.get("effective"))
@@ -328,22 +368,31 @@ def openai_job(*, job_id: str, created_at: int, request: JobCreate, organization
     if state == "succeeded":
         tuned = fine_tuned_model(request.model, organization_id, request.suffix, job_id)
     return FineTuningJob(
-        id=job_id, created_at=created_at,
+        id=job_id,
+        created_at=created_at,
         error=job_error(status.get("error"), files, names) if state == "failed" else None,
         fine_tuned_model=tuned,
         finished_at=unix(status.get("completionTime")) if state in TERMINAL else None,
         hyperparameters=JobHyperparameters(**{k: v for k, v in hp_out.items() if k != "beta"}),
-        model=request.model, organization_id=organization_id, result_files=list(result_files),
+        model=request.model,
+        organization_id=organization_id,
+        result_files=list(result_files),
         seed=request.seed if request.seed is not None else 42,
-        status=state, trained_tokens=trained_tokens if state == "succeeded" else None,
-        training_file=request.training_file, validation_file=request.validation_file,
-        integrations=[], estimated_finish=estimated, method=method, metadata=request.metadata,
+        status=state,
+        trained_tokens=trained_tokens if state == "succeeded" else None,
+        training_file=request.training_file,
+        validation_file=request.validation_file,
+        integrations=[],
+        estimated_finish=estimated,
+        method=method,
+        metadata=request.metadata,
         user_provided_suffix=request.suffix,
     )
 
 
-def openai_checkpoints(job_id: str, tuned_model: str, checkpoints: list[Mapping[str, Any]],
-                       metrics: Optional[Mapping[str, Any]] = None) -> list[Checkpoint]:
+def openai_checkpoints(
+    job_id: str, tuned_model: str, checkpoints: list[Mapping[str, Any]], metrics: Optional[Mapping[str, Any]] = None
+) -> list[Checkpoint]:
     """`status.checkpoints` (oldest first: step, uri, loss, time) as OpenAI checkpoints, newest first.
     The newest carries the final eval numbers when the job has them."""
     out: list[Checkpoint] = []
@@ -356,9 +405,16 @@ def openai_checkpoints(job_id: str, tuned_model: str, checkpoints: list[Mapping[
             m.valid_mean_token_accuracy = metrics.get("tokenAccuracy")
             m.full_valid_loss = metrics.get("evalLoss")
             m.full_valid_mean_token_accuracy = metrics.get("tokenAccuracy")
-        out.append(Checkpoint(id=stable_id("ftckpt", job_id, step), created_at=unix(ref.get("time")) or 0,
-                              fine_tuned_model_checkpoint=f"{tuned_model}:ckpt-step-{step}",
-                              fine_tuning_job_id=job_id, step_number=step, metrics=m))
+        out.append(
+            Checkpoint(
+                id=stable_id("ftckpt", job_id, step),
+                created_at=unix(ref.get("time")) or 0,
+                fine_tuned_model_checkpoint=f"{tuned_model}:ckpt-step-{step}",
+                fine_tuning_job_id=job_id,
+                step_number=step,
+                metrics=m,
+            )
+        )
     return out[::-1]
 
 
@@ -366,9 +422,18 @@ def openai_checkpoints(job_id: str, tuned_model: str, checkpoints: list[Mapping[
 
 
 _OPENAI_HINTS = (
-    (re.compile(r"set spec\.method\.type: (dpo|supervised)\b"), lambda m: f'create the job with method {{"type": "{m[1]}"}}'),
-    (re.compile(r"set spec\.method\.type: (kto|orpo)\b"), lambda m: f"use kubetune's spec.method.type: {m[1]} (not in OpenAI's API)"),
-    (re.compile(r"set spec\.dataset\.format: \w+"), lambda m: 'convert each line to {"messages": [...]} (the only format of OpenAI\'s API)'),
+    (
+        re.compile(r"set spec\.method\.type: (dpo|supervised)\b"),
+        lambda m: f'create the job with method {{"type": "{m[1]}"}}',
+    ),
+    (
+        re.compile(r"set spec\.method\.type: (kto|orpo)\b"),
+        lambda m: f"use kubetune's spec.method.type: {m[1]} (not in OpenAI's API)",
+    ),
+    (
+        re.compile(r"set spec\.dataset\.format: \w+"),
+        lambda m: 'convert each line to {"messages": [...]} (the only format of OpenAI\'s API)',
+    ),
 )
 
 
@@ -380,8 +445,14 @@ def openai_wording(message: str) -> str:
     return message
 
 
-def check_data(train_path: str, validation_path: Optional[str], *, files: Mapping[str, str] = (), names: Mapping[str, str] = (),
-               method_type: str = "supervised") -> tuple[Optional[JobError], dict]:
+def check_data(
+    train_path: str,
+    validation_path: Optional[str],
+    *,
+    files: Mapping[str, str] = (),
+    names: Mapping[str, str] = (),
+    method_type: str = "supervised",
+) -> tuple[Optional[JobError], dict]:
     """The trainer's own data checks (kubetune.trainer.data.check: one streaming pass, no torch),
     as `validating_files` runs them: (None, {examples, validationExamples, warnings}) or the job
     error whose `param` names the file line (`training_file:3`). A dpo job's files are checked as
@@ -391,9 +462,12 @@ def check_data(train_path: str, validation_path: Optional[str], *, files: Mappin
     from kubetune.trainer import data
 
     try:
-        dataset = Dataset.model_validate({"train": train_path, "validation": validation_path, "format": "chat",
-                                          "minExamples": OPENAI_MIN_EXAMPLES})
-        method = Method.model_validate({"adaptation": "lora", "type": method_type} if method_type == "dpo" else {"adaptation": "lora"})
+        dataset = Dataset.model_validate(
+            {"train": train_path, "validation": validation_path, "format": "chat", "minExamples": OPENAI_MIN_EXAMPLES}
+        )
+        method = Method.model_validate(
+            {"adaptation": "lora", "type": method_type} if method_type == "dpo" else {"adaptation": "lora"}
+        )
         check = data.record_check_for(SimpleNamespace(method=method))
         report = data.check(dataset, record_check=check)
     except data.DataError as err:
@@ -402,5 +476,8 @@ def check_data(train_path: str, validation_path: Optional[str], *, files: Mappin
         return job_error({"code": "InvalidData", "message": openai_wording(str(err)), "param": param}, files, names), {}
     except ValueError as err:  # e.g. a format the data layer does not know yet
         return JobError(code="InvalidData", message=str(err), param="training_file"), {}
-    return None, {"examples": report.examples, "validationExamples": report.validation_examples,
-                  "warnings": list(report.warnings)}
+    return None, {
+        "examples": report.examples,
+        "validationExamples": report.validation_examples,
+        "warnings": list(report.warnings),
+    }

@@ -33,9 +33,9 @@ import logging
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Optional, Protocol
 
@@ -85,8 +85,10 @@ def check_secret(secret: str) -> str:
     except (ValueError, TypeError):
         raw = b""
     if not secret.startswith("whsec_") or not 24 <= len(raw) <= 64:
-        raise ValueError("must be `whsec_` followed by the base64 of 24 to 64 random bytes, e.g. "
-                         "whsec_$(head -c 32 /dev/urandom | base64)")
+        raise ValueError(
+            "must be `whsec_` followed by the base64 of 24 to 64 random bytes, e.g. "
+            "whsec_$(head -c 32 /dev/urandom | base64)"
+        )
     return secret
 
 
@@ -100,10 +102,16 @@ class WebhookConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    namespace: str = Field(max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", description="The namespace whose jobs report here.")
-    url: Optional[str] = Field(default=None, description="The endpoint (http or https). Unset: only jobs with metadata.webhook_url report.")
+    namespace: str = Field(
+        max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", description="The namespace whose jobs report here."
+    )
+    url: Optional[str] = Field(
+        default=None, description="The endpoint (http or https). Unset: only jobs with metadata.webhook_url report."
+    )
     secret: str = Field(description="Standard Webhooks signing secret, whsec_<base64>.", repr=False)
-    events: list[EventType] = Field(default_factory=lambda: list(EVENTS.values()), description="Which events to send (default all three).")
+    events: list[EventType] = Field(
+        default_factory=lambda: list(EVENTS.values()), description="Which events to send (default all three)."
+    )
 
     @field_validator("url")
     @classmethod
@@ -130,9 +138,12 @@ def endpoint_for(config: Optional[WebhookConfig], metadata: Optional[Mapping[str
     url = (metadata or {}).get(JOB_URL_METADATA)
     if url is not None:
         if config is None:
-            raise WebhookError(f"this namespace has no webhook secret to sign deliveries with; drop "
-                               f"metadata.{JOB_URL_METADATA} or ask your kubetune administrator to add one for it "
-                               "(`webhooks:` in the gateway's access file)", param=f"metadata.{JOB_URL_METADATA}")
+            raise WebhookError(
+                f"this namespace has no webhook secret to sign deliveries with; drop "
+                f"metadata.{JOB_URL_METADATA} or ask your kubetune administrator to add one for it "
+                "(`webhooks:` in the gateway's access file)",
+                param=f"metadata.{JOB_URL_METADATA}",
+            )
         try:
             url = _check_url(url)
         except ValueError as err:
@@ -154,15 +165,20 @@ def event_id(job_id: str, event_type: str) -> str:
 
 def event_payload(job_id: str, event_type: str, created_at: int) -> dict[str, Any]:
     """OpenAI's webhook event object."""
-    return {"id": event_id(job_id, event_type), "object": "event", "created_at": int(created_at),
-            "type": event_type, "data": {"id": job_id}}
+    return {
+        "id": event_id(job_id, event_type),
+        "object": "event",
+        "created_at": int(created_at),
+        "type": event_type,
+        "data": {"id": job_id},
+    }
 
 
 def sign(secret: str, msg_id: str, timestamp: int, body: str) -> str:
     """`webhook-signature`: v1,<base64 HMAC-SHA256(secret, "{msg_id}.{timestamp}.{body}")>."""
     from standardwebhooks.webhooks import Webhook
 
-    return Webhook(secret).sign(msg_id, datetime.fromtimestamp(timestamp, tz=timezone.utc), body)
+    return Webhook(secret).sign(msg_id, datetime.fromtimestamp(timestamp, tz=UTC), body)
 
 
 def signed_headers(secret: str, msg_id: str, body: str, timestamp: Optional[int] = None) -> dict[str, str]:
@@ -209,9 +225,16 @@ class WebhookSender:
     outcome)` is awaited once per delivery: `delivered` (a 2xx), `rejected` (a 4xx other than 408,
     409, 425, 429: retrying cannot help) or `gave_up` (attempts exhausted)."""
 
-    def __init__(self, *, attempts: int = 8, base_delay: float = 2.0, max_delay: float = 600.0, timeout: float = 15.0,
-                 on_done: Optional[Callable[[Delivery, Outcome], Awaitable[None]]] = None,
-                 on_attempt: Optional[Callable[[Delivery, str], None]] = None) -> None:
+    def __init__(
+        self,
+        *,
+        attempts: int = 8,
+        base_delay: float = 2.0,
+        max_delay: float = 600.0,
+        timeout: float = 15.0,
+        on_done: Optional[Callable[[Delivery, Outcome], Awaitable[None]]] = None,
+        on_attempt: Optional[Callable[[Delivery, str], None]] = None,
+    ) -> None:
         if attempts < 1:
             raise ValueError("attempts must be at least 1")
         self.attempts, self.base_delay, self.max_delay, self.timeout = attempts, base_delay, max_delay, timeout
@@ -237,7 +260,7 @@ class WebhookSender:
 
     def delay(self, attempt: int, retry_after: Optional[float] = None) -> float:
         """Seconds to wait after failed try number `attempt` (0-based)."""
-        backoff = min(self.max_delay, self.base_delay * (2 ** attempt)) * random.uniform(0.8, 1.2)
+        backoff = min(self.max_delay, self.base_delay * (2**attempt)) * random.uniform(0.8, 1.2)
         if retry_after is not None:
             backoff = max(backoff, retry_after)
         return min(backoff, self.max_delay)
@@ -257,13 +280,15 @@ class WebhookSender:
         headers = signed_headers(delivery.endpoint.secret, delivery.id, body)
         session = await self._client()
         try:
-            async with session.post(delivery.endpoint.url, data=body.encode(), headers=headers, allow_redirects=False) as resp:
+            async with session.post(
+                delivery.endpoint.url, data=body.encode(), headers=headers, allow_redirects=False
+            ) as resp:
                 await resp.read()
                 retry_after = None
                 with contextlib.suppress(TypeError, ValueError):
                     retry_after = float(resp.headers.get("Retry-After", ""))
                 return resp.status, retry_after, f"HTTP {resp.status}"
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as err:
+        except (TimeoutError, aiohttp.ClientError, OSError) as err:
             return None, None, f"{type(err).__name__}: {err}"
 
     async def _run(self, delivery: Delivery) -> Outcome:
@@ -276,22 +301,40 @@ class WebhookSender:
                 outcome = "delivered"
                 break
             if status is not None and 400 <= status < 500 and status not in RETRIED_STATUSES:
-                log.warning("webhook %s for job %s to %s refused (%s): not retried", delivery.event_type,
-                            delivery.job_id, delivery.endpoint.url, what)
+                log.warning(
+                    "webhook %s for job %s to %s refused (%s): not retried",
+                    delivery.event_type,
+                    delivery.job_id,
+                    delivery.endpoint.url,
+                    what,
+                )
                 outcome = "rejected"
                 break
             if attempt + 1 < self.attempts:
                 wait = self.delay(attempt, retry_after)
-                log.info("webhook %s for job %s to %s failed (%s); try %d of %d in %.1f s", delivery.event_type,
-                         delivery.job_id, delivery.endpoint.url, what, attempt + 2, self.attempts, wait)
+                log.info(
+                    "webhook %s for job %s to %s failed (%s); try %d of %d in %.1f s",
+                    delivery.event_type,
+                    delivery.job_id,
+                    delivery.endpoint.url,
+                    what,
+                    attempt + 2,
+                    self.attempts,
+                    wait,
+                )
                 await asyncio.sleep(wait)
         else:
-            log.warning("webhook %s for job %s to %s: giving up after %d tries", delivery.event_type, delivery.job_id,
-                        delivery.endpoint.url, self.attempts)
+            log.warning(
+                "webhook %s for job %s to %s: giving up after %d tries",
+                delivery.event_type,
+                delivery.job_id,
+                delivery.endpoint.url,
+                self.attempts,
+            )
         if self.on_done is not None:
             try:
                 await self.on_done(delivery, outcome)
-            except Exception:  # noqa: BLE001 - the ledger's write failing must not kill the task silently
+            except Exception:
                 log.exception("recording the webhook outcome of job %s failed", delivery.job_id)
         return outcome
 
@@ -400,8 +443,9 @@ class Dispatcher:
 
         self.sender.on_done = done
 
-    async def observe(self, key: str, job_id: str, status: str, endpoint: Optional[Endpoint],
-                      finished_at: Optional[int] = None) -> Optional[Delivery]:
+    async def observe(
+        self, key: str, job_id: str, status: str, endpoint: Optional[Endpoint], finished_at: Optional[int] = None
+    ) -> Optional[Delivery]:
         """Deliver the job's end event if it just ended and was not delivered; returns the
         delivery started, if any."""
         event_type = EVENTS.get(status)
@@ -409,11 +453,12 @@ class Dispatcher:
             return None
         if self.sender.in_flight(key, event_type):
             return None
-        delivery = Delivery(key=key, job_id=job_id, event_type=event_type, endpoint=endpoint,
-                            created_at=int(finished_at or time.time()))
+        delivery = Delivery(
+            key=key, job_id=job_id, event_type=event_type, endpoint=endpoint, created_at=int(finished_at or time.time())
+        )
         first_look = (key, event_type) not in self._seen
         self._seen.add((key, event_type))
-        if not await self.ledger.claim(key, event_type):
+        if not await self.ledger.claim(key, event_type):  # noqa: SIM102 -- claim first, then ask
             # Claimed before: delivered, refused or given up on, or still being delivered by
             # another replica; only a claim left pending by a stopped process is resumed, once,
             # when this process first sees it.
@@ -427,7 +472,21 @@ class Dispatcher:
 
 
 __all__ = [
-    "Delivery", "Dispatcher", "EVENTS", "Endpoint", "FileLedger", "JOB_URL_METADATA", "Ledger", "MemoryLedger",
-    "WebhookConfig", "WebhookError", "WebhookSender", "endpoint_for", "event_id", "event_payload", "new_secret",
-    "sign", "signed_headers",
+    "EVENTS",
+    "JOB_URL_METADATA",
+    "Delivery",
+    "Dispatcher",
+    "Endpoint",
+    "FileLedger",
+    "Ledger",
+    "MemoryLedger",
+    "WebhookConfig",
+    "WebhookError",
+    "WebhookSender",
+    "endpoint_for",
+    "event_id",
+    "event_payload",
+    "new_secret",
+    "sign",
+    "signed_headers",
 ]

@@ -30,6 +30,7 @@ import re
 from typing import Any
 from urllib.parse import urlsplit
 
+from kubetune.api import crd
 from kubetune.api.contract import (
     CREDENTIALS_SECRET_ENV,
     DEFAULT_TERMINATION_PATH,
@@ -40,7 +41,6 @@ from kubetune.api.contract import (
 )
 from kubetune.api.estimate import estimate_job
 from kubetune.api.pod import CREDENTIAL_KEYS, PodOverrides
-from kubetune.api import crd
 from kubetune.api.resource import API_VERSION, KIND, FineTuneJob
 from kubetune.operator.settings import OperatorSettings
 
@@ -103,7 +103,7 @@ def label_value(name: str) -> str:
     """An object name as a label value (≤ 63 characters), hashed like `child_name` when long."""
     if len(name) <= NAME_MAX:
         return name
-    return f"{name[:NAME_MAX - HASH_LEN - 1].rstrip('-.')}-{_short_hash(name)}"
+    return f"{name[: NAME_MAX - HASH_LEN - 1].rstrip('-.')}-{_short_hash(name)}"
 
 
 def labels(ftj: FineTuneJob, role: str) -> dict[str, str]:
@@ -120,13 +120,23 @@ def labels(ftj: FineTuneJob, role: str) -> dict[str, str]:
 
 def owner_reference(ftj: FineTuneJob, uid: str) -> dict[str, Any]:
     """Controller reference to the FineTuneJob: deleting it deletes the child (O7)."""
-    return {"apiVersion": API_VERSION, "kind": KIND, "name": ftj.metadata.name, "uid": uid,
-            "controller": True, "blockOwnerDeletion": True}
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": ftj.metadata.name,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
 
 
 def _metadata(ftj: FineTuneJob, uid: str, name: str, role: str) -> dict[str, Any]:
-    meta = {"name": name, "namespace": ftj.metadata.namespace, "labels": labels(ftj, role),
-            "ownerReferences": [owner_reference(ftj, uid)]}
+    meta = {
+        "name": name,
+        "namespace": ftj.metadata.namespace,
+        "labels": labels(ftj, role),
+        "ownerReferences": [owner_reference(ftj, uid)],
+    }
     return {k: v for k, v in meta.items() if v is not None}
 
 
@@ -136,8 +146,12 @@ def _metadata(ftj: FineTuneJob, uid: str, name: str, role: str) -> dict[str, Any
 def spec_json(ftj: FineTuneJob, uid: str) -> str:
     """The FineTuneJob the trainer reads: identity plus the full spec, compact JSON."""
     meta = {"name": ftj.metadata.name, "namespace": ftj.metadata.namespace, "uid": uid}
-    doc = {"apiVersion": API_VERSION, "kind": KIND, "metadata": {k: v for k, v in meta.items() if v is not None},
-           "spec": ftj.spec.wire()}
+    doc = {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {k: v for k, v in meta.items() if v is not None},
+        "spec": ftj.spec.wire(),
+    }
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
 
 
@@ -154,8 +168,13 @@ def spec_configmap(ftj: FineTuneJob, uid: str) -> dict[str, Any]:
     """The immutable ConfigMap the trainer and validation pods read their FineTuneJob from."""
     meta = _metadata(ftj, uid, spec_configmap_name(ftj), "spec")
     meta["annotations"] = {SPEC_DIGEST_ANNOTATION: spec_digest(ftj)}
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "immutable": True,
-            "data": {SPEC_KEY: spec_json(ftj, uid)}}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": meta,
+        "immutable": True,
+        "data": {SPEC_KEY: spec_json(ftj, uid)},
+    }
 
 
 def _default_memory_gib(ftj: FineTuneJob) -> int:
@@ -264,13 +283,22 @@ def _env(ftj: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
 
 def pod_security() -> dict[str, Any]:
     """The restricted Pod Security profile at pod level (a fresh dict: callers may mutate it)."""
-    return {"runAsNonRoot": True, "runAsUser": UID, "runAsGroup": UID, "fsGroup": UID,
-            "seccompProfile": {"type": "RuntimeDefault"}}
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": UID,
+        "runAsGroup": UID,
+        "fsGroup": UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
 
 
 def container_security() -> dict[str, Any]:
-    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
-            "readOnlyRootFilesystem": True, "runAsNonRoot": True}
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+    }
 
 
 def _pod_template(
@@ -326,8 +354,12 @@ def _job(ftj: FineTuneJob, uid: str, name: str, role: str, template: dict, **fie
     disruption = [{"type": "DisruptionTarget", "status": "True"}]
     spec: dict[str, Any] = {
         **{k: v for k, v in fields.items() if v is not None},
-        "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": permanent},
-                                       {"action": "Ignore", "onPodConditions": disruption}]},
+        "podFailurePolicy": {
+            "rules": [
+                {"action": "FailJob", "onExitCodes": permanent},
+                {"action": "Ignore", "onPodConditions": disruption},
+            ]
+        },
         "template": template,
     }
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _metadata(ftj, uid, name, role), "spec": spec}
@@ -376,9 +408,22 @@ def _command(ftj: FineTuneJob) -> list[str]:
         # handling), restart them and rendezvous again with the newcomer, and every rank resumes
         # from the newest committed checkpoint. A static rendezvous would leave the survivors
         # waiting on the dead peer until the Job's deadline. $(VAR) is expanded by the kubelet.
-        return ["torchrun", "--nnodes", "$(NNODES)", "--nproc-per-node", str(max(1, res.gpus)),
-                "--rdzv-backend", "c10d", "--rdzv-endpoint", "$(MASTER_ADDR):$(MASTER_PORT)",
-                "--rdzv-id", "$(KUBETUNE_RDZV_ID)", "--max-restarts", str(ftj.spec.max_retries), *trainer]
+        return [
+            "torchrun",
+            "--nnodes",
+            "$(NNODES)",
+            "--nproc-per-node",
+            str(max(1, res.gpus)),
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            "$(MASTER_ADDR):$(MASTER_PORT)",
+            "--rdzv-id",
+            "$(KUBETUNE_RDZV_ID)",
+            "--max-restarts",
+            str(ftj.spec.max_retries),
+            *trainer,
+        ]
     if res.gpus > 1:
         return ["torchrun", "--standalone", "--nproc-per-node", str(res.gpus), *trainer]
     return ["python", *trainer]
@@ -409,7 +454,9 @@ def trainer_job(ftj: FineTuneJob, uid: str, settings: OperatorSettings) -> dict[
     judge = ftj.spec.evaluation.judge
     if judge is not None and judge.api_key_secret:
         # The LLM judge's API key (spec.evaluation.judge.apiKeySecret, key api-key): only the training pod needs it.
-        env.append({"name": JUDGE_API_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": judge.api_key_secret, "key": "api-key"}}})
+        env.append(
+            {"name": JUDGE_API_KEY_ENV, "valueFrom": {"secretKeyRef": {"name": judge.api_key_secret, "key": "api-key"}}}
+        )
     if multi_node:
         ports.append({"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"})
         env += _rendezvous_env(ftj, name)
@@ -428,7 +475,11 @@ def trainer_job(ftj: FineTuneJob, uid: str, settings: OperatorSettings) -> dict[
     kueue, nodes = uses_kueue(ftj, settings), ftj.spec.resources.nodes
     indexed = {"completionMode": "Indexed", "completions": nodes, "parallelism": nodes} if multi_node else {}
     job = _job(
-        ftj, uid, name, "train", template,
+        ftj,
+        uid,
+        name,
+        "train",
+        template,
         suspend=kueue or ftj.spec.suspend,  # Kueue admits a Job by unsuspending it
         backoffLimit=ftj.spec.max_retries,
         activeDeadlineSeconds=ftj.spec.active_deadline_seconds,
@@ -452,7 +503,9 @@ def headless_service(ftj: FineTuneJob, uid: str, settings: OperatorSettings) -> 
         "spec": {
             "clusterIP": "None",
             "selector": {JOB_NAME_LABEL: name},
-            "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT, "protocol": "TCP"}],
+            "ports": [
+                {"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT, "protocol": "TCP"}
+            ],
             "publishNotReadyAddresses": True,
         },
     }
@@ -490,6 +543,13 @@ def validation_job(ftj: FineTuneJob, uid: str, settings: OperatorSettings) -> di
     }
     template = _pod_template(ftj, uid, settings, "validate", container)
     # Cleaned up an hour after it finished (the FineTuneJob keeps the verdict in DataValidated).
-    return _job(ftj, uid, name, "validate", template, backoffLimit=0,
-                activeDeadlineSeconds=settings.validation_deadline_seconds,
-                ttlSecondsAfterFinished=VALIDATION_TTL_SECONDS)
+    return _job(
+        ftj,
+        uid,
+        name,
+        "validate",
+        template,
+        backoffLimit=0,
+        activeDeadlineSeconds=settings.validation_deadline_seconds,
+        ttlSecondsAfterFinished=VALIDATION_TTL_SECONDS,
+    )

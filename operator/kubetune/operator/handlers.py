@@ -36,7 +36,7 @@ import math
 import os
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -122,7 +122,9 @@ class Kube:
                 self._client.user_agent = self._user_agent
             return self._client
 
-    def _call(self, method: str, path: str, body: Any = None, query: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+    def _call(
+        self, method: str, path: str, body: Any = None, query: list[tuple[str, str]] | None = None
+    ) -> dict[str, Any]:
         import urllib3
         from kubernetes.client.exceptions import ApiException  # type: ignore[import-untyped]
 
@@ -131,8 +133,14 @@ class Kube:
             headers["Content-Type"] = "application/merge-patch+json" if method == "PATCH" else "application/json"
         try:
             resp = self._api().call_api(
-                path, method, query_params=query or [], header_params=headers, body=body,
-                auth_settings=["BearerToken"], _preload_content=False, _return_http_data_only=True,
+                path,
+                method,
+                query_params=query or [],
+                header_params=headers,
+                body=body,
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+                _return_http_data_only=True,
                 _request_timeout=30,
             )
         except ApiException as err:
@@ -146,7 +154,9 @@ class Kube:
         data = resp.data
         return json.loads(data) if data else {}
 
-    async def request(self, method: str, path: str, body: Any = None, query: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+    async def request(
+        self, method: str, path: str, body: Any = None, query: list[tuple[str, str]] | None = None
+    ) -> dict[str, Any]:
         return await asyncio.to_thread(self._call, method, path, body, query)
 
     async def get(self, path: str) -> dict[str, Any] | None:
@@ -171,8 +181,8 @@ def retry_after_seconds(value: Any, now: datetime | None = None) -> float | None
             when = email.utils.parsedate_to_datetime(text)
         except (TypeError, ValueError, IndexError, OverflowError):
             return None
-        when = when if when.tzinfo else when.replace(tzinfo=timezone.utc)
-        seconds = (when - (now or datetime.now(timezone.utc))).total_seconds()
+        when = when if when.tzinfo else when.replace(tzinfo=UTC)
+        seconds = (when - (now or datetime.now(UTC))).total_seconds()
     if math.isnan(seconds):
         return None
     low, high = RETRY_AFTER_BOUNDS
@@ -181,9 +191,16 @@ def retry_after_seconds(value: Any, now: datetime | None = None) -> float | None
 
 def _collection(obj: dict[str, Any], namespace: str | None) -> str:
     api_version, kind = obj["apiVersion"], obj["kind"]
-    plural = {"Job": "jobs", "Service": "services", "PodGroup": "podgroups", "Pod": "pods", "ConfigMap": "configmaps",
-              "Deployment": "deployments", "LLMInferenceService": "llminferenceservices",
-              "InferenceService": "inferenceservices"}[kind]
+    plural = {
+        "Job": "jobs",
+        "Service": "services",
+        "PodGroup": "podgroups",
+        "Pod": "pods",
+        "ConfigMap": "configmaps",
+        "Deployment": "deployments",
+        "LLMInferenceService": "llminferenceservices",
+        "InferenceService": "inferenceservices",
+    }[kind]
     root = "/api/v1" if "/" not in api_version else f"/apis/{api_version}"
     return f"{root}/namespaces/{quote(namespace or DEFAULT_NAMESPACE)}/{plural}"
 
@@ -231,12 +248,18 @@ def server_message(err: ApiError) -> str:
 
 # Where a field of a child object comes from in the FineTuneJob, for the refusal message.
 CHILD_FIELD_SOURCES = (
-    ("priorityClassName", "spec.scheduling.priorityClassName"), ("nodeSelector", "spec.scheduling.nodeSelector"),
-    ("tolerations", "spec.scheduling.tolerations"), ("affinity", "spec.scheduling.affinity"),
-    ("schedulerName", "spec.scheduling.schedulerName"), ("resources", "spec.resources"),
-    ("image", "spec.image"), ("imagePullSecrets", "spec.podOverrides.imagePullSecrets"),
-    ("runtimeClassName", "spec.podOverrides.runtimeClassName"), ("serviceAccountName", "spec.podOverrides.serviceAccountName"),
-    ("volumes", "spec.podOverrides.volumes"), ("env", "spec.podOverrides.env"),
+    ("priorityClassName", "spec.scheduling.priorityClassName"),
+    ("nodeSelector", "spec.scheduling.nodeSelector"),
+    ("tolerations", "spec.scheduling.tolerations"),
+    ("affinity", "spec.scheduling.affinity"),
+    ("schedulerName", "spec.scheduling.schedulerName"),
+    ("resources", "spec.resources"),
+    ("image", "spec.image"),
+    ("imagePullSecrets", "spec.podOverrides.imagePullSecrets"),
+    ("runtimeClassName", "spec.podOverrides.runtimeClassName"),
+    ("serviceAccountName", "spec.podOverrides.serviceAccountName"),
+    ("volumes", "spec.podOverrides.volumes"),
+    ("env", "spec.podOverrides.env"),
 )
 
 
@@ -248,23 +271,34 @@ def refusal(err: ApiError, child: dict[str, Any]) -> tuple[Reason, str, str | No
     kind, name = child["kind"], child["metadata"]["name"]
     text = server_message(err)
     if err.status == 404 and kind == "PodGroup":
-        return (Reason.CRD_MISSING, f"the PodGroup CRD (podgroups.scheduling.volcano.sh) is not installed, so the "
-                f"gang-scheduled PodGroup {name} cannot be created: install Volcano, or remove "
-                "spec.scheduling.schedulerName: volcano", "spec.scheduling.schedulerName")
+        return (
+            Reason.CRD_MISSING,
+            f"the PodGroup CRD (podgroups.scheduling.volcano.sh) is not installed, so the "
+            f"gang-scheduled PodGroup {name} cannot be created: install Volcano, or remove "
+            "spec.scheduling.schedulerName: volcano",
+            "spec.scheduling.schedulerName",
+        )
     param = next((source for field, source in CHILD_FIELD_SOURCES if field in text), None)
     where = f" (set by {param})" if param else ""
-    message = (f"the API server refused {kind} {name} (HTTP {err.status}): {text}{where}. "
-               "Fix the FineTuneJob and apply it again")
+    message = (
+        f"the API server refused {kind} {name} (HTTP {err.status}): {text}{where}. "
+        "Fix the FineTuneJob and apply it again"
+    )
     return Reason.CHILD_REJECTED, reconcile._bounded(reconcile.redact(message)), param
 
 
-SERVING_RBAC_HINT = ("the operator may not manage serving objects: install the chart with serving.enabled=true "
-                     "(it grants the operator the serving permissions), or drop spec.serving")
+SERVING_RBAC_HINT = (
+    "the operator may not manage serving objects: install the chart with serving.enabled=true "
+    "(it grants the operator the serving permissions), or drop spec.serving"
+)
 
 
 def _serving_path(kind: str, namespace: str | None, name: str) -> str:
-    obj = {"Deployment": {"apiVersion": "apps/v1"}, serving.LLMISVC[2]: {"apiVersion": f"{serving.GROUP}/{serving.LLMISVC[0]}"},
-           serving.ISVC[2]: {"apiVersion": f"{serving.GROUP}/{serving.ISVC[0]}"}}[kind]
+    obj = {
+        "Deployment": {"apiVersion": "apps/v1"},
+        serving.LLMISVC[2]: {"apiVersion": f"{serving.GROUP}/{serving.LLMISVC[0]}"},
+        serving.ISVC[2]: {"apiVersion": f"{serving.GROUP}/{serving.ISVC[0]}"},
+    }[kind]
     return f"{_collection({**obj, 'kind': kind}, namespace)}/{quote(name)}"
 
 
@@ -273,8 +307,12 @@ def _serving_refusal(err: ApiError, what: str) -> str:
     text = server_message(err)
     if err.status == 403:
         return reconcile._bounded(reconcile.redact(f"{what}: HTTP 403 ({text}); {SERVING_RBAC_HINT}"))
-    return reconcile._bounded(reconcile.redact(f"{what}: the API server refused it (HTTP {err.status}): {text}. "
-                                               "Fix spec.serving and apply the FineTuneJob again"))
+    return reconcile._bounded(
+        reconcile.redact(
+            f"{what}: the API server refused it (HTTP {err.status}): {text}. "
+            "Fix spec.serving and apply the FineTuneJob again"
+        )
+    )
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -286,7 +324,7 @@ def _plain(body: Any) -> dict[str, Any]:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _problem_field(problems: list[Any]) -> str | None:
@@ -307,8 +345,11 @@ def invalid_spec_message(problems: list[Any]) -> str:
 def effective(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
     """status.effective: the image, GPUs, nodes and the GPU memory estimate."""
     spec = ftj.spec
-    out: dict[str, Any] = {"image": spec.image or settings.trainer_image, "gpus": spec.resources.gpus,
-                           "nodes": spec.resources.nodes}
+    out: dict[str, Any] = {
+        "image": spec.image or settings.trainer_image,
+        "gpus": spec.resources.gpus,
+        "nodes": spec.resources.nodes,
+    }
     sizing = estimate_job(spec)
     if sizing.parameters:
         out["parameters"] = sizing.parameters
@@ -319,8 +360,10 @@ def effective(ftj: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
 
 def conflict_message(child: dict[str, Any]) -> str:
     kind, name = child["kind"], child["metadata"]["name"]
-    return (f"a {kind} named {name} already exists and is not owned by this FineTuneJob; "
-            f"rename the FineTuneJob or delete that {kind}")
+    return (
+        f"a {kind} named {name} already exists and is not owned by this FineTuneJob; "
+        f"rename the FineTuneJob or delete that {kind}"
+    )
 
 
 def slim_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -339,9 +382,14 @@ def slim_pod(pod: dict[str, Any]) -> dict[str, Any]:
     meta.pop("managedFields", None)
     meta.pop("annotations", None)
     spec = pod.get("spec") or {}
-    pod["spec"] = {"nodeName": spec.get("nodeName"),
-                   "containers": [{"name": c.get("name"), "resources": c.get("resources") or {}}
-                                  for c in spec.get("containers") or [] if isinstance(c, dict)]}
+    pod["spec"] = {
+        "nodeName": spec.get("nodeName"),
+        "containers": [
+            {"name": c.get("name"), "resources": c.get("resources") or {}}
+            for c in spec.get("containers") or []
+            if isinstance(c, dict)
+        ],
+    }
     return pod
 
 
@@ -351,8 +399,11 @@ def _unfinished(job: dict[str, Any]) -> bool:
 
 
 def _data_validated(status: dict[str, Any]) -> bool:
-    return any(c.get("type") == ConditionType.DATA_VALIDATED.value and c.get("status") == "True"
-               for c in status.get("conditions") or [] if isinstance(c, dict))
+    return any(
+        c.get("type") == ConditionType.DATA_VALIDATED.value and c.get("status") == "True"
+        for c in status.get("conditions") or []
+        if isinstance(c, dict)
+    )
 
 
 def initial_phase(ftj: FineTuneJob, settings: OperatorSettings) -> Phase:
@@ -371,8 +422,15 @@ def _current_status(body: Any, patch: kopf.Patch) -> dict[str, Any]:
     return {k: v for k, v in status.items() if v is not None}
 
 
-def _patch_phase(patch: kopf.Patch, body: Any, phase: Phase, ctype: ConditionType | None, reason: Reason,
-                 message: str, generation: int | None) -> None:
+def _patch_phase(
+    patch: kopf.Patch,
+    body: Any,
+    phase: Phase,
+    ctype: ConditionType | None,
+    reason: Reason,
+    message: str,
+    generation: int | None,
+) -> None:
     """Move to `phase` through `reconcile.set_phase` (the one place conditions are written)."""
     status = _current_status(body, patch)
     reconcile.set_phase(status, phase, ctype, reason, message, _now(), generation)
@@ -385,15 +443,18 @@ def _patch_phase(patch: kopf.Patch, body: Any, phase: Phase, ctype: ConditionTyp
         patch.status["observedGeneration"] = generation
 
 
-def _patch_condition(patch: kopf.Patch, body: Any, ctype: ConditionType, state: str, reason: Reason, message: str,
-                     generation: int | None) -> None:
+def _patch_condition(
+    patch: kopf.Patch, body: Any, ctype: ConditionType, state: str, reason: Reason, message: str, generation: int | None
+) -> None:
     status = _current_status(body, patch)
-    patch.status["conditions"] = reconcile.set_condition(status.get("conditions") or [], ctype, state, reason, message,
-                                                         _now(), generation)
+    patch.status["conditions"] = reconcile.set_condition(
+        status.get("conditions") or [], ctype, state, reason, message, _now(), generation
+    )
 
 
-def _fail(patch: kopf.Patch, body: Any, reason: Reason, message: str, generation: int | None,
-          param: str | None = None) -> kopf.PermanentError:
+def _fail(
+    patch: kopf.Patch, body: Any, reason: Reason, message: str, generation: int | None, param: str | None = None
+) -> kopf.PermanentError:
     """End the FineTuneJob Failed (other conditions kept), with `status.error` and a Warning event."""
     old_phase = (body.get("status") or {}).get("phase")
     _patch_phase(patch, body, Phase.FAILED, ConditionType.FAILED, reason, message, generation)
@@ -403,15 +464,19 @@ def _fail(patch: kopf.Patch, body: Any, reason: Reason, message: str, generation
     return kopf.PermanentError(message)
 
 
-def _retrying(patch: kopf.Patch, body: Any, err: ApiError, what: str, retry: int, started: datetime | None,
-              generation: int | None) -> kopf.TemporaryError:
+def _retrying(
+    patch: kopf.Patch, body: Any, err: ApiError, what: str, retry: int, started: datetime | None, generation: int | None
+) -> kopf.TemporaryError:
     """Condition Degraded (APIRetrying) saying what is retried and since when; the error kopf
     retries the handler after (bounded exponential backoff, or the server's Retry-After)."""
     delay = backoff_seconds(err, retry)
     answer = "no answer" if err.status == 0 else f"HTTP {err.status}"
     since = reconcile._rfc3339(started) if isinstance(started, datetime) else _now()
-    message = reconcile._bounded(reconcile.redact(
-        f"{what}: {answer} from the API server since {since} ({retry + 1} attempts); retrying in {delay:g}s"))
+    message = reconcile._bounded(
+        reconcile.redact(
+            f"{what}: {answer} from the API server since {since} ({retry + 1} attempts); retrying in {delay:g}s"
+        )
+    )
     _patch_condition(patch, body, ConditionType.DEGRADED, "True", Reason.API_RETRYING, message, generation)
     return kopf.TemporaryError(message, delay=delay)
 
@@ -419,9 +484,19 @@ def _retrying(patch: kopf.Patch, body: Any, err: ApiError, what: str, retry: int
 def _recovered(patch: kopf.Patch, body: Any, generation: int | None) -> None:
     """Degraded back to False once a request the operator retried went through."""
     status = _current_status(body, patch)
-    if any(c.get("type") == ConditionType.DEGRADED.value and c.get("status") == "True" for c in status.get("conditions") or []):
-        _patch_condition(patch, body, ConditionType.DEGRADED, "False", Reason.API_HEALTHY,
-                         "the API server answers the operator again", generation)
+    if any(
+        c.get("type") == ConditionType.DEGRADED.value and c.get("status") == "True"
+        for c in status.get("conditions") or []
+    ):
+        _patch_condition(
+            patch,
+            body,
+            ConditionType.DEGRADED,
+            "False",
+            Reason.API_HEALTHY,
+            "the API server answers the operator again",
+            generation,
+        )
 
 
 class ChildRefused(Exception):
@@ -451,8 +526,14 @@ async def ensure_child(kube: Kube, obj: dict[str, Any], namespace: str | None, u
     return _owned_by(existing, uid)
 
 
-def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api_url: str | None = None,
-             metrics_port: int | None = None, presence_namespace: str | None = None) -> Kube:
+def register(
+    registry: kopf.OperatorRegistry,
+    settings: OperatorSettings,
+    *,
+    api_url: str | None = None,
+    metrics_port: int | None = None,
+    presence_namespace: str | None = None,
+) -> Kube:
     """Register the FineTuneJob handlers on `registry`; returns the API client they use. With
     `metrics_port`, the operator's own /metrics is served there while the operator runs; with
     `presence_namespace`, a standalone operator holds the `kubetune-operator` Lease there and
@@ -462,8 +543,15 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
     if presence_namespace is not None:
         presence.register(registry, kube, presence_namespace)
 
-    async def start_training(ftj: FineTuneJob, body: Any, namespace: str | None, uid: str, patch: kopf.Patch,
-                             status: dict[str, Any], generation: int | None) -> None:
+    async def start_training(
+        ftj: FineTuneJob,
+        body: Any,
+        namespace: str | None,
+        uid: str,
+        patch: kopf.Patch,
+        status: dict[str, Any],
+        generation: int | None,
+    ) -> None:
         """Create the trainer Job (and its Service / PodGroup) and record it in the status."""
         children = [builders.spec_configmap(ftj, uid)]  # first: the pods mount it
         if builders.uses_volcano(ftj):
@@ -481,22 +569,40 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
         patch.status["effective"] = effective(ftj, settings)
         warning = memory_warning(ftj.spec)
         if warning is not None:
-            _patch_condition(patch, body, ConditionType.INSUFFICIENT_GPU_MEMORY, "True", warning[0], warning[1], generation)
+            _patch_condition(
+                patch, body, ConditionType.INSUFFICIENT_GPU_MEMORY, "True", warning[0], warning[1], generation
+            )
             kopf.warn(body, reason=warning[0].value, message=warning[1])
         if generation is not None:
             patch.status["observedGeneration"] = generation
         if status.get("phase") in (None, Phase.VALIDATING.value):
             phase = initial_phase(ftj, settings)
             if phase == Phase.PENDING:
-                _patch_phase(patch, body, phase, ConditionType.PENDING, Reason.JOB_PENDING, reconcile.job_pending_message(job_name), generation)
+                _patch_phase(
+                    patch,
+                    body,
+                    phase,
+                    ConditionType.PENDING,
+                    Reason.JOB_PENDING,
+                    reconcile.job_pending_message(job_name),
+                    generation,
+                )
             else:
                 patch.status["phase"] = phase.value
             METRICS.transition(status.get("phase"), phase.value)
         if status.get("jobName") != job_name:
             kopf.info(body, reason=Reason.JOB_CREATED.value, message=f"Job {job_name} is created")
 
-    async def create_children(body: kopf.Body, name: str, namespace: str | None, uid: str, patch: kopf.Patch,
-                              retry: int = 0, started: datetime | None = None, **_: Any) -> None:
+    async def create_children(
+        body: kopf.Body,
+        name: str,
+        namespace: str | None,
+        uid: str,
+        patch: kopf.Patch,
+        retry: int = 0,
+        started: datetime | None = None,
+        **_: Any,
+    ) -> None:
         status = dict(body.get("status") or {})
         if status.get("phase") in _TERMINAL:
             return
@@ -505,11 +611,24 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
         with METRICS.reconcile_timer():
             ftj, problems = parse_manifest(manifest)
             if ftj is None:
-                raise _fail(patch, body, Reason.INVALID_SPEC, invalid_spec_message(problems), generation,
-                            param=_problem_field(problems))
+                raise _fail(
+                    patch,
+                    body,
+                    Reason.INVALID_SPEC,
+                    invalid_spec_message(problems),
+                    generation,
+                    param=_problem_field(problems),
+                )
             if ftj.spec.cancel:
-                _patch_phase(patch, body, Phase.CANCELLED, ConditionType.CANCELLED, Reason.CANCELLED_BY_USER,
-                             "cancelled (spec.cancel) before the trainer Job was created", generation)
+                _patch_phase(
+                    patch,
+                    body,
+                    Phase.CANCELLED,
+                    ConditionType.CANCELLED,
+                    Reason.CANCELLED_BY_USER,
+                    "cancelled (spec.cancel) before the trainer Job was created",
+                    generation,
+                )
                 return
             try:
                 if ftj.spec.dataset.prevalidate and not status.get("jobName") and not _data_validated(status):
@@ -519,11 +638,20 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
             except ChildRefused as err:
                 raise _fail(patch, body, err.reason, err.message, generation, param=err.param) from None
             except ApiError as err:
-                raise _retrying(patch, body, err, "creating the FineTuneJob's children", retry, started, generation) from None
+                raise _retrying(
+                    patch, body, err, "creating the FineTuneJob's children", retry, started, generation
+                ) from None
             _recovered(patch, body, generation)
 
-    async def start_validation(ftj: FineTuneJob, body: Any, namespace: str | None, uid: str, patch: kopf.Patch,
-                               status: dict[str, Any], generation: int | None) -> None:
+    async def start_validation(
+        ftj: FineTuneJob,
+        body: Any,
+        namespace: str | None,
+        uid: str,
+        patch: kopf.Patch,
+        status: dict[str, Any],
+        generation: int | None,
+    ) -> None:
         """Create the validation Job that checks the data before any GPU is requested."""
         check = builders.validation_job(ftj, uid, settings)
         for child in (builders.spec_configmap(ftj, uid), check):
@@ -535,11 +663,15 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
         if status.get("phase") != Phase.VALIDATING.value:
             message = f"Job {check['metadata']['name']} checks the data"
             _patch_phase(patch, body, Phase.VALIDATING, None, Reason.VALIDATING_DATA, message, generation)
-            _patch_condition(patch, body, ConditionType.DATA_VALIDATED, "Unknown", Reason.VALIDATING_DATA, message, generation)
+            _patch_condition(
+                patch, body, ConditionType.DATA_VALIDATED, "Unknown", Reason.VALIDATING_DATA, message, generation
+            )
             METRICS.transition(status.get("phase"), Phase.VALIDATING.value)
             kopf.info(body, reason=Reason.VALIDATING_DATA.value, message=message)
 
-    async def after_validation(body: kopf.Body, namespace: str | None, uid: str, patch: kopf.Patch, status: dict[str, Any]) -> None:
+    async def after_validation(
+        body: kopf.Body, namespace: str | None, uid: str, patch: kopf.Patch, status: dict[str, Any]
+    ) -> None:
         """Phase Validating: start training when the validation Job succeeded, fail when it failed;
         a validation pod that cannot start (no ServiceAccount, image, …) is reported as Pending would be."""
         generation = body.get("metadata", {}).get("generation")
@@ -556,8 +688,15 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
             return
         conds = reconcile._true_conditions(check)
         if "Complete" in conds or "SuccessCriteriaMet" in conds:
-            _patch_condition(patch, body, ConditionType.DATA_VALIDATED, "True", Reason.DATA_VALID,
-                             f"Job {check_name} found the data valid", generation)
+            _patch_condition(
+                patch,
+                body,
+                ConditionType.DATA_VALIDATED,
+                "True",
+                Reason.DATA_VALID,
+                f"Job {check_name} found the data valid",
+                generation,
+            )
             # The dataset report's summary (duplicates, leakage, PII, estimates) from the validation pod.
             for pod in reconcile.owned_pods(await _job_pods(namespace, check_name), check):
                 found = reconcile.parse_termination(pod)
@@ -590,8 +729,11 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
                 kopf.warn(body, reason=stuck[0].value, message=message)
 
     async def _job_pods(namespace: str | None, job_name: str) -> list[dict[str, Any]]:
-        listing = await kube.request("GET", f"/api/v1/namespaces/{quote(namespace or DEFAULT_NAMESPACE)}/pods",
-                                     query=[("labelSelector", f"{POD_JOB_LABEL}={job_name}")])
+        listing = await kube.request(
+            "GET",
+            f"/api/v1/namespaces/{quote(namespace or DEFAULT_NAMESPACE)}/pods",
+            query=[("labelSelector", f"{POD_JOB_LABEL}={job_name}")],
+        )
         return [p for p in listing.get("items") or [] if isinstance(p, dict)]
 
     async def _job_events(namespace: str | None, job: dict[str, Any]) -> list[dict[str, Any]]:
@@ -599,16 +741,26 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
         uid = (job.get("metadata") or {}).get("uid")
         if not uid:
             return []
-        listing = await kube.request("GET", f"/api/v1/namespaces/{quote(namespace or DEFAULT_NAMESPACE)}/events",
-                                     query=[("fieldSelector", f"involvedObject.uid={uid},reason=FailedCreate")])
-        return [e for e in listing.get("items") or [] if isinstance(e, dict) and e.get("reason") == "FailedCreate"
-                and (e.get("involvedObject") or {}).get("uid") == uid]
+        listing = await kube.request(
+            "GET",
+            f"/api/v1/namespaces/{quote(namespace or DEFAULT_NAMESPACE)}/events",
+            query=[("fieldSelector", f"involvedObject.uid={uid},reason=FailedCreate")],
+        )
+        return [
+            e
+            for e in listing.get("items") or []
+            if isinstance(e, dict)
+            and e.get("reason") == "FailedCreate"
+            and (e.get("involvedObject") or {}).get("uid") == uid
+        ]
 
     kopf.on.create(GROUP, VERSION, PLURAL, registry=registry, id="children")(create_children)
     kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry, id="children")(create_children)
 
     @kopf.on.field(GROUP, VERSION, PLURAL, registry=registry, field="spec.suspend", id="suspend")
-    async def suspend(body: kopf.Body, name: str, namespace: str | None, uid: str, new: Any, retry: int = 0, **_: Any) -> None:
+    async def suspend(
+        body: kopf.Body, name: str, namespace: str | None, uid: str, new: Any, retry: int = 0, **_: Any
+    ) -> None:
         job_name = builders.child_name(name, "train")
         job = await kube.get(_job_path(namespace, job_name))
         if job is None or not _owned_by(job, uid):
@@ -621,7 +773,9 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
             try:
                 await kube.request("PATCH", _job_path(namespace, job_name), {"spec": {"suspend": want}})
             except ApiError as err:
-                raise kopf.TemporaryError(f"patching Job {job_name}: HTTP {err.status}", delay=backoff_seconds(err, retry)) from None
+                raise kopf.TemporaryError(
+                    f"patching Job {job_name}: HTTP {err.status}", delay=backoff_seconds(err, retry)
+                ) from None
 
     async def read_started_spec(namespace: str | None, uid: str, status: dict[str, Any]) -> dict[str, Any] | None:
         """The wire spec in the job's spec ConfigMap (`status.specConfigMap`); None when it is
@@ -651,16 +805,22 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
         # The timer may hold a stale body: a FineTuneJob deleted a moment ago took its Job with
         # it (garbage collection) and must not get a new one (O7).
         current = await kube.get(f"{_ftj_path(namespace, ftj.metadata.name)}")
-        if current is None or current.get("metadata", {}).get("uid") != uid or current["metadata"].get("deletionTimestamp"):
+        if (
+            current is None
+            or current.get("metadata", {}).get("uid") != uid
+            or current["metadata"].get("deletionTimestamp")
+        ):
             return
         if (current.get("status") or {}).get("phase") in _TERMINAL or (current.get("spec") or {}).get("cancel") is True:
             return  # finished or cancelled since the timer's body was read: the Job went on purpose
         done = int(status.get("recreations") or 0)
         job_name = status.get("jobName")
         if done >= settings.max_job_recreations:
-            message = (f"Job {job_name} was deleted {done + 1} times; not recreating it again "
-                       f"(the operator's limit is {settings.max_job_recreations}). Committed checkpoints are kept: "
-                       "apply the FineTuneJob again under a new name to resume from them")
+            message = (
+                f"Job {job_name} was deleted {done + 1} times; not recreating it again "
+                f"(the operator's limit is {settings.max_job_recreations}). Committed checkpoints are kept: "
+                "apply the FineTuneJob again under a new name to resume from them"
+            )
             _fail(patch, body, Reason.TOO_MANY_RECREATIONS, message, generation)
             return
         # The spec the job started with, never an edited one (the edit is reported as SpecImmutable).
@@ -670,13 +830,20 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
             logger.warning(f"reading the started spec of Job {job_name}: HTTP {err.status}; retrying on the next tick")
             return
         if started_spec is not None:
-            wire = {**started_spec, **{k: v for k, v in reconcile.current_spec(current).items() if k in MUTABLE_AFTER_START}}
-            started, _problems = parse_manifest({**{k: v for k, v in _plain(body).items() if k != "status"}, "spec": wire})
+            wire = {
+                **started_spec,
+                **{k: v for k, v in reconcile.current_spec(current).items() if k in MUTABLE_AFTER_START},
+            }
+            started, _problems = parse_manifest(
+                {**{k: v for k, v in _plain(body).items() if k != "status"}, "spec": wire}
+            )
             ftj = started or ftj
         elif status.get("specConfigMap") not in (None, builders.spec_configmap_name(ftj)):
-            message = (f"Job {job_name} is gone, and so is ConfigMap {status['specConfigMap']} with the spec it started "
-                       "from; the spec has changed since, so the job cannot resume as it began. Committed checkpoints "
-                       "are kept: apply the FineTuneJob under a new name")
+            message = (
+                f"Job {job_name} is gone, and so is ConfigMap {status['specConfigMap']} with the spec it started "
+                "from; the spec has changed since, so the job cannot resume as it began. Committed checkpoints "
+                "are kept: apply the FineTuneJob under a new name"
+            )
             _fail(patch, body, Reason.SPEC_LOST, message, generation)
             return
         children = [builders.spec_configmap(ftj, uid), builders.trainer_job(ftj, uid, settings)]
@@ -693,12 +860,16 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
             return
         patch.status["specConfigMap"] = children[0]["metadata"]["name"]
         patch.status["recreations"] = done + 1
-        kopf.warn(body, reason=Reason.JOB_RECREATED.value,
-                  message=f"Job {job_name} was deleted; recreated it ({done + 1} of at most "
-                          f"{settings.max_job_recreations}), resuming from the newest committed checkpoint")
+        kopf.warn(
+            body,
+            reason=Reason.JOB_RECREATED.value,
+            message=f"Job {job_name} was deleted; recreated it ({done + 1} of at most "
+            f"{settings.max_job_recreations}), resuming from the newest committed checkpoint",
+        )
 
-    async def rebuild_job(body: kopf.Body, namespace: str | None, uid: str, patch: kopf.Patch, job: dict[str, Any],
-                          logger: Any) -> None:
+    async def rebuild_job(
+        body: kopf.Body, namespace: str | None, uid: str, patch: kopf.Patch, job: dict[str, Any], logger: Any
+    ) -> None:
         """The spec was edited before training started (a pod stuck Unschedulable, say): the Job
         is replaced by one built from the new spec. Nothing ran, so nothing is lost."""
         generation = body.get("metadata", {}).get("generation")
@@ -708,11 +879,20 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
         job_name = job["metadata"]["name"]
         try:
             if not await ensure_child(kube, builders.spec_configmap(ftj, uid), namespace, uid):
-                _fail(patch, body, Reason.CHILD_NAME_CONFLICT, conflict_message(builders.spec_configmap(ftj, uid)), generation)
+                _fail(
+                    patch,
+                    body,
+                    Reason.CHILD_NAME_CONFLICT,
+                    conflict_message(builders.spec_configmap(ftj, uid)),
+                    generation,
+                )
                 return
             patch.status["specConfigMap"] = builders.spec_configmap_name(ftj)
-            await kube.request("DELETE", _job_path(namespace, job_name), {"propagationPolicy": "Background",
-                               "preconditions": {"uid": job["metadata"]["uid"]}})
+            await kube.request(
+                "DELETE",
+                _job_path(namespace, job_name),
+                {"propagationPolicy": "Background", "preconditions": {"uid": job["metadata"]["uid"]}},
+            )
             new_job = builders.trainer_job(ftj, uid, settings)
             try:  # not ensure_child: a 409 here is the old Job, still being deleted, not ours to adopt
                 await kube.request("POST", _collection(new_job, namespace), new_job)
@@ -725,7 +905,9 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
             _fail(patch, body, err.reason, err.message, generation, param=err.param)
             return
         except ApiError as err:
-            logger.warning(f"rebuilding Job {job_name} for the edited spec: HTTP {err.status}; retrying on the next tick")
+            logger.warning(
+                f"rebuilding Job {job_name} for the edited spec: HTTP {err.status}; retrying on the next tick"
+            )
             return
         patch.status["effective"] = effective(ftj, settings)
         message = f"the spec was edited before training started: Job {job_name} is rebuilt from the new spec"
@@ -737,11 +919,20 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
     # Watch-fed caches of the operator's Jobs and their pods (kopf indexes): an idle running job
     # then costs no API request per tick, only the scrape of its pod (issue 14: 300 idle jobs
     # cost 20 requests/s when every tick read its Job and listed its pods).
-    @kopf.index("batch", "v1", "jobs", registry=registry, labels={builders.MANAGED_BY_LABEL: builders.MANAGED_BY}, id="kubetune_jobs")
+    @kopf.index(
+        "batch",
+        "v1",
+        "jobs",
+        registry=registry,
+        labels={builders.MANAGED_BY_LABEL: builders.MANAGED_BY},
+        id="kubetune_jobs",
+    )
     def index_jobs(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[Any, Any]:
         return {(namespace, name): slim_job(_plain(body))}
 
-    @kopf.index("", "v1", "pods", registry=registry, labels={builders.MANAGED_BY_LABEL: builders.MANAGED_BY}, id="kubetune_pods")
+    @kopf.index(
+        "", "v1", "pods", registry=registry, labels={builders.MANAGED_BY_LABEL: builders.MANAGED_BY}, id="kubetune_pods"
+    )
     def index_pods(namespace: str | None, labels: Any, body: kopf.Body, **_: Any) -> dict[Any, Any] | None:
         job = labels.get(POD_JOB_LABEL) or labels.get(builders.JOB_NAME_LABEL)
         return {(namespace, job): slim_pod(_plain(body))} if job else None
@@ -754,8 +945,17 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
             return found[-1]
         return await kube.get(_job_path(namespace, job_name))
 
-    async def observe_job(body: kopf.Body, name: str, namespace: str | None, uid: str, patch: kopf.Patch,
-                          logger: Any, kubetune_jobs: Any = None, kubetune_pods: Any = None, **_: Any) -> None:
+    async def observe_job(
+        body: kopf.Body,
+        name: str,
+        namespace: str | None,
+        uid: str,
+        patch: kopf.Patch,
+        logger: Any,
+        kubetune_jobs: Any = None,
+        kubetune_pods: Any = None,
+        **_: Any,
+    ) -> None:
         """The timer: the trainer Job's state into the status, then (once Succeeded) spec.serving."""
         current = await observe_training(body, name, namespace, uid, patch, logger, kubetune_jobs, kubetune_pods)
         if current is None:
@@ -763,8 +963,16 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
         if current.get("phase") == Phase.SUCCEEDED.value and (body.get("spec") or {}).get("serving"):
             await serve_result(body, name, namespace, uid, current, logger)
 
-    async def observe_training(body: kopf.Body, name: str, namespace: str | None, uid: str, patch: kopf.Patch,
-                               logger: Any, kubetune_jobs: Any = None, kubetune_pods: Any = None) -> dict[str, Any] | None:
+    async def observe_training(
+        body: kopf.Body,
+        name: str,
+        namespace: str | None,
+        uid: str,
+        patch: kopf.Patch,
+        logger: Any,
+        kubetune_jobs: Any = None,
+        kubetune_pods: Any = None,
+    ) -> dict[str, Any] | None:
         """The status as patched (None when this tick wrote nothing of its own)."""
         job_name = (body.get("status") or {}).get("jobName")
         if (body.get("status") or {}).get("phase") == Phase.CANCELLED.value:
@@ -782,8 +990,11 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
                 return
             # Only pods the Job controls: the job-name label can be forged by anyone who may
             # create pods in the namespace (a forged pod must not write status.adapter).
-            listed = list(kubetune_pods.get((namespace, job_name), ())) if kubetune_pods is not None \
+            listed = (
+                list(kubetune_pods.get((namespace, job_name), ()))
+                if kubetune_pods is not None
                 else await _job_pods(namespace, job_name)
+            )
             pods = reconcile.owned_pods(listed, job)
             waiting = not pods and _unfinished(job) and (job.get("spec") or {}).get("suspend") is not True
             events = await _job_events(namespace, job) if waiting else []
@@ -791,8 +1002,10 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
                 try:
                     await kube.request("PATCH", _job_path(namespace, job_name), reconcile.end_job_patch())
                 except ApiError as err:
-                    logger.warning(f"could not end Job {job_name} after a permanent failure, retrying: "
-                                   f"{reconcile._bounded(reconcile.redact(str(err)), 500)}")
+                    logger.warning(
+                        f"could not end Job {job_name} after a permanent failure, retrying: "
+                        f"{reconcile._bounded(reconcile.redact(str(err)), 500)}"
+                    )
             ftj = _plain(body)
             old = ftj.get("status") or {}
             started_spec = None
@@ -802,8 +1015,16 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
                     return
                 started_spec = await read_started_spec(namespace, uid, old)
             scraped = await scrape(pods, settings.metrics_port, owner_uid=(job.get("metadata") or {}).get("uid"))
-            new = reconcile.observe(ftj, job, pods, scraped, settings, datetime.now(timezone.utc), job_events=events,
-                                    started_spec=started_spec)
+            new = reconcile.observe(
+                ftj,
+                job,
+                pods,
+                scraped,
+                settings,
+                datetime.now(UTC),
+                job_events=events,
+                started_spec=started_spec,
+            )
             change = reconcile.diff(old, new)
             if change is None:
                 return None
@@ -813,8 +1034,10 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
             try:
                 await kube.request("PATCH", f"{_ftj_path(namespace, name)}/status", {"status": change})
             except ApiError as err:
-                logger.warning(f"status patch refused, retrying in {settings.metrics_scrape_interval_seconds:g}s: "
-                               f"{reconcile._bounded(reconcile.redact(str(err)), 500)}")
+                logger.warning(
+                    f"status patch refused, retrying in {settings.metrics_scrape_interval_seconds:g}s: "
+                    f"{reconcile._bounded(reconcile.redact(str(err)), 500)}"
+                )
                 return None
             if new.get("phase") != old.get("phase") and new.get("phase"):
                 METRICS.transition(old.get("phase"), new["phase"])
@@ -829,8 +1052,9 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
     # KServe kinds would need list/watch on them cluster-wide and fails while the CRDs are absent.
     serving_due: dict[str, tuple[float, int]] = {}  # uid → (monotonic time of the next check, failed attempts)
 
-    async def serve_result(body: kopf.Body, name: str, namespace: str | None, uid: str, status: dict[str, Any],
-                           logger: Any) -> None:
+    async def serve_result(
+        body: kopf.Body, name: str, namespace: str | None, uid: str, status: dict[str, Any], logger: Any
+    ) -> None:
         """Create (or adopt) the serving object(s) of a Succeeded job and keep status.serving and
         the Serving condition true to what the object reports."""
         if not status.get("adapter"):
@@ -846,8 +1070,11 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
         try:
             new, state, reason, message = await _serving_state(ftj, uid, namespace, status, current)
         except (ApiError, serving.EndpointUnreachable) as err:
-            delay = backoff_seconds(err, attempts) if isinstance(err, ApiError) else min(
-                BACKOFF_SECONDS[1], BACKOFF_SECONDS[0] * 2 ** min(attempts, 20))
+            delay = (
+                backoff_seconds(err, attempts)
+                if isinstance(err, ApiError)
+                else min(BACKOFF_SECONDS[1], BACKOFF_SECONDS[0] * 2 ** min(attempts, 20))
+            )
             serving_due[uid] = (time.monotonic() + delay, attempts + 1)
             text = reconcile._bounded(reconcile.redact(str(err)), 500)
             logger.warning(f"serving {ftj.metadata.name}: {text}; retrying in {delay:g}s")
@@ -857,10 +1084,21 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
             new["ready"], new["message"] = False, message
         else:
             ready = new.get("ready") is True
-            wait = settings.serving_recheck_seconds if ready or reason in (Reason.SERVING_FAILED, Reason.SERVING_CRD_MISSING) else 0.0
+            wait = (
+                settings.serving_recheck_seconds
+                if ready or reason in (Reason.SERVING_FAILED, Reason.SERVING_CRD_MISSING)
+                else 0.0
+            )
             serving_due[uid] = (time.monotonic() + wait, 0)
-        conds = reconcile.set_condition(status.get("conditions") or [], ConditionType.SERVING, state, reason,
-                                        reconcile._bounded(reconcile.redact(message)), _now(), generation)
+        conds = reconcile.set_condition(
+            status.get("conditions") or [],
+            ConditionType.SERVING,
+            state,
+            reason,
+            reconcile._bounded(reconcile.redact(message)),
+            _now(),
+            generation,
+        )
         change: dict[str, Any] = {}
         if reconcile._merge_patch(current, new) or current.keys() != new.keys():
             change["serving"] = {**{k: None for k in current.keys() - new.keys()}, **new}
@@ -874,7 +1112,9 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
             await kube.request("PATCH", f"{_ftj_path(namespace, name)}/status", {"status": change})
         except ApiError as err:
             serving_due.pop(uid, None)
-            logger.warning(f"status patch refused, retrying on the next tick: {reconcile._bounded(reconcile.redact(str(err)), 500)}")
+            logger.warning(
+                f"status patch refused, retrying on the next tick: {reconcile._bounded(reconcile.redact(str(err)), 500)}"
+            )
             return
         if before is None or (before.get("reason"), before.get("status")) != (after["reason"], after["status"]):
             if reason in (Reason.SERVING_FAILED, Reason.SERVING_CRD_MISSING):
@@ -882,8 +1122,9 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
             elif reason in (Reason.SERVING_READY, Reason.ADAPTER_REGISTERED, Reason.SERVING_CREATED):
                 kopf.info(body, reason=reason.value, message=after["message"])
 
-    async def _serving_state(ftj: FineTuneJob, uid: str, namespace: str | None, status: dict[str, Any],
-                             current: dict[str, Any]) -> tuple[dict[str, Any], str, Reason, str]:
+    async def _serving_state(
+        ftj: FineTuneJob, uid: str, namespace: str | None, status: dict[str, Any], current: dict[str, Any]
+    ) -> tuple[dict[str, Any], str, Reason, str]:
         """(status.serving, condition status, reason, message); raises what is worth retrying."""
         spec = ftj.spec.serving
         assert spec is not None
@@ -923,7 +1164,9 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
         message = f"{made.kind} {made.name} serves model {new['model']}; waiting for it to report Ready"
         return {**new, "message": message}, "False", Reason.SERVING_CREATED, message
 
-    def _observed(ftj: FineTuneJob, current: dict[str, Any], obj: dict[str, Any]) -> tuple[dict[str, Any], str, Reason, str]:
+    def _observed(
+        ftj: FineTuneJob, current: dict[str, Any], obj: dict[str, Any]
+    ) -> tuple[dict[str, Any], str, Reason, str]:
         new = {**serving.initial_status(ftj, current.get("kind"), current.get("name"))}
         ready, why = serving.readiness(obj)
         url = serving.url_of(obj) if obj.get("kind") != "Deployment" else serving.service_url(ftj)
@@ -931,12 +1174,18 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
             new["url"] = url
         new["ready"] = ready
         if ready:
-            return new, "True", Reason.SERVING_READY, f"{new['kind']} {new['name']} is Ready: model {new['model']} at {new.get('url')}"
+            return (
+                new,
+                "True",
+                Reason.SERVING_READY,
+                f"{new['kind']} {new['name']} is Ready: model {new['model']} at {new.get('url')}",
+            )
         new["message"] = reconcile._bounded(reconcile.redact(why or "not Ready"))
         return new, "False", Reason.SERVING_NOT_READY, f"{new['kind']} {new['name']} is not Ready: {new['message']}"
 
-    async def _register(ftj: FineTuneJob, namespace: str | None, status: dict[str, Any],
-                        current: dict[str, Any]) -> tuple[dict[str, Any], str, Reason, str]:
+    async def _register(
+        ftj: FineTuneJob, namespace: str | None, status: dict[str, Any], current: dict[str, Any]
+    ) -> tuple[dict[str, Any], str, Reason, str]:
         """engine vllmEndpoint: POST load_lora_adapter once (vLLM forgets it on restart: re-applied
         at every serving_recheck_seconds, which an already loaded adapter answers cheaply)."""
         block = ftj.spec.serving.vllm_endpoint if ftj.spec.serving is not None else None
@@ -944,20 +1193,28 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
         new = serving.initial_status(ftj, serving.ENDPOINT_KIND)
         api_key = None
         if block.api_key_secret:
-            secret = await serving_kube.get(f"/api/v1/namespaces/{quote(namespace or DEFAULT_NAMESPACE)}/secrets/{quote(block.api_key_secret)}")
+            secret = await serving_kube.get(
+                f"/api/v1/namespaces/{quote(namespace or DEFAULT_NAMESPACE)}/secrets/{quote(block.api_key_secret)}"
+            )
             raw = ((secret or {}).get("data") or {}).get("api-key")
             if not raw:
-                message = (f"Secret {block.api_key_secret} (spec.serving.vllmEndpoint.apiKeySecret) "
-                           f"{'has no key api-key' if secret else 'does not exist in namespace ' + str(namespace)}: "
-                           "create it with the server's --api-key under the key api-key")
+                message = (
+                    f"Secret {block.api_key_secret} (spec.serving.vllmEndpoint.apiKeySecret) "
+                    f"{'has no key api-key' if secret else 'does not exist in namespace ' + str(namespace)}: "
+                    "create it with the server's --api-key under the key api-key"
+                )
                 return {**new, "message": message}, "False", Reason.SERVING_FAILED, message
             api_key = base64.b64decode(raw).decode("utf-8", "replace").strip()
         url, payload = serving.load_request(ftj, status)
         ok, why = await serving.register_adapter(url, payload, api_key)
         if ok:
             new["ready"] = True
-            return new, "True", Reason.ADAPTER_REGISTERED, (f"adapter {payload['lora_name']} registered with "
-                                                              f"{block.url} (lora_path {payload['lora_path']})")
+            return (
+                new,
+                "True",
+                Reason.ADAPTER_REGISTERED,
+                (f"adapter {payload['lora_name']} registered with {block.url} (lora_path {payload['lora_path']})"),
+            )
         message = reconcile._bounded(reconcile.redact(why or "refused"))
         return {**new, "message": message}, "False", Reason.SERVING_FAILED, message
 
@@ -984,18 +1241,32 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
             raise ApiError(0, f"{obj['kind']} {obj['metadata']['name']} vanished after 409")  # retried
         labels = (existing.get("metadata") or {}).get("labels") or {}
         ours = obj["metadata"]["labels"]
-        retained = "ownerReferences" not in obj["metadata"] and all(labels.get(k) == ours[k] for k in
-                                                                   ("kubetune.io/finetunejob", builders.MANAGED_BY_LABEL))
+        retained = "ownerReferences" not in obj["metadata"] and all(
+            labels.get(k) == ours[k] for k in ("kubetune.io/finetunejob", builders.MANAGED_BY_LABEL)
+        )
         if not (_owned_by(existing, uid) or retained):
             return False
-        await serving_kube.request("PATCH", f"{path}/{quote(obj['metadata']['name'])}",
-                           {"metadata": {k: v for k, v in obj["metadata"].items() if k in ("labels", "ownerReferences")},
-                            "spec": obj["spec"]})
+        await serving_kube.request(
+            "PATCH",
+            f"{path}/{quote(obj['metadata']['name'])}",
+            {
+                "metadata": {k: v for k, v in obj["metadata"].items() if k in ("labels", "ownerReferences")},
+                "spec": obj["spec"],
+            },
+        )
         return True
 
     @kopf.on.field(GROUP, VERSION, PLURAL, registry=registry, field="spec.cancel", id="cancel")
-    async def cancel(body: kopf.Body, name: str, namespace: str | None, uid: str, new: Any, patch: kopf.Patch,
-                     retry: int = 0, **_: Any) -> None:
+    async def cancel(
+        body: kopf.Body,
+        name: str,
+        namespace: str | None,
+        uid: str,
+        new: Any,
+        patch: kopf.Patch,
+        retry: int = 0,
+        **_: Any,
+    ) -> None:
         """spec.cancel: true ends the job for good and keeps the record: the Job goes (its pods get
         SIGTERM and write a checkpoint), committed checkpoints stay, the phase is Cancelled."""
         status = dict(body.get("status") or {})
@@ -1012,13 +1283,17 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
                 await kube.request("DELETE", _job_path(namespace, job_name), {"propagationPolicy": "Background"})
             except ApiError as err:
                 if err.status != 404:
-                    raise kopf.TemporaryError(f"deleting Job {job_name}: HTTP {err.status}", delay=backoff_seconds(err, retry)) from None
+                    raise kopf.TemporaryError(
+                        f"deleting Job {job_name}: HTTP {err.status}", delay=backoff_seconds(err, retry)
+                    ) from None
             deleted.append(job_name)
         output = ((body.get("spec") or {}).get("output") or {}).get("uri")
         kept = f"; committed checkpoints are kept under {str(output).rstrip('/')}/checkpoints" if output else ""
         gone = f": Job {', '.join(deleted)} deleted, its pods write a checkpoint as they stop" if deleted else ""
         message = reconcile._message(f"cancelled (spec.cancel){gone}{kept}", ())
-        _patch_phase(patch, body, Phase.CANCELLED, ConditionType.CANCELLED, Reason.CANCELLED_BY_USER, message, generation)
+        _patch_phase(
+            patch, body, Phase.CANCELLED, ConditionType.CANCELLED, Reason.CANCELLED_BY_USER, message, generation
+        )
         patch.status["completionTime"] = _now()
         METRICS.transition(status.get("phase"), Phase.CANCELLED.value)
         kopf.info(body, reason=Reason.CANCELLED_BY_USER.value, message=message)
@@ -1044,7 +1319,9 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
         settings.persistence.progress_storage = kopf.StatusProgressStorage(name="kopf")
         # No handler here reacts to annotations: leaving them out of the handled copy keeps a
         # user's 250 KB of notes from being copied into status as well.
-        settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage(name="kopf", ignored_fields=["metadata.annotations"])
+        settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage(
+            name="kopf", ignored_fields=["metadata.annotations"]
+        )
         # No CRD watching: the FineTuneJob CRD is installed before the operator (Helm does), and
         # a namespaced operator then needs no cluster-wide permission at all (O11).
         settings.scanning.disabled = True
@@ -1079,7 +1356,9 @@ def register(registry: kopf.OperatorRegistry, settings: OperatorSettings, *, api
     # Timers normally make kopf add a finalizer; ours need none (the Job goes by ownerReference),
     # and a finalizer would hang deletion while the operator is down (O7).
     scratch = kopf.OperatorRegistry()
-    kopf.timer(GROUP, VERSION, PLURAL, registry=scratch, id="observe", interval=settings.metrics_scrape_interval_seconds)(observe_job)
+    kopf.timer(
+        GROUP, VERSION, PLURAL, registry=scratch, id="observe", interval=settings.metrics_scrape_interval_seconds
+    )(observe_job)
     for handler in scratch._spawning.get_all_handlers():
         registry._spawning.append(dataclasses.replace(handler, requires_finalizer=False))
     return kube
@@ -1097,8 +1376,12 @@ def _register_default() -> None:
     if getattr(registry, "_kubetune_registered", False):
         return
     settings = OperatorSettings.from_env()
-    register(registry, settings, metrics_port=settings.operator_metrics_port or None,
-             presence_namespace=presence.lease_namespace(settings.namespaces))
+    register(
+        registry,
+        settings,
+        metrics_port=settings.operator_metrics_port or None,
+        presence_namespace=presence.lease_namespace(settings.namespaces),
+    )
     registry._kubetune_registered = True  # type: ignore[attr-defined]
 
 

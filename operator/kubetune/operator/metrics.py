@@ -30,15 +30,25 @@ RECONCILE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10
 class OperatorMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
-        self.finetunejobs = Gauge(P + "finetunejobs", "FineTuneJobs this operator sees, by phase", ["phase"], registry=r)
+        self.finetunejobs = Gauge(
+            P + "finetunejobs", "FineTuneJobs this operator sees, by phase", ["phase"], registry=r
+        )
         self.transitions = Counter(P + "transitions", "FineTuneJob phase transitions", ["from", "to"], registry=r)
         self.reconcile_duration = Histogram(
-            P + "reconcile_duration_seconds", "Time one handler call took, API requests included", buckets=RECONCILE_BUCKETS, registry=r
+            P + "reconcile_duration_seconds",
+            "Time one handler call took, API requests included",
+            buckets=RECONCILE_BUCKETS,
+            registry=r,
         )
         self.api_errors = Counter(
-            P + "api_errors", "Failed Kubernetes API requests, by verb, resource and HTTP status code", ["verb", "resource", "code"], registry=r
+            P + "api_errors",
+            "Failed Kubernetes API requests, by verb, resource and HTTP status code",
+            ["verb", "resource", "code"],
+            registry=r,
         )
-        self.scrape_failures = Counter(P + "scrape_failures", "Failed scrapes of a running trainer's /metrics endpoint", registry=r)
+        self.scrape_failures = Counter(
+            P + "scrape_failures", "Failed scrapes of a running trainer's /metrics endpoint", registry=r
+        )
         for phase in Phase:  # every phase is a series from the start: dashboards show 0, not a gap
             self.finetunejobs.labels(phase=phase.value).set(0)
 

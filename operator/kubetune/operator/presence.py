@@ -18,7 +18,7 @@ import contextlib
 import os
 import socket
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
@@ -46,7 +46,7 @@ def identity() -> str:
 
 
 def _micro(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _parse(value: Any) -> datetime | None:
@@ -54,7 +54,7 @@ def _parse(value: Any) -> datetime | None:
         return None
     with contextlib.suppress(ValueError):
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
     return None
 
 
@@ -70,18 +70,22 @@ def live_holder(lease: dict[str, Any] | None, me: str, now: datetime) -> str | N
 
 
 def other_operator_message(holder: str, namespace: str) -> str:
-    return (f"another kubetune operator ({holder}) holds Lease {namespace}/{LEASE_NAME}: two operators without "
-            "peering both act on every FineTuneJob (children created twice, status written twice). Stop one, or "
-            "run both with peering (chart value peering.enabled, KUBETUNE_PEERING=true)")
+    return (
+        f"another kubetune operator ({holder}) holds Lease {namespace}/{LEASE_NAME}: two operators without "
+        "peering both act on every FineTuneJob (children created twice, status written twice). Stop one, or "
+        "run both with peering (chart value peering.enabled, KUBETUNE_PEERING=true)"
+    )
 
 
-async def hold(kube: Any, namespace: str, me: str, logger: Any, stop: asyncio.Event, renew_seconds: float = RENEW_SECONDS) -> None:
+async def hold(
+    kube: Any, namespace: str, me: str, logger: Any, stop: asyncio.Event, renew_seconds: float = RENEW_SECONDS
+) -> None:
     """Hold or watch the Lease until `stop` is set; warn once per other live holder."""
     from kubetune.operator.handlers import ApiError  # one API client for the whole operator
 
     warned: set[str] = set()
     while not stop.is_set():
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         try:
             lease = await kube.get(f"{lease_path(namespace)}/{LEASE_NAME}")
             other = live_holder(lease, me, now)
@@ -93,8 +97,12 @@ async def hold(kube: Any, namespace: str, me: str, logger: Any, stop: asyncio.Ev
                 spec = {"holderIdentity": me, "leaseDurationSeconds": LEASE_SECONDS, "renewTime": _micro(now)}
                 if lease is None:
                     spec["acquireTime"] = _micro(now)
-                    body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                            "metadata": {"name": LEASE_NAME, "namespace": namespace}, "spec": spec}
+                    body = {
+                        "apiVersion": "coordination.k8s.io/v1",
+                        "kind": "Lease",
+                        "metadata": {"name": LEASE_NAME, "namespace": namespace},
+                        "spec": spec,
+                    }
                     await kube.request("POST", lease_path(namespace), body)
                 else:
                     if (lease.get("spec") or {}).get("holderIdentity") != me:
@@ -109,7 +117,9 @@ async def hold(kube: Any, namespace: str, me: str, logger: Any, stop: asyncio.Ev
             await asyncio.wait_for(stop.wait(), renew_seconds)
 
 
-def register(registry: kopf.OperatorRegistry, kube: Any, namespace: str, *, renew_seconds: float = RENEW_SECONDS) -> None:
+def register(
+    registry: kopf.OperatorRegistry, kube: Any, namespace: str, *, renew_seconds: float = RENEW_SECONDS
+) -> None:
     """Hold the Lease while a standalone operator on `registry` runs (nothing with peering on)."""
     tasks: list[tuple[asyncio.Task[None], asyncio.Event]] = []
 

@@ -21,7 +21,7 @@ import functools
 import json
 import math
 from collections.abc import Iterable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 from kubetune.api.conditions import ConditionType, Reason
@@ -69,22 +69,51 @@ _TERMINATION_MAX_BYTES = 4 * SUMMARY_MAX_BYTES  # the kubelet keeps 4 KiB; more 
 _METRICS_MAX_BYTES = 1 << 20
 
 # Reasons a trainer summary may carry that name a permanent, user-fixable failure.
-TRAINER_PERMANENT_REASONS = frozenset(r.value for r in (Reason.INVALID_DATA, Reason.INVALID_SPEC, Reason.INCOMPATIBLE_TEACHER,
-                                                         Reason.STORAGE_ERROR, Reason.SECRET_MISSING))
+TRAINER_PERMANENT_REASONS = frozenset(
+    r.value
+    for r in (
+        Reason.INVALID_DATA,
+        Reason.INVALID_SPEC,
+        Reason.INCOMPATIBLE_TEACHER,
+        Reason.STORAGE_ERROR,
+        Reason.SECRET_MISSING,
+    )
+)
 JOB_FAILURE_REASONS = {
     "BackoffLimitExceeded": Reason.BACKOFF_LIMIT_EXCEEDED,
     "MaxFailedIndexesExceeded": Reason.BACKOFF_LIMIT_EXCEEDED,
     "FailedIndexes": Reason.BACKOFF_LIMIT_EXCEEDED,
     "DeadlineExceeded": Reason.DEADLINE_EXCEEDED,
 }
-PHASE_CONDITIONS = (ConditionType.PENDING, ConditionType.QUEUED, ConditionType.SUSPENDED, ConditionType.RUNNING, ConditionType.SUCCEEDED,
-                    ConditionType.FAILED, ConditionType.CANCELLED)
-_WARNING_REASONS = frozenset(r.value for r in (
-    Reason.CHECKPOINT_CORRUPT, Reason.SPEC_IMMUTABLE, Reason.CHILD_NAME_CONFLICT, Reason.TOO_MANY_RECREATIONS,
-    Reason.CHILD_REJECTED, Reason.CRD_MISSING, Reason.SERVICE_ACCOUNT_MISSING, Reason.SECRET_MISSING,
-    Reason.POD_CREATION_FAILED, Reason.API_RETRYING, Reason.UNSCHEDULABLE, Reason.IMAGE_PULL_FAILED,
-    Reason.CONTAINER_CONFIG_ERROR, Reason.CRASH_LOOP_BACK_OFF, Reason.INSUFFICIENT_GPU_MEMORY,
-))
+PHASE_CONDITIONS = (
+    ConditionType.PENDING,
+    ConditionType.QUEUED,
+    ConditionType.SUSPENDED,
+    ConditionType.RUNNING,
+    ConditionType.SUCCEEDED,
+    ConditionType.FAILED,
+    ConditionType.CANCELLED,
+)
+_WARNING_REASONS = frozenset(
+    r.value
+    for r in (
+        Reason.CHECKPOINT_CORRUPT,
+        Reason.SPEC_IMMUTABLE,
+        Reason.CHILD_NAME_CONFLICT,
+        Reason.TOO_MANY_RECREATIONS,
+        Reason.CHILD_REJECTED,
+        Reason.CRD_MISSING,
+        Reason.SERVICE_ACCOUNT_MISSING,
+        Reason.SECRET_MISSING,
+        Reason.POD_CREATION_FAILED,
+        Reason.API_RETRYING,
+        Reason.UNSCHEDULABLE,
+        Reason.IMAGE_PULL_FAILED,
+        Reason.CONTAINER_CONFIG_ERROR,
+        Reason.CRASH_LOOP_BACK_OFF,
+        Reason.INSUFFICIENT_GPU_MEMORY,
+    )
+)
 
 
 class Prices(NamedTuple):
@@ -125,7 +154,10 @@ def controlled_by_job(pod: Any, job_uid: str | None) -> bool:
     if not job_uid:
         return False
     return any(
-        isinstance(ref, Mapping) and ref.get("controller") is True and ref.get("kind") == "Job" and ref.get("uid") == job_uid
+        isinstance(ref, Mapping)
+        and ref.get("controller") is True
+        and ref.get("kind") == "Job"
+        and ref.get("uid") == job_uid
         for ref in _list(_get(pod, "metadata", "ownerReferences"))
     )
 
@@ -213,7 +245,9 @@ def _take_sample(out: dict[str, float | str], name: str, labels: Mapping[str, st
     if not name.startswith(METRICS_PREFIX) or name.endswith("_created"):
         return
     if name == TrainerMetric.EFFECTIVE:
-        out.update({f"effective:{k}": str(v)[:64] for k, v in labels.items() if k in ResolvedHyperparameters.model_fields})
+        out.update(
+            {f"effective:{k}": str(v)[:64] for k, v in labels.items() if k in ResolvedHyperparameters.model_fields}
+        )
         return
     try:
         number = float(value)
@@ -221,7 +255,7 @@ def _take_sample(out: dict[str, float | str], name: str, labels: Mapping[str, st
         return
     if not math.isfinite(number):
         return
-    short = name[len(METRICS_PREFIX):]
+    short = name[len(METRICS_PREFIX) :]
     if name == TrainerMetric.OBJECTIVE:
         if labels.get(OBJECTIVE_LABEL):
             out[f"objective:{labels[OBJECTIVE_LABEL]}"] = number
@@ -234,8 +268,8 @@ def _take_sample(out: dict[str, float | str], name: str, labels: Mapping[str, st
 
 def _rfc3339(moment: datetime) -> str:
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _parse_time(value: Any) -> datetime | None:
@@ -245,7 +279,7 @@ def _parse_time(value: Any) -> datetime | None:
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _get(obj: Any, *path: str) -> Any:
@@ -285,8 +319,14 @@ def _clean_status(status: Any) -> dict[str, Any]:
     if not isinstance(status, Mapping):
         return {}
     out = dict(status)
-    parts: tuple[tuple[str, type[BaseModel]], ...] = (("progress", Progress), ("metrics", Metrics), ("adapter", AdapterRef), ("cost", Cost),
-                                                      ("effective", Effective), ("error", ErrorInfo))
+    parts: tuple[tuple[str, type[BaseModel]], ...] = (
+        ("progress", Progress),
+        ("metrics", Metrics),
+        ("adapter", AdapterRef),
+        ("cost", Cost),
+        ("effective", Effective),
+        ("error", ErrorInfo),
+    )
     for key, model in parts:
         if key in out:
             out[key] = _clean(model, out[key]) if isinstance(out[key], Mapping) else None
@@ -311,7 +351,8 @@ def _disrupted(pod: Mapping[str, Any]) -> bool:
 def _ignores_disruptions(job: Mapping[str, Any]) -> bool:
     rules = [r for r in _list(_get(job, "spec", "podFailurePolicy", "rules")) if isinstance(r, dict)]
     return any(
-        r.get("action") == "Ignore" and any(_get(c, "type") == "DisruptionTarget" for c in _list(r.get("onPodConditions")))
+        r.get("action") == "Ignore"
+        and any(_get(c, "type") == "DisruptionTarget" for c in _list(r.get("onPodConditions")))
         for r in rules
     )
 
@@ -322,17 +363,26 @@ def _retries(job: Mapping[str, Any], pods: list[dict]) -> int:
     permanent exit only the failures before it count: a replacement the Job controller started
     before the Job was ended (no podFailurePolicy) is not a retry of the user's budget."""
     failed_pods = [p for p in pods if _get(p, "status", "phase") == "Failed"]
-    permanent_at = [str((_terminated(p) or {}).get("finishedAt") or "") for p in failed_pods
-                    if (_terminated(p) or {}).get("exitCode") == PERMANENT_EXIT_CODE and not _disrupted(p)]
+    permanent_at = [
+        str((_terminated(p) or {}).get("finishedAt") or "")
+        for p in failed_pods
+        if (_terminated(p) or {}).get("exitCode") == PERMANENT_EXIT_CODE and not _disrupted(p)
+    ]
     if permanent_at:
         first = min(permanent_at)
-        return sum(1 for p in failed_pods if not _disrupted(p)
-                   and (_terminated(p) or {}).get("exitCode") != PERMANENT_EXIT_CODE
-                   and str((_terminated(p) or {}).get("finishedAt") or "9") < first)
+        return sum(
+            1
+            for p in failed_pods
+            if not _disrupted(p)
+            and (_terminated(p) or {}).get("exitCode") != PERMANENT_EXIT_CODE
+            and str((_terminated(p) or {}).get("finishedAt") or "9") < first
+        )
     failed = int(_number(_get(job, "status", "failed")) or 0)
     if not _ignores_disruptions(job):
         failed -= sum(1 for p in failed_pods if _disrupted(p))
-    failed -= sum(1 for p in failed_pods if (_terminated(p) or {}).get("exitCode") == PERMANENT_EXIT_CODE and not _disrupted(p))
+    failed -= sum(
+        1 for p in failed_pods if (_terminated(p) or {}).get("exitCode") == PERMANENT_EXIT_CODE and not _disrupted(p)
+    )
     return max(0, failed)
 
 
@@ -429,7 +479,11 @@ class _State(NamedTuple):
 
 
 def _classify(
-    ftj: Mapping[str, Any], job: Mapping[str, Any], pods: list[dict], old_phase: Any, secrets: Iterable[str],
+    ftj: Mapping[str, Any],
+    job: Mapping[str, Any],
+    pods: list[dict],
+    old_phase: Any,
+    secrets: Iterable[str],
     job_events: Iterable[Any] = (),
 ) -> tuple[_State, dict[str, Any] | None]:
     """The phase the Job shows, and the trainer summary that explains a finished Job."""
@@ -438,9 +492,14 @@ def _classify(
     summaries = _summaries(pods)
     if "Complete" in conds or "SuccessCriteriaMet" in conds:
         # a torchrun worker's summary also says succeeded; the one that wrote the adapter explains the job
-        summary = _pick_summary(summaries, lambda s: s.get("status") == "succeeded" and isinstance(s.get("adapter"), Mapping))
-        summary = summary if summary is not None and summary.get("status") == "succeeded" else \
-            _pick_summary(summaries, lambda s: s.get("status") == "succeeded")
+        summary = _pick_summary(
+            summaries, lambda s: s.get("status") == "succeeded" and isinstance(s.get("adapter"), Mapping)
+        )
+        summary = (
+            summary
+            if summary is not None and summary.get("status") == "succeeded"
+            else _pick_summary(summaries, lambda s: s.get("status") == "succeeded")
+        )
         uri = _get(summary, "adapter", "uri")
         where = f": adapter written to {uri}" if isinstance(uri, str) else ""
         message = _message(f"Job {name} completed{where}", secrets)
@@ -463,8 +522,10 @@ def _classify(
         else:
             reason = Reason.PERMANENT_ERROR
         if permanent_exit and job_reason in ("", "DeadlineExceeded"):  # ended (or to be ended) by the operator
-            head = (f"Job {name}: the trainer exited with the permanent exit code {PERMANENT_EXIT_CODE}; "
-                    "the Job is ended without retries")
+            head = (
+                f"Job {name}: the trainer exited with the permanent exit code {PERMANENT_EXIT_CODE}; "
+                "the Job is ended without retries"
+            )
         else:
             head = str((failed or {}).get("message") or f"Job {name} failed ({job_reason or 'no reason given'})")
         parts = [head]
@@ -479,26 +540,53 @@ def _classify(
         if queue and _get(ftj, "spec", "suspend") is not True:
             message = f"Job {name} is waiting for admission by Kueue queue {queue}"
             return _State(Phase.QUEUED, ConditionType.QUEUED, Reason.WAITING_FOR_ADMISSION, message), None
-        return _State(Phase.SUSPENDED, ConditionType.SUSPENDED, Reason.SUSPENDED_BY_USER, f"Job {name} is suspended"), None
+        return _State(
+            Phase.SUSPENDED, ConditionType.SUSPENDED, Reason.SUSPENDED_BY_USER, f"Job {name} is suspended"
+        ), None
     started = [p for p in active_pods if trainer_started(p)]
     if started:
         pod_name = _get(started[0], "metadata", "name")
-        return _State(Phase.RUNNING, ConditionType.RUNNING, Reason.TRAINING_STARTED, f"Job {name}: the trainer runs in pod {pod_name}"), None
+        return _State(
+            Phase.RUNNING,
+            ConditionType.RUNNING,
+            Reason.TRAINING_STARTED,
+            f"Job {name}: the trainer runs in pod {pod_name}",
+        ), None
     for pod in active_pods:
         stuck = pending_reason(pod)
         if stuck is not None:
             reason, detail = stuck
-            return _State(Phase.PENDING, ConditionType.PENDING, reason, _message(f"Job {name}: pod {_get(pod, 'metadata', 'name')}: {detail}", secrets)), None
+            return _State(
+                Phase.PENDING,
+                ConditionType.PENDING,
+                reason,
+                _message(f"Job {name}: pod {_get(pod, 'metadata', 'name')}: {detail}", secrets),
+            ), None
     if not active_pods:
         refused = pod_creation_failure(job_events)
         if refused is not None:
             reason, detail = refused
-            return _State(Phase.PENDING, ConditionType.PENDING, reason, _message(f"Job {name} cannot create its pod: {detail}", secrets)), None
+            return _State(
+                Phase.PENDING,
+                ConditionType.PENDING,
+                reason,
+                _message(f"Job {name} cannot create its pod: {detail}", secrets),
+            ), None
     if old_phase == Phase.RUNNING.value:  # a retry's pod is starting: training has started before
-        return _State(Phase.RUNNING, ConditionType.RUNNING, Reason.TRAINING_STARTED, f"Job {name}: a new pod is starting after a retriable failure"), None
+        return _State(
+            Phase.RUNNING,
+            ConditionType.RUNNING,
+            Reason.TRAINING_STARTED,
+            f"Job {name}: a new pod is starting after a retriable failure",
+        ), None
     if active_pods:
         detail = _waiting_detail(active_pods[0])
-        return _State(Phase.PENDING, ConditionType.PENDING, Reason.POD_STARTING, f"Job {name}: pod {_get(active_pods[0], 'metadata', 'name')} is starting{detail}"), None
+        return _State(
+            Phase.PENDING,
+            ConditionType.PENDING,
+            Reason.POD_STARTING,
+            f"Job {name}: pod {_get(active_pods[0], 'metadata', 'name')} is starting{detail}",
+        ), None
     if old_phase == Phase.VALIDATING.value:
         return _State(Phase.VALIDATING, None, None, ""), None
     return _State(Phase.PENDING, ConditionType.PENDING, Reason.JOB_PENDING, job_pending_message(name)), None
@@ -510,7 +598,9 @@ def job_pending_message(job_name: str) -> str:
 
 
 # Container waiting reasons (kubelet) that mean the trainer cannot start without the user.
-_IMAGE_PULL_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull", "RegistryUnavailable"})
+_IMAGE_PULL_REASONS = frozenset(
+    {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull", "RegistryUnavailable"}
+)
 _CONFIG_REASONS = frozenset({"CreateContainerConfigError", "CreateContainerError", "RunContainerError"})
 
 
@@ -524,7 +614,11 @@ def trainer_started_at(pods: list[dict]) -> datetime | None:
     times = []
     for pod in pods:
         cs = _container_status(pod)
-        for span in (_get(cs, "state", "running"), _get(cs, "state", "terminated"), _get(cs, "lastState", "terminated")):
+        for span in (
+            _get(cs, "state", "running"),
+            _get(cs, "state", "terminated"),
+            _get(cs, "lastState", "terminated"),
+        ):
             moment = _parse_time(_get(span, "startedAt"))
             if moment is not None:
                 times.append(moment)
@@ -534,8 +628,12 @@ def trainer_started_at(pods: list[dict]) -> datetime | None:
 def pending_reason(pod: Mapping[str, Any]) -> tuple[Reason, str] | None:
     """Why a pod that should run the trainer does not: the scheduler's or the kubelet's words."""
     for cond in _list(_get(pod, "status", "conditions")):
-        if isinstance(cond, Mapping) and cond.get("type") == "PodScheduled" and cond.get("status") == "False" \
-                and cond.get("reason") == "Unschedulable":
+        if (
+            isinstance(cond, Mapping)
+            and cond.get("type") == "PodScheduled"
+            and cond.get("status") == "False"
+            and cond.get("reason") == "Unschedulable"
+        ):
             return Reason.UNSCHEDULABLE, f"unschedulable: {cond.get('message') or 'no node fits its requests'}"
     waiting = _get(_container_status(pod), "state", "waiting")
     if not isinstance(waiting, Mapping):
@@ -543,10 +641,16 @@ def pending_reason(pod: Mapping[str, Any]) -> tuple[Reason, str] | None:
     why, text = str(waiting.get("reason") or ""), str(waiting.get("message") or "")
     if why in _IMAGE_PULL_REASONS:
         image = _get(_container_status(pod), "image") or "the trainer image"
-        return Reason.IMAGE_PULL_FAILED, f"{why}: cannot pull {image}: {text or 'check spec.image and imagePullSecrets'}"
+        return (
+            Reason.IMAGE_PULL_FAILED,
+            f"{why}: cannot pull {image}: {text or 'check spec.image and imagePullSecrets'}",
+        )
     if why in _CONFIG_REASONS:
         if "secret" in text.lower() and "not found" in text.lower():
-            return Reason.SECRET_MISSING, f"{why}: {text}: create the Secret in this namespace (spec.output.credentialsSecret)"
+            return (
+                Reason.SECRET_MISSING,
+                f"{why}: {text}: create the Secret in this namespace (spec.output.credentialsSecret)",
+            )
         return Reason.CONTAINER_CONFIG_ERROR, f"{why}: {text}"
     if why == "CrashLoopBackOff":
         return Reason.CRASH_LOOP_BACK_OFF, f"{why}: {text}"
@@ -571,14 +675,21 @@ def pod_creation_failure(events: Iterable[Any]) -> tuple[Reason, str] | None:
     text = str(newest.get("message") or "the Job controller could not create a pod")
     lowered = text.lower()
     if "serviceaccount" in lowered or "service account" in lowered:
-        return Reason.SERVICE_ACCOUNT_MISSING, (f"{text}. Install the trainer ServiceAccount in this namespace "
-                                                "(the chart's trainer.namespaces value) or name one in the operator's KUBETUNE_TRAINER_SERVICE_ACCOUNT")
+        return Reason.SERVICE_ACCOUNT_MISSING, (
+            f"{text}. Install the trainer ServiceAccount in this namespace "
+            "(the chart's trainer.namespaces value) or name one in the operator's KUBETUNE_TRAINER_SERVICE_ACCOUNT"
+        )
     return Reason.POD_CREATION_FAILED, text
 
 
 def set_condition(
-    conditions: Iterable[Mapping[str, Any]], ctype: ConditionType, status: str, reason: Reason, message: str,
-    now: str, gen: int | None,
+    conditions: Iterable[Mapping[str, Any]],
+    ctype: ConditionType,
+    status: str,
+    reason: Reason,
+    message: str,
+    now: str,
+    gen: int | None,
 ) -> list[dict[str, Any]]:
     """`conditions` with `ctype` set, every other type kept as it was (the one place conditions are
     written). Kubernetes convention: one per type; lastTransitionTime moves only when status does."""
@@ -595,8 +706,15 @@ def set_condition(
 FINAL_PHASES = (Phase.SUCCEEDED, Phase.FAILED, Phase.CANCELLED)
 
 
-def set_phase(status: dict[str, Any], phase: Phase, ctype: ConditionType | None, reason: Reason | None, message: str,
-              now: str, gen: int | None) -> None:
+def set_phase(
+    status: dict[str, Any],
+    phase: Phase,
+    ctype: ConditionType | None,
+    reason: Reason | None,
+    message: str,
+    now: str,
+    gen: int | None,
+) -> None:
     """Move `status` (a wire dict, changed in place) to `phase`: its phase condition True with
     `reason` and `message`, the other phase conditions False, `status.reason`/`message` the same.
     A final phase already written keeps its words: pods garbage-collected later (and with them the
@@ -703,19 +821,41 @@ def observe(
     corrupt = (summary or {}).get("checkpointCorrupt")
     if isinstance(corrupt, list) and corrupt:
         text = "skipped corrupt checkpoints: " + "; ".join(str(c) for c in corrupt[:5])
-        conds = set_condition(conds, ConditionType.CHECKPOINT_CORRUPT, "True", Reason.CHECKPOINT_CORRUPT, _message(text, secrets), stamp, gen)
+        conds = set_condition(
+            conds,
+            ConditionType.CHECKPOINT_CORRUPT,
+            "True",
+            Reason.CHECKPOINT_CORRUPT,
+            _message(text, secrets),
+            stamp,
+            gen,
+        )
     drift = spec_drift(ftj, job, started_spec)
     immutable = next((c for c in conds if c.get("type") == ConditionType.SPEC_IMMUTABLE.value), None)
     if drift:
-        text = (f"{', '.join(drift[:8])} changed after the trainer Job started; the Job keeps running the spec it "
-                "started with. Revert the change, or create a new FineTuneJob for the new spec")
-        conds = set_condition(conds, ConditionType.SPEC_IMMUTABLE, "True", Reason.SPEC_IMMUTABLE, _message(text, secrets), stamp, gen)
+        text = (
+            f"{', '.join(drift[:8])} changed after the trainer Job started; the Job keeps running the spec it "
+            "started with. Revert the change, or create a new FineTuneJob for the new spec"
+        )
+        conds = set_condition(
+            conds, ConditionType.SPEC_IMMUTABLE, "True", Reason.SPEC_IMMUTABLE, _message(text, secrets), stamp, gen
+        )
     elif immutable is not None and immutable.get("status") == "True":
-        conds = set_condition(conds, ConditionType.SPEC_IMMUTABLE, "False", Reason.SPEC_VALID, "the spec matches the trainer Job again", stamp, gen)
+        conds = set_condition(
+            conds,
+            ConditionType.SPEC_IMMUTABLE,
+            "False",
+            Reason.SPEC_VALID,
+            "the spec matches the trainer Job again",
+            stamp,
+            gen,
+        )
     status["conditions"] = conds
 
     # times and retries: training starts when a trainer container first runs (or reports metrics)
-    if not old.get("startTime") and (state.phase in (Phase.RUNNING, Phase.SUCCEEDED) or scraped or trainer_started_at(pods)):
+    if not old.get("startTime") and (
+        state.phase in (Phase.RUNNING, Phase.SUCCEEDED) or scraped or trainer_started_at(pods)
+    ):
         start = trainer_started_at(pods) or (now if state.phase == Phase.RUNNING or scraped else None)
         if start is not None:
             status["startTime"] = _rfc3339(start)
@@ -740,7 +880,9 @@ def observe(
         if joules:  # a retried pod's counter starts again at 0: never go below what was recorded
             energy_kwh = max(joules / 3.6e6, energy_kwh or 0.0)
     if summary is not None:
-        energy_kwh = _apply_summary(summary, state.phase, progress, metrics, checkpoints, effective, secrets) or energy_kwh
+        energy_kwh = (
+            _apply_summary(summary, state.phase, progress, metrics, checkpoints, effective, secrets) or energy_kwh
+        )
         adapter = summary.get("adapter")
         if state.phase == Phase.SUCCEEDED and isinstance(adapter, Mapping):
             adapter = {k: redact(v, secrets) if isinstance(v, str) else v for k, v in adapter.items()}
@@ -759,18 +901,26 @@ def observe(
         if cleaned:
             status[key] = cleaned
     kept = [_clean(CheckpointRef, c) for _, c in sorted(checkpoints.items())]
-    status["checkpoints"] = [c for c in kept if c][-checkpoints_kept(ftj):]
+    status["checkpoints"] = [c for c in kept if c][-checkpoints_kept(ftj) :]
     if effective:
         status["effective"] = _clean(Effective, effective) or old.get("effective")
 
     # error: the Failed condition as one object (as OpenAI's fine-tuning job has it), else unset
-    failed = next((c for c in status.get("conditions") or [] if c.get("type") == ConditionType.FAILED.value
-                   and c.get("status") == "True"), None)
+    failed = next(
+        (
+            c
+            for c in status.get("conditions") or []
+            if c.get("type") == ConditionType.FAILED.value and c.get("status") == "True"
+        ),
+        None,
+    )
     if state.phase == Phase.FAILED and failed is not None:
         param = (summary or {}).get("param")
         if param is None and _get(old, "error", "code") == failed.get("reason"):
             param = _get(old, "error", "param")  # the pod with the summary may be gone by now
-        status["error"] = error_info(failed.get("reason") or Reason.PERMANENT_ERROR, failed.get("message") or "", param, secrets=secrets)
+        status["error"] = error_info(
+            failed.get("reason") or Reason.PERMANENT_ERROR, failed.get("message") or "", param, secrets=secrets
+        )
     else:
         status.pop("error", None)
 
@@ -778,7 +928,11 @@ def observe(
     price, carbon = _prices(settings_like)
     recorded = _number(_get(old, "cost", "gpuHours")) or 0.0
     gpu_hours = max(_gpu_hours(ftj, pods, now), recorded)
-    if state.phase == Phase.RUNNING and recorded and gpu_hours - recorded < max(COST_STEP_RATIO * recorded, COST_STEP_GPU_HOURS):
+    if (
+        state.phase == Phase.RUNNING
+        and recorded
+        and gpu_hours - recorded < max(COST_STEP_RATIO * recorded, COST_STEP_GPU_HOURS)
+    ):
         gpu_hours = recorded  # while running, cost moves in steps: an idle tick writes nothing
     if gpu_hours > 0 or energy_kwh:
         cost: dict[str, Any] = {"gpuHours": round(gpu_hours, 6), "estimatedUSD": round(gpu_hours * price, 4)}
@@ -803,7 +957,9 @@ def checkpoints_kept(ftj: Mapping[str, Any]) -> int:
     return min(int(keep), CHECKPOINTS_MAX)
 
 
-def error_info(reason: Reason | str, message: str, param: str | None = None, *, secrets: Iterable[str] = ()) -> dict[str, Any]:
+def error_info(
+    reason: Reason | str, message: str, param: str | None = None, *, secrets: Iterable[str] = ()
+) -> dict[str, Any]:
     """`status.error` for a Failed phase: the Failed condition's reason as `code`, its message
     (redacted and bounded like condition messages), and the spec field or file:line, if known."""
     out: dict[str, Any] = {"code": str(reason), "message": _message(message, secrets)}
@@ -834,7 +990,11 @@ def human_duration(seconds: int) -> str:
 
 
 def _apply_scraped(
-    ftj: Mapping[str, Any], scraped: Mapping[str, float | str], progress: dict, metrics: dict, checkpoints: dict[int, dict],
+    ftj: Mapping[str, Any],
+    scraped: Mapping[str, float | str],
+    progress: dict,
+    metrics: dict,
+    checkpoints: dict[int, dict],
     effective: dict[str, Any],
 ) -> None:
     def num(metric: TrainerMetric, *, positive: bool = False) -> float | None:
@@ -852,14 +1012,20 @@ def _apply_scraped(
         progress["percent"] = round(min(ratio, 1.0) * 100, 2)
     if (eta := num(TrainerMetric.ETA)) is not None:
         progress["etaSeconds"] = round(eta)
-    for metric, field in ((TrainerMetric.TRAIN_LOSS, "trainLoss"), (TrainerMetric.EVAL_LOSS, "evalLoss"),
-                          (TrainerMetric.BASE_EVAL_LOSS, "baseEvalLoss"), (TrainerMetric.TOKEN_ACCURACY, "tokenAccuracy"),
-                          (TrainerMetric.TOKENS_PER_SECOND, "tokensPerSecond")):
+    for metric, field in (
+        (TrainerMetric.TRAIN_LOSS, "trainLoss"),
+        (TrainerMetric.EVAL_LOSS, "evalLoss"),
+        (TrainerMetric.BASE_EVAL_LOSS, "baseEvalLoss"),
+        (TrainerMetric.TOKEN_ACCURACY, "tokenAccuracy"),
+        (TrainerMetric.TOKENS_PER_SECOND, "tokensPerSecond"),
+    ):
         if (value := num(metric, positive=True)) is not None:
             metrics[field] = value
     if "evalLoss" in metrics and (ev := _number(metrics["evalLoss"])) is not None:
         metrics["perplexity"] = math.exp(min(ev, 50.0))
-    objectives = {k.split(":", 1)[1]: v for k, v in scraped.items() if k.startswith("objective:") and _number(v) is not None}
+    objectives = {
+        k.split(":", 1)[1]: v for k, v in scraped.items() if k.startswith("objective:") and _number(v) is not None
+    }
     if objectives:
         metrics["objectives"] = {**(metrics.get("objectives") or {}), **objectives}
     step = num(TrainerMetric.LAST_CHECKPOINT_STEP, positive=True)
@@ -868,7 +1034,7 @@ def _apply_scraped(
         entry = {"step": int(step), "uri": uri}
         ts = num(TrainerMetric.LAST_CHECKPOINT_TIME, positive=True)
         if ts is not None:
-            entry["time"] = _rfc3339(datetime.fromtimestamp(ts, timezone.utc))
+            entry["time"] = _rfc3339(datetime.fromtimestamp(ts, UTC))
         checkpoints[int(step)] = {**entry, **checkpoints.get(int(step), {})}  # known details win
     labels = {k.split(":", 1)[1]: v for k, v in scraped.items() if k.startswith("effective:") and isinstance(v, str)}
     resolved = _clean(ResolvedHyperparameters, labels) if labels else None
@@ -876,8 +1042,13 @@ def _apply_scraped(
 
 
 def _apply_summary(
-    summary: Mapping[str, Any], phase: Phase, progress: dict, metrics: dict, checkpoints: dict[int, dict],
-    effective: dict[str, Any], secrets: Iterable[str],
+    summary: Mapping[str, Any],
+    phase: Phase,
+    progress: dict,
+    metrics: dict,
+    checkpoints: dict[int, dict],
+    effective: dict[str, Any],
+    secrets: Iterable[str],
 ) -> float | None:
     """Fold the trainer's final summary (`parse_termination`) in: metrics, progress, the
     checkpoints the trainer still keeps (the others it pruned are dropped), the hyperparameters
@@ -887,8 +1058,18 @@ def _apply_summary(
         return None
     final = parsed.metrics
     if final is not None:
-        for field in ("train_loss", "eval_loss", "base_eval_loss", "perplexity", "token_accuracy", "tokens_per_second",
-                      "preference_accuracy", "base_preference_accuracy", "mean_reward", "base_mean_reward"):
+        for field in (
+            "train_loss",
+            "eval_loss",
+            "base_eval_loss",
+            "perplexity",
+            "token_accuracy",
+            "tokens_per_second",
+            "preference_accuracy",
+            "base_preference_accuracy",
+            "mean_reward",
+            "base_mean_reward",
+        ):
             if (value := _number(getattr(final, field))) is not None:
                 metrics[Metrics.model_fields[field].alias or field] = value
         objectives = {k: v for k, v in final.objectives.items() if _number(v) is not None}
@@ -959,7 +1140,14 @@ def transitions(old: dict, new: dict) -> list[tuple[str, str, str]]:
     phase_from, phase_to = old.get("phase"), new.get("phase")
     folded = None
     if phase_to and phase_to != phase_from:
-        cond = next((c for c in new.get("conditions") or [] if isinstance(c, Mapping) and c.get("type") == phase_to and c.get("status") == "True"), None)
+        cond = next(
+            (
+                c
+                for c in new.get("conditions") or []
+                if isinstance(c, Mapping) and c.get("type") == phase_to and c.get("status") == "True"
+            ),
+            None,
+        )
         folded = phase_to if cond else None
         reason = str(cond["reason"]) if cond else str(phase_to)
         detail = f": {cond['message']}" if cond and cond.get("message") else ""

@@ -42,6 +42,8 @@ def _slot() -> asyncio.Semaphore:
         _slots.clear()  # an old loop's semaphore is of no use (and must not be awaited) in a new one
         _slots[loop] = asyncio.Semaphore(SCRAPE_CONCURRENCY)
     return _slots[loop]
+
+
 _MAX_LINES = 2000  # the trainer exports a few dozen series
 
 
@@ -121,7 +123,7 @@ async def scrape(pods: Iterable[Any], port: int, *, owner_uid: str | None = None
             async with _slot(), aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as session:
                 # aiohttp's total timeout, and a hard stop around it for a server that trickles.
                 text = await asyncio.wait_for(read_page(session, url), SCRAPE_TIMEOUT_SECONDS + 0.5)
-        except (ScrapeRefused, aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+        except (TimeoutError, ScrapeRefused, aiohttp.ClientError, OSError, ValueError):
             METRICS.scrape_failure()
             continue
         return reconcile.parse_metrics(_relevant(text))

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 from kubetune.api.enums import ServingEngine
@@ -92,10 +93,14 @@ def artifact_uri(ftj: FineTuneJob, status: Mapping[str, Any]) -> str:
     key = "mergedUri" if merged(ftj) else "uri"
     uri = adapter.get(key)
     if not isinstance(uri, str) or not uri:
-        what = "status.adapter.mergedUri (the merged model the trainer writes for serving)" if merged(ftj) \
+        what = (
+            "status.adapter.mergedUri (the merged model the trainer writes for serving)"
+            if merged(ftj)
             else "status.adapter.uri"
-        raise ServingError(f"the job succeeded without {what}; nothing to serve. Check the trainer's logs, "
-                           "or drop spec.serving")
+        )
+        raise ServingError(
+            f"the job succeeded without {what}; nothing to serve. Check the trainer's logs, or drop spec.serving"
+        )
     return uri
 
 
@@ -103,15 +108,20 @@ def kserve_uri(uri: str, field: str) -> str:
     """A model location as KServe's storage initializer reads it: hf://org/name@rev → hf://org/name:rev."""
     parts = urlsplit(uri)
     if parts.scheme == "hf":
-        repo, _, rev = uri[len("hf://"):].partition("@")
+        repo, _, rev = uri[len("hf://") :].partition("@")
         return f"hf://{repo}:{rev}" if rev else f"hf://{repo}"
     if parts.scheme == "gcs":
-        return "gs://" + uri[len("gcs://"):]
+        return "gs://" + uri[len("gcs://") :]
     if parts.scheme in ("s3", "gs", "pvc", "http", "https"):
         return uri
-    fix = ("set spec.output.uri to object storage (s3://, gs://) or a PVC (pvc://)" if field.startswith("status.adapter")
-           else "set spec.serving.kserve.baseModelUri to where the serving pods can read the base model")
-    raise ServingError(f"{field} is {uri!r}, which KServe cannot fetch (it reads hf://, s3://, gs:// and pvc://): {fix}")
+    fix = (
+        "set spec.output.uri to object storage (s3://, gs://) or a PVC (pvc://)"
+        if field.startswith("status.adapter")
+        else "set spec.serving.kserve.baseModelUri to where the serving pods can read the base model"
+    )
+    raise ServingError(
+        f"{field} is {uri!r}, which KServe cannot fetch (it reads hf://, s3://, gs:// and pvc://): {fix}"
+    )
 
 
 def base_uri(ftj: FineTuneJob) -> str:
@@ -154,8 +164,11 @@ def llm_inference_service(ftj: FineTuneJob, uid: str, status: Mapping[str, Any])
     if merged(ftj):
         model: dict[str, Any] = {"uri": kserve_uri(uri, "status.adapter.mergedUri"), "name": name}
     else:
-        model = {"uri": base_uri(ftj), "name": _base_name(ftj),
-                 "lora": {"adapters": [{"name": name, "uri": kserve_uri(uri, "status.adapter.uri")}]}}
+        model = {
+            "uri": base_uri(ftj),
+            "name": _base_name(ftj),
+            "lora": {"adapters": [{"name": name, "uri": kserve_uri(uri, "status.adapter.uri")}]},
+        }
         rank = adapter_rank(ftj)
         if rank and rank > 16:  # vLLM's default --max-lora-rank is 16
             model["lora"]["maxRank"] = rank
@@ -163,15 +176,19 @@ def llm_inference_service(ftj: FineTuneJob, uid: str, status: Mapping[str, Any])
     resources = _gpus(gpus, ftj)
     if resources:
         spec["template"] = {"containers": [{"name": LLMISVC_CONTAINER, "resources": resources}]}
-    return {"apiVersion": f"{GROUP}/{LLMISVC[0]}", "kind": LLMISVC[2],
-            "metadata": _metadata(ftj, uid, object_name(ftj)), "spec": spec}
+    return {
+        "apiVersion": f"{GROUP}/{LLMISVC[0]}",
+        "kind": LLMISVC[2],
+        "metadata": _metadata(ftj, uid, object_name(ftj)),
+        "spec": spec,
+    }
 
 
 def _base_name(ftj: FineTuneJob) -> str:
     """The base model's served name: its repository id (org/name), else the last path segment."""
     source = ftj.spec.model.source
     if source.startswith("hf://"):
-        return source[len("hf://"):].partition("@")[0]
+        return source[len("hf://") :].partition("@")[0]
     return source.rstrip("/").rsplit("/", 1)[-1] or "base"
 
 
@@ -190,18 +207,29 @@ def inference_service(ftj: FineTuneJob, uid: str, status: Mapping[str, Any]) -> 
         model["args"] = [f"--model_name={name}"]
     else:
         base_dir, lora_dir = f"{ISVC_ROOT}/base", f"{ISVC_ROOT}/lora/{name}"
-        predictor["storageUris"] = [{"uri": base_uri(ftj), "mountPath": base_dir},
-                                    {"uri": kserve_uri(uri, "status.adapter.uri"), "mountPath": lora_dir}]
-        model["args"] = [f"--model_name={_base_name(ftj)}", f"--model_dir={base_dir}", "--enable-lora",
-                         "--lora-modules", f"{name}={lora_dir}"]
+        predictor["storageUris"] = [
+            {"uri": base_uri(ftj), "mountPath": base_dir},
+            {"uri": kserve_uri(uri, "status.adapter.uri"), "mountPath": lora_dir},
+        ]
+        model["args"] = [
+            f"--model_name={_base_name(ftj)}",
+            f"--model_dir={base_dir}",
+            "--enable-lora",
+            "--lora-modules",
+            f"{name}={lora_dir}",
+        ]
         rank = adapter_rank(ftj)
         if rank:
             model["args"] += ["--max-lora-rank", str(rank)]
     resources = _gpus(gpus, ftj)
     if resources:
         model["resources"] = resources
-    return {"apiVersion": f"{GROUP}/{ISVC[0]}", "kind": ISVC[2],
-            "metadata": _metadata(ftj, uid, object_name(ftj)), "spec": {"predictor": predictor}}
+    return {
+        "apiVersion": f"{GROUP}/{ISVC[0]}",
+        "kind": ISVC[2],
+        "metadata": _metadata(ftj, uid, object_name(ftj)),
+        "spec": {"predictor": predictor},
+    }
 
 
 # ------------------------------------------------------------------------------------ vLLM
@@ -215,12 +243,17 @@ BASE_DIR = f"{MODEL_ROOT}/base"
 
 def _fetch_env(ftj: FineTuneJob) -> list[dict[str, Any]]:
     """The job's output credentials, as the trainer pods get them: optional secretKeyRefs only."""
-    env: list[dict[str, Any]] = [{"name": "HOME", "value": "/tmp"}, {"name": "PYTHONUNBUFFERED", "value": "1"},
-                                 {"name": "KUBETUNE_PVC_ROOT", "value": builders.PVC_ROOT}]
+    env: list[dict[str, Any]] = [
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "KUBETUNE_PVC_ROOT", "value": builders.PVC_ROOT},
+    ]
     secret = ftj.spec.output.credentials_secret
     if secret:
-        env += [{"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": True}}}
-                for key in CREDENTIAL_KEYS]
+        env += [
+            {"name": key, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": True}}}
+            for key in CREDENTIAL_KEYS
+        ]
     return env
 
 
@@ -234,7 +267,7 @@ def vllm_command(ftj: FineTuneJob) -> list[str]:
     else:
         source = ftj.spec.model.source
         if source.startswith("hf://"):  # vLLM pulls it from the hub itself (HF_TOKEN from the Secret)
-            repo, _, rev = source[len("hf://"):].partition("@")
+            repo, _, rev = source[len("hf://") :].partition("@")
             args = ["vllm", "serve", repo, *(["--revision", rev] if rev else [])]
         else:  # fetched into the emptyDir by an init container (base_fetch_source)
             base_fetch_source(ftj)
@@ -253,8 +286,10 @@ def _fetch_source(uri: str) -> tuple[str, str | None]:
     if parts.scheme == "pvc":
         return uri, parts.netloc
     if parts.scheme in ("", "file", "local"):
-        raise ServingError(f"the result is at {uri!r}, on the trainer's local disk, which a serving pod cannot read: "
-                           "set spec.output.uri to object storage (s3://, gs://) or a PVC (pvc://)")
+        raise ServingError(
+            f"the result is at {uri!r}, on the trainer's local disk, which a serving pod cannot read: "
+            "set spec.output.uri to object storage (s3://, gs://) or a PVC (pvc://)"
+        )
     return uri, None
 
 
@@ -268,14 +303,20 @@ def base_fetch_source(ftj: FineTuneJob) -> tuple[str, str | None] | None:
     if scheme == "hf":
         return None
     if scheme == "builtin":
-        raise ServingError(f"spec.model.source is {source!r}, a toy model built into the trainer for tests, which "
-                           "vLLM does not serve: train on a real base (hf://, s3://, gs:// or pvc://) or drop spec.serving")
+        raise ServingError(
+            f"spec.model.source is {source!r}, a toy model built into the trainer for tests, which "
+            "vLLM does not serve: train on a real base (hf://, s3://, gs:// or pvc://) or drop spec.serving"
+        )
     if scheme in ("", "file", "local"):
-        raise ServingError(f"spec.model.source is {source!r}, a path on the trainer's disk, which a serving pod cannot "
-                           "read: put the base model in object storage (s3://, gs://) or a PVC (pvc://, or hf://)")
+        raise ServingError(
+            f"spec.model.source is {source!r}, a path on the trainer's disk, which a serving pod cannot "
+            "read: put the base model in object storage (s3://, gs://) or a PVC (pvc://, or hf://)"
+        )
     if f"{MODEL_ROOT}/{model_name(ftj)}" == BASE_DIR:
-        raise ServingError(f"the served name {model_name(ftj)!r} is the directory the base model is fetched to: set "
-                           "spec.serving.modelName to another name")
+        raise ServingError(
+            f"the served name {model_name(ftj)!r} is the directory the base model is fetched to: set "
+            "spec.serving.modelName to another name"
+        )
     return source, (urlsplit(source).netloc if scheme == "pvc" else None)
 
 
@@ -286,7 +327,9 @@ def adapter_rank(ftj: FineTuneJob) -> int | None:
     return getattr(block, "r", None) or (getattr(getattr(block, "lora", None), "r", None))
 
 
-def vllm_deployment(ftj: FineTuneJob, uid: str, status: Mapping[str, Any], settings: OperatorSettings) -> dict[str, Any]:
+def vllm_deployment(
+    ftj: FineTuneJob, uid: str, status: Mapping[str, Any], settings: OperatorSettings
+) -> dict[str, Any]:
     """A Deployment of `vllm serve`: restricted Pod Security like the trainer pods, no API token,
     the adapter (or merged model) fetched into an emptyDir by an init container first."""
     block = ftj.spec.serving.vllm if ftj.spec.serving is not None else None
@@ -294,8 +337,11 @@ def vllm_deployment(ftj: FineTuneJob, uid: str, status: Mapping[str, Any], setti
     name = object_name(ftj)
     local = f"{MODEL_ROOT}/{model_name(ftj)}"
     selector = {"kubetune.io/finetunejob": builders.label_value(ftj.metadata.name), "kubetune.io/role": ROLE}
-    mounts = [{"name": "models", "mountPath": MODEL_ROOT}, {"name": "tmp", "mountPath": "/tmp"},
-              {"name": "cache", "mountPath": "/cache"}]
+    mounts = [
+        {"name": "models", "mountPath": MODEL_ROOT},
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "cache", "mountPath": "/cache"},
+    ]
     source, claim = _fetch_source(artifact_uri(ftj, status))
     claims = {claim: "output"} if claim else {}
 
@@ -326,11 +372,18 @@ def vllm_deployment(ftj: FineTuneJob, uid: str, status: Mapping[str, Any], setti
         "image": (block.image if block is not None and block.image else None) or settings.serving_vllm_image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": vllm_command(ftj),
-        "env": [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HOME", "value": "/cache/huggingface"},
-                {"name": "VLLM_CACHE_ROOT", "value": "/cache/vllm"},
-                *[e for e in _fetch_env(ftj) if e["name"] == "HF_TOKEN"]],
+        "env": [
+            {"name": "HOME", "value": "/tmp"},
+            {"name": "HF_HOME", "value": "/cache/huggingface"},
+            {"name": "VLLM_CACHE_ROOT", "value": "/cache/vllm"},
+            *[e for e in _fetch_env(ftj) if e["name"] == "HF_TOKEN"],
+        ],
         "ports": [{"name": "http", "containerPort": VLLM_PORT, "protocol": "TCP"}],
-        "readinessProbe": {"httpGet": {"path": "/health", "port": VLLM_PORT}, "periodSeconds": 10, "failureThreshold": 3},
+        "readinessProbe": {
+            "httpGet": {"path": "/health", "port": VLLM_PORT},
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        },
         "resources": resources,
         "volumeMounts": [*copy.deepcopy(mounts), {"name": "dshm", "mountPath": "/dev/shm"}],
         "securityContext": builders.container_security(),
@@ -354,9 +407,14 @@ def vllm_deployment(ftj: FineTuneJob, uid: str, status: Mapping[str, Any], setti
     builders._place(pod, ftj)
     pod.pop("schedulerName", None)  # a gang scheduler's PodGroup is the trainer's, not the server's
     return {
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": _metadata(ftj, uid, name),
-        "spec": {"replicas": replicas, "selector": {"matchLabels": selector},
-                 "template": {"metadata": {"labels": pod_labels(ftj)}, "spec": pod}},
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(ftj, uid, name),
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": selector},
+            "template": {"metadata": {"labels": pod_labels(ftj)}, "spec": pod},
+        },
     }
 
 
@@ -369,9 +427,15 @@ def pod_labels(ftj: FineTuneJob) -> dict[str, str]:
 
 def vllm_service(ftj: FineTuneJob, uid: str) -> dict[str, Any]:
     selector = {"kubetune.io/finetunejob": builders.label_value(ftj.metadata.name), "kubetune.io/role": ROLE}
-    return {"apiVersion": "v1", "kind": "Service", "metadata": _metadata(ftj, uid, object_name(ftj)),
-            "spec": {"selector": selector,
-                     "ports": [{"name": "http", "port": VLLM_PORT, "targetPort": VLLM_PORT, "protocol": "TCP"}]}}
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(ftj, uid, object_name(ftj)),
+        "spec": {
+            "selector": selector,
+            "ports": [{"name": "http", "port": VLLM_PORT, "targetPort": VLLM_PORT, "protocol": "TCP"}],
+        },
+    }
 
 
 def service_url(ftj: FineTuneJob) -> str:
@@ -390,8 +454,13 @@ class Plan:
     objects: tuple[dict[str, Any], ...]
 
 
-def plan(ftj: FineTuneJob, uid: str, status: Mapping[str, Any], settings: OperatorSettings,
-         kserve: tuple[str, str, str] | None = None) -> Plan:
+def plan(
+    ftj: FineTuneJob,
+    uid: str,
+    status: Mapping[str, Any],
+    settings: OperatorSettings,
+    kserve: tuple[str, str, str] | None = None,
+) -> Plan:
     """The serving objects of `ftj` (engine kserve needs the discovered kind; raises ServingError)."""
     serving = ftj.spec.serving
     assert serving is not None
@@ -410,7 +479,12 @@ def initial_status(ftj: FineTuneJob, kind: str | None, name: str | None = None) 
     """status.serving before the object said anything."""
     serving = ftj.spec.serving
     assert serving is not None
-    out: dict[str, Any] = {"engine": serving.engine.value, "model": model_name(ftj), "merged": merged(ftj), "ready": False}
+    out: dict[str, Any] = {
+        "engine": serving.engine.value,
+        "model": model_name(ftj),
+        "merged": merged(ftj),
+        "ready": False,
+    }
     if kind:
         out["kind"] = kind
     if name:
@@ -438,7 +512,9 @@ def readiness(obj: Mapping[str, Any] | None) -> tuple[bool, str | None]:
     kind = obj.get("kind")
     status = obj.get("status") or {}
     if kind == "Deployment":
-        want = int(((obj.get("spec") or {}).get("replicas")) if (obj.get("spec") or {}).get("replicas") is not None else 1)
+        want = int(
+            ((obj.get("spec") or {}).get("replicas")) if (obj.get("spec") or {}).get("replicas") is not None else 1
+        )
         have = int(status.get("availableReplicas") or 0)
         available = _condition(obj, "Available")
         if want == 0:
@@ -446,16 +522,28 @@ def readiness(obj: Mapping[str, Any] | None) -> tuple[bool, str | None]:
         if have >= want and (available is None or available.get("status") == "True"):
             return True, None
         progressing = _condition(obj, "Progressing")
-        detail = next((str(c.get("message")) for c in (available, progressing)
-                       if c is not None and c.get("status") != "True" and c.get("message")), "")
+        detail = next(
+            (
+                str(c.get("message"))
+                for c in (available, progressing)
+                if c is not None and c.get("status") != "True" and c.get("message")
+            ),
+            "",
+        )
         return False, f"{have} of {want} vLLM replicas available" + (f": {detail}" if detail else "")
     ready = _condition(obj, "Ready")
     if ready is not None and ready.get("status") == "True":
         return True, None
     if ready is not None and (ready.get("message") or ready.get("reason")):
         return False, str(ready.get("message") or ready.get("reason"))
-    failing = next((c for c in (status.get("conditions") or []) if isinstance(c, Mapping) and c.get("status") == "False"
-                    and c.get("message")), None)
+    failing = next(
+        (
+            c
+            for c in (status.get("conditions") or [])
+            if isinstance(c, Mapping) and c.get("status") == "False" and c.get("message")
+        ),
+        None,
+    )
     if failing is not None:
         return False, f"{failing.get('type')}: {failing.get('message')}"
     return False, f"{kind} {(obj.get('metadata') or {}).get('name')} is not Ready yet"
@@ -498,16 +586,24 @@ def load_outcome(status_code: int, text: str) -> tuple[bool, str | None]:
     if status_code == 200 or "already been loaded" in message or "already loaded" in message:
         return True, None
     if status_code in (401, 403):
-        return False, (f"the vLLM server refused the adapter registration (HTTP {status_code}: {message[:300]}): set "
-                       "spec.serving.vllmEndpoint.apiKeySecret to a Secret whose key api-key holds the server's --api-key")
+        return False, (
+            f"the vLLM server refused the adapter registration (HTTP {status_code}: {message[:300]}): set "
+            "spec.serving.vllmEndpoint.apiKeySecret to a Secret whose key api-key holds the server's --api-key"
+        )
     if status_code == 404:
-        return False, (f"the vLLM server has no /v1/load_lora_adapter (HTTP 404): start it with --enable-lora and "
-                       "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, or check spec.serving.vllmEndpoint.url")
-    return False, (f"the vLLM server refused the adapter (HTTP {status_code}): {message[:1000]}. Check "
-                   "spec.serving.vllmEndpoint.adapterPath (a path or URI the server can read)")
+        return False, (
+            "the vLLM server has no /v1/load_lora_adapter (HTTP 404): start it with --enable-lora and "
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, or check spec.serving.vllmEndpoint.url"
+        )
+    return False, (
+        f"the vLLM server refused the adapter (HTTP {status_code}): {message[:1000]}. Check "
+        "spec.serving.vllmEndpoint.adapterPath (a path or URI the server can read)"
+    )
 
 
-async def register_adapter(url: str, body: Mapping[str, str], api_key: str | None, timeout: float = 30.0) -> tuple[bool, str | None]:
+async def register_adapter(
+    url: str, body: Mapping[str, str], api_key: str | None, timeout: float = 30.0
+) -> tuple[bool, str | None]:
     """POST load_lora_adapter; raises EndpointUnreachable for no answer or a 5xx (retried)."""
     import aiohttp
 

@@ -40,9 +40,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--spec", required=True, help="FineTuneJob as JSON or YAML: a file, or - for stdin")
     p.add_argument("--output", help="override spec.output.uri")
     p.add_argument("--validate-only", action="store_true", help="only validate the data (no model is loaded)")
-    p.add_argument("--metrics-port", type=int, default=int(os.environ.get(METRICS_PORT_ENV, DEFAULT_METRICS_PORT)), help="0: any free port, -1: off")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(os.environ.get(METRICS_PORT_ENV, DEFAULT_METRICS_PORT)),
+        help="0: any free port, -1: off",
+    )
     p.add_argument("--termination-path", default=os.environ.get(TERMINATION_PATH_ENV, DEFAULT_TERMINATION_PATH))
-    p.add_argument("--events", help="append progress and status as JSON lines to this file (kubetune api --local reads them)")
+    p.add_argument(
+        "--events", help="append progress and status as JSON lines to this file (kubetune api --local reads them)"
+    )
     return p.parse_args(argv)
 
 
@@ -65,9 +72,16 @@ def event_writer(path: str, opts: Any) -> None:
 
     def on_progress(p: dict[str, Any]) -> None:
         loss = p.get("loss")
-        write({"type": "progress", **{k: v for k, v in p.items() if k != "loss"},
-               "loss": loss if isinstance(loss, (int, float)) and loss == loss and abs(loss) != float("inf") else None,
-               "tokens": sample(M.TOKENS), "epoch": sample(M.EPOCH), "checkpoint_step": sample(M.LAST_CHECKPOINT_STEP)})
+        write(
+            {
+                "type": "progress",
+                **{k: v for k, v in p.items() if k != "loss"},
+                "loss": loss if isinstance(loss, (int, float)) and loss == loss and abs(loss) != float("inf") else None,
+                "tokens": sample(M.TOKENS),
+                "epoch": sample(M.EPOCH),
+                "checkpoint_step": sample(M.LAST_CHECKPOINT_STEP),
+            }
+        )
 
     def on_status(message: str) -> None:
         logging.getLogger("kubetune.trainer").info("%s", message)
@@ -79,7 +93,6 @@ def event_writer(path: str, opts: Any) -> None:
 def load_job(source: str) -> Any:
     """The FineTuneJob from a file or stdin; a spec error is a permanent error."""
     import yaml
-
     from kubetune.api import parse_manifest
     from kubetune.api.manifest import Loader
 
@@ -127,7 +140,9 @@ def validate_only(job: Any) -> TrainerSummary:
 
     if (too_long := sources.context_problem_for(job.spec)) is not None:  # local and built-in models: no download
         raise SpecError(too_long, "spec.dataset.maxSeqLength")
-    report = data.check(job.spec.dataset, extra_keys=data.extra_keys_for(job.spec), record_check=data.record_check_for(job.spec))
+    report = data.check(
+        job.spec.dataset, extra_keys=data.extra_keys_for(job.spec), record_check=data.record_check_for(job.spec)
+    )
     # The dataset report (duplicates, leakage, PII, estimates) and spec.dataset.pii: refuse fails here,
     # before any GPU is requested; its summary goes to status.dataReport.
     data_report = datareport.stream(job.spec)
@@ -136,8 +151,13 @@ def validate_only(job: Any) -> TrainerSummary:
         logging.getLogger("kubetune.trainer").warning("%s", warning)
     for line in datareport.summary_lines(data_report):
         logging.getLogger("kubetune.trainer").info("%s", line)
-    return TrainerSummary(status="validated", examples=report.examples, validation_examples=report.validation_examples,
-                          warnings=warnings[:5], data_report=datareport.status_summary(data_report))
+    return TrainerSummary(
+        status="validated",
+        examples=report.examples,
+        validation_examples=report.validation_examples,
+        warnings=warnings[:5],
+        data_report=datareport.status_summary(data_report),
+    )
 
 
 def failed(reason: str, err: BaseException | str, param: str | None = None) -> TrainerSummary:
@@ -155,9 +175,11 @@ def missing_credentials(env: Any = None) -> TrainerSummary | None:
     secret = env.get(CREDENTIALS_SECRET_ENV)
     if not secret or any(env.get(key) for key in CREDENTIAL_KEYS):
         return None
-    message = (f"spec.output.credentialsSecret names Secret {secret!r}, but the pod received none of its keys "
-               f"({', '.join(CREDENTIAL_KEYS)}): create the Secret in this namespace with those keys, e.g. "
-               f"kubectl create secret generic {secret} --from-literal=AWS_ACCESS_KEY_ID=... --from-literal=AWS_SECRET_ACCESS_KEY=...")
+    message = (
+        f"spec.output.credentialsSecret names Secret {secret!r}, but the pod received none of its keys "
+        f"({', '.join(CREDENTIAL_KEYS)}): create the Secret in this namespace with those keys, e.g. "
+        f"kubectl create secret generic {secret} --from-literal=AWS_ACCESS_KEY_ID=... --from-literal=AWS_SECRET_ACCESS_KEY=..."
+    )
     return failed("SecretMissing", message, "spec.output.credentialsSecret")
 
 

@@ -44,6 +44,7 @@ def fallback_chat_template(tokenizer) -> str:
     chatml = len(ids) == 1 and ids[0] in set(tokenizer.all_special_ids)
     return CHAT_TEMPLATE if chatml else EOS_CHAT_TEMPLATE
 
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 
 BUILTIN_MODELS = {
@@ -115,7 +116,9 @@ def build(name: str, directory: Path, seed: int = 0) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(directory, safe_serialization=True)
     tok.save_pretrained(directory)
-    (directory / "kubetune-builtin.json").write_text(json.dumps({"name": name, "seed": seed, "format": _FORMAT_VERSION}))
+    (directory / "kubetune-builtin.json").write_text(
+        json.dumps({"name": name, "seed": seed, "format": _FORMAT_VERSION})
+    )
     return directory
 
 

@@ -15,12 +15,12 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
-
-from transformers import TrainerCallback
+from typing import Any, ClassVar
 
 from kubetune.trainer.metrics import TrainerMetrics
+from transformers import TrainerCallback
 
 log = logging.getLogger("kubetune.trainer")
 steps_log = logging.getLogger("kubetune.trainer.steps")
@@ -62,7 +62,7 @@ class Preemption:
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
-    NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
+    NAMES: ClassVar[dict[int, str]] = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C (SIGINT)"}
 
     def __init__(self) -> None:
         self.requested = threading.Event()
@@ -91,7 +91,9 @@ class Preemption:
         if signum == signal.SIGINT:
             if self.requested.is_set():
                 raise KeyboardInterrupt  # the second Ctrl-C: stop now, without the checkpoint
-            log.warning("Ctrl-C: saving a checkpoint at the end of this step, then stopping (Ctrl-C again stops at once)")
+            log.warning(
+                "Ctrl-C: saving a checkpoint at the end of this step, then stopping (Ctrl-C again stops at once)"
+            )
         if self.signal is None:
             self.signal = signum
         self.requested.set()
@@ -135,7 +137,9 @@ class GpuMonitor:
             watts = sum(self.nvml.nvmlDeviceGetPowerUsage(h) for h in self.handles) / 1000.0
             self.metrics.gpu_power.set(watts)
             try:
-                total_mj: float | None = float(sum(self.nvml.nvmlDeviceGetTotalEnergyConsumption(h) for h in self.handles))
+                total_mj: float | None = float(
+                    sum(self.nvml.nvmlDeviceGetTotalEnergyConsumption(h) for h in self.handles)
+                )
             except Exception:
                 total_mj = None
             if self.last is not None:
@@ -217,13 +221,21 @@ class LoopCallback(TrainerCallback):
         self.gpu.sample()
         if self.eval_every and self.evaluate and state.global_step % self.eval_every == 0:
             self.evaluate()
-        progress = {"step": state.global_step, "total": state.max_steps, "loss": self.last_loss, "tokens_per_s": tps, "eta": eta}
+        progress = {
+            "step": state.global_step,
+            "total": state.max_steps,
+            "loss": self.last_loss,
+            "tokens_per_s": tps,
+            "eta": eta,
+        }
         if control.should_log:  # the Trainer logs this step's loss next (on_log): report progress with it
             self.pending_progress = progress
         elif self.on_progress:
             self.on_progress(progress)
         if self.preemption.requested.is_set():
-            log.warning("%s received: saving a checkpoint at step %d and stopping", self.preemption.name, state.global_step)
+            log.warning(
+                "%s received: saving a checkpoint at step %d and stopping", self.preemption.name, state.global_step
+            )
             control.should_save = True
             control.should_training_stop = True
 
@@ -252,8 +264,16 @@ class LoopCallback(TrainerCallback):
             self.metrics.learning_rate.set(float(logs["learning_rate"]))
             self.learning_rates.append((state.global_step, float(logs["learning_rate"])))
         if "loss" in logs and getattr(state, "is_local_process_zero", True):  # a step's log, once per pod
-            steps_log.info("%s", step_line(state.global_step, state.max_steps, logs.get("loss"), logs.get("learning_rate"),
-                                           self.tokens_per_second))
+            steps_log.info(
+                "%s",
+                step_line(
+                    state.global_step,
+                    state.max_steps,
+                    logs.get("loss"),
+                    logs.get("learning_rate"),
+                    self.tokens_per_second,
+                ),
+            )
         if self.pending_progress is not None:
             progress, self.pending_progress = {**self.pending_progress, "loss": self.last_loss}, None
             if self.on_progress:
@@ -271,11 +291,14 @@ class LoopCallback(TrainerCallback):
 
 def step_line(step: int, total: int, loss: float | None, lr: float | None, tokens_per_second: float | None) -> str:
     """`step 3/40 loss 2.1234 lr 2.9e-03 tokens/s 1,234`; a dash for what is not known."""
+
     def number(value: float | None, spec: str) -> str:
         return format(value, spec) if isinstance(value, (int, float)) and math.isfinite(value) else "–"
 
-    return (f"step {step}/{total} loss {number(loss, '.4f')} lr {number(lr, '.2e')} "
-            f"tokens/s {number(tokens_per_second, ',.0f')}")
+    return (
+        f"step {step}/{total} loss {number(loss, '.4f')} lr {number(lr, '.2e')} "
+        f"tokens/s {number(tokens_per_second, ',.0f')}"
+    )
 
 
 class CheckpointUploader(TrainerCallback):
@@ -329,7 +352,7 @@ class CheckpointUploader(TrainerCallback):
                 self.metrics.checkpoint_upload.set(time.time() - started)
                 self.metrics.last_checkpoint_step.set(step)
                 self.metrics.last_checkpoint_time.set(time.time())
-                loss = next((l for s, l in reversed(self.loop.losses) if s <= step), None)
+                loss = next((value for s, value in reversed(self.loop.losses) if s <= step), None)
                 self.committed.append({"step": step, "uri": uri, "loss": loss, "time": _now()})
                 self.prune()
                 shutil.rmtree(local, ignore_errors=True)

@@ -34,14 +34,14 @@ functional gradients, adversarial's KL on perturbed inputs) keep the full-logits
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from kubetune.api.memory import chunk_rows  # one home: the memory model counts these chunks
 from torch.utils.checkpoint import checkpoint
-
-from kubetune.api.memory import CHUNK_BYTES, chunk_rows  # one home: the memory model counts these chunks
 
 IGNORE_INDEX = -100
 
@@ -136,8 +136,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Σ CE(rows @ Wᵀ + b, target), gradients computed chunk by chunk in the forward."""
 
     @staticmethod
-    def forward(ctx: Any, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
-                chunk: int) -> torch.Tensor:  # type: ignore[override]
+    def forward(
+        ctx: Any, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor, chunk: int
+    ) -> torch.Tensor:  # type: ignore[override]
         need_rows, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_bias = bias is not None and ctx.needs_input_grad[2]
         total = torch.zeros((), dtype=torch.float32, device=rows.device)
@@ -233,7 +234,9 @@ def token_stats(hidden: Hidden, labels: torch.Tensor, chunk: int | None = None) 
     return total, int(target.numel()), correct
 
 
-def sequence_logprobs(model: Any, inputs: dict[str, Any], labels: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+def sequence_logprobs(
+    model: Any, inputs: dict[str, Any], labels: torch.Tensor, chunk: int | None = None
+) -> torch.Tensor:
     """Per-sequence Σ log p(label token) over the labelled (completion) tokens, shape [B]: the
     quantity DPO-family losses compare between chosen and rejected completions. Chunked and
     checkpointed like the losses; differentiable when grads are enabled."""
@@ -250,8 +253,9 @@ def hidden_logprobs(hidden: Hidden, labels: torch.Tensor, chunk: int | None = No
     return out.index_add(0, bi, rows_logprobs(hidden, bi, ti, target, chunk))
 
 
-def rows_logprobs(hidden: Hidden, bi: torch.Tensor, ti: torch.Tensor, target: torch.Tensor,
-                  chunk: int | None = None) -> torch.Tensor:
+def rows_logprobs(
+    hidden: Hidden, bi: torch.Tensor, ti: torch.Tensor, target: torch.Tensor, chunk: int | None = None
+) -> torch.Tensor:
     """log p(target[i]) at position ti[i] of sequence bi[i] (`label_rows` order), fp32, shape [N]:
     per-token completion log-probs, one chunk of logits at a time, checkpointed."""
     rows = hidden.states[:, :-1][bi, ti]
@@ -292,7 +296,9 @@ def mean_logits(hidden: Hidden, chunk: int | None = None) -> torch.Tensor:
         return torch.cat(parts).view(states.shape[:2])
 
 
-def sft_loss(model: Any, inputs: dict[str, Any], num_items: Any = None, **extra: Any) -> tuple[torch.Tensor, Hidden, int]:
+def sft_loss(
+    model: Any, inputs: dict[str, Any], num_items: Any = None, **extra: Any
+) -> tuple[torch.Tensor, Hidden, int]:
     """Token-mean cross-entropy of a batch (`inputs` with labels) from chunked logits: divided by
     `num_items` when given (the Trainer's label count over the accumulated batches, as the
     model's own loss does), else by this batch's label count."""

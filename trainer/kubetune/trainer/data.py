@@ -35,9 +35,10 @@ import json
 import math
 import os
 import random
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 from kubetune.api.enums import DatasetFormat, OverlengthPolicy
 from kubetune.api.spec import Dataset
@@ -74,8 +75,14 @@ class DataProblem:
 class DataError(Exception):
     """User data that cannot train. The trainer exits with the permanent exit code on it."""
 
-    def __init__(self, problems: Sequence[DataProblem], total: int | None = None, *,
-                 limit: int = MAX_REPORTED, stopped: bool = False):
+    def __init__(
+        self,
+        problems: Sequence[DataProblem],
+        total: int | None = None,
+        *,
+        limit: int = MAX_REPORTED,
+        stopped: bool = False,
+    ):
         super().__init__(list(problems), total)
         self.problems = list(problems)[:limit]
         self.total = max(total if total is not None else len(problems), len(self.problems))
@@ -122,11 +129,11 @@ def resolve(uri: str) -> str:
     """The path or fsspec URL to open: `pvc://claim/p` is the claim mounted under the PVC root."""
     if uri.startswith("pvc://"):
         root = Path(os.environ.get(PVC_ROOT_ENV, "/mnt/pvc")).resolve()
-        path = (root / uri[len("pvc://"):]).resolve()
+        path = (root / uri[len("pvc://") :]).resolve()
         if root not in path.parents:
             raise ValueError(f"{uri} points outside the volume root; remove '..' from the path")
         return str(path)
-    return uri[len("file://"):] if uri.startswith("file://") else uri
+    return uri[len("file://") :] if uri.startswith("file://") else uri
 
 
 def _lines(f, max_line_bytes: int, chunk_size: int = 1 << 20) -> Iterator[tuple[int, int, bytes | None, int]]:
@@ -176,12 +183,20 @@ def _open_problem(uri: str, exc: BaseException, line: int = 0) -> DataProblem:
     if isinstance(exc, IsADirectoryError):
         return DataProblem(uri, line, "is a directory; point the dataset at a .jsonl file")
     if isinstance(exc, PermissionError):
-        return DataProblem(uri, line, f"permission denied reading {uri}; check the storage "
-                                      "credentials the job uses and that they allow reading it")
+        return DataProblem(
+            uri,
+            line,
+            f"permission denied reading {uri}; check the storage "
+            "credentials the job uses and that they allow reading it",
+        )
     detail = _clip(str(exc).strip().splitlines()[0] if str(exc).strip() else "", 200)
     where = f" after line {line}" if line else ""
-    return DataProblem(uri, line, f"cannot read {uri}{where} ({type(exc).__name__}: {detail}); check the "
-                                  "URI, network access and the storage credentials")
+    return DataProblem(
+        uri,
+        line,
+        f"cannot read {uri}{where} ({type(exc).__name__}: {detail}); check the "
+        "URI, network access and the storage credentials",
+    )
 
 
 MAX_EXPANSION = 100
@@ -208,10 +223,17 @@ class _Capped:
         return chunk
 
 
-def iter_records(uri: str, fmt: DatasetFormat | str, *, max_line_bytes: int = 1_000_000,
-                 storage_options: dict | None = None, extra_keys: Iterable[str] = (),
-                 problem_limit: int = PROBLEM_LIMIT, keep: bool = True,
-                 record_check: Callable[[dict], list[str]] | None = None) -> Iterator[Record | DataProblem | None]:
+def iter_records(
+    uri: str,
+    fmt: DatasetFormat | str,
+    *,
+    max_line_bytes: int = 1_000_000,
+    storage_options: dict | None = None,
+    extra_keys: Iterable[str] = (),
+    problem_limit: int = PROBLEM_LIMIT,
+    keep: bool = True,
+    record_check: Callable[[dict], list[str]] | None = None,
+) -> Iterator[Record | DataProblem | None]:
     """Stream a JSON Lines file: each valid record, and each problem (FILE:LINE), in file order.
     With `keep=False` a valid record is only counted: it is yielded as None (checking a large
     file then allocates nothing per line).
@@ -242,15 +264,23 @@ def iter_records(uri: str, fmt: DatasetFormat | str, *, max_line_bytes: int = 1_
                 if problems >= problem_limit:
                     return
                 if raw is None:
-                    found, record = [f"line is {size:,} bytes, over the limit of {max_line_bytes:,}; one "
-                                     "example per line (JSON Lines), or shorten the example"], None
+                    found, record = (
+                        [
+                            f"line is {size:,} bytes, over the limit of {max_line_bytes:,}; one "
+                            "example per line (JSON Lines), or shorten the example"
+                        ],
+                        None,
+                    )
                 elif line_no == 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
                     yield DataProblem(uri, 1, "file is UTF-16; save it as UTF-8")
                     return  # every further line would be noise
                 elif line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
                     record, found = _parse(raw[3:], 3, fmt, extra, record_check)
-                    found.insert(0, "file starts with a UTF-8 byte-order mark; remove the byte-order "
-                                    "mark (save as UTF-8 without BOM)")
+                    found.insert(
+                        0,
+                        "file starts with a UTF-8 byte-order mark; remove the byte-order "
+                        "mark (save as UTF-8 without BOM)",
+                    )
                 else:
                     record, found = _parse(raw, offset, fmt, extra, record_check)
                 for msg in found:
@@ -259,27 +289,49 @@ def iter_records(uri: str, fmt: DatasetFormat | str, *, max_line_bytes: int = 1_
                 if record is not None:
                     yield Record(uri, line_no, record) if keep else None
     except _Expanded:
-        yield DataProblem(uri, line_no, f"decompresses to more than {MAX_EXPANSION}× its compressed size "
-                                        "(a decompression bomb?); store the dataset uncompressed or recompress it")
-    except Exception as e:  # noqa: BLE001 - storage: cloud SDKs raise their own types (NoCredentialsError, …)
+        yield DataProblem(
+            uri,
+            line_no,
+            f"decompresses to more than {MAX_EXPANSION}× its compressed size "
+            "(a decompression bomb?); store the dataset uncompressed or recompress it",
+        )
+    except Exception as e:
         yield _open_problem(uri, e, line_no)
 
 
-def read_records(uri: str, fmt: DatasetFormat | str, *, max_line_bytes: int = 1_000_000,
-                 storage_options: dict | None = None, extra_keys: Iterable[str] = (),
-                 problem_limit: int = PROBLEM_LIMIT,
-                 record_check: Callable[[dict], list[str]] | None = None) -> tuple[list[Record], list[DataProblem]]:
+def read_records(
+    uri: str,
+    fmt: DatasetFormat | str,
+    *,
+    max_line_bytes: int = 1_000_000,
+    storage_options: dict | None = None,
+    extra_keys: Iterable[str] = (),
+    problem_limit: int = PROBLEM_LIMIT,
+    record_check: Callable[[dict], list[str]] | None = None,
+) -> tuple[list[Record], list[DataProblem]]:
     """Every valid record of a JSON Lines file and every problem (see :func:`iter_records`)."""
     records: list[Record] = []
     problems: list[DataProblem] = []
-    for item in iter_records(uri, fmt, max_line_bytes=max_line_bytes, storage_options=storage_options,
-                             extra_keys=extra_keys, problem_limit=problem_limit, record_check=record_check):
+    for item in iter_records(
+        uri,
+        fmt,
+        max_line_bytes=max_line_bytes,
+        storage_options=storage_options,
+        extra_keys=extra_keys,
+        problem_limit=problem_limit,
+        record_check=record_check,
+    ):
         (records if isinstance(item, Record) else problems).append(item)  # type: ignore[arg-type]
     return records, problems
 
 
-def _parse(raw: bytes, offset: int, fmt: DatasetFormat, extra: Sequence[str],
-           record_check: Callable[[dict], list[str]] | None = None) -> tuple[dict | None, list[str]]:
+def _parse(
+    raw: bytes,
+    offset: int,
+    fmt: DatasetFormat,
+    extra: Sequence[str],
+    record_check: Callable[[dict], list[str]] | None = None,
+) -> tuple[dict | None, list[str]]:
     """One line's record (None for a blank or bad line) and what is wrong with it."""
     if raw.endswith(b"\r"):
         raw = raw[:-1]
@@ -288,8 +340,9 @@ def _parse(raw: bytes, offset: int, fmt: DatasetFormat, extra: Sequence[str],
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        return None, [f"invalid UTF-8 at byte {e.start + 1} of the line (file offset {offset + e.start}); "
-                      "save the file as UTF-8"]
+        return None, [
+            f"invalid UTF-8 at byte {e.start + 1} of the line (file offset {offset + e.start}); save the file as UTF-8"
+        ]
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -340,8 +393,11 @@ def check_record(data: dict, fmt: DatasetFormat, extra_keys: Sequence[str] = ())
         if (tools := tool_problem(data)) is not None:
             return [tools]
         own = own + TOOL_KEYS  # present but empty (an export's `"tools": []`): nothing to train
-    out = [f"unknown key {_clip(repr(k), 40)} for format {fmt}; allowed: {', '.join(FORMAT_KEYS[fmt])}; remove it"
-           for k in data if k not in own and k not in extra_keys]
+    out = [
+        f"unknown key {_clip(repr(k), 40)} for format {fmt}; allowed: {', '.join(FORMAT_KEYS[fmt])}; remove it"
+        for k in data
+        if k not in own and k not in extra_keys
+    ]
     if fmt == DatasetFormat.CHAT:
         return out + _check_chat(data)
     optional = ("input",) if fmt == DatasetFormat.INSTRUCTION else ()
@@ -397,8 +453,10 @@ def shape_problem(data: dict, fmt: DatasetFormat) -> str | None:
     other = supervised_shape(data)
     if other is None or other == fmt:
         return None
-    return (f"looks like {other} data ({', '.join(REQUIRED_KEYS[other])}): set spec.dataset.format: {other}; "
-            f"spec.dataset.format is {fmt} ({', '.join(FORMAT_KEYS[fmt])})")
+    return (
+        f"looks like {other} data ({', '.join(REQUIRED_KEYS[other])}): set spec.dataset.format: {other}; "
+        f"spec.dataset.format is {fmt} ({', '.join(FORMAT_KEYS[fmt])})"
+    )
 
 
 def _given(value: Any) -> bool:
@@ -412,8 +470,10 @@ def tool_problem(data: dict) -> str | None:
     inner = data.get("input")
     if isinstance(inner, dict):
         found += [f"'input.{k}'" for k in ("tools", "functions") if _given(inner.get(k))]
-    lists = [(k, data.get(k)) for k in ("messages", "prompt", "chosen", "rejected", "completion",
-                                        "preferred_output", "non_preferred_output")]
+    lists = [
+        (k, data.get(k))
+        for k in ("messages", "prompt", "chosen", "rejected", "completion", "preferred_output", "non_preferred_output")
+    ]
     if isinstance(inner, dict):
         lists.append(("input.messages", inner.get("messages")))
     for where, messages in lists:
@@ -430,9 +490,11 @@ def tool_problem(data: dict) -> str | None:
     if not found:
         return None
     more = f" and {len(found) - 3} more" if len(found) > 3 else ""
-    return (f"tool calls (function calling) are not supported yet: {', '.join(found[:3])}{more}; train on "
-            "conversations without tools (remove the tool definitions, tool calls and tool messages), or "
-            "remove the example")
+    return (
+        f"tool calls (function calling) are not supported yet: {', '.join(found[:3])}{more}; train on "
+        "conversations without tools (remove the tool definitions, tool calls and tool messages), or "
+        "remove the example"
+    )
 
 
 def _unicode_problem(text: str) -> str | None:
@@ -440,8 +502,10 @@ def _unicode_problem(text: str) -> str | None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        return (f"contains an unpaired surrogate {text[e.start]!r} at character {e.start + 1} (invalid Unicode); "
-                "fix the \\u escape")
+        return (
+            f"contains an unpaired surrogate {text[e.start]!r} at character {e.start + 1} (invalid Unicode); "
+            "fix the \\u escape"
+        )
     return None
 
 
@@ -470,8 +534,9 @@ def _check_content(m: dict, where: str, out: list[str]) -> None:
         _check_string(m, "content", f"{where}.content", out)
         return
     if not parts:
-        out.append(f"{where}.content: empty array; give the text as a string or as "
-                   '[{"type": "text", "text": "..."}] parts')
+        out.append(
+            f'{where}.content: empty array; give the text as a string or as [{{"type": "text", "text": "..."}}] parts'
+        )
         return
     texts: list[str] = []
     for j, part in enumerate(parts):
@@ -481,10 +546,14 @@ def _check_content(m: dict, where: str, out: list[str]) -> None:
             continue
         kind = part.get("type")
         if kind != "text":
-            out.append(f"{at}: content parts of type {_clip(repr(kind), 40)} are not supported (only text is "
-                       'trained); keep only {"type": "text"} parts in this message, or remove the example')
+            out.append(
+                f"{at}: content parts of type {_clip(repr(kind), 40)} are not supported (only text is "
+                'trained); keep only {"type": "text"} parts in this message, or remove the example'
+            )
             continue
-        out += [f"{at}: unknown key {_clip(repr(k), 40)}; allowed: type, text" for k in part if k not in ("type", "text")]
+        out += [
+            f"{at}: unknown key {_clip(repr(k), 40)}; allowed: type, text" for k in part if k not in ("type", "text")
+        ]
         before = len(out)
         if "text" not in part:
             out.append(f"missing key '{at}.text'")
@@ -499,8 +568,10 @@ def _check_content(m: dict, where: str, out: list[str]) -> None:
 def join_text_parts(data: dict) -> None:
     """Replace, in place, each checked message's text content parts by their joined text, so every
     later reader (tokenising, dataset report, PII redaction, samples, TRL rows) sees a string."""
-    lists = [data.get(k) for k in ("messages", "prompt", "chosen", "rejected", "completion",
-                                   "preferred_output", "non_preferred_output")]
+    lists = [
+        data.get(k)
+        for k in ("messages", "prompt", "chosen", "rejected", "completion", "preferred_output", "non_preferred_output")
+    ]
     if isinstance(data.get("input"), dict):
         lists.append(data["input"].get("messages"))
     for messages in lists:
@@ -559,8 +630,11 @@ def _check_chat(data: dict) -> list[str]:
         if not isinstance(m, dict):
             out.append(f"{where}: expected an object, got {_jtype(m)}")
             continue
-        out += [f"{where}: unknown key {_clip(repr(k), 40)}; allowed: {', '.join(MESSAGE_KEYS)}"
-                for k in m if k not in MESSAGE_KEYS and k not in TOOL_MESSAGE_KEYS]  # those: empty, see tool_problem
+        out += [
+            f"{where}: unknown key {_clip(repr(k), 40)}; allowed: {', '.join(MESSAGE_KEYS)}"
+            for k in m
+            if k not in MESSAGE_KEYS and k not in TOOL_MESSAGE_KEYS
+        ]  # those: empty, see tool_problem
         role = m.get("role")
         if "role" not in m:
             out.append(f"missing key '{where}.role'")
@@ -571,8 +645,10 @@ def _check_chat(data: dict) -> list[str]:
         elif role != "system" and first_turn is None:
             first_turn = role
             if role != "user":
-                out.append(f"{where}: the conversation starts with {role!r}; it must start with a user message "
-                           "(after an optional system message)")
+                out.append(
+                    f"{where}: the conversation starts with {role!r}; it must start with a user message "
+                    "(after an optional system message)"
+                )
         _check_content(m, where, out)
         if "name" in m:
             _check_string(m, "name", f"{where}.name", out, optional=True)
@@ -619,8 +695,7 @@ def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
     from kubetune.trainer.builtin import fallback_chat_template
 
     fallback = {} if getattr(tokenizer, "chat_template", None) else {"chat_template": fallback_chat_template(tokenizer)}
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
-                                         **fallback)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt, **fallback)
 
 
 def _turn_end(tokenizer, ids: list[int], start: int) -> int:
@@ -647,27 +722,48 @@ def _encode_chat(record: Record, tokenizer) -> Example:
             if upto[: len(before)] != before or full[: len(upto)] != upto:
                 return _encode_chat_offsets(record, tokenizer, messages, trained)
             end = _turn_end(tokenizer, upto, len(before))
-            labels[len(before): end] = full[len(before): end]
+            labels[len(before) : end] = full[len(before) : end]
     except jinja2.TemplateError as e:  # templates refuse some conversations via raise_exception()
-        raise DataError([DataProblem(record.file, record.line,
-                                     f"the chat template rejected this conversation: {_clip(str(e), 160)}")]) from e
+        raise DataError(
+            [
+                DataProblem(
+                    record.file, record.line, f"the chat template rejected this conversation: {_clip(str(e), 160)}"
+                )
+            ]
+        ) from e
     return Example(full, labels)
 
 
 def _encode_chat_offsets(record: Record, tokenizer, messages: list[dict], trained: list[int]) -> Example:
     """For templates whose renderings are not prefixes of each other: locate content by characters."""
     if not getattr(tokenizer, "is_fast", False):
-        raise DataError([DataProblem(record.file, record.line, "the chat template is not prefix-stable "
-                         "and a slow tokenizer has no character offsets; use the model's fast tokenizer")])
+        raise DataError(
+            [
+                DataProblem(
+                    record.file,
+                    record.line,
+                    "the chat template is not prefix-stable "
+                    "and a slow tokenizer has no character offsets; use the model's fast tokenizer",
+                )
+            ]
+        )
     text = _render(tokenizer, messages, False)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     spans, cursor = [], 0
     for i, m in enumerate(messages):
         pos = text.find(m["content"], cursor)
         if pos < 0:
-            raise DataError([DataProblem(record.file, record.line, f"the chat template changes the "
-                             f"content of messages[{i}], so assistant tokens cannot be located; use a "
-                             "model whose template keeps message content verbatim")])
+            raise DataError(
+                [
+                    DataProblem(
+                        record.file,
+                        record.line,
+                        f"the chat template changes the "
+                        f"content of messages[{i}], so assistant tokens cannot be located; use a "
+                        "model whose template keeps message content verbatim",
+                    )
+                ]
+            )
         cursor = pos + len(m["content"])
         if i in trained:
             spans.append((pos, cursor))
@@ -708,12 +804,14 @@ def encode_full(record: Record, fmt: DatasetFormat | str, tokenizer) -> Example:
 
 
 def overlength_message(n: int, max_seq_length: int) -> str:
-    return (f"example has {n} tokens, maxSeqLength is {max_seq_length}; raise maxSeqLength or set "
-            "overlength: truncate|drop")
+    return (
+        f"example has {n} tokens, maxSeqLength is {max_seq_length}; raise maxSeqLength or set overlength: truncate|drop"
+    )
 
 
-def apply_overlength(example: Example, record: Record, max_seq_length: int,
-                     overlength: OverlengthPolicy | str) -> Example | None:
+def apply_overlength(
+    example: Example, record: Record, max_seq_length: int, overlength: OverlengthPolicy | str
+) -> Example | None:
     n = len(example.input_ids)
     if n <= max_seq_length:
         return example
@@ -725,8 +823,9 @@ def apply_overlength(example: Example, record: Record, max_seq_length: int,
     return Example(example.input_ids[:max_seq_length], example.labels[:max_seq_length])
 
 
-def encode_example(record: Record, fmt: DatasetFormat | str, tokenizer, max_seq_length: int,
-                   overlength: OverlengthPolicy | str) -> Example | None:
+def encode_example(
+    record: Record, fmt: DatasetFormat | str, tokenizer, max_seq_length: int, overlength: OverlengthPolicy | str
+) -> Example | None:
     """Tokens and labels for one record; None when dropped for length; DataError on `error`."""
     return apply_overlength(encode_full(record, fmt, tokenizer), record, max_seq_length, overlength)
 
@@ -743,17 +842,21 @@ def unsupervised_warning(records: Sequence[Record], max_seq_length: int) -> str:
     """One line about examples dropped because no trained token was left, FILE:LINE of the first few."""
     where = ", ".join(f"{r.file}:{r.line}" for r in records[:UNSUPERVISED_LISTED])
     more = f" and {len(records) - UNSUPERVISED_LISTED} more" if len(records) > UNSUPERVISED_LISTED else ""
-    return (f"{len(records)} examples have no trained token left after truncation to maxSeqLength {max_seq_length} "
-            f"(the prompt fills it) and are dropped: {where}{more}; raise spec.dataset.maxSeqLength or shorten "
-            "their prompts")
+    return (
+        f"{len(records)} examples have no trained token left after truncation to maxSeqLength {max_seq_length} "
+        f"(the prompt fills it) and are dropped: {where}{more}; raise spec.dataset.maxSeqLength or shorten "
+        "their prompts"
+    )
 
 
 def no_supervision_message(part: str, records: Sequence[Record], max_seq_length: int) -> str:
     """Why training cannot start when no example of `part` ('training'/'validation') keeps a trained token."""
     where = ", ".join(f"{r.file}:{r.line}" for r in records[:UNSUPERVISED_LISTED])
-    return (f"spec.dataset.maxSeqLength: no {part} example has a trained token left after truncation to "
-            f"{max_seq_length} tokens ({len(records)} dropped, e.g. {where}): training would learn nothing; raise "
-            "maxSeqLength or shorten the prompts")
+    return (
+        f"spec.dataset.maxSeqLength: no {part} example has a trained token left after truncation to "
+        f"{max_seq_length} tokens ({len(records)} dropped, e.g. {where}): training would learn nothing; raise "
+        "maxSeqLength or shorten the prompts"
+    )
 
 
 # ------------------------------------------------------------------------------ split, pack, batch
@@ -770,8 +873,7 @@ def split(records: Sequence, validation_split: float, seed: int) -> tuple[list, 
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     held = set(order[: _validation_count(len(records), validation_split)])
-    return ([r for i, r in enumerate(records) if i not in held],
-            [r for i, r in enumerate(records) if i in held])
+    return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
 
 
 def _first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -833,7 +935,10 @@ class Collator:
     def __call__(self, features: Sequence[Example | dict]) -> dict:
         import torch
 
-        rows = [f if isinstance(f, dict) else {"input_ids": f.input_ids, "labels": f.labels, "guide_mask": f.guide_mask} for f in features]
+        rows = [
+            f if isinstance(f, dict) else {"input_ids": f.input_ids, "labels": f.labels, "guide_mask": f.guide_mask}
+            for f in features
+        ]
         width = max(len(r["input_ids"]) for r in rows)
         if self.multiple:
             width = -(-width // self.multiple) * self.multiple
@@ -892,12 +997,16 @@ def prepare_model_for_packing(model) -> None:
     config = model.config
     impl = getattr(config, "_attn_implementation", None)
     if impl not in PACKING_ATTENTION:
-        raise ValueError(f"packing needs one of the attention implementations {PACKING_ATTENTION}, "
-                         f"the model uses {impl!r}; set spec.dataset.packing: false")
+        raise ValueError(
+            f"packing needs one of the attention implementations {PACKING_ATTENTION}, "
+            f"the model uses {impl!r}; set spec.dataset.packing: false"
+        )
     peft_config = getattr(model, "active_peft_config", None)
     if getattr(peft_config, "is_prompt_learning", False):
-        raise ValueError("packing cannot be combined with prefix or prompt tuning (virtual tokens "
-                         "and cached prefixes defeat the per-example mask); set spec.dataset.packing: false")
+        raise ValueError(
+            "packing cannot be combined with prefix or prompt tuning (virtual tokens "
+            "and cached prefixes defeat the per-example mask); set spec.dataset.packing: false"
+        )
     config.use_cache = False
 
 
@@ -908,7 +1017,7 @@ def efficiency(examples: Sequence[Example], batch_size: int, max_seq_length: int
         lengths = [sum(lengths[i] for i in group) for group in _first_fit(lengths, max_seq_length)]
     real = total = 0
     for i in range(0, len(lengths), batch_size):
-        batch = lengths[i: i + batch_size]
+        batch = lengths[i : i + batch_size]
         real, total = real + sum(batch), total + len(batch) * max(batch)
     return real / total if total else 0.0
 
@@ -933,10 +1042,14 @@ class DataReport:
         lines = [f"data: {self.examples} training examples, {self.validation_examples} validation examples"]
         s = self.token_stats
         if s:
-            lines.append(f"tokens per example: min {s['min']}, mean {s['mean']:.0f}, p50 {s['p50']}, "
-                         f"p95 {s['p95']}, max {s['max']}; {s['label_tokens']:,} trained tokens")
-            lines.append(f"over maxSeqLength: {self.overlength}"
-                         + (f"; dropped with no trained token left: {self.unsupervised}" if self.unsupervised else ""))
+            lines.append(
+                f"tokens per example: min {s['min']}, mean {s['mean']:.0f}, p50 {s['p50']}, "
+                f"p95 {s['p95']}, max {s['max']}; {s['label_tokens']:,} trained tokens"
+            )
+            lines.append(
+                f"over maxSeqLength: {self.overlength}"
+                + (f"; dropped with no trained token left: {self.unsupervised}" if self.unsupervised else "")
+            )
         return lines + [f"warning: {w}" for w in self.warnings]
 
 
@@ -947,17 +1060,32 @@ def _percentile(sorted_values: list[int], q: float) -> int:
 def _count_rules(dataset: Dataset, n: int, problems: list[DataProblem], warnings: list[str]) -> None:
     """The rules about how many examples there are; `n` counts the training file's valid records."""
     if n < dataset.min_examples:
-        problems.append(DataProblem(dataset.train, 0, f"only {n} valid training examples, at least "
-                                    f"{dataset.min_examples} are needed; add examples (spec.dataset."
-                                    "minExamples overrides the minimum)"))
+        problems.append(
+            DataProblem(
+                dataset.train,
+                0,
+                f"only {n} valid training examples, at least "
+                f"{dataset.min_examples} are needed; add examples (spec.dataset."
+                "minExamples overrides the minimum)",
+            )
+        )
     elif n < RECOMMENDED_EXAMPLES:
-        warnings.append(f"only {n} training examples; {RECOMMENDED_EXAMPLES} or more usually train "
-                        "better (few examples are easily memorised)")
+        warnings.append(
+            f"only {n} training examples; {RECOMMENDED_EXAMPLES} or more usually train "
+            "better (few examples are easily memorised)"
+        )
 
 
-def validate(dataset: Dataset, *, tokenizer=None, max_problems: int = MAX_REPORTED,
-             extra_keys: Iterable[str] = (), storage_options: dict | None = None,
-             seed: int = 0, record_check: Callable[[dict], list[str]] | None = None) -> DataReport:
+def validate(
+    dataset: Dataset,
+    *,
+    tokenizer=None,
+    max_problems: int = MAX_REPORTED,
+    extra_keys: Iterable[str] = (),
+    storage_options: dict | None = None,
+    seed: int = 0,
+    record_check: Callable[[dict], list[str]] | None = None,
+) -> DataReport:
     """Read and check the whole dataset before any model loads; raise DataError listing problems.
 
     This keeps the records (the trainer trains on them); :func:`check` finds the same problems
@@ -966,13 +1094,15 @@ def validate(dataset: Dataset, *, tokenizer=None, max_problems: int = MAX_REPORT
     and applies overlength.
     """
     fmt, extra = DatasetFormat(dataset.format), tuple(extra_keys)
-    train, problems = read_records(dataset.train, fmt, storage_options=storage_options, extra_keys=extra,
-                                   record_check=record_check)
+    train, problems = read_records(
+        dataset.train, fmt, storage_options=storage_options, extra_keys=extra, record_check=record_check
+    )
     stopped = len(problems) >= PROBLEM_LIMIT
     validation: list[Record] = []
     if dataset.validation:
-        validation, found = read_records(dataset.validation, fmt, storage_options=storage_options,
-                                         extra_keys=extra, record_check=record_check)
+        validation, found = read_records(
+            dataset.validation, fmt, storage_options=storage_options, extra_keys=extra, record_check=record_check
+        )
         stopped |= len(found) >= PROBLEM_LIMIT
         if not validation and not found:
             found.append(DataProblem(dataset.validation, 0, "no examples; add some or use validationSplit"))
@@ -990,8 +1120,14 @@ def validate(dataset: Dataset, *, tokenizer=None, max_problems: int = MAX_REPORT
     return report
 
 
-def check(dataset: Dataset, *, max_problems: int = MAX_REPORTED, extra_keys: Iterable[str] = (),
-          storage_options: dict | None = None, record_check: Callable[[dict], list[str]] | None = None) -> DataReport:
+def check(
+    dataset: Dataset,
+    *,
+    max_problems: int = MAX_REPORTED,
+    extra_keys: Iterable[str] = (),
+    storage_options: dict | None = None,
+    record_check: Callable[[dict], list[str]] | None = None,
+) -> DataReport:
     """Every problem :func:`validate` would find, in one streaming pass that keeps no record:
     memory does not grow with the dataset. What `kubetune validate --data` and the cluster's
     validation Job (`python -m kubetune.trainer --validate-only`) run; raises DataError."""
@@ -1001,8 +1137,9 @@ def check(dataset: Dataset, *, max_problems: int = MAX_REPORTED, extra_keys: Ite
     counts: dict[str, int] = {}
     for uri in filter(None, (dataset.train, dataset.validation)):
         valid = found = 0
-        for item in iter_records(uri, fmt, storage_options=storage_options, extra_keys=extra, keep=False,
-                                 record_check=record_check):
+        for item in iter_records(
+            uri, fmt, storage_options=storage_options, extra_keys=extra, keep=False, record_check=record_check
+        ):
             if item is None:
                 valid += 1
                 continue
@@ -1048,8 +1185,11 @@ def _measure(report: DataReport, dataset: Dataset, fmt: DatasetFormat, tokenizer
             if len(full.input_ids) > dataset.max_seq_length:
                 report.overlength += 1
                 if dataset.overlength == OverlengthPolicy.ERROR:
-                    problems.append(DataProblem(record.file, record.line,
-                                                overlength_message(len(full.input_ids), dataset.max_seq_length)))
+                    problems.append(
+                        DataProblem(
+                            record.file, record.line, overlength_message(len(full.input_ids), dataset.max_seq_length)
+                        )
+                    )
                     continue
             example = apply_overlength(full, record, dataset.max_seq_length, dataset.overlength)
             if example is None:
@@ -1064,18 +1204,32 @@ def _measure(report: DataReport, dataset: Dataset, fmt: DatasetFormat, tokenizer
     report.encoded_train, report.encoded_validation = encoded["train"], encoded["validation"]
     if lengths:
         s = sorted(lengths)
-        report.token_stats = {"examples": len(s), "tokens": sum(s), "min": s[0], "mean": sum(s) / len(s),
-                              "p50": _percentile(s, 0.5), "p95": _percentile(s, 0.95), "max": s[-1],
-                              "label_tokens": label_tokens}
+        report.token_stats = {
+            "examples": len(s),
+            "tokens": sum(s),
+            "min": s[0],
+            "mean": sum(s) / len(s),
+            "p50": _percentile(s, 0.5),
+            "p95": _percentile(s, 0.95),
+            "max": s[-1],
+            "label_tokens": label_tokens,
+        }
     if report.overlength and dataset.overlength != OverlengthPolicy.ERROR:
         verb = "truncated" if dataset.overlength == OverlengthPolicy.TRUNCATE else "dropped"
-        report.warnings.append(f"{report.overlength} examples are longer than maxSeqLength "
-                               f"{dataset.max_seq_length} tokens and will be {verb}")
+        report.warnings.append(
+            f"{report.overlength} examples are longer than maxSeqLength "
+            f"{dataset.max_seq_length} tokens and will be {verb}"
+        )
     dropped = unlearnable["train"] + unlearnable["validation"]
     report.unsupervised = len(dropped)
-    for part, name, uri in (("train", "training", dataset.train), ("validation", "validation", dataset.validation or dataset.train)):
+    for part, name, uri in (
+        ("train", "training", dataset.train),
+        ("validation", "validation", dataset.validation or dataset.train),
+    ):
         if unlearnable[part] and not encoded[part]:
-            problems.append(DataProblem(uri, 0, no_supervision_message(name, unlearnable[part], dataset.max_seq_length)))
+            problems.append(
+                DataProblem(uri, 0, no_supervision_message(name, unlearnable[part], dataset.max_seq_length))
+            )
     if dropped:
         report.warnings.append(unsupervised_warning(dropped, dataset.max_seq_length))
     return problems

@@ -28,9 +28,10 @@ import ipaddress
 import json
 import re
 from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from kubetune.api.enums import DatasetFormat, PiiPolicy
 
@@ -114,23 +115,45 @@ class Detector:
 
 DETECTORS: tuple[Detector, ...] = (
     # Secrets first: a token may contain digits that look like a phone number.
-    Detector("secret", re.compile(
-        r"-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----"
-        r"|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"  # AWS access key id
-        r"|\bgh[pousr]_[A-Za-z0-9]{36,}\b|\bgithub_pat_[A-Za-z0-9_]{40,}\b"  # GitHub
-        r"|\bsk-(?:proj-|ant-)?[A-Za-z0-9_\-]{20,}"  # OpenAI, Anthropic
-        r"|\b[rs]k_(?:live|test)_[A-Za-z0-9]{16,}\b"  # Stripe
-        r"|\bxox[abposr]-[A-Za-z0-9\-]{10,}"  # Slack
-        r"|\bAIza[0-9A-Za-z_\-]{35}\b"  # Google API key
-        r"|\bhf_[A-Za-z0-9]{30,}\b"  # Hugging Face
-        r"|\beyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}"  # JWT
-    ), None, "<SECRET>"),
-    Detector("email", re.compile(r"\b[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}\b"), None, "<EMAIL>"),
+    Detector(
+        "secret",
+        re.compile(
+            r"-----BEGIN (?:[A-Z]+ )?PRIVATE KEY-----"
+            r"|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"  # AWS access key id
+            r"|\bgh[pousr]_[A-Za-z0-9]{36,}\b|\bgithub_pat_[A-Za-z0-9_]{40,}\b"  # GitHub
+            r"|\bsk-(?:proj-|ant-)?[A-Za-z0-9_\-]{20,}"  # OpenAI, Anthropic
+            r"|\b[rs]k_(?:live|test)_[A-Za-z0-9]{16,}\b"  # Stripe
+            r"|\bxox[abposr]-[A-Za-z0-9\-]{10,}"  # Slack
+            r"|\bAIza[0-9A-Za-z_\-]{35}\b"  # Google API key
+            r"|\bhf_[A-Za-z0-9]{30,}\b"  # Hugging Face
+            r"|\beyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}"  # JWT
+        ),
+        None,
+        "<SECRET>",
+    ),
+    Detector(
+        "email",
+        re.compile(r"\b[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}\b"),
+        None,
+        "<EMAIL>",
+    ),
     Detector("iban", re.compile(r"\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]){11,30}\b"), _iban, "<IBAN>"),
     Detector("creditCard", re.compile(r"(?<![\d-])(?:\d[ -]?){12,18}\d(?![\d-])"), _card, "<CREDIT_CARD>"),
     Detector("ipAddress", re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w.])"), _ipv4, "<IP_ADDRESS>"),
-    Detector("ipAddress", re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){2,7}[0-9A-Fa-f]{1,4}(?![\w:])|(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){1,6}:[0-9A-Fa-f]{1,4}(?![\w:])"), _ipv6, "<IP_ADDRESS>"),
-    Detector("phone", re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .\-]?)?(?:\(\d{1,4}\)[ .\-]?)?\d{2,4}(?:[ .\-]\d{2,4}){1,4}(?![\w])"), _phone, "<PHONE>"),
+    Detector(
+        "ipAddress",
+        re.compile(
+            r"(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){2,7}[0-9A-Fa-f]{1,4}(?![\w:])|(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){1,6}:[0-9A-Fa-f]{1,4}(?![\w:])"
+        ),
+        _ipv6,
+        "<IP_ADDRESS>",
+    ),
+    Detector(
+        "phone",
+        re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .\-]?)?(?:\(\d{1,4}\)[ .\-]?)?\d{2,4}(?:[ .\-]\d{2,4}){1,4}(?![\w])"),
+        _phone,
+        "<PHONE>",
+    ),
 )
 """The detectors in the order they claim text: a span one detector claimed is not looked at again."""
 PII_KINDS = ("email", "phone", "creditCard", "iban", "ipAddress", "secret")
@@ -208,8 +231,11 @@ def _string_fields(data: dict, fmt: DatasetFormat) -> Iterable[tuple[str, str, C
             if isinstance(msg, dict) and isinstance(msg.get("content"), str):
                 yield f"messages[{i}].content", msg["content"], (lambda v, m=msg: m.__setitem__("content", v))
         return
-    for key in {DatasetFormat.PROMPT_COMPLETION: ("prompt", "completion"), DatasetFormat.INSTRUCTION: ("instruction", "input", "output"),
-                DatasetFormat.TEXT: ("text",)}[fmt]:
+    for key in {
+        DatasetFormat.PROMPT_COMPLETION: ("prompt", "completion"),
+        DatasetFormat.INSTRUCTION: ("instruction", "input", "output"),
+        DatasetFormat.TEXT: ("text",),
+    }[fmt]:
         if isinstance(data.get(key), str):
             yield key, data[key], (lambda v, k=key: data.__setitem__(k, v))
 
@@ -271,8 +297,11 @@ class PiiScan:
 def example_text(data: dict, fmt: DatasetFormat, system: bool = True) -> str:
     """The example's text as one string (role-tagged for chat), for hashing and shingling."""
     if fmt == DatasetFormat.CHAT and "messages" in data:
-        return "\n".join(f"{m.get('role')}: {m.get('content')}" for m in data.get("messages") or []
-                         if isinstance(m, dict) and (system or m.get("role") != "system"))
+        return "\n".join(
+            f"{m.get('role')}: {m.get('content')}"
+            for m in data.get("messages") or []
+            if isinstance(m, dict) and (system or m.get("role") != "system")
+        )
     return "\n".join(text for _, text, _ in _string_fields(data, fmt))
 
 
@@ -280,7 +309,7 @@ def _shingles(text: str) -> set[bytes]:
     words = re.findall(r"\w+", text.lower())
     if len(words) < 3:
         return {" ".join(words).encode()}
-    return {" ".join(words[i:i + 3]).encode() for i in range(len(words) - 2)}
+    return {" ".join(words[i : i + 3]).encode() for i in range(len(words) - 2)}
 
 
 @lru_cache(maxsize=1)
@@ -310,7 +339,7 @@ class ReportBuilder:
     tokenize: Callable[[Any], int] | None = None
     train: list[_Item] = field(default_factory=list)
     validation: list[_Item] = field(default_factory=list)
-    pii: "PiiScan" = field(default_factory=lambda: PiiScan())
+    pii: PiiScan = field(default_factory=lambda: PiiScan())
     scan_pii: bool = True
     systems: Counter = field(default_factory=Counter)
     with_system: int = 0
@@ -322,7 +351,9 @@ class ReportBuilder:
         mh = None
         if len(self.train) + len(self.validation) < NEAR_LIMIT:
             template = _template()  # drawing the permutations per example would cost more than hashing
-            full = MinHash(num_perm=NUM_PERM, seed=template.seed, permutations=template.permutations, scheme=template.scheme)
+            full = MinHash(
+                num_perm=NUM_PERM, seed=template.seed, permutations=template.permutations, scheme=template.scheme
+            )
             # Near duplicates by what varies: a system prompt shared by every example would make them all alike.
             full.update_batch(list(_shingles(example_text(record.data, self.fmt, system=False))))
             mh = LeanMinHash(full)  # the signature only: a third of the memory
@@ -340,9 +371,17 @@ class ReportBuilder:
         if self.scan_pii:
             self.pii.add(scan_record(record, self.fmt))
 
-    def finish(self, *, validation_split: float | None = None, seed: int = 0, epochs: int | None = None,
-               parameters: int | None = None, frozen_base: bool = True, price_per_gpu_hour: float | None = None,
-               policy: PiiPolicy | str = PiiPolicy.WARN) -> dict[str, Any]:
+    def finish(
+        self,
+        *,
+        validation_split: float | None = None,
+        seed: int = 0,
+        epochs: int | None = None,
+        parameters: int | None = None,
+        frozen_base: bool = True,
+        price_per_gpu_hour: float | None = None,
+        policy: PiiPolicy | str = PiiPolicy.WARN,
+    ) -> dict[str, Any]:
         """The report as a JSON-ready dict. With `validation_split`, the training file is split as
         the trainer splits it (same seed) before overlap is measured."""
         train, validation = self.train, self.validation
@@ -367,15 +406,34 @@ class ReportBuilder:
             "lengthHistogram": _histogram(lengths),
             "overMaxSeqLength": sum(1 for n in lengths if n > self.max_seq_length),
             "maxSeqLength": self.max_seq_length,
-            "duplicates": {"exact": len(dups), "near": len(near), "exactAt": dups[:20], "nearAt": near[:20],
-                           "nearChecked": sum(1 for it in train if it.minhash is not None)},
-            "overlap": {"exact": len(overlap), "near": len(near_overlap), "exactAt": overlap[:20], "nearAt": near_overlap[:20]},
-            "systemPrompts": {"distinct": len(self.systems), "withSystem": self.with_system,
-                              "top": [{"text": t[:200], "count": c} for t, c in self.systems.most_common(5)]},
-            "pii": {"policy": str(policy), "total": self.pii.total, "redacted": self.pii.redacted,
-                    "byKind": {k: self.pii.counts.get(k, 0) for k in PII_KINDS},
-                    "findings": [f.as_dict() for f in self.pii.findings]},
-            "estimate": _estimate(billing, total_tokens * epochs_n, epochs_n, parameters, frozen_base, price_per_gpu_hour),
+            "duplicates": {
+                "exact": len(dups),
+                "near": len(near),
+                "exactAt": dups[:20],
+                "nearAt": near[:20],
+                "nearChecked": sum(1 for it in train if it.minhash is not None),
+            },
+            "overlap": {
+                "exact": len(overlap),
+                "near": len(near_overlap),
+                "exactAt": overlap[:20],
+                "nearAt": near_overlap[:20],
+            },
+            "systemPrompts": {
+                "distinct": len(self.systems),
+                "withSystem": self.with_system,
+                "top": [{"text": t[:200], "count": c} for t, c in self.systems.most_common(5)],
+            },
+            "pii": {
+                "policy": str(policy),
+                "total": self.pii.total,
+                "redacted": self.pii.redacted,
+                "byKind": {k: self.pii.counts.get(k, 0) for k in PII_KINDS},
+                "findings": [f.as_dict() for f in self.pii.findings],
+            },
+            "estimate": _estimate(
+                billing, total_tokens * epochs_n, epochs_n, parameters, frozen_base, price_per_gpu_hour
+            ),
         }
         return report
 
@@ -384,7 +442,7 @@ def _stats(values: Sequence[int]) -> dict[str, Any]:
     if not values:
         return {"min": 0, "mean": 0.0, "p50": 0, "p95": 0, "max": 0}
     s = sorted(values)
-    pick = lambda q: s[max(0, -(-int(q * len(s) * 1000) // 1000) - 1)]  # noqa: E731 - nearest-rank percentile
+    pick = lambda q: s[max(0, -(-int(q * len(s) * 1000) // 1000) - 1)]
     return {"min": s[0], "mean": round(sum(s) / len(s), 2), "p50": pick(0.5), "p95": pick(0.95), "max": s[-1]}
 
 
@@ -393,8 +451,11 @@ def _histogram(values: Sequence[int]) -> list[dict[str, int]]:
         return []
     lo, hi = min(values), max(values)
     width = max(1, -(-(hi - lo + 1) // HISTOGRAM_BINS))
-    bins = [{"from": lo + i * width, "to": lo + (i + 1) * width - 1, "count": 0} for i in range(HISTOGRAM_BINS)
-            if lo + i * width <= hi]
+    bins = [
+        {"from": lo + i * width, "to": lo + (i + 1) * width - 1, "count": 0}
+        for i in range(HISTOGRAM_BINS)
+        if lo + i * width <= hi
+    ]
     for v in values:
         bins[(v - lo) // width]["count"] += 1
     return bins
@@ -447,8 +508,14 @@ def _overlap(train: Sequence[_Item], validation: Sequence[_Item]) -> tuple[list[
     return exact, near
 
 
-def _estimate(billing_tokens: int, training_tokens: int, epochs: int, parameters: int | None, frozen_base: bool,
-              price: float | None) -> dict[str, Any]:
+def _estimate(
+    billing_tokens: int,
+    training_tokens: int,
+    epochs: int,
+    parameters: int | None,
+    frozen_base: bool,
+    price: float | None,
+) -> dict[str, Any]:
     """Tokens the run trains on and, with the model's size, GPU-hours (6·N·T FLOPs for full training,
     4·N·T with a frozen base: no weight gradients) at SUSTAINED_FLOPS, and their price."""
     import os
@@ -458,20 +525,28 @@ def _estimate(billing_tokens: int, training_tokens: int, epochs: int, parameters
             price = float(os.environ.get(PRICE_ENV, DEFAULT_PRICE_PER_GPU_HOUR))
         except ValueError:
             price = DEFAULT_PRICE_PER_GPU_HOUR
-    out: dict[str, Any] = {"epochs": epochs, "trainingTokens": training_tokens, "billingTokens": billing_tokens,
-                           "pricePerGPUHour": price, "sustainedTFLOPs": SUSTAINED_FLOPS / 1e12}
+    out: dict[str, Any] = {
+        "epochs": epochs,
+        "trainingTokens": training_tokens,
+        "billingTokens": billing_tokens,
+        "pricePerGPUHour": price,
+        "sustainedTFLOPs": SUSTAINED_FLOPS / 1e12,
+    }
     if parameters:
         flops = (4 if frozen_base else 6) * parameters * training_tokens
         hours = flops / SUSTAINED_FLOPS / 3600
-        out.update({"parameters": parameters, "gpuHours": float(f"{hours:.3g}"), "estimatedUSD": float(f"{hours * price:.3g}")})
+        out.update(
+            {"parameters": parameters, "gpuHours": float(f"{hours:.3g}"), "estimatedUSD": float(f"{hours * price:.3g}")}
+        )
     return out
 
 
 # ------------------------------------------------------------------------------------ policy
 
 
-def enforce(policy: PiiPolicy | str, fmt: DatasetFormat | str, train: list[Any], validation: list[Any]
-            ) -> tuple[list[Any], list[Any], PiiScan, list[str]]:
+def enforce(
+    policy: PiiPolicy | str, fmt: DatasetFormat | str, train: list[Any], validation: list[Any]
+) -> tuple[list[Any], list[Any], PiiScan, list[str]]:
     """Scan every record and apply spec.dataset.pii before training: (train, validation, the scan,
     warnings). `redact` returns copies with each finding replaced by its placeholder (what then
     trains); `refuse` raises data.DataError naming FILE:LINE of each finding."""
@@ -490,22 +565,36 @@ def enforce(policy: PiiPolicy | str, fmt: DatasetFormat | str, train: list[Any],
             out.append(r)
     warnings: list[str] = []
     if scan.total and policy == PiiPolicy.REFUSE:
-        problems = [DataProblem(f.file, f.line, f"{_KIND_WORDS[f.kind]} in {f.field} ({f.preview}); remove it, or set "
-                                                 "spec.dataset.pii: redact to replace it by a placeholder before training")
-                    for f in scan.findings]
+        problems = [
+            DataProblem(
+                f.file,
+                f.line,
+                f"{_KIND_WORDS[f.kind]} in {f.field} ({f.preview}); remove it, or set "
+                "spec.dataset.pii: redact to replace it by a placeholder before training",
+            )
+            for f in scan.findings
+        ]
         raise DataError(problems, scan.total)
     if scan.total and policy == PiiPolicy.WARN:
         kinds = ", ".join(f"{n} {k}" for k, n in scan.counts.items())
         first = ", ".join(f.where() for f in scan.findings[:5])
-        warnings.append(f"{scan.total} possible PII or secret findings ({kinds}), first at {first}; see data-report.json, "
-                        "and set spec.dataset.pii: redact or refuse to act on them")
+        warnings.append(
+            f"{scan.total} possible PII or secret findings ({kinds}), first at {first}; see data-report.json, "
+            "and set spec.dataset.pii: redact or refuse to act on them"
+        )
     if policy == PiiPolicy.REDACT and scan.redacted:
         warnings.append(f"redacted {scan.total} PII or secret findings in {scan.redacted} examples before training")
     return parts[0], parts[1], scan, warnings
 
 
-_KIND_WORDS = {"email": "an e-mail address", "phone": "a phone number", "creditCard": "a credit card number (Luhn-valid)",
-               "iban": "an IBAN (checksum-valid)", "ipAddress": "an IP address", "secret": "an API key, token or private key"}
+_KIND_WORDS = {
+    "email": "an e-mail address",
+    "phone": "a phone number",
+    "creditCard": "a credit card number (Luhn-valid)",
+    "iban": "an IBAN (checksum-valid)",
+    "ipAddress": "an IP address",
+    "secret": "an API key, token or private key",
+}
 
 
 def spec_inputs(spec: Any) -> dict[str, Any]:
@@ -524,8 +613,9 @@ def spec_inputs(spec: Any) -> dict[str, Any]:
     }
 
 
-def build(spec: Any, train: Sequence[Any], validation: Sequence[Any], *, tokenizer: Any = None,
-          scan: PiiScan | None = None) -> dict[str, Any]:
+def build(
+    spec: Any, train: Sequence[Any], validation: Sequence[Any], *, tokenizer: Any = None, scan: PiiScan | None = None
+) -> dict[str, Any]:
     """The report of records already read (the trainer's, after the PII policy; `scan` is the
     policy's scan, so findings redacted away are still reported). With a tokenizer the token
     counts are exact: each example rendered as it trains, before any truncation."""
@@ -580,9 +670,18 @@ def check_policy(report: dict[str, Any]) -> list[str]:
     if not pii["total"] or pii["policy"] == PiiPolicy.ALLOW:
         return []
     if pii["policy"] == PiiPolicy.REFUSE:
-        raise DataError([DataProblem(f["file"], f["line"], f"{_KIND_WORDS[f['kind']]} in {f['field']} ({f['preview']}); remove "
-                                     "it, or set spec.dataset.pii: redact to replace it by a placeholder before training")
-                         for f in pii["findings"]], pii["total"])
+        raise DataError(
+            [
+                DataProblem(
+                    f["file"],
+                    f["line"],
+                    f"{_KIND_WORDS[f['kind']]} in {f['field']} ({f['preview']}); remove "
+                    "it, or set spec.dataset.pii: redact to replace it by a placeholder before training",
+                )
+                for f in pii["findings"]
+            ],
+            pii["total"],
+        )
     verb = "will be redacted before training" if pii["policy"] == PiiPolicy.REDACT else "will train as they are"
     first = ", ".join(f"{f['file']}:{f['line']}" for f in pii["findings"][:5])
     return [f"{pii['total']} possible PII or secret findings {verb}, first at {first}"]
@@ -599,7 +698,11 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"duplicates: {d['exact']} exact, {d['near']} near; train/validation overlap: {o['exact']} exact, {o['near']} near",
         f"system prompts: {report['systemPrompts']['distinct']} distinct in {report['systemPrompts']['withSystem']} examples",
         f"estimate for {est['epochs']} epochs: {est['trainingTokens']:,} training tokens, {est['billingTokens']:,} billing tokens"
-        + (f", {est['gpuHours']:.4g} GPU-hours ≈ ${est['estimatedUSD']:.4g} at ${est['pricePerGPUHour']}/GPU-hour" if "gpuHours" in est else ""),
+        + (
+            f", {est['gpuHours']:.4g} GPU-hours ≈ ${est['estimatedUSD']:.4g} at ${est['pricePerGPUHour']}/GPU-hour"
+            if "gpuHours" in est
+            else ""
+        ),
         f"PII ({p['policy']}): {p['total']} findings"
         + (" (" + ", ".join(f"{n} {k}" for k, n in p["byKind"].items() if n) + ")" if p["total"] else ""),
     ]
@@ -607,7 +710,10 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
 
 
 def finding_lines(report: dict[str, Any], limit: int = 20) -> list[str]:
-    return [f"{f['file']}:{f['line']}: {f['kind']} in {f['field']} ({f['preview']})" for f in report["pii"]["findings"][:limit]]
+    return [
+        f"{f['file']}:{f['line']}: {f['kind']} in {f['field']} ({f['preview']})"
+        for f in report["pii"]["findings"][:limit]
+    ]
 
 
 def status_summary(report: dict[str, Any]) -> dict[str, Any]:

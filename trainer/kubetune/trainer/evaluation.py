@@ -18,8 +18,9 @@ import os
 import re
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from kubetune.api.contract import JUDGE_API_KEY_ENV
 from kubetune.api.enums import DatasetFormat, EvalMetric
@@ -81,7 +82,6 @@ def generate(model: Any, tokenizer: Any, samples: list[Sample], max_new_tokens: 
     """Greedy answers (kubetune chat's generation settings at temperature 0), one prompt at a time,
     the context trimmed from the left to leave room for the answer."""
     import torch
-
     from kubetune.trainer.inference import chat_prompt_text, generation_kwargs
 
     was_training = model.training
@@ -97,17 +97,19 @@ def generate(model: Any, tokenizer: Any, samples: list[Sample], max_new_tokens: 
                 ids = list(tokenizer(chat_prompt_text(tokenizer, s.messages), add_special_tokens=False)["input_ids"])
             else:
                 ids = bos + list(tokenizer(s.text or "", add_special_tokens=False)["input_ids"])
-            ids = ids[-max(1, limit - max_new_tokens):]
+            ids = ids[-max(1, limit - max_new_tokens) :]
             torch.manual_seed(seed)
             x = torch.tensor([ids], device=device)
             out = prefix_tuning.fix_generation(model).generate(input_ids=x, attention_mask=torch.ones_like(x), **kwargs)
-            answers.append(tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True).strip())
+            answers.append(tokenizer.decode(out[0, len(ids) :].tolist(), skip_special_tokens=True).strip())
     if was_training:
         model.train()
     return answers
 
 
-def score(answers: list[str], samples: list[Sample], metrics: list[EvalMetric | str], regex: str | None) -> dict[str, float]:
+def score(
+    answers: list[str], samples: list[Sample], metrics: list[EvalMetric | str], regex: str | None
+) -> dict[str, float]:
     """Mean score per metric over the samples, 0..1."""
     fns: dict[str, Callable[[str, Sample], float]] = {
         EvalMetric.EXACT_MATCH: lambda a, s: textmetrics.exact_match(a, s.reference),
@@ -119,10 +121,15 @@ def score(answers: list[str], samples: list[Sample], metrics: list[EvalMetric | 
     }
     if not samples:
         return {}
-    return {str(m): round(sum(fns[EvalMetric(m)](a, s) for a, s in zip(answers, samples)) / len(samples), 6) for m in metrics}
+    return {
+        str(m): round(sum(fns[EvalMetric(m)](a, s) for a, s in zip(answers, samples)) / len(samples), 6)
+        for m in metrics
+    }
 
 
-def per_sample_scores(answer: str, sample: Sample, metrics: list[EvalMetric | str], regex: str | None) -> dict[str, float]:
+def per_sample_scores(
+    answer: str, sample: Sample, metrics: list[EvalMetric | str], regex: str | None
+) -> dict[str, float]:
     return score([answer], [sample], metrics, regex)
 
 
@@ -147,15 +154,20 @@ def _ask(judge: Any, api_key: str | None, prompt: str, reference: str, first: st
         "temperature": 0,
         "messages": [
             {"role": "system", "content": JUDGE_SYSTEM.format(criteria=judge.criteria or DEFAULT_CRITERIA)},
-            {"role": "user", "content": f"Prompt:\n{prompt}\n\nReference answer:\n{reference}\n\nAnswer A:\n{first}\n\nAnswer B:\n{second}"},
+            {
+                "role": "user",
+                "content": f"Prompt:\n{prompt}\n\nReference answer:\n{reference}\n\nAnswer A:\n{first}\n\nAnswer B:\n{second}",
+            },
         ],
     }
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
-    req = urllib.request.Request(judge.url.rstrip("/") + "/chat/completions", json.dumps(body).encode(), headers, method="POST")
+    req = urllib.request.Request(
+        judge.url.rstrip("/") + "/chat/completions", json.dumps(body).encode(), headers, method="POST"
+    )
     try:
-        with urllib.request.urlopen(req, timeout=JUDGE_TIMEOUT_SECONDS) as resp:  # noqa: S310 - an http(s) URL the spec validated
+        with urllib.request.urlopen(req, timeout=JUDGE_TIMEOUT_SECONDS) as resp:
             reply = json.loads(resp.read())
         text = reply["choices"][0]["message"]["content"]
     except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError) as err:
@@ -185,8 +197,9 @@ def combine(first: str, second: str) -> str:
     return "tuned" if score > 0 else "base" if score < 0 else "tie"
 
 
-def judge_samples(judge: Any, samples: list[Sample], base: list[str], tuned: list[str],
-                  api_key: str | None = None) -> tuple[dict[str, Any], list[str | None]]:
+def judge_samples(
+    judge: Any, samples: list[Sample], base: list[str], tuned: list[str], api_key: str | None = None
+) -> tuple[dict[str, Any], list[str | None]]:
     """Pairwise verdicts with position swap: (the JudgeScore wire dict, each sample's result)."""
     if api_key is None:
         api_key = os.environ.get(JUDGE_API_KEY_ENV) or None
@@ -194,7 +207,9 @@ def judge_samples(judge: Any, samples: list[Sample], base: list[str], tuned: lis
     results: list[str | None] = []
     for s, b, t in zip(samples, base, tuned):
         try:
-            result = combine(_ask(judge, api_key, s.prompt, s.reference, b, t), _ask(judge, api_key, s.prompt, s.reference, t, b))
+            result = combine(
+                _ask(judge, api_key, s.prompt, s.reference, b, t), _ask(judge, api_key, s.prompt, s.reference, t, b)
+            )
         except JudgeError as err:
             log.warning("judge %s at %s: %s (sample %s counted as failed)", judge.model, judge.url, err, s.where)
             counts["failed"] += 1
@@ -203,20 +218,36 @@ def judge_samples(judge: Any, samples: list[Sample], base: list[str], tuned: lis
         counts[result] += 1
         results.append(result)
     judged = counts["tuned"] + counts["base"] + counts["tie"]
-    out: dict[str, Any] = {"tunedWins": counts["tuned"], "baseWins": counts["base"], "ties": counts["tie"],
-                           "failed": counts["failed"], "model": judge.model}
+    out: dict[str, Any] = {
+        "tunedWins": counts["tuned"],
+        "baseWins": counts["base"],
+        "ties": counts["tie"],
+        "failed": counts["failed"],
+        "model": judge.model,
+    }
     if judged:
         out["winRate"] = round((counts["tuned"] + counts["tie"] / 2) / judged, 6)
     return out, results
 
 
-def rows(samples: list[Sample], base: list[str] | None, tuned: list[str], metrics: list[Any], regex: str | None,
-         verdicts: list[str | None] | None) -> list[dict[str, Any]]:
+def rows(
+    samples: list[Sample],
+    base: list[str] | None,
+    tuned: list[str],
+    metrics: list[Any],
+    regex: str | None,
+    verdicts: list[str | None] | None,
+) -> list[dict[str, Any]]:
     """The lines of eval/samples.jsonl."""
     out = []
     for i, s in enumerate(samples):
-        row: dict[str, Any] = {"prompt": s.prompt, "reference": s.reference, "base": base[i] if base else None,
-                               "tuned": tuned[i], "source": s.where}
+        row: dict[str, Any] = {
+            "prompt": s.prompt,
+            "reference": s.reference,
+            "base": base[i] if base else None,
+            "tuned": tuned[i],
+            "source": s.where,
+        }
         if s.messages is not None:
             row["messages"] = s.messages
         row["scores"] = {"tuned": per_sample_scores(tuned[i], s, metrics, regex)}

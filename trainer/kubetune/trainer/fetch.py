@@ -40,14 +40,21 @@ class FetchError(storage.PermanentStorageError):
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m kubetune.trainer fetch",
-                                description="Copy a committed result (verified against its manifest) or a base model to DEST.")
+    p = argparse.ArgumentParser(
+        prog="python -m kubetune.trainer fetch",
+        description="Copy a committed result (verified against its manifest) or a base model to DEST.",
+    )
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--uri", help="a committed result directory: <output>/adapter or <output>/merged")
-    what.add_argument("--model", help="a base model source: s3://, gs://, pvc://, hf://, builtin:// or a local directory")
+    what.add_argument(
+        "--model", help="a base model source: s3://, gs://, pvc://, hf://, builtin:// or a local directory"
+    )
     p.add_argument("--dest", required=True, help="the local directory to fill (replaced)")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="with --model: accept code shipped with the model (spec.model.trustRemoteCode)")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="with --model: accept code shipped with the model (spec.model.trustRemoteCode)",
+    )
     return p.parse_args(argv)
 
 
@@ -60,8 +67,10 @@ def fetch_result(uri: str, dest: Path, storage_options: dict | None = None) -> i
         raise FetchError(f"{shown}: its manifest.json lists no files; nothing to serve. Re-run the job")
     reason = storage.download_verified(store, prefix, files, dest)
     if reason is not None:
-        raise FetchError(f"{shown} does not match its manifest.json ({reason}): the result is damaged or was changed "
-                         f"after training; restore it or re-run the job (check with: kubetune verify {shown})")
+        raise FetchError(
+            f"{shown} does not match its manifest.json ({reason}): the result is damaged or was changed "
+            f"after training; restore it or re-run the job (check with: kubetune verify {shown})"
+        )
     return len(files)
 
 
@@ -73,7 +82,7 @@ def _committed(uri: str, storage_options: dict | None) -> tuple[storage.Store, s
         files = storage.read_manifest(store, "")["files"]
         adapter = storage.ADAPTER + "/"
         if files and all(k.startswith(adapter) for k in files):  # the user named the output root
-            return store, storage.ADAPTER, {k[len(adapter):]: v for k, v in files.items()}
+            return store, storage.ADAPTER, {k[len(adapter) :]: v for k, v in files.items()}
         return store, "", files
     parent, _, leaf = uri.rpartition("/")
     if leaf == storage.ADAPTER and parent and not parent.endswith(":/"):
@@ -81,18 +90,21 @@ def _committed(uri: str, storage_options: dict | None) -> tuple[storage.Store, s
         if root.exists(storage.MANIFEST):  # <output>/adapter: the output root's manifest lists adapter/...
             files = storage.read_manifest(root, "")["files"]
             adapter = storage.ADAPTER + "/"
-            return root, storage.ADAPTER, {k[len(adapter):]: v for k, v in files.items() if k.startswith(adapter)}
-    raise FetchError(f"{shown}: no manifest.json there (nor at {storage.display_uri(parent)}/manifest.json for an "
-                     "adapter): it is not a committed kubetune result. Point at status.adapter.uri or "
-                     "status.adapter.mergedUri of a Succeeded FineTuneJob (the trainer writes manifest.json last)")
+            return root, storage.ADAPTER, {k[len(adapter) :]: v for k, v in files.items() if k.startswith(adapter)}
+    raise FetchError(
+        f"{shown}: no manifest.json there (nor at {storage.display_uri(parent)}/manifest.json for an "
+        "adapter): it is not a committed kubetune result. Point at status.adapter.uri or "
+        "status.adapter.mergedUri of a Succeeded FineTuneJob (the trainer writes manifest.json last)"
+    )
 
 
 def _open(uri: str, storage_options: dict | None) -> storage.Store:
     try:
         return storage.Store(uri, storage_options)
     except (ValueError, ImportError) as err:  # fsspec: an unknown protocol, or its package is not installed
-        raise FetchError(f"{storage.display_uri(uri)}: not a location the trainer image can read ({err}); "
-                         "use s3://, gs:// or pvc://") from None
+        raise FetchError(
+            f"{storage.display_uri(uri)}: not a location the trainer image can read ({err}); use s3://, gs:// or pvc://"
+        ) from None
 
 
 def fetch_model(source: str, dest: Path, trust_remote_code: bool = False, storage_options: dict | None = None) -> Path:
@@ -144,7 +156,10 @@ def main(argv: list[str]) -> int:
     try:
         if args.uri:
             count = fetch_result(args.uri, dest)
-            print(f"fetched {storage.display_uri(args.uri)} into {dest}: {count} files verified against manifest.json", flush=True)
+            print(
+                f"fetched {storage.display_uri(args.uri)} into {dest}: {count} files verified against manifest.json",
+                flush=True,
+            )
         else:
             fetch_model(args.model, dest, args.trust_remote_code)
             print(f"fetched {storage.display_uri(args.model)} into {dest}", flush=True)
@@ -153,11 +168,19 @@ def main(argv: list[str]) -> int:
         print(f"fetch {storage.display_uri(what)}: {_one_line(err)}", file=sys.stderr, flush=True)
         return PERMANENT_EXIT_CODE
     except storage.StorageError as err:
-        print(f"fetch {storage.display_uri(what)} failed, retrying may help: {_one_line(err)}", file=sys.stderr, flush=True)
+        print(
+            f"fetch {storage.display_uri(what)} failed, retrying may help: {_one_line(err)}",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
-    except Exception as err:  # noqa: BLE001 - retriable: the traceback is for operators
+    except Exception as err:
         traceback.print_exc()
-        print(f"fetch {storage.display_uri(what)} failed: {type(err).__name__}: {_one_line(err)}", file=sys.stderr, flush=True)
+        print(
+            f"fetch {storage.display_uri(what)} failed: {type(err).__name__}: {_one_line(err)}",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
 
 

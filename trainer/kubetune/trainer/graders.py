@@ -25,8 +25,9 @@ import logging
 import math
 import multiprocessing
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from kubetune.api.spec import TEMPLATE, Grader, SubGrader
 from kubetune.trainer import textmetrics
@@ -92,7 +93,9 @@ class Scorer:
                 cls = jsonschema.validators.validator_for(spec.json_schema)
                 cls.check_schema(spec.json_schema)
             except jsonschema.SchemaError as err:
-                raise GraderError(f"{param}.jsonSchema: not a valid JSON Schema: {err.message}", f"{param}.jsonSchema") from None
+                raise GraderError(
+                    f"{param}.jsonSchema: not a valid JSON Schema: {err.message}", f"{param}.jsonSchema"
+                ) from None
             self.validator = cls(spec.json_schema)
         elif kind == "python":
             self.worker = PythonWorker(_python_source(spec, param), spec.timeout_seconds, f"{param} ({spec.name})")
@@ -119,7 +122,9 @@ class Scorer:
                 return float(ref in text)
             return float(ref.lower() in text.lower())  # ilike
         if kind == "textSimilarity":
-            return float(textmetrics.SIMILARITY[str(spec.evaluation_metric)](text, render(spec.reference or "", sample, item)))
+            return float(
+                textmetrics.SIMILARITY[str(spec.evaluation_metric)](text, render(spec.reference or "", sample, item))
+            )
         if kind == "regex":
             return textmetrics.regex_match(text, spec.pattern or "")
         if kind == "jsonSchema":
@@ -146,8 +151,11 @@ def _python_source(spec: SubGrader, param: str) -> str:
     try:
         source = path.read_text()
     except OSError as err:
-        raise GraderError(f"{param}.file: cannot read {path}: {err.strerror}; mount the file (e.g. a ConfigMap "
-                          "through spec.podOverrides.volumes) or give the code in source", f"{param}.file") from None
+        raise GraderError(
+            f"{param}.file: cannot read {path}: {err.strerror}; mount the file (e.g. a ConfigMap "
+            "through spec.podOverrides.volumes) or give the code in source",
+            f"{param}.file",
+        ) from None
     try:
         compile(source, str(path), "exec")
     except SyntaxError as err:
@@ -161,9 +169,9 @@ def _worker_main(conn: Any, source: str) -> None:
     """The python grader's process: define grade() once, then answer (sample, item) calls."""
     namespace: dict[str, Any] = {"__name__": "kubetune_grader"}
     try:
-        exec(compile(source, "<grader>", "exec"), namespace)  # noqa: S102 - the user's grader, in its own process
+        exec(compile(source, "<grader>", "exec"), namespace)
         grade = namespace["grade"]
-    except BaseException as err:  # noqa: BLE001 - reported to the parent
+    except BaseException as err:
         conn.send(("error", f"{type(err).__name__}: {err}"))
         return
     conn.send(("ready", None))
@@ -176,7 +184,7 @@ def _worker_main(conn: Any, source: str) -> None:
             return
         try:
             conn.send(("ok", float(grade(*msg))))
-        except BaseException as err:  # noqa: BLE001 - one bad call scores 0
+        except BaseException as err:
             conn.send(("error", f"{type(err).__name__}: {err}"))
 
 
@@ -214,7 +222,9 @@ class PythonWorker:
             self.conn.send((sample, item))
             if not self.conn.poll(self.timeout):
                 self.timeouts += 1
-                log.warning("%s: a call ran over %.1f s and scores 0 (%d so far)", self.label, self.timeout, self.timeouts)
+                log.warning(
+                    "%s: a call ran over %.1f s and scores 0 (%d so far)", self.label, self.timeout, self.timeouts
+                )
                 self._kill()
                 self._start()
                 return 0.0
@@ -227,8 +237,12 @@ class PythonWorker:
             return 0.0
         if status != "ok" or not math.isfinite(value):
             self.errors += 1
-            log.warning("%s: %s; the call scores 0 (%d errors so far)", self.label,
-                        value if status != "ok" else f"returned {value}", self.errors)
+            log.warning(
+                "%s: %s; the call scores 0 (%d errors so far)",
+                self.label,
+                value if status != "ok" else f"returned {value}",
+                self.errors,
+            )
             return 0.0
         return value
 
@@ -261,7 +275,9 @@ def reward_function(scorer: Scorer, item_keys: list[str]) -> Callable[..., list[
     return reward
 
 
-def mean_score(scorers: list[Scorer], weights: list[float], samples: list[tuple[str, dict[str, Any]]]) -> dict[str, float]:
+def mean_score(
+    scorers: list[Scorer], weights: list[float], samples: list[tuple[str, dict[str, Any]]]
+) -> dict[str, float]:
     """Mean reward per grader and of the weighted sum over (completion text, record) pairs: the
     GRPO base-vs-tuned comparison."""
     out: dict[str, float] = {}

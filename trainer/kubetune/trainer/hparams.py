@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from kubetune.api.enums import Precision
-from kubetune.api.estimate import FROZEN_BASE, GIB, _teachers, gpu_workload, parameters_from_name
+from kubetune.api.estimate import FROZEN_BASE, _teachers, gpu_workload, parameters_from_name
 from kubetune.api.memory import largest_batch
 from kubetune.api.spec import FineTuneJobSpec
 from kubetune.api.status import ResolvedHyperparameters
@@ -74,8 +74,14 @@ def master_weights(model: Any, resolved_precision: str) -> dict[str, str]:
     return {"weightsDtype": "+".join(names), "computeDtype": AUTOCAST.get(resolved_precision, names[0])}
 
 
-def batch_size(spec: FineTuneJobSpec, parameters: int, hidden: int, layers: int, vocab: int | None = None,
-               intermediate: int | None = None) -> int:
+def batch_size(
+    spec: FineTuneJobSpec,
+    parameters: int,
+    hidden: int,
+    layers: int,
+    vocab: int | None = None,
+    intermediate: int | None = None,
+) -> int:
     """`auto`: the largest power of two whose predicted peak (kubetune.api.memory, the model the
     operator's estimate uses, here with the loaded model's shapes: vocabulary, intermediate size)
     fits 90 % of the GPU; 8 on CPU."""
@@ -102,8 +108,15 @@ def batch_size(spec: FineTuneJobSpec, parameters: int, hidden: int, layers: int,
     return largest_batch(workload, capacity)
 
 
-def resolve(spec: FineTuneJobSpec, default_lr: float, parameters: int, hidden: int, layers: int, vocab: int | None = None,
-            intermediate: int | None = None) -> dict[str, Any]:
+def resolve(
+    spec: FineTuneJobSpec,
+    default_lr: float,
+    parameters: int,
+    hidden: int,
+    layers: int,
+    vocab: int | None = None,
+    intermediate: int | None = None,
+) -> dict[str, Any]:
     """The resolved numbers as wire (camelCase) keys, checked by the contract's model: they go
     to the summary, the effective-info metric and the adapter manifest."""
     hp = spec.hyperparameters

@@ -21,9 +21,10 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 from kubetune.trainer import builtin, sources, storage
@@ -72,7 +73,9 @@ def open_output(output: str, cache_dir: Path | None = None, storage_options: dic
     local = storage.local_path(uri)
     if local is not None:
         if not local.is_dir():
-            raise OutputError(f"{shown}: no such directory; give the job's output (the directory holding manifest.json and adapter/)")
+            raise OutputError(
+                f"{shown}: no such directory; give the job's output (the directory holding manifest.json and adapter/)"
+            )
         if not (local / storage.MANIFEST).exists() and (local.parent / storage.MANIFEST).exists():
             local, uri = local.parent, local.parent.as_uri()  # the user named <output>/adapter
             shown = storage.display_uri(uri)
@@ -84,10 +87,14 @@ def open_output(output: str, cache_dir: Path | None = None, storage_options: dic
         raise OutputError(f"{shown}: {err}") from None
     if not ok or manifest is None:
         if reason.startswith("no manifest.json"):
-            raise OutputError(f"{shown} has no manifest.json: it is not a finished kubetune output (the trainer "
-                              "writes manifest.json last). Point at the job's output directory, or wait for the job to succeed")
-        raise OutputError(f"{shown} does not verify against its manifest.json ({reason}): the output is damaged or was "
-                          f"changed after training; restore it or re-run the job (check with: kubetune verify {shown})")
+            raise OutputError(
+                f"{shown} has no manifest.json: it is not a finished kubetune output (the trainer "
+                "writes manifest.json last). Point at the job's output directory, or wait for the job to succeed"
+            )
+        raise OutputError(
+            f"{shown} does not verify against its manifest.json ({reason}): the output is damaged or was "
+            f"changed after training; restore it or re-run the job (check with: kubetune verify {shown})"
+        )
     prefix = storage.ADAPTER + "/"
     if not any(k.startswith(prefix) for k in manifest["files"]):
         prefix = ""  # a directory committed with its files at the top: <output>/merged/ (spec.serving)
@@ -98,12 +105,14 @@ def open_output(output: str, cache_dir: Path | None = None, storage_options: dic
         digest = hashlib.sha256(store.read_bytes(storage.MANIFEST)).hexdigest()[:32]
         root = (cache_dir or sources.default_cache_dir().parent / "outputs") / digest
         if (why := storage.download_verified(store, "", files, root)) is not None:
-            raise OutputError(f"{shown}: the download does not match manifest.json ({why}); try again, or re-run the job")
+            raise OutputError(
+                f"{shown}: the download does not match manifest.json ({why}); try again, or re-run the job"
+            )
     path = root / prefix.rstrip("/") if prefix else root
     base = manifest.get("baseModel")
     if not isinstance(base, str) or not base:
         raise OutputError(f"{shown}/manifest.json names no baseModel: was it written by kubetune's trainer?")
-    names = {k[len(prefix):] for k in files}
+    names = {k[len(prefix) :] for k in files}
     if "adapter_config.json" in names:
         kind = "adapter"
         peft_type = json.loads((path / "adapter_config.json").read_text()).get("peft_type")
@@ -118,9 +127,9 @@ def open_output(output: str, cache_dir: Path | None = None, storage_options: dic
 def base_id(source: str) -> str:
     """The short name of a base model source, as model ids show it (tiny-llama, org/name, my-model)."""
     if source.startswith("builtin://"):
-        return source[len("builtin://"):].strip("/")
+        return source[len("builtin://") :].strip("/")
     if source.startswith("hf://"):
-        return source[len("hf://"):].strip("/").partition("@")[0]
+        return source[len("hf://") :].strip("/").partition("@")[0]
     path = urlsplit(source).path if "://" in source else source
     return path.rstrip("/").rsplit("/", 1)[-1] or source
 
@@ -147,9 +156,13 @@ def _load_model(directory: Path, device: str) -> Any:
 
     dtype = torch.float32 if device == "cpu" else "auto"
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, **sources.load_pretrained_kwargs(False))
-    except Exception as err:  # noqa: BLE001 - transformers raises many types for a broken directory
-        raise OutputError(f"the model in {directory} could not be loaded: {type(err).__name__}: {str(err)[:300]}") from None
+        model = AutoModelForCausalLM.from_pretrained(
+            str(directory), dtype=dtype, **sources.load_pretrained_kwargs(False)
+        )
+    except Exception as err:
+        raise OutputError(
+            f"the model in {directory} could not be loaded: {type(err).__name__}: {str(err)[:300]}"
+        ) from None
     return model.to(device).eval()
 
 
@@ -158,8 +171,10 @@ def _load_tokenizer(directory: Path) -> Any:
 
     try:
         tok = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
-    except Exception as err:  # noqa: BLE001
-        raise OutputError(f"the tokenizer in {directory} could not be loaded: {type(err).__name__}: {str(err)[:300]}") from None
+    except Exception as err:
+        raise OutputError(
+            f"the tokenizer in {directory} could not be loaded: {type(err).__name__}: {str(err)[:300]}"
+        ) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -208,12 +223,16 @@ class ModelPool:
         for out in outputs:
             bid = base_id(out.base)
             if self._bases.setdefault(bid, out.base) != out.base:
-                raise OutputError(f"{out.uri} and another output have different base models with the same name {bid!r} "
-                                  f"({out.base} and {self._bases[bid]}): serve them separately")
+                raise OutputError(
+                    f"{out.uri} and another output have different base models with the same name {bid!r} "
+                    f"({out.base} and {self._bases[bid]}): serve them separately"
+                )
             mid = model_id(out)
             if mid in self.models:
-                raise OutputError(f"{out.uri} and {self.models[mid].root} are both {mid!r}: give the jobs different "
-                                  "names or spec.suffix values, or serve them separately")
+                raise OutputError(
+                    f"{out.uri} and {self.models[mid].root} are both {mid!r}: give the jobs different "
+                    "names or spec.suffix values, or serve them separately"
+                )
             tokenizer = _load_tokenizer(out.path)
             if out.kind == "model":
                 group = _Group(out.base, _load_model(out.path, self.device))
@@ -225,8 +244,9 @@ class ModelPool:
         for bid, source in self._bases.items():
             if bid not in self.models:
                 adapter_group = next((g for (s, t), g in self.groups.items() if s == source and t is not None), None)
-                self.models[bid] = Served(bid, None, source, None, adapter_group or _Group(source),
-                                          disable_adapter=adapter_group is not None)
+                self.models[bid] = Served(
+                    bid, None, source, None, adapter_group or _Group(source), disable_adapter=adapter_group is not None
+                )
 
     def _adapter_group(self, out: Output) -> _Group:
         from peft import PeftModel
@@ -241,15 +261,21 @@ class ModelPool:
             else:
                 group.model.load_adapter(str(out.path), adapter_name=model_id(out))
         except sources.ModelSourceError as err:
-            raise OutputError(f"{out.uri}: its base model (manifest.json baseModel) is not available here: {err}") from None
+            raise OutputError(
+                f"{out.uri}: its base model (manifest.json baseModel) is not available here: {err}"
+            ) from None
         except (ValueError, KeyError, RuntimeError, OSError) as err:
-            raise OutputError(f"{out.uri}: the adapter does not load onto {out.base}: {type(err).__name__}: {str(err)[:300]}") from None
+            raise OutputError(
+                f"{out.uri}: the adapter does not load onto {out.base}: {type(err).__name__}: {str(err)[:300]}"
+            ) from None
         group.adapters.append(model_id(out))
         return group
 
     def get(self, model: str) -> Served:
         """The served model `model` (an id, or a tuned output's bare name); KeyError when unknown."""
-        served = self.models.get(model) or next((m for m in self.models.values() if m.output and m.output.name == model), None)
+        served = self.models.get(model) or next(
+            (m for m in self.models.values() if m.output and m.output.name == model), None
+        )
         if served is None:
             raise KeyError(model)
         if served.group.model is None:  # a base no adapter shares: load it on first use
@@ -295,22 +321,39 @@ class ModelPool:
 
     # --------------------------------------------------------------------------- generation
 
-    def stream(self, served: Served, ids: list[int], max_tokens: int | None = None, temperature: float = 1.0,
-               top_p: float = 1.0, seed: int | None = None, stop: list[str] | None = None) -> "Stream":
+    def stream(
+        self,
+        served: Served,
+        ids: list[int],
+        max_tokens: int | None = None,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+    ) -> Stream:
         """Start generating; iterate the result for text pieces. Greedy when temperature is 0."""
         room = served.context_length - len(ids)
         if room <= 0:
-            raise RequestError(f"this model's maximum context length is {served.context_length} tokens; the prompt has "
-                               f"{len(ids)}: shorten it", "messages", "context_length_exceeded")
+            raise RequestError(
+                f"this model's maximum context length is {served.context_length} tokens; the prompt has "
+                f"{len(ids)}: shorten it",
+                "messages",
+                "context_length_exceeded",
+            )
         if max_tokens is not None and max_tokens > room:
-            raise RequestError(f"this model's maximum context length is {served.context_length} tokens; you asked for "
-                               f"{len(ids)} in the prompt and {max_tokens} in the completion: lower max_tokens",
-                               "max_tokens", "context_length_exceeded")
-        stream = Stream(self, served, ids, max_tokens or min(DEFAULT_MAX_TOKENS, room), temperature, top_p, seed, stop or [])
+            raise RequestError(
+                f"this model's maximum context length is {served.context_length} tokens; you asked for "
+                f"{len(ids)} in the prompt and {max_tokens} in the completion: lower max_tokens",
+                "max_tokens",
+                "context_length_exceeded",
+            )
+        stream = Stream(
+            self, served, ids, max_tokens or min(DEFAULT_MAX_TOKENS, room), temperature, top_p, seed, stop or []
+        )
         stream.start()
         return stream
 
-    def complete(self, served: Served, ids: list[int], **params: Any) -> "Stream":
+    def complete(self, served: Served, ids: list[int], **params: Any) -> Stream:
         """Generate to the end; the returned Stream holds `text`, token counts and `finish_reason`."""
         stream = self.stream(served, ids, **params)
         for _ in stream:
@@ -342,8 +385,17 @@ class Stream:
     end-of-turn token or a stop sequence, "length" for max_tokens). Stop sequences are cut from
     the text, as OpenAI does; `close()` ends the generation early (a client that went away)."""
 
-    def __init__(self, pool: ModelPool, served: Served, ids: list[int], max_new: int, temperature: float,
-                 top_p: float, seed: int | None, stop: list[str]) -> None:
+    def __init__(
+        self,
+        pool: ModelPool,
+        served: Served,
+        ids: list[int],
+        max_new: int,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+        stop: list[str],
+    ) -> None:
         from transformers import TextIteratorStreamer
 
         self.pool, self.served, self.ids, self.max_new = pool, served, ids, max_new
@@ -382,12 +434,14 @@ class Stream:
                 if self.seed is not None:
                     torch.manual_seed(self.seed)
                 ids = torch.tensor([self.ids], device=self.pool.device)
-                out = prefix_tuning.fix_generation(model).generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
-            new = out[0, len(self.ids):].tolist()
+                out = prefix_tuning.fix_generation(model).generate(
+                    input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs
+                )
+            new = out[0, len(self.ids) :].tolist()
             self.completion_tokens = len(new)
             if new and new[-1] in eos:
                 self.finish_reason = "stop"
-        except BaseException as err:  # noqa: BLE001 - handed to the reader, which re-raises it
+        except BaseException as err:
             self._error = err
             self.streamer.on_finalized_text("", stream_end=True)
 
@@ -404,7 +458,7 @@ class Stream:
                 self.halt.set()
                 held = held[:cut]
             emit = held if (self._stopped_by_string or not longest) else held[: max(0, len(held) - longest + 1)]
-            held = held[len(emit):]
+            held = held[len(emit) :]
             if emit:
                 self.text += emit
                 yield emit
@@ -424,12 +478,18 @@ def end_of_turn_ids(model: Any, tok: Any) -> set[int]:
     return eos | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
 
 
-def generation_kwargs(model: Any, tok: Any, max_new: int, temperature: float = 0.0, top_p: float = 1.0) -> dict[str, Any]:
+def generation_kwargs(
+    model: Any, tok: Any, max_new: int, temperature: float = 0.0, top_p: float = 1.0
+) -> dict[str, Any]:
     """`generate` arguments shared by chat, serve and the trainer's A/B samples: greedy when the
     temperature is 0, else plain nucleus sampling (no top-k); stops at the end-of-turn tokens."""
     sample = temperature > 0
-    kwargs: dict[str, Any] = {"do_sample": sample, "max_new_tokens": max_new, "eos_token_id": sorted(end_of_turn_ids(model, tok)) or None,
-                              "pad_token_id": tok.pad_token_id}
+    kwargs: dict[str, Any] = {
+        "do_sample": sample,
+        "max_new_tokens": max_new,
+        "eos_token_id": sorted(end_of_turn_ids(model, tok)) or None,
+        "pad_token_id": tok.pad_token_id,
+    }
     if sample:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
     else:

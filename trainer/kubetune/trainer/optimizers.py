@@ -10,10 +10,10 @@ The trainer always builds the optimizer itself, so methods with per-group learni
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
-
 from kubetune.api.enums import Optimizer
 
 
@@ -29,13 +29,16 @@ def _fusable(groups: list[dict[str, Any]]) -> bool | None:
     point); None keeps torch's own choice (e.g. a model split across devices)."""
     params = [p for g in groups for p in g["params"]]
     devices = {p.device for p in params}
-    ok = len(devices) == 1 and next(iter(devices)).type in ("cpu", "cuda") and all(p.is_floating_point() for p in params)
+    ok = (
+        len(devices) == 1 and next(iter(devices)).type in ("cpu", "cuda") and all(p.is_floating_point() for p in params)
+    )
     return True if ok else None
 
 
 def _bnb(name: str, **defaults: Any) -> Callable[..., Any]:
     def make(groups: list[dict[str, Any]], lr: float, weight_decay: float) -> Any:
         import bitsandbytes as bnb
+
         cls = {"adamw8bit": bnb.optim.AdamW8bit, "pagedAdamw": bnb.optim.PagedAdamW, "lamb": bnb.optim.LAMB}[name]
         return cls(groups, lr=lr, weight_decay=weight_decay, **defaults)
 
@@ -46,8 +49,22 @@ class LARS(torch.optim.Optimizer):
     """LARS (You et al. 2017): SGD with momentum whose step per tensor is scaled by the trust
     ratio η·‖W‖ / (‖∇W‖ + wd·‖W‖), so every layer moves by the same relative amount."""
 
-    def __init__(self, params: Any, lr: float, weight_decay: float = 0.0, momentum: float = 0.9, trust_coefficient: float = 0.001, eps: float = 1e-8) -> None:
-        defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "trust_coefficient": trust_coefficient, "eps": eps}
+    def __init__(
+        self,
+        params: Any,
+        lr: float,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        trust_coefficient: float = 0.001,
+        eps: float = 1e-8,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "momentum": momentum,
+            "trust_coefficient": trust_coefficient,
+            "eps": eps,
+        }
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -63,7 +80,9 @@ class LARS(torch.optim.Optimizer):
                     g = g.add(p, alpha=group["weight_decay"])
                 trust = 1.0
                 if w_norm > 0 and g_norm > 0:
-                    trust = float(group["trust_coefficient"] * w_norm / (g_norm + group["weight_decay"] * w_norm + group["eps"]))
+                    trust = float(
+                        group["trust_coefficient"] * w_norm / (g_norm + group["weight_decay"] * w_norm + group["eps"])
+                    )
                 update = g.mul(group["lr"] * trust)
                 buf = self.state[p].get("momentum_buffer")
                 if buf is None:

@@ -17,11 +17,23 @@ template to conversational rows itself, with our ChatML fallback set on the toke
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from kubetune.api.enums import TrainingType
-from kubetune.trainer.data import (REQUIRED_KEYS, ROLES, TOOL_MESSAGE_KEYS, _check_content, _check_string, _clip, _jtype,
-                                   _unicode_problem, preference_shape, supervised_shape, tool_problem)
+from kubetune.trainer.data import (
+    REQUIRED_KEYS,
+    ROLES,
+    TOOL_MESSAGE_KEYS,
+    _check_content,
+    _check_string,
+    _clip,
+    _jtype,
+    _unicode_problem,
+    preference_shape,
+    supervised_shape,
+    tool_problem,
+)
 
 OPENAI_DPO_KEYS = ("input", "preferred_output", "non_preferred_output")
 TRL_PAIR_KEYS = ("prompt", "chosen", "rejected")
@@ -43,8 +55,11 @@ def _messages(value: Any, where: str, out: list[str], *, last: str | None = None
         if not isinstance(m, dict):
             out.append(f"{at}: expected an object, got {_jtype(m)}")
             continue
-        out += [f"{at}: unknown key {_clip(repr(k), 40)}; allowed: {', '.join(_MESSAGE_KEYS)}" for k in m
-                if k not in _MESSAGE_KEYS and k not in TOOL_MESSAGE_KEYS]  # those: empty (tool_problem)
+        out += [
+            f"{at}: unknown key {_clip(repr(k), 40)}; allowed: {', '.join(_MESSAGE_KEYS)}"
+            for k in m
+            if k not in _MESSAGE_KEYS and k not in TOOL_MESSAGE_KEYS
+        ]  # those: empty (tool_problem)
         role = m.get("role")
         if role not in ROLES:
             out.append(f"{at}.role: expected one of {', '.join(ROLES)}, got {_clip(repr(role), 40)}")
@@ -60,7 +75,9 @@ def _side(value: Any, where: str, out: list[str], conversational: bool) -> None:
     if conversational:
         _messages(value, where, out, only="assistant")
     elif not isinstance(value, str):
-        out.append(f"{where}: expected a string (or, with a conversational prompt, an array of assistant messages), got {_jtype(value)}")
+        out.append(
+            f"{where}: expected a string (or, with a conversational prompt, an array of assistant messages), got {_jtype(value)}"
+        )
     elif not value.strip():
         out.append(f"{where}: empty completion; remove the example or fill it in")
     elif (bad := _unicode_problem(value)) is not None:
@@ -78,8 +95,9 @@ def _prompt(value: Any, where: str, out: list[str]) -> bool:
 
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, list) and isinstance(b, list):
-        return [str(m.get("content", "")).strip() if isinstance(m, dict) else m for m in a] == \
-               [str(m.get("content", "")).strip() if isinstance(m, dict) else m for m in b]
+        return [str(m.get("content", "")).strip() if isinstance(m, dict) else m for m in a] == [
+            str(m.get("content", "")).strip() if isinstance(m, dict) else m for m in b
+        ]
     return isinstance(a, str) and isinstance(b, str) and a.strip() == b.strip()
 
 
@@ -105,8 +123,10 @@ def other_shape(data: dict, kind: str, reads: str, own: tuple[str, ...]) -> str 
     if fmt is None:
         return None
     where = "" if str(fmt) == "chat" else f" and spec.dataset.format: {fmt}"
-    return (f"supervised {fmt} data ({', '.join(REQUIRED_KEYS[fmt])}): set spec.method.type: supervised{where} to "
-            f"train on it; spec.method.type: {kind} reads {reads}")
+    return (
+        f"supervised {fmt} data ({', '.join(REQUIRED_KEYS[fmt])}): set spec.method.type: supervised{where} to "
+        f"train on it; spec.method.type: {kind} reads {reads}"
+    )
 
 
 def check_pair(data: dict, kind: str = "dpo") -> list[str]:
@@ -115,16 +135,22 @@ def check_pair(data: dict, kind: str = "dpo") -> list[str]:
         return [other]
     out: list[str] = []
     if "input" in data or "preferred_output" in data or "non_preferred_output" in data:
-        out += [f"unknown key {_clip(repr(k), 40)} for OpenAI's preference format; allowed: {', '.join(OPENAI_DPO_KEYS)}; remove it"
-                for k in data if k not in OPENAI_DPO_KEYS]
+        out += [
+            f"unknown key {_clip(repr(k), 40)} for OpenAI's preference format; allowed: {', '.join(OPENAI_DPO_KEYS)}; remove it"
+            for k in data
+            if k not in OPENAI_DPO_KEYS
+        ]
         inp = data.get("input")
         if "input" not in data:
             out.append("missing key 'input' (an object with the prompt's messages)")
         elif not isinstance(inp, dict) or "messages" not in inp:
             out.append("input: expected an object with 'messages'")
         else:
-            out += [f"input: unknown key {_clip(repr(k), 40)}; allowed: messages, tools, parallel_tool_calls"
-                    for k in inp if k not in ("messages", "tools", "parallel_tool_calls")]
+            out += [
+                f"input: unknown key {_clip(repr(k), 40)}; allowed: messages, tools, parallel_tool_calls"
+                for k in inp
+                if k not in ("messages", "tools", "parallel_tool_calls")
+            ]
             _messages(inp["messages"], "input.messages", out, last="user")
         chosen, rejected = "preferred_output", "non_preferred_output"
         for key, what in ((chosen, "the preferred answer"), (rejected, "the dispreferred answer")):
@@ -133,8 +159,12 @@ def check_pair(data: dict, kind: str = "dpo") -> list[str]:
             else:
                 _side(data[key], key, out, conversational=True)
     else:
-        out += [f"unknown key {_clip(repr(k), 40)} for a preference pair; allowed: {', '.join(TRL_PAIR_KEYS)} "
-                f"(or OpenAI's {', '.join(OPENAI_DPO_KEYS)}); remove it" for k in data if k not in TRL_PAIR_KEYS]
+        out += [
+            f"unknown key {_clip(repr(k), 40)} for a preference pair; allowed: {', '.join(TRL_PAIR_KEYS)} "
+            f"(or OpenAI's {', '.join(OPENAI_DPO_KEYS)}); remove it"
+            for k in data
+            if k not in TRL_PAIR_KEYS
+        ]
         chosen, rejected = "chosen", "rejected"
         conversational = _prompt(data["prompt"], "prompt", out) if "prompt" in data else None
         if conversational is None:
@@ -143,8 +173,12 @@ def check_pair(data: dict, kind: str = "dpo") -> list[str]:
             if key not in data:
                 out.append(f"missing key {key!r} ({what}); a preference pair needs both sides")
             else:
-                _side(data[key], key, out, conversational=bool(conversational) if conversational is not None
-                      else isinstance(data[key], list))
+                _side(
+                    data[key],
+                    key,
+                    out,
+                    conversational=bool(conversational) if conversational is not None else isinstance(data[key], list),
+                )
     if not out and _same(data[chosen], data[rejected]):
         out.append(f"{chosen} and {rejected} are identical: the pair teaches nothing; remove it or change one side")
     return out
@@ -154,7 +188,11 @@ def check_kto(data: dict) -> list[str]:
     """A KTO record: a prompt, one completion and whether it is desirable."""
     if (other := other_shape(data, "kto", KTO_READS, ("label",))) is not None:
         return [other]
-    out = [f"unknown key {_clip(repr(k), 40)} for KTO; allowed: {', '.join(KTO_KEYS)}; remove it" for k in data if k not in KTO_KEYS]
+    out = [
+        f"unknown key {_clip(repr(k), 40)} for KTO; allowed: {', '.join(KTO_KEYS)}; remove it"
+        for k in data
+        if k not in KTO_KEYS
+    ]
     conversational = False
     if "prompt" not in data:
         out.append("missing key 'prompt'")
@@ -211,8 +249,11 @@ def row(data: dict, kind: TrainingType) -> dict[str, Any]:
     """A valid record as the row TRL's trainer for `kind` takes."""
     if kind in (TrainingType.DPO, TrainingType.ORPO):
         if "input" in data:
-            return {"prompt": _plain_messages(data["input"]["messages"]), "chosen": _plain_messages(data["preferred_output"]),
-                    "rejected": _plain_messages(data["non_preferred_output"])}
+            return {
+                "prompt": _plain_messages(data["input"]["messages"]),
+                "chosen": _plain_messages(data["preferred_output"]),
+                "rejected": _plain_messages(data["non_preferred_output"]),
+            }
         return {k: _plain_messages(data[k]) if isinstance(data[k], list) else data[k] for k in TRL_PAIR_KEYS}
     if kind == TrainingType.KTO:
         return {k: _plain_messages(data[k]) if isinstance(data[k], list) else data[k] for k in KTO_KEYS}

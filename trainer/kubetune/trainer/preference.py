@@ -31,14 +31,23 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from kubetune.api.enums import TrainingType
 
 log = logging.getLogger("kubetune.trainer")
 
-LOGGED = ("reward", "reward_std", "kl", "completions/mean_length", "completions/clipped_ratio", "log_odds_ratio", "nll_loss")
+LOGGED = (
+    "reward",
+    "reward_std",
+    "kl",
+    "completions/mean_length",
+    "completions/clipped_ratio",
+    "log_odds_ratio",
+    "nll_loss",
+)
 """TRL log keys reported as training numbers (with every `rewards/…` key)."""
 
 
@@ -74,9 +83,16 @@ def rows(records: list[Any], kind: TrainingType) -> list[dict[str, Any]]:
             first = (record, chat)
         elif chat != first[1]:
             what = ("messages", "a plain string") if chat else ("a plain string", "messages")
-            problems.append(data.DataProblem(record.file, record.line, (
-                f"the prompt is {what[0]} but {first[0].file}:{first[0].line} has {what[1]}; use one form for the whole "
-                "dataset (conversational: message lists; plain: strings)")))
+            problems.append(
+                data.DataProblem(
+                    record.file,
+                    record.line,
+                    (
+                        f"the prompt is {what[0]} but {first[0].file}:{first[0].line} has {what[1]}; use one form for the whole "
+                        "dataset (conversational: message lists; plain: strings)"
+                    ),
+                )
+            )
     if problems:
         raise data.DataError(problems)
     return out
@@ -122,8 +138,14 @@ def training_args(spec: Any, eff: dict[str, Any], out: Path, use_cpu: bool, sche
     if kind == TrainingType.DPO:
         from trl import DPOConfig
 
-        return DPOConfig(**common, beta=cfg.beta, loss_type=[str(cfg.loss_type)], label_smoothing=cfg.label_smoothing,
-                         max_length=max_len, precompute_ref_log_probs=False)
+        return DPOConfig(
+            **common,
+            beta=cfg.beta,
+            loss_type=[str(cfg.loss_type)],
+            label_smoothing=cfg.label_smoothing,
+            max_length=max_len,
+            precompute_ref_log_probs=False,
+        )
     if kind == TrainingType.ORPO:
         from trl.experimental.orpo import ORPOConfig
 
@@ -131,27 +153,55 @@ def training_args(spec: Any, eff: dict[str, Any], out: Path, use_cpu: bool, sche
     if kind == TrainingType.KTO:
         from trl import KTOConfig
 
-        return KTOConfig(**common, beta=cfg.beta, desirable_weight=cfg.desirable_weight,
-                         undesirable_weight=cfg.undesirable_weight, max_length=max_len)
+        return KTOConfig(
+            **common,
+            beta=cfg.beta,
+            desirable_weight=cfg.desirable_weight,
+            undesirable_weight=cfg.undesirable_weight,
+            max_length=max_len,
+        )
     from trl import GRPOConfig
 
     g = cfg.num_generations
     common["per_device_train_batch_size"] = max(1, batch // g) * g  # whole groups per batch
     common["per_device_eval_batch_size"] = common["per_device_train_batch_size"]
-    return GRPOConfig(**common, num_generations=g, max_completion_length=cfg.max_completion_length,
-                      temperature=cfg.temperature, beta=cfg.beta, epsilon=cfg.epsilon,
-                      reward_weights=[gr.weight for gr in cfg.graders], shuffle_dataset=True, log_completions=False)
+    return GRPOConfig(
+        **common,
+        num_generations=g,
+        max_completion_length=cfg.max_completion_length,
+        temperature=cfg.temperature,
+        beta=cfg.beta,
+        epsilon=cfg.epsilon,
+        reward_weights=[gr.weight for gr in cfg.graders],
+        shuffle_dataset=True,
+        log_completions=False,
+    )
 
 
-def build_trainer(spec: Any, model: Any, tokenizer: Any, train_rows: list[dict[str, Any]], args: Any,
-                  callbacks: list[Any], optimizer: Any, scorers: list[Any], ref_model: Any = None) -> Any:
+def build_trainer(
+    spec: Any,
+    model: Any,
+    tokenizer: Any,
+    train_rows: list[dict[str, Any]],
+    args: Any,
+    callbacks: list[Any],
+    optimizer: Any,
+    scorers: list[Any],
+    ref_model: Any = None,
+) -> Any:
     """The TRL trainer of the job's type around `model` (a PeftModel or the full model)."""
     from datasets import Dataset
 
     kind = spec.method.training_type
     train = Dataset.from_list(train_rows)
-    common = dict(model=model, args=args, train_dataset=train, processing_class=tokenizer, callbacks=callbacks,
-                  optimizers=(optimizer, None))
+    common = dict(
+        model=model,
+        args=args,
+        train_dataset=train,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        optimizers=(optimizer, None),
+    )
     if kind == TrainingType.DPO:
         from trl import DPOTrainer
 
@@ -168,14 +218,20 @@ def build_trainer(spec: Any, model: Any, tokenizer: Any, train_rows: list[dict[s
         _refuse_head_adapter(model)
         trainer = KTOTrainer(**common, ref_model=ref_model)
     else:
-        from trl import GRPOTrainer
-
         from kubetune.trainer import graders
+        from trl import GRPOTrainer
 
         keys = sorted({k for r in train_rows for k in r if k != "prompt"})
         funcs = [graders.reward_function(s, keys) for s in scorers]
-        trainer = GRPOTrainer(model=model, reward_funcs=funcs, args=args, train_dataset=train, processing_class=tokenizer,
-                              callbacks=callbacks, optimizers=(optimizer, None))
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=funcs,
+            args=args,
+            train_dataset=train,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+            optimizers=(optimizer, None),
+        )
     _drop_ref_adapter(trainer.model)
     from transformers.trainer_callback import PrinterCallback
 
@@ -193,9 +249,11 @@ def _refuse_head_adapter(model: Any) -> None:
         return
     get = getattr(model, "get_output_embeddings", None)
     if callable(get) and isinstance(get(), BaseTunerLayer):
-        raise ValueError("method.type kto cannot adapt the LM head: TRL computes the log-probabilities from the head's "
-                         "base weight, so the adapter would never be applied or trained; remove lm_head from "
-                         "targetModules")
+        raise ValueError(
+            "method.type kto cannot adapt the LM head: TRL computes the log-probabilities from the head's "
+            "base weight, so the adapter would never be applied or trained; remove lm_head from "
+            "targetModules"
+        )
 
 
 def _drop_ref_adapter(model: Any) -> None:
@@ -251,9 +309,8 @@ def _chunked_orpo() -> type:
     `use_liger_kernel` path needs Liger's Triton kernels (GPU only).
     """
     import torch
-    from trl.experimental.orpo import ORPOTrainer
-
     from kubetune.trainer import chunked
+    from trl.experimental.orpo import ORPOTrainer
 
     class ChunkedORPOTrainer(ORPOTrainer):
         logits_chunk_rows: int | None = None
@@ -262,14 +319,16 @@ def _chunked_orpo() -> type:
         def concatenated_forward(self, model: Any, batch: dict[str, Any]) -> tuple[Any, ...]:
             if self.is_encoder_decoder or not chunked.supports_hidden(model):
                 return super().concatenated_forward(model, batch)
-            cat = self.concatenated_inputs(batch, is_encoder_decoder=False, padding_value=self.padding_value,
-                                           device=self.accelerator.device)
+            cat = self.concatenated_inputs(
+                batch, is_encoder_decoder=False, padding_value=self.padding_value, device=self.accelerator.device
+            )
             n_chosen = batch["chosen_labels"].shape[0]
             ids, mask = cat["concatenated_input_ids"], cat["concatenated_attention_mask"]
             labels = cat["concatenated_labels"]
             extra = {"output_router_logits": True} if self.aux_loss_enabled else {}
-            hidden = chunked.forward_hidden(model, {"input_ids": ids, "attention_mask": mask, "use_cache": False},
-                                            ids.shape[1], **extra)
+            hidden = chunked.forward_hidden(
+                model, {"input_ids": ids, "attention_mask": mask, "use_cache": False}, ids.shape[1], **extra
+            )
             nll_labels = ids.masked_fill(mask == 0, chunked.IGNORE_INDEX)
             nll_labels[n_chosen:] = chunked.IGNORE_INDEX  # the SFT term is over the chosen rows only
             completion, nll = labels[:, 1:] != chunked.IGNORE_INDEX, nll_labels[:, 1:] != chunked.IGNORE_INDEX
@@ -290,8 +349,13 @@ def _chunked_orpo() -> type:
             all_logps = (sums + zero) / completion.sum(-1)
             chosen_nll_loss = -(nll_logps.sum() + zero) / nll.sum()
             means = chunked.mean_logits(hidden, chunk)
-            out = (all_logps[:n_chosen], all_logps[n_chosen:], means[:n_chosen].mean(), means[n_chosen:].mean(),
-                   chosen_nll_loss)
+            out = (
+                all_logps[:n_chosen],
+                all_logps[n_chosen:],
+                means[:n_chosen].mean(),
+                means[n_chosen:].mean(),
+                chosen_nll_loss,
+            )
             return (*out, hidden.outputs.aux_loss) if self.aux_loss_enabled else out
 
     return ChunkedORPOTrainer
@@ -307,9 +371,14 @@ class TrlMetrics:
         outer = self
 
         class _CB(TrainerCallback):
-            def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any) -> None:
-                values = {metric_name(k): float(v) for k, v in (logs or {}).items()
-                          if (k in LOGGED or k.startswith("rewards/")) and isinstance(v, (int, float)) and math.isfinite(v)}
+            def on_log(
+                self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any
+            ) -> None:
+                values = {
+                    metric_name(k): float(v)
+                    for k, v in (logs or {}).items()
+                    if (k in LOGGED or k.startswith("rewards/")) and isinstance(v, (int, float)) and math.isfinite(v)
+                }
                 if values:
                     outer.on_metrics(values)
 
@@ -341,7 +410,7 @@ def _mean_completion_logp(model: Any, tokenizer: Any, prompt_text: str, completi
     logps = torch.log_softmax(logits, -1)
     targets = ids[0, 1:]
     token_logps = logps.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return float(token_logps[len(p) - 1:].mean())
+    return float(token_logps[len(p) - 1 :].mean())
 
 
 def _texts(tokenizer: Any, prompt: Any, completion: Any) -> tuple[str, str]:
@@ -386,7 +455,6 @@ def preference_accuracy(model: Any, tokenizer: Any, pairs: list[tuple[Any, Any, 
 
 def greedy_completions(model: Any, tokenizer: Any, prompts: list[Any], max_new_tokens: int) -> list[str]:
     import torch
-
     from trl.data_utils import maybe_apply_chat_template
 
     was_training = model.training
@@ -397,15 +465,22 @@ def greedy_completions(model: Any, tokenizer: Any, prompts: list[Any], max_new_t
         text = maybe_apply_chat_template({"prompt": prompt}, tokenizer)["prompt"]
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
         with torch.no_grad():
-            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        out.append(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
+            gen = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        out.append(tokenizer.decode(gen[0, ids.shape[1] :], skip_special_tokens=True))
     if was_training:
         model.train()
     return out
 
 
-def mean_reward(model: Any, tokenizer: Any, val_rows: list[dict[str, Any]], scorers: list[Any], spec: Any) -> dict[str, float]:
+def mean_reward(
+    model: Any, tokenizer: Any, val_rows: list[dict[str, Any]], scorers: list[Any], spec: Any
+) -> dict[str, float]:
     """Mean grader rewards of greedy completions of the held-out prompts (`reward`: the weighted sum)."""
     from kubetune.trainer import graders
 
@@ -414,7 +489,9 @@ def mean_reward(model: Any, tokenizer: Any, val_rows: list[dict[str, Any]], scor
     return graders.mean_score(scorers, [g.weight for g in cfg.graders], list(zip(texts, val_rows)))
 
 
-def heldout(model: Any, tokenizer: Any, val_rows: list[dict[str, Any]], spec: Any, scorers: list[Any]) -> dict[str, float]:
+def heldout(
+    model: Any, tokenizer: Any, val_rows: list[dict[str, Any]], spec: Any, scorers: list[Any]
+) -> dict[str, float]:
     """The base-vs-tuned number of the job's type: {"preferenceAccuracy": …} or {"meanReward": …, per grader}."""
     kind = spec.method.training_type
     if kind == TrainingType.GRPO:

@@ -33,7 +33,7 @@ def base_model_name(source: str) -> str:
     """What `base_model_name_or_path` should say for a model source (see the module docstring)."""
     scheme = urlsplit(source).scheme.lower() if "://" in source else ""
     if scheme == "hf":
-        return source[len("hf://"):].strip("/").partition("@")[0]
+        return source[len("hf://") :].strip("/").partition("@")[0]
     if scheme in ("", "file", "local"):
         path = local_path(source)
         return str(path) if path is not None else source
@@ -74,7 +74,9 @@ def model_record(source: str, model_dir: Path) -> dict[str, Any]:
     if (model_dir / MANIFEST).is_file():  # a kubetune output: its manifest lists every file's sha256
         out["sha256"], out["digestOf"] = _sha256_file(model_dir / MANIFEST), MANIFEST
         return out
-    files = sorted(p for p in model_dir.rglob("*") if p.is_file() and (p.name == "config.json" or p.suffix == ".safetensors"))
+    files = sorted(
+        p for p in model_dir.rglob("*") if p.is_file() and (p.name == "config.json" or p.suffix == ".safetensors")
+    )
     lines = "".join(f"{_sha256_file(p)}  {p.relative_to(model_dir).as_posix()}\n" for p in files)
     out["sha256"], out["digestOf"] = hashlib.sha256(lines.encode()).hexdigest(), _WEIGHTS_DIGEST
     return out
@@ -83,7 +85,6 @@ def model_record(source: str, model_dir: Path) -> dict[str, Any]:
 def dataset_records(dataset: Any, storage_options: dict | None = None) -> list[dict[str, Any]]:
     """Each dataset file's URI, size and sha256 (of the bytes as stored, compressed or not)."""
     import fsspec  # type: ignore[import-untyped]
-
     from kubetune.trainer import data
 
     out = []
@@ -112,7 +113,7 @@ class Provenance:
     def _result(future: concurrent.futures.Future, fallback: Any) -> Any:
         try:
             return future.result()
-        except Exception as err:  # noqa: BLE001 - provenance never costs a trained result: say why it is missing
+        except Exception as err:
             return fallback(f"{type(err).__name__}: {str(err)[:200]}")
 
     @property
@@ -121,5 +122,7 @@ class Provenance:
 
     def record(self) -> dict[str, Any]:
         """The manifest's `base` and `datasets` entries."""
-        return {"base": self._result(self._model, lambda e: {"error": e}),
-                "datasets": self._result(self._data, lambda e: [{"error": e}])}
+        return {
+            "base": self._result(self._model, lambda e: {"error": e}),
+            "datasets": self._result(self._data, lambda e: [{"error": e}]),
+        }

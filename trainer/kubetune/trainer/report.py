@@ -24,7 +24,9 @@ PLOT_DPI = 100
 PLOT_PIXELS = (int(PLOT_SIZE[0] * PLOT_DPI), int(PLOT_SIZE[1] * PLOT_DPI))
 
 
-def _plot(series: list[tuple[str, list[tuple[float, float]], str]], ylabel: str, title: str, log_y: bool = False) -> str | None:
+def _plot(
+    series: list[tuple[str, list[tuple[float, float]], str]], ylabel: str, title: str, log_y: bool = False
+) -> str | None:
     """A line plot as a data: URI (PNG), or None when there is nothing to draw."""
     series = [(label, pts, style) for label, pts, style in series if pts]
     if not series:
@@ -115,25 +117,53 @@ def render(data: dict[str, Any]) -> str:
     name = data.get("name", "run")
     m = data.get("metrics") or {}
     hist = data.get("history") or {}
-    parts = [f"<!doctype html><html lang=en><head><meta charset=utf-8><title>kubetune report: {_e(name)}</title>",
-             f"<style>{CSS}</style></head><body>",
-             f"<h1>kubetune report: {_e(name)}</h1>",
-             f"<p>Base model <code>{_e(data.get('baseModel', ''))}</code>, method <code>{_e(data.get('method', ''))}</code>, "
-             f"{_num(data.get('steps'))} steps in {_num(data.get('durationSeconds'))} s.</p>"]
+    parts = [
+        f"<!doctype html><html lang=en><head><meta charset=utf-8><title>kubetune report: {_e(name)}</title>",
+        f"<style>{CSS}</style></head><body>",
+        f"<h1>kubetune report: {_e(name)}</h1>",
+        f"<p>Base model <code>{_e(data.get('baseModel', ''))}</code>, method <code>{_e(data.get('method', ''))}</code>, "
+        f"{_num(data.get('steps'))} steps in {_num(data.get('durationSeconds'))} s.</p>",
+    ]
 
     parts.append("<h2>Training</h2>")
-    parts.append(_table([
-        ("train loss", _num(m.get("trainLoss"))), ("eval loss (tuned)", _num(m.get("evalLoss"))),
-        ("eval loss (base)", _num(m.get("baseEvalLoss"))), ("perplexity", _num(m.get("perplexity"))),
-        ("token accuracy", _num(m.get("tokenAccuracy"))), ("tokens/s", _num(m.get("tokensPerSecond"))),
-    ], "training"))
+    parts.append(
+        _table(
+            [
+                ("train loss", _num(m.get("trainLoss"))),
+                ("eval loss (tuned)", _num(m.get("evalLoss"))),
+                ("eval loss (base)", _num(m.get("baseEvalLoss"))),
+                ("perplexity", _num(m.get("perplexity"))),
+                ("token accuracy", _num(m.get("tokenAccuracy"))),
+                ("tokens/s", _num(m.get("tokensPerSecond"))),
+            ],
+            "training",
+        )
+    )
     losses = [tuple(p) for p in hist.get("loss", [])]
     evals = [tuple(p) for p in hist.get("evalLoss", [])]
-    parts.append(_img(_plot([("train loss", losses, "-"), ("eval loss", evals, "o-")], "loss", "Loss"), "Loss curves", "plot-loss"))
-    parts.append(_img(_plot([("learning rate", [tuple(p) for p in hist.get("learningRate", [])], "-")], "learning rate",
-                            "Learning-rate schedule"), "Learning-rate schedule", "plot-lr"))
-    parts.append(_img(_plot([("tokens/s", [tuple(p) for p in hist.get("tokensPerSecond", [])], "-")], "tokens / s",
-                            "Throughput"), "Throughput", "plot-throughput"))
+    parts.append(
+        _img(
+            _plot([("train loss", losses, "-"), ("eval loss", evals, "o-")], "loss", "Loss"), "Loss curves", "plot-loss"
+        )
+    )
+    parts.append(
+        _img(
+            _plot(
+                [("learning rate", [tuple(p) for p in hist.get("learningRate", [])], "-")],
+                "learning rate",
+                "Learning-rate schedule",
+            ),
+            "Learning-rate schedule",
+            "plot-lr",
+        )
+    )
+    parts.append(
+        _img(
+            _plot([("tokens/s", [tuple(p) for p in hist.get("tokensPerSecond", [])], "-")], "tokens / s", "Throughput"),
+            "Throughput",
+            "plot-throughput",
+        )
+    )
 
     gen = m.get("generation") or {}
     parts.append("<h2>Base vs tuned</h2>")
@@ -144,19 +174,33 @@ def render(data: dict[str, Any]) -> str:
         for k in names:
             b, t = gen.get("base", {}).get(k), gen.get("tuned", {}).get(k)
             delta = _num(t - b) if isinstance(b, (int, float)) and isinstance(t, (int, float)) else "–"
-            body += f'<tr><th>{_e(k)}</th><td class=num>{_num(b)}</td><td class=num>{_num(t)}</td><td class=num>{delta}</td></tr>'
+            body += f"<tr><th>{_e(k)}</th><td class=num>{_num(b)}</td><td class=num>{_num(t)}</td><td class=num>{delta}</td></tr>"
         parts.append(f'<table id="ab">{head}{body}</table>')
         judge = gen.get("judge")
         if judge:
-            parts.append(_table([("judge", _e(judge.get("model", ""))), ("tuned wins", _num(judge.get("tunedWins"))),
-                                 ("base wins", _num(judge.get("baseWins"))), ("ties", _num(judge.get("ties"))),
-                                 ("failed", _num(judge.get("failed"))), ("tuned win rate", _num(judge.get("winRate")))], "judge"))
+            parts.append(
+                _table(
+                    [
+                        ("judge", _e(judge.get("model", ""))),
+                        ("tuned wins", _num(judge.get("tunedWins"))),
+                        ("base wins", _num(judge.get("baseWins"))),
+                        ("ties", _num(judge.get("ties"))),
+                        ("failed", _num(judge.get("failed"))),
+                        ("tuned win rate", _num(judge.get("winRate"))),
+                    ],
+                    "judge",
+                )
+            )
         rows = data.get("samples") or []
         body = "".join(
             f"<tr><td>{_e(r.get('prompt', ''))}</td><td>{_e(r.get('reference', ''))}</td><td>{_e(r.get('base') or '')}</td>"
-            f"<td>{_e(r.get('tuned', ''))}</td></tr>" for r in rows)
-        parts.append('<h3>Samples</h3><table id="samples" class="samples"><tr><th>prompt</th><th>reference</th>'
-                     f"<th>base</th><th>tuned</th></tr>{body}</table>")
+            f"<td>{_e(r.get('tuned', ''))}</td></tr>"
+            for r in rows
+        )
+        parts.append(
+            '<h3>Samples</h3><table id="samples" class="samples"><tr><th>prompt</th><th>reference</th>'
+            f"<th>base</th><th>tuned</th></tr>{body}</table>"
+        )
     else:
         parts.append('<p class="none">No samples (spec.evaluation.samples: 0).</p>')
 
@@ -164,33 +208,57 @@ def render(data: dict[str, Any]) -> str:
     parts.append("<h2>Dataset</h2>")
     if dr:
         t, d, o, p = dr["tokens"], dr["duplicates"], dr["overlap"], dr["pii"]
-        parts.append(_table([
-            ("training examples", _num(dr["examples"])), ("validation examples", _num(dr["validationExamples"])),
-            ("tokens" + ("" if dr.get("tokensExact") else " (estimated)"), _num(t["total"])),
-            ("tokens per example (min / p50 / p95 / max)", f"{t['min']} / {t['p50']} / {t['p95']} / {t['max']}"),
-            ("turns per example (mean)", _num(dr["turns"]["mean"])),
-            (f"over maxSeqLength {dr['maxSeqLength']}", _num(dr["overMaxSeqLength"])),
-            ("exact duplicates", _num(d["exact"])), ("near duplicates", _num(d["near"])),
-            ("train/validation overlap (exact)", _num(o["exact"])), ("train/validation overlap (near)", _num(o["near"])),
-            ("distinct system prompts", _num(dr["systemPrompts"]["distinct"])),
-            (f"PII findings (policy {p['policy']})", _num(p["total"])),
-        ], "data"))
+        parts.append(
+            _table(
+                [
+                    ("training examples", _num(dr["examples"])),
+                    ("validation examples", _num(dr["validationExamples"])),
+                    ("tokens" + ("" if dr.get("tokensExact") else " (estimated)"), _num(t["total"])),
+                    (
+                        "tokens per example (min / p50 / p95 / max)",
+                        f"{t['min']} / {t['p50']} / {t['p95']} / {t['max']}",
+                    ),
+                    ("turns per example (mean)", _num(dr["turns"]["mean"])),
+                    (f"over maxSeqLength {dr['maxSeqLength']}", _num(dr["overMaxSeqLength"])),
+                    ("exact duplicates", _num(d["exact"])),
+                    ("near duplicates", _num(d["near"])),
+                    ("train/validation overlap (exact)", _num(o["exact"])),
+                    ("train/validation overlap (near)", _num(o["near"])),
+                    ("distinct system prompts", _num(dr["systemPrompts"]["distinct"])),
+                    (f"PII findings (policy {p['policy']})", _num(p["total"])),
+                ],
+                "data",
+            )
+        )
         parts.append(_img(_histogram(dr.get("lengthHistogram") or []), "Length histogram", "plot-lengths"))
         if p["findings"]:
-            body = "".join(f"<tr><td>{_e(f['file'])}:{f['line']}</td><td>{_e(f['kind'])}</td><td>{_e(f['field'])}</td>"
-                           f"<td>{_e(f['preview'])}</td></tr>" for f in p["findings"][:50])
-            parts.append(f'<table id="pii"><tr><th>where</th><th>kind</th><th>field</th><th>preview</th></tr>{body}</table>')
+            body = "".join(
+                f"<tr><td>{_e(f['file'])}:{f['line']}</td><td>{_e(f['kind'])}</td><td>{_e(f['field'])}</td>"
+                f"<td>{_e(f['preview'])}</td></tr>"
+                for f in p["findings"][:50]
+            )
+            parts.append(
+                f'<table id="pii"><tr><th>where</th><th>kind</th><th>field</th><th>preview</th></tr>{body}</table>'
+            )
     else:
         parts.append('<p class="none">No dataset report.</p>')
 
     cost = data.get("cost") or {}
     est = (dr or {}).get("estimate") or {}
     parts.append("<h2>Cost and energy</h2>")
-    parts.append(_table([
-        ("duration (s)", _num(data.get("durationSeconds"))), ("energy (kWh)", _num(cost.get("energyKWh"))),
-        ("estimated training tokens", _num(est.get("trainingTokens"))), ("billing tokens (OpenAI cookbook)", _num(est.get("billingTokens"))),
-        ("estimated GPU-hours", _num(est.get("gpuHours"))), ("estimated cost (USD)", _num(est.get("estimatedUSD"))),
-    ], "cost"))
+    parts.append(
+        _table(
+            [
+                ("duration (s)", _num(data.get("durationSeconds"))),
+                ("energy (kWh)", _num(cost.get("energyKWh"))),
+                ("estimated training tokens", _num(est.get("trainingTokens"))),
+                ("billing tokens (OpenAI cookbook)", _num(est.get("billingTokens"))),
+                ("estimated GPU-hours", _num(est.get("gpuHours"))),
+                ("estimated cost (USD)", _num(est.get("estimatedUSD"))),
+            ],
+            "cost",
+        )
+    )
     parts.append("</body></html>")
     return "\n".join(parts)
 

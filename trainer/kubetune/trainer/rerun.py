@@ -82,11 +82,15 @@ def finished(store: storage.Store, spec: Any, out_uri: str) -> dict[str, Any] | 
         manifest = storage.read_manifest(store, "")
         if manifest.get(DIGEST_KEY) == digest and isinstance(manifest.get(SUMMARY_KEY), dict):
             return finished_summary(store, manifest)
-        why = ("was written by another spec (model, data, method or hyperparameters differ)" if manifest.get(DIGEST_KEY)
-               else "records no training digest (an older kubetune, or another tool), so it cannot be matched to this spec")
+        why = (
+            "was written by another spec (model, data, method or hyperparameters differ)"
+            if manifest.get(DIGEST_KEY)
+            else "records no training digest (an older kubetune, or another tool), so it cannot be matched to this spec"
+        )
         raise Refused(
             f"spec.output.uri: {storage.display_uri(out_uri)} already holds a finished result that {why}. Change "
-            "spec.output.uri, or set spec.output.overwrite: true (kubetune run --overwrite) to delete it and train again.")
+            "spec.output.uri, or set spec.output.overwrite: true (kubetune run --overwrite) to delete it and train again."
+        )
     if not spec.output.overwrite:
         check_checkpoints(store, digest)
     return None
@@ -100,8 +104,10 @@ def prepare_output(store: storage.Store, spec: Any, out_uri: str) -> None:
     if spec.output.overwrite:
         if store.exists(storage.MANIFEST):
             remove_result(store)
-            log.warning("spec.output.overwrite: deleted the finished result and checkpoints at %s; training starts over",
-                        storage.display_uri(out_uri))
+            log.warning(
+                "spec.output.overwrite: deleted the finished result and checkpoints at %s; training starts over",
+                storage.display_uri(out_uri),
+            )
         check_checkpoints(store, digest_of(spec), overwrite=True)
 
 
@@ -123,8 +129,10 @@ def check_checkpoints(store: storage.Store, digest: str, overwrite: bool = False
             if not overwrite:
                 raise
             store.rm(storage.CHECKPOINTS, recursive=True)
-            log.warning("spec.output.overwrite: deleted the checkpoints of another spec under %s",
-                        storage.display_uri(store.uri_for(storage.CHECKPOINTS)))
+            log.warning(
+                "spec.output.overwrite: deleted the checkpoints of another spec under %s",
+                storage.display_uri(store.uri_for(storage.CHECKPOINTS)),
+            )
             return
 
 
@@ -135,7 +143,8 @@ def check_checkpoint(manifest: dict[str, Any] | None, digest: str, uri: str) -> 
             f"spec.output.uri: the checkpoint {storage.display_uri(uri)} was written by a different spec (model, data, "
             "method or hyperparameters changed since it was saved), so training cannot resume from it. Change "
             f"spec.output.uri, or delete the checkpoints under {storage.display_uri(storage.safe_join(store_root(uri), storage.CHECKPOINTS))} "
-            "to train this spec from the start.")
+            "to train this spec from the start."
+        )
 
 
 def store_root(checkpoint_uri: str) -> str:
@@ -160,7 +169,9 @@ def finished_summary(store: storage.Store, manifest: dict[str, Any]) -> dict[str
     sha = hashlib.sha256(store.read_bytes(storage.MANIFEST)).hexdigest()
     if summary.adapter is not None:
         summary.adapter.sha256 = sha
-        summary.adapter.bytes = sum(f["bytes"] for k, f in manifest["files"].items() if k.startswith(storage.ADAPTER + "/"))
+        summary.adapter.bytes = sum(
+            f["bytes"] for k, f in manifest["files"].items() if k.startswith(storage.ADAPTER + "/")
+        )
     return summary.wire()
 
 
@@ -190,8 +201,10 @@ def kept_result_message(result_dir: Path, committed: list[dict[str, Any]]) -> st
     text = f"The trained result is kept at {result_dir} (in this container until it exits)"
     if committed:
         last = committed[-1]
-        text += (f"; the checkpoint of step {last['step']} stays committed at {storage.display_uri(last['uri'])} and a "
-                 "rerun of this spec resumes from it, only evaluating and committing")
+        text += (
+            f"; the checkpoint of step {last['step']} stays committed at {storage.display_uri(last['uri'])} and a "
+            "rerun of this spec resumes from it, only evaluating and committing"
+        )
     return text + "."
 
 
@@ -200,10 +213,12 @@ def check_dataset(spec: Any) -> None:
     are Refused (naming the field) and a failing store a retriable StorageError, before the full
     read and long before the model loads. Content problems are data.validate's."""
     import fsspec  # type: ignore[import-untyped]
-
     from kubetune.trainer import data
 
-    for param, uri in (("spec.dataset.train", spec.dataset.train), ("spec.dataset.validation", spec.dataset.validation)):
+    for param, uri in (
+        ("spec.dataset.train", spec.dataset.train),
+        ("spec.dataset.validation", spec.dataset.validation),
+    ):
         if not uri:
             continue
         where = storage.display_uri(uri)
@@ -216,18 +231,30 @@ def check_dataset(spec: Any) -> None:
                 f.read(1)
         except IsADirectoryError:
             raise Refused(f"{param}: {where} is a directory; point it at a .jsonl file", param, "InvalidData") from None
-        except Exception as exc:  # noqa: BLE001 - cloud SDKs raise their own types; triaged as the store does
+        except Exception as exc:
             kind = storage._triage(exc)
             detail = storage._redact(f"{type(exc).__name__}: {exc}")
             if kind == "transient":
-                raise storage.StorageError(f"{param}: reading {where} failed ({detail}): the object store is failing or "
-                                           "unreachable; the job retries") from None
+                raise storage.StorageError(
+                    f"{param}: reading {where} failed ({detail}): the object store is failing or "
+                    "unreachable; the job retries"
+                ) from None
             if kind in ("access", "credentials"):
-                raise Refused(f"{param}: reading {where}: access denied or invalid credentials ({detail}). Check the "
-                              "credentials in the Secret named by spec.output.credentialsSecret and that they may read "
-                              "the dataset", param, "StorageError") from None
+                raise Refused(
+                    f"{param}: reading {where}: access denied or invalid credentials ({detail}). Check the "
+                    "credentials in the Secret named by spec.output.credentialsSecret and that they may read "
+                    "the dataset",
+                    param,
+                    "StorageError",
+                ) from None
             if kind in ("not_found", "no_bucket"):
-                raise Refused(f"{param}: {where} does not exist ({detail}); check the path, the bucket name and the URI "
-                              "scheme", param, "InvalidData") from None
-            raise Refused(f"{param}: cannot read {where} ({detail}); check the URI, network access and the storage "
-                          "credentials", param, "StorageError") from None
+                raise Refused(
+                    f"{param}: {where} does not exist ({detail}); check the path, the bucket name and the URI scheme",
+                    param,
+                    "InvalidData",
+                ) from None
+            raise Refused(
+                f"{param}: cannot read {where} ({detail}); check the URI, network access and the storage credentials",
+                param,
+                "StorageError",
+            ) from None

@@ -16,21 +16,34 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import statistics
-import os
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from kubetune.api import FineTuneJob
 from kubetune.api.contract import SUMMARY_CHECKPOINTS_MAX, TrainerSummary, file_param
-from kubetune.api.spec import served_merged
 from kubetune.api.enums import TrainingType
-from kubetune.trainer import (data, datareport, evaluation, hparams, methods, objectives, optimizers, provenance, quiet, rerun,
-                              sources, storage)
+from kubetune.api.spec import served_merged
+from kubetune.trainer import (
+    data,
+    datareport,
+    evaluation,
+    hparams,
+    methods,
+    objectives,
+    optimizers,
+    provenance,
+    quiet,
+    rerun,
+    sources,
+    storage,
+)
 from kubetune.trainer import report as html_report
 from kubetune.trainer.callbacks import CheckpointUploader, LoopCallback, Preemption, TokenCounter
 from kubetune.trainer.metrics import TrainerMetrics
@@ -90,8 +103,10 @@ def _run(job: FineTuneJob, opts: Options, scratch: Path) -> dict[str, Any]:
     with _output_errors():
         previous = rerun.finished(store, spec, out_uri)
     if previous is not None:
-        opts.on_status(f"{storage.display_uri(out_uri)} already holds this spec's finished result: nothing to train "
-                       "(spec.output.overwrite: true, or kubetune run --overwrite, trains it again)")
+        opts.on_status(
+            f"{storage.display_uri(out_uri)} already holds this spec's finished result: nothing to train "
+            "(spec.output.overwrite: true, or kubetune run --overwrite, trains it again)"
+        )
         return previous
 
     # 1. Data, before any model is touched.
@@ -102,14 +117,19 @@ def _run(job: FineTuneJob, opts: Options, scratch: Path) -> dict[str, Any]:
         raise UserError(str(err), err.reason, err.param) from None
     extra_keys = data.extra_keys_for(spec)
     try:
-        report = data.validate(spec.dataset, extra_keys=extra_keys, seed=spec.hyperparameters.seed,
-                               record_check=data.record_check_for(spec))
+        report = data.validate(
+            spec.dataset,
+            extra_keys=extra_keys,
+            seed=spec.hyperparameters.seed,
+            record_check=data.record_check_for(spec),
+        )
     except data.DataError as err:
         raise UserError(str(err), "InvalidData", data_param(err)) from None
     # spec.dataset.pii, before anything else sees the data: redacted records are what trains.
     try:
         train_records, val_records, pii_scan, pii_warnings = datareport.enforce(
-            spec.dataset.pii, spec.dataset.format, report.train, report.validation)
+            spec.dataset.pii, spec.dataset.format, report.train, report.validation
+        )
     except data.DataError as err:
         raise UserError(str(err), "InvalidData", data_param(err)) from None
     for warning in report.warnings + pii_warnings:
@@ -156,8 +176,11 @@ def _run(job: FineTuneJob, opts: Options, scratch: Path) -> dict[str, Any]:
             log.warning("%s", data.unsupervised_warning(train_dropped + val_dropped, spec.dataset.max_seq_length))
         for part, kept, dropped in (("training", train, train_dropped), ("validation", val, val_dropped)):
             if dropped and not kept:
-                raise UserError(data.no_supervision_message(part, dropped, spec.dataset.max_seq_length), "InvalidData",
-                                "spec.dataset.maxSeqLength")
+                raise UserError(
+                    data.no_supervision_message(part, dropped, spec.dataset.max_seq_length),
+                    "InvalidData",
+                    "spec.dataset.maxSeqLength",
+                )
     else:
         from kubetune.trainer import graders, preference
 
@@ -167,15 +190,18 @@ def _run(job: FineTuneJob, opts: Options, scratch: Path) -> dict[str, Any]:
             train = preference.rows(train_records + val_records, kind)  # one form across both files
         except data.DataError as err:
             raise UserError(str(err), "InvalidData", data_param(err)) from None
-        train, val = train[: len(train_records)], train[len(train_records):]
+        train, val = train[: len(train_records)], train[len(train_records) :]
         if kind == TrainingType.GRPO:
             try:
                 scorers = graders.build(spec.method.grpo.graders)
             except graders.GraderError as err:
                 raise UserError(str(err), "InvalidSpec", err.param) from None
     if not train or not val:
-        raise UserError("spec.dataset: no example is left after dropping overlength ones; raise maxSeqLength", "InvalidData",
-                        "spec.dataset.maxSeqLength")
+        raise UserError(
+            "spec.dataset: no example is left after dropping overlength ones; raise maxSeqLength",
+            "InvalidData",
+            "spec.dataset.maxSeqLength",
+        )
 
     # 4. The model, shaped by the adaptation.
     import torch
@@ -199,12 +225,19 @@ def _run(job: FineTuneJob, opts: Options, scratch: Path) -> dict[str, Any]:
         # Packed rows: flash-attention varlen on a GPU that has it (padding-free), else SDPA
         # with the block-diagonal mask transformers derives from the position restarts.
         placement["attn_implementation"] = data.packing_attention(device, config)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **load_kwargs, **{**placement, **adaptation.load_kwargs(device)})
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, **load_kwargs, **{**placement, **adaptation.load_kwargs(device)}
+    )
     chosen = _after_load(adaptation, model)  # targets again on the loaded model: before base evaluation
     _, total_params = methods.count_parameters(model)
     effective = hparams.resolve(
-        spec, adaptation.default_learning_rate, total_params, config.hidden_size, config.num_hidden_layers,
-        getattr(config, "vocab_size", None), getattr(config, "intermediate_size", None),
+        spec,
+        adaptation.default_learning_rate,
+        total_params,
+        config.hidden_size,
+        config.num_hidden_layers,
+        getattr(config, "vocab_size", None),
+        getattr(config, "intermediate_size", None),
     )
     effective.update(chosen)
     collate = data.Collator(tokenizer.pad_token_id, packing=False)
@@ -229,11 +262,17 @@ def _run(job: FineTuneJob, opts: Options, scratch: Path) -> dict[str, Any]:
         on_objective_metrics({("base" + k[0].upper() + k[1:]): v for k, v in base_numbers.items() if "/" not in k})
     # Generation A/B on held-out prompts (SFT; the preference types compare by preference accuracy
     # or grader score above).
-    samples = evaluation.pick(val_records, spec.dataset.format, spec.evaluation.samples) if supervised and _rank_zero() else []
+    samples = (
+        evaluation.pick(val_records, spec.dataset.format, spec.evaluation.samples)
+        if supervised and _rank_zero()
+        else []
+    )
     base_answers: list[str] = []
     if samples:
         opts.on_status(f"answering {len(samples)} held-out prompts with the base model")
-        base_answers = evaluation.generate(model, tokenizer, samples, spec.evaluation.max_new_tokens, spec.hyperparameters.seed)
+        base_answers = evaluation.generate(
+            model, tokenizer, samples, spec.evaluation.max_new_tokens, spec.hyperparameters.seed
+        )
     model = adaptation.apply(model, tokenizer)
     effective.update(hparams.master_weights(model, effective["precision"]))
     opts.metrics.set_effective(effective)
@@ -267,13 +306,17 @@ def _run(job: FineTuneJob, opts: Options, scratch: Path) -> dict[str, Any]:
         res = evaluate(model, val, collate, effective["batchSize"])
         metrics.eval_loss.set(res["loss"])
         loop.eval_losses.append((trainer.state.global_step, res["loss"]))
-        trainer.state.log_history.append({"step": trainer.state.global_step, "eval_loss": res["loss"]})  # kept by checkpoints
+        trainer.state.log_history.append(
+            {"step": trainer.state.global_step, "eval_loss": res["loss"]}
+        )  # kept by checkpoints
         return res
 
     periodic_eval = eval_now if kind != TrainingType.GRPO else None  # GRPO's greedy generation: at the end only
     loop = LoopCallback(metrics, tokens, preemption, opts.on_progress, periodic_eval, spec.evaluation.every_steps)
     uploader = CheckpointUploader(
-        commit=lambda local, step: storage.commit_checkpoint(store, local, step, {"jobName": job.metadata.name, rerun.DIGEST_KEY: digest}),
+        commit=lambda local, step: storage.commit_checkpoint(
+            store, local, step, {"jobName": job.metadata.name, rerun.DIGEST_KEY: digest}
+        ),
         prune=lambda: storage.prune_checkpoints(store, spec.checkpointing.keep),
         metrics=metrics,
         loop=loop,
@@ -307,15 +350,27 @@ def _run(job: FineTuneJob, opts: Options, scratch: Path) -> dict[str, Any]:
         except objectives.IncompatibleError as err:
             raise UserError(str(err), err.reason, "spec.method.objectives") from None
     if supervised:
-        trainer = _trainer(model, train_set, tokens, effective, spec, scratch / "run", callbacks, optimizer, terms,
-                           on_objective_metrics)
+        trainer = _trainer(
+            model,
+            train_set,
+            tokens,
+            effective,
+            spec,
+            scratch / "run",
+            callbacks,
+            optimizer,
+            terms,
+            on_objective_metrics,
+        )
     else:
         args = preference.training_args(spec, effective, scratch / "run", hparams.device() == "cpu", _SCHEDULERS)
         callbacks.append(preference.TrlMetrics(on_objective_metrics).callback)
         trainer = preference.build_trainer(spec, model, tokenizer, train, args, callbacks, optimizer, scorers)
         tokens.collate, trainer.data_collator = trainer.data_collator, tokens  # count what TRL's collator batches
-    opts.on_status(f"training: {trainable:,} of {adapted_params:,} parameters ({effective['weightsDtype']} weights, "
-                   f"{effective['computeDtype']} compute)")
+    opts.on_status(
+        f"training: {trainable:,} of {adapted_params:,} parameters ({effective['weightsDtype']} weights, "
+        f"{effective['computeDtype']} compute)"
+    )
     resume_dir = None
     if resume:
         resume_dir = str(resume.path)
@@ -332,7 +387,9 @@ def _run(job: FineTuneJob, opts: Options, scratch: Path) -> dict[str, Any]:
             preemption.uninstall()  # from here a Ctrl-C interrupts at once
             uploader.finish()
     except storage.PermanentStorageError as err:  # a checkpoint commit refused (bucket deleted, key revoked)
-        raise UserError(f"spec.output.uri: committing a checkpoint failed: {err}", "StorageError", "spec.output.uri") from None
+        raise UserError(
+            f"spec.output.uri: committing a checkpoint failed: {err}", "StorageError", "spec.output.uri"
+        ) from None
     if preemption.requested.is_set():
         raise Preempted(f"stopped on {preemption.name} at step {trainer.state.global_step}; checkpoint committed")
 
@@ -361,7 +418,9 @@ def _run(job: FineTuneJob, opts: Options, scratch: Path) -> dict[str, Any]:
         sample_rows = _generation_ab(spec, model, tokenizer, samples, base_answers, results, metrics)
     if not trainer.is_world_process_zero():
         # Under torchrun every rank trains; global rank 0 alone saves and commits the result.
-        worker = TrainerSummary(status="succeeded", role="worker", rank=int(os.environ.get("RANK", "0")), metrics=results)
+        worker = TrainerSummary(
+            status="succeeded", role="worker", rank=int(os.environ.get("RANK", "0")), metrics=results
+        )
         return worker.wire()
     result_dir = scratch / "result"
     opts.on_status("saving the adapter")
@@ -371,11 +430,21 @@ def _run(job: FineTuneJob, opts: Options, scratch: Path) -> dict[str, Any]:
     tokenizer.save_pretrained(result_dir)
     (result_dir / "training_log.json").write_text(json.dumps({"losses": loop.losses}))
     report_data = {
-        "name": job.metadata.name, "baseModel": spec.model.source, "method": str(spec.method.adaptation),
-        "steps": trainer.state.global_step, "durationSeconds": round(time.time() - started, 1), "metrics": results,
-        "history": {"loss": loop.losses, "evalLoss": loop.eval_losses, "learningRate": loop.learning_rates,
-                    "tokensPerSecond": loop.throughput},
-        "samples": sample_rows, "dataReport": data_report, "cost": {"energyKWh": results.get("energyKWh")},
+        "name": job.metadata.name,
+        "baseModel": spec.model.source,
+        "method": str(spec.method.adaptation),
+        "steps": trainer.state.global_step,
+        "durationSeconds": round(time.time() - started, 1),
+        "metrics": results,
+        "history": {
+            "loss": loop.losses,
+            "evalLoss": loop.eval_losses,
+            "learningRate": loop.learning_rates,
+            "tokensPerSecond": loop.throughput,
+        },
+        "samples": sample_rows,
+        "dataReport": data_report,
+        "cost": {"energyKWh": results.get("energyKWh")},
     }
     manifest_extra = {
         "name": job.metadata.name + (f"-{spec.suffix}" if spec.suffix else ""),
@@ -386,13 +455,19 @@ def _run(job: FineTuneJob, opts: Options, scratch: Path) -> dict[str, Any]:
         "trainableParameters": trainable,
         "versions": _versions(),
         **(origin.record() if origin else {}),
-        "dataPolicy": {"pii": str(spec.dataset.pii), "findings": pii_scan.total, "redactedExamples": pii_scan.redacted,
-                       "byKind": dict(pii_scan.counts)},
+        "dataPolicy": {
+            "pii": str(spec.dataset.pii),
+            "findings": pii_scan.total,
+            "redactedExamples": pii_scan.redacted,
+            "byKind": dict(pii_scan.counts),
+        },
     }
     manifest_extra[rerun.DIGEST_KEY] = digest
     try:
         manifest_extra["reports"] = _write_reports(store, report_data, sample_rows, data_report)
-        merged_uri = _merged_for_serving(spec, adaptation, model, tokenizer, model_dir, result_dir, store, manifest_extra, opts)
+        merged_uri = _merged_for_serving(
+            spec, adaptation, model, tokenizer, model_dir, result_dir, store, manifest_extra, opts
+        )
         summary = TrainerSummary(
             status="succeeded",
             adapter={
@@ -424,7 +499,9 @@ def _run(job: FineTuneJob, opts: Options, scratch: Path) -> dict[str, Any]:
         shutil.move(str(result_dir), kept_dir)
         kept = rerun.kept_result_message(kept_dir, uploader.committed or resumed)
         if isinstance(err, storage.PermanentStorageError):
-            raise UserError(f"spec.output.uri: committing the result failed: {err} {kept}", "StorageError", "spec.output.uri") from None
+            raise UserError(
+                f"spec.output.uri: committing the result failed: {err} {kept}", "StorageError", "spec.output.uri"
+            ) from None
         raise storage.StorageError(f"spec.output.uri: committing the result failed: {err} {kept}") from None
 
 
@@ -487,15 +564,25 @@ def _rank_zero() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _generation_ab(spec: Any, model: Any, tokenizer: Any, samples: list[evaluation.Sample], base_answers: list[str],
-                   results: dict[str, Any], metrics: TrainerMetrics) -> list[dict[str, Any]]:
+def _generation_ab(
+    spec: Any,
+    model: Any,
+    tokenizer: Any,
+    samples: list[evaluation.Sample],
+    base_answers: list[str],
+    results: dict[str, Any],
+    metrics: TrainerMetrics,
+) -> list[dict[str, Any]]:
     """The tuned model's answers to the samples, base and tuned scored (and judged) into
     results["generation"] and the generation-score gauge; the rows of eval/samples.jsonl."""
     ev = spec.evaluation
     tuned_answers = evaluation.generate(model, tokenizer, samples, ev.max_new_tokens, spec.hyperparameters.seed)
     names = [str(m) for m in ev.metrics]
-    generation: dict[str, Any] = {"samples": len(samples), "base": evaluation.score(base_answers, samples, names, ev.regex),
-                                  "tuned": evaluation.score(tuned_answers, samples, names, ev.regex)}
+    generation: dict[str, Any] = {
+        "samples": len(samples),
+        "base": evaluation.score(base_answers, samples, names, ev.regex),
+        "tuned": evaluation.score(tuned_answers, samples, names, ev.regex),
+    }
     verdicts = None
     if ev.judge is not None:
         generation["judge"], verdicts = evaluation.judge_samples(ev.judge, samples, base_answers, tuned_answers)
@@ -508,8 +595,9 @@ def _generation_ab(spec: Any, model: Any, tokenizer: Any, samples: list[evaluati
     return evaluation.rows(samples, base_answers, tuned_answers, names, ev.regex, verdicts)
 
 
-def _write_reports(store: storage.Store, report_data: dict[str, Any], sample_rows: list[dict[str, Any]],
-                   data_report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def _write_reports(
+    store: storage.Store, report_data: dict[str, Any], sample_rows: list[dict[str, Any]], data_report: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
     """eval/samples.jsonl, data-report.json, report-data.json and report.html at the output's root,
     before the manifest (which records each one's sha256 and size). Nothing is written over another
     job's committed output."""
@@ -535,8 +623,15 @@ MERGED = "merged"
 
 
 def _merged_for_serving(
-    spec: Any, adaptation: Any, model: Any, tokenizer: Any, model_dir: Path, result_dir: Path,
-    store: storage.Store, manifest_extra: dict[str, Any], opts: Options,
+    spec: Any,
+    adaptation: Any,
+    model: Any,
+    tokenizer: Any,
+    model_dir: Path,
+    result_dir: Path,
+    store: storage.Store,
+    manifest_extra: dict[str, Any],
+    opts: Options,
 ) -> str | None:
     """The URI of a full model an engine can serve, when spec.serving needs one (`served_merged`):
     the result itself when it is already full weights (full, layers, transfer, gradualUnfreeze,
@@ -560,7 +655,11 @@ def _merged_for_serving(
     tokenizer.save_pretrained(merged_dir)
     merged = storage.upload_dir(merged_dir, store, MERGED, {**manifest_extra, "mergedFrom": storage.ADAPTER})
     digest = hashlib.sha256(store.read_bytes(f"{MERGED}/{storage.MANIFEST}")).hexdigest()
-    manifest_extra["merged"] = {"prefix": MERGED, "sha256": digest, "bytes": sum(f["bytes"] for f in merged["files"].values())}
+    manifest_extra["merged"] = {
+        "prefix": MERGED,
+        "sha256": digest,
+        "bytes": sum(f["bytes"] for f in merged["files"].values()),
+    }
     return store.uri_for(MERGED)
 
 
@@ -599,7 +698,6 @@ def evaluate(model: Any, examples: list[Any], collate: Any, batch_size: int) -> 
     """Token-weighted held-out loss and exact-match token accuracy over the label tokens, from
     chunked logits (`chunked.token_stats`) where the model can skip its full logits."""
     import torch
-
     from kubetune.trainer import chunked
 
     use_hidden = chunked.supports_hidden(model)
@@ -623,7 +721,10 @@ def evaluate(model: Any, examples: list[Any], collate: Any, batch_size: int) -> 
             shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
             mask = shift_labels != -100
             loss = torch.nn.functional.cross_entropy(
-                shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100, reduction="sum"
+                shift_logits.reshape(-1, shift_logits.shape[-1]),
+                shift_labels.reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
             )
             total_loss += float(loss)
             total_tokens += int(mask.sum())
@@ -677,7 +778,14 @@ def _trainer(
         use_cpu=hparams.device() == "cpu",
         eval_strategy="no",
     )
-    common = dict(model=model, args=args, train_dataset=train_set, data_collator=collator, callbacks=callbacks, optimizers=(optimizer, None))
+    common = dict(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        data_collator=collator,
+        callbacks=callbacks,
+        optimizers=(optimizer, None),
+    )
     if terms:
         trainer = objectives.ObjectiveTrainer(**common, terms=terms, on_metrics=on_metrics)
     else:
@@ -746,12 +854,21 @@ def _versions() -> dict[str, str]:
     out = {}
     import platform
 
-    for pkg in ("kubetune", "torch", "transformers", "peft", "accelerate", "bitsandbytes", "trl", "tokenizers",
-                "safetensors", "huggingface_hub"):
+    for pkg in (
+        "kubetune",
+        "torch",
+        "transformers",
+        "peft",
+        "accelerate",
+        "bitsandbytes",
+        "trl",
+        "tokenizers",
+        "safetensors",
+        "huggingface_hub",
+    ):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             pass
     out["python"] = platform.python_version()
     return out
-

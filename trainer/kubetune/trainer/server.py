@@ -21,9 +21,8 @@ import uuid
 from typing import Any, Literal, Union
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
 from kubetune.trainer.inference import ModelPool, RequestError, Served, Stream
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 log = logging.getLogger(__name__)
 POOL: web.AppKey[ModelPool] = web.AppKey("pool", ModelPool)
@@ -55,8 +54,12 @@ class _Request(BaseModel):
         return stops
 
     def params(self) -> dict[str, Any]:
-        return {"max_tokens": self.max_tokens, "temperature": 1.0 if self.temperature is None else self.temperature,
-                "top_p": 1.0 if self.top_p is None else self.top_p, "stop": self.stop}
+        return {
+            "max_tokens": self.max_tokens,
+            "temperature": 1.0 if self.temperature is None else self.temperature,
+            "top_p": 1.0 if self.top_p is None else self.top_p,
+            "stop": self.stop,
+        }
 
 
 class _Part(BaseModel):
@@ -88,9 +91,12 @@ class CompletionRequest(_Request):
 # ------------------------------------------------------------------------------------- errors
 
 
-def error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-          code: str | None = None) -> web.Response:
-    return web.json_response({"error": {"message": message, "type": type_, "param": param, "code": code}}, status=status)
+def error(
+    status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> web.Response:
+    return web.json_response(
+        {"error": {"message": message, "type": type_, "param": param, "code": code}}, status=status
+    )
 
 
 @web.middleware
@@ -102,7 +108,7 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
             raise
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status)
         return error(exc.status, f"{request.method} {request.path}: {exc.reason}", param=None, code=code)
-    except Exception:  # noqa: BLE001 - logged here; the client gets a 500 it may retry
+    except Exception:
         log.exception("request %s %s failed", request.method, request.path)
         return error(500, "the server failed to answer this request; see the server's log", "server_error")
 
@@ -127,15 +133,23 @@ def _served(pool: ModelPool, name: str) -> Served | web.Response:
         return pool.get(name)
     except KeyError:
         known = ", ".join(sorted(pool.models))
-        return error(404, f"The model `{name}` does not exist. This server has: {known}", param="model", code="model_not_found")
+        return error(
+            404, f"The model `{name}` does not exist. This server has: {known}", param="model", code="model_not_found"
+        )
 
 
 # ------------------------------------------------------------------------------------- models
 
 
 def _model_card(served: Served, created: int) -> dict[str, Any]:
-    return {"id": served.id, "object": "model", "created": created, "owned_by": "kubetune",
-            "root": served.root, "parent": served.parent}
+    return {
+        "id": served.id,
+        "object": "model",
+        "created": created,
+        "owned_by": "kubetune",
+        "root": served.root,
+        "parent": served.parent,
+    }
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -147,7 +161,9 @@ async def get_model(request: web.Request) -> web.Response:
     pool = request.app[POOL]
     served = pool.models.get(request.match_info["model"])
     if served is None:
-        return error(404, f"The model `{request.match_info['model']}` does not exist", param="model", code="model_not_found")
+        return error(
+            404, f"The model `{request.match_info['model']}` does not exist", param="model", code="model_not_found"
+        )
     return web.json_response(_model_card(served, request.app[CREATED]))
 
 
@@ -180,9 +196,13 @@ async def _answer(request: web.Request, req: Any, kind: str, render: Any) -> web
     loop = asyncio.get_running_loop()
     try:
         served = await loop.run_in_executor(None, _served, pool, req.model)
-    except Exception as err:  # noqa: BLE001 - a base that fails to load on first use
-        return error(400, f"model {req.model} is listed but cannot be loaded here: {err}", param="model",
-                     code="model_not_available")
+    except Exception as err:
+        return error(
+            400,
+            f"model {req.model} is listed but cannot be loaded here: {err}",
+            param="model",
+            code="model_not_available",
+        )
     if isinstance(served, web.Response):
         return served
     params = req.params()
@@ -192,8 +212,10 @@ async def _answer(request: web.Request, req: Any, kind: str, render: Any) -> web
         ids = render(pool, served)
         seeds = [None if req.seed is None else req.seed + i for i in range(req.n)]  # n differing samples, repeatable
         if not req.stream:
-            done = [await loop.run_in_executor(None, lambda seed=seed: pool.complete(served, ids, seed=seed, **params))
-                    for seed in seeds]
+            done = [
+                await loop.run_in_executor(None, lambda seed=seed: pool.complete(served, ids, seed=seed, **params))
+                for seed in seeds
+            ]
             return web.json_response(_full_body(kind, served.id, done))
         # The first generation starts before the 200 so that a bad request still gets its 400.
         first = pool.stream(served, ids, seed=seeds[0], **params)
@@ -211,16 +233,40 @@ def _usage(streams: list[Stream]) -> dict[str, int]:
 
 def _full_body(kind: str, model: str, streams: list[Stream]) -> dict[str, Any]:
     if kind == "chat":
-        choices = [{"index": i, "message": {"role": "assistant", "content": s.text, "refusal": None},
-                    "logprobs": None, "finish_reason": s.finish_reason} for i, s in enumerate(streams)]
-        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": model, "choices": choices, "usage": _usage(streams), "system_fingerprint": None}
-    choices = [{"index": i, "text": s.text, "logprobs": None, "finish_reason": s.finish_reason} for i, s in enumerate(streams)]
-    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-            "model": model, "choices": choices, "usage": _usage(streams)}
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": s.text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": s.finish_reason,
+            }
+            for i, s in enumerate(streams)
+        ]
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": choices,
+            "usage": _usage(streams),
+            "system_fingerprint": None,
+        }
+    choices = [
+        {"index": i, "text": s.text, "logprobs": None, "finish_reason": s.finish_reason} for i, s in enumerate(streams)
+    ]
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": _usage(streams),
+    }
 
 
-async def _sse(request: web.Request, kind: str, model: str, first: Stream, rest: list[Any], req: Any) -> web.StreamResponse:
+async def _sse(
+    request: web.Request, kind: str, model: str, first: Stream, rest: list[Any], req: Any
+) -> web.StreamResponse:
     loop = asyncio.get_running_loop()
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
@@ -229,11 +275,24 @@ async def _sse(request: web.Request, kind: str, model: str, first: Stream, rest:
 
     def chunk(index: int, text: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
         if kind == "chat":
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+            delta: dict[str, Any] = (
+                {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+            )
             choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
-            return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
-        return {"id": ident, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}]}
+            return {
+                "id": ident,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [choice],
+            }
+        return {
+            "id": ident,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [{"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}],
+        }
 
     async def send(body: dict[str, Any]) -> None:
         await response.write(f"data: {json.dumps(body)}\n\n".encode())

@@ -26,8 +26,8 @@ from kubetune.trainer import builtin
 from kubetune.trainer.storage import (
     MANIFEST,
     PermanentStorageError,
-    Store,
     StorageError,
+    Store,
     display_uri,
     download_verified,
     local_path,
@@ -62,7 +62,7 @@ def resolve_model(source: Any, cache_dir: Path | None = None, storage_options: d
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     scheme = urlsplit(uri).scheme.lower() if "://" in uri else ""
     if scheme == "builtin":
-        name = uri[len("builtin://"):].strip("/")
+        name = uri[len("builtin://") :].strip("/")
         try:
             path = builtin.ensure(name)
         except KeyError:
@@ -73,7 +73,9 @@ def resolve_model(source: Any, cache_dir: Path | None = None, storage_options: d
     elif scheme in ("", "file", "local", "pvc"):
         mounted = local_path(uri)
         if mounted is None or not mounted.is_dir():
-            raise ModelSourceError(f"spec.model.source {display_uri(uri)}: {mounted} is not a directory (is the volume mounted?)")
+            raise ModelSourceError(
+                f"spec.model.source {display_uri(uri)}: {mounted} is not a directory (is the volume mounted?)"
+            )
         path = mounted
     else:
         path = _from_store(uri, cache, storage_options)
@@ -99,7 +101,9 @@ def load_tokenizer(source: Any, cache_dir: Path | None = None, storage_options: 
     elif scheme in ("", "file", "local", "pvc"):
         path = local_path(uri)
         if path is None or not path.is_dir():
-            raise ModelSourceError(f"{display_uri(uri)}: {path} is not a directory here (a volume only the pod mounts?)")
+            raise ModelSourceError(
+                f"{display_uri(uri)}: {path} is not a directory here (a volume only the pod mounts?)"
+            )
     elif scheme == "hf":
         path = _from_hub(uri, cache, TOKENIZER_PATTERNS)
     else:
@@ -113,20 +117,24 @@ def load_tokenizer(source: Any, cache_dir: Path | None = None, storage_options: 
         if isinstance(config, dict) and "auto_map" in config:
             code.append(f"{name}: auto_map")
     if code:
-        raise ModelSourceError(f"the tokenizer of {display_uri(uri)} needs code shipped with the model ({', '.join(code)}); "
-                               "validation never runs it (the trainer pod does, with spec.model.trustRemoteCode: true)")
+        raise ModelSourceError(
+            f"the tokenizer of {display_uri(uri)} needs code shipped with the model ({', '.join(code)}); "
+            "validation never runs it (the trainer pod does, with spec.model.trustRemoteCode: true)"
+        )
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-    except Exception as err:  # noqa: BLE001 - transformers raises many types for a broken directory
-        raise ModelSourceError(f"the tokenizer of {display_uri(uri)} could not be loaded: {type(err).__name__}: "
-                               f"{str(err).splitlines()[0][:200] if str(err) else ''}") from None
+    except Exception as err:
+        raise ModelSourceError(
+            f"the tokenizer of {display_uri(uri)} could not be loaded: {type(err).__name__}: "
+            f"{str(err).splitlines()[0][:200] if str(err) else ''}"
+        ) from None
 
 
 # ------------------------------------------------------------------------------------- fetchers
 
 
 def _from_hub(uri: str, cache: Path, patterns: Any = None) -> Path:
-    rest = uri[len("hf://"):].strip("/")
+    rest = uri[len("hf://") :].strip("/")
     repo_id, _, revision = rest.partition("@")
     if not _HF_REPO.match(repo_id) or "@" in revision:
         raise ModelSourceError(f"spec.model.source {uri!r}: expected hf://org/name or hf://org/name@revision")
@@ -155,7 +163,7 @@ def _from_hub(uri: str, cache: Path, patterns: Any = None) -> Path:
         ) from None
     except errors.RevisionNotFoundError:
         raise ModelSourceError(f"spec.model.source {uri}: revision {revision!r} not found in {repo_id}") from None
-    except Exception as exc:  # noqa: BLE001 - offline, DNS, refused, timeouts, 5xx: all the same advice
+    except Exception as exc:
         raise ModelSourceError(
             f"spec.model.source {uri}: the Hugging Face Hub is unreachable from this pod ({type(exc).__name__}). "
             "Mirror the model (its *.safetensors, config and tokenizer files) to s3://, gs:// or a PVC and point "
@@ -268,8 +276,13 @@ def context_length(config: dict[str, Any]) -> tuple[int, str] | None:
                 factor = rope.get("factor") if isinstance(rope, dict) else None
                 original = rope.get("original_max_position_embeddings") if isinstance(rope, dict) else None
                 kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
-                if (key == "max_position_embeddings" and isinstance(factor, (int, float)) and factor > 1
-                        and kind in ("linear", "dynamic", "yarn") and (original is None or original >= value)):
+                if (
+                    key == "max_position_embeddings"
+                    and isinstance(factor, (int, float))
+                    and factor > 1
+                    and kind in ("linear", "dynamic", "yarn")
+                    and (original is None or original >= value)
+                ):
                     return int(value * factor), f"{key} × rope_scaling.factor"
                 return value, key
     return None
@@ -281,8 +294,10 @@ def context_problem(config: dict[str, Any], max_seq_length: int) -> str | None:
     if found is None or max_seq_length <= found[0]:
         return None
     limit, key = found
-    return (f"spec.dataset.maxSeqLength {max_seq_length} is longer than the model's context of {limit} tokens "
-            f"(config.json {key}); set spec.dataset.maxSeqLength to {limit} or less")
+    return (
+        f"spec.dataset.maxSeqLength {max_seq_length} is longer than the model's context of {limit} tokens "
+        f"(config.json {key}); set spec.dataset.maxSeqLength to {limit} or less"
+    )
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -305,8 +320,10 @@ def missing_local_model(spec: Any) -> str | None:
     path = local_path(uri)
     if path is None or path.is_dir():
         return None
-    return (f"spec.model.source: {uri}: no such directory here; give the directory holding config.json and the "
-            "safetensors weights (a volume only the trainer pod mounts is pvc://<claim>/<path>)")
+    return (
+        f"spec.model.source: {uri}: no such directory here; give the directory holding config.json and the "
+        "safetensors weights (a volume only the trainer pod mounts is pvc://<claim>/<path>)"
+    )
 
 
 def context_problem_for(spec: Any, fetch: bool = False, cache_dir: Path | None = None) -> str | None:

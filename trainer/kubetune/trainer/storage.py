@@ -31,9 +31,10 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from kubetune.trainer import filemodes
@@ -75,8 +76,7 @@ def _check_key(key: str) -> list[str]:
 
     def refuse(why: str) -> PermanentStorageError:
         return PermanentStorageError(
-            f"refusing object key {key!r}: {why}; keys must be relative paths of plain names "
-            "separated by single '/'"
+            f"refusing object key {key!r}: {why}; keys must be relative paths of plain names separated by single '/'"
         )
 
     if not isinstance(key, str) or key == "":
@@ -103,7 +103,9 @@ def safe_join(base_uri: str, *parts: str) -> str:
     joined = base_uri.rstrip("/") + "/" + "/".join(segments)
     base_path = urlsplit(base_uri).path.rstrip("/")
     if not posixpath.normpath(urlsplit(joined).path).startswith(base_path + "/"):
-        raise PermanentStorageError(f"refusing object key {'/'.join(parts)!r}: it resolves outside {display_uri(base_uri)}")
+        raise PermanentStorageError(
+            f"refusing object key {'/'.join(parts)!r}: it resolves outside {display_uri(base_uri)}"
+        )
     return joined
 
 
@@ -192,16 +194,56 @@ def _status_and_code(exc: BaseException) -> tuple[int | None, str]:
     return None, ""
 
 
-_TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "RequestTimeTooSkewed",
-                    "Throttling", "ThrottlingException", "TooManyRequests", "OperationAborted", "XAmzContentSHA256Mismatch"}
-_ACCESS_CODES = {"AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
-                 "InvalidToken", "AccountProblem", "InvalidSecurity", "Forbidden", "Unauthorized"}
-_TRANSIENT_NAMES = {"ConnectionClosedError", "EndpointConnectionError", "ReadTimeoutError", "ConnectTimeoutError",
-                    "ServerDisconnectedError", "ClientConnectorError", "ClientOSError", "ClientPayloadError",
-                    "ServerTimeoutError", "IncompleteRead", "ResponseParserError", "FSTimeoutError",
-                    "ConnectError", "ReadTimeout", "RemoteProtocolError", "ProxyConnectionError", "HTTPClientError"}
-_CREDENTIAL_NAMES = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError", "DefaultCredentialsError",
-                     "RefreshError"}
+_TRANSIENT_CODES = {
+    "SlowDown",
+    "InternalError",
+    "ServiceUnavailable",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "Throttling",
+    "ThrottlingException",
+    "TooManyRequests",
+    "OperationAborted",
+    "XAmzContentSHA256Mismatch",
+}
+_ACCESS_CODES = {
+    "AccessDenied",
+    "AllAccessDisabled",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "AccountProblem",
+    "InvalidSecurity",
+    "Forbidden",
+    "Unauthorized",
+}
+_TRANSIENT_NAMES = {
+    "ConnectionClosedError",
+    "EndpointConnectionError",
+    "ReadTimeoutError",
+    "ConnectTimeoutError",
+    "ServerDisconnectedError",
+    "ClientConnectorError",
+    "ClientOSError",
+    "ClientPayloadError",
+    "ServerTimeoutError",
+    "IncompleteRead",
+    "ResponseParserError",
+    "FSTimeoutError",
+    "ConnectError",
+    "ReadTimeout",
+    "RemoteProtocolError",
+    "ProxyConnectionError",
+    "HTTPClientError",
+}
+_CREDENTIAL_NAMES = {
+    "NoCredentialsError",
+    "PartialCredentialsError",
+    "CredentialRetrievalError",
+    "DefaultCredentialsError",
+    "RefreshError",
+}
 
 
 def _triage(exc: BaseException) -> str:
@@ -285,20 +327,22 @@ class Store:
 
     def _key(self, path: str) -> str:
         path = self.fs._strip_protocol(path).rstrip("/")
-        return path[len(self.root):].lstrip("/") if path.startswith(self.root) else path
+        return path[len(self.root) :].lstrip("/") if path.startswith(self.root) else path
 
     def _call(self, op: str, key: str, fn: Callable[[], T]) -> T:
         where = display_uri(self.uri_for(key)) if key else display_uri(self.uri)
         for attempt in range(self.retries + 1):
             try:
                 return fn()
-            except Exception as exc:  # noqa: BLE001 - triaged below; unknown kinds re-raised as is
+            except Exception as exc:
                 kind = _triage(exc)
                 detail = _redact(f"{type(exc).__name__}: {exc}", self._secrets)
                 if kind == "transient" and attempt < self.retries:
                     delay = min(30.0, self.backoff * 2**attempt)
                     delay = random.uniform(delay / 2, delay)
-                    log.warning("%s %s failed (%s); retry %d/%d in %.2fs", op, where, detail, attempt + 1, self.retries, delay)
+                    log.warning(
+                        "%s %s failed (%s); retry %d/%d in %.2fs", op, where, detail, attempt + 1, self.retries, delay
+                    )
                     time.sleep(delay)
                     continue
                 raise self._error(op, key, where, kind, detail, attempt + 1) from exc
@@ -316,7 +360,9 @@ class Store:
                 "named by spec.output.credentialsSecret and that they may read, write and delete under this prefix."
             )
         if kind == "no_bucket":
-            return PermanentStorageError(f"{op} {where}: the bucket does not exist ({detail}). Create it or fix the URI.")
+            return PermanentStorageError(
+                f"{op} {where}: the bucket does not exist ({detail}). Create it or fix the URI."
+            )
         if kind == "not_found":
             return ObjectNotFound(f"{op} {where}: no such object ({detail}).")
         if kind == "exists":
@@ -459,7 +505,7 @@ def open_output(uri: str, storage_options: dict | None = None, **kwargs: Any) ->
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def file_digest(path: str | os.PathLike) -> tuple[str, int]:
@@ -501,7 +547,9 @@ def _commit(store: Store, uploads: dict[str, Path], files: dict, manifest_key: s
     return manifest
 
 
-def upload_dir(local_dir: str | os.PathLike, store: Store, prefix: str, manifest_extra: dict, *, parallel: int = 4) -> dict:
+def upload_dir(
+    local_dir: str | os.PathLike, store: Store, prefix: str, manifest_extra: dict, *, parallel: int = 4
+) -> dict:
     """Upload every file of `local_dir` under `prefix/`, then `prefix/manifest.json`, last."""
     files = build_files_map(local_dir)
     if MANIFEST in files:
@@ -551,7 +599,11 @@ def _verify(store: Store, prefix: str, hashes: bool) -> tuple[bool, str, dict | 
         if hashes:
             digest, _ = store.sha256(base + rel)
             if digest != entry["sha256"]:
-                return False, f"{rel}: sha256 mismatch (stored {digest[:12]}…, manifest {entry['sha256'][:12]}…)", manifest
+                return (
+                    False,
+                    f"{rel}: sha256 mismatch (stored {digest[:12]}…, manifest {entry['sha256'][:12]}…)",
+                    manifest,
+                )
     return True, "ok", manifest
 
 
@@ -594,7 +646,9 @@ def checkpoint_prefix(step: int) -> str:
     return f"{CHECKPOINTS}/step-{int(step)}"
 
 
-def commit_checkpoint(store: Store, local_dir: str | os.PathLike, step: int, extra: dict | None = None, *, parallel: int = 4) -> str:
+def commit_checkpoint(
+    store: Store, local_dir: str | os.PathLike, step: int, extra: dict | None = None, *, parallel: int = 4
+) -> str:
     """Upload a checkpoint and commit it with its manifest; returns its URI.
 
     Committing a step that is already committed returns its URI untouched: a restarted pod that
@@ -686,5 +740,5 @@ def prune_checkpoints(store: Store, keep: int) -> list[int]:
 def commit_result(store: Store, local_dir: str | os.PathLike, manifest_extra: dict, *, parallel: int = 4) -> dict:
     """Upload the adapter to `<output>/adapter/` and commit `<output>/manifest.json` (once, T6)."""
     files = {f"{ADAPTER}/{rel}": entry for rel, entry in build_files_map(local_dir).items()}
-    uploads = {key: Path(local_dir, key[len(ADAPTER) + 1:]) for key in files}
+    uploads = {key: Path(local_dir, key[len(ADAPTER) + 1 :]) for key in files}
     return _commit(store, uploads, files, MANIFEST, dict(manifest_extra), parallel)

@@ -20,13 +20,12 @@ def selected(model: Any, indices: list[int], modules: list[str]) -> list[str]:
     for name, _ in model.named_parameters():
         k = _groups.kind(name, model)
         idx = _groups.block_index(name)
-        if idx is not None and idx in blocks and k in wanted:
-            names.append(name)
-        elif k == "embeddings" and "embeddings" in wanted:
-            names.append(name)
-        elif k == "head" and "head" in wanted:
-            names.append(name)
-        elif k == "embeddings+head" and wanted & {"embeddings", "head"}:
+        if (
+            (idx is not None and idx in blocks and k in wanted)
+            or (k == "embeddings" and "embeddings" in wanted)
+            or (k == "head" and "head" in wanted)
+            or (k == "embeddings+head" and wanted & {"embeddings", "head"})
+        ):
             names.append(name)
     return names
 

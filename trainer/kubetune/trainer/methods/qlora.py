@@ -45,7 +45,6 @@ class QLora(PeftMethod):
     def after_load(self, model: Any) -> None:
         import bitsandbytes as bnb
         import torch
-
         from kubetune.trainer.methods.targets import TargetError
 
         if not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()):
@@ -55,7 +54,8 @@ class QLora(PeftMethod):
             raise TargetError(
                 f"spec.method.adaptation: qlora: transformers converted none of this {model.config.model_type} model's "
                 f"layers ({', '.join(kinds)}) to 4-bit, so it would train as plain LoRA at full memory; use adaptation lora",
-                "spec.method.adaptation")
+                "spec.method.adaptation",
+            )
         # On CPUs with avx512_bf16, bitsandbytes repacks a Linear4bit's weight for a bf16
         # inference kernel on the first no-grad eval forward (our base-model evaluation), and
         # LoRA gradients through the repacked weight come out wrong. Keep the training layout.
@@ -68,7 +68,11 @@ class QLora(PeftMethod):
 
             logging.getLogger("kubetune.trainer").warning(
                 "qlora: the %d fused mixture-of-experts tensors (%.2f B parameters) stay in %s, not 4-bit: "
-                "bitsandbytes quantises linear layers only", len(fused), sum(p.numel() for p in fused) / 1e9, fused[0].dtype)
+                "bitsandbytes quantises linear layers only",
+                len(fused),
+                sum(p.numel() for p in fused) / 1e9,
+                fused[0].dtype,
+            )
 
     def apply(self, model: Any, tokenizer: Any) -> Any:
         from peft import get_peft_model, prepare_model_for_kbit_training

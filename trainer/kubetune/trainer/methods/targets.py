@@ -80,7 +80,7 @@ def skeleton(config: Any, trust_remote_code: bool = False) -> Any | None:
     try:
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except Exception as err:  # noqa: BLE001 - any failure only defers the check to the loaded model
+    except Exception as err:
         log.debug("no meta-device skeleton for %s: %s", getattr(config, "model_type", "?"), err)
         return None
 
@@ -147,15 +147,17 @@ def _all_linear(model: Any) -> list[str]:
 
 def _feedforward_default(model: Any) -> set[str]:
     """IA3's input-scaled modules for the family: peft's table, else the linear layers of the MLP."""
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FF
-
     from kubetune.trainer.methods import _groups
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FF
 
     mapped = FF.get(model.config.model_type)
     if mapped:
         return set(mapped)
-    return {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-            if n and _is_linear(m) and _groups.kind(n + ".weight", model) == "mlp"}
+    return {
+        n.rsplit(".", 1)[-1]
+        for n, m in model.named_modules()
+        if n and _is_linear(m) and _groups.kind(n + ".weight", model) == "mlp"
+    }
 
 
 def peft_default(model_type: str, block: str) -> list[str] | None:
@@ -166,7 +168,11 @@ def peft_default(model_type: str, block: str) -> list[str] | None:
     if block == "qlora":
         return None
 
-    table = c.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING if block == "ia3" else c.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    table = (
+        c.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING
+        if block == "ia3"
+        else c.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    )
     found = table.get(model_type)
     return list(found) if found else None
 
@@ -190,15 +196,23 @@ def resolve(block: str, config: Any, model: Any, quiet: bool = False) -> Targets
         default = peft_default(model_type, block) or []
         present = [t for t in default if any(_matches(k, t) for k in wrappable)]
         if default and present != default:
-            say("peft's default %s targets for %s name %s, which this model does not have; using %s", block,
-                     model_type, ", ".join(t for t in default if t not in present), ", ".join(present) or ALL_LINEAR)
+            say(
+                "peft's default %s targets for %s name %s, which this model does not have; using %s",
+                block,
+                model_type,
+                ", ".join(t for t in default if t not in present),
+                ", ".join(present) or ALL_LINEAR,
+            )
         asked, source = (present, f"peft:{model_type}") if present else ([ALL_LINEAR], ALL_LINEAR)
         if block == "ia3" and config.feedforward_modules:  # "also scale these on their input"
             asked = _all_linear(model) if asked == [ALL_LINEAR] else asked
             asked += [f for f in config.feedforward_modules if f not in asked]
     if ALL_LINEAR in asked and asked != [ALL_LINEAR]:
-        raise TargetError(f"{field_name}: all-linear stands alone (it already names every linear layer); "
-                          f"write [all-linear] or list module names", field_name)
+        raise TargetError(
+            f"{field_name}: all-linear stands alone (it already names every linear layer); "
+            f"write [all-linear] or list module names",
+            field_name,
+        )
 
     names: list[str] = []
     parameters: list[str] = []
@@ -232,22 +246,30 @@ def _no_match(block: str, field_name: str, model: Any, model_type: str, asked: l
     why = f" (it names {', '.join(kinds)} modules, which {block} cannot wrap)" if kinds else ""
     part = f"; only {', '.join(others)} match{'es' if len(others) == 1 else ''}" if others else ""
     default = ", ".join(peft_default(model_type, block) or [ALL_LINEAR])
-    return (f"{field_name}: {', '.join(unmatched)} match{'es' if len(unmatched) == 1 else ''} no layer of this "
-            f"{model_type or 'unknown'} model{why}{part}. Its candidates: {', '.join(candidates(model, block))}; "
-            f"or [all-linear], or leave targetModules out for the family default ({default})")
+    return (
+        f"{field_name}: {', '.join(unmatched)} match{'es' if len(unmatched) == 1 else ''} no layer of this "
+        f"{model_type or 'unknown'} model{why}{part}. Its candidates: {', '.join(candidates(model, block))}; "
+        f"or [all-linear], or leave targetModules out for the family default ({default})"
+    )
 
 
 def _expert_dropout(block: str, config: Any, model_type: str, parameters: list[str], say: Any) -> float:
     """LoRA on fused expert parameters (peft's ParamWrapper) has no dropout and no DoRA."""
-    what = f"{model_type}'s mixture-of-experts weights ({', '.join(parameters)}) are fused parameters, which peft adapts"
+    what = (
+        f"{model_type}'s mixture-of-experts weights ({', '.join(parameters)}) are fused parameters, which peft adapts"
+    )
     if block == "dora":
         raise TargetError(
             f"spec.method.dora.targetModules: {what} with LoRA only, not DoRA; list the attention layers instead "
-            f"(e.g. [q_proj, k_proj, v_proj, o_proj]) or use adaptation lora", "spec.method.dora.targetModules")
+            f"(e.g. [q_proj, k_proj, v_proj, o_proj]) or use adaptation lora",
+            "spec.method.dora.targetModules",
+        )
     if config.dropout and "dropout" in config.model_fields_set:
         raise TargetError(
             f"spec.method.{block}.dropout: {what} without dropout; set dropout: 0 (or leave it out), or list only "
-            f"non-expert layers in targetModules (e.g. [q_proj, k_proj, v_proj, o_proj])", f"spec.method.{block}.dropout")
+            f"non-expert layers in targetModules (e.g. [q_proj, k_proj, v_proj, o_proj])",
+            f"spec.method.{block}.dropout",
+        )
     if config.dropout:
         say("%s: adapting %s's fused experts without dropout (peft supports no dropout there)", block, model_type)
     return 0.0
@@ -265,14 +287,18 @@ def _ia3_feedforward(config: Any, model: Any, names: list[str]) -> list[str]:
         raise TargetError(
             f"spec.method.ia3.feedforwardModules: {', '.join(outside)} {'is' if len(outside) == 1 else 'are'} not in "
             f"targetModules ({', '.join(names)}); feed-forward modules are the targets scaled on their input, so list "
-            f"them in targetModules too", "spec.method.ia3.feedforwardModules")
+            f"them in targetModules too",
+            "spec.method.ia3.feedforwardModules",
+        )
     return asked
 
 
 def peft_kwargs(targets: Targets) -> dict[str, Any]:
     """The LoraConfig/IA3Config keyword arguments for the resolved targets."""
     # peft reads the string "all-linear", not a one-item list of it
-    out: dict[str, Any] = {"target_modules": "all-linear" if targets.modules == ("all-linear",) else list(targets.modules)}
+    out: dict[str, Any] = {
+        "target_modules": "all-linear" if targets.modules == ("all-linear",) else list(targets.modules)
+    }
     if targets.parameters:
         out["target_parameters"] = list(targets.parameters)
     return out

@@ -21,14 +21,14 @@ projects full logits as the model's own forward does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
-
-from transformers import Trainer
+from typing import Any, Protocol
 
 from kubetune.api.enums import Objective
 from kubetune.trainer import chunked
+from transformers import Trainer
 
 
 class IncompatibleError(ValueError):
@@ -101,7 +101,9 @@ class ChunkedTrainer(Trainer):
         if self.chunked:
             self.model_accepts_loss_kwargs = True  # our loss is Σ / num_items_in_batch, as the model's
 
-    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
         if not self.chunked:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss, hidden, _ = chunked.sft_loss(model, inputs, num_items_in_batch)
@@ -127,16 +129,26 @@ class ChunkedOutputs:
 class ObjectiveTrainer(Trainer):
     """transformers' Trainer with kubetune's objective terms composed into the loss."""
 
-    def __init__(self, *args: Any, terms: list[tuple[Objective, Any]], on_metrics: Callable[[dict[str, float]], None] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        terms: list[tuple[Objective, Any]],
+        on_metrics: Callable[[dict[str, float]], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
-        self.chunked = chunked.supports_hidden(self.model) and not any(getattr(t, "needs_logits", False) for _, t in terms)
+        self.chunked = chunked.supports_hidden(self.model) and not any(
+            getattr(t, "needs_logits", False) for _, t in terms
+        )
         self.terms = terms
         self.on_metrics = on_metrics
         self.last_metrics: dict[str, float] = {}
         # Our loss is a batch mean; let the Trainer scale it for gradient accumulation.
         self.model_accepts_loss_kwargs = False
 
-    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None) -> Any:
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
         extra: dict[str, Any] = {}
         for _, term in self.terms:
             extra.update(term.forward_kwargs())

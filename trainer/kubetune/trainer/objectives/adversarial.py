@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
 from kubetune.trainer.objectives.distillation import _kl_sum, _upcast, at_labels
 
 _FORWARD_KEYS = ("attention_mask", "position_ids")  # passed with inputs_embeds; never labels
@@ -50,7 +49,10 @@ class Adversarial:
         delta = self.perturb(model, inputs, clean)
         adv = self.logits(model, inputs, embeddings(model)(inputs["input_ids"]) + delta)
         sym = at_labels(_symmetric_kl_sum, clean, adv, labels)
-        return loss + self.alpha * sym, {"adversarialKl": float(sym.detach()), "adversarialDeltaInf": float(delta.abs().max())}
+        return loss + self.alpha * sym, {
+            "adversarialKl": float(sym.detach()),
+            "adversarialDeltaInf": float(delta.abs().max()),
+        }
 
     def perturb(self, model: Any, inputs: dict[str, Any], clean_logits: torch.Tensor) -> torch.Tensor:
         """The adversarial δ (same shape as the input embeddings), by K projected ascent steps."""

@@ -54,13 +54,12 @@ pads those to the batch into `batch["guide_mask"]` [B, L]; see their docstrings 
 from __future__ import annotations
 
 import logging
-import math
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
-
 from kubetune.trainer.objectives import IncompatibleError
 
 log = logging.getLogger(__name__)
@@ -109,8 +108,9 @@ def _delegate(module: Any, delegate: str) -> Callable:
 
 
 def _make_interface(delegate: str) -> Callable:
-    def guided_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                         attention_mask: Any, **kwargs: Any) -> Any:
+    def guided_attention(
+        module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any, **kwargs: Any
+    ) -> Any:
         out = _delegate(module, delegate)(module, query, key, value, attention_mask, **kwargs)
         cap = getattr(module, CAPTURE_ATTR, None)
         if cap is not None and (cap.armed or torch.is_grad_enabled()):
@@ -123,8 +123,14 @@ def _make_interface(delegate: str) -> Callable:
     return guided_attention
 
 
-def _probs(query: torch.Tensor, key: torch.Tensor, mask: Any, heads: list[int] | None,
-           scaling: float | None, softcap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _probs(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    mask: Any,
+    heads: list[int] | None,
+    scaling: float | None,
+    softcap: float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """A [B, H, Q, K] (fp32) for the chosen heads, and the allowed-key mask [B, Q, K]."""
     b, hq, q_len, d = query.shape
     hk, k_len = key.shape[1], key.shape[2]
@@ -143,14 +149,18 @@ def _probs(query: torch.Tensor, key: torch.Tensor, mask: Any, heads: list[int] |
     return probs, allowed
 
 
-def _allowed(mask: Any, b: int, q_len: int, k_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _allowed(
+    mask: Any, b: int, q_len: int, k_len: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Allowed keys [B, Q, K] from the mask the layer received, plus any additive float bias."""
     if mask is None:  # sdpa's plain-causal shortcut; bottom-right aligned as with a cache
         qi = torch.arange(q_len, device=device)[:, None] + (k_len - q_len)
         return (torch.arange(k_len, device=device)[None, :] <= qi).expand(b, q_len, k_len), None
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"attentionGuidance cannot read an attention mask of type {type(mask).__name__}; "
-                        "use attn_implementation sdpa or eager")
+        raise TypeError(
+            f"attentionGuidance cannot read an attention mask of type {type(mask).__name__}; "
+            "use attn_implementation sdpa or eager"
+        )
     if mask.ndim == 2:  # [B, K] padding mask (flash-style)
         causal, _ = _allowed(None, b, q_len, k_len, device)
         return causal & mask[:, None, -k_len:].bool(), None
@@ -161,8 +171,16 @@ def _allowed(mask: Any, b: int, q_len: int, k_len: int, device: torch.device) ->
     return allowed, torch.where(allowed, m.float(), 0.0)
 
 
-def _eager(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any,
-           scaling: float | None = None, dropout: float = 0.0, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def _eager(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generic eager attention, for a model module that defines none."""
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
@@ -185,8 +203,10 @@ def attention_modules(model: Any) -> dict[int, Any]:
         idx = getattr(m, "layer_idx", None)
         if isinstance(idx, int) and type(m).__name__.endswith("Attention") and hasattr(m, "config"):
             if idx in found and found[idx] is not m:
-                raise IncompatibleError(f"attentionGuidance: two attention modules claim layer {idx} "
-                                        f"({type(found[idx]).__name__}, {type(m).__name__}); this architecture is not supported")
+                raise IncompatibleError(
+                    f"attentionGuidance: two attention modules claim layer {idx} "
+                    f"({type(found[idx]).__name__}, {type(m).__name__}); this architecture is not supported"
+                )
             found[idx] = m
     return found
 
@@ -201,13 +221,17 @@ def resolve_layers(layers: Sequence[int], depth: int, where: str = "layers") -> 
     out = []
     for i, layer in enumerate(layers):
         if not -depth <= layer < depth:
-            raise IncompatibleError(f"{where}[{i}] = {layer}: the model has {depth} layers; use an index "
-                                    f"in [{-depth}, {depth - 1}] (negative counts from the end)")
+            raise IncompatibleError(
+                f"{where}[{i}] = {layer}: the model has {depth} layers; use an index "
+                f"in [{-depth}, {depth - 1}] (negative counts from the end)"
+            )
         out.append(layer % depth)
     return tuple(sorted(set(out)))
 
 
-def install(model: Any, layers: Sequence[int], heads: Sequence[int] | None = None, where: str = "attentionGuidance") -> Capture:
+def install(
+    model: Any, layers: Sequence[int], heads: Sequence[int] | None = None, where: str = "attentionGuidance"
+) -> Capture:
     """Route `model`'s attention through the capturing function; capture `layers` × `heads`."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     from transformers.modeling_utils import AttentionInterface
@@ -215,15 +239,19 @@ def install(model: Any, layers: Sequence[int], heads: Sequence[int] | None = Non
     config = _base(model).config
     modules = attention_modules(model)
     if not modules:
-        raise IncompatibleError(f"{where}: no attention modules with a layer index found in "
-                                f"{type(_base(model)).__name__}; this architecture is not supported")
+        raise IncompatibleError(
+            f"{where}: no attention modules with a layer index found in "
+            f"{type(_base(model)).__name__}; this architecture is not supported"
+        )
     current = getattr(config, "_attn_implementation", None) or "eager"
     if current.startswith(PREFIX):
         uninstall(model)
         current = config._attn_implementation or "eager"
     delegate = current if current in DELEGATES else "sdpa"
     if delegate != current:
-        log.warning("attentionGuidance: attention implementation %r replaced by sdpa (probabilities need a dense mask)", current)
+        log.warning(
+            "attentionGuidance: attention implementation %r replaced by sdpa (probabilities need a dense mask)", current
+        )
     name = f"{PREFIX}_{delegate}"
     AttentionInterface.register(name, _make_interface(delegate))
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[delegate])
@@ -232,8 +260,10 @@ def install(model: Any, layers: Sequence[int], heads: Sequence[int] | None = Non
     for i, h in enumerate(heads or []):
         for layer in resolved:
             if not 0 <= h < n_heads[layer]:
-                raise IncompatibleError(f"{where}.heads[{i}] = {h}: layer {layer} has {n_heads[layer]} heads; "
-                                        f"use indices 0..{n_heads[layer] - 1}")
+                raise IncompatibleError(
+                    f"{where}.heads[{i}] = {h}: layer {layer} has {n_heads[layer]} heads; "
+                    f"use indices 0..{n_heads[layer] - 1}"
+                )
     missing = [layer for layer in resolved if layer not in modules]
     if missing:
         raise IncompatibleError(f"{where}.layers: no attention module found for layer(s) {missing}")
@@ -266,7 +296,7 @@ def uninstall(model: Any) -> None:
 
 def _heads_of(module: Any) -> int:
     config = module.config
-    return int(getattr(module, "num_heads", 0) or getattr(config, "num_attention_heads"))
+    return int(getattr(module, "num_heads", 0) or config.num_attention_heads)
 
 
 def _captures(model: Any) -> list[Capture]:
@@ -294,11 +324,13 @@ def _check_complete(store: dict[int, Any], cap: Capture) -> None:
         raise RuntimeError(
             f"attentionGuidance: captured attention for layers {sorted(store)}, expected {list(cap.layers)}; "
             f"the model's attention implementation is {cap.name!r} at install — something switched it "
-            "or bypassed the attention interface (never train on an empty guidance loss)")
+            "or bypassed the attention interface (never train on an empty guidance loss)"
+        )
 
 
-def attention_probs(model: Any, inputs: dict[str, Any], layers: Sequence[int] | None = None,
-                    heads: Sequence[int] | None = None) -> dict[int, torch.Tensor]:
+def attention_probs(
+    model: Any, inputs: dict[str, Any], layers: Sequence[int] | None = None, heads: Sequence[int] | None = None
+) -> dict[int, torch.Tensor]:
     """layer -> A [B, H, Q, K] for one forward of `inputs` (grad mode as the caller's).
 
     A model already prepared by the term uses its capture (its layers and heads); otherwise the
@@ -354,7 +386,7 @@ def sequence_lengths(allowed: torch.Tensor) -> torch.Tensor:
     is in q's segment, so L_q = max over those queries of their allowed-key count.
     """
     q_len, k_len = allowed.shape[-2], allowed.shape[-1]
-    real = allowed[..., k_len - q_len:]  # keys that are tokens of this batch (no prefix)
+    real = allowed[..., k_len - q_len :]  # keys that are tokens of this batch (no prefix)
     counts = real.sum(-1).to(torch.float32)  # [B, Q]
     return (real.to(torch.float32) * counts[..., None]).amax(dim=1)  # [B, K=Q]
 
@@ -392,10 +424,10 @@ def span_guide(allowed: torch.Tensor, guide_mask: torch.Tensor, labels: torch.Te
     if labels is not None:  # aligned to the last positions (a soft prompt may precede them)
         predicts = torch.zeros_like(rows)
         n = labels.shape[1]
-        predicts[:, q_len - n: q_len - 1] = labels[:, 1:].to(rows.device) != IGNORE_INDEX
+        predicts[:, q_len - n : q_len - 1] = labels[:, 1:].to(rows.device) != IGNORE_INDEX
         rows = rows & predicts
     support = torch.zeros(allowed.shape[0], k_len, dtype=torch.bool, device=allowed.device)
-    support[:, k_len - guide_mask.shape[1]:] = guide_mask.bool()
+    support[:, k_len - guide_mask.shape[1] :] = guide_mask.bool()
     return _normalise((allowed & support[:, None, :]).float(), rows)
 
 
@@ -414,7 +446,9 @@ def teacher_guide(teacher_probs: torch.Tensor, allowed: torch.Tensor) -> Guide:
 # ------------------------------------------------------------------------------ the loss
 
 
-def attention_loss(probs: torch.Tensor, guide: torch.Tensor, rows: torch.Tensor, mass: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
+def attention_loss(
+    probs: torch.Tensor, guide: torch.Tensor, rows: torch.Tensor, mass: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(Σ of per-(head,row) losses, Σ of guided masses, count) over counted rows.
 
     Cross-entropy form −Σ_k G·log A, or with `mass` the form −log Σ_{k: G>0} A.
@@ -433,7 +467,9 @@ def attention_loss(probs: torch.Tensor, guide: torch.Tensor, rows: torch.Tensor,
 class AttentionGuidance:
     """The `attentionGuidance` objective term."""
 
-    def __init__(self, config: Any, ctx: Any, guide: Callable[[torch.Tensor, dict[str, Any]], Guide] | None = None) -> None:
+    def __init__(
+        self, config: Any, ctx: Any, guide: Callable[[torch.Tensor, dict[str, Any]], Guide] | None = None
+    ) -> None:
         self.config = config
         self.ctx = ctx
         self.weight = float(config.weight)
@@ -447,7 +483,9 @@ class AttentionGuidance:
     def _field(self) -> str:
         index = ""
         try:
-            index = str(next(i for i, t in enumerate(self.ctx.spec.method.objectives) if str(t.type) == "attentionGuidance"))
+            index = str(
+                next(i for i, t in enumerate(self.ctx.spec.method.objectives) if str(t.type) == "attentionGuidance")
+            )
         except (AttributeError, StopIteration, TypeError):
             pass
         return f"spec.method.objectives[{index}].attentionGuidance"
@@ -475,7 +513,8 @@ class AttentionGuidance:
             if heads is None and s_heads[s_layer] != t_heads[t_layer]:
                 raise IncompatibleError(
                     f"{self._field()}.teacher: student layer {s_layer} has {s_heads[s_layer]} heads, teacher layer "
-                    f"{t_layer} has {t_heads[t_layer]}; attention transfer needs equal counts — set heads")
+                    f"{t_layer} has {t_heads[t_layer]}; attention transfer needs equal counts — set heads"
+                )
         self.teacher = teacher
 
     # ---------------------------------------------------------------------------- the loss
@@ -494,8 +533,9 @@ class AttentionGuidance:
         if self.teacher is not None:
             assert self.teacher_capture is not None
             with torch.no_grad():
-                teacher_store = forward_captured(self.teacher, self.teacher_capture,
-                                                 {k: inputs[k] for k in _MODEL_KEYS if inputs.get(k) is not None})
+                teacher_store = forward_captured(
+                    self.teacher, self.teacher_capture, {k: inputs[k] for k in _MODEL_KEYS if inputs.get(k) is not None}
+                )
             teacher_store = dict(zip(self.capture.layers, (teacher_store[t] for t in self.teacher_capture.layers)))
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.weight != 0):
             total, mass_sum, count = None, 0.0, 0
@@ -524,8 +564,10 @@ class AttentionGuidance:
             return teacher_guide(teacher_probs, allowed)
         mask = inputs.get(GUIDE_MASK_KEY)
         if mask is None:
-            raise RuntimeError(f"{self._field()}: guide spans needs batch['{GUIDE_MASK_KEY}'] (evidence token "
-                               "positions), and the batch has none; the collator must add it (attention_guidance.add_guide_mask)")
+            raise RuntimeError(
+                f"{self._field()}: guide spans needs batch['{GUIDE_MASK_KEY}'] (evidence token "
+                "positions), and the batch has none; the collator must add it (attention_guidance.add_guide_mask)"
+            )
         return span_guide(allowed, mask.to(allowed.device), inputs.get("labels"))
 
 
@@ -553,7 +595,9 @@ def _pieces(record: Any, fmt: Any, tokenizer: Any) -> tuple[list[Piece], dict[An
         users = [i for i, m in enumerate(messages) if m["role"] == "user"]
         return [(text, 0, at)], {i: m["content"] for i, m in enumerate(messages)}, users[-1] if users else 0
     bos = 1 if tokenizer.bos_token_id is not None else 0
-    strings = {k: d[k] for k in ("text", "prompt", "completion", "instruction", "input", "output") if isinstance(d.get(k), str)}
+    strings = {
+        k: d[k] for k in ("text", "prompt", "completion", "instruction", "input", "output") if isinstance(d.get(k), str)
+    }
     if fmt == DatasetFormat.TEXT:
         return [(d["text"], bos, {"text": 0})], strings, "text"
     if fmt == DatasetFormat.PROMPT_COMPLETION:
@@ -568,7 +612,9 @@ def _pieces(record: Any, fmt: Any, tokenizer: Any) -> tuple[list[Piece], dict[An
     return [(prompt, bos, at), (answer[1], bos + len(_ids(tokenizer, prompt)), {answer[0]: 0})], strings, default
 
 
-def span_token_mask(record: Any, fmt: Any, tokenizer: Any, spans_field: str = "spans", length: int | None = None) -> list[int]:
+def span_token_mask(
+    record: Any, fmt: Any, tokenizer: Any, spans_field: str = "spans", length: int | None = None
+) -> list[int]:
     """0/1 per token of `data.encode_full(record, fmt, tokenizer)`: 1 where a token overlaps an evidence span.
 
     `record.data[spans_field]` is a list of spans `[start, end]` (character offsets, end exclusive)
@@ -595,8 +641,11 @@ def span_token_mask(record: Any, fmt: Any, tokenizer: Any, spans_field: str = "s
     pieces, strings, default = _pieces(record, fmt, tokenizer)
     mask = [0] * len(ids)
     for n, span in enumerate(spans):
-        if not (isinstance(span, list) and len(span) in (2, 3)
-                and all(isinstance(x, int) and not isinstance(x, bool) for x in span[:2])):
+        if not (
+            isinstance(span, list)
+            and len(span) in (2, 3)
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in span[:2])
+        ):
             raise problem(f"[{n}]: expected [start, end] or [start, end, where] with integer offsets")
         start, end = span[0], span[1]
         where = span[2] if len(span) == 3 else default
@@ -604,11 +653,13 @@ def span_token_mask(record: Any, fmt: Any, tokenizer: Any, spans_field: str = "s
         if piece is None or where not in strings:
             raise problem(f"[{n}]: {where!r} is not a text of this example")
         if not 0 <= start < end <= len(strings[where]):
-            raise problem(f"[{n}]: [{start}, {end}) is outside {where!r} (length {len(strings[where])}); "
-                          "offsets are characters, end exclusive")
+            raise problem(
+                f"[{n}]: [{start}, {end}) is outside {where!r} (length {len(strings[where])}); "
+                "offsets are characters, end exclusive"
+            )
         text, first, at = piece
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        if ids[first: first + len(enc["input_ids"])] != list(enc["input_ids"]):
+        if ids[first : first + len(enc["input_ids"])] != list(enc["input_ids"]):
             raise problem("the tokenised example does not match the text the offsets refer to")
         lo, hi = at[where] + start, at[where] + end
         for j, (s, e) in enumerate(enc["offset_mapping"]):

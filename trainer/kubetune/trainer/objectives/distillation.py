@@ -26,10 +26,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
-
 from kubetune.trainer import chunked
 from kubetune.trainer.objectives import IncompatibleError
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 CHUNK = 1024  # label positions per KL chunk: 1024 × 150k vocab × 4 bytes ≈ 0.6 GB of fp32 at a time
@@ -63,9 +62,10 @@ class Distillation:
         for name, m in (("student", model), ("teacher", teacher)):
             rows = _vocab_rows(m)
             if rows is not None and rows < self.vocab:
-                raise IncompatibleError(reason="IncompatibleTeacher", message=
-                    f"{self._field()}: the {name} model has {rows} output rows but the tokenizer has "
-                    f"{self.vocab} tokens; resize the model's embeddings to the tokenizer"
+                raise IncompatibleError(
+                    reason="IncompatibleTeacher",
+                    message=f"{self._field()}: the {name} model has {rows} output rows but the tokenizer has "
+                    f"{self.vocab} tokens; resize the model's embeddings to the tokenizer",
                 )
         self.teacher = teacher
 
@@ -117,18 +117,21 @@ def check_tokenizers(student: Any, teacher: Any, field: str, source: str) -> Non
     )
     problems = []
     if differ:
-        shown = ", ".join(f"{tok!r}: student {sv.get(tok, 'absent')} vs teacher {tv.get(tok, 'absent')}" for tok in differ[:3])
+        shown = ", ".join(
+            f"{tok!r}: student {sv.get(tok, 'absent')} vs teacher {tv.get(tok, 'absent')}" for tok in differ[:3]
+        )
         problems.append(f"{len(differ)} tokens map to different ids (first: {shown})")
     for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
         a, b = getattr(student, name, None), getattr(teacher, name, None)
         if a != b:
             problems.append(f"{name.removesuffix('_id')} id student {a} vs teacher {b}")
     if problems:
-        raise IncompatibleError(reason="IncompatibleTeacher", message=
-            f"{field} ({source}): the teacher's tokenizer does not match the student's — "
+        raise IncompatibleError(
+            reason="IncompatibleTeacher",
+            message=f"{field} ({source}): the teacher's tokenizer does not match the student's — "
             + "; ".join(problems)
             + ". Distillation compares next-token distributions id by id: use a teacher with the same "
-            "tokenizer (usually the same model family)."
+            "tokenizer (usually the same model family).",
         )
 
 
@@ -182,7 +185,9 @@ def kl_from_hidden(
     t_rows = teacher.states[:, :-1][bi, ti]
     total = torch.stack(chunked.rows_apply(kl, s_rows, t_rows, chunk=chunk)).sum() / n
     with torch.no_grad():
-        ce = sum(float(_ce_sum(project(teacher, r), t[:, None])) for r, t in zip(t_rows.split(chunk), target.split(chunk)))
+        ce = sum(
+            float(_ce_sum(project(teacher, r), t[:, None])) for r, t in zip(t_rows.split(chunk), target.split(chunk))
+        )
     return total, ce / n
 
 

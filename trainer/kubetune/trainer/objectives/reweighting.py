@@ -48,14 +48,14 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import deque
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, grad, jvp, vmap
-
 from kubetune.trainer.objectives import IncompatibleError
+from torch.func import functional_call, grad, jvp, vmap
 
 IGNORE_INDEX = -100
 HISTORY = 100_000  # steps kept in `history` (tests and diagnostics read it; bounded for long runs)
@@ -90,8 +90,9 @@ class Reweighting:
 
     def prepare(self, model: Any) -> None:
         if not self.ctx.validation:
-            raise IncompatibleError("reweighting needs a clean validation set; set spec.dataset.validation "
-                                    "or spec.dataset.validationSplit")
+            raise IncompatibleError(
+                "reweighting needs a clean validation set; set spec.dataset.validation or spec.dataset.validationSplit"
+            )
         self._model = model
         self.estimator = resolve_estimator(str(self.config.estimator), model)
         if self.estimator == "jvp":
@@ -203,7 +204,7 @@ def per_example_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     Prompt tuning prepends virtual positions to the logits; they are sliced off so position t of
     the logits predicts label t+1 as for the plain model. Rows with no label give 0.
     """
-    logits = logits[:, -labels.shape[1]:, :][:, :-1]
+    logits = logits[:, -labels.shape[1] :, :][:, :-1]
     target = labels[:, 1:]
     dtype = torch.promote_types(logits.dtype, torch.float32)
     mask = target != IGNORE_INDEX
@@ -251,9 +252,11 @@ def resolve_estimator(name: str, model: Any) -> str:
     if name == "auto":
         return "finiteDifference" if quantized else "vmap"
     if quantized and name in ("vmap", "jvp"):
-        raise IncompatibleError(f"reweighting estimator {name!r} cannot differentiate through bitsandbytes "
-                                "quantised layers; set spec.method.objectives[].reweighting.estimator to "
-                                "finiteDifference or auto")
+        raise IncompatibleError(
+            f"reweighting estimator {name!r} cannot differentiate through bitsandbytes "
+            "quantised layers; set spec.method.objectives[].reweighting.estimator to "
+            "finiteDifference or auto"
+        )
     if name not in ESTIMATORS:
         raise IncompatibleError(f"unknown reweighting estimator {name!r}; use one of auto, {', '.join(ESTIMATORS)}")
     return name
@@ -312,7 +315,9 @@ def _right_padded(mask: torch.Tensor) -> bool:
     return bool((mask.cumprod(dim=1) == mask).all())
 
 
-def vmap_scores(model: Any, params: dict[str, torch.Tensor], g_v: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def vmap_scores(
+    model: Any, params: dict[str, torch.Tensor], g_v: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]
+) -> torch.Tensor:
     mask = batch.get("attention_mask")
     if "position_ids" in batch or (mask is not None and not _right_padded(mask)):
         return loop_scores(model, params, g_v, batch)
@@ -326,19 +331,23 @@ def vmap_scores(model: Any, params: dict[str, torch.Tensor], g_v: dict[str, torc
     return vmap(score)(rows)
 
 
-def loop_scores(model: Any, params: dict[str, torch.Tensor], g_v: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def loop_scores(
+    model: Any, params: dict[str, torch.Tensor], g_v: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]
+) -> torch.Tensor:
     """The vmap estimate one row at a time, for layouts vmap cannot trace (packing, left padding)."""
     out = []
     with torch.enable_grad():
         for b in range(batch["input_ids"].shape[0]):
             p = {n: t.detach().requires_grad_() for n, t in params.items()}
-            loss = _losses_fn(model, {k: v[b: b + 1] for k, v in batch.items()})(p)[0]
+            loss = _losses_fn(model, {k: v[b : b + 1] for k, v in batch.items()})(p)[0]
             g = torch.autograd.grad(loss, list(p.values()), allow_unused=True)
             out.append(sum((gi * g_v[n]).sum() for n, gi in zip(p, g) if gi is not None))
     return torch.stack([torch.as_tensor(s) for s in out])
 
 
-def jvp_scores(model: Any, params: dict[str, torch.Tensor], g_v: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def jvp_scores(
+    model: Any, params: dict[str, torch.Tensor], g_v: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]
+) -> torch.Tensor:
     use_eager_attention(model)
     return jvp(_losses_fn(model, batch), (params,), (g_v,))[1]  # (losses, their derivative along g_v)
 
@@ -348,14 +357,26 @@ def finite_difference_step(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).eps) ** (1 / 3)
 
 
-def finite_difference_scores(model: Any, params: dict[str, torch.Tensor], g_v: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], h: float | None = None) -> torch.Tensor:
+def finite_difference_scores(
+    model: Any,
+    params: dict[str, torch.Tensor],
+    g_v: dict[str, torch.Tensor],
+    batch: dict[str, torch.Tensor],
+    h: float | None = None,
+) -> torch.Tensor:
     losses = _losses_fn(model, batch)
     norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in g_v.values()))
     if norm == 0:
         return torch.zeros(batch["input_ids"].shape[0], device=batch["input_ids"].device)
     with torch.no_grad():
         if h is None:
-            probe = functional_call(model, params, (), {k: batch[k][:1] for k in _MODEL_KEYS if k in batch} | {"use_cache": False}, strict=False)
+            probe = functional_call(
+                model,
+                params,
+                (),
+                {k: batch[k][:1] for k in _MODEL_KEYS if k in batch} | {"use_cache": False},
+                strict=False,
+            )
             h = finite_difference_step(probe.logits.dtype)
         plus = losses({n: p + (h / norm) * g_v[n] for n, p in params.items()})
         minus = losses({n: p - (h / norm) * g_v[n] for n, p in params.items()})
