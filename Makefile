@@ -9,11 +9,14 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: help venv demo test test-fast bench crd docs-api chart-readme chart-schema chart-rbac apiserver tools lock clean
+.PHONY: help venv demo test test-fast lint format check-generated bench crd docs-api chart-readme chart-schema chart-rbac apiserver tools lock clean
 
 help:
 	@echo "make demo   run the quickstart FineTuneJob locally (embedded default)"
 	@echo "make test   install into $(VENV) and run the whole test suite"
+	@echo "make lint   ruff (lint + format check), mypy on the packages, import contracts"
+	@echo "make format apply ruff's fixes and formatting"
+	@echo "make check-generated  fail if crds/, docs/api.md or the chart's generated files are stale"
 	@echo "make bench  run the CPU benchmarks (benchmarks/README.md); not part of make test"
 	@echo "make crd    regenerate crds/ from the API models (and the chart's copy, docs/api.md)"
 	@echo "make docs-api     regenerate docs/api.md (the API reference) from the API models"
@@ -49,6 +52,28 @@ apiserver:
 
 test: venv tools
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Static checks, run by .ci/run before the tests: lint and formatting (ruff), types (mypy on the
+# four packages), and the import contracts between the layers (pyproject.toml [tool.importlinter]).
+MYPY_PACKAGES := -p kubetune.api -p kubetune.gateway -p kubetune.operator -p kubetune.trainer
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy $(MYPY_PACKAGES)
+	$(VENV)/bin/lint-imports
+
+format: venv
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+# Every generated file is what its generator writes now (make crd / chart-schema / chart-rbac).
+check-generated: venv
+	$(VENV)/bin/kubetune crd | diff -u crds/finetunejobs.kubetune.io.yaml -
+	diff -u crds/finetunejobs.kubetune.io.yaml charts/kubetune/files/finetunejobs.kubetune.io.yaml
+	$(VENV)/bin/kubetune crd --markdown | diff -u docs/api.md -
+	$(PY) hack/chart_schema.py --check
+	$(PY) hack/chart_readme.py --check
+	$(PY) hack/chart_rbac.py --check
 
 # Without the real API server and the cluster tiers (no builds, no Docker): minutes, not half an hour.
 test-fast: venv
