@@ -3,14 +3,14 @@
 Everything kubetune knows about a method that is not its algorithm lives here, once: the spec block
 that holds its settings, its default learning rate, whether the base stays frozen, what the result
 is (a peft adapter or full weights) and how an engine serves it, and the one-line summary and
-reference the docs show. The spec's rules and field descriptions, the memory estimate, the
-trainer's hyper-parameters and methods, the serving decisions and the README's methods table all
-read these tables; tests/api/test_method_facts.py checks that the trainer's registries, the CRD and
-the README agree with them.
+reference the docs show. The spec's blocks, validators and field descriptions, the memory estimate,
+the trainer's hyper-parameters and methods and the serving decisions read these tables;
+tests/api/test_method_facts.py checks that the trainer's registries, the CEL rules that spell the
+lists out, the CRD and the methods tables of README.md and docs/methods.md agree with them.
 
 No pydantic here (and no torch): `kubetune.api.spec` imports this module, so the block's pydantic
-model is not named here. It is the type of the `spec.method` (or objective term's) field named like
-the block, which `spec` looks up (`spec.Method.block_model`).
+model is not named here but in `spec` (`_ADAPTATION_MODELS`, `_TYPE_MODELS`, `_OBJECTIVE_MODELS`,
+keyed by the same enums); a test checks that it is the type of the field named like the block.
 """
 
 from __future__ import annotations
