@@ -26,19 +26,10 @@ from kubetune.api import gpus as gpu_table
 from kubetune.api.conditions import Reason
 from kubetune.api.enums import Adaptation, GuideSource, Objective
 from kubetune.api.memory import GIB, Workload, breakdown
+from kubetune.api.methods import ADAPTATIONS
 
 if TYPE_CHECKING:
     from kubetune.api.spec import FineTuneJobSpec
-
-FROZEN_BASE = {
-    Adaptation.LORA,
-    Adaptation.QLORA,
-    Adaptation.DORA,
-    Adaptation.IA3,
-    Adaptation.PREFIX_TUNING,
-    Adaptation.PROMPT_TUNING,
-    Adaptation.TRANSFER,
-}
 
 # Parameter counts of common model families, read from the model name when no config is at hand.
 _SIZE = re.compile(r"(?<![0-9.])([0-9]+(?:\.[0-9]+)?)\s*([bBmM])(?![a-zA-Z])")
@@ -108,7 +99,7 @@ def gpu_workload(
     """The memory model's `Workload` of a GPU run (bf16 compute, chunked logits): adapters train
     ≈ 1 % of the parameters over a bf16 (NF4 for QLoRA) base; other methods train them all in fp32."""
     adaptation = Adaptation(adaptation)
-    frozen_base = adaptation in FROZEN_BASE
+    frozen_base = ADAPTATIONS[adaptation].frozen_base
     if hidden_size is None or layers is None:
         hidden_size, layers = guess_shape(parameters)[:2]
     return Workload(
@@ -120,7 +111,7 @@ def gpu_workload(
         seq_length=seq_length,
         batch_size=batch_size,
         intermediate=intermediate_size,
-        weight_dtype="nf4" if adaptation == Adaptation.QLORA else "bf16",
+        weight_dtype="nf4" if ADAPTATIONS[adaptation].quantized else "bf16",
         compute_bytes=2,
         optimizer=str(optimizer),
         gradient_checkpointing=gradient_checkpointing,
@@ -171,7 +162,7 @@ def _cpu_host_bytes(
 ) -> float:
     """Peak host memory of a CPU-only run from the memory model: fp32 everywhere (precision auto
     is fp32 on CPU), chunked logits, the same component formulas as on a GPU."""
-    frozen_base = adaptation in FROZEN_BASE
+    frozen_base = ADAPTATIONS[adaptation].frozen_base
     workload = Workload(
         parameters=parameters,
         trainable=int(parameters * _ADAPTER_SHARE) if frozen_base else parameters,
@@ -212,7 +203,7 @@ def _teachers(spec: FineTuneJobSpec) -> list[str]:
     grpo (beta > 0) the reference model, a frozen copy of the base (PEFT methods use the base with
     the adapter disabled instead: no second copy)."""
     sources = []
-    if spec.method.adaptation not in FROZEN_BASE and spec.method.needs_reference():
+    if not ADAPTATIONS[spec.method.adaptation].frozen_base and spec.method.needs_reference():
         sources.append(str(spec.model.source))
     distillation = spec.method.objective(Objective.DISTILLATION)
     if distillation is not None and distillation.distillation is not None:
@@ -301,7 +292,7 @@ def memory_warning(spec: FineTuneJobSpec) -> tuple[Reason, str] | None:
         return None
     hp, adaptation = spec.hyperparameters, Adaptation(spec.method.adaptation)
     remedies = []
-    if adaptation not in FROZEN_BASE:
+    if not ADAPTATIONS[adaptation].frozen_base:
         remedies.append("adaptation lora or qlora")
     elif adaptation != Adaptation.QLORA:
         remedies.append("adaptation qlora")

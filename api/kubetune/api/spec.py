@@ -38,6 +38,7 @@ from kubetune.api.enums import (
     StringCheckOperation,
     TrainingType,
 )
+from kubetune.api.methods import ADAPTATIONS, OBJECTIVES, TRAINING_TYPES, Served, adaptations, learning_rate_defaults
 from kubetune.api.pod import CREDENTIAL_KEYS, PodOverrides
 from kubetune.api.types import (
     DNS_LABEL,
@@ -475,12 +476,14 @@ class AttentionGuidanceConfig(WireModel):
         return self
 
 
-_OBJECTIVE_BLOCKS = {
-    Objective.DISTILLATION: "distillation",
-    Objective.REWEIGHTING: "reweighting",
-    Objective.ADVERSARIAL: "adversarial",
-    Objective.ATTENTION_GUIDANCE: "attentionGuidance",
+_OBJECTIVE_MODELS: dict[Objective, type[WireModel]] = {
+    Objective.DISTILLATION: DistillationConfig,
+    Objective.REWEIGHTING: ReweightingConfig,
+    Objective.ADVERSARIAL: AdversarialConfig,
+    Objective.ATTENTION_GUIDANCE: AttentionGuidanceConfig,
 }
+"""The pydantic model of each objective term's block (its name: kubetune.api.methods.OBJECTIVES)."""
+_OBJECTIVE_BLOCKS = {kind: facts.block for kind, facts in OBJECTIVES.items()}
 
 
 class ObjectiveTerm(WireModel):
@@ -532,7 +535,7 @@ class ObjectiveTerm(WireModel):
         block = getattr(self, _snake(_OBJECTIVE_BLOCKS[self.type]))
         if block is not None:
             return block
-        return {Objective.REWEIGHTING: ReweightingConfig, Objective.ADVERSARIAL: AdversarialConfig}[self.type]()
+        return _OBJECTIVE_MODELS[self.type]()
 
 
 # ------------------------------------------------------------------ preference and RL training
@@ -897,18 +900,19 @@ class GRPOConfig(WireModel):
         return out
 
 
+_TYPE_MODELS: dict[TrainingType, type[WireModel]] = {
+    TrainingType.DPO: DPOConfig,
+    TrainingType.ORPO: ORPOConfig,
+    TrainingType.KTO: KTOConfig,
+    TrainingType.GRPO: GRPOConfig,
+}
+"""The pydantic model of each training type's block (its name: kubetune.api.methods.TRAINING_TYPES)."""
 _TYPE_BLOCKS: dict[TrainingType, tuple[str, type[WireModel]]] = {
-    TrainingType.DPO: ("dpo", DPOConfig),
-    TrainingType.ORPO: ("orpo", ORPOConfig),
-    TrainingType.KTO: ("kto", KTOConfig),
-    TrainingType.GRPO: ("grpo", GRPOConfig),
+    kind: (facts.block, _TYPE_MODELS[kind]) for kind, facts in TRAINING_TYPES.items() if facts.block is not None
 }
 
-PREFERENCE_ADAPTATIONS = (Adaptation.FULL, Adaptation.LORA, Adaptation.QLORA, Adaptation.DORA)
-"""The adaptations dpo, orpo, kto and grpo compose with: the reference model is the base with the
-adapter disabled (PEFT) or a frozen copy (full). layers/transfer/gradualUnfreeze would need a
-second full copy as reference for a partial update (train lora instead); ia3, prefixTuning and
-promptTuning are not supported by TRL's reference handling and generation."""
+PREFERENCE_ADAPTATIONS = adaptations(preference=True)
+"""The adaptations dpo, orpo, kto and grpo compose with (`AdaptationFacts.preference`)."""
 
 _WRONG_ADAPTATION = (
     "method.type {type} composes with adaptation full, lora, qlora or dora only: the reference model is the base with "
@@ -920,17 +924,21 @@ _NO_OBJECTIVES = (
 )
 
 
+_ADAPTATION_MODELS: dict[Adaptation, type[WireModel]] = {
+    Adaptation.LAYERS: LayersConfig,
+    Adaptation.TRANSFER: TransferConfig,
+    Adaptation.GRADUAL_UNFREEZE: GradualUnfreezeConfig,
+    Adaptation.LORA: LoraConfig,
+    Adaptation.QLORA: QLoraConfig,
+    Adaptation.DORA: DoraConfig,
+    Adaptation.IA3: IA3Config,
+    Adaptation.PREFIX_TUNING: PrefixTuningConfig,
+    Adaptation.PROMPT_TUNING: PromptTuningConfig,
+}
+"""The pydantic model of each adaptation's block (its name: kubetune.api.methods.ADAPTATIONS)."""
 _ADAPTATION_BLOCKS: dict[Adaptation, tuple[str, type[WireModel]] | None] = {
-    Adaptation.FULL: None,
-    Adaptation.LAYERS: ("layers", LayersConfig),
-    Adaptation.TRANSFER: ("transfer", TransferConfig),
-    Adaptation.GRADUAL_UNFREEZE: ("gradualUnfreeze", GradualUnfreezeConfig),
-    Adaptation.LORA: ("lora", LoraConfig),
-    Adaptation.QLORA: ("qlora", QLoraConfig),
-    Adaptation.DORA: ("dora", DoraConfig),
-    Adaptation.IA3: ("ia3", IA3Config),
-    Adaptation.PREFIX_TUNING: ("prefixTuning", PrefixTuningConfig),
-    Adaptation.PROMPT_TUNING: ("promptTuning", PromptTuningConfig),
+    kind: None if facts.block is None else (facts.block, _ADAPTATION_MODELS[kind])
+    for kind, facts in ADAPTATIONS.items()
 }
 
 
@@ -1053,8 +1061,8 @@ class Method(WireModel):
             if term.type in seen:
                 raise ValueError("each objective type may appear once")
             seen.add(term.type)
-        for kind, (block, _) in _TYPE_BLOCKS.items():
-            if getattr(self, block) is not None and self.type != kind:
+        for training_type, (block, _) in _TYPE_BLOCKS.items():
+            if getattr(self, block) is not None and self.type != training_type:
                 raise ValueError(f"the {block} block belongs to type: {block}; remove it or change type")
         if self.type == TrainingType.GRPO and self.grpo is None:
             raise ValueError("type: grpo needs a grpo block with graders")
@@ -1063,12 +1071,12 @@ class Method(WireModel):
                 raise ValueError(_WRONG_ADAPTATION.format(type=self.training_type.value))
             if self.objectives:
                 raise ValueError(_NO_OBJECTIVES.format(type=self.training_type.value))
-        term = self.objective(Objective.REWEIGHTING)
+        reweighting = self.objective(Objective.REWEIGHTING)
         if (
-            term is not None
+            reweighting is not None
             and self.adaptation == Adaptation.QLORA
-            and term.reweighting is not None
-            and term.reweighting.estimator not in (GradientEstimator.AUTO, GradientEstimator.FINITE_DIFFERENCE)
+            and reweighting.reweighting is not None
+            and reweighting.reweighting.estimator not in (GradientEstimator.AUTO, GradientEstimator.FINITE_DIFFERENCE)
         ):
             raise ValueError(
                 "reweighting on qlora needs estimator finiteDifference (or auto): 4-bit layers have "
@@ -1102,14 +1110,14 @@ class Method(WireModel):
     def needs_reference(self) -> bool:
         """The type compares the policy with a frozen reference model (dpo unless referenceFree, kto,
         grpo with beta > 0); for full fine-tuning that is a second copy of the weights."""
+        if not TRAINING_TYPES[self.training_type].reference_model:
+            return False
         config = self.training()
-        if self.type == TrainingType.DPO:
+        if isinstance(config, DPOConfig):
             return not config.reference_free
-        if self.type == TrainingType.KTO:
-            return True
-        if self.type == TrainingType.GRPO:
+        if isinstance(config, GRPOConfig):
             return config.beta > 0
-        return False
+        return True  # kto
 
 
 # ------------------------------------------------------------------------- hyper-parameters
@@ -1124,9 +1132,9 @@ class Hyperparameters(WireModel):
     learning_rate: Optional[PositiveNumber] = Field(
         default=None,
         description=(
-            "Peak learning rate, a number > 0 such as 2e-4. Leave it out for the method's default: 2e-4 for lora, "
-            "qlora and dora; 3e-3 for ia3; 3e-2 for prefixTuning and promptTuning; 1e-4 for transfer; 5e-5 for "
-            "gradualUnfreeze; 2e-5 for full and layers."
+            "Peak learning rate, a number > 0 such as 2e-4. Leave it out for the adaptation's default: "
+            + learning_rate_defaults()
+            + "."
         ),
     )
     batch_size: AutoInt = Field(
@@ -1480,12 +1488,15 @@ class Scheduling(WireModel):
 
 """An http(s) base URL without credentials, query or fragment (credentials go in a Secret)."""
 
-SERVABLE_AS_LORA = (Adaptation.LORA, Adaptation.QLORA)
+SERVABLE_AS_LORA = adaptations(served=Served.ADAPTER)
 """Adapters vLLM, SGLang and KServe's LoRA path load as they are; every other weight-changing
-adaptation is served as a merged full model (../SERVING.md: DoRA, IA3 are refused by vLLM)."""
+adaptation is served as a merged full model (docs/local.md: DoRA, IA3 are refused by vLLM)."""
 
-UNSERVABLE = (Adaptation.PREFIX_TUNING, Adaptation.PROMPT_TUNING)
+UNSERVABLE = adaptations(served=Served.NONE)
 """Virtual tokens are not weights: nothing to merge into the base, and no engine serves them."""
+
+VIRTUAL_TOKENS = adaptations(virtual_tokens=True)
+"""prefixTuning and promptTuning: nothing to merge (output.format: merged) and no packing."""
 
 _SERVING_BLOCKS = {
     ServingEngine.KSERVE: "kserve",
@@ -1607,7 +1618,7 @@ class Serving(WireModel):
 def served_merged(adaptation: Adaptation) -> bool:
     """The adaptation's result is served as a merged full model (the trainer writes `merged/` beside
     a DoRA or IA3 adapter; full weights are served as they are)."""
-    return adaptation not in SERVABLE_AS_LORA and adaptation not in UNSERVABLE
+    return ADAPTATIONS[adaptation].served == Served.MERGED
 
 
 def serves_full_model(spec: FineTuneJobSpec) -> bool:
@@ -1780,10 +1791,7 @@ class FineTuneJobSpec(WireModel):
 
     @model_validator(mode="after")
     def _mergeable(self) -> FineTuneJobSpec:
-        if self.output.format == OutputFormat.MERGED and self.method.adaptation in (
-            Adaptation.PREFIX_TUNING,
-            Adaptation.PROMPT_TUNING,
-        ):
+        if self.output.format == OutputFormat.MERGED and self.method.adaptation in VIRTUAL_TOKENS:
             raise ValueError(
                 "output.format: merged is not possible with prefixTuning or promptTuning (virtual "
                 "tokens are not weights of the base model to merge into); use format: adapter"
@@ -1792,7 +1800,7 @@ class FineTuneJobSpec(WireModel):
             raise ValueError(_FORMAT_BY_TYPE)
         if self.method.training_type != TrainingType.SUPERVISED and self.dataset.packing:
             raise ValueError(_PACKING_BY_TYPE)
-        if self.dataset.packing and self.method.adaptation in (Adaptation.PREFIX_TUNING, Adaptation.PROMPT_TUNING):
+        if self.dataset.packing and self.method.adaptation in VIRTUAL_TOKENS:
             raise ValueError(
                 "dataset.packing cannot be combined with prefixTuning or promptTuning (virtual tokens "
                 "and cached prefixes defeat the per-example attention mask); set packing: false"

@@ -36,6 +36,8 @@ from types import SimpleNamespace
 from typing import Any, Optional
 from urllib.parse import urlsplit
 
+from kubetune.api.enums import Adaptation
+from kubetune.api.methods import ADAPTATIONS
 from kubetune.api.types import MODEL_SCHEMES
 from kubetune.gateway.backend import Invalid
 from kubetune.gateway.objects import (
@@ -49,9 +51,8 @@ from kubetune.gateway.objects import (
     JobStatus,
 )
 
-LORA_LEARNING_RATE = 2e-4
-"""The LoRA adaptation's default learning rate (kubetune.trainer.methods.lora; a test keeps the
-two equal — the gateway must not import the trainer). OpenAI's multiplier scales it."""
+LORA_LEARNING_RATE = ADAPTATIONS[Adaptation.LORA].default_learning_rate
+"""The LoRA adaptation's default learning rate (kubetune.api.methods). OpenAI's multiplier scales it."""
 DPO_LEARNING_RATE = LORA_LEARNING_RATE
 DEFAULT_N_EPOCHS = 3
 """What `n_epochs: auto` resolves to (kubetune.trainer.hparams.DEFAULT_EPOCHS, OpenAI's default)."""

@@ -599,7 +599,8 @@ _KIND_WORDS = {
 
 def spec_inputs(spec: Any) -> dict[str, Any]:
     """What `finish` needs from a FineTuneJob spec: split, seed, epochs, model size, frozen base."""
-    from kubetune.api.estimate import BUILTIN_PARAMETERS, FROZEN_BASE, parameters_from_name
+    from kubetune.api.estimate import BUILTIN_PARAMETERS, parameters_from_name
+    from kubetune.api.methods import ADAPTATIONS
 
     hp = spec.hyperparameters
     source = spec.model.source
@@ -608,7 +609,7 @@ def spec_inputs(spec: Any) -> dict[str, Any]:
         "seed": hp.seed,
         "epochs": hp.epochs if isinstance(hp.epochs, int) else None,
         "parameters": BUILTIN_PARAMETERS.get(source) or parameters_from_name(source),
-        "frozen_base": spec.method.adaptation in FROZEN_BASE,
+        "frozen_base": ADAPTATIONS[spec.method.adaptation].frozen_base,
         "policy": spec.dataset.pii,
     }
 

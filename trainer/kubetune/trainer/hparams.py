@@ -9,8 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 from kubetune.api.enums import Precision
-from kubetune.api.estimate import FROZEN_BASE, _teachers, gpu_workload, parameters_from_name
+from kubetune.api.estimate import _teachers, gpu_workload, parameters_from_name
 from kubetune.api.memory import largest_batch
+from kubetune.api.methods import ADAPTATIONS
 from kubetune.api.spec import FineTuneJobSpec
 from kubetune.api.status import ResolvedHyperparameters
 
@@ -44,17 +45,18 @@ def load_dtype(spec: FineTuneJobSpec, device: str) -> Any:
 
     Trained parameters need fp32 master weights: AdamW's step at a learning rate of 2e-5 is below
     bfloat16's resolution for most weights, so a bf16 copy trained in place mostly never changes.
-    So every method that trains base weights (full, layers, transfer, gradualUnfreeze) loads in
-    fp32 and bf16/fp16 only autocast the compute. A frozen base (the peft methods) loads in the
-    compute dtype on a GPU: it is never updated; peft keeps its adapters in fp32. pureBf16 loads
-    bf16 and trains it in place, as asked.
+    So the methods that train much of the base (full, layers, gradualUnfreeze) load in fp32 and
+    bf16/fp16 only autocast the compute. A frozen base (`AdaptationFacts.frozen_base`: the peft
+    methods, and transfer) loads in the compute dtype on a GPU: it is never updated; peft keeps its
+    adapters in fp32 and `master_weights` lifts transfer's head to fp32. pureBf16 loads bf16 and
+    trains it in place, as asked.
     """
     import torch
 
     wanted = precision(spec)
     if wanted == str(Precision.PURE_BF16):
         return torch.bfloat16
-    if device == "cuda" and wanted in ("bf16", "fp16") and spec.method.adaptation in FROZEN_BASE:
+    if device == "cuda" and wanted in ("bf16", "fp16") and ADAPTATIONS[spec.method.adaptation].frozen_base:
         return getattr(torch, AUTOCAST[wanted])
     return torch.float32
 

@@ -321,11 +321,10 @@ def _run(job: FineTuneJob, opts: Options, scratch: Path) -> dict[str, Any]:
         metrics=metrics,
         loop=loop,
     )
-    callbacks = [loop, uploader, *getattr(adaptation, "callbacks", lambda: [])()]
+    callbacks = [loop, uploader, *adaptation.callbacks()]
     lr, wd = effective["learningRate"], spec.hyperparameters.weight_decay
-    if hasattr(adaptation, "param_groups"):
-        groups = adaptation.param_groups(lr, wd)
-    else:
+    groups = adaptation.param_groups(lr, wd)
+    if groups is None:
         groups = optimizers.default_groups(model, wd)
     try:
         optimizer = optimizers.build(spec.method.optimizer, groups, lr, wd)
@@ -530,7 +529,7 @@ def _check_model_fits(spec: Any, adaptation: Any, config: Any) -> None:
             families.check_packing(config)
         except ValueError as err:
             raise UserError(f"spec.dataset.packing: {err}", "InvalidSpec", "spec.dataset.packing") from None
-    if getattr(adaptation, "block", None) is not None:
+    if adaptation.facts.targets:
         skeleton = targets.skeleton(config, spec.model.trust_remote_code)
         if skeleton is not None:
             _targets(adaptation, skeleton, quiet=True)
@@ -540,23 +539,21 @@ def _targets(adaptation: Any, model: Any, quiet: bool = False) -> dict[str, Any]
     """The adapter's resolved targets as status.effective keys ({} for methods without targets)."""
     from kubetune.trainer.methods import targets
 
-    if getattr(adaptation, "block", None) is None:
-        return {}
     try:
-        return adaptation.resolve_targets(model, quiet).effective()
+        resolved = adaptation.resolve_targets(model, quiet)
     except targets.TargetError as err:
         raise UserError(str(err), "InvalidSpec", err.param) from None
+    return {} if resolved is None else resolved.effective()
 
 
 def _after_load(adaptation: Any, model: Any) -> dict[str, Any]:
     """The method's check of the loaded model (qlora: it really is 4-bit), then its targets."""
     from kubetune.trainer.methods import targets
 
-    if hasattr(adaptation, "after_load"):
-        try:
-            adaptation.after_load(model)
-        except targets.TargetError as err:
-            raise UserError(str(err), "InvalidSpec", err.param) from None
+    try:
+        adaptation.after_load(model)
+    except targets.TargetError as err:
+        raise UserError(str(err), "InvalidSpec", err.param) from None
     return _targets(adaptation, model)
 
 

@@ -1,15 +1,15 @@
 """The registry of adaptations: one module per API enum value, one line each below.
 
-Each module defines a class with the same small interface (`Adaptation` below): what to pass to
-`from_pretrained` (quantisation), how to turn the loaded base model into the trainable one, the
-default learning rate, and how to save the result. A test asserts that the registry keys equal
+Each module defines a subclass of `Method` (methods/_base.py): what to pass to `from_pretrained`
+(quantisation), how to turn the loaded base model into the trainable one, and how to save the
+result; every hook but `apply` has a default that does nothing. The facts (spec block, default
+learning rate, …) come from `kubetune.api.methods`. A test asserts that the registry keys equal
 `kubetune.api.Adaptation`, so a method cannot be offered by the API without existing here.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from kubetune.api.enums import Adaptation as AdaptationName
 from kubetune.trainer.methods import (
@@ -24,25 +24,9 @@ from kubetune.trainer.methods import (
     qlora,
     transfer,
 )
+from kubetune.trainer.methods._base import Method
 
-
-class Adaptation(Protocol):
-    default_learning_rate: float
-
-    def load_kwargs(self, device: str) -> dict[str, Any]:
-        """Extra keyword arguments for `AutoModelForCausalLM.from_pretrained`."""
-
-    def apply(self, model: Any, tokenizer: Any) -> Any:
-        """The model to train: frozen/wrapped as the method says."""
-
-    def save(self, model: Any, directory: Path, merged: bool, base_dir: Path) -> None:
-        """Write the result (adapter or full weights, safetensors) into `directory`."""
-
-    # Optional: `param_groups(lr, weight_decay) -> list[dict]` for per-group learning rates,
-    # and `callbacks() -> list[TrainerCallback]` for methods that act during training.
-
-
-REGISTRY: dict[AdaptationName, type] = {
+REGISTRY: dict[AdaptationName, type[Method]] = {
     AdaptationName.FULL: full.Full,
     AdaptationName.LAYERS: layers.Layers,
     AdaptationName.TRANSFER: transfer.Transfer,
@@ -56,7 +40,7 @@ REGISTRY: dict[AdaptationName, type] = {
 }
 
 
-def build(name: AdaptationName, config: Any) -> Adaptation:
+def build(name: AdaptationName, config: Any) -> Method:
     """The adaptation object for a spec's `method.adaptation` and its config block."""
     return REGISTRY[AdaptationName(name)](config)
 

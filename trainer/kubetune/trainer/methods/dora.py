@@ -7,15 +7,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from kubetune.api.enums import Adaptation
 from kubetune.trainer.methods._base import PeftMethod
 from kubetune.trainer.methods.lora import lora_config
 
 
 class Dora(PeftMethod):
-    default_learning_rate = 2e-4
-    block = "dora"
+    adaptation = Adaptation.DORA
 
     def apply(self, model: Any, tokenizer: Any) -> Any:
         from peft import get_peft_model
 
-        return get_peft_model(model, lora_config(self.config, self.resolve_targets(model), use_dora=True))
+        return get_peft_model(model, lora_config(self.config, self.target_layers(model), use_dora=True))

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from kubetune.api.enums import Adaptation
 from kubetune.trainer.methods._base import Method
 
 
 class Full(Method):
-    default_learning_rate = 2e-5
+    adaptation = Adaptation.FULL
 
     def apply(self, model: Any, tokenizer: Any) -> Any:
         for p in model.parameters():

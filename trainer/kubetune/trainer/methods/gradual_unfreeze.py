@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kubetune.api.enums import Adaptation
 from kubetune.trainer.methods import _groups
 from kubetune.trainer.methods._base import Method
 from transformers import TrainerCallback
@@ -35,7 +36,7 @@ def groups(model: Any) -> list[list[Any]]:
 
 
 class GradualUnfreeze(Method):
-    default_learning_rate = 5e-5
+    adaptation = Adaptation.GRADUAL_UNFREEZE
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)

@@ -8,17 +8,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from kubetune.api.enums import Adaptation
 from kubetune.trainer.methods._base import PeftMethod
 
 
 class IA3(PeftMethod):
-    default_learning_rate = 3e-3
-    block = "ia3"
+    adaptation = Adaptation.IA3
 
     def apply(self, model: Any, tokenizer: Any) -> Any:
         from peft import IA3Config, TaskType, get_peft_model
 
-        resolved = self.resolve_targets(model)
+        resolved = self.target_layers(model)
         cfg = IA3Config(
             task_type=TaskType.CAUSAL_LM,
             target_modules=list(resolved.modules),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kubetune.api.enums import Adaptation
 from kubetune.trainer.methods import _groups
 from kubetune.trainer.methods._base import Method
 
@@ -31,7 +32,7 @@ def selected(model: Any, indices: list[int], modules: list[str]) -> list[str]:
 
 
 class Layers(Method):
-    default_learning_rate = 2e-5
+    adaptation = Adaptation.LAYERS
 
     def apply(self, model: Any, tokenizer: Any) -> Any:
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kubetune.api.enums import Adaptation
 from kubetune.trainer.methods import targets as _targets
 from kubetune.trainer.methods._base import PeftMethod
 
@@ -27,10 +28,9 @@ def lora_config(config: Any, resolved: _targets.Targets, use_dora: bool = False)
 
 
 class Lora(PeftMethod):
-    default_learning_rate = 2e-4
-    block = "lora"
+    adaptation = Adaptation.LORA
 
     def apply(self, model: Any, tokenizer: Any) -> Any:
         from peft import get_peft_model
 
-        return get_peft_model(model, lora_config(self.config, self.resolve_targets(model)))
+        return get_peft_model(model, lora_config(self.config, self.target_layers(model)))

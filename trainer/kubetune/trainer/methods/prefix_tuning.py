@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from kubetune.api.enums import Adaptation
 from kubetune.trainer.methods._base import PeftMethod
 
 
 class PrefixTuning(PeftMethod):
-    default_learning_rate = 3e-2
+    adaptation = Adaptation.PREFIX_TUNING
 
     def apply(self, model: Any, tokenizer: Any) -> Any:
         from peft import PrefixTuningConfig, TaskType, get_peft_model

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from kubetune.api.enums import Adaptation
 from kubetune.trainer.methods._base import PeftMethod
 
 
 class PromptTuning(PeftMethod):
-    default_learning_rate = 3e-2
+    adaptation = Adaptation.PROMPT_TUNING
 
     def apply(self, model: Any, tokenizer: Any) -> Any:
         from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model

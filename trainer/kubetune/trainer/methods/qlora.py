@@ -16,13 +16,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from kubetune.api.enums import Adaptation
 from kubetune.trainer.methods._base import PeftMethod
 from kubetune.trainer.methods.lora import lora_config
 
 
 class QLora(PeftMethod):
-    default_learning_rate = 2e-4
-    block = "qlora"
+    adaptation = Adaptation.QLORA
 
     def load_kwargs(self, device: str) -> dict[str, Any]:
         import torch
@@ -78,7 +78,7 @@ class QLora(PeftMethod):
         from peft import get_peft_model, prepare_model_for_kbit_training
 
         _keep_training_layout(model)
-        resolved = self.resolve_targets(model)
+        resolved = self.target_layers(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         return get_peft_model(model, lora_config(self.config, resolved))
 

@@ -29,12 +29,14 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from kubetune.api.methods import ADAPTATIONS
 from kubetune.trainer.methods.families import family
 
 log = logging.getLogger("kubetune.trainer")
 
 ALL_LINEAR = "all-linear"
-LORA_BLOCKS = ("lora", "dora", "qlora")
+LORA_BLOCKS = tuple(facts.block for facts in ADAPTATIONS.values() if facts.lora)
+"""The blocks of the LoRA variants (lora, qlora, dora): embeddings and fused experts adaptable, dropout."""
 
 
 class TargetError(ValueError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import types
 from typing import Any
 
+from kubetune.api.enums import Adaptation
 from kubetune.trainer.methods import _groups
 from kubetune.trainer.methods._base import Method
 
@@ -33,7 +34,7 @@ def _untie_head(model: Any) -> None:
 
 
 class Transfer(Method):
-    default_learning_rate = 1e-4
+    adaptation = Adaptation.TRANSFER
 
     def apply(self, model: Any, tokenizer: Any) -> Any:
         _untie_head(model)

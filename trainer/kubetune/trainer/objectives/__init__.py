@@ -9,8 +9,10 @@ registry keys equal the enum. Terms compose in a fixed order inside `ObjectiveTr
 4. adversarial (ALUM) adds α·symmetric-KL under an adversarial embedding perturbation;
 5. attentionGuidance (GATE) adds λ·L_att on the guided heads.
 
-Each term also reports numbers (`metrics`) that go to Prometheus and the final summary. With no
-term configured `ChunkedTrainer` runs: objective terms cost nothing when unused.
+Every term is an `_base.Objective`: `prepare`, `forward_kwargs` and `combine` hooks, the first two
+doing nothing unless the term says otherwise. Each term also reports numbers (`metrics`) that go to
+Prometheus and the final summary. With no term configured `ChunkedTrainer` runs: objective terms
+cost nothing when unused.
 
 Logits: the forward projects none; the cross-entropy (and distillation's KL) are computed from
 the last hidden states in chunks (`kubetune.trainer.chunked`). A term that needs the whole
@@ -24,10 +26,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from kubetune.api.enums import Objective
+from kubetune.api.enums import Objective as ObjectiveName
 from kubetune.trainer import chunked
+from kubetune.trainer.objectives._base import Objective
 from transformers import Trainer
 
 
@@ -53,39 +56,31 @@ class Context:
     global_step: Callable[[], int] | None = None  # the Trainer's optimizer step (survives resume)
 
 
-class Term(Protocol):
-    """The interface every objective module implements."""
-
-    def prepare(self, model: Any) -> None:
-        """Called once the adaptation is applied (load a teacher, set up attention capture)."""
-
-    def forward_kwargs(self) -> dict[str, Any]:
-        """Extra keyword arguments for the forward pass (e.g. output_attentions)."""
-
-    def combine(self, loss: Any, model: Any, inputs: dict[str, Any], outputs: Any) -> tuple[Any, dict[str, float]]:
-        """The loss after this term, and the numbers to report."""
-
-
-def _registry() -> dict[Objective, type]:
+def _registry() -> dict[ObjectiveName, type[Objective]]:
     from kubetune.trainer.objectives import adversarial, attention_guidance, distillation, reweighting
 
     return {
-        Objective.DISTILLATION: distillation.Distillation,
-        Objective.REWEIGHTING: reweighting.Reweighting,
-        Objective.ADVERSARIAL: adversarial.Adversarial,
-        Objective.ATTENTION_GUIDANCE: attention_guidance.AttentionGuidance,
+        ObjectiveName.DISTILLATION: distillation.Distillation,
+        ObjectiveName.REWEIGHTING: reweighting.Reweighting,
+        ObjectiveName.ADVERSARIAL: adversarial.Adversarial,
+        ObjectiveName.ATTENTION_GUIDANCE: attention_guidance.AttentionGuidance,
     }
 
 
 SIDE_INPUTS = ("guide_mask",)
 
-ORDER = [Objective.REWEIGHTING, Objective.DISTILLATION, Objective.ADVERSARIAL, Objective.ATTENTION_GUIDANCE]
+ORDER = [
+    ObjectiveName.REWEIGHTING,
+    ObjectiveName.DISTILLATION,
+    ObjectiveName.ADVERSARIAL,
+    ObjectiveName.ATTENTION_GUIDANCE,
+]
 
 
-def build(spec: Any, ctx: Context) -> list[tuple[Objective, Any]]:
+def build(spec: Any, ctx: Context) -> list[tuple[ObjectiveName, Objective]]:
     """The configured terms, in composition order."""
     registry = _registry()
-    terms = {Objective(t.type): registry[Objective(t.type)](t.config(), ctx) for t in spec.method.objectives}
+    terms = {ObjectiveName(t.type): registry[ObjectiveName(t.type)](t.config(), ctx) for t in spec.method.objectives}
     return [(name, terms[name]) for name in ORDER if name in terms]
 
 
@@ -132,14 +127,12 @@ class ObjectiveTrainer(Trainer):
     def __init__(
         self,
         *args: Any,
-        terms: list[tuple[Objective, Any]],
+        terms: list[tuple[ObjectiveName, Objective]],
         on_metrics: Callable[[dict[str, float]], None] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.chunked = chunked.supports_hidden(self.model) and not any(
-            getattr(t, "needs_logits", False) for _, t in terms
-        )
+        self.chunked = chunked.supports_hidden(self.model) and not any(t.needs_logits for _, t in terms)
         self.terms = terms
         self.on_metrics = on_metrics
         self.last_metrics: dict[str, float] = {}

@@ -20,26 +20,23 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from kubetune.trainer.objectives._base import Objective
 from kubetune.trainer.objectives.distillation import _kl_sum, _upcast, at_labels
 
 _FORWARD_KEYS = ("attention_mask", "position_ids")  # passed with inputs_embeds; never labels
 
 
-class Adversarial:
+class Adversarial(Objective):
     """The `adversarial` objective term."""
 
     needs_logits = True  # its symmetric KL compares the clean forward's full logits with perturbed ones
 
     def __init__(self, config: Any, ctx: Any) -> None:
-        self.config = config
-        self.ctx = ctx
+        super().__init__(config, ctx)
         self.alpha = float(config.alpha)
 
     def prepare(self, model: Any) -> None:
         embeddings(model)  # fail now, not at step 1, when the model has no input embeddings
-
-    def forward_kwargs(self) -> dict[str, Any]:
-        return {}
 
     def combine(self, loss: Any, model: Any, inputs: dict[str, Any], outputs: Any) -> tuple[Any, dict[str, float]]:
         if self.alpha == 0 or not model.training:

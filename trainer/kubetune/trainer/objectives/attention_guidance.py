@@ -61,6 +61,7 @@ from typing import Any
 
 import torch
 from kubetune.trainer.objectives import IncompatibleError
+from kubetune.trainer.objectives._base import Objective
 
 log = logging.getLogger(__name__)
 
@@ -464,14 +465,13 @@ def attention_loss(
     return (per * weight).sum(), (on_support.detach() * weight).sum(), int(weight.sum().item())
 
 
-class AttentionGuidance:
+class AttentionGuidance(Objective):
     """The `attentionGuidance` objective term."""
 
     def __init__(
         self, config: Any, ctx: Any, guide: Callable[[torch.Tensor, dict[str, Any]], Guide] | None = None
     ) -> None:
-        self.config = config
-        self.ctx = ctx
+        super().__init__(config, ctx)
         self.weight = float(config.weight)
         self.width = float(config.width)
         self.source = str(getattr(config.guide, "value", config.guide))

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from kubetune.trainer import chunked
 from kubetune.trainer.objectives import IncompatibleError
+from kubetune.trainer.objectives._base import Objective
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
@@ -35,12 +36,11 @@ CHUNK = 1024  # label positions per KL chunk: 1024 × 150k vocab × 4 bytes ≈ 
 _MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")  # what the teacher sees: never labels
 
 
-class Distillation:
+class Distillation(Objective):
     """The `distillation` objective term."""
 
     def __init__(self, config: Any, ctx: Any) -> None:
-        self.config = config
-        self.ctx = ctx
+        super().__init__(config, ctx)
         self.temperature = float(config.temperature)
         self.alpha = float(config.alpha)
         self.reverse = str(config.direction) == "reverse"
@@ -79,9 +79,6 @@ class Distillation:
         return f"spec.method.objectives[{index}].distillation.teacher"
 
     # ---------------------------------------------------------------------------- the loss
-
-    def forward_kwargs(self) -> dict[str, Any]:
-        return {}
 
     def combine(self, loss: Any, model: Any, inputs: dict[str, Any], outputs: Any) -> tuple[Any, dict[str, float]]:
         if self.teacher is None:

@@ -55,6 +55,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from kubetune.trainer.objectives import IncompatibleError
+from kubetune.trainer.objectives._base import Objective
 from torch.func import functional_call, grad, jvp, vmap
 
 IGNORE_INDEX = -100
@@ -71,14 +72,13 @@ class Step(NamedTuple):
     warmup: bool
 
 
-class Reweighting:
+class Reweighting(Objective):
     """The `reweighting` objective term."""
 
     needs_logits = True  # per-example losses of the training forward's logits (and functional re-forwards)
 
     def __init__(self, config: Any, ctx: Any) -> None:
-        self.config = config
-        self.ctx = ctx
+        super().__init__(config, ctx)
         self.estimator: str | None = None  # resolved in `prepare`
         self.average: dict[str, float] = {}  # example key → moving average of n·wᵢ
         self.history: deque[Step] = deque(maxlen=HISTORY)
@@ -97,9 +97,6 @@ class Reweighting:
         self.estimator = resolve_estimator(str(self.config.estimator), model)
         if self.estimator == "jvp":
             use_eager_attention(model)
-
-    def forward_kwargs(self) -> dict[str, Any]:
-        return {}
 
     def combine(self, loss: Any, model: Any, inputs: dict[str, Any], outputs: Any) -> tuple[Any, dict[str, float]]:
         if not model.training or inputs.get("labels") is None:
