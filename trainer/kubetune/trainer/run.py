@@ -719,7 +719,7 @@ def evaluate(model: Any, examples: list[Any], collate: Any, batch_size: int) -> 
                 continue
             logits = model(**batch).logits[:, -labels.shape[1] :, :].float()
             shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
-            mask = shift_labels != -100
+            mask = shift_labels != data.IGNORE_INDEX
             loss = torch.nn.functional.cross_entropy(
                 shift_logits.reshape(-1, shift_logits.shape[-1]),
                 shift_labels.reshape(-1),

@@ -60,11 +60,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from kubetune.trainer.data import IGNORE_INDEX
 from kubetune.trainer.objectives import IncompatibleError
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 PREFIX = "kubetune_guided"
 DELEGATES = ("sdpa", "eager")
 LOG_FLOOR = 1e-12
