@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from kubetune.trainer.data.encode import IGNORE_INDEX, Example
+from kubetune.trainer.data.encode import GUIDE_MASK_KEY, IGNORE_INDEX, Example
 
 
 def _first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -51,7 +51,7 @@ def pack(examples: Sequence[Example], max_seq_length: int) -> list[dict]:
             guide += e.guide_mask if e.guide_mask is not None else [0] * len(e.input_ids)
         row = {"input_ids": ids, "labels": labels, "position_ids": positions}
         if any(examples[i].guide_mask is not None for i in group):
-            row["guide_mask"] = guide
+            row[GUIDE_MASK_KEY] = guide
         out.append(row)
     return out
 
@@ -70,8 +70,8 @@ class Collator:
     def __call__(self, features: Sequence[Example | dict]) -> dict:
         import torch
 
-        rows = [
-            f if isinstance(f, dict) else {"input_ids": f.input_ids, "labels": f.labels, "guide_mask": f.guide_mask}
+        rows: list[dict[str, Any]] = [
+            f if isinstance(f, dict) else {"input_ids": f.input_ids, "labels": f.labels, GUIDE_MASK_KEY: f.guide_mask}
             for f in features
         ]
         width = max(len(r["input_ids"]) for r in rows)
@@ -91,12 +91,12 @@ class Collator:
                 extra[b, :n] = 1
         key = "position_ids" if self.packing else "attention_mask"
         batch = {"input_ids": ids, "labels": labels, key: extra}
-        if any(r.get("guide_mask") is not None for r in rows):
+        if any(r.get(GUIDE_MASK_KEY) is not None for r in rows):
             guide = torch.zeros((len(rows), width), dtype=torch.long)
             for b, r in enumerate(rows):
-                mask = r.get("guide_mask") or []
+                mask = r.get(GUIDE_MASK_KEY) or []
                 guide[b, : len(mask)] = torch.tensor(mask, dtype=torch.long)
-            batch["guide_mask"] = guide
+            batch[GUIDE_MASK_KEY] = guide
         return batch
 
 

@@ -152,7 +152,7 @@ def check(
         for item in iter_records(
             uri, fmt, storage_options=storage_options, extra_keys=extra, keep=False, record_check=record_check
         ):
-            if item is None:
+            if not isinstance(item, DataProblem):  # keep=False: a valid record comes as None
                 valid += 1
                 continue
             found += 1

@@ -216,7 +216,7 @@ def iter_records(
     Blank lines are skipped; `extra_keys` are top-level keys tolerated besides the format's own.
     `record_check` replaces the format's record check (preference and GRPO records, prefdata.py).
     """
-    import fsspec  # type: ignore[import-untyped]
+    import fsspec
 
     fmt = DatasetFormat(fmt)
     extra = tuple(extra_keys)
@@ -348,6 +348,14 @@ def extra_keys_for(spec: Any) -> tuple[str, ...]:
     if term is not None and term.attention_guidance is not None:
         return (term.attention_guidance.spans_field,)
     return ()
+
+
+def spans_field_for(spec: Any) -> str | None:
+    """The record key of attention guidance's evidence spans when it guides by spans, else None."""
+    term = spec.method.objective("attentionGuidance")
+    if term is not None and term.attention_guidance is not None and str(term.attention_guidance.guide) == "spans":
+        return str(term.attention_guidance.spans_field)
+    return None
 
 
 # ------------------------------------------------------------------------------ record checks
