@@ -23,6 +23,7 @@ message. The mask is 1 on every token overlapping a span; batches carry it as
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,7 +45,14 @@ class Example:
 
 
 Offsets = list[tuple[int, int]]
-Piece = tuple[int, Offsets, dict[Any, int]]  # first token in ids, its text's token offsets, {where: char offset}
+Piece = tuple[
+    int, array, dict[Any, int]
+]  # first token in ids, its tokens' (start, end) flattened, {where: char offset}
+
+
+def _piece(first: int, offsets: Offsets, at: dict[Any, int]) -> Piece:
+    """Offsets kept flat in an int array: 8 bytes a token while the encodings live, not a tuple each."""
+    return first, array("i", [x for pair in offsets for x in pair]), at
 
 
 def _tokenise(tokenizer: Any, texts: list[str]) -> tuple[list[list[int]], list[Offsets] | None]:
@@ -209,10 +217,10 @@ class Encoding:
                     f"[{n}]: [{start}, {end}) is outside {where!r} (length {len(self.strings[where])}); "
                     "offsets are characters, end exclusive"
                 )
-            first, offsets, at = piece
+            first, flat, at = piece
             lo, hi = at[where] + start, at[where] + end
-            for j, (s, e) in enumerate(offsets):
-                if s < hi and e > lo:
+            for j in range(len(flat) // 2):
+                if flat[2 * j] < hi and flat[2 * j + 1] > lo:
                     mask[first + j] = 1
         return mask[:length] if length is not None else mask
 
@@ -258,7 +266,7 @@ def _encode_chat(record: Record, tokenizer: Any) -> Encoding:
         if pos >= 0:
             at[i], cursor = pos, pos + len(m["content"])
     users = [i for i, m in enumerate(messages) if m["role"] == "user"]
-    pieces = None if offs is None else [(0, offs[0], at)]
+    pieces = None if offs is None else [_piece(0, offs[0], at)]
     strings: dict[Any, str] = {i: m["content"] for i, m in enumerate(messages)}
     return Encoding(record, Example(ids, labels), pieces, strings, users[-1] if users else 0)
 
@@ -283,7 +291,7 @@ def encode_record(record: Record, fmt: DatasetFormat | str, tokenizer: Any) -> E
     if fmt == DatasetFormat.TEXT:
         (ids,), offs = _tokenise(tokenizer, [d["text"]])
         full = bos + ids + eos
-        pieces = None if offs is None else [(len(bos), offs[0], {"text": 0})]
+        pieces = None if offs is None else [_piece(len(bos), offs[0], {"text": 0})]
         return Encoding(record, Example(full, list(full)), pieces, strings, "text")
     if fmt == DatasetFormat.PROMPT_COMPLETION:
         prompt, answer, default = d["prompt"], ("completion", d["completion"]), "prompt"
@@ -297,7 +305,7 @@ def encode_record(record: Record, fmt: DatasetFormat | str, tokenizer: Any) -> E
     (prompt_ids, answer_ids), offs = _tokenise(tokenizer, [prompt, answer[1]])
     masked, target = bos + prompt_ids, answer_ids + eos
     example = Example(masked + target, [IGNORE_INDEX] * len(masked) + target)
-    pieces = None if offs is None else [(len(bos), offs[0], at), (len(masked), offs[1], {answer[0]: 0})]
+    pieces = None if offs is None else [_piece(len(bos), offs[0], at), _piece(len(masked), offs[1], {answer[0]: 0})]
     return Encoding(record, example, pieces, strings, default)
 
 
