@@ -45,9 +45,8 @@ class Example:
 
 
 Offsets = list[tuple[int, int]]
-Piece = tuple[
-    int, array, dict[Any, int]
-]  # first token in ids, its tokens' (start, end) flattened, {where: char offset}
+# A text tokenised as one unit: its first token in ids, its tokens' (start, end) flattened, {where: char offset}
+Piece = tuple[int, array, dict[Any, int]]
 
 
 def _piece(first: int, offsets: Offsets, at: dict[Any, int]) -> Piece:
