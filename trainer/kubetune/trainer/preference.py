@@ -63,7 +63,7 @@ def metric_name(key: str) -> str:
 
 def ensure_chat_template(tokenizer: Any) -> None:
     """TRL renders conversational rows with the tokenizer's chat template: ChatML when it has none,
-    as data.py does for supervised chat examples."""
+    as kubetune.trainer.data does for supervised chat examples."""
     from kubetune.trainer import data
 
     data.ensure_chat_template(tokenizer)
