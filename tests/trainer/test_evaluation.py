@@ -202,9 +202,9 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
     encoded: list[Any] = []
     original = run_module._encode
 
-    def spy(records: list[Any], spec: Any, tokenizer: Any) -> list[Any]:
-        encoded.extend(records)
-        return original(records, spec, tokenizer)
+    def spy(encodings: list[Any], spec: Any) -> Any:
+        encoded.extend(e.record for e in encodings)
+        return original(encodings, spec)
 
     run_module._encode = spy  # type: ignore[assignment]
     os.environ.setdefault("KUBETUNE_CACHE", str(tmp / "cache"))

@@ -215,7 +215,7 @@ def test_spans_map_characters_to_tokens_and_guide_is_a_distribution(tiny_model_d
     tok = byte_tokenizer()
     rec = data.Record("f.jsonl", 3, {"prompt": "ctx: the key is 42. q?", "completion": " 42", "spans": [[5, 19]]})
     ex = data.encode_full(rec, "promptCompletion", tok)
-    mask = ag.span_token_mask(rec, "promptCompletion", tok)
+    mask = data.encode_record(rec, "promptCompletion", tok).guide_mask()
     assert len(mask) == len(ex.input_ids)
     assert tok.decode([t for t, m in zip(ex.input_ids, mask) if m]) == "the key is 42."
     chat = data.Record(
@@ -227,14 +227,18 @@ def test_spans_map_characters_to_tokens_and_guide_is_a_distribution(tiny_model_d
         },
     )
     chat_ex = data.encode_full(chat, "chat", tok)
-    chat_mask = ag.span_token_mask(chat, "chat", tok)
+    chat_mask = data.encode_record(chat, "chat", tok).guide_mask()
     assert tok.decode([t for t, m in zip(chat_ex.input_ids, chat_mask) if m]) == "blue"
     with pytest.raises(data.DataError, match=r"f.jsonl:3: spans: \[0\]: \[5, 99\) is outside 'prompt'"):
-        ag.span_token_mask(data.Record("f.jsonl", 3, {**rec.data, "spans": [[5, 99]]}), "promptCompletion", tok)
+        data.encode_record(
+            data.Record("f.jsonl", 3, {**rec.data, "spans": [[5, 99]]}), "promptCompletion", tok
+        ).guide_mask()
 
     collate = data.Collator(pad_token_id=tok.pad_token_id)
-    batch = ag.add_guide_mask(collate([ex, chat_ex]), [mask, chat_mask])
+    ex.guide_mask, chat_ex.guide_mask = mask, chat_mask
+    batch = collate([ex, chat_ex])
     assert batch["guide_mask"].shape == batch["input_ids"].shape
+    assert batch["guide_mask"][0, : len(mask)].tolist() == mask and batch["guide_mask"][0, len(mask) :].sum() == 0
     model = load_tiny(tiny_model_dir)
     term = ag.AttentionGuidance(AttentionGuidanceConfig(guide="spans", layers=[-1], weight=1.0), ctx())
     term.prepare(model)

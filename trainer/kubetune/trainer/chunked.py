@@ -41,10 +41,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from kubetune.api.memory import chunk_rows  # one home: the memory model counts these chunks
+from kubetune.trainer.data import IGNORE_INDEX
 from torch.utils.checkpoint import checkpoint
-
-IGNORE_INDEX = -100
-
 
 # ------------------------------------------------------------------------------ hidden states
 

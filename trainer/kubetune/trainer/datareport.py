@@ -615,16 +615,28 @@ def spec_inputs(spec: Any) -> dict[str, Any]:
 
 
 def build(
-    spec: Any, train: Sequence[Any], validation: Sequence[Any], *, tokenizer: Any = None, scan: PiiScan | None = None
+    spec: Any,
+    train: Sequence[Any],
+    validation: Sequence[Any],
+    *,
+    tokenizer: Any = None,
+    encoded: Sequence[Any] | None = None,
+    scan: PiiScan | None = None,
 ) -> dict[str, Any]:
     """The report of records already read (the trainer's, after the PII policy; `scan` is the
-    policy's scan, so findings redacted away are still reported). With a tokenizer the token
+    policy's scan, so findings redacted away are still reported). With a tokenizer, or the
+    records' `encoded` (data.Encoding, what trains: no record is tokenised again), the token
     counts are exact: each example rendered as it trains, before any truncation."""
     from kubetune.trainer import data
 
     ds = spec.dataset
     fmt = DatasetFormat(ds.format)
-    tokenize = (lambda r: len(data.encode_full(r, fmt, tokenizer).input_ids)) if tokenizer is not None else None
+    tokenize: Callable[[Any], int] | None = None
+    if encoded is not None:
+        counts = {id(e.record): len(e.example.input_ids) for e in encoded}
+        tokenize = lambda r: counts[id(r)]
+    elif tokenizer is not None:
+        tokenize = lambda r: len(data.encode_full(r, fmt, tokenizer).input_ids)
     if data.record_check_for(spec) is not None:
         tokenize = None  # preference and GRPO rows are rendered by TRL, not by encode_full
     builder = ReportBuilder(fmt, ds.max_seq_length, tokenize, scan_pii=scan is None)

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kubetune.api.enums import TrainingType
-from kubetune.trainer.data import (
+from kubetune.trainer.data.records import (
     REQUIRED_KEYS,
     ROLES,
     TOOL_MESSAGE_KEYS,

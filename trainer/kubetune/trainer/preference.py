@@ -63,7 +63,7 @@ def metric_name(key: str) -> str:
 
 def ensure_chat_template(tokenizer: Any) -> None:
     """TRL renders conversational rows with the tokenizer's chat template: ChatML when it has none,
-    as data.py does for supervised chat examples."""
+    as kubetune.trainer.data does for supervised chat examples."""
     from kubetune.trainer import data
 
     data.ensure_chat_template(tokenizer)
@@ -310,6 +310,7 @@ def _chunked_orpo() -> type:
     """
     import torch
     from kubetune.trainer import chunked
+    from kubetune.trainer.data import IGNORE_INDEX
     from trl.experimental.orpo import ORPOTrainer
 
     class ChunkedORPOTrainer(ORPOTrainer):
@@ -329,10 +330,10 @@ def _chunked_orpo() -> type:
             hidden = chunked.forward_hidden(
                 model, {"input_ids": ids, "attention_mask": mask, "use_cache": False}, ids.shape[1], **extra
             )
-            nll_labels = ids.masked_fill(mask == 0, chunked.IGNORE_INDEX)
-            nll_labels[n_chosen:] = chunked.IGNORE_INDEX  # the SFT term is over the chosen rows only
-            completion, nll = labels[:, 1:] != chunked.IGNORE_INDEX, nll_labels[:, 1:] != chunked.IGNORE_INDEX
-            union = torch.where(labels != chunked.IGNORE_INDEX, labels, nll_labels)
+            nll_labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+            nll_labels[n_chosen:] = IGNORE_INDEX  # the SFT term is over the chosen rows only
+            completion, nll = labels[:, 1:] != IGNORE_INDEX, nll_labels[:, 1:] != IGNORE_INDEX
+            union = torch.where(labels != IGNORE_INDEX, labels, nll_labels)
             chunk = self.logits_chunk_rows
             if torch.equal(union[:, 1:][nll], nll_labels[:, 1:][nll]):  # answer labels are the answer tokens
                 bi, ti, target = chunked.label_rows(union)
@@ -399,10 +400,11 @@ def _mean_completion_logp(model: Any, tokenizer: Any, prompt_text: str, completi
         return 0.0
     ids = torch.tensor([p + c], device=device)
     from kubetune.trainer import chunked
+    from kubetune.trainer.data import IGNORE_INDEX
 
     if chunked.supports_hidden(model) and p:  # a chunk of logits at a time, not [seq, vocab] and its log-softmax
         labels = ids.clone()
-        labels[:, : len(p)] = chunked.IGNORE_INDEX
+        labels[:, : len(p)] = IGNORE_INDEX
         with torch.no_grad():
             return float(chunked.sequence_logprobs(model, {"input_ids": ids}, labels)[0]) / len(c)
     with torch.no_grad():

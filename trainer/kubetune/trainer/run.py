@@ -166,9 +166,14 @@ def _run(job: FineTuneJob, opts: Options, scratch: Path) -> dict[str, Any]:
     scorers: list[Any] = []
     if supervised:
         try:
-            data_report = datareport.build(spec, train_records, val_records, tokenizer=tokenizer, scan=pii_scan)
-            train, train_dropped = _encode(train_records, spec, tokenizer)
-            val, val_dropped = _encode(val_records, spec, tokenizer)
+            fmt = spec.dataset.format  # each record tokenised once: the report counts it, training keeps it
+            train_enc, val_enc = (
+                data.encode_all(train_records, fmt, tokenizer),
+                data.encode_all(val_records, fmt, tokenizer),
+            )
+            data_report = datareport.build(spec, train_records, val_records, encoded=train_enc + val_enc, scan=pii_scan)
+            train, train_dropped = _encode(train_enc, spec)
+            val, val_dropped = _encode(val_enc, spec)
         except data.DataError as err:
             raise UserError(str(err), "InvalidData", data_param(err)) from None
         # Examples whose answer truncation cut off are dropped and said; none left is permanent.
@@ -707,7 +712,7 @@ def evaluate(model: Any, examples: list[Any], collate: Any, batch_size: int) -> 
     with torch.no_grad():
         for i in range(0, len(examples), batch_size):
             batch = collate(examples[i : i + batch_size])
-            batch.pop("guide_mask", None)
+            batch.pop(data.GUIDE_MASK_KEY, None)
             labels = batch.pop("labels").to(device)
             batch = {k: v.to(device) for k, v in batch.items()}
             if use_hidden:
@@ -716,7 +721,7 @@ def evaluate(model: Any, examples: list[Any], collate: Any, batch_size: int) -> 
                 continue
             logits = model(**batch).logits[:, -labels.shape[1] :, :].float()
             shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
-            mask = shift_labels != -100
+            mask = shift_labels != data.IGNORE_INDEX
             loss = torch.nn.functional.cross_entropy(
                 shift_logits.reshape(-1, shift_logits.shape[-1]),
                 shift_labels.reshape(-1),
@@ -806,26 +811,11 @@ def _printer() -> type:
     return PrinterCallback
 
 
-def _encode(records: list[Any], spec: Any, tokenizer: Any) -> tuple[list[Any], list[Any]]:
+def _encode(encodings: list[Any], spec: Any) -> tuple[list[Any], list[Any]]:
     """The examples that train (tokens, labels, guidance mask) and the records dropped because
-    truncation left them no trained token."""
+    truncation left them no trained token; the records were tokenised once, by data.encode_all."""
     ds = spec.dataset
-    guide = spec.method.objective("attentionGuidance")
-    spans_field = None
-    if guide is not None and str(guide.attention_guidance.guide) == "spans":
-        spans_field = guide.attention_guidance.spans_field
-    out, unsupervised = [], []
-    for r in records:
-        ex = data.encode_example(r, ds.format, tokenizer, ds.max_seq_length, ds.overlength)
-        if ex is not None and not data.supervised_tokens(ex):
-            unsupervised.append(r)
-        elif ex is not None:
-            if spans_field is not None:
-                from kubetune.trainer.objectives.attention_guidance import span_token_mask
-
-                ex.guide_mask = span_token_mask(r, ds.format, tokenizer, spans_field, len(ex.input_ids))
-            out.append(ex)
-    return out, unsupervised
+    return data.training_examples(encodings, ds.max_seq_length, ds.overlength, data.spans_field_for(spec))
 
 
 def _load_other(source: Any, device: str) -> tuple[Any, Any]:

@@ -46,9 +46,9 @@ until the loss is taken; for long sequences guide few layers and heads.
 Metrics: attentionLoss (L_att) and guidedMass — the mean attention mass on the keys the guide
 emphasises, {k : G_qk ≥ ½·max_k' G_qk'} (for spans exactly S, for a one-hot guide its key).
 
-Data pipeline for `spans` (data.py/collator are not this module's to change): `span_token_mask`
-maps a record's character spans to 0/1 per token of `data.encode_full`, and `add_guide_mask`
-pads those to the batch into `batch["guide_mask"]` [B, L]; see their docstrings for the contract.
+Data for `spans` is the data layer's (kubetune.trainer.data.encode): each record's character spans
+become a 0/1 evidence mask per token of its one encoding, which the collator pads into
+`batch[GUIDE_MASK_KEY]` [B, L]; this module only reads it.
 """
 
 from __future__ import annotations
@@ -60,17 +60,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from kubetune.trainer.data import GUIDE_MASK_KEY, IGNORE_INDEX
 from kubetune.trainer.objectives import IncompatibleError
 from kubetune.trainer.objectives._base import Objective
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 PREFIX = "kubetune_guided"
 DELEGATES = ("sdpa", "eager")
 LOG_FLOOR = 1e-12
 CAPTURE_ATTR = "_kubetune_capture"
-GUIDE_MASK_KEY = "guide_mask"
 _MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")  # what a teacher sees
 
 Guide = tuple[torch.Tensor, torch.Tensor]  # G [B, 1|H, Q, K] (rows sum to 1 or are 0), rows [B, Q] bool
@@ -566,114 +565,6 @@ class AttentionGuidance(Objective):
         if mask is None:
             raise RuntimeError(
                 f"{self._field()}: guide spans needs batch['{GUIDE_MASK_KEY}'] (evidence token "
-                "positions), and the batch has none; the collator must add it (attention_guidance.add_guide_mask)"
+                "positions), and the batch has none; the collator must add it (data.Collator, from Example.guide_mask)"
             )
         return span_guide(allowed, mask.to(allowed.device), inputs.get("labels"))
-
-
-# ------------------------------------------------------------------------------ data for spans
-
-
-Piece = tuple[str, int, dict[Any, int]]  # text tokenised as one unit, its first token in ids, {where: char offset}
-
-
-def _pieces(record: Any, fmt: Any, tokenizer: Any) -> tuple[list[Piece], dict[Any, str], Any]:
-    """How `data.encode_full` builds the example: the tokenised texts, the addressable strings, the default."""
-    from kubetune.api.enums import DatasetFormat
-    from kubetune.trainer.data import _ids, _render, instruction_prompt
-
-    d = record.data
-    if fmt == DatasetFormat.CHAT:
-        messages = [{k: m[k] for k in ("role", "content", "name") if k in m} for m in d["messages"]]
-        text = _render(tokenizer, messages, False)
-        at: dict[Any, int] = {}
-        cursor = 0
-        for i, m in enumerate(messages):
-            pos = text.find(m["content"], cursor)
-            if pos >= 0:
-                at[i], cursor = pos, pos + len(m["content"])
-        users = [i for i, m in enumerate(messages) if m["role"] == "user"]
-        return [(text, 0, at)], {i: m["content"] for i, m in enumerate(messages)}, users[-1] if users else 0
-    bos = 1 if tokenizer.bos_token_id is not None else 0
-    strings = {
-        k: d[k] for k in ("text", "prompt", "completion", "instruction", "input", "output") if isinstance(d.get(k), str)
-    }
-    if fmt == DatasetFormat.TEXT:
-        return [(d["text"], bos, {"text": 0})], strings, "text"
-    if fmt == DatasetFormat.PROMPT_COMPLETION:
-        prompt, answer, default = d["prompt"], ("completion", d["completion"]), "prompt"
-        at = {"prompt": 0}
-    else:
-        prompt = instruction_prompt(d["instruction"], d.get("input", ""))
-        at = {"instruction": prompt.find(d["instruction"])}
-        if d.get("input", "").strip():
-            at["input"] = prompt.find(d["input"], at["instruction"] + len(d["instruction"]))
-        answer, default = ("output", d["output"]), "input" if "input" in at else "instruction"
-    return [(prompt, bos, at), (answer[1], bos + len(_ids(tokenizer, prompt)), {answer[0]: 0})], strings, default
-
-
-def span_token_mask(
-    record: Any, fmt: Any, tokenizer: Any, spans_field: str = "spans", length: int | None = None
-) -> list[int]:
-    """0/1 per token of `data.encode_full(record, fmt, tokenizer)`: 1 where a token overlaps an evidence span.
-
-    `record.data[spans_field]` is a list of spans `[start, end]` (character offsets, end exclusive)
-    or `[start, end, where]`. The offsets index one string of the record: `where` names it — a key
-    (`text`, `prompt`, `completion`, `instruction`, `input`, `output`) or, for chat, a message index.
-    Without `where`: `text` for text, `prompt` for prompt/completion, `input` (or `instruction` when
-    input is empty) for instruction, and the last user message for chat. Needs a fast tokenizer
-    (character offsets). `length` truncates like the overlength policy (keep the first tokens).
-    Bad spans raise `data.DataError` naming the file, line and span.
-    """
-    from kubetune.api.enums import DatasetFormat
-    from kubetune.trainer.data import DataError, DataProblem, encode_full
-
-    def problem(msg: str) -> DataError:
-        return DataError([DataProblem(record.file, record.line, f"{spans_field}: {msg}")])
-
-    fmt = DatasetFormat(fmt)
-    spans = record.data.get(spans_field, [])
-    if not isinstance(spans, list):
-        raise problem("expected an array of [start, end] spans")
-    if not getattr(tokenizer, "is_fast", False):
-        raise problem("mapping character spans to tokens needs a fast tokenizer (character offsets)")
-    ids = encode_full(record, fmt, tokenizer).input_ids
-    pieces, strings, default = _pieces(record, fmt, tokenizer)
-    mask = [0] * len(ids)
-    for n, span in enumerate(spans):
-        if not (
-            isinstance(span, list)
-            and len(span) in (2, 3)
-            and all(isinstance(x, int) and not isinstance(x, bool) for x in span[:2])
-        ):
-            raise problem(f"[{n}]: expected [start, end] or [start, end, where] with integer offsets")
-        start, end = span[0], span[1]
-        where = span[2] if len(span) == 3 else default
-        piece = next((p for p in pieces if where in p[2]), None)
-        if piece is None or where not in strings:
-            raise problem(f"[{n}]: {where!r} is not a text of this example")
-        if not 0 <= start < end <= len(strings[where]):
-            raise problem(
-                f"[{n}]: [{start}, {end}) is outside {where!r} (length {len(strings[where])}); "
-                "offsets are characters, end exclusive"
-            )
-        text, first, at = piece
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        if ids[first : first + len(enc["input_ids"])] != list(enc["input_ids"]):
-            raise problem("the tokenised example does not match the text the offsets refer to")
-        lo, hi = at[where] + start, at[where] + end
-        for j, (s, e) in enumerate(enc["offset_mapping"]):
-            if s < hi and e > lo:
-                mask[first + j] = 1
-    return mask[:length] if length is not None else mask
-
-
-def add_guide_mask(batch: dict[str, Any], masks: Sequence[Sequence[int]]) -> dict[str, Any]:
-    """Put per-example evidence masks, right-padded with 0 to the batch width, in batch['guide_mask']."""
-    width = batch["input_ids"].shape[1]
-    out = torch.zeros((len(masks), width), dtype=torch.long)
-    for b, m in enumerate(masks):
-        n = min(len(m), width)
-        out[b, :n] = torch.tensor(list(m[:n]), dtype=torch.long)
-    batch[GUIDE_MASK_KEY] = out
-    return batch

@@ -27,11 +27,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from kubetune.trainer import chunked
+from kubetune.trainer.data import IGNORE_INDEX
 from kubetune.trainer.objectives import IncompatibleError
 from kubetune.trainer.objectives._base import Objective
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
 CHUNK = 1024  # label positions per KL chunk: 1024 × 150k vocab × 4 bytes ≈ 0.6 GB of fp32 at a time
 _MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")  # what the teacher sees: never labels
 

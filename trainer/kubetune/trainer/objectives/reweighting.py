@@ -54,11 +54,11 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from kubetune.trainer.data import IGNORE_INDEX
 from kubetune.trainer.objectives import IncompatibleError
 from kubetune.trainer.objectives._base import Objective
 from torch.func import functional_call, grad, jvp, vmap
 
-IGNORE_INDEX = -100
 HISTORY = 100_000  # steps kept in `history` (tests and diagnostics read it; bounded for long runs)
 _MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")
 
