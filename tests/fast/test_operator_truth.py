@@ -40,7 +40,7 @@ from tests.fast.ftj import (
 )
 from tests.kmock_harness import KubeEmulator, run_operator, verb_resource, wait_until
 
-pytestmark = [pytest.mark.fast]
+pytestmark = [pytest.mark.kmock]
 
 PRIORITY_REFUSAL = (
     'Job.batch "support-bot-train" is invalid: spec.template.spec.priorityClassName: '
