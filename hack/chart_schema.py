@@ -337,9 +337,6 @@ class Cost(Values):
         alias="gpuPricePerHourUSD",
         description="Price of one GPU-hour, for status.cost.estimatedUSD (KUBETUNE_GPU_PRICE_PER_HOUR_USD).",
     )
-    gpu_watts: float = Field(
-        700.0, gt=0, description="Assumed power of one GPU when the trainer measures none (KUBETUNE_GPU_WATTS)."
-    )
     grid_carbon_kg_per_kwh: float = Field(
         0.4,
         ge=0,

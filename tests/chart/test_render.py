@@ -163,7 +163,7 @@ def test_custom_values_reach_the_operator_settings() -> None:
             },
             "validation": {"cpu": "500m", "memory": "2Gi", "deadlineSeconds": 7200000},
         },
-        "cost": {"gpuPricePerHourUSD": 3.1, "gpuWatts": 350, "gridCarbonKgPerKWh": 0.05},
+        "cost": {"gpuPricePerHourUSD": 3.1, "gridCarbonKgPerKWh": 0.05},
     }
     env = env_of(one(render(values), "Deployment"))
     assert OperatorSettings.from_env(env) == OperatorSettings(
@@ -172,7 +172,6 @@ def test_custom_values_reach_the_operator_settings() -> None:
         trainer_service_account="ml-trainer",
         termination_grace_period_seconds=600,
         gpu_price_per_hour_usd=3.1,
-        gpu_watts=350.0,
         grid_carbon_kg_per_kwh=0.05,
         metrics_scrape_interval_seconds=12.5,
         metrics_port=9191,
@@ -294,7 +293,7 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
     "namespace not a DNS label": ({"watch": {"scope": "Namespaced", "namespaces": ["Team_A"]}}, "/watch/namespaces/0"),
     "port out of range": ({"operator": {"metricsPort": 70000}}, "/operator/metricsPort"),
     "negative price": ({"cost": {"gpuPricePerHourUSD": -1}}, "/cost/gpuPricePerHourUSD"),
-    "string for a number": ({"cost": {"gpuWatts": "700"}}, "/cost/gpuWatts"),
+    "string for a number": ({"cost": {"gridCarbonKgPerKWh": "0.4"}}, "/cost/gridCarbonKgPerKWh"),
     "bad quantity": ({"trainer": {"volumes": {"scratchSizeLimit": "lots"}}}, "/trainer/volumes/scratchSizeLimit"),
     "bad duration": ({"metrics": {"podMonitor": {"interval": "30"}}}, "/metrics/podMonitor/interval"),
     "bad CIDR": (

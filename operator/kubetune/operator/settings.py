@@ -43,9 +43,6 @@ class OperatorSettings:
     gpu_price_per_hour_usd: float = 2.5
     """Price of one GPU hour, for status.cost.estimatedUSD."""
 
-    gpu_watts: float = 700.0
-    """Assumed power draw of one GPU when the trainer reports no measured energy."""
-
     grid_carbon_kg_per_kwh: float = 0.4
     """Carbon intensity of the grid in kg CO2 per kWh, for status.cost.co2Kg."""
 
