@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import helm_python
 import pytest
 from kubetune.operator import __main__ as operator_main
-from kubetune.operator.settings import ENV_PREFIX, OperatorSettings
+from kubetune.operator.settings import ENV_PREFIX, OperatorSettings, env_name
 
 from tests.chart.pss import restricted_violations
 from tests.chart.render import (
@@ -135,11 +135,23 @@ def test_default_env_reads_back_as_the_operator_defaults() -> None:
     assert settings == dataclasses.replace(OperatorSettings(), trainer_image=f"ghcr.io/kubetune/trainer:{version}")
 
 
+NOT_FROM_THE_CHART = {"api_url"}
+"""Settings the chart leaves unset: the operator pod reaches the API server as its ServiceAccount."""
+
+
 def test_every_setting_is_exposed_and_every_variable_is_a_setting() -> None:
     env = {k for k in env_of(one(scenario("defaults"), "Deployment")) if k.startswith(ENV_PREFIX)}
-    fields = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(OperatorSettings)}
+    fields = {env_name(f.name) for f in dataclasses.fields(OperatorSettings) if f.name not in NOT_FROM_THE_CHART}
     assert fields <= env, f"settings the chart does not set: {sorted(fields - env)}"
     assert env <= fields, f"variables no setting reads: {sorted(env - fields)}"
+
+
+def test_a_variable_name_is_derived_from_its_setting_only() -> None:
+    """The chart's schema quotes variable names through `env_name`: a name that is no setting fails."""
+    assert env_name("worker_limit") == "KUBETUNE_WORKER_LIMIT"
+    assert env_name("api_url") == "KUBETUNE_API_URL"
+    with pytest.raises(KeyError, match="gpu_watts"):
+        env_name("gpu_watts")
 
 
 def test_custom_values_reach_the_operator_settings() -> None:
