@@ -11,8 +11,10 @@ policy peers) are typed as plain objects: the API server validates those.
     .venv/bin/python hack/chart_schema.py           # rewrite both files
     .venv/bin/python hack/chart_schema.py --check   # exit 1 when either is stale (CI, tests)
 
-The defaults of the operator settings mirror `kubetune.operator.settings.OperatorSettings`; a test
-renders the chart with these defaults and compares what `OperatorSettings.from_env` reads back.
+The defaults and variable names of the operator settings are read from
+`kubetune.operator.settings.OperatorSettings`, their one home; tests render the chart and check
+that its Deployment sets exactly the settings' variables and that `OperatorSettings.from_env`
+reads the chart's defaults back as the settings' own.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from kubetune.operator.settings import OperatorSettings, env_name
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
@@ -46,6 +49,17 @@ URI_PREFIX = r"^[a-z][a-z0-9+.-]*://[^,\s]+$"
 def optional(pattern: str) -> str:
     """`pattern` (anchored with ^...$) or the empty string."""
     return f"^({pattern[1:-1]})?$"
+
+
+OPERATOR = OperatorSettings()
+"""The operator's settings are defined once, in `kubetune.operator.settings`: the defaults of the
+values that become `KUBETUNE_*` variables come from there, and so do the variable names the
+descriptions quote (`env`), so a renamed or removed setting cannot leave a stale value here."""
+
+
+def env(field: str) -> str:
+    """The variable of `OperatorSettings.<field>` (KeyError when there is no such setting)."""
+    return env_name(field)
 
 
 Port = int
@@ -133,35 +147,40 @@ class OperatorResources(Values):
 
 
 class Operator(Values):
-    metrics_port: Port = port("Port of the operator's own /metrics endpoint (KUBETUNE_OPERATOR_METRICS_PORT).", 8000)
-    health_port: Port = port("Port of the operator's liveness endpoint, kopf's /healthz (KUBETUNE_HEALTH_PORT).", 8080)
+    metrics_port: Port = port(
+        f"Port of the operator's own /metrics endpoint ({env('operator_metrics_port')}).",
+        OPERATOR.operator_metrics_port,
+    )
+    health_port: Port = port(
+        f"Port of the operator's liveness endpoint, kopf's /healthz ({env('health_port')}).", OPERATOR.health_port
+    )
     bind_address: str = Field(
-        "",
+        OPERATOR.bind_address or "",
         max_length=64,
-        description="Address the liveness and /metrics endpoints listen on (KUBETUNE_BIND_ADDRESS). Empty: the pod's IP, "
+        description=f"Address the liveness and /metrics endpoints listen on ({env('bind_address')}). Empty: the pod's IP, "
         "so neither listens on other interfaces; set 0.0.0.0 to reach them through kubectl port-forward.",
     )
     log_format: Literal["full", "plain", "json"] = Field(
-        "full",
-        description="Operator log lines: full (time, logger, level, message), plain or json (KUBETUNE_LOG_FORMAT).",
+        OPERATOR.log_format,
+        description=f"Operator log lines: full (time, logger, level, message), plain or json ({env('log_format')}).",
     )
     scrape_interval_seconds: float = Field(
-        30.0,
+        OPERATOR.metrics_scrape_interval_seconds,
         gt=0,
         description="How often the operator scrapes a running trainer's /metrics into .status.progress "
-        "(KUBETUNE_METRICS_SCRAPE_INTERVAL_SECONDS).",
+        f"({env('metrics_scrape_interval_seconds')}).",
     )
     max_job_recreations: int = Field(
-        3,
+        OPERATOR.max_job_recreations,
         ge=0,
         description="How often a trainer Job deleted by someone else is recreated (resuming from the newest "
-        "checkpoint) before the FineTuneJob fails with TooManyRecreations (KUBETUNE_MAX_JOB_RECREATIONS).",
+        f"checkpoint) before the FineTuneJob fails with TooManyRecreations ({env('max_job_recreations')}).",
     )
     worker_limit: int = Field(
-        0,
+        OPERATOR.worker_limit,
         ge=0,
         description="Most FineTuneJobs handled at the same time (kopf's batching.worker_limit, "
-        "KUBETUNE_WORKER_LIMIT); 0 means no limit. A limit bounds memory and API load during a burst of new jobs.",
+        f"{env('worker_limit')}); 0 means no limit. A limit bounds memory and API load during a burst of new jobs.",
     )
     resources: OperatorResources = Field(
         default_factory=lambda: OperatorResources(
@@ -182,15 +201,15 @@ class Operator(Values):
 
 class Peering(Values):
     enabled: bool = Field(
-        False,
-        description="kopf peering (KUBETUNE_PEERING): the operator coordinates through a KopfPeering object, so a "
+        OPERATOR.peering,
+        description=f"kopf peering ({env('peering')}): the operator coordinates through a KopfPeering object, so a "
         "standby operator with another priority takes over when this one dies. The Deployment keeps one replica.",
     )
     priority: int = Field(
-        0,
+        OPERATOR.peering_priority,
         ge=0,
         le=1_000_000,
-        description="This release's peering priority (KUBETUNE_PEERING_PRIORITY): the highest live operator acts, the others "
+        description=f"This release's peering priority ({env('peering_priority')}): the highest live operator acts, the others "
         "stand by. A standby release must use a different value than the active one.",
     )
     install_crds: bool = Field(
@@ -200,8 +219,8 @@ class Peering(Values):
 
 class Kueue(Values):
     enabled: bool = Field(
-        True,
-        description="spec.scheduling.queueName names a Kueue LocalQueue (KUBETUNE_KUEUE). Set false on clusters "
+        OPERATOR.kueue,
+        description=f"spec.scheduling.queueName names a Kueue LocalQueue ({env('kueue')}). Set false on clusters "
         "without Kueue: queueName then names the Volcano queue of jobs with schedulerName volcano.",
     )
 
@@ -216,9 +235,9 @@ class Serving(Values):
         "and its Serving condition says ServingFailed, naming this value.",
     )
     vllm_image: str = Field(
-        "vllm/vllm-openai:v0.11.0",
+        OPERATOR.serving_vllm_image,
         description="vLLM image of the Deployments engine: vllm creates, for jobs without spec.serving.vllm.image "
-        "(KUBETUNE_SERVING_VLLM_IMAGE). Pin it by digest in production.",
+        f"({env('serving_vllm_image')}). Pin it by digest in production.",
         min_length=1,
         max_length=1024,
     )
@@ -229,19 +248,19 @@ class Serving(Values):
         json_schema_extra={"items": {"type": "integer", "minimum": 1, "maximum": 65535}, "uniqueItems": True},
     )
     recheck_seconds: float = Field(
-        300.0,
+        OPERATOR.serving_recheck_seconds,
         gt=0,
         le=86400,
         description="How often a Ready serving object is read again to notice it stopped being Ready "
-        "(KUBETUNE_SERVING_RECHECK_SECONDS); one not Ready yet is read every operator.scrapeIntervalSeconds.",
+        f"({env('serving_recheck_seconds')}); one not Ready yet is read every operator.scrapeIntervalSeconds.",
     )
 
 
 class TrainerServiceAccount(Values):
     create: bool = Field(True, description="Create the trainer ServiceAccount (no RBAC, no token mounted).")
     name: str = Field(
-        "kubetune-trainer",
-        description="Name of the ServiceAccount trainer pods run as, in each job's namespace (KUBETUNE_TRAINER_SERVICE_ACCOUNT).",
+        OPERATOR.trainer_service_account,
+        description=f"Name of the ServiceAccount trainer pods run as, in each job's namespace ({env('trainer_service_account')}).",
         pattern=DNS_SUBDOMAIN,
         max_length=253,
     )
@@ -254,72 +273,77 @@ class TrainerServiceAccount(Values):
 
 
 class TrainerVolumes(Values):
-    tmp_size_limit: str = Field("2Gi", description="sizeLimit of /tmp (KUBETUNE_TMP_SIZE_LIMIT).", pattern=QUANTITY)
+    tmp_size_limit: str = Field(
+        OPERATOR.tmp_size_limit, description=f"sizeLimit of /tmp ({env('tmp_size_limit')}).", pattern=QUANTITY
+    )
     scratch_size_limit: str = Field(
-        "200Gi",
-        description="sizeLimit of /scratch: checkpoints before upload, the final adapter (KUBETUNE_SCRATCH_SIZE_LIMIT).",
+        OPERATOR.scratch_size_limit,
+        description=f"sizeLimit of /scratch: checkpoints before upload, the final adapter ({env('scratch_size_limit')}).",
         pattern=QUANTITY,
     )
     hf_cache_size_limit: str = Field(
-        "50Gi",
-        description="sizeLimit of the Hugging Face cache, HF_HOME (KUBETUNE_HF_CACHE_SIZE_LIMIT).",
+        OPERATOR.hf_cache_size_limit,
+        description=f"sizeLimit of the Hugging Face cache, HF_HOME ({env('hf_cache_size_limit')}).",
         pattern=QUANTITY,
     )
     cache_size_limit: str = Field(
-        "200Gi",
-        description="sizeLimit of the model download cache, KUBETUNE_CACHE (KUBETUNE_CACHE_SIZE_LIMIT).",
+        OPERATOR.cache_size_limit,
+        description=f"sizeLimit of the model download cache, KUBETUNE_CACHE ({env('cache_size_limit')}).",
         pattern=QUANTITY,
     )
     shared_memory_default: str = Field(
-        "8Gi",
-        description="Size of /dev/shm of GPU pods whose job sets no resources.sharedMemory (KUBETUNE_SHARED_MEMORY_DEFAULT).",
+        OPERATOR.shared_memory_default,
+        description=f"Size of /dev/shm of GPU pods whose job sets no resources.sharedMemory ({env('shared_memory_default')}).",
         pattern=QUANTITY,
     )
 
 
 class Validation(Values):
     cpu: str = Field(
-        "1", description="CPU request of the data validation Job (KUBETUNE_VALIDATION_CPU).", pattern=QUANTITY
+        OPERATOR.validation_cpu,
+        description=f"CPU request of the data validation Job ({env('validation_cpu')}).",
+        pattern=QUANTITY,
     )
     memory: str = Field(
-        "4Gi",
-        description="Memory request and limit of the data validation Job (KUBETUNE_VALIDATION_MEMORY).",
+        OPERATOR.validation_memory,
+        description=f"Memory request and limit of the data validation Job ({env('validation_memory')}).",
         pattern=QUANTITY,
     )
     deadline_seconds: int = Field(
-        1800,
+        OPERATOR.validation_deadline_seconds,
         ge=1,
-        description="activeDeadlineSeconds of the data validation Job (KUBETUNE_VALIDATION_DEADLINE_SECONDS).",
+        description=f"activeDeadlineSeconds of the data validation Job ({env('validation_deadline_seconds')}).",
     )
 
 
 class Trainer(Values):
     image: Image = Field(
-        default_factory=lambda: Image(repository="ghcr.io/kubetune/trainer"),
-        description="Default trainer image, for jobs without spec.image (KUBETUNE_TRAINER_IMAGE; "
-        "KUBETUNE_IMAGE_PULL_POLICY). Pin it by digest in production.",
+        default_factory=lambda: Image(repository=OPERATOR.trainer_image.rsplit(":", 1)[0]),
+        description=f"Default trainer image, for jobs without spec.image ({env('trainer_image')}; "
+        f"{env('image_pull_policy')}). Pin it by digest in production.",
     )
     service_account: TrainerServiceAccount = Field(
         default_factory=TrainerServiceAccount, description="The trainer pods' ServiceAccount."
     )
     metrics_port: Port = port(
-        "Port trainer pods serve Prometheus metrics on, named `metrics` (KUBETUNE_METRICS_PORT).", 9090
+        f"Port trainer pods serve Prometheus metrics on, named `metrics` ({env('metrics_port')}).",
+        OPERATOR.metrics_port,
     )
     termination_grace_period_seconds: int = Field(
-        120,
+        OPERATOR.termination_grace_period_seconds,
         ge=0,
         description="Time a preempted trainer gets after SIGTERM to save and upload its checkpoint "
-        "(KUBETUNE_TERMINATION_GRACE_PERIOD_SECONDS).",
+        f"({env('termination_grace_period_seconds')}).",
     )
     allowed_output_prefixes: list[str] = Field(
         default_factory=list,
         description="URI prefixes every spec.output.uri must start with, e.g. [s3://models/]; empty allows any "
-        "(KUBETUNE_ALLOWED_OUTPUT_PREFIX, comma-joined).",
+        f"({env('allowed_output_prefix')}, comma-joined).",
         json_schema_extra={"items": {"type": "string", "pattern": URI_PREFIX}},
     )
     host_network: bool = Field(
-        False,
-        description="Run trainer pods in the node's network namespace (KUBETUNE_HOST_NETWORK). Only for single-node "
+        OPERATOR.host_network,
+        description=f"Run trainer pods in the node's network namespace ({env('host_network')}). Only for single-node "
         "clusters without a pod network (kubetune's own test cluster); never on a shared cluster.",
     )
     volumes: TrainerVolumes = Field(
@@ -332,19 +356,16 @@ class Trainer(Values):
 
 class Cost(Values):
     gpu_price_per_hour_usd: float = Field(
-        2.5,
+        OPERATOR.gpu_price_per_hour_usd,
         ge=0,
         alias="gpuPricePerHourUSD",
-        description="Price of one GPU-hour, for status.cost.estimatedUSD (KUBETUNE_GPU_PRICE_PER_HOUR_USD).",
-    )
-    gpu_watts: float = Field(
-        700.0, gt=0, description="Assumed power of one GPU when the trainer measures none (KUBETUNE_GPU_WATTS)."
+        description=f"Price of one GPU-hour, for status.cost.estimatedUSD ({env('gpu_price_per_hour_usd')}).",
     )
     grid_carbon_kg_per_kwh: float = Field(
-        0.4,
+        OPERATOR.grid_carbon_kg_per_kwh,
         ge=0,
         alias="gridCarbonKgPerKWh",
-        description="Grid carbon intensity in kg CO2 per kWh, for status.cost.co2Kg (KUBETUNE_GRID_CARBON_KG_PER_KWH).",
+        description=f"Grid carbon intensity in kg CO2 per kWh, for status.cost.co2Kg ({env('grid_carbon_kg_per_kwh')}).",
     )
 
 
@@ -613,7 +634,7 @@ class ChartValues(Values):
     )
     watch: Watch = Field(
         default_factory=Watch,
-        description="What the operator watches; also decides the RBAC mode (KUBETUNE_NAMESPACES).",
+        description=f"What the operator watches; also decides the RBAC mode ({env('namespaces')}).",
     )
     image: Image = Field(
         default_factory=lambda: Image(repository="ghcr.io/kubetune/operator"),

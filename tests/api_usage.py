@@ -31,7 +31,7 @@ FAST_DIR = Path(__file__).resolve().parent / "fast"
 OPERATOR_AGENTS = ("kopf/", "kubetune-operator/")
 PEERING_GROUP = "kopf.dev"
 OWNER = ("kubetune.io", "finetunejobs")
-SERVING_SUFFIX = " serving"  # kubetune.operator.handlers.SERVING_AGENT
+SERVING_SUFFIX = " serving"  # kubetune.operator.client.SERVING_AGENT
 
 _used: set[tuple[str, str, str]] = set()
 _serving: set[tuple[str, str, str]] = set()

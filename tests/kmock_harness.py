@@ -300,7 +300,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
 
         def fetch() -> dict[str, Any] | None:
             key = (kmock.resource(resource), namespace, name)
-            obj = self._objects.get(key)
+            obj = self._objects[key] if key in self._objects else None  # noqa: SIM401 (kmock's ObjectsArray has no .get)
             return None if obj is None or obj.deleted else copy.deepcopy(obj.raw)
 
         return self._call(fetch)
@@ -413,7 +413,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
     # ---------------------------------------------------------------- state changes
 
     def _info(self, resource: kmock.resource) -> kmock.ResourceInfo | None:
-        return self.resources.get(resource)
+        return self.resources[resource] if resource in self.resources else None  # noqa: SIM401 (no .get on kmock's mapping)
 
     def _has_status(self, resource: kmock.resource) -> bool:
         info = self._info(resource)

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import helm_python
 import pytest
 from kubetune.operator import __main__ as operator_main
-from kubetune.operator.settings import ENV_PREFIX, OperatorSettings
+from kubetune.operator.settings import ENV_PREFIX, OperatorSettings, env_name
 
 from tests.chart.pss import restricted_violations
 from tests.chart.render import (
@@ -135,11 +135,23 @@ def test_default_env_reads_back_as_the_operator_defaults() -> None:
     assert settings == dataclasses.replace(OperatorSettings(), trainer_image=f"ghcr.io/kubetune/trainer:{version}")
 
 
+NOT_FROM_THE_CHART = {"api_url"}
+"""Settings the chart leaves unset: the operator pod reaches the API server as its ServiceAccount."""
+
+
 def test_every_setting_is_exposed_and_every_variable_is_a_setting() -> None:
     env = {k for k in env_of(one(scenario("defaults"), "Deployment")) if k.startswith(ENV_PREFIX)}
-    fields = {ENV_PREFIX + f.name.upper() for f in dataclasses.fields(OperatorSettings)}
+    fields = {env_name(f.name) for f in dataclasses.fields(OperatorSettings) if f.name not in NOT_FROM_THE_CHART}
     assert fields <= env, f"settings the chart does not set: {sorted(fields - env)}"
     assert env <= fields, f"variables no setting reads: {sorted(env - fields)}"
+
+
+def test_a_variable_name_is_derived_from_its_setting_only() -> None:
+    """The chart's schema quotes variable names through `env_name`: a name that is no setting fails."""
+    assert env_name("worker_limit") == "KUBETUNE_WORKER_LIMIT"
+    assert env_name("api_url") == "KUBETUNE_API_URL"
+    with pytest.raises(KeyError, match="gpu_watts"):
+        env_name("gpu_watts")
 
 
 def test_custom_values_reach_the_operator_settings() -> None:
@@ -163,7 +175,7 @@ def test_custom_values_reach_the_operator_settings() -> None:
             },
             "validation": {"cpu": "500m", "memory": "2Gi", "deadlineSeconds": 7200000},
         },
-        "cost": {"gpuPricePerHourUSD": 3.1, "gpuWatts": 350, "gridCarbonKgPerKWh": 0.05},
+        "cost": {"gpuPricePerHourUSD": 3.1, "gridCarbonKgPerKWh": 0.05},
     }
     env = env_of(one(render(values), "Deployment"))
     assert OperatorSettings.from_env(env) == OperatorSettings(
@@ -172,7 +184,6 @@ def test_custom_values_reach_the_operator_settings() -> None:
         trainer_service_account="ml-trainer",
         termination_grace_period_seconds=600,
         gpu_price_per_hour_usd=3.1,
-        gpu_watts=350.0,
         grid_carbon_kg_per_kwh=0.05,
         metrics_scrape_interval_seconds=12.5,
         metrics_port=9191,
@@ -294,7 +305,7 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str]] = {
     "namespace not a DNS label": ({"watch": {"scope": "Namespaced", "namespaces": ["Team_A"]}}, "/watch/namespaces/0"),
     "port out of range": ({"operator": {"metricsPort": 70000}}, "/operator/metricsPort"),
     "negative price": ({"cost": {"gpuPricePerHourUSD": -1}}, "/cost/gpuPricePerHourUSD"),
-    "string for a number": ({"cost": {"gpuWatts": "700"}}, "/cost/gpuWatts"),
+    "string for a number": ({"cost": {"gridCarbonKgPerKWh": "0.4"}}, "/cost/gridCarbonKgPerKWh"),
     "bad quantity": ({"trainer": {"volumes": {"scratchSizeLimit": "lots"}}}, "/trainer/volumes/scratchSizeLimit"),
     "bad duration": ({"metrics": {"podMonitor": {"interval": "30"}}}, "/metrics/podMonitor/interval"),
     "bad CIDR": (

@@ -18,7 +18,7 @@ from tests.kmock_harness import (
     wait_until,
 )
 
-pytestmark = [pytest.mark.fast, pytest.mark.asyncio]
+pytestmark = [pytest.mark.kmock, pytest.mark.asyncio]
 
 FTJ = "kubetune.io/v1alpha1/finetunejobs"
 JOBS = "batch/v1/jobs"

@@ -35,7 +35,7 @@ from tests.fast.ftj import (
 )
 from tests.kmock_harness import KubeEmulator, run_operator, wait_until
 
-pytestmark = [pytest.mark.fast]
+pytestmark = [pytest.mark.kmock]
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 

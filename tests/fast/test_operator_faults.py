@@ -37,7 +37,7 @@ from tests.fast.ftj import (
 )
 from tests.kmock_harness import KubeEmulator, run_operator, verb_resource, wait_until
 
-pytestmark = [pytest.mark.fast]
+pytestmark = [pytest.mark.kmock]
 
 STATUS_PATH = rf"/finetunejobs/{NAME}/status$"
 

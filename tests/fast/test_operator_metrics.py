@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.fast.ftj import JOB, create, delete, ftj_path, manifest, registry_for, status
 from tests.kmock_harness import KubeEmulator, run_operator, wait_until
 
-pytestmark = [pytest.mark.fast]
+pytestmark = [pytest.mark.kmock]
 
 
 def free_port() -> int:

@@ -20,7 +20,7 @@ from kubetune.operator.__main__ import PEERING_NAME
 from tests.fast.ftj import JOBS, NS, create, ftj_path, manifest
 from tests.kmock_harness import KubeEmulator, wait_until
 
-pytestmark = [pytest.mark.fast]
+pytestmark = [pytest.mark.kmock]
 
 ROOT = Path(__file__).resolve().parents[2]
 

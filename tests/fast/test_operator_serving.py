@@ -33,7 +33,7 @@ from tests.fast.ftj import (
 )
 from tests.kmock_harness import VERBS, KubeEmulator, run_operator, wait_until
 
-pytestmark = [pytest.mark.fast]
+pytestmark = [pytest.mark.kmock]
 
 LLMISVC = "serving.kserve.io/v1alpha1/llminferenceservices"
 ISVC = "serving.kserve.io/v1beta1/inferenceservices"

@@ -40,7 +40,7 @@ from tests.fast.ftj import (
 )
 from tests.kmock_harness import KubeEmulator, run_operator, verb_resource, wait_until
 
-pytestmark = [pytest.mark.fast]
+pytestmark = [pytest.mark.kmock]
 
 PRIORITY_REFUSAL = (
     'Job.batch "support-bot-train" is invalid: spec.template.spec.priorityClassName: '
@@ -365,11 +365,9 @@ async def test_a_second_operator_without_peering_says_so(
     kube: KubeEmulator, api: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
 ) -> None:
     from kubetune.operator import presence
-    from kubetune.operator.handlers import Kube
 
-    first, second = registry_for(kube), registry_for(kube)  # the operator's own set-up (no CRD scanning)
-    presence.register(first, Kube(kube.base_url), NS, renew_seconds=0.2)
-    presence.register(second, Kube(kube.base_url), NS, renew_seconds=0.2)
+    # the operator's own set-up (no CRD scanning), each holding the Lease in NS as production does
+    first, second = (registry_for(kube, presence_namespace=NS, presence_renew_seconds=0.2) for _ in range(2))
     async with run_operator(first, kube.base_url):
         await wait_until(
             lambda: kube.read_object("coordination.k8s.io/v1/leases", NS, presence.LEASE_NAME) is not None,

@@ -24,7 +24,7 @@ from tests.fast.ftj import (
 )
 from tests.kmock_harness import KubeEmulator, run_operator, wait_until
 
-pytestmark = [pytest.mark.fast]
+pytestmark = [pytest.mark.kmock]
 TOO_BIG = {
     "model": {"source": "hf://meta-llama/Llama-3.1-70B"},
     "method": {"adaptation": "full"},

@@ -28,7 +28,7 @@ from kubetune.gateway.webhooks import WebhookConfig, WebhookSender, new_secret
 from tests.gateway.test_webhooks import Receiver
 from tests.kmock_harness import KubeEmulator, serve
 
-pytestmark = pytest.mark.fast
+pytestmark = pytest.mark.kmock
 
 FTJ = "kubetune.io/v1alpha1/finetunejobs"
 A = Tenant("team-a", "org-alpha", "key-a")

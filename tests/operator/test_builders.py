@@ -27,17 +27,16 @@ import yaml
 from kubetune.api import FineTuneJob, parse_manifest
 from kubetune.api.contract import PERMANENT_EXIT_CODE
 from kubetune.api.manifest import load_documents
-from kubetune.operator import builders, reconcile
+from kubetune.operator import builders, names, reconcile
 from kubetune.operator.builders import (
     CREDENTIAL_KEYS,
-    child_name,
     headless_service,
-    label_value,
     pod_resources,
     podgroup,
     trainer_job,
     validation_job,
 )
+from kubetune.operator.names import child_name, label_value
 from kubetune.operator.settings import OperatorSettings
 
 from tests.crd_offline import validate as crd_validate
@@ -509,7 +508,9 @@ def test_spec_digest_ignores_what_may_change_after_start() -> None:
     edited["spec"]["hyperparameters"] = {**edited["spec"].get("hyperparameters", {}), "epochs": 7}
     assert builders.spec_configmap_name(suspended) == builders.spec_configmap_name(ftj)
     assert builders.spec_configmap_name(parse(edited)) != builders.spec_configmap_name(ftj)
-    assert builders.SPEC_DIGEST_ANNOTATION == reconcile.SPEC_DIGEST_ANNOTATION
+    # the digest builders write is the one reconcile compares (one name, kubetune.operator.names)
+    annotated = builders.spec_configmap(ftj, UID)["metadata"]["annotations"]
+    assert annotated == {names.SPEC_DIGEST_ANNOTATION: reconcile.spec_digest(ftj.spec.wire())}
 
 
 def test_the_judge_key_reaches_only_the_training_pod_through_a_secret_key_ref() -> None:

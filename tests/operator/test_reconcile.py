@@ -431,9 +431,9 @@ def test_no_job_yet_keeps_old_phase() -> None:
         "jobName": JOB,
         "conditions": [
             {
-                "type": "Validated",
+                "type": "DataValidated",
                 "status": "True",
-                "reason": "SpecValid",
+                "reason": "DataValid",
                 "message": "",
                 "lastTransitionTime": "2025-03-01T09:00:00Z",
             }
@@ -441,7 +441,7 @@ def test_no_job_yet_keeps_old_phase() -> None:
     }
     status = check(observe(ftj(old), None, [], None, PRICES, NOW))
     assert status["phase"] == "Validating" and status["observedGeneration"] == 3
-    assert conditions(status)["Validated"]["status"] == "True"
+    assert conditions(status)["DataValidated"]["status"] == "True"
     assert check(observe(ftj({}), None, [], None, PRICES, NOW)).get("phase") is None
 
 

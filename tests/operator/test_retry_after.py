@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
 import pytest
-from kubetune.operator.handlers import RETRY_AFTER_BOUNDS, ApiError, backoff_seconds, retry_after_seconds
+from kubetune.operator.client import RETRY_AFTER_BOUNDS, ApiError, backoff_seconds, retry_after_seconds
 
 NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=UTC)
 LOW, HIGH = RETRY_AFTER_BOUNDS

@@ -10,8 +10,8 @@ from typing import Any
 from kubetune.api import FineTuneJob, parse_manifest
 from kubetune.api.estimate import GIB, estimate_job
 from kubetune.api.manifest import load_documents
+from kubetune.operator.actions import effective
 from kubetune.operator.builders import pod_resources, trainer_job
-from kubetune.operator.handlers import effective
 from kubetune.operator.settings import OperatorSettings
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

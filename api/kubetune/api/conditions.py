@@ -14,7 +14,6 @@ class ConditionType(StrEnum):
     named like `status.phase` (its reason is `status.reason`); the others are kept per type."""
 
     PENDING = "Pending"
-    VALIDATED = "Validated"
     DATA_VALIDATED = "DataValidated"
     QUEUED = "Queued"
     SUSPENDED = "Suspended"

@@ -20,7 +20,7 @@ CHECKPOINTS_MAX = 20
 class Condition(WireModel):
     """A Kubernetes-style condition."""
 
-    type: ConditionType = Field(description="Condition type, e.g. Validated, Running, Succeeded, Failed.")
+    type: ConditionType = Field(description="Condition type, e.g. DataValidated, Running, Succeeded, Failed.")
     status: str = Field(pattern="^(True|False|Unknown)$", description="True, False or Unknown.")
     reason: Reason = Field(description="Machine-readable CamelCase reason.")
     message: str = Field(default="", max_length=32768, description="Human-readable details.")

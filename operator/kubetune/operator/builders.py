@@ -14,8 +14,8 @@ Decisions that shape the objects (RELIABILITY.md, "Pods and RBAC the chart ships
   the 256 KiB annotations allow still runs.
 * Credentials enter only as `env[].valueFrom.secretKeyRef` (optional keys, never `envFrom`):
   the operator never reads Secrets and no value is ever written into an object it creates.
-* Child names are deterministic (see `child_name`) so a restarted operator finds, not
-  duplicates, what it created.
+* Child names are deterministic (`kubetune.operator.names.child_name`) so a restarted operator
+  finds, not duplicates, what it created.
 * Queueing: `scheduling.queueName` is a Kueue LocalQueue (label + Job created suspended). With
   `schedulerName: volcano` as well, Kueue wins and the PodGroup uses Volcano's default queue;
   only with `settings.kueue` off does queueName become the PodGroup's Volcano queue.
@@ -24,9 +24,7 @@ Decisions that shape the objects (RELIABILITY.md, "Pods and RBAC the chart ships
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
-import re
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -42,22 +40,29 @@ from kubetune.api.contract import (
 from kubetune.api.estimate import estimate_job
 from kubetune.api.pod import CREDENTIAL_KEYS, PodOverrides
 from kubetune.api.resource import API_VERSION, KIND, FineTuneJob
+from kubetune.operator.names import (
+    COMPLETION_INDEX,
+    CONTAINER,
+    GPU_PRODUCT_LABEL,
+    HASH_LEN,
+    JOB_NAME_LABEL,
+    KUEUE_PRIORITY_LABEL,
+    KUEUE_QUEUE_LABEL,
+    SPEC_DIGEST_ANNOTATION,
+    SPEC_KEY,
+    TRAIN,
+    VALIDATE,
+    VOLCANO_GROUP_ANNOTATION,
+    child_labels,
+    child_name,
+    trainer_job_name,
+    validation_job_name,
+)
 from kubetune.operator.settings import OperatorSettings
 
-CONTAINER = "trainer"
-MANAGED_BY_LABEL, MANAGED_BY = "app.kubernetes.io/managed-by", "kubetune-operator"
-"""On every child and pod template: the operator's watch caches select its Jobs and pods by it."""
 VALIDATION_TTL_SECONDS = 3600
-SPEC_DIGEST_ANNOTATION = "kubetune.io/spec-sha256"
-SPEC_KEY = "spec.json"
 SPEC_DIR = "/etc/kubetune"
-SPEC_FILE = f"{SPEC_DIR}/spec.json"
-JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
-COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
-KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
-VOLCANO_GROUP_ANNOTATION = "scheduling.k8s.io/group-name"
-GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+SPEC_FILE = f"{SPEC_DIR}/{SPEC_KEY}"
 RENDEZVOUS_PORT = 29500
 UID = 1000
 PVC_ROOT = "/mnt/pvc"
@@ -66,56 +71,12 @@ PVC_ROOT = "/mnt/pvc"
 # secretKeyRef, so any subset works. The API keeps the list: podOverrides.env may not set them twice.
 
 # ------------------------------------------------------------------------------------ names
-
-NAME_MAX = 63
-# Pods of an Indexed Job get the hostname `<job>-<index>`, which must also be a 63-character
-# label: keep room for "-511" (spec.resources.nodes ≤ 512).
-CHILD_NAME_MAX = NAME_MAX - len("-511")
-HASH_LEN = 8
-_DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-
-
-def _short_hash(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:HASH_LEN]
-
-
-def child_name(owner_name: str, suffix: str) -> str:
-    """`<owner>-<suffix>`, or a truncated owner + a hash of the full name when that won't do.
-
-    The plain form is used when the owner is already a DNS-1035 label (Service names need a
-    leading letter) and the result fits; otherwise dots and other characters become '-', the
-    stem is cut, and 8 hex digits of sha256(owner) keep names that share a prefix distinct.
-    """
-    if not _DNS1035.match(suffix):
-        raise ValueError(f"suffix {suffix!r} must be a DNS-1035 label")
-    plain = f"{owner_name}-{suffix}"
-    if len(plain) <= CHILD_NAME_MAX and _DNS1035.match(owner_name):
-        return plain
-    room = CHILD_NAME_MAX - len(suffix) - HASH_LEN - 2
-    stem = re.sub(r"[^a-z0-9]+", "-", owner_name.lower()).strip("-")
-    if not stem[:1].isalpha():
-        stem = "ftj-" + stem
-    stem = stem[:room].rstrip("-")
-    return f"{stem}-{_short_hash(owner_name)}-{suffix}"
-
-
-def label_value(name: str) -> str:
-    """An object name as a label value (≤ 63 characters), hashed like `child_name` when long."""
-    if len(name) <= NAME_MAX:
-        return name
-    return f"{name[: NAME_MAX - HASH_LEN - 1].rstrip('-.')}-{_short_hash(name)}"
+# Names, labels and annotations live in kubetune.operator.names, shared with reconcile.
 
 
 def labels(ftj: FineTuneJob, role: str) -> dict[str, str]:
-    """Standard labels of every child; `role` is train or validate."""
-    name = label_value(ftj.metadata.name)
-    return {
-        "app.kubernetes.io/name": "kubetune",
-        MANAGED_BY_LABEL: MANAGED_BY,
-        "app.kubernetes.io/instance": name,
-        "kubetune.io/finetunejob": name,
-        "kubetune.io/role": role,
-    }
+    """Standard labels of every child; `role` is train, validate, spec or serving."""
+    return child_labels(ftj.metadata.name, role)
 
 
 def owner_reference(ftj: FineTuneJob, uid: str) -> dict[str, Any]:
@@ -231,7 +192,7 @@ def _volumes(ftj: FineTuneJob, settings: OperatorSettings, role: str) -> tuple[l
     ):
         volumes.append({"name": name, "emptyDir": {"sizeLimit": limit}})
         mounts.append({"name": name, "mountPath": path})
-    shm = shared_memory(ftj, settings) if role == "train" else None
+    shm = shared_memory(ftj, settings) if role == TRAIN else None
     if shm:
         volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}})
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
@@ -239,7 +200,7 @@ def _volumes(ftj: FineTuneJob, settings: OperatorSettings, role: str) -> tuple[l
     # podOverrides is left out: a label or variable that reads "pvc://..." is not a data source.
     uris = {k: v for k, v in ftj.spec.wire().items() if k != "podOverrides"}
     for i, claim in enumerate(dict.fromkeys(_pvc_claims(uris))):
-        read_only = role != "train" or claim not in output_claim
+        read_only = role != TRAIN or claim not in output_claim
         volumes.append({"name": f"pvc-{i}", "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}})
         mounts.append({"name": f"pvc-{i}", "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": read_only})
     # The user's volumes come after kubetune's: names and paths cannot collide (the API refuses ours).
@@ -447,7 +408,7 @@ def _rendezvous_env(ftj: FineTuneJob, job_name: str) -> list[dict[str, Any]]:
 
 def trainer_job(ftj: FineTuneJob, uid: str, settings: OperatorSettings) -> dict[str, Any]:
     """The batch/v1 Job that trains: one pod, or an Indexed Job of `nodes` pods."""
-    name = child_name(ftj.metadata.name, "train")
+    name = trainer_job_name(ftj.metadata.name)
     multi_node = ftj.spec.resources.nodes > 1
     ports = [{"name": "metrics", "containerPort": settings.metrics_port, "protocol": "TCP"}]
     env = _env(ftj, settings)
@@ -461,7 +422,7 @@ def trainer_job(ftj: FineTuneJob, uid: str, settings: OperatorSettings) -> dict[
         ports.append({"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"})
         env += _rendezvous_env(ftj, name)
     container = {"command": _command(ftj), "env": env, "ports": ports, "resources": pod_resources(ftj)}
-    template = _pod_template(ftj, uid, settings, "train", container)
+    template = _pod_template(ftj, uid, settings, TRAIN, container)
     template["metadata"]["annotations"] |= {
         "prometheus.io/scrape": "true",
         "prometheus.io/port": str(settings.metrics_port),
@@ -478,7 +439,7 @@ def trainer_job(ftj: FineTuneJob, uid: str, settings: OperatorSettings) -> dict[
         ftj,
         uid,
         name,
-        "train",
+        TRAIN,
         template,
         suspend=kueue or ftj.spec.suspend,  # Kueue admits a Job by unsuspending it
         backoffLimit=ftj.spec.max_retries,
@@ -495,11 +456,11 @@ def trainer_job(ftj: FineTuneJob, uid: str, settings: OperatorSettings) -> dict[
 
 def headless_service(ftj: FineTuneJob, uid: str, settings: OperatorSettings) -> dict[str, Any]:
     """DNS for the torchrun rendezvous: `<job>-<index>.<service>` resolves before readiness."""
-    name = child_name(ftj.metadata.name, "train")
+    name = trainer_job_name(ftj.metadata.name)
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(ftj, uid, name, "train"),
+        "metadata": _metadata(ftj, uid, name, TRAIN),
         "spec": {
             "clusterIP": "None",
             "selector": {JOB_NAME_LABEL: name},
@@ -524,7 +485,7 @@ def podgroup(ftj: FineTuneJob, uid: str, settings: OperatorSettings) -> dict[str
     return {
         "apiVersion": "scheduling.volcano.sh/v1beta1",
         "kind": "PodGroup",
-        "metadata": _metadata(ftj, uid, child_name(ftj.metadata.name, "train"), "train"),
+        "metadata": _metadata(ftj, uid, trainer_job_name(ftj.metadata.name), TRAIN),
         "spec": spec,
     }
 
@@ -534,20 +495,20 @@ def validation_job(ftj: FineTuneJob, uid: str, settings: OperatorSettings) -> di
 
     It ignores spec.scheduling (queue, GPU node placement): those are for the GPU pods.
     """
-    name = child_name(ftj.metadata.name, "validate")
+    name = validation_job_name(ftj.metadata.name)
     cpu, memory = settings.validation_cpu, settings.validation_memory
     container = {
         "command": ["python", "-m", "kubetune.trainer", "--spec", SPEC_FILE, "--validate-only", "--metrics-port", "-1"],
         "env": _env(ftj, settings),
         "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": {"memory": memory}},
     }
-    template = _pod_template(ftj, uid, settings, "validate", container)
+    template = _pod_template(ftj, uid, settings, VALIDATE, container)
     # Cleaned up an hour after it finished (the FineTuneJob keeps the verdict in DataValidated).
     return _job(
         ftj,
         uid,
         name,
-        "validate",
+        VALIDATE,
         template,
         backoffLimit=0,
         activeDeadlineSeconds=settings.validation_deadline_seconds,

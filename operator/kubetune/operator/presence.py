@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import quote
 
 import kopf
+from kubetune.operator.client import ApiError  # one API client for the whole operator
 
 LEASE_NAME = "kubetune-operator"
 LEASE_SECONDS = 60
@@ -81,8 +82,6 @@ async def hold(
     kube: Any, namespace: str, me: str, logger: Any, stop: asyncio.Event, renew_seconds: float = RENEW_SECONDS
 ) -> None:
     """Hold or watch the Lease until `stop` is set; warn once per other live holder."""
-    from kubetune.operator.handlers import ApiError  # one API client for the whole operator
-
     warned: set[str] = set()
     while not stop.is_set():
         now = datetime.now(UTC)
@@ -117,24 +116,27 @@ async def hold(
             await asyncio.wait_for(stop.wait(), renew_seconds)
 
 
-def register(
-    registry: kopf.OperatorRegistry, kube: Any, namespace: str, *, renew_seconds: float = RENEW_SECONDS
+async def start(
+    tasks: list[tuple[asyncio.Task[None], asyncio.Event]],
+    kube: Any,
+    namespace: str,
+    settings: kopf.OperatorSettings,
+    logger: Any,
+    renew_seconds: float = RENEW_SECONDS,
 ) -> None:
-    """Hold the Lease while a standalone operator on `registry` runs (nothing with peering on)."""
-    tasks: list[tuple[asyncio.Task[None], asyncio.Event]] = []
+    """Hold the Lease in the background while a standalone operator runs (nothing with peering
+    on: kopf decides who acts); the task and its stop flag go into `tasks` for `stop`."""
+    if not settings.peering.standalone and settings.peering.name:
+        return
+    flag = asyncio.Event()
+    task = asyncio.create_task(hold(kube, namespace, identity(), logger, flag, renew_seconds))
+    tasks.append((task, flag))
 
-    @kopf.on.startup(registry=registry, id="presence")
-    async def start(settings: kopf.OperatorSettings, logger: Any, **_: Any) -> None:
-        if not settings.peering.standalone and settings.peering.name:
-            return  # peering: kopf decides who acts
-        stop = asyncio.Event()
-        task = asyncio.create_task(hold(kube, namespace, identity(), logger, stop, renew_seconds))
-        tasks.append((task, stop))
 
-    @kopf.on.cleanup(registry=registry, id="presence")
-    async def finish(**_: Any) -> None:
-        while tasks:
-            task, stop = tasks.pop()
-            stop.set()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(task, 5)
+async def stop(tasks: list[tuple[asyncio.Task[None], asyncio.Event]]) -> None:
+    """End what `start` began (the operator's cleanup)."""
+    while tasks:
+        task, flag = tasks.pop()
+        flag.set()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await asyncio.wait_for(task, 5)

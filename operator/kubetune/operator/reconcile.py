@@ -20,7 +20,7 @@ import contextlib
 import functools
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -52,17 +52,9 @@ from kubetune.api.status import (
     ResolvedHyperparameters,
 )
 from kubetune.operator import redaction
+from kubetune.operator.names import CONTAINER, KUEUE_QUEUE_LABEL, SPEC_DIGEST_ANNOTATION
 from pydantic import BaseModel, ValidationError
 
-TRAINER_CONTAINER = "trainer"
-"""Name of the trainer container; must equal `builders.CONTAINER` (kept here so this module
-stays independent of the builders)."""
-
-SPEC_DIGEST_ANNOTATION = "kubetune.io/spec-sha256"
-"""Pod-template annotation with the digest of the spec a trainer Job was built from; must equal
-`builders.SPEC_DIGEST_ANNOTATION`."""
-
-KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 MESSAGE_MAX_BYTES = 1024
 METRICS_PREFIX = TRAINER_METRICS_PREFIX
 _TERMINATION_MAX_BYTES = 4 * SUMMARY_MAX_BYTES  # the kubelet keeps 4 KiB; more is not ours
@@ -171,7 +163,7 @@ def owned_pods(pods: Iterable[Any], job: Mapping[str, Any] | None) -> list[dict]
 
 def _container_status(pod: Mapping[str, Any]) -> dict[str, Any] | None:
     statuses = [s for s in _list(_get(pod, "status", "containerStatuses")) if isinstance(s, dict)]
-    named = [s for s in statuses if s.get("name") == TRAINER_CONTAINER]
+    named = [s for s in statuses if s.get("name") == CONTAINER]
     return (named or statuses)[0] if statuses else None
 
 
@@ -719,7 +711,7 @@ def set_phase(
     `reason` and `message`, the other phase conditions False, `status.reason`/`message` the same.
     A final phase already written keeps its words: pods garbage-collected later (and with them the
     summary that explained it) must not rewrite the message."""
-    conds = [c for c in status.get("conditions") or [] if isinstance(c, Mapping)]
+    conds: Sequence[Mapping[str, Any]] = [c for c in status.get("conditions") or [] if isinstance(c, Mapping)]
     current = next((c for c in conds if ctype is not None and c.get("type") == ctype.value), None)
     final = phase in FINAL_PHASES and status.get("phase") == phase.value and _get(current, "status") == "True"
     status["phase"] = phase.value
@@ -743,7 +735,7 @@ def current_spec(ftj: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def job_digest(job: Mapping[str, Any]) -> str | None:
-    """The digest of the spec a trainer Job was built from (`builders.SPEC_DIGEST_ANNOTATION`)."""
+    """The digest of the spec a trainer Job was built from (`names.SPEC_DIGEST_ANNOTATION`)."""
     digest = _get(job, "spec", "template", "metadata", "annotations", SPEC_DIGEST_ANNOTATION)
     return digest if isinstance(digest, str) and digest else None
 
@@ -896,8 +888,8 @@ def observe(
     for field in LOSS_FIELDS:  # 4 decimals: what `kubectl get ftj` shows, and all a loss means
         if (value := _number(metrics.get(field))) is not None:
             metrics[field] = round(value, 4)
-    for key, model, value in (("progress", Progress, progress), ("metrics", Metrics, metrics)):
-        cleaned = _clean(model, value) if value else None
+    for key, model, section in (("progress", Progress, progress), ("metrics", Metrics, metrics)):
+        cleaned = _clean(model, section) if section else None
         if cleaned:
             status[key] = cleaned
     kept = [_clean(CheckpointRef, c) for _, c in sorted(checkpoints.items())]

@@ -106,7 +106,7 @@ def _relevant(text: str) -> str:
     return "".join(kept)
 
 
-async def scrape(pods: Iterable[Any], port: int, *, owner_uid: str | None = None) -> dict[str, float] | None:
+async def scrape(pods: Iterable[Any], port: int, *, owner_uid: str | None = None) -> dict[str, float | str] | None:
     """The trainer's series (`reconcile.parse_metrics`) from the first running pod that answers;
     None when none does. With `owner_uid`, only pods whose controller is the Job with that uid
     are asked (the handler should also pass only `reconcile.owned_pods`)."""

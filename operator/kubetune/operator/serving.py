@@ -36,7 +36,7 @@ from kubetune.api.enums import ServingEngine
 from kubetune.api.pod import CREDENTIAL_KEYS
 from kubetune.api.resource import FineTuneJob
 from kubetune.api.spec import serves_full_model
-from kubetune.operator import builders
+from kubetune.operator import builders, names
 from kubetune.operator.settings import OperatorSettings
 
 GROUP = "serving.kserve.io"
@@ -80,7 +80,7 @@ def model_name(ftj: FineTuneJob) -> str:
 
 def object_name(ftj: FineTuneJob) -> str:
     """The serving object's (and Service's) name: deterministic, a DNS-1035 label (O1)."""
-    return builders.child_name(ftj.metadata.name, ROLE)
+    return names.child_name(ftj.metadata.name, ROLE)
 
 
 def merged(ftj: FineTuneJob) -> bool:
@@ -336,7 +336,7 @@ def vllm_deployment(
     gpus, replicas = (block.gpus, block.replicas) if block else (1, 1)
     name = object_name(ftj)
     local = f"{MODEL_ROOT}/{model_name(ftj)}"
-    selector = {"kubetune.io/finetunejob": builders.label_value(ftj.metadata.name), "kubetune.io/role": ROLE}
+    selector = names.role_selector(ftj.metadata.name, ROLE)
     mounts = [
         {"name": "models", "mountPath": MODEL_ROOT},
         {"name": "tmp", "mountPath": "/tmp"},
@@ -388,7 +388,7 @@ def vllm_deployment(
         "volumeMounts": [*copy.deepcopy(mounts), {"name": "dshm", "mountPath": "/dev/shm"}],
         "securityContext": builders.container_security(),
     }
-    pod = {
+    pod: dict[str, Any] = {
         "serviceAccountName": settings.trainer_service_account,
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
@@ -422,11 +422,11 @@ def pod_labels(ftj: FineTuneJob) -> dict[str, str]:
     """The vLLM pods' labels: the children's, less managed-by. Those pods are the Deployment
     controller's, and the managed-by label selects trainer pods: the operator's pod cache and the
     chart's trainer NetworkPolicy (which admits only the metrics port) would take them in."""
-    return {k: v for k, v in builders.labels(ftj, ROLE).items() if k != builders.MANAGED_BY_LABEL}
+    return {k: v for k, v in builders.labels(ftj, ROLE).items() if k != names.MANAGED_BY_LABEL}
 
 
 def vllm_service(ftj: FineTuneJob, uid: str) -> dict[str, Any]:
-    selector = {"kubetune.io/finetunejob": builders.label_value(ftj.metadata.name), "kubetune.io/role": ROLE}
+    selector = names.role_selector(ftj.metadata.name, ROLE)
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -512,9 +512,8 @@ def readiness(obj: Mapping[str, Any] | None) -> tuple[bool, str | None]:
     kind = obj.get("kind")
     status = obj.get("status") or {}
     if kind == "Deployment":
-        want = int(
-            ((obj.get("spec") or {}).get("replicas")) if (obj.get("spec") or {}).get("replicas") is not None else 1
-        )
+        replicas = (obj.get("spec") or {}).get("replicas")
+        want = int(replicas) if replicas is not None else 1
         have = int(status.get("availableReplicas") or 0)
         available = _condition(obj, "Available")
         if want == 0:
@@ -579,7 +578,8 @@ def load_outcome(status_code: int, text: str) -> tuple[bool, str | None]:
     try:
         body = json.loads(text)
         if isinstance(body, Mapping):
-            inner = body.get("error") if isinstance(body.get("error"), Mapping) else body
+            error = body.get("error")
+            inner = error if isinstance(error, Mapping) else body
             message = str(inner.get("message") or inner.get("detail") or message)
     except ValueError:
         pass

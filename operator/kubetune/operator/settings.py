@@ -43,9 +43,6 @@ class OperatorSettings:
     gpu_price_per_hour_usd: float = 2.5
     """Price of one GPU hour, for status.cost.estimatedUSD."""
 
-    gpu_watts: float = 700.0
-    """Assumed power draw of one GPU when the trainer reports no measured energy."""
-
     grid_carbon_kg_per_kwh: float = 0.4
     """Carbon intensity of the grid in kg CO2 per kWh, for status.cost.co2Kg."""
 
@@ -139,16 +136,29 @@ class OperatorSettings:
     """How often the operator re-reads a Ready serving object (spec.serving) to notice it stopped
     being Ready; one that is not Ready yet is read on every metrics_scrape_interval_seconds tick."""
 
+    api_url: str | None = None
+    """URL of the Kubernetes API server the operator's own client (children, status, Leases)
+    talks to. Unset, as in a pod: the in-cluster ServiceAccount, else kubeconfig. For running the
+    operator outside a cluster against a server kopf also logs in to; the chart never sets it."""
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
         """Settings from `KUBETUNE_*` variables (default: the process environment)."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
-            name = ENV_PREFIX + f.name.upper()
+            name = env_name(f.name)
             if name in env:
                 values[f.name] = _parse(name, env[name], f.default)
         return cls(**values)
+
+
+def env_name(field: str) -> str:
+    """The variable a settings field is read from: `KUBETUNE_<FIELD>` (`trainer_image` ←
+    `KUBETUNE_TRAINER_IMAGE`). The chart's schema quotes these names through this function."""
+    if field not in {f.name for f in dataclasses.fields(OperatorSettings)}:
+        raise KeyError(f"{field!r} is no field of OperatorSettings")
+    return ENV_PREFIX + field.upper()
 
 
 _TRUE = {"1", "true", "yes", "on"}
