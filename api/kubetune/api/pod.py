@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Optional
 
-from kubetune.api._base import CEL_KEY, WireModel, cel, rules
+from kubetune.api._base import CEL_KEY, Rule, WireModel, cel, rules
 from kubetune.api.types import (
     ABSOLUTE_PATH,
     DNS_LABEL,
@@ -37,7 +37,7 @@ from kubetune.api.types import (
     is_qualified_name,
     path_type,
 )
-from pydantic import AfterValidator, Field, ValidationInfo, WithJsonSchema, field_validator, model_validator
+from pydantic import AfterValidator, Field, WithJsonSchema, field_validator
 
 # ------------------------------------------------------------------ what kubetune keeps for itself
 
@@ -258,9 +258,12 @@ class EnvVarSource(WireModel):
 
     model_config = WireModel.model_config | {
         "json_schema_extra": rules(
-            cel(
+            Rule(
                 "(has(self.secretKeyRef) ? 1 : 0) + (has(self.configMapKeyRef) ? 1 : 0) + (has(self.fieldRef) ? 1 : 0) == 1",
                 _ONE_SOURCE,
+                lambda s: sum(x is not None for x in (s.secret_key_ref, s.config_map_key_ref, s.field_ref)) == 1,
+                passes={"fieldRef": {"fieldPath": "metadata.name"}},
+                fails={"fieldRef": {"fieldPath": "metadata.name"}, "secretKeyRef": {"name": "tokens", "key": "hf"}},
             )
         )
     }
@@ -274,18 +277,20 @@ class EnvVarSource(WireModel):
         default=None, description="A field of the pod, such as metadata.name or spec.nodeName."
     )
 
-    @model_validator(mode="after")
-    def _one_source(self) -> EnvVarSource:
-        if sum(x is not None for x in (self.secret_key_ref, self.config_map_key_ref, self.field_ref)) != 1:
-            raise ValueError(_ONE_SOURCE)
-        return self
-
 
 class EnvVar(WireModel):
     """An extra environment variable of the trainer container."""
 
     model_config = WireModel.model_config | {
-        "json_schema_extra": rules(cel("!(has(self.value) && has(self.valueFrom))", "set value or valueFrom, not both"))
+        "json_schema_extra": rules(
+            Rule(
+                "!(has(self.value) && has(self.valueFrom))",
+                "set value or valueFrom, not both",
+                lambda e: e.value is None or e.value_from is None,
+                passes={"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                fails={"name": "NODE", "value": "n1", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+            )
+        )
     }
 
     name: EnvName = Field(
@@ -306,12 +311,6 @@ class EnvVar(WireModel):
     value_from: Optional[EnvVarSource] = Field(
         default=None, description="Take the value from a Secret, a ConfigMap or the pod itself."
     )
-
-    @model_validator(mode="after")
-    def _value_or_value_from(self) -> EnvVar:
-        if self.value is not None and self.value_from is not None:
-            raise ValueError("set value or valueFrom, not both")
-        return self
 
 
 # ------------------------------------------------------------------------------- volumes
@@ -429,7 +428,15 @@ class Volume(WireModel):
 
     model_config = WireModel.model_config | {
         "json_schema_extra": rules(
-            cel(" + ".join(f"(has(self.{s}) ? 1 : 0)" for s in _VOLUME_SOURCES) + " == 1", _ONE_VOLUME_SOURCE)
+            Rule(
+                " + ".join(f"(has(self.{s}) ? 1 : 0)" for s in _VOLUME_SOURCES) + " == 1",
+                _ONE_VOLUME_SOURCE,
+                lambda v: (
+                    sum(x is not None for x in (v.persistent_volume_claim, v.config_map, v.secret, v.empty_dir)) == 1
+                ),
+                passes={"name": "data", "persistentVolumeClaim": {"claimName": "datasets"}},
+                fails={"name": "data", "persistentVolumeClaim": {"claimName": "datasets"}, "emptyDir": {}},
+            )
         )
     }
 
@@ -442,15 +449,6 @@ class Volume(WireModel):
     config_map: Optional[ConfigMapSource] = Field(default=None, description="Mount the keys of a ConfigMap as files.")
     secret: Optional[SecretSource] = Field(default=None, description="Mount the keys of a Secret as files.")
     empty_dir: Optional[EmptyDirSource] = Field(default=None, description="An empty directory for the pod's lifetime.")
-
-    @model_validator(mode="after")
-    def _one_source(self) -> Volume:
-        if (
-            sum(x is not None for x in (self.persistent_volume_claim, self.config_map, self.secret, self.empty_dir))
-            != 1
-        ):
-            raise ValueError(_ONE_VOLUME_SOURCE)
-        return self
 
 
 _PATH_HELP = (
@@ -510,16 +508,31 @@ class LocalObjectReference(WireModel):
 
 _UNDECLARED = "a volumeMount names a volume that podOverrides.volumes does not declare"
 
+_EXAMPLE_VOLUME = {"name": "data", "persistentVolumeClaim": {"claimName": "datasets"}}
+
+
+def _undeclared_mounts(overrides: PodOverrides) -> list[str]:
+    """The volume names of volumeMounts that no volume declares."""
+    declared = {v.name for v in overrides.volumes}
+    return [m.name for m in overrides.volume_mounts if m.name not in declared]
+
 
 class PodOverrides(WireModel):
     """Additions to the pods kubetune builds (trainer and data validation)."""
 
     model_config = WireModel.model_config | {
         "json_schema_extra": rules(
-            cel(
+            Rule(
                 "!has(self.volumeMounts) || self.volumeMounts.all(m, has(self.volumes) && self.volumes.exists(v, v.name == m.name))",
                 _UNDECLARED,
-                ".volumeMounts",
+                lambda o: not _undeclared_mounts(o),
+                passes={"volumes": [_EXAMPLE_VOLUME], "volumeMounts": [{"name": "data", "mountPath": "/data"}]},
+                fails={"volumes": [_EXAMPLE_VOLUME], "volumeMounts": [{"name": "datasets", "mountPath": "/data"}]},
+                field_path=".volumeMounts",
+                at_field=True,
+                explain=lambda o: (
+                    f"{_UNDECLARED}: {_undeclared_mounts(o)[0]!r} is not one of {sorted(v.name for v in o.volumes)}"
+                ),
             )
         )
     }
@@ -606,14 +619,8 @@ class PodOverrides(WireModel):
 
     @field_validator("volume_mounts")
     @classmethod
-    def _mounts_name_declared_volumes(cls, value: list[VolumeMount], info: ValidationInfo) -> list[VolumeMount]:
-        _check_unique(value, "mount_path", "mountPath")
-        if "volumes" in info.data:  # absent when the volumes themselves were invalid
-            declared = {v.name for v in info.data["volumes"]}
-            for m in value:
-                if m.name not in declared:
-                    raise ValueError(f"{_UNDECLARED}: {m.name!r} is not one of {sorted(declared)}")
-        return value
+    def _distinct_mounts(cls, value: list[VolumeMount]) -> list[VolumeMount]:
+        return _check_unique(value, "mount_path", "mountPath")
 
     def credential_env(self) -> list[str]:
         """The names of env that a credentials Secret would also set."""
