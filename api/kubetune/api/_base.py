@@ -11,9 +11,12 @@ the generated CRD), the message both sides report, the optional fieldPath, and t
 predicate over the model that `kubetune validate` and the operator enforce: one validator on
 :class:`WireModel` runs the predicates of the model's rules in their declared order and raises
 the rule's message. Where the Python side names the offending value (`explain`), the CRD keeps the
-general message. Each rule also carries a passing and a failing example of the object (wire
-form); tests/api/test_rules.py finds every declared rule and checks that CEL (cel-python) and
-the predicate agree on both, so the two halves of a rule cannot drift apart.
+general message. A rule of a field type (a URI, a label map, a list of named items) is declared
+the same way beside the type: the type's JSON schema carries `rule.wire()` and its validator calls
+`rule.enforce(value)`. Each rule also carries a passing and a failing example (wire form);
+tests/api/test_rules.py finds every declared rule, checks that CEL (cel-python) and the predicate
+agree on both and that the model reports the rule's message, and that every CEL rule of the CRD
+is a declared rule, so the two halves of a rule cannot drift apart.
 
 Transition rules (`oldSelf`) compare two versions of an object, which a model never sees; they
 stay plain :func:`cel` entries (tests/api/test_immutability.py covers them).
@@ -35,9 +38,9 @@ SKIP_RULES = "kubetune.skip_rules"
 predicate alone on an object the rule refuses)."""
 
 
-def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, Any]:
     """One CEL rule as the CRD writes it; `field_path` points the error at a child field."""
-    out = {"rule": rule, "message": message}
+    out: dict[str, Any] = {"rule": rule, "message": message}
     if field_path:
         out["fieldPath"] = field_path
     return out
@@ -53,13 +56,17 @@ class Rule:
     rule (naming the value). CEL reports at `field_path` (e.g. `.initText`); Python reports at the
     object unless `at_field`, then at `field_path` as well. `passes` and `fails` are wire-form
     examples of the object, valid but for this rule, that the test runs through both sides.
+
+    A rule of a field type (a URI, a label map, a list) sits in the type's JSON schema
+    (`CEL_KEY: [rule.wire()]`); its predicate takes the wire value and the type's validator calls
+    :meth:`enforce` where it checks that property.
     """
 
     cel: str
     message: str
     check: Callable[[Any], bool]
-    passes: dict[str, Any]
-    fails: dict[str, Any]
+    passes: Any
+    fails: Any
     field_path: str | None = None
     explain: Callable[[Any], str] | None = None
     at_field: bool = False
@@ -68,9 +75,14 @@ class Rule:
         if self.at_field and not self.field_path:
             raise ValueError("a rule reported at its field needs a field_path")
 
-    def wire(self) -> dict[str, str]:
+    def wire(self) -> dict[str, Any]:
         """The rule as the CRD writes it."""
         return cel(self.cel, self.message, self.field_path)
+
+    def enforce(self, value: Any) -> None:
+        """Raise the rule's Python message unless `value` keeps the rule."""
+        if not self.check(value):
+            raise ValueError(self.python_message(value))
 
     def python_message(self, model: Any) -> str:
         """The message Python reports for `model`, which breaks the rule."""
@@ -86,7 +98,7 @@ class Rules:
     write the CEL rules into the CRD, :class:`WireModel` reads it to run their Python predicates.
     A plain :func:`cel` entry (a transition rule) is written to the CRD only."""
 
-    def __init__(self, *items: Rule | dict[str, str]) -> None:
+    def __init__(self, *items: Rule | dict[str, Any]) -> None:
         self.items = items
 
     def __call__(self, schema: dict[str, Any], cls: type | None = None) -> None:
@@ -96,7 +108,7 @@ class Rules:
         return f"Rules({len(self.items)} rules)"
 
 
-def rules(*items: Rule | dict[str, str]) -> Rules:
+def rules(*items: Rule | dict[str, Any]) -> Rules:
     """`json_schema_extra` declaring the rules of the object the model describes."""
     return Rules(*items)
 

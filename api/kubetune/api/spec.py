@@ -10,6 +10,7 @@ strips them from the CRD so GitOps tools see no drift.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any, Optional
 
 from kubetune.api._base import CEL_KEY, Rule, WireModel, cel, rules
@@ -473,6 +474,12 @@ _OBJECTIVE_BLOCKS = {
     Objective.ATTENTION_GUIDANCE: "attentionGuidance",
 }
 
+
+def _block_belongs(block: str, selector: str, value: str) -> Callable[[Any], bool]:
+    """The settings block `block` (wire name) is set only when the field `selector` is `value`."""
+    return lambda m: getattr(m, _snake(block)) is None or getattr(m, selector) == value
+
+
 _OBJECTIVE_EXAMPLES: dict[str, dict[str, Any]] = {
     "distillation": {"teacher": {"source": "hf://org/teacher"}},
     "attentionGuidance": {"guide": "diagonal"},
@@ -489,7 +496,7 @@ class ObjectiveTerm(WireModel):
                 Rule(
                     f"!has(self.{block}) || self.type == '{block}'",
                     f"the {block} block belongs to type: {block}",
-                    lambda o, kind=kind, block=block: getattr(o, _snake(block)) is None or o.type == kind,
+                    _block_belongs(block, "type", kind),
                     passes={"type": block, block: _OBJECTIVE_EXAMPLES.get(block, {})},
                     fails={
                         "type": "reweighting" if block == "adversarial" else "adversarial",
@@ -655,12 +662,22 @@ def _field_set(g: SubGrader, wire: str) -> bool:
     return "timeout_seconds" in g.model_fields_set if wire == "timeoutSeconds" else getattr(g, _snake(wire)) is not None
 
 
+def _needs(kind: str, attr: str) -> Callable[[Any], bool]:
+    """A grader of type `kind` sets `attr`."""
+    return lambda g: g.type != kind or getattr(g, attr) is not None
+
+
+def _only_for(wire: str, owners: tuple[str, ...]) -> Callable[[Any], bool]:
+    """Only a grader of a type in `owners` sets `wire`."""
+    return lambda g: not _field_set(g, wire) or str(g.type) in owners
+
+
 def _grader_rules(*extra: Rule) -> Any:
     out = [
         Rule(
             f"self.type != '{t}' || has(self.{wire})",
             f"type: {t} needs {wire}",
-            lambda g, t=t, attr=attr: g.type != t or getattr(g, attr) is not None,
+            _needs(t, attr),
             passes=_GRADER_EXAMPLES[t],
             fails={k: v for k, v in _GRADER_EXAMPLES[t].items() if k != wire},
             field_path=f".{wire}",
@@ -672,7 +689,7 @@ def _grader_rules(*extra: Rule) -> Any:
         Rule(
             f"!has(self.{wire}) || self.type in [{', '.join(repr(t) for t in owners)}]",
             f"{wire} belongs to type {' or '.join(owners)}; remove it or change type",
-            lambda g, wire=wire, owners=owners: not _field_set(g, wire) or str(g.type) in owners,
+            _only_for(wire, owners),
             passes=_owner_example(wire, owners[0]),
             fails={**_GRADER_EXAMPLES["stringCheck" if "regex" in owners else "regex"], wire: _GRADER_VALUES[wire]},
             field_path=f".{wire}",
@@ -994,7 +1011,7 @@ class Method(WireModel):
                 Rule(
                     f"!has(self.{b[0]}) || self.adaptation == '{b[0]}'",
                     f"the {b[0]} block belongs to adaptation: {b[0]}; remove it or change adaptation",
-                    lambda m, kind=kind, block=b[0]: getattr(m, _snake(block)) is None or m.adaptation == kind,
+                    _block_belongs(b[0], "adaptation", kind),
                     passes={"adaptation": b[0], b[0]: {}},
                     fails={"adaptation": "full", b[0]: {}},
                 )
@@ -1013,7 +1030,7 @@ class Method(WireModel):
                 Rule(
                     f"!has(self.{block}) || (has(self.type) && self.type == '{block}')",
                     f"the {block} block belongs to type: {block}; remove it or change type",
-                    lambda m, kind=kind, block=block: getattr(m, block) is None or m.type == kind,
+                    _block_belongs(block, "type", kind),
                     passes={"adaptation": "lora", "type": block, block: _TYPE_EXAMPLES.get(block, {})},
                     fails={"adaptation": "lora", block: _TYPE_EXAMPLES.get(block, {})},
                     field_path=f".{block}",
@@ -1145,11 +1162,11 @@ class Method(WireModel):
         """The type compares the policy with a frozen reference model (dpo unless referenceFree, kto,
         grpo with beta > 0); for full fine-tuning that is a second copy of the weights."""
         config = self.training()
-        if self.type == TrainingType.DPO:
+        if isinstance(config, DPOConfig):
             return not config.reference_free
-        if self.type == TrainingType.KTO:
+        if isinstance(config, KTOConfig):
             return True
-        if self.type == TrainingType.GRPO:
+        if isinstance(config, GRPOConfig):
             return config.beta > 0
         return False
 
@@ -1496,7 +1513,7 @@ class Scheduling(WireModel):
     node_selector: dict[str, LabelValue] = Field(
         default_factory=dict,
         max_length=64,
-        json_schema_extra={"maxProperties": 64, CEL_KEY: [LABEL_MAP_RULE]},
+        json_schema_extra={"maxProperties": 64, CEL_KEY: [LABEL_MAP_RULE.wire()]},
         description="Node labels the trainer pods require (label keys and values, as on a pod).",
     )
 
@@ -1605,7 +1622,7 @@ class Serving(WireModel):
                 Rule(
                     f"!has(self.{block}) || self.engine == '{engine.value}'",
                     f"the {block} block belongs to engine: {engine.value}",
-                    lambda s, engine=engine, block=block: getattr(s, _snake(block)) is None or s.engine == engine,
+                    _block_belongs(block, "engine", engine),
                     passes={"engine": engine.value, block: _SERVING_EXAMPLES.get(block, {})},
                     fails={
                         "engine": "vllm" if block == "kserve" else "kserve",
