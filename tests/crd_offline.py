@@ -76,20 +76,25 @@ def _program(rule: str) -> Any:
     return _programs[rule]
 
 
+def holds(rule: str, data: Any, old: Any = None) -> bool:
+    """Whether the CEL `rule` holds for `self` = data (and `oldSelf` = old), as the API server decides."""
+    activation = {"self": celpy.json_to_cel(data)}
+    if old is not None:
+        activation["oldSelf"] = celpy.json_to_cel(old)
+    try:
+        result = _program(rule).evaluate(activation)
+        return bool(result) if not isinstance(result, celpy.CELEvalError) else False
+    except Exception:  # an evaluation error rejects the object, as in the API server
+        return False
+
+
 def _cel(schema: dict[str, Any], data: Any, old: Any, path: str, out: list[SchemaError]) -> None:
     if data is None:
         return
     for rule in schema.get(CEL, []):
         if "oldSelf" in rule["rule"] and old is None:
             continue  # transition rules run on updates only
-        activation = {"self": celpy.json_to_cel(data)}
-        if old is not None:
-            activation["oldSelf"] = celpy.json_to_cel(old)
-        try:
-            result = _program(rule["rule"]).evaluate(activation)
-            ok = bool(result) if not isinstance(result, celpy.CELEvalError) else False
-        except Exception:  # an evaluation error rejects the object, as in the API server
-            ok = False
+        ok = holds(rule["rule"], data, old)
         if not ok:
             out.append(
                 SchemaError(path + rule.get("fieldPath", "") if rule.get("fieldPath") else path, rule["message"])

@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Optional
 
-from kubetune.api._base import CEL_KEY, WireModel, cel, rules
+from kubetune.api._base import CEL_KEY, Rule, WireModel, rules
 from kubetune.api.types import (
     ABSOLUTE_PATH,
     DNS_LABEL,
@@ -34,10 +34,9 @@ from kubetune.api.types import (
     Quantity,
     RelativePath,
     cel_string,
-    is_qualified_name,
     path_type,
 )
-from pydantic import AfterValidator, Field, ValidationInfo, WithJsonSchema, field_validator, model_validator
+from pydantic import AfterValidator, Field, WithJsonSchema, field_validator
 
 # ------------------------------------------------------------------ what kubetune keeps for itself
 
@@ -134,33 +133,48 @@ _RESERVED_KEYS_TEXT = (
     "scheduling.k8s.io/group-name"
 )
 _KEYS_HELP = f"is set by kubetune, the Job controller or Kueue; these keys cannot be set here: {_RESERVED_KEYS_TEXT}"
-RESERVED_KEYS_RULE = cel(
+RESERVED_KEYS_RULE = Rule(
     f"self.all(k, !(k in {_cel_list(RESERVED_KEYS)}) && !k.matches({cel_string(RESERVED_KEY_PREFIX)}))",
     f"a key {_KEYS_HELP}",
+    lambda keys: not any(is_reserved_key(k) for k in keys),
+    passes={"team": "search", "example.com/cost-center": "42"},
+    fails={"team": "search", "kueue.x-k8s.io/queue-name": "other"},
+    explain=lambda keys: f"{next(k for k in keys if is_reserved_key(k))!r} {_KEYS_HELP}",
 )
 
 
 def _check_keys(value: dict[str, str]) -> dict[str, str]:
-    for key in value:
-        if not is_qualified_name(key):
+    for key in value:  # key by key: the first bad key is named, whichever rule it breaks
+        if not LABEL_MAP_RULE.check([key]):
             raise ValueError(f"{key!r} is not a valid key: every key must be {QUALIFIED_NAME_HELP}")
-        if is_reserved_key(key):
-            raise ValueError(f"{key!r} {_KEYS_HELP}")
+        RESERVED_KEYS_RULE.enforce([key])
     return value
 
 
-def _unique(field: str) -> dict[str, str]:
-    """CEL rule on a list: no two items share `field`."""
-    return cel(f"self.all(a, self.exists_one(b, b.{field} == a.{field}))", f"two items have the same {field}")
-
-
-def _check_unique(items: list[Any], attr: str, wire: str) -> list[Any]:
-    seen: set[str] = set()
+def _repeated(items: list[dict[str, Any]], field: str) -> list[Any]:
+    seen: set[Any] = set()
+    out = []
     for item in items:
-        value = getattr(item, attr)
-        if value in seen:
-            raise ValueError(f"two items have the same {wire} ({value!r})")
-        seen.add(value)
+        if item[field] in seen:
+            out.append(item[field])
+        seen.add(item[field])
+    return out
+
+
+def _unique(field: str, one: dict[str, Any], other: dict[str, Any]) -> Rule:
+    """A list rule: no two items share `field` (wire name); `one` and `other` are two distinct items."""
+    return Rule(
+        f"self.all(a, self.exists_one(b, b.{field} == a.{field}))",
+        f"two items have the same {field}",
+        lambda items: not _repeated(items, field),
+        passes=[one, other],
+        fails=[one, other, one],
+        explain=lambda items: f"two items have the same {field} ({_repeated(items, field)[0]!r})",
+    )
+
+
+def _check_unique(items: list[Any], rule: Rule) -> list[Any]:
+    rule.enforce([item.wire() for item in items])
     return items
 
 
@@ -176,14 +190,24 @@ _ENV_RESERVED_HELP = (
 _env_name = re.compile(ENV_NAME)
 
 
+ENV_NAME_RULE = Rule(
+    f"!(self in {_cel_list(RESERVED_ENV)}) && "
+    + " && ".join(f"!self.startsWith({cel_string(p)})" for p in RESERVED_ENV_PREFIXES),
+    f"the name {_ENV_RESERVED_HELP}",
+    lambda name: not is_reserved_env(name),
+    passes="NCCL_DEBUG",
+    fails="LD_PRELOAD",
+    explain=lambda name: f"{name!r} {_ENV_RESERVED_HELP}",
+)
+
+
 def _check_env_name(value: str) -> str:
     if len(value) > 253 or not _env_name.match(value):
         raise ValueError(
             f"{value!r} is not a variable name: use at most 253 letters, digits, '-', '_' or '.', "
             "not starting with a digit"
         )
-    if is_reserved_env(value):
-        raise ValueError(f"{value!r} {_ENV_RESERVED_HELP}")
+    ENV_NAME_RULE.enforce(value)
     return value
 
 
@@ -195,13 +219,7 @@ EnvName = Annotated[
             "type": "string",
             "maxLength": 253,
             "pattern": ENV_NAME,
-            CEL_KEY: [
-                cel(
-                    f"!(self in {_cel_list(RESERVED_ENV)}) && "
-                    + " && ".join(f"!self.startsWith({cel_string(p)})" for p in RESERVED_ENV_PREFIXES),
-                    f"the name {_ENV_RESERVED_HELP}",
-                )
-            ],
+            CEL_KEY: [ENV_NAME_RULE.wire()],
         }
     ),
 ]
@@ -258,9 +276,12 @@ class EnvVarSource(WireModel):
 
     model_config = WireModel.model_config | {
         "json_schema_extra": rules(
-            cel(
+            Rule(
                 "(has(self.secretKeyRef) ? 1 : 0) + (has(self.configMapKeyRef) ? 1 : 0) + (has(self.fieldRef) ? 1 : 0) == 1",
                 _ONE_SOURCE,
+                lambda s: sum(x is not None for x in (s.secret_key_ref, s.config_map_key_ref, s.field_ref)) == 1,
+                passes={"fieldRef": {"fieldPath": "metadata.name"}},
+                fails={"fieldRef": {"fieldPath": "metadata.name"}, "secretKeyRef": {"name": "tokens", "key": "hf"}},
             )
         )
     }
@@ -274,18 +295,20 @@ class EnvVarSource(WireModel):
         default=None, description="A field of the pod, such as metadata.name or spec.nodeName."
     )
 
-    @model_validator(mode="after")
-    def _one_source(self) -> EnvVarSource:
-        if sum(x is not None for x in (self.secret_key_ref, self.config_map_key_ref, self.field_ref)) != 1:
-            raise ValueError(_ONE_SOURCE)
-        return self
-
 
 class EnvVar(WireModel):
     """An extra environment variable of the trainer container."""
 
     model_config = WireModel.model_config | {
-        "json_schema_extra": rules(cel("!(has(self.value) && has(self.valueFrom))", "set value or valueFrom, not both"))
+        "json_schema_extra": rules(
+            Rule(
+                "!(has(self.value) && has(self.valueFrom))",
+                "set value or valueFrom, not both",
+                lambda e: e.value is None or e.value_from is None,
+                passes={"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                fails={"name": "NODE", "value": "n1", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+            )
+        )
     }
 
     name: EnvName = Field(
@@ -306,12 +329,6 @@ class EnvVar(WireModel):
     value_from: Optional[EnvVarSource] = Field(
         default=None, description="Take the value from a Secret, a ConfigMap or the pod itself."
     )
-
-    @model_validator(mode="after")
-    def _value_or_value_from(self) -> EnvVar:
-        if self.value is not None and self.value_from is not None:
-            raise ValueError("set value or valueFrom, not both")
-        return self
 
 
 # ------------------------------------------------------------------------------- volumes
@@ -398,9 +415,18 @@ _VOLUME_NAME_HELP = (
 )
 
 
+VOLUME_NAME_RULE = Rule(
+    f"!(self in {_cel_list(RESERVED_VOLUMES)}) && !self.matches({cel_string(RESERVED_VOLUME_PATTERN)})",
+    f"the name {_VOLUME_NAME_HELP}",
+    lambda name: not is_reserved_volume(name),
+    passes="datasets",
+    fails="kubetune-cache-2",
+    explain=lambda name: f"{name!r} {_VOLUME_NAME_HELP}",
+)
+
+
 def _check_volume_name(value: str) -> str:
-    if is_reserved_volume(value):
-        raise ValueError(f"{value!r} {_VOLUME_NAME_HELP}")
+    VOLUME_NAME_RULE.enforce(value)
     return value
 
 
@@ -413,12 +439,7 @@ VolumeName = Annotated[
             "type": "string",
             "maxLength": 63,
             "pattern": DNS_LABEL,
-            CEL_KEY: [
-                cel(
-                    f"!(self in {_cel_list(RESERVED_VOLUMES)}) && !self.matches({cel_string(RESERVED_VOLUME_PATTERN)})",
-                    f"the name {_VOLUME_NAME_HELP}",
-                )
-            ],
+            CEL_KEY: [VOLUME_NAME_RULE.wire()],
         }
     ),
 ]
@@ -429,7 +450,15 @@ class Volume(WireModel):
 
     model_config = WireModel.model_config | {
         "json_schema_extra": rules(
-            cel(" + ".join(f"(has(self.{s}) ? 1 : 0)" for s in _VOLUME_SOURCES) + " == 1", _ONE_VOLUME_SOURCE)
+            Rule(
+                " + ".join(f"(has(self.{s}) ? 1 : 0)" for s in _VOLUME_SOURCES) + " == 1",
+                _ONE_VOLUME_SOURCE,
+                lambda v: (
+                    sum(x is not None for x in (v.persistent_volume_claim, v.config_map, v.secret, v.empty_dir)) == 1
+                ),
+                passes={"name": "data", "persistentVolumeClaim": {"claimName": "datasets"}},
+                fails={"name": "data", "persistentVolumeClaim": {"claimName": "datasets"}, "emptyDir": {}},
+            )
         )
     }
 
@@ -443,15 +472,6 @@ class Volume(WireModel):
     secret: Optional[SecretSource] = Field(default=None, description="Mount the keys of a Secret as files.")
     empty_dir: Optional[EmptyDirSource] = Field(default=None, description="An empty directory for the pod's lifetime.")
 
-    @model_validator(mode="after")
-    def _one_source(self) -> Volume:
-        if (
-            sum(x is not None for x in (self.persistent_volume_claim, self.config_map, self.secret, self.empty_dir))
-            != 1
-        ):
-            raise ValueError(_ONE_VOLUME_SOURCE)
-        return self
-
 
 _PATH_HELP = (
     "is a path of kubetune's own (/etc/kubetune, /tmp, /scratch, /cache/huggingface, /cache/kubetune, "
@@ -459,23 +479,16 @@ _PATH_HELP = (
 )
 
 
-def _check_mount_path(value: str) -> str:
-    if is_reserved_path(value):
-        raise ValueError(f"{value!r} {_PATH_HELP}")
-    return value
-
-
-MountPath = path_type(
-    ABSOLUTE_PATH,
-    "an absolute path",
-    _check_mount_path,
-    (
-        cel(
-            f"{_cel_list(RESERVED_PATHS)}.all(r, self != r && !self.startsWith(r + '/') && !r.startsWith(self + '/'))",
-            f"the path {_PATH_HELP}",
-        ),
-    ),
+MOUNT_PATH_RULE = Rule(
+    f"{_cel_list(RESERVED_PATHS)}.all(r, self != r && !self.startsWith(r + '/') && !r.startsWith(self + '/'))",
+    f"the path {_PATH_HELP}",
+    lambda path: not is_reserved_path(path),
+    passes="/data",
+    fails="/cache/huggingface/hub",
+    explain=lambda path: f"{path!r} {_PATH_HELP}",
 )
+
+MountPath = path_type(ABSOLUTE_PATH, "an absolute path", (MOUNT_PATH_RULE,))
 
 
 class VolumeMount(WireModel):
@@ -510,16 +523,37 @@ class LocalObjectReference(WireModel):
 
 _UNDECLARED = "a volumeMount names a volume that podOverrides.volumes does not declare"
 
+_EXAMPLE_VOLUME = {"name": "data", "persistentVolumeClaim": {"claimName": "datasets"}}
+
+UNIQUE_ENV_NAMES = _unique(
+    "name", {"name": "NCCL_DEBUG", "value": "INFO"}, {"name": "NCCL_SOCKET_IFNAME", "value": "eth0"}
+)
+UNIQUE_VOLUME_NAMES = _unique("name", _EXAMPLE_VOLUME, {"name": "scratch-2", "emptyDir": {}})
+UNIQUE_MOUNT_PATHS = _unique("mountPath", {"name": "data", "mountPath": "/data"}, {"name": "data", "mountPath": "/ref"})
+
+
+def _undeclared_mounts(overrides: PodOverrides) -> list[str]:
+    """The volume names of volumeMounts that no volume declares."""
+    declared = {v.name for v in overrides.volumes}
+    return [m.name for m in overrides.volume_mounts if m.name not in declared]
+
 
 class PodOverrides(WireModel):
     """Additions to the pods kubetune builds (trainer and data validation)."""
 
     model_config = WireModel.model_config | {
         "json_schema_extra": rules(
-            cel(
+            Rule(
                 "!has(self.volumeMounts) || self.volumeMounts.all(m, has(self.volumes) && self.volumes.exists(v, v.name == m.name))",
                 _UNDECLARED,
-                ".volumeMounts",
+                lambda o: not _undeclared_mounts(o),
+                passes={"volumes": [_EXAMPLE_VOLUME], "volumeMounts": [{"name": "data", "mountPath": "/data"}]},
+                fails={"volumes": [_EXAMPLE_VOLUME], "volumeMounts": [{"name": "datasets", "mountPath": "/data"}]},
+                field_path=".volumeMounts",
+                at_field=True,
+                explain=lambda o: (
+                    f"{_UNDECLARED}: {_undeclared_mounts(o)[0]!r} is not one of {sorted(v.name for v in o.volumes)}"
+                ),
             )
         )
     }
@@ -527,7 +561,7 @@ class PodOverrides(WireModel):
     labels: dict[str, LabelValue] = Field(
         default_factory=dict,
         max_length=64,
-        json_schema_extra={"maxProperties": 64, CEL_KEY: [LABEL_MAP_RULE, RESERVED_KEYS_RULE]},
+        json_schema_extra={"maxProperties": 64, CEL_KEY: [LABEL_MAP_RULE.wire(), RESERVED_KEYS_RULE.wire()]},
         description=(
             "Labels added to the pods (at most 64; keys are qualified names, values label values), e.g. for cost "
             "allocation or a policy engine. Keys kubetune, the Job controller or Kueue set are refused, not overridden: "
@@ -537,7 +571,7 @@ class PodOverrides(WireModel):
     annotations: dict[str, Annotated[str, Field(max_length=2048)]] = Field(
         default_factory=dict,
         max_length=32,
-        json_schema_extra={"maxProperties": 32, CEL_KEY: [LABEL_MAP_RULE, RESERVED_KEYS_RULE]},
+        json_schema_extra={"maxProperties": 32, CEL_KEY: [LABEL_MAP_RULE.wire(), RESERVED_KEYS_RULE.wire()]},
         description=(
             "Annotations added to the pods (at most 32, each value at most 2048 characters: 64 KiB in all, well within "
             "the 256 KiB Kubernetes allows a pod's annotations), e.g. sidecar.istio.io/inject or "
@@ -569,7 +603,7 @@ class PodOverrides(WireModel):
     env: list[EnvVar] = Field(
         default_factory=list,
         max_length=64,
-        json_schema_extra={CEL_KEY: [_unique("name")]},
+        json_schema_extra={CEL_KEY: [UNIQUE_ENV_NAMES.wire()]},
         description=(
             "Extra environment variables of the trainer container (at most 64, distinct names), after kubetune's own, "
             "e.g. NCCL_DEBUG or NCCL_SOCKET_IFNAME. Variables kubetune sets or that change what code runs are refused; "
@@ -579,13 +613,13 @@ class PodOverrides(WireModel):
     volumes: list[Volume] = Field(
         default_factory=list,
         max_length=16,
-        json_schema_extra={CEL_KEY: [_unique("name")]},
+        json_schema_extra={CEL_KEY: [UNIQUE_VOLUME_NAMES.wire()]},
         description="Extra volumes of the pods (at most 16, distinct names): persistentVolumeClaim, configMap, secret or emptyDir.",
     )
     volume_mounts: list[VolumeMount] = Field(
         default_factory=list,
         max_length=32,
-        json_schema_extra={CEL_KEY: [_unique("mountPath")]},
+        json_schema_extra={CEL_KEY: [UNIQUE_MOUNT_PATHS.wire()]},
         description="Where the trainer container mounts those volumes (at most 32, distinct mountPaths).",
     )
 
@@ -597,23 +631,17 @@ class PodOverrides(WireModel):
     @field_validator("env")
     @classmethod
     def _distinct_env(cls, value: list[EnvVar]) -> list[EnvVar]:
-        return _check_unique(value, "name", "name")
+        return _check_unique(value, UNIQUE_ENV_NAMES)
 
     @field_validator("volumes")
     @classmethod
     def _distinct_volumes(cls, value: list[Volume]) -> list[Volume]:
-        return _check_unique(value, "name", "name")
+        return _check_unique(value, UNIQUE_VOLUME_NAMES)
 
     @field_validator("volume_mounts")
     @classmethod
-    def _mounts_name_declared_volumes(cls, value: list[VolumeMount], info: ValidationInfo) -> list[VolumeMount]:
-        _check_unique(value, "mount_path", "mountPath")
-        if "volumes" in info.data:  # absent when the volumes themselves were invalid
-            declared = {v.name for v in info.data["volumes"]}
-            for m in value:
-                if m.name not in declared:
-                    raise ValueError(f"{_UNDECLARED}: {m.name!r} is not one of {sorted(declared)}")
-        return value
+    def _distinct_mounts(cls, value: list[VolumeMount]) -> list[VolumeMount]:
+        return _check_unique(value, UNIQUE_MOUNT_PATHS)
 
     def credential_env(self) -> list[str]:
         """The names of env that a credentials Secret would also set."""

@@ -10,9 +10,10 @@ strips them from the CRD so GitOps tools see no drift.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any, Optional
 
-from kubetune.api._base import CEL_KEY, WireModel, cel, rules
+from kubetune.api._base import CEL_KEY, Rule, WireModel, cel, rules
 from kubetune.api.enums import (
     Adaptation,
     ComputeDtype,
@@ -57,7 +58,7 @@ from kubetune.api.types import (
     TaintKey,
     check_label_keys,
 )
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 # --------------------------------------------------------------------------------------- model
 
@@ -90,9 +91,12 @@ class Dataset(WireModel):
 
     model_config = WireModel.model_config | {
         "json_schema_extra": rules(
-            cel(
+            Rule(
                 "!(has(self.validation) && has(self.validationSplit))",
                 "set either validation (a separate file) or validationSplit (a share of train), not both",
+                lambda d: d.validation is None or d.validation_split is None,
+                passes={"train": "s3://data/train.jsonl", "validation": "s3://data/val.jsonl"},
+                fails={"train": "s3://data/train.jsonl", "validation": "s3://data/val.jsonl", "validationSplit": 0.1},
             )
         )
     }
@@ -167,12 +171,6 @@ class Dataset(WireModel):
             "trains) or refuse (fail validation naming FILE:LINE of each finding). Recorded in the output manifest."
         ),
     )
-
-    @model_validator(mode="after")
-    def _one_validation_source(self) -> Dataset:
-        if self.validation is not None and self.validation_split is not None:
-            raise ValueError("set either validation (a separate file) or validationSplit (a share of train), not both")
-        return self
 
 
 # ------------------------------------------------------------------------------- adaptations
@@ -341,10 +339,13 @@ class PromptTuningConfig(WireModel):
 
     model_config = WireModel.model_config | {
         "json_schema_extra": rules(
-            cel(
+            Rule(
                 "self.init != 'text' || (has(self.initText) && size(self.initText) > 0)",
                 "init: text needs initText, the words the soft prompt starts from",
-                ".initText",
+                lambda p: p.init != PromptInit.TEXT or bool(p.init_text),
+                passes={"init": "text", "initText": "Classify the ticket:"},
+                fails={"init": "text"},
+                field_path=".initText",
             )
         )
     }
@@ -364,12 +365,6 @@ class PromptTuningConfig(WireModel):
         max_length=4096,
         description="Text whose token embeddings initialise the prompt when init is text.",
     )
-
-    @model_validator(mode="after")
-    def _text_needs_init_text(self) -> PromptTuningConfig:
-        if self.init == PromptInit.TEXT and not self.init_text:
-            raise ValueError("init: text needs initText, the words the soft prompt starts from")
-        return self
 
 
 # ------------------------------------------------------------------------------ objectives
@@ -434,10 +429,13 @@ class AttentionGuidanceConfig(WireModel):
 
     model_config = WireModel.model_config | {
         "json_schema_extra": rules(
-            cel(
+            Rule(
                 "self.guide != 'teacher' || has(self.teacher)",
                 "guide: teacher needs a teacher model",
-                ".teacher",
+                lambda a: a.guide != GuideSource.TEACHER or a.teacher is not None,
+                passes={"guide": "teacher", "teacher": {"source": "hf://org/teacher"}},
+                fails={"guide": "teacher"},
+                field_path=".teacher",
             )
         )
     }
@@ -469,12 +467,6 @@ class AttentionGuidanceConfig(WireModel):
         description="Record field holding [start, end) character spans when guide is spans. Default spans.",
     )
 
-    @model_validator(mode="after")
-    def _teacher_guide_needs_teacher(self) -> AttentionGuidanceConfig:
-        if self.guide == GuideSource.TEACHER and self.teacher is None:
-            raise ValueError("guide: teacher needs a teacher model")
-        return self
-
 
 _OBJECTIVE_MODELS: dict[Objective, type[WireModel]] = {
     Objective.DISTILLATION: DistillationConfig,
@@ -486,25 +478,49 @@ _OBJECTIVE_MODELS: dict[Objective, type[WireModel]] = {
 _OBJECTIVE_BLOCKS = {kind: facts.block for kind, facts in OBJECTIVES.items()}
 
 
+def _block_belongs(block: str, selector: str, value: str) -> Callable[[Any], bool]:
+    """The settings block `block` (wire name) is set only when the field `selector` is `value`."""
+    return lambda m: getattr(m, _snake(block)) is None or getattr(m, selector) == value
+
+
+_OBJECTIVE_EXAMPLES: dict[str, dict[str, Any]] = {
+    "distillation": {"teacher": {"source": "hf://org/teacher"}},
+    "attentionGuidance": {"guide": "diagonal"},
+}
+"""The smallest valid block of the objectives that need settings (the rules' examples)."""
+
+
 class ObjectiveTerm(WireModel):
     """One term added to the causal-LM loss, configured by the block named like its type."""
 
     model_config = WireModel.model_config | {
         "json_schema_extra": rules(
             *[
-                cel(
+                Rule(
                     f"!has(self.{block}) || self.type == '{block}'",
                     f"the {block} block belongs to type: {block}",
+                    _block_belongs(block, "type", kind),
+                    passes={"type": block, block: _OBJECTIVE_EXAMPLES.get(block, {})},
+                    fails={
+                        "type": "reweighting" if block == "adversarial" else "adversarial",
+                        block: _OBJECTIVE_EXAMPLES.get(block, {}),
+                    },
                 )
-                for block in _OBJECTIVE_BLOCKS.values()
+                for kind, block in _OBJECTIVE_BLOCKS.items()
             ],
-            cel(
+            Rule(
                 "self.type != 'distillation' || has(self.distillation)",
                 "type: distillation needs a distillation block with a teacher",
+                lambda o: o.type != Objective.DISTILLATION or o.distillation is not None,
+                passes={"type": "distillation", "distillation": _OBJECTIVE_EXAMPLES["distillation"]},
+                fails={"type": "distillation"},
             ),
-            cel(
+            Rule(
                 "self.type != 'attentionGuidance' || has(self.attentionGuidance)",
                 "type: attentionGuidance needs an attentionGuidance block with a guide",
+                lambda o: o.type != Objective.ATTENTION_GUIDANCE or o.attention_guidance is not None,
+                passes={"type": "attentionGuidance", "attentionGuidance": _OBJECTIVE_EXAMPLES["attentionGuidance"]},
+                fails={"type": "attentionGuidance"},
             ),
         )
     }
@@ -518,17 +534,6 @@ class ObjectiveTerm(WireModel):
     attention_guidance: Optional[AttentionGuidanceConfig] = Field(
         default=None, description="Settings when type is attentionGuidance."
     )
-
-    @model_validator(mode="after")
-    def _block_matches_type(self) -> ObjectiveTerm:
-        for kind, block in _OBJECTIVE_BLOCKS.items():
-            if getattr(self, _snake(block)) is not None and self.type != kind:
-                raise ValueError(f"the {block} block belongs to type: {block}")
-        if self.type == Objective.DISTILLATION and self.distillation is None:
-            raise ValueError("type: distillation needs a distillation block with a teacher")
-        if self.type == Objective.ATTENTION_GUIDANCE and self.attention_guidance is None:
-            raise ValueError("type: attentionGuidance needs an attentionGuidance block with a guide")
-        return self
 
     def config(self) -> WireModel:
         """The block of this term, with code defaults where the user gave none."""
@@ -546,11 +551,14 @@ class DPOConfig(WireModel):
 
     model_config = WireModel.model_config | {
         "json_schema_extra": rules(
-            cel(
+            Rule(
                 "!has(self.labelSmoothing) || self.labelSmoothing == 0.0 || !has(self.lossType) || "
                 "self.lossType in ['sigmoid', 'robust']",
                 "labelSmoothing applies to lossType sigmoid or robust (conservative DPO); set it to 0 or change lossType",
-                ".labelSmoothing",
+                lambda d: not d.label_smoothing or d.loss_type in (DPOLoss.SIGMOID, DPOLoss.ROBUST),
+                passes={"lossType": "robust", "labelSmoothing": 0.1},
+                fails={"lossType": "hinge", "labelSmoothing": 0.1},
+                field_path=".labelSmoothing",
             )
         )
     }
@@ -575,14 +583,6 @@ class DPOConfig(WireModel):
         lt=0.5,
         description="Assumed share of flipped preference labels, in [0, 0.5) (conservative DPO; sigmoid and robust only). Default 0.",
     )
-
-    @model_validator(mode="after")
-    def _smoothing_needs_loss(self) -> DPOConfig:
-        if self.label_smoothing and self.loss_type not in (DPOLoss.SIGMOID, DPOLoss.ROBUST):
-            raise ValueError(
-                "labelSmoothing applies to lossType sigmoid or robust (conservative DPO); set it to 0 or change lossType"
-            )
-        return self
 
 
 class ORPOConfig(WireModel):
@@ -633,24 +633,79 @@ def template_variables(template: str) -> list[str]:
     return [m.group(1) for m in TEMPLATE.finditer(template)]
 
 
-def _grader_rules(*extra: dict[str, str]) -> dict[str, Any]:
+_GRADER_EXAMPLES: dict[str, dict[str, Any]] = {
+    "stringCheck": {"name": "g", "type": "stringCheck", "reference": "{{item.answer}}", "operation": "eq"},
+    "textSimilarity": {
+        "name": "g",
+        "type": "textSimilarity",
+        "reference": "{{item.answer}}",
+        "evaluationMetric": "bleu",
+    },
+    "regex": {"name": "g", "type": "regex", "pattern": "^[0-9]+$"},
+    "jsonSchema": {"name": "g", "type": "jsonSchema", "jsonSchema": {"type": "object"}},
+    "python": {"name": "g", "type": "python", "source": "def grade(sample, item):\n    return 1.0\n"},
+}
+"""A valid grader of each type, and a value of each type-specific field: the rules' examples."""
+_GRADER_VALUES: dict[str, Any] = {
+    **{wire: value for g in _GRADER_EXAMPLES.values() for wire, value in g.items()},
+    "file": "/etc/graders/grade.py",
+    "timeoutSeconds": 10,
+}
+
+
+def _owner_example(wire: str, owner: str) -> dict[str, Any]:
+    out = {**_GRADER_EXAMPLES[owner], wire: _GRADER_VALUES[wire]}
+    if wire == "file":
+        del out["source"]
+    return out
+
+
+def _field_set(g: SubGrader, wire: str) -> bool:
+    # timeoutSeconds has a default: what counts is whether the manifest sets it
+    return "timeout_seconds" in g.model_fields_set if wire == "timeoutSeconds" else getattr(g, _snake(wire)) is not None
+
+
+def _needs(kind: str, attr: str) -> Callable[[Any], bool]:
+    """A grader of type `kind` sets `attr`."""
+    return lambda g: g.type != kind or getattr(g, attr) is not None
+
+
+def _only_for(wire: str, owners: tuple[str, ...]) -> Callable[[Any], bool]:
+    """Only a grader of a type in `owners` sets `wire`."""
+    return lambda g: not _field_set(g, wire) or str(g.type) in owners
+
+
+def _grader_rules(*extra: Rule) -> Any:
     out = [
-        cel(f"self.type != '{t}' || has(self.{wire})", f"type: {t} needs {wire}", f".{wire}")
+        Rule(
+            f"self.type != '{t}' || has(self.{wire})",
+            f"type: {t} needs {wire}",
+            _needs(t, attr),
+            passes=_GRADER_EXAMPLES[t],
+            fails={k: v for k, v in _GRADER_EXAMPLES[t].items() if k != wire},
+            field_path=f".{wire}",
+        )
         for t, needs in _GRADER_NEEDS.items()
-        for wire, _ in needs
+        for wire, attr in needs
     ]
     out += [
-        cel(
+        Rule(
             f"!has(self.{wire}) || self.type in [{', '.join(repr(t) for t in owners)}]",
             f"{wire} belongs to type {' or '.join(owners)}; remove it or change type",
-            f".{wire}",
+            _only_for(wire, owners),
+            passes=_owner_example(wire, owners[0]),
+            fails={**_GRADER_EXAMPLES["stringCheck" if "regex" in owners else "regex"], wire: _GRADER_VALUES[wire]},
+            field_path=f".{wire}",
         )
         for wire, owners in _GRADER_ONLY.items()
     ]
     out.append(
-        cel(
+        Rule(
             "self.type != 'python' || has(self.source) != has(self.file)",
             "type: python needs exactly one of source (the code) or file (a path in the pod, e.g. a mounted ConfigMap)",
+            lambda g: g.type != GraderType.PYTHON or (g.source is None) != (g.file is None),
+            passes=_owner_example("file", "python"),
+            fails={**_GRADER_EXAMPLES["python"], "file": _GRADER_VALUES["file"]},
         )
     )
     return rules(*out, *extra)
@@ -662,7 +717,14 @@ class SubGrader(WireModel):
 
     model_config = WireModel.model_config | {
         "json_schema_extra": _grader_rules(
-            cel("self.type != 'multi'", "a multi grader cannot contain another multi grader", ".type")
+            Rule(
+                "self.type != 'multi'",
+                "a multi grader cannot contain another multi grader",
+                lambda g: g.type != GraderType.MULTI,
+                passes=_GRADER_EXAMPLES["regex"],
+                fails={"name": "g", "type": "multi"},
+                field_path=".type",
+            )
         )
     }
 
@@ -771,28 +833,6 @@ class SubGrader(WireModel):
                 raise ValueError("the python source must define grade(sample, item) -> float")
         return value
 
-    @model_validator(mode="after")
-    def _fields_match_type(self) -> SubGrader:
-        kind = str(self.type)
-        for wire, attr in _GRADER_NEEDS.get(kind, ()):
-            if getattr(self, attr) is None:
-                raise ValueError(f"type: {kind} needs {wire}")
-        for wire, owners in _GRADER_ONLY.items():
-            attr = _snake(wire)
-            if wire == "timeoutSeconds":
-                if "timeout_seconds" in self.model_fields_set and kind not in owners:
-                    raise ValueError(f"{wire} belongs to type {' or '.join(owners)}; remove it or change type")
-                continue
-            if getattr(self, attr) is not None and kind not in owners:
-                raise ValueError(f"{wire} belongs to type {' or '.join(owners)}; remove it or change type")
-        if self.type == GraderType.PYTHON and (self.source is None) == (self.file is None):
-            raise ValueError(
-                "type: python needs exactly one of source (the code) or file (a path in the pod, e.g. a mounted ConfigMap)"
-            )
-        if self.type == GraderType.MULTI and type(self) is SubGrader:
-            raise ValueError("a multi grader cannot contain another multi grader")
-        return self
-
     def item_fields(self) -> set[str]:
         """The top-level record fields its templates read (checked in every record before training)."""
         out = set()
@@ -803,21 +843,46 @@ class SubGrader(WireModel):
         return out
 
 
+def _unique_names(graders: list[Any]) -> bool:
+    names = [g.name for g in graders]
+    return len(set(names)) == len(names)
+
+
+_MULTI_EXAMPLE: dict[str, Any] = {
+    "name": "m",
+    "type": "multi",
+    "graders": [_GRADER_EXAMPLES["regex"], {**_GRADER_EXAMPLES["stringCheck"], "name": "h"}],
+}
+
+
 class Grader(SubGrader):
     """A GRPO grader; type multi sums the weighted rewards of its graders into one reward."""
 
     model_config = WireModel.model_config | {
         "json_schema_extra": _grader_rules(
-            cel("self.type != 'multi' || has(self.graders)", "type: multi needs graders", ".graders"),
-            cel(
+            Rule(
+                "self.type != 'multi' || has(self.graders)",
+                "type: multi needs graders",
+                lambda g: g.type != GraderType.MULTI or bool(g.graders),
+                passes=_MULTI_EXAMPLE,
+                fails={"name": "m", "type": "multi"},
+                field_path=".graders",
+            ),
+            Rule(
                 "!has(self.graders) || self.type == 'multi'",
                 "graders belongs to type multi; remove it or change type",
-                ".graders",
+                lambda g: g.graders is None or g.type == GraderType.MULTI,
+                passes=_MULTI_EXAMPLE,
+                fails={**_GRADER_EXAMPLES["regex"], "graders": _MULTI_EXAMPLE["graders"]},
+                field_path=".graders",
             ),
-            cel(
+            Rule(
                 "!has(self.graders) || self.graders.all(g, self.graders.exists_one(h, h.name == g.name))",
                 "grader names must be unique",
-                ".graders",
+                lambda g: _unique_names(g.graders or []),
+                passes=_MULTI_EXAMPLE,
+                fails={"name": "m", "type": "multi", "graders": [_GRADER_EXAMPLES["regex"]] * 2},
+                field_path=".graders",
             ),
         )
     }
@@ -832,18 +897,6 @@ class Grader(SubGrader):
         description="multi: the graders whose weighted rewards are summed (divided by the sum of their weights).",
     )
 
-    @model_validator(mode="after")
-    def _multi(self) -> Grader:
-        if self.type == GraderType.MULTI and not self.graders:
-            raise ValueError("type: multi needs graders")
-        if self.graders is not None and self.type != GraderType.MULTI:
-            raise ValueError("graders belongs to type multi; remove it or change type")
-        if self.graders:
-            names = [g.name for g in self.graders]
-            if len(set(names)) != len(names):
-                raise ValueError("grader names must be unique")
-        return self
-
     def item_fields(self) -> set[str]:
         out = super().item_fields()
         for g in self.graders or []:
@@ -857,10 +910,14 @@ class GRPOConfig(WireModel):
 
     model_config = WireModel.model_config | {
         "json_schema_extra": rules(
-            cel(
+            Rule(
                 "self.graders.all(g, self.graders.exists_one(h, h.name == g.name))",
                 "grader names must be unique",
-                ".graders",
+                lambda c: _unique_names(c.graders),
+                passes={"graders": _MULTI_EXAMPLE["graders"]},
+                fails={"graders": [_GRADER_EXAMPLES["regex"]] * 2},
+                field_path=".graders",
+                at_field=True,
             ),
         )
     }
@@ -884,14 +941,6 @@ class GRPOConfig(WireModel):
         max_length=16,
         description="The graders; the reward of a completion is their weighted sum. Each reward is reported as reward/<name>.",
     )
-
-    @field_validator("graders")
-    @classmethod
-    def _unique(cls, value: list[Grader]) -> list[Grader]:
-        names = [g.name for g in value]
-        if len(set(names)) != len(names):
-            raise ValueError("grader names must be unique")
-        return value
 
     def item_fields(self) -> set[str]:
         out: set[str] = set()
@@ -946,54 +995,99 @@ def _snake(camel: str) -> str:
     return "".join("_" + c.lower() if c.isupper() else c for c in camel)
 
 
+_TYPE_EXAMPLES: dict[str, dict[str, Any]] = {"grpo": {"graders": [_GRADER_EXAMPLES["regex"]]}}
+"""The smallest valid block of the training types that need settings (the rules' examples)."""
+
+
+def _reweighting_fits(method: Method) -> bool:
+    """Reweighting on qlora uses an estimator that works on 4-bit layers."""
+    term = method.objective(Objective.REWEIGHTING)
+    return (
+        term is None
+        or method.adaptation != Adaptation.QLORA
+        or term.reweighting is None
+        or term.reweighting.estimator in (GradientEstimator.AUTO, GradientEstimator.FINITE_DIFFERENCE)
+    )
+
+
 class Method(WireModel):
     """How the model is adapted: which parameters train, extra loss terms, the optimizer."""
 
     model_config = WireModel.model_config | {
         "json_schema_extra": rules(
             *[
-                cel(
+                Rule(
                     f"!has(self.{b[0]}) || self.adaptation == '{b[0]}'",
                     f"the {b[0]} block belongs to adaptation: {b[0]}; remove it or change adaptation",
+                    _block_belongs(b[0], "adaptation", kind),
+                    passes={"adaptation": b[0], b[0]: {}},
+                    fails={"adaptation": "full", b[0]: {}},
                 )
-                for b in _ADAPTATION_BLOCKS.values()
+                for kind, b in _ADAPTATION_BLOCKS.items()
                 if b is not None
             ],
-            cel(
+            Rule(
                 "!has(self.objectives) || self.objectives.all(o, self.objectives.exists_one(p, p.type == o.type))",
                 "each objective type may appear once",
-                ".objectives",
+                lambda m: len({t.type for t in m.objectives}) == len(m.objectives),
+                passes={"adaptation": "lora", "objectives": [{"type": "adversarial"}, {"type": "reweighting"}]},
+                fails={"adaptation": "lora", "objectives": [{"type": "adversarial"}, {"type": "adversarial"}]},
+                field_path=".objectives",
             ),
-            cel(
+            *[
+                Rule(
+                    f"!has(self.{block}) || (has(self.type) && self.type == '{block}')",
+                    f"the {block} block belongs to type: {block}; remove it or change type",
+                    _block_belongs(block, "type", kind),
+                    passes={"adaptation": "lora", "type": block, block: _TYPE_EXAMPLES.get(block, {})},
+                    fails={"adaptation": "lora", block: _TYPE_EXAMPLES.get(block, {})},
+                    field_path=f".{block}",
+                )
+                for kind, (block, _) in _TYPE_BLOCKS.items()
+            ],
+            Rule(
+                "!has(self.type) || self.type != 'grpo' || has(self.grpo)",
+                "type: grpo needs a grpo block with graders",
+                lambda m: m.type != TrainingType.GRPO or m.grpo is not None,
+                passes={"adaptation": "lora", "type": "grpo", "grpo": _TYPE_EXAMPLES["grpo"]},
+                fails={"adaptation": "lora", "type": "grpo"},
+                field_path=".type",
+            ),
+            Rule(
+                "!has(self.type) || self.type == 'supervised' || self.adaptation in ['full', 'lora', 'qlora', 'dora']",
+                _WRONG_ADAPTATION.format(type="dpo, orpo, kto or grpo"),
+                lambda m: m.training_type == TrainingType.SUPERVISED or m.adaptation in PREFERENCE_ADAPTATIONS,
+                passes={"adaptation": "dora", "type": "kto"},
+                fails={"adaptation": "ia3", "type": "kto"},
+                field_path=".adaptation",
+                explain=lambda m: _WRONG_ADAPTATION.format(type=m.training_type.value),
+            ),
+            Rule(
+                "!has(self.type) || self.type == 'supervised' || !has(self.objectives) || size(self.objectives) == 0",
+                _NO_OBJECTIVES.format(type="dpo, orpo, kto or grpo"),
+                lambda m: m.training_type == TrainingType.SUPERVISED or not m.objectives,
+                passes={"adaptation": "lora", "type": "supervised", "objectives": [{"type": "adversarial"}]},
+                fails={"adaptation": "lora", "type": "dpo", "objectives": [{"type": "adversarial"}]},
+                field_path=".objectives",
+                explain=lambda m: _NO_OBJECTIVES.format(type=m.training_type.value),
+            ),
+            # Checked last: a manifest that also breaks a rule above is told about that one first.
+            Rule(
                 "self.adaptation != 'qlora' || !has(self.objectives) || "
                 "self.objectives.all(o, o.type != 'reweighting' || !has(o.reweighting) || "
                 "!has(o.reweighting.estimator) || o.reweighting.estimator in ['auto', 'finiteDifference'])",
                 "reweighting on qlora needs estimator finiteDifference (or auto): 4-bit layers have "
                 "no per-example or forward-mode gradients",
-                ".objectives",
-            ),
-            *[
-                cel(
-                    f"!has(self.{block}) || (has(self.type) && self.type == '{block}')",
-                    f"the {block} block belongs to type: {block}; remove it or change type",
-                    f".{block}",
-                )
-                for block, _ in _TYPE_BLOCKS.values()
-            ],
-            cel(
-                "!has(self.type) || self.type != 'grpo' || has(self.grpo)",
-                "type: grpo needs a grpo block with graders",
-                ".type",
-            ),
-            cel(
-                "!has(self.type) || self.type == 'supervised' || self.adaptation in ['full', 'lora', 'qlora', 'dora']",
-                _WRONG_ADAPTATION.format(type="dpo, orpo, kto or grpo"),
-                ".adaptation",
-            ),
-            cel(
-                "!has(self.type) || self.type == 'supervised' || !has(self.objectives) || size(self.objectives) == 0",
-                _NO_OBJECTIVES.format(type="dpo, orpo, kto or grpo"),
-                ".objectives",
+                lambda m: _reweighting_fits(m),
+                passes={
+                    "adaptation": "qlora",
+                    "objectives": [{"type": "reweighting", "reweighting": {"estimator": "finiteDifference"}}],
+                },
+                fails={
+                    "adaptation": "qlora",
+                    "objectives": [{"type": "reweighting", "reweighting": {"estimator": "vmap"}}],
+                },
+                field_path=".objectives",
             ),
         )
     }
@@ -1048,41 +1142,6 @@ class Method(WireModel):
             "lamb or lars (layer-wise trust ratio, for large batches)."
         ),
     )
-
-    @model_validator(mode="after")
-    def _blocks_match(self) -> Method:
-        for kind, entry in _ADAPTATION_BLOCKS.items():
-            if entry is not None and getattr(self, _snake(entry[0])) is not None and self.adaptation != kind:
-                raise ValueError(
-                    f"the {entry[0]} block belongs to adaptation: {entry[0]}; remove it or change adaptation"
-                )
-        seen: set[str] = set()
-        for term in self.objectives:
-            if term.type in seen:
-                raise ValueError("each objective type may appear once")
-            seen.add(term.type)
-        for training_type, (block, _) in _TYPE_BLOCKS.items():
-            if getattr(self, block) is not None and self.type != training_type:
-                raise ValueError(f"the {block} block belongs to type: {block}; remove it or change type")
-        if self.type == TrainingType.GRPO and self.grpo is None:
-            raise ValueError("type: grpo needs a grpo block with graders")
-        if self.training_type != TrainingType.SUPERVISED:
-            if self.adaptation not in PREFERENCE_ADAPTATIONS:
-                raise ValueError(_WRONG_ADAPTATION.format(type=self.training_type.value))
-            if self.objectives:
-                raise ValueError(_NO_OBJECTIVES.format(type=self.training_type.value))
-        reweighting = self.objective(Objective.REWEIGHTING)
-        if (
-            reweighting is not None
-            and self.adaptation == Adaptation.QLORA
-            and reweighting.reweighting is not None
-            and reweighting.reweighting.estimator not in (GradientEstimator.AUTO, GradientEstimator.FINITE_DIFFERENCE)
-        ):
-            raise ValueError(
-                "reweighting on qlora needs estimator finiteDifference (or auto): 4-bit layers have "
-                "no per-example or forward-mode gradients"
-            )
-        return self
 
     def config(self) -> WireModel | None:
         """The block of the chosen adaptation, with code defaults where the user gave none."""
@@ -1294,9 +1353,12 @@ class Evaluation(WireModel):
 
     model_config = WireModel.model_config | {
         "json_schema_extra": rules(
-            cel(
+            Rule(
                 "!has(self.metrics) || !self.metrics.exists(m, m == 'regex') || has(self.regex)",
                 "the regex metric needs evaluation.regex, the pattern answers must match",
+                lambda e: EvalMetric.REGEX not in e.metrics or bool(e.regex),
+                passes={"metrics": ["exactMatch", "regex"], "regex": "^[A-D]$"},
+                fails={"metrics": ["exactMatch", "regex"]},
             ),
         )
     }
@@ -1352,9 +1414,7 @@ class Evaluation(WireModel):
     )
 
     @model_validator(mode="after")
-    def _regex_needs_pattern(self) -> Evaluation:
-        if EvalMetric.REGEX in self.metrics and not self.regex:
-            raise ValueError("the regex metric needs evaluation.regex, the pattern answers must match")
+    def _regex_compiles(self) -> Evaluation:
         if self.regex:
             import re
 
@@ -1373,32 +1433,31 @@ class Toleration(WireModel):
 
     model_config = WireModel.model_config | {
         "json_schema_extra": rules(
-            cel(
+            Rule(
                 "(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
                 "operator must be Exists when key is empty (it then tolerates every taint)",
+                lambda t: bool(t.key) or t.operator == "Exists",
+                passes={"operator": "Exists"},
+                fails={"operator": "Equal", "value": "gpu"},
             ),
-            cel(
+            Rule(
                 "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
                 "value must be empty when operator is Exists",
-                ".value",
+                lambda t: t.operator != "Exists" or not t.value,
+                passes={"key": "nvidia.com/gpu", "operator": "Exists", "value": ""},
+                fails={"key": "nvidia.com/gpu", "operator": "Exists", "value": "present"},
+                field_path=".value",
             ),
-            cel(
+            Rule(
                 "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
                 "tolerationSeconds needs effect: NoExecute",
-                ".tolerationSeconds",
+                lambda t: t.toleration_seconds is None or t.effect == "NoExecute",
+                passes={"key": "node.kubernetes.io/unreachable", "effect": "NoExecute", "tolerationSeconds": 300},
+                fails={"key": "node.kubernetes.io/unreachable", "effect": "NoSchedule", "tolerationSeconds": 300},
+                field_path=".tolerationSeconds",
             ),
         )
     }
-
-    @model_validator(mode="after")
-    def _as_kubernetes_checks_it(self) -> Toleration:
-        if not self.key and self.operator != "Exists":
-            raise ValueError("operator must be Exists when key is empty (it then tolerates every taint)")
-        if self.operator == "Exists" and self.value:
-            raise ValueError("value must be empty when operator is Exists")
-        if self.toleration_seconds is not None and self.effect != "NoExecute":
-            raise ValueError("tolerationSeconds needs effect: NoExecute")
-        return self
 
     key: Optional[TaintKey] = Field(
         default=None, description="Taint key (a qualified name); empty with operator Exists matches every taint."
@@ -1422,18 +1481,15 @@ class Scheduling(WireModel):
 
     model_config = WireModel.model_config | {
         "json_schema_extra": rules(
-            cel(
+            Rule(
                 "!has(self.workloadPriorityClassName) || has(self.queueName)",
                 "workloadPriorityClassName is a Kueue priority: set queueName too",
+                lambda s: s.workload_priority_class_name is None or s.queue_name is not None,
+                passes={"queueName": "team-a", "workloadPriorityClassName": "batch-low"},
+                fails={"workloadPriorityClassName": "batch-low"},
             )
         )
     }
-
-    @model_validator(mode="after")
-    def _workload_priority_needs_a_queue(self) -> Scheduling:
-        if self.workload_priority_class_name is not None and self.queue_name is None:
-            raise ValueError("workloadPriorityClassName is a Kueue priority: set queueName too")
-        return self
 
     queue_name: Optional[str] = Field(
         default=None,
@@ -1465,7 +1521,7 @@ class Scheduling(WireModel):
     node_selector: dict[str, LabelValue] = Field(
         default_factory=dict,
         max_length=64,
-        json_schema_extra={"maxProperties": 64, CEL_KEY: [LABEL_MAP_RULE]},
+        json_schema_extra={"maxProperties": 64, CEL_KEY: [LABEL_MAP_RULE.wire()]},
         description="Node labels the trainer pods require (label keys and values, as on a pod).",
     )
 
@@ -1564,21 +1620,34 @@ class VllmEndpointServing(WireModel):
     )
 
 
+_SERVING_EXAMPLES: dict[str, dict[str, Any]] = {"vllmEndpoint": {"url": "http://vllm.serving.svc:8000"}}
+"""The smallest valid block of the engines that need settings (the rules' examples)."""
+
+
 class Serving(WireModel):
     """Hand the result to a serving engine once the job succeeded."""
 
     model_config = WireModel.model_config | {
         "json_schema_extra": rules(
             *[
-                cel(
+                Rule(
                     f"!has(self.{block}) || self.engine == '{engine.value}'",
                     f"the {block} block belongs to engine: {engine.value}",
+                    _block_belongs(block, "engine", engine),
+                    passes={"engine": engine.value, block: _SERVING_EXAMPLES.get(block, {})},
+                    fails={
+                        "engine": "vllm" if block == "kserve" else "kserve",
+                        block: _SERVING_EXAMPLES.get(block, {}),
+                    },
                 )
                 for engine, block in _SERVING_BLOCKS.items()
             ],
-            cel(
+            Rule(
                 "self.engine != 'vllmEndpoint' || has(self.vllmEndpoint)",
                 "engine: vllmEndpoint needs a vllmEndpoint block with the url",
+                lambda s: s.engine != ServingEngine.VLLM_ENDPOINT or s.vllm_endpoint is not None,
+                passes={"engine": "vllmEndpoint", "vllmEndpoint": _SERVING_EXAMPLES["vllmEndpoint"]},
+                fails={"engine": "vllmEndpoint"},
             ),
         )
     }
@@ -1604,15 +1673,6 @@ class Serving(WireModel):
     vllm_endpoint: Optional[VllmEndpointServing] = Field(
         default=None, description="Settings when engine is vllmEndpoint."
     )
-
-    @model_validator(mode="after")
-    def _block_matches_engine(self) -> Serving:
-        for engine, block in _SERVING_BLOCKS.items():
-            if getattr(self, _snake(block)) is not None and self.engine != engine:
-                raise ValueError(f"the {block} block belongs to engine: {engine.value}")
-        if self.engine == ServingEngine.VLLM_ENDPOINT and self.vllm_endpoint is None:
-            raise ValueError("engine: vllmEndpoint needs a vllmEndpoint block with the url")
-        return self
 
 
 def served_merged(adaptation: Adaptation) -> bool:
@@ -1653,47 +1713,101 @@ _PACKING_BY_TYPE = (
 )
 
 
+def _spec_example(**parts: dict[str, Any]) -> dict[str, Any]:
+    """A small valid spec with `parts` replacing its top-level fields (the rules' examples)."""
+    return {
+        "model": {"source": "hf://org/base"},
+        "dataset": {"train": "s3://data/train.jsonl"},
+        "method": {"adaptation": "lora"},
+        "output": {"uri": "s3://models/bot"},
+        **parts,
+    }
+
+
 class FineTuneJobSpec(WireModel):
     """The desired fine-tuning run."""
 
     model_config = WireModel.model_config | {
         "json_schema_extra": rules(
-            cel(
+            Rule(
                 "!has(self.output.format) || self.output.format != 'merged' || "
                 "!(self.method.adaptation in ['prefixTuning', 'promptTuning'])",
                 "output.format: merged is not possible with prefixTuning or promptTuning (virtual "
                 "tokens are not weights of the base model to merge into); use format: adapter",
-                ".output.format",
+                lambda j: j.output.format != OutputFormat.MERGED or j.method.adaptation not in VIRTUAL_TOKENS,
+                passes=_spec_example(output={"uri": "s3://models/bot", "format": "merged"}),
+                fails=_spec_example(
+                    method={"adaptation": "promptTuning"}, output={"uri": "s3://models/bot", "format": "merged"}
+                ),
+                field_path=".output.format",
             ),
-            cel(
+            Rule(
                 "!has(self.serving) || !(self.method.adaptation in ['prefixTuning', 'promptTuning'])",
                 _UNSERVABLE,
-                ".serving",
+                lambda j: j.serving is None or j.method.adaptation not in UNSERVABLE,
+                passes=_spec_example(serving={"engine": "vllm"}),
+                fails=_spec_example(method={"adaptation": "prefixTuning"}, serving={"engine": "vllm"}),
+                field_path=".serving",
+                at_field=True,
             ),
-            cel(
+            Rule(
                 "!has(self.dataset.packing) || !self.dataset.packing || "
                 "!(self.method.adaptation in ['prefixTuning', 'promptTuning'])",
                 "dataset.packing cannot be combined with prefixTuning or promptTuning (virtual tokens "
                 "and cached prefixes defeat the per-example attention mask); set packing: false",
-                ".dataset.packing",
+                lambda j: not j.dataset.packing or j.method.adaptation not in VIRTUAL_TOKENS,
+                passes=_spec_example(dataset={"train": "s3://data/train.jsonl", "packing": True}),
+                fails=_spec_example(
+                    method={"adaptation": "prefixTuning"}, dataset={"train": "s3://data/train.jsonl", "packing": True}
+                ),
+                field_path=".dataset.packing",
             ),
-            cel(
+            Rule(
                 "!has(self.method.type) || self.method.type == 'supervised' || !has(self.dataset.format) || "
                 "self.dataset.format == 'chat'",
                 _FORMAT_BY_TYPE,
-                ".dataset.format",
+                lambda j: j.method.training_type == TrainingType.SUPERVISED or j.dataset.format == DatasetFormat.CHAT,
+                passes=_spec_example(
+                    method={"adaptation": "lora", "type": "dpo"},
+                    dataset={"train": "s3://data/t.jsonl", "format": "chat"},
+                ),
+                fails=_spec_example(
+                    method={"adaptation": "lora", "type": "dpo"},
+                    dataset={"train": "s3://data/t.jsonl", "format": "text"},
+                ),
+                field_path=".dataset.format",
             ),
-            cel(
+            Rule(
                 "!has(self.method.type) || self.method.type == 'supervised' || !has(self.dataset.packing) || "
                 "!self.dataset.packing",
                 _PACKING_BY_TYPE,
-                ".dataset.packing",
+                lambda j: j.method.training_type == TrainingType.SUPERVISED or not j.dataset.packing,
+                passes=_spec_example(
+                    method={"adaptation": "lora", "type": "supervised"},
+                    dataset={"train": "s3://data/t.jsonl", "packing": True},
+                ),
+                fails=_spec_example(
+                    method={"adaptation": "lora", "type": "kto"},
+                    dataset={"train": "s3://data/t.jsonl", "packing": True},
+                ),
+                field_path=".dataset.packing",
             ),
-            cel(
+            Rule(
                 "!has(self.output.credentialsSecret) || !has(self.podOverrides) || !has(self.podOverrides.env) || "
                 f"self.podOverrides.env.all(e, !(e.name in [{', '.join(repr(k) for k in CREDENTIAL_KEYS)}]))",
                 _CREDENTIALS_TWICE,
-                ".podOverrides",
+                lambda j: not (j.pod_overrides and j.output.credentials_secret and j.pod_overrides.credential_env()),
+                passes=_spec_example(
+                    output={"uri": "s3://models/bot", "credentialsSecret": "s3-creds"},
+                    podOverrides={"env": [{"name": "NCCL_DEBUG", "value": "INFO"}]},
+                ),
+                fails=_spec_example(
+                    output={"uri": "s3://models/bot", "credentialsSecret": "s3-creds"},
+                    podOverrides={"env": [{"name": "AWS_REGION", "value": "eu-west-1"}]},
+                ),
+                field_path=".podOverrides",
+                at_field=True,
+                explain=lambda j: f"{_CREDENTIALS_TWICE} (found: {', '.join(j.pod_overrides.credential_env())})",
             ),
         )
     }
@@ -1772,37 +1886,3 @@ class FineTuneJobSpec(WireModel):
         pattern=DNS_LABEL,
         description="A short lowercase name added to the adapter's name in its manifest (like OpenAI's suffix).",
     )
-
-    @field_validator("serving")
-    @classmethod
-    def _servable(cls, value: Optional[Serving], info: ValidationInfo) -> Optional[Serving]:
-        method = info.data.get("method")
-        if value is not None and method is not None and method.adaptation in UNSERVABLE:
-            raise ValueError(_UNSERVABLE)
-        return value
-
-    @field_validator("pod_overrides")
-    @classmethod
-    def _credentials_once(cls, value: Optional[PodOverrides], info: ValidationInfo) -> Optional[PodOverrides]:
-        output = info.data.get("output")
-        if value is not None and output is not None and output.credentials_secret and value.credential_env():
-            raise ValueError(f"{_CREDENTIALS_TWICE} (found: {', '.join(value.credential_env())})")
-        return value
-
-    @model_validator(mode="after")
-    def _mergeable(self) -> FineTuneJobSpec:
-        if self.output.format == OutputFormat.MERGED and self.method.adaptation in VIRTUAL_TOKENS:
-            raise ValueError(
-                "output.format: merged is not possible with prefixTuning or promptTuning (virtual "
-                "tokens are not weights of the base model to merge into); use format: adapter"
-            )
-        if self.method.training_type != TrainingType.SUPERVISED and self.dataset.format != DatasetFormat.CHAT:
-            raise ValueError(_FORMAT_BY_TYPE)
-        if self.method.training_type != TrainingType.SUPERVISED and self.dataset.packing:
-            raise ValueError(_PACKING_BY_TYPE)
-        if self.dataset.packing and self.method.adaptation in VIRTUAL_TOKENS:
-            raise ValueError(
-                "dataset.packing cannot be combined with prefixTuning or promptTuning (virtual tokens "
-                "and cached prefixes defeat the per-example attention mask); set packing: false"
-            )
-        return self

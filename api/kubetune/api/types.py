@@ -8,10 +8,9 @@ what is allowed, because they are read by someone fixing a manifest.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from typing import Annotated, Any, Literal, Union
 
-from kubetune.api._base import CEL_KEY, cel
+from kubetune.api._base import CEL_KEY, Rule
 from pydantic import AfterValidator, Field, PlainValidator, WithJsonSchema
 
 MODEL_SCHEMES = ("hf", "s3", "gs", "gcs", "file", "pvc", "builtin")
@@ -52,6 +51,15 @@ def has_credentials(uri: str) -> bool:
     return bool(_credentials.match(uri))
 
 
+CREDENTIALS_RULE = Rule(
+    f"!self.matches({cel_string(CREDENTIALS_IN_URI)})",
+    CREDENTIALS_MESSAGE,  # the value is not repeated: it holds a secret
+    lambda uri: not has_credentials(uri),
+    passes="s3://bucket/models/base",
+    fails="s3://AKIAEXAMPLE:secret@bucket/models/base",
+)
+
+
 def _uri(schemes: tuple[str, ...], plain_paths: bool, what: str) -> Any:
     pattern = _uri_pattern(schemes, plain_paths)
     compiled = re.compile(pattern)
@@ -60,8 +68,7 @@ def _uri(schemes: tuple[str, ...], plain_paths: bool, what: str) -> Any:
     def check(value: str) -> str:
         if len(value) > 2048:
             raise ValueError(f"is {len(value)} characters long; at most 2048 are allowed")
-        if has_credentials(value):
-            raise ValueError(CREDENTIALS_MESSAGE)  # the value is not repeated: it holds a secret
+        CREDENTIALS_RULE.enforce(value)
         if not compiled.match(value):
             shown = repr(value) if "@" not in value else "this URI"
             raise ValueError(f"{shown} is not a valid {what}: use {allowed}")
@@ -76,7 +83,7 @@ def _uri(schemes: tuple[str, ...], plain_paths: bool, what: str) -> Any:
                 "minLength": 1,
                 "maxLength": 2048,
                 "pattern": pattern,
-                CEL_KEY: [cel(f"!self.matches({cel_string(CREDENTIALS_IN_URI)})", CREDENTIALS_MESSAGE)],
+                CEL_KEY: [CREDENTIALS_RULE.wire()],
             }
         ),
     ]
@@ -98,12 +105,19 @@ def _numeric_string(value: Any) -> Any:
     return value
 
 
+AUTO_INT_RULE = Rule(
+    "type(self) == string ? self == 'auto' : self >= 1",
+    'must be an integer >= 1 or "auto"',
+    lambda v: v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+    passes=3,
+    fails=0,
+    explain=lambda v: f'must be an integer ≥ 1 or "auto", got {v!r}',
+)
+
+
 def _positive_int_or_auto(value: Any) -> Any:
     value = _numeric_string(value)
-    if value == "auto":
-        return value
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f'must be an integer ≥ 1 or "auto", got {value!r}')
+    AUTO_INT_RULE.enforce(value)
     return value
 
 
@@ -114,12 +128,7 @@ AutoInt = Annotated[
         {
             "x-kubernetes-int-or-string": True,
             "anyOf": [{"type": "integer"}, {"type": "string"}],
-            CEL_KEY: [
-                cel(
-                    "type(self) == string ? self == 'auto' : self >= 1",
-                    'must be an integer >= 1 or "auto"',
-                )
-            ],
+            CEL_KEY: [AUTO_INT_RULE.wire()],
         }
     ),
 ]
@@ -156,12 +165,21 @@ QUANTITY_PATTERN = (
 _quantity = re.compile(QUANTITY_PATTERN)
 
 
+NON_NEGATIVE_QUANTITY = Rule(
+    "type(self) == string || self >= 0",
+    "must not be negative",
+    lambda v: isinstance(v, str) or v >= 0,
+    passes=8,
+    fails=-1,
+)
+"""A quantity written as a number is not negative (a string one is bounded by the pattern)."""
+
+
 def _check_quantity(value: Any) -> Any:
     if isinstance(value, bool):
         raise ValueError("must be a Kubernetes quantity such as 8, 500m, 64Gi")
     if isinstance(value, int):
-        if value < 0:
-            raise ValueError("must not be negative")
+        NON_NEGATIVE_QUANTITY.enforce(value)
         return str(value)
     if isinstance(value, str) and _quantity.match(value):
         return value
@@ -176,7 +194,7 @@ Quantity = Annotated[
             "x-kubernetes-int-or-string": True,
             "anyOf": [{"type": "integer"}, {"type": "string"}],
             "pattern": QUANTITY_PATTERN,
-            CEL_KEY: [cel("type(self) == string || self >= 0", "must not be negative")],
+            CEL_KEY: [NON_NEGATIVE_QUANTITY.wire()],
         }
     ),
 ]
@@ -200,14 +218,25 @@ _QUALIFIED_HELP = (
 )
 _qualified = re.compile(QUALIFIED_NAME)
 
+PREFIX_RULE = Rule(
+    f"!self.matches({cel_string(_PREFIX_TOO_LONG)})",
+    "the prefix before '/' is at most 253 characters",
+    lambda v: len(v.split("/")[0] if "/" in v else "") <= 253,
+    passes="nvidia.com/gpu",
+    fails="a" * 254 + "/gpu",
+    explain=lambda v: f"{v!r} is not {_QUALIFIED_HELP}",
+)
+"""The prefix's own length limit, which the pattern (bounding each DNS label) cannot express."""
+
 
 def is_qualified_name(value: str) -> bool:
-    return bool(_qualified.match(value)) and len(value.split("/")[0] if "/" in value else "") <= 253
+    return bool(_qualified.match(value)) and PREFIX_RULE.check(value)
 
 
 def _check_qualified(value: str) -> str:
-    if not is_qualified_name(value):
+    if not _qualified.match(value):
         raise ValueError(f"{value!r} is not {_QUALIFIED_HELP}")
+    PREFIX_RULE.enforce(value)
     return value
 
 
@@ -219,9 +248,7 @@ QualifiedName = Annotated[
             "type": "string",
             "maxLength": 317,
             "pattern": QUALIFIED_NAME,
-            CEL_KEY: [
-                cel(f"!self.matches({cel_string(_PREFIX_TOO_LONG)})", "the prefix before '/' is at most 253 characters")
-            ],
+            CEL_KEY: [PREFIX_RULE.wire()],
         }
     ),
 ]
@@ -235,9 +262,7 @@ TaintKey = Annotated[
             "type": "string",
             "maxLength": 317,
             "pattern": f"^({QUALIFIED_NAME[1:-1]})?$",
-            CEL_KEY: [
-                cel(f"!self.matches({cel_string(_PREFIX_TOO_LONG)})", "the prefix before '/' is at most 253 characters")
-            ],
+            CEL_KEY: [PREFIX_RULE.wire()],
         }
     ),
 ]
@@ -246,17 +271,24 @@ TaintKey = Annotated[
 LabelValue = Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]
 """A Kubernetes label value: at most 63 letters, digits, '-', '_' or '.', alphanumeric at both ends, or empty."""
 
-LABEL_MAP_RULE = cel(
+
+def _bad_keys(keys: Any) -> list[str]:
+    return [k for k in keys if not is_qualified_name(k)]
+
+
+LABEL_MAP_RULE = Rule(
     f"self.all(k, k.matches({cel_string(QUALIFIED_NAME)}) && !k.matches({cel_string(_PREFIX_TOO_LONG)}))",
     f"every key must be {_QUALIFIED_HELP}",
+    lambda keys: not _bad_keys(keys),
+    passes={"nvidia.com/gpu.product": "H100", "pool": "gpu"},
+    fails={"pool": "gpu", "-pool": "gpu"},
+    explain=lambda keys: f"{_bad_keys(keys)[0]!r} is not a valid label key: every key must be {_QUALIFIED_HELP}",
 )
-"""CEL twin of :func:`check_label_keys` for maps of labels (a schema cannot constrain map keys)."""
+"""The keys of a map of labels are qualified names (a schema cannot constrain map keys)."""
 
 
 def check_label_keys(labels: dict[str, str]) -> dict[str, str]:
-    bad = [k for k in labels if not is_qualified_name(k)]
-    if bad:
-        raise ValueError(f"{bad[0]!r} is not a valid label key: every key must be {_QUALIFIED_HELP}")
+    LABEL_MAP_RULE.enforce(labels)
     return labels
 
 
@@ -273,21 +305,30 @@ _DOT_SEGMENT = "(^|/)[.][.]?(/|$)"
 _PATH_CHARS = "letters, digits and - . _ @ + = , ~"
 
 
-def path_type(
-    pattern: str, what: str, check: Callable[[str], str] | None = None, rules: tuple[dict[str, str], ...] = ()
-) -> Any:
-    """A bounded path string matching `pattern` without '.'/'..' segments; `check` and `rules`
-    (its CEL twins) add what a particular field refuses."""
-    compiled, dots = re.compile(pattern), re.compile(_DOT_SEGMENT)
+_dots = re.compile(_DOT_SEGMENT)
+DOT_SEGMENT_RULE = Rule(
+    f"!self.matches({cel_string(_DOT_SEGMENT)})",
+    "has a '.' or '..' segment; write the path without them",
+    lambda v: not _dots.search(v),
+    passes="/data/models",
+    fails="/data/../etc",
+    explain=lambda v: f"{v!r} has a '.' or '..' segment; write the path without them",
+)
+
+
+def path_type(pattern: str, what: str, rules: tuple[Rule, ...] = ()) -> Any:
+    """A bounded path string matching `pattern` without '.'/'..' segments; `rules` add what a
+    particular field refuses."""
+    compiled = re.compile(pattern)
 
     def check_path(value: str) -> str:
         if len(value) > 1024:
             raise ValueError(f"is {len(value)} characters long; at most 1024 are allowed")
         if not compiled.match(value):
             raise ValueError(f"{value!r} is not {what} of '/'-separated {_PATH_CHARS}")
-        if dots.search(value):
-            raise ValueError(f"{value!r} has a '.' or '..' segment; write the path without them")
-        return check(value) if check else value
+        for rule in (DOT_SEGMENT_RULE, *rules):
+            rule.enforce(value)
+        return value
 
     return Annotated[
         str,
@@ -297,13 +338,7 @@ def path_type(
                 "type": "string",
                 "maxLength": 1024,
                 "pattern": pattern,
-                CEL_KEY: [
-                    cel(
-                        f"!self.matches({cel_string(_DOT_SEGMENT)})",
-                        "has a '.' or '..' segment; write the path without them",
-                    ),
-                    *rules,
-                ],
+                CEL_KEY: [DOT_SEGMENT_RULE.wire(), *(r.wire() for r in rules)],
             }
         ),
     ]
