@@ -19,7 +19,7 @@ the builders emit is refused, so the lists cannot fall behind.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 from kubetune.api._base import CEL_KEY, WireModel, cel, rules
 from kubetune.api.types import (
@@ -465,17 +465,20 @@ def _check_mount_path(value: str) -> str:
     return value
 
 
-MountPath = path_type(
-    ABSOLUTE_PATH,
-    "an absolute path",
-    _check_mount_path,
-    (
-        cel(
-            f"{_cel_list(RESERVED_PATHS)}.all(r, self != r && !self.startsWith(r + '/') && !r.startsWith(self + '/'))",
-            f"the path {_PATH_HELP}",
+if TYPE_CHECKING:
+    MountPath = str  # what the validated field holds; path_type builds its Annotated type at run time
+else:
+    MountPath = path_type(
+        ABSOLUTE_PATH,
+        "an absolute path",
+        _check_mount_path,
+        (
+            cel(
+                f"{_cel_list(RESERVED_PATHS)}.all(r, self != r && !self.startsWith(r + '/') && !r.startsWith(self + '/'))",
+                f"the path {_PATH_HELP}",
+            ),
         ),
-    ),
-)
+    )
 
 
 class VolumeMount(WireModel):
@@ -527,7 +530,7 @@ class PodOverrides(WireModel):
     labels: dict[str, LabelValue] = Field(
         default_factory=dict,
         max_length=64,
-        json_schema_extra={"maxProperties": 64, CEL_KEY: [LABEL_MAP_RULE, RESERVED_KEYS_RULE]},
+        json_schema_extra={"maxProperties": 64, **rules(LABEL_MAP_RULE, RESERVED_KEYS_RULE)},
         description=(
             "Labels added to the pods (at most 64; keys are qualified names, values label values), e.g. for cost "
             "allocation or a policy engine. Keys kubetune, the Job controller or Kueue set are refused, not overridden: "
@@ -537,7 +540,7 @@ class PodOverrides(WireModel):
     annotations: dict[str, Annotated[str, Field(max_length=2048)]] = Field(
         default_factory=dict,
         max_length=32,
-        json_schema_extra={"maxProperties": 32, CEL_KEY: [LABEL_MAP_RULE, RESERVED_KEYS_RULE]},
+        json_schema_extra={"maxProperties": 32, **rules(LABEL_MAP_RULE, RESERVED_KEYS_RULE)},
         description=(
             "Annotations added to the pods (at most 32, each value at most 2048 characters: 64 KiB in all, well within "
             "the 256 KiB Kubernetes allows a pod's annotations), e.g. sidecar.istio.io/inject or "
@@ -569,7 +572,7 @@ class PodOverrides(WireModel):
     env: list[EnvVar] = Field(
         default_factory=list,
         max_length=64,
-        json_schema_extra={CEL_KEY: [_unique("name")]},
+        json_schema_extra=rules(_unique("name")),
         description=(
             "Extra environment variables of the trainer container (at most 64, distinct names), after kubetune's own, "
             "e.g. NCCL_DEBUG or NCCL_SOCKET_IFNAME. Variables kubetune sets or that change what code runs are refused; "
@@ -579,13 +582,13 @@ class PodOverrides(WireModel):
     volumes: list[Volume] = Field(
         default_factory=list,
         max_length=16,
-        json_schema_extra={CEL_KEY: [_unique("name")]},
+        json_schema_extra=rules(_unique("name")),
         description="Extra volumes of the pods (at most 16, distinct names): persistentVolumeClaim, configMap, secret or emptyDir.",
     )
     volume_mounts: list[VolumeMount] = Field(
         default_factory=list,
         max_length=32,
-        json_schema_extra={CEL_KEY: [_unique("mountPath")]},
+        json_schema_extra=rules(_unique("mountPath")),
         description="Where the trainer container mounts those volumes (at most 32, distinct mountPaths).",
     )
 
