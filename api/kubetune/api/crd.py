@@ -52,8 +52,9 @@ def training_digest(spec_wire: dict[str, Any]) -> str:
     output of this same training from one of another spec."""
     part = {k: spec_wire.get(k) for k in TRAINING_FIELDS}
     for block, names in _TRAINING_IGNORED.items():
-        if isinstance(part.get(block), dict):
-            part[block] = {k: v for k, v in part[block].items() if k not in names}
+        value = part.get(block)
+        if isinstance(value, dict):
+            part[block] = {k: v for k, v in value.items() if k not in names}
     text = json.dumps(part, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode()).hexdigest()
 

@@ -19,7 +19,7 @@ the builders emit is refused, so the lists cannot fall behind.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 from kubetune.api._base import CEL_KEY, Rule, WireModel, rules
 from kubetune.api.types import (
@@ -488,7 +488,10 @@ MOUNT_PATH_RULE = Rule(
     explain=lambda path: f"{path!r} {_PATH_HELP}",
 )
 
-MountPath = path_type(ABSOLUTE_PATH, "an absolute path", (MOUNT_PATH_RULE,))
+if TYPE_CHECKING:
+    MountPath = str  # what the validated field holds; path_type builds its Annotated type at run time
+else:
+    MountPath = path_type(ABSOLUTE_PATH, "an absolute path", (MOUNT_PATH_RULE,))
 
 
 class VolumeMount(WireModel):

@@ -167,7 +167,7 @@ def markdown() -> str:
         ),
         (FineTuneJobStatus, "status", "Written by the operator only."),
     ):
-        raw = model.model_json_schema(by_alias=True, mode="validation")  # type: ignore[attr-defined]
+        raw = model.model_json_schema(by_alias=True, mode="validation")
         defs = raw.get("$defs", {})
         writer.object(path, raw, _structural({k: v for k, v in raw.items() if k != "$defs"}, defs), defs, note)
     intro = (

@@ -14,7 +14,7 @@ import math
 import re
 import typing
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, TypedDict
 
 from kubetune.api._base import WireModel
 from kubetune.api.spec import FineTuneJobSpec
@@ -81,7 +81,13 @@ def _as_json(obj: Any) -> str:
 
 # Wire input is matched by wire (camelCase) names only: the Python names (`learning_rate`) are
 # not fields of the CRD, and the API server would prune them silently.
-_WIRE = {"strict": True, "by_alias": True, "by_name": False}
+class _ValidateOptions(TypedDict):
+    strict: bool
+    by_alias: bool
+    by_name: bool
+
+
+_WIRE: _ValidateOptions = {"strict": True, "by_alias": True, "by_name": False}
 
 
 INT64 = (-(2**63), 2**63 - 1)

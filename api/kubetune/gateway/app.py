@@ -56,7 +56,7 @@ class UploadLimits:
 # ------------------------------------------------------------------------------------ app
 
 
-_ERRORS = {code: {"model": ErrorEnvelope} for code in (400, 401, 404, 413, 429, 503)}
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorEnvelope} for code in (400, 401, 404, 413, 429, 503)}
 
 
 def _param(loc: tuple[Any, ...]) -> Optional[str]:
@@ -81,12 +81,12 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if hasattr(backend, "start"):
-            await backend.start()  # type: ignore[attr-defined]
+            await backend.start()
         try:
             yield
         finally:
             if hasattr(backend, "close"):
-                await backend.close()  # type: ignore[attr-defined]
+                await backend.close()
 
     app = FastAPI(
         title=title,
@@ -98,7 +98,7 @@ def create_app(
 
     async def tenant_of(request: Request, _: Any = Depends(bearer)) -> Tenant:
         result = authenticate(request.headers)
-        return await result if inspect.isawaitable(result) else result  # type: ignore[return-value]
+        return await result if inspect.isawaitable(result) else result
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, err: GatewayError) -> JSONResponse:
@@ -329,7 +329,7 @@ def create_app(
             body: dict[str, Any] = Body(...), tenant: Tenant = Depends(tenant_of)
         ) -> StreamingResponse:
             """Chat with a fine-tuned model of the caller (OpenAI's request and response, streamed or not)."""
-            status, headers, chunks = await backend.chat_completions(tenant, body)  # type: ignore[attr-defined]
+            status, headers, chunks = await backend.chat_completions(tenant, body)
             return StreamingResponse(chunks, status_code=status, media_type=headers.get("content-type"))
 
     return app

@@ -759,4 +759,4 @@ class AnnotationLedger:
 
     async def state(self, key: str, event_type: str) -> Optional[LedgerState]:
         obj = await self._object(key)
-        return ((obj or {}).get("metadata", {}).get("annotations") or {}).get(self._annotation(event_type))  # type: ignore[return-value]
+        return ((obj or {}).get("metadata", {}).get("annotations") or {}).get(self._annotation(event_type))

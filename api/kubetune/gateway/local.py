@@ -322,7 +322,7 @@ class LocalBackend:
                 + (f" and validation file: {request.validation_file}" if request.validation_file else ""),
             )
             created_job = self._job(
-                self._job_row(job_id)
+                self._stored_row(job_id)
             )  # as created (validating_files): the lock keeps the supervisor out
         self._wake.set()
         return created_job
@@ -334,6 +334,13 @@ class LocalBackend:
             return self._db.execute(
                 "SELECT * FROM jobs WHERE id=? AND namespace=?", (job_id, tenant.namespace)
             ).fetchone()
+
+    def _stored_row(self, job_id: str) -> sqlite3.Row:
+        """The row of a job this backend created: jobs are never deleted from the store."""
+        row = self._job_row(job_id)
+        if row is None:
+            raise LookupError(f"fine-tuning job {job_id} is missing from {self.root / 'state.sqlite3'}")
+        return row
 
     def _owned(self, tenant: Tenant, job_id: str) -> sqlite3.Row:
         row = self._job_row(job_id, tenant)
@@ -633,7 +640,7 @@ class LocalBackend:
 
     def _set_status(self, job_id: str, pid: Any = ..., **changes: Any) -> dict:
         with self._lock:
-            row = self._job_row(job_id)
+            row = self._stored_row(job_id)
             status = json.loads(row["status"])
             status.update(changes)
             if pid is ...:
@@ -675,7 +682,7 @@ class LocalBackend:
             if running >= self.max_workers:
                 break
             with self._lock:  # decided and launched while pause and cancel wait
-                row = self._job_row(row["id"])
+                row = self._stored_row(row["id"])
                 if json.loads(row["status"]).get("phase") == "Queued" and not row["suspend"] and not row["cancel"]:
                     self._launch(row)
                     running += 1
@@ -691,7 +698,7 @@ class LocalBackend:
         method_type = JobCreate.model_validate_json(row["request"]).method_type()
         error, report = translate.check_data(train, validation, files=files, names=names, method_type=method_type)
         with self._lock:
-            row = self._job_row(job_id)
+            row = self._stored_row(job_id)
             if row["cancel"] or json.loads(row["status"]).get("phase") != "Validating":
                 return  # cancelled meanwhile
             self._validated(row, error, report, train, validation)
@@ -852,7 +859,7 @@ class LocalBackend:
             self._workers.pop(job_id, None)
         self._drain_events(job_id)
         self._committed_checkpoints(job_id)
-        row = self._job_row(job_id)
+        row = self._stored_row(job_id)
         summary = self._summary(job_id)
         if code == 0 and summary.get("status") == "succeeded":
             status = json.loads(row["status"])
@@ -925,7 +932,7 @@ class LocalBackend:
         if not root.is_dir():
             return
         with self._lock:
-            status = json.loads(self._job_row(job_id)["status"])
+            status = json.loads(self._stored_row(job_id)["status"])
             known = {int(c["step"]): c for c in status.get("checkpoints") or []}
             for d in root.iterdir():
                 name = d.name

@@ -30,9 +30,9 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
-from types import SimpleNamespace
+from types import MappingProxyType, SimpleNamespace
 from typing import Any, Optional
 from urllib.parse import urlsplit
 
@@ -64,6 +64,9 @@ PAUSED_STATUS: JobStatus = "queued"
 """A paused (suspended) job's status. The official client's status enum has no `paused`; a paused
 job is waiting to run again once resumed, which is what `queued` says to every client — and unlike
 `running` it never suggests progress that is not happening. Events record the pause and resume."""
+
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+"""An empty mapping for defaults (read-only: shared by every call)."""
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _HF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -164,8 +167,8 @@ def to_manifest(
     namespace: Optional[str] = None,
     gpus: int = 0,
     checkpoint_every_steps: Optional[int] = None,
-    labels: Mapping[str, str] = (),
-    annotations: Mapping[str, str] = (),
+    labels: Mapping[str, str] = _EMPTY,
+    annotations: Mapping[str, str] = _EMPTY,
 ) -> dict[str, Any]:
     """The FineTuneJob manifest for `request` (not yet validated; see `validate_manifest`)."""
     check_request(request)
@@ -288,7 +291,7 @@ def error_param(param: Optional[str], files: Mapping[str, str]) -> Optional[str]
 
 
 def job_error(
-    error: Optional[Mapping[str, Any]], files: Mapping[str, str], names: Mapping[str, str] = ()
+    error: Optional[Mapping[str, Any]], files: Mapping[str, str], names: Mapping[str, str] = _EMPTY
 ) -> Optional[JobError]:
     """`status.error` ({code, message, param}) as the OpenAI job's `error`; data URIs in the message are
     replaced by what the user knows (`names`: URI → `file-… (train.jsonl)`)."""
@@ -347,10 +350,10 @@ def openai_job(
     status: Mapping[str, Any],
     suspend: bool = False,
     cancel: bool = False,
-    files: Mapping[str, str] = (),
-    names: Mapping[str, str] = (),
+    files: Mapping[str, str] = _EMPTY,
+    names: Mapping[str, str] = _EMPTY,
     trained_tokens: Optional[int] = None,
-    result_files: list[str] = (),
+    result_files: Sequence[str] = (),
     now: Optional[float] = None,
 ) -> FineTuningJob:
     """The OpenAI job object for a FineTuneJob's `status` (its wire dict, camelCase)."""
@@ -450,8 +453,8 @@ def check_data(
     train_path: str,
     validation_path: Optional[str],
     *,
-    files: Mapping[str, str] = (),
-    names: Mapping[str, str] = (),
+    files: Mapping[str, str] = _EMPTY,
+    names: Mapping[str, str] = _EMPTY,
     method_type: str = "supervised",
 ) -> tuple[Optional[JobError], dict]:
     """The trainer's own data checks (kubetune.trainer.data.check: one streaming pass, no torch),

@@ -43,13 +43,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 log = logging.getLogger(__name__)
 
-EVENTS: dict[str, str] = {
+EventType = Literal["fine_tuning.job.succeeded", "fine_tuning.job.failed", "fine_tuning.job.cancelled"]
+EVENTS: dict[str, EventType] = {
     "succeeded": "fine_tuning.job.succeeded",
     "failed": "fine_tuning.job.failed",
     "cancelled": "fine_tuning.job.cancelled",
 }
 """The OpenAI job status that ends a job → the webhook event type it fires."""
-EventType = Literal["fine_tuning.job.succeeded", "fine_tuning.job.failed", "fine_tuning.job.cancelled"]
 JOB_URL_METADATA = "webhook_url"
 """A job's metadata key naming its own endpoint (overrides the namespace's URL, not its secret)."""
 USER_AGENT = "kubetune-webhooks/1"
@@ -255,7 +255,12 @@ class WebhookSender:
             return task
         task = asyncio.get_running_loop().create_task(self._run(delivery), name=f"webhook {delivery.id}")
         self._tasks[slot] = task
-        task.add_done_callback(lambda t, slot=slot: self._tasks.pop(slot, None) if self._tasks.get(slot) is t else None)
+
+        def forget(done: asyncio.Task[Outcome]) -> None:
+            if self._tasks.get(slot) is done:
+                self._tasks.pop(slot, None)
+
+        task.add_done_callback(forget)
         return task
 
     def delay(self, attempt: int, retry_after: Optional[float] = None) -> float:

@@ -307,7 +307,7 @@ class CheckpointUploader(TrainerCallback):
     def __init__(
         self,
         commit: Callable[[Path, int], str],
-        prune: Callable[[], None],
+        prune: Callable[[], object],
         metrics: TrainerMetrics,
         loop: LoopCallback,
     ) -> None:

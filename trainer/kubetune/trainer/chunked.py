@@ -136,7 +136,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor, chunk: int
-    ) -> torch.Tensor:  # type: ignore[override]
+    ) -> torch.Tensor:
         need_rows, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_bias = bias is not None and ctx.needs_input_grad[2]
         total = torch.zeros((), dtype=torch.float32, device=rows.device)
@@ -167,7 +167,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> Any:  # type: ignore[override]
+    def backward(ctx: Any, grad_out: torch.Tensor) -> Any:
         saved = iter(ctx.saved_tensors)
         out: list[torch.Tensor | None] = []
         for has, dtype in zip(ctx.has, ctx.dtypes):

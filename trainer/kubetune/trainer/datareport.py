@@ -30,7 +30,7 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 
 from kubetune.api.enums import DatasetFormat, PiiPolicy
@@ -229,7 +229,7 @@ def _string_fields(data: dict, fmt: DatasetFormat) -> Iterable[tuple[str, str, C
     if fmt == DatasetFormat.CHAT:
         for i, msg in enumerate(data.get("messages") or []):
             if isinstance(msg, dict) and isinstance(msg.get("content"), str):
-                yield f"messages[{i}].content", msg["content"], (lambda v, m=msg: m.__setitem__("content", v))
+                yield f"messages[{i}].content", msg["content"], partial(msg.__setitem__, "content")
         return
     for key in {
         DatasetFormat.PROMPT_COMPLETION: ("prompt", "completion"),
@@ -237,7 +237,7 @@ def _string_fields(data: dict, fmt: DatasetFormat) -> Iterable[tuple[str, str, C
         DatasetFormat.TEXT: ("text",),
     }[fmt]:
         if isinstance(data.get(key), str):
-            yield key, data[key], (lambda v, k=key: data.__setitem__(k, v))
+            yield key, data[key], partial(data.__setitem__, key)
 
 
 def _all_strings(node: Any, path: str) -> Iterable[tuple[str, str, Callable[[str], None]]]:
@@ -246,7 +246,7 @@ def _all_strings(node: Any, path: str) -> Iterable[tuple[str, str, Callable[[str
     for key, value in items:
         where = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else str(key)
         if isinstance(value, str):
-            yield where, value, (lambda v, n=node, k=key: n.__setitem__(k, v))
+            yield where, value, partial(node.__setitem__, key)
         else:
             yield from _all_strings(value, where)
 

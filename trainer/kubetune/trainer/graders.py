@@ -100,6 +100,8 @@ class Scorer:
         elif kind == "python":
             self.worker = PythonWorker(_python_source(spec, param), spec.timeout_seconds, f"{param} ({spec.name})")
         elif kind == "multi":
+            if not isinstance(spec, Grader):  # the spec's rules refuse it; a SubGrader has no graders
+                raise GraderError(f"{param}.type: a multi grader cannot contain another multi grader", f"{param}.type")
             self.children = [(g.weight, Scorer(g, f"{param}.graders[{i}]")) for i, g in enumerate(spec.graders or [])]
 
     def __call__(self, sample: dict[str, Any], item: dict[str, Any]) -> float:
@@ -259,12 +261,13 @@ def build(graders: list[Grader], param: str = "spec.method.grpo.graders") -> lis
     return [Scorer(g, f"{param}[{i}]") for i, g in enumerate(graders)]
 
 
-def reward_function(scorer: Scorer, item_keys: list[str]) -> Callable[..., list[float]]:
+def reward_function(scorer: Scorer, item_keys: list[str]) -> Callable[..., list[float | None]]:
     """A TRL reward function (`prompts`, `completions`, dataset columns as lists) named like the
-    grader, so TRL logs its reward as rewards/<name>/mean and /std."""
+    grader, so TRL logs its reward as rewards/<name>/mean and /std. Typed as TRL declares reward
+    functions (None would mean no reward for a completion); a grader always gives one."""
 
-    def reward(prompts: list[Any], completions: list[Any], **columns: Any) -> list[float]:
-        out = []
+    def reward(prompts: list[Any], completions: list[Any], **columns: Any) -> list[float | None]:
+        out: list[float | None] = []
         for i, completion in enumerate(completions):
             item = {k: columns[k][i] for k in item_keys if k in columns}
             item["prompt"] = prompts[i]

@@ -163,7 +163,8 @@ def _load_model(directory: Path, device: str) -> Any:
         raise OutputError(
             f"the model in {directory} could not be loaded: {type(err).__name__}: {str(err)[:300]}"
         ) from None
-    return model.to(device).eval()
+    # transformers decorates PreTrainedModel.to with functools.wraps, whose typeshed stub drops the bound self
+    return model.to(device).eval()  # type: ignore[arg-type]
 
 
 def _load_tokenizer(directory: Path) -> Any:

@@ -111,7 +111,8 @@ def build(name: Optimizer | str, groups: list[dict[str, Any]], lr: float, weight
 
 def default_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
     """Trainable parameters in two groups: with decay, and without (biases and norms), as HF does."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue

@@ -220,9 +220,10 @@ def build_trainer(
     else:
         from kubetune.trainer import graders
         from trl import GRPOTrainer
+        from trl.trainer.grpo_trainer import RewardFunc
 
         keys = sorted({k for r in train_rows for k in r if k != "prompt"})
-        funcs = [graders.reward_function(s, keys) for s in scorers]
+        funcs: list[RewardFunc] = [graders.reward_function(s, keys) for s in scorers]
         trainer = GRPOTrainer(
             model=model,
             reward_funcs=funcs,

@@ -84,7 +84,7 @@ def model_record(source: str, model_dir: Path) -> dict[str, Any]:
 
 def dataset_records(dataset: Any, storage_options: dict | None = None) -> list[dict[str, Any]]:
     """Each dataset file's URI, size and sha256 (of the bytes as stored, compressed or not)."""
-    import fsspec  # type: ignore[import-untyped]
+    import fsspec
     from kubetune.trainer import data
 
     out = []

@@ -212,7 +212,7 @@ def check_dataset(spec: Any) -> None:
     """Read the first byte of each dataset file: a missing file or bucket and denied credentials
     are Refused (naming the field) and a failing store a retriable StorageError, before the full
     read and long before the model loads. Content problems are data.validate's."""
-    import fsspec  # type: ignore[import-untyped]
+    import fsspec
     from kubetune.trainer import data
 
     for param, uri in (

@@ -197,6 +197,7 @@ def _run(job: FineTuneJob, opts: Options, scratch: Path) -> dict[str, Any]:
             raise UserError(str(err), "InvalidData", data_param(err)) from None
         train, val = train[: len(train_records)], train[len(train_records) :]
         if kind == TrainingType.GRPO:
+            assert spec.method.grpo is not None  # the spec's rules: type grpo needs a grpo block
             try:
                 scorers = graders.build(spec.method.grpo.graders)
             except graders.GraderError as err:
@@ -247,7 +248,7 @@ def _run(job: FineTuneJob, opts: Options, scratch: Path) -> dict[str, Any]:
     effective.update(chosen)
     collate = data.Collator(tokenizer.pad_token_id, packing=False)
     metrics = opts.metrics
-    results: dict[str, float] = {}
+    results: dict[str, Any] = {}  # numbers, and the per-objective numbers under `objectives`
     objective_numbers: dict[str, float] = {}
 
     def on_objective_metrics(values: dict[str, float]) -> None:
@@ -376,7 +377,7 @@ def _run(job: FineTuneJob, opts: Options, scratch: Path) -> dict[str, Any]:
         f"{effective['computeDtype']} compute)"
     )
     resume_dir = None
-    if resume:
+    if resume.step is not None:  # a checkpoint verified (what `if resume` tests)
         resume_dir = str(resume.path)
         loop.on_train_begin_resume(resume.step)
         opts.on_status(f"resuming from checkpoint step {resume.step}")
@@ -501,12 +502,12 @@ def _run(job: FineTuneJob, opts: Options, scratch: Path) -> dict[str, Any]:
         # The scratch directory goes when the run ends: the uncommitted result moves out of it first.
         kept_dir = Path(tempfile.mkdtemp(prefix="kubetune-result-")) / "result"
         shutil.move(str(result_dir), kept_dir)
-        kept = rerun.kept_result_message(kept_dir, uploader.committed or resumed)
+        kept_note = rerun.kept_result_message(kept_dir, uploader.committed or resumed)
         if isinstance(err, storage.PermanentStorageError):
             raise UserError(
-                f"spec.output.uri: committing the result failed: {err} {kept}", "StorageError", "spec.output.uri"
+                f"spec.output.uri: committing the result failed: {err} {kept_note}", "StorageError", "spec.output.uri"
             ) from None
-        raise storage.StorageError(f"spec.output.uri: committing the result failed: {err} {kept}") from None
+        raise storage.StorageError(f"spec.output.uri: committing the result failed: {err} {kept_note}") from None
 
 
 @contextlib.contextmanager
@@ -749,7 +750,7 @@ def _trainer(
     terms: list[Any],
     on_metrics: Callable[[dict[str, float]], None],
 ) -> Any:
-    from transformers import TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     hp = spec.hyperparameters
     args = TrainingArguments(
@@ -788,6 +789,7 @@ def _trainer(
         callbacks=callbacks,
         optimizers=(optimizer, None),
     )
+    trainer: Trainer
     if terms:
         trainer = objectives.ObjectiveTrainer(**common, terms=terms, on_metrics=on_metrics)
     else:
@@ -828,7 +830,8 @@ def _load_other(source: Any, device: str) -> tuple[Any, Any]:
     except sources.ModelSourceError as err:
         raise UserError(f"teacher {source.source}: {err}", "InvalidSpec", "spec.method.objectives") from None
     kwargs = sources.load_pretrained_kwargs(source.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device).eval()
+    # transformers decorates PreTrainedModel.to with functools.wraps, whose typeshed stub drops the bound self
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device).eval()  # type: ignore[arg-type]
     for p in model.parameters():
         p.requires_grad_(False)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=source.trust_remote_code)

@@ -18,6 +18,7 @@ import json
 import logging
 import time
 import uuid
+from functools import partial
 from typing import Any, Literal, Union
 
 from aiohttp import web
@@ -213,7 +214,7 @@ async def _answer(request: web.Request, req: Any, kind: str, render: Any) -> web
         seeds = [None if req.seed is None else req.seed + i for i in range(req.n)]  # n differing samples, repeatable
         if not req.stream:
             done = [
-                await loop.run_in_executor(None, lambda seed=seed: pool.complete(served, ids, seed=seed, **params))
+                await loop.run_in_executor(None, partial(pool.complete, served, ids, seed=seed, **params))
                 for seed in seeds
             ]
             return web.json_response(_full_body(kind, served.id, done))

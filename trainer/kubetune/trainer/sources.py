@@ -99,11 +99,12 @@ def load_tokenizer(source: Any, cache_dir: Path | None = None, storage_options: 
     if scheme == "builtin":
         path = resolve_model(uri, cache)
     elif scheme in ("", "file", "local", "pvc"):
-        path = local_path(uri)
-        if path is None or not path.is_dir():
+        local = local_path(uri)
+        if local is None or not local.is_dir():
             raise ModelSourceError(
-                f"{display_uri(uri)}: {path} is not a directory here (a volume only the pod mounts?)"
+                f"{display_uri(uri)}: {local} is not a directory here (a volume only the pod mounts?)"
             )
+        path = local
     elif scheme == "hf":
         path = _from_hub(uri, cache, TOKENIZER_PATTERNS)
     else:

@@ -295,10 +295,10 @@ class Store:
         options = dict(storage_options or {})
         self._secrets = [str(v) for k, v in options.items() if _SECRET_OPTION.search(k) and isinstance(v, str)]
         path = local_path(uri)
-        import fsspec  # type: ignore[import-untyped]
+        import fsspec
 
         if path is not None:
-            from fsspec.implementations.local import LocalFileSystem  # type: ignore[import-untyped]
+            from fsspec.implementations.local import LocalFileSystem
 
             self.fs, root = LocalFileSystem(auto_mkdir=True), str(path)
         else:
