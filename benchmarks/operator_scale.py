@@ -1149,6 +1149,8 @@ _CATEGORIES = [
     ("kopf/_core/reactor/queueing.py", "kopf watch + queueing"),
     ("kopf/", "kopf handler machinery"),
     ("operator/handlers.py", "kubetune handlers"),
+    ("operator/actions.py", "kubetune handlers"),
+    ("operator/client.py", "kubernetes client (Kube._call, worker thread)"),
     ("aiohttp", "aiohttp"),
     ("concurrent/futures", "thread-pool hand-offs"),
     ("call_soon_threadsafe", "thread-pool hand-offs"),

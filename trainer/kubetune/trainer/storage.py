@@ -495,12 +495,6 @@ def _link_create(path: Path, data: bytes) -> None:
         os.unlink(tmp)
 
 
-def open_output(uri: str, storage_options: dict | None = None, **kwargs: Any) -> Store:
-    """The Store for spec.output.uri, refused when outside the operator's allowed prefix."""
-    check_within(uri)
-    return Store(uri, storage_options, **kwargs)
-
-
 # ------------------------------------------------------------------------------------ manifests
 
 

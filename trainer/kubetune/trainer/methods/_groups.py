@@ -65,8 +65,3 @@ def normalise(indices: list[int], n: int) -> set[int]:
             raise ValueError(f"layer index {i} is out of range: the model has {n} blocks (0..{n - 1}, or -1..-{n})")
         out.add(j)
     return out
-
-
-def freeze_all(model: Any) -> None:
-    for p in model.parameters():
-        p.requires_grad_(False)
