@@ -177,7 +177,13 @@ async def finish(api: aiohttp.ClientSession, job: str, condition: str, message: 
         job_path(job) + "/status",
         {
             "status": {
-                "conditions": [{"type": condition, "status": "True", "lastTransitionTime": "2026-01-01T00:10:00Z"}]
+                "startTime": "2026-01-01T00:00:00Z",
+                **(
+                    {"completionTime": "2026-01-01T00:10:00Z", "succeeded": 1}
+                    if condition == "Complete"
+                    else {"failed": 1}
+                ),
+                "conditions": [{"type": condition, "status": "True", "lastTransitionTime": "2026-01-01T00:10:00Z"}],
             }
         },
     )

@@ -19,7 +19,6 @@ from tests.fast.ftj import (
     NAME,
     NS,
     SETTINGS,
-    controller_ref,
     create,
     failed_reason,
     fetch,
@@ -28,7 +27,6 @@ from tests.fast.ftj import (
     job_path,
     manifest,
     merge_patch,
-    pod_labels,
     posted,
     registry_for,
     status,
@@ -142,53 +140,7 @@ async def test_finished_job_is_reconciled_to_succeeded(kube: KubeEmulator, api: 
             "adapter": {"uri": "s3://models/support-bot/adapter", "sha256": "a" * 64, "bytes": 1234},
             "metrics": {"trainLoss": 1.25},
         }
-        pod = {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {
-                "name": f"{JOB}-abcde",
-                "labels": pod_labels(JOB),
-                "ownerReferences": await controller_ref(api, JOB),
-            },
-            "spec": {"containers": [{"name": "trainer", "image": "trainer"}]},
-        }
-        await create(api, f"/api/v1/namespaces/{NS}/pods", pod)
-        await merge_patch(
-            api,
-            f"/api/v1/namespaces/{NS}/pods/{JOB}-abcde/status",
-            {
-                "status": {
-                    "phase": "Succeeded",
-                    "containerStatuses": [
-                        {
-                            "name": "trainer",
-                            "state": {
-                                "terminated": {
-                                    "exitCode": 0,
-                                    "message": json.dumps(summary),
-                                    "startedAt": "2026-01-01T00:00:00Z",
-                                    "finishedAt": "2026-01-01T01:00:00Z",
-                                }
-                            },
-                        }
-                    ],
-                }
-            },
-        )
-        await merge_patch(
-            api,
-            job_path(JOB) + "/status",
-            {
-                "status": {
-                    "startTime": "2026-01-01T00:00:00Z",
-                    "completionTime": "2026-01-01T01:00:00Z",
-                    "succeeded": 1,
-                    "conditions": [
-                        {"type": "Complete", "status": "True", "lastTransitionTime": "2026-01-01T01:00:00Z"}
-                    ],
-                }
-            },
-        )
+        await finish(api, JOB, "Complete", json.dumps(summary))
         await wait_until(lambda: status(kube).get("phase") == "Succeeded", message="phase Succeeded")
         st = status(kube)
         assert st["adapter"]["uri"] == "s3://models/support-bot/adapter"

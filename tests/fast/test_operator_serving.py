@@ -21,13 +21,11 @@ from tests.fast.ftj import (
     NS,
     SETTINGS,
     condition,
-    controller_ref,
     create,
+    finish,
     ftj_path,
-    job_path,
     manifest,
     merge_patch,
-    pod_labels,
     registry_for,
     status,
 )
@@ -57,51 +55,7 @@ def serving_manifest(**serving: Any) -> dict[str, Any]:
 async def succeed(api: aiohttp.ClientSession) -> None:
     """Stand in for the Job controller and kubelet: the trainer pod ends with its summary, the Job Completes."""
     summary = {"status": "succeeded", "steps": 30, "adapter": {"uri": ADAPTER, "sha256": "a" * 64, "bytes": 1234}}
-    pod = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": f"{JOB}-abcde",
-            "labels": pod_labels(JOB),
-            "ownerReferences": await controller_ref(api, JOB),
-        },
-        "spec": {"containers": [{"name": "trainer", "image": "trainer"}]},
-    }
-    await create(api, f"/api/v1/namespaces/{NS}/pods", pod)
-    await merge_patch(
-        api,
-        f"/api/v1/namespaces/{NS}/pods/{JOB}-abcde/status",
-        {
-            "status": {
-                "phase": "Succeeded",
-                "containerStatuses": [
-                    {
-                        "name": "trainer",
-                        "state": {
-                            "terminated": {
-                                "exitCode": 0,
-                                "message": json.dumps(summary),
-                                "startedAt": "2026-01-01T00:00:00Z",
-                                "finishedAt": "2026-01-01T01:00:00Z",
-                            }
-                        },
-                    }
-                ],
-            }
-        },
-    )
-    await merge_patch(
-        api,
-        job_path(JOB) + "/status",
-        {
-            "status": {
-                "startTime": "2026-01-01T00:00:00Z",
-                "completionTime": "2026-01-01T01:00:00Z",
-                "succeeded": 1,
-                "conditions": [{"type": "Complete", "status": "True", "lastTransitionTime": "2026-01-01T01:00:00Z"}],
-            }
-        },
-    )
+    await finish(api, JOB, "Complete", json.dumps(summary))
 
 
 def serving_condition(kube: KubeEmulator) -> dict[str, Any]:
