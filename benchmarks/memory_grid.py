@@ -27,7 +27,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "api"))
-from kubetune.api.memory import Workload, breakdown
+from kubetune.api.memory import breakdown
+from memory_probe import workload
 from report import RESULTS, publish
 
 TOLERANCE = 0.25
@@ -46,26 +47,8 @@ def grid(smoke: bool) -> list[dict]:
 
 
 def predicted(c: dict) -> float:
-    """What the memory model says a CPU run of this point adds (fp32 weights and activations)."""
-    return breakdown(
-        Workload(
-            parameters=c["parameters"],
-            trainable=c["trainable"],
-            hidden=c["hidden"],
-            layers=c["layers"],
-            vocab=c["vocab"],
-            seq_length=c["seq"],
-            batch_size=c["batch"],
-            intermediate=c["intermediate"],
-            weight_dtype="fp32",
-            compute_bytes=4,
-            gradient_checkpointing=bool(c.get("checkpointing")),
-            chunked_logits=c["chunked"],
-            head_trains=c["head_trains"],
-            label_share=0.75,
-            gpu=False,  # the probe masks the first quarter of every row
-        )
-    ).total
+    """What the memory model says a CPU run of this point adds."""
+    return breakdown(workload(c)).total
 
 
 def main() -> int:

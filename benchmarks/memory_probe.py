@@ -33,6 +33,31 @@ def _reset() -> None:
         f.write("5")  # resets VmHWM to the current RSS (Linux ≥ 4.0)
 
 
+def workload(c: dict):
+    """What a probe result ran, as kubetune.api.memory sees a CPU run (fp32 weights and
+    activations): the benchmark (memory_grid.py) and the test (test_memory_model.py) compare its
+    prediction with the measured peak."""
+    from kubetune.api.memory import Workload
+
+    return Workload(
+        parameters=c["parameters"],
+        trainable=c["trainable"],
+        hidden=c["hidden"],
+        layers=c["layers"],
+        vocab=c["vocab"],
+        seq_length=c["seq"],
+        batch_size=c["batch"],
+        intermediate=c["intermediate"],
+        weight_dtype="fp32",
+        compute_bytes=4,
+        gradient_checkpointing=bool(c.get("checkpointing")),
+        chunked_logits=c["chunked"],
+        head_trains=c["head_trains"],
+        label_share=0.75,  # the probe masks the first quarter of every row
+        gpu=False,
+    )
+
+
 def measure(cfg: dict) -> dict:
     import torch
     from kubetune.trainer import chunked

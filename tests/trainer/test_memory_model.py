@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +13,11 @@ import pytest
 from kubetune.api.memory import GIB, Workload, breakdown, largest_batch
 
 PROBE = Path(__file__).resolve().parents[2] / "benchmarks" / "memory_probe.py"
+_spec = importlib.util.spec_from_file_location("memory_probe", PROBE)
+assert _spec is not None and _spec.loader is not None
+memory_probe = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(memory_probe)
+workload = memory_probe.workload  # the probe's configs as the memory model sees them (shared with the benchmark)
 TOLERANCE = 0.25
 
 # A subset of the issue's grid (vocab 32k/128k × seq 512/2048 × batch 1/4 × LoRA/full, measured
@@ -29,27 +35,6 @@ GRID = [
     {**WIDER, "vocab": 32000, "seq": 512, "batch": 4, "adaptation": "lora", "chunked": True},
     {**WIDER, "vocab": 32000, "seq": 1024, "batch": 1, "adaptation": "full", "chunked": True},
 ]
-
-
-def workload(c: dict) -> Workload:
-    """What the probe ran, as the memory model sees a CPU run (fp32 weights and activations)."""
-    return Workload(
-        parameters=c["parameters"],
-        trainable=c["trainable"],
-        hidden=c["hidden"],
-        layers=c["layers"],
-        vocab=c["vocab"],
-        seq_length=c["seq"],
-        batch_size=c["batch"],
-        intermediate=c["intermediate"],
-        weight_dtype="fp32",
-        compute_bytes=4,
-        gradient_checkpointing=bool(c.get("checkpointing")),
-        chunked_logits=c["chunked"],
-        head_trains=c["head_trains"],
-        label_share=0.75,
-        gpu=False,  # the probe masks the first quarter of every row
-    )
 
 
 def probe(configs: list[dict]) -> list[dict]:
